@@ -1,0 +1,233 @@
+//! Typed errors. Every variant says what was wrong and where.
+
+use thiserror::Error;
+
+/// An invalid or unsupported router configuration.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum ConfigError {
+    /// A field has an impossible value or conflicts with another field.
+    #[error("invalid config field `{field}`: {reason}")]
+    Invalid {
+        /// The offending field, named as in [`crate::RouterConfig`].
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A Hugging Face `config.json` names a `model_type` this crate does not know.
+    #[error("unsupported model_type {found:?}; supported model types: {supported}")]
+    UnsupportedModelType {
+        /// The `model_type` found in the file.
+        found: String,
+        /// Comma-separated list of supported model types.
+        supported: String,
+    },
+    /// A key needed to build the router is absent from an imported config.
+    #[error("missing key `{key}` in {source_kind} config")]
+    MissingKey {
+        /// The missing key (dotted path for nested keys).
+        key: String,
+        /// "Hugging Face" or "Megatron".
+        source_kind: &'static str,
+    },
+    /// A key of an imported config has the wrong type or an unsupported value.
+    #[error("bad value for key `{key}` in {source_kind} config: {reason}")]
+    BadKey {
+        /// The key (dotted path for nested keys).
+        key: String,
+        /// "Hugging Face" or "Megatron".
+        source_kind: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The input is not valid JSON.
+    #[error("malformed JSON at line {line}, column {column}: {message}")]
+    Json {
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// The parser's message.
+        message: String,
+    },
+    /// No preset has this name.
+    #[error("unknown preset {found:?}; presets: {available}")]
+    UnknownPreset {
+        /// The name asked for.
+        found: String,
+        /// Comma-separated list of preset names.
+        available: String,
+    },
+}
+
+impl ConfigError {
+    /// Builds [`ConfigError::Invalid`].
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// Converts a `serde_json` error into [`ConfigError::Json`].
+    pub fn from_json(e: &serde_json::Error) -> Self {
+        ConfigError::Json {
+            line: e.line(),
+            column: e.column(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// An error raised while routing or replaying a batch.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum RouteError {
+    /// The logits tensor does not have the shape the router expects.
+    #[error("logits shape mismatch: expected [T, {expected_experts}] but got [{rows}, {cols}]")]
+    LogitsShape {
+        /// E from the config.
+        expected_experts: usize,
+        /// Rows of the given tensor.
+        rows: usize,
+        /// Columns of the given tensor.
+        cols: usize,
+    },
+    /// A logit is NaN or +∞ (−∞ is legal: a masked expert).
+    #[error("non-finite logit {value} at row {row}, expert {expert} (NaN and +inf are rejected; -inf masks an expert)")]
+    NonFiniteLogit {
+        /// Token row.
+        row: usize,
+        /// Expert column.
+        expert: usize,
+        /// The value, printed.
+        value: String,
+    },
+    /// Every logit of a row is −∞, so softmax weights are undefined.
+    #[error("row {row}: every logit is -inf, softmax weights are undefined")]
+    AllMasked {
+        /// Token row.
+        row: usize,
+    },
+    /// Replay ids have the wrong shape.
+    #[error("replay ids shape mismatch: expected [{expected_rows}, {expected_k}] but got [{rows}, {cols}]")]
+    IdsShape {
+        /// Expected rows (tokens).
+        expected_rows: usize,
+        /// Expected columns (K).
+        expected_k: usize,
+        /// Given rows.
+        rows: usize,
+        /// Given columns.
+        cols: usize,
+    },
+    /// A replay id is not a valid expert.
+    #[error("replay id {id} at row {row}, slot {slot} is out of range (num_experts = {num_experts})")]
+    IdOutOfRange {
+        /// Token row.
+        row: usize,
+        /// Slot within the row.
+        slot: usize,
+        /// The offending id (as given, may be negative).
+        id: i64,
+        /// E.
+        num_experts: usize,
+    },
+    /// A replay row names the same expert twice.
+    #[error("replay row {row} names expert {id} twice (slots {first_slot} and {second_slot})")]
+    DuplicateId {
+        /// Token row.
+        row: usize,
+        /// The repeated expert id.
+        id: u32,
+        /// First slot holding it.
+        first_slot: usize,
+        /// Second slot holding it.
+        second_slot: usize,
+    },
+    /// The bias vector given at run time has the wrong length.
+    #[error("expert bias has length {got}, expected num_experts = {expected}")]
+    BiasLength {
+        /// E.
+        expected: usize,
+        /// Given length.
+        got: usize,
+    },
+    /// A batch layout does not cover the batch it is used with.
+    #[error("batch layout covers {layout_rows} rows but the batch has {batch_rows}")]
+    LayoutRows {
+        /// Rows the layout describes.
+        layout_rows: usize,
+        /// Rows in the logits.
+        batch_rows: usize,
+    },
+    /// The operation is not supported by this backend or config.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The backend has no usable device.
+    #[error("backend {backend} unavailable: {reason}")]
+    Unavailable {
+        /// Backend name.
+        backend: &'static str,
+        /// Why it cannot run.
+        reason: String,
+    },
+    /// A device or driver call failed.
+    #[error("{backend} device error: {message}")]
+    Device {
+        /// Backend name.
+        backend: &'static str,
+        /// The driver's message.
+        message: String,
+    },
+    /// The replay policy failed (missing route, layer mismatch, trace error, ...).
+    #[error(transparent)]
+    Replay(#[from] ReplayError),
+}
+
+/// An error raised by a replay policy.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum ReplayError {
+    /// A row has no recorded route and the policy is strict.
+    #[error("no recorded route for layer {layer}, sequence {sequence}, position {position} (strict replay)")]
+    MissingRoute {
+        /// Model layer id.
+        layer: u32,
+        /// Sequence id.
+        sequence: u64,
+        /// Token position within the sequence.
+        position: u64,
+    },
+    /// The policy was asked about a layer the trace does not hold.
+    #[error("layer {layer} is not a MoE layer of this trace (trace MoE layers: {known})")]
+    UnknownLayer {
+        /// Layer id asked for.
+        layer: u32,
+        /// The trace's layer ids.
+        known: String,
+    },
+    /// The model's MoE layers and the trace's layer map disagree.
+    #[error("layer map mismatch: model MoE layers {model:?}, trace MoE layers {trace:?}")]
+    LayerMapMismatch {
+        /// The model's MoE layer ids.
+        model: Vec<u32>,
+        /// The trace's MoE layer ids.
+        trace: Vec<u32>,
+    },
+    /// A call site needs a batch layout but none was given.
+    #[error("replay at layer {layer} needs a batch layout (sequence ids and positions) but the call site has none")]
+    NoLayout {
+        /// Model layer id.
+        layer: u32,
+    },
+    /// A recorded route is invalid (duplicate, out of range, all zero).
+    #[error("invalid recorded route: {0}")]
+    InvalidRoute(String),
+    /// Two recordings disagree about K or E.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    /// A key was replayed a different number of times than expected (strict counting).
+    #[error("replay count mismatch: {0}")]
+    CountMismatch(String),
+    /// An I/O or trace-format error while recording or replaying.
+    #[error("trace error: {0}")]
+    Trace(String),
+}

@@ -1,0 +1,437 @@
+//! Portable f32 math (DESIGN §3): exp, division, log, sqrt and the score functions built only
+//! from correctly rounded IEEE-754 add, subtract and multiply, exact bit operations and
+//! comparisons. The same sequence of operations is written in CUDA C (`fmad` off) and WGSL, so
+//! every backend produces the same bits.
+//!
+//! Rules that every mirror of this file keeps:
+//! - **No contraction.** Every product is rounded before it is added. (Rust never contracts;
+//!   NVRTC runs with `--fmad=false`; WGSL multiplies products by an opaque 1.0, which makes a
+//!   driver's fused multiply-add produce the same bits.)
+//! - **One subnormal rule.** Inputs are flushed to a signed zero ([`ftz`]) and so are the results
+//!   of `exp`, `div`, `ln`, `sqrt`; quotients whose exponent would be below −126 are zero.
+//! - **No built-in division, exp, log or sqrt**: they differ between platforms.
+//!
+//! Accuracy: within 2 ulp of the exact result (checked against f64 in the tests) for normal
+//! results; results below 2⁻¹²⁶ are flushed to zero.
+
+/// Flushes a subnormal to a zero of the same sign; every other value passes unchanged.
+#[inline(always)]
+pub fn ftz(x: f32) -> f32 {
+    let b = x.to_bits();
+    if b & 0x7f80_0000 == 0 {
+        f32::from_bits(b & 0x8000_0000)
+    } else {
+        x
+    }
+}
+
+/// 2^n as an f32 for −126 ≤ n ≤ 127, built from bits.
+#[inline(always)]
+fn pow2i(n: i32) -> f32 {
+    f32::from_bits(((n + 127) as u32) << 23)
+}
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+/// ln 2 split: the high part has 12 trailing zero bits so `n · LN2_HI` is exact for |n| ≤ 4096.
+const LN2_HI: f32 = f32::from_bits(0x3f31_7200); // 0.693145751953125
+const LN2_LO: f32 = 1.428_606_8e-6; // ln2 - LN2_HI
+/// exp(x) underflows below 2⁻¹²⁶ for x < EXP_LO and overflows for x > EXP_HI.
+const EXP_LO: f32 = -87.336_55;
+const EXP_HI: f32 = 88.722_84;
+
+/// Portable `e^x`. NaN → NaN; results below 2⁻¹²⁶ are 0; overflow → +∞.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = ftz(x);
+    // Range reduction: x = n·ln2 + r, |r| ≤ ln2/2 (plus rounding).
+    let t = x * LOG2E;
+    let n = (t + 0.5).floor();
+    let n = n.clamp(-130.0, 130.0);
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    // Taylor polynomial of degree 7 on |r| ≤ 0.35, Horner form.
+    let mut p = 1.0 / 5040.0_f32;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    // Scale by 2^n in two exact steps so 2^n never leaves the normal range.
+    let ni = n as i32;
+    let n1 = ni / 2;
+    let n2 = ni - n1;
+    let y = ftz((p * pow2i(n1.clamp(-126, 127))) * pow2i(n2.clamp(-126, 127)));
+    if x.is_nan() {
+        x
+    } else if x < EXP_LO {
+        0.0
+    } else if x > EXP_HI {
+        f32::INFINITY
+    } else if x.abs() < 1.5e-8 {
+        1.0
+    } else {
+        y
+    }
+}
+
+/// Splits a finite, positive, normal f32 into (m, e) with m ∈ [1, 2) and x = m·2^e.
+#[inline(always)]
+fn frexp1(x: f32) -> (f32, i32) {
+    let b = x.to_bits();
+    let e = ((b >> 23) & 0xff) as i32 - 127;
+    let m = f32::from_bits((b & 0x007f_ffff) | 0x3f80_0000);
+    (m, e)
+}
+
+/// Veltkamp split: hi has at most 12 significant bits, hi + lo == a exactly.
+#[inline(always)]
+fn split(a: f32) -> (f32, f32) {
+    let c = 4097.0 * a;
+    let hi = c - (c - a);
+    (hi, a - hi)
+}
+
+/// Dekker's exact product: returns (p, err) with p = RN(a·b) and p + err == a·b exactly
+/// (for a, b in [0.25, 8], where nothing overflows or underflows).
+#[inline(always)]
+fn two_prod(a: f32, b: f32) -> (f32, f32) {
+    let p = a * b;
+    let (ah, al) = split(a);
+    let (bh, bl) = split(b);
+    let err = ((ah * bh - p) + ah * bl + al * bh) + al * bl;
+    (p, err)
+}
+
+/// Reciprocal of m ∈ [1, 2): linear seed and three Newton steps, ≤ 1 ulp.
+#[inline(always)]
+fn recip_mantissa(m: f32) -> f32 {
+    let mut r = 24.0 / 17.0 - (8.0 / 17.0) * m;
+    r = r + r * (1.0 - m * r);
+    r = r + r * (1.0 - m * r);
+    r + r * (1.0 - m * r)
+}
+
+/// Portable `a / b` with IEEE special cases; nearly correctly rounded (≤ 1 ulp).
+#[inline(always)]
+pub fn div(a: f32, b: f32) -> f32 {
+    let a = ftz(a);
+    let b = ftz(b);
+    let sign = (a.to_bits() ^ b.to_bits()) & 0x8000_0000;
+    let aa = a.abs();
+    let ab = b.abs();
+    // General path on finite, non-zero operands (computed unconditionally, selected below).
+    let (ma, ea) = frexp1(if aa.is_finite() && aa != 0.0 { aa } else { 1.0 });
+    let (mb, eb) = frexp1(if ab.is_finite() && ab != 0.0 { ab } else { 1.0 });
+    let r = recip_mantissa(mb);
+    let q0 = ma * r;
+    // Exact residual ma - q0·mb, then one correction step.
+    let (p, perr) = two_prod(q0, mb);
+    let res = (ma - p) - perr;
+    let mut q = q0 + res * r;
+    let mut k = ea - eb;
+    if q < 1.0 {
+        q *= 2.0;
+        k -= 1;
+    }
+    let k1 = k / 2;
+    let k2 = k - k1;
+    let general = if k < -126 {
+        0.0
+    } else if k > 128 {
+        f32::INFINITY
+    } else {
+        (q * pow2i(k1.clamp(-126, 127))) * pow2i(k2.clamp(-126, 127))
+    };
+    let mag = if a.is_nan() || b.is_nan() || (aa == 0.0 && ab == 0.0) || (aa.is_infinite() && ab.is_infinite()) {
+        f32::NAN
+    } else if aa.is_infinite() || ab == 0.0 {
+        f32::INFINITY
+    } else if aa == 0.0 || ab.is_infinite() {
+        0.0
+    } else {
+        ftz(general)
+    };
+    if mag.is_nan() {
+        mag
+    } else {
+        f32::from_bits(mag.to_bits() | sign)
+    }
+}
+
+const LG1: f32 = f32::from_bits(0x3f2a_aaaa); // 0.666666627
+const LG2: f32 = f32::from_bits(0x3ecc_ce13); // 0.400009722
+const LG3: f32 = f32::from_bits(0x3e91_e9ee); // 0.284987867
+const LG4: f32 = f32::from_bits(0x3e78_9e26); // 0.242790788
+const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
+
+/// Portable natural logarithm for x ≥ 0: ln 0 = −∞, ln ∞ = ∞, negative or NaN → NaN.
+#[inline(always)]
+pub fn ln(x: f32) -> f32 {
+    let x = ftz(x);
+    let (mut m, mut e) = frexp1(if x.is_finite() && x > 0.0 { x } else { 1.0 });
+    // m ∈ [√½, √2).
+    if m > 2.0 * SQRT_HALF {
+        m *= 0.5;
+        e += 1;
+    }
+    let f = m - 1.0;
+    let s = div(f, 2.0 + f);
+    let z = s * s;
+    let w = z * z;
+    // ln(1+f) = f - hfsq + s·(hfsq + R), with R a polynomial in z (fdlibm's split form).
+    let t1 = w * (LG2 + w * LG4);
+    let t2 = z * (LG1 + w * LG3);
+    let rr = t2 + t1;
+    let hfsq = 0.5 * f * f;
+    let ef = e as f32;
+    let y = ef * LN2_HI - ((hfsq - (s * (hfsq + rr) + ef * LN2_LO)) - f);
+    if x.is_nan() || x < 0.0 {
+        f32::NAN
+    } else if x == 0.0 {
+        f32::NEG_INFINITY
+    } else if x.is_infinite() {
+        f32::INFINITY
+    } else {
+        ftz(y)
+    }
+}
+
+/// Portable `ln(1 + t)` for t ≥ 0, accurate for small t.
+#[inline(always)]
+pub fn ln_1p(t: f32) -> f32 {
+    let t = ftz(t);
+    let u = 1.0 + t;
+    let d = u - 1.0;
+    if d == 0.0 {
+        t
+    } else if u.is_infinite() {
+        u
+    } else {
+        // ln(u) · t / (u − 1) corrects the rounding of 1 + t.
+        ftz(ln(u) * div(t, d))
+    }
+}
+
+/// Portable square root for x ≥ 0 (negative or NaN → NaN).
+#[inline(always)]
+pub fn sqrt(x: f32) -> f32 {
+    let x = ftz(x);
+    let (mut m, mut e) = frexp1(if x.is_finite() && x > 0.0 { x } else { 1.0 });
+    if e & 1 != 0 {
+        m *= 2.0;
+        e -= 1;
+    }
+    // m ∈ [1, 4): reciprocal square root by a linear seed and Newton steps.
+    let mut r = 1.2 - 0.2 * m;
+    r = r * (1.5 - 0.5 * m * (r * r));
+    r = r * (1.5 - 0.5 * m * (r * r));
+    r = r * (1.5 - 0.5 * m * (r * r));
+    r = r * (1.5 - 0.5 * m * (r * r));
+    let s0 = m * r;
+    // Exact residual m - s0², one correction step.
+    let (p, perr) = two_prod(s0, s0);
+    let res = (m - p) - perr;
+    let s = s0 + res * (0.5 * r);
+    let y = s * pow2i(e / 2);
+    if x.is_nan() || x < 0.0 {
+        f32::NAN
+    } else if x == 0.0 || x.is_infinite() {
+        x
+    } else {
+        ftz(y)
+    }
+}
+
+/// Portable logistic sigmoid `1 / (1 + e^−x)`; saturates to exactly 1 for large x.
+#[inline(always)]
+pub fn sigmoid(x: f32) -> f32 {
+    div(1.0, 1.0 + exp(-x))
+}
+
+/// Portable `softplus(x) = max(x, 0) + ln(1 + e^−|x|)`.
+#[inline(always)]
+pub fn softplus(x: f32) -> f32 {
+    let x = ftz(x);
+    let m = if x > 0.0 { x } else { 0.0 };
+    if x.is_infinite() { m } else { m + ln_1p(exp(-x.abs())) }
+}
+
+/// Portable `sqrt(softplus(x))` (DeepSeek-V4 scores).
+#[inline(always)]
+pub fn sqrt_softplus(x: f32) -> f32 {
+    // Below −30, softplus(x) = e^x to f32 precision, so sqrt(softplus(x)) = e^(x/2): this keeps
+    // the result normal where e^x itself would flush.
+    if x < -30.0 { exp(0.5 * x) } else { sqrt(softplus(x)) }
+}
+
+/// Arithmetic the routing rule is written against: one implementation per numerics mode and
+/// precision. Backends that run the same generic code with the same `Math` get the same bits.
+pub trait Math: Copy + Send + Sync + 'static {
+    /// Scalar type.
+    type F: num_traits::Float + Copy + Send + Sync + std::fmt::Debug + 'static;
+    /// Widens an f32 input (flushing subnormals in portable mode).
+    fn from_f32(x: f32) -> Self::F;
+    /// Widens an f64 input.
+    fn from_f64(x: f64) -> Self::F;
+    /// Rounds to f32 for output.
+    fn to_f32(x: Self::F) -> f32;
+    /// Widens to f64 (for statistics).
+    fn to_f64(x: Self::F) -> f64;
+    /// Flushes a value to the subnormal rule (identity in native modes).
+    fn ftz(x: Self::F) -> Self::F;
+    /// `e^x`.
+    fn exp(x: Self::F) -> Self::F;
+    /// `a / b`.
+    fn div(a: Self::F, b: Self::F) -> Self::F;
+    /// Natural log.
+    fn ln(x: Self::F) -> Self::F;
+    /// Sigmoid.
+    fn sigmoid(x: Self::F) -> Self::F;
+    /// `sqrt(softplus(x))`.
+    fn sqrt_softplus(x: Self::F) -> Self::F;
+}
+
+/// Portable f32 math (the default numerics).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Portable;
+
+/// Native f32 math: the platform's `exp`, `/`, `ln`, `sqrt`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NativeF32;
+
+/// f64 math (CPU only), the platform's functions.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NativeF64;
+
+impl Math for Portable {
+    type F = f32;
+    #[inline(always)]
+    fn from_f32(x: f32) -> f32 {
+        ftz(x)
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> f32 {
+        ftz(x as f32)
+    }
+    #[inline(always)]
+    fn to_f32(x: f32) -> f32 {
+        x
+    }
+    #[inline(always)]
+    fn to_f64(x: f32) -> f64 {
+        f64::from(x)
+    }
+    #[inline(always)]
+    fn ftz(x: f32) -> f32 {
+        ftz(x)
+    }
+    #[inline(always)]
+    fn exp(x: f32) -> f32 {
+        exp(x)
+    }
+    #[inline(always)]
+    fn div(a: f32, b: f32) -> f32 {
+        div(a, b)
+    }
+    #[inline(always)]
+    fn ln(x: f32) -> f32 {
+        ln(x)
+    }
+    #[inline(always)]
+    fn sigmoid(x: f32) -> f32 {
+        sigmoid(x)
+    }
+    #[inline(always)]
+    fn sqrt_softplus(x: f32) -> f32 {
+        sqrt_softplus(x)
+    }
+}
+
+impl Math for NativeF32 {
+    type F = f32;
+    #[inline(always)]
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> f32 {
+        x as f32
+    }
+    #[inline(always)]
+    fn to_f32(x: f32) -> f32 {
+        x
+    }
+    #[inline(always)]
+    fn to_f64(x: f32) -> f64 {
+        f64::from(x)
+    }
+    #[inline(always)]
+    fn ftz(x: f32) -> f32 {
+        x
+    }
+    #[inline(always)]
+    fn exp(x: f32) -> f32 {
+        x.exp()
+    }
+    #[inline(always)]
+    fn div(a: f32, b: f32) -> f32 {
+        a / b
+    }
+    #[inline(always)]
+    fn ln(x: f32) -> f32 {
+        x.ln()
+    }
+    #[inline(always)]
+    fn sigmoid(x: f32) -> f32 {
+        1.0 / (1.0 + (-x).exp())
+    }
+    #[inline(always)]
+    fn sqrt_softplus(x: f32) -> f32 {
+        (x.max(0.0) + (-x.abs()).exp().ln_1p()).sqrt()
+    }
+}
+
+impl Math for NativeF64 {
+    type F = f64;
+    #[inline(always)]
+    fn from_f32(x: f32) -> f64 {
+        f64::from(x)
+    }
+    #[inline(always)]
+    fn from_f64(x: f64) -> f64 {
+        x
+    }
+    #[inline(always)]
+    fn to_f32(x: f64) -> f32 {
+        x as f32
+    }
+    #[inline(always)]
+    fn to_f64(x: f64) -> f64 {
+        x
+    }
+    #[inline(always)]
+    fn ftz(x: f64) -> f64 {
+        x
+    }
+    #[inline(always)]
+    fn exp(x: f64) -> f64 {
+        x.exp()
+    }
+    #[inline(always)]
+    fn div(a: f64, b: f64) -> f64 {
+        a / b
+    }
+    #[inline(always)]
+    fn ln(x: f64) -> f64 {
+        x.ln()
+    }
+    #[inline(always)]
+    fn sigmoid(x: f64) -> f64 {
+        1.0 / (1.0 + (-x).exp())
+    }
+    #[inline(always)]
+    fn sqrt_softplus(x: f64) -> f64 {
+        (x.max(0.0) + (-x.abs()).exp().ln_1p()).sqrt()
+    }
+}

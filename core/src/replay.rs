@@ -1,0 +1,203 @@
+//! The [`ReplayPolicy`] trait and the [`Replayed`] decorator that composes a policy with any
+//! [`Router`].
+
+use crate::config::RouterConfig;
+use crate::error::{ReplayError, RouteError};
+use crate::router::{CallSite, HostWeights, IdsSink, Routed, Router, validate_ids};
+use ndarray::{Array2, ArrayView2};
+
+/// The shape of one routing call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteShape {
+    /// Rows T.
+    pub rows: usize,
+    /// Experts E.
+    pub num_experts: usize,
+    /// K.
+    pub top_k: usize,
+}
+
+/// Ids a policy forces for one call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForcedIds {
+    /// `[T, K]` ids in slot order. Rows listed in `router_rows` are ignored.
+    pub ids: Array2<u32>,
+    /// Rows (ascending) the router selects itself: padding rows, and missing routes when the
+    /// policy falls back.
+    pub router_rows: Vec<usize>,
+}
+
+/// A policy's decision for one call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Let the router select.
+    Route,
+    /// Use these ids; the router only computes weights.
+    Replay(ForcedIds),
+}
+
+/// Decides, per call site, whether the router selects or the ids are forced, and receives the
+/// final ids afterwards. Methods take `&self`: implementations use interior mutability so that
+/// several layers (threads) can share one policy.
+pub trait ReplayPolicy: Send + Sync {
+    /// Called before routing.
+    fn plan(&self, site: &CallSite<'_>, shape: RouteShape) -> Result<Plan, ReplayError>;
+
+    /// Called after the ids are final (selected or forced); a recording policy returns a sink
+    /// that receives a host copy of them. The default records nothing.
+    fn recorder(&self, site: &CallSite<'_>, shape: RouteShape) -> Result<Option<IdsSink>, ReplayError> {
+        let _ = (site, shape);
+        Ok(None)
+    }
+}
+
+/// The pass-through policy: the router always selects, nothing is recorded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassThrough;
+
+impl ReplayPolicy for PassThrough {
+    fn plan(&self, _site: &CallSite<'_>, _shape: RouteShape) -> Result<Plan, ReplayError> {
+        Ok(Plan::Route)
+    }
+}
+
+impl<P: ReplayPolicy + ?Sized> ReplayPolicy for &P {
+    fn plan(&self, site: &CallSite<'_>, shape: RouteShape) -> Result<Plan, ReplayError> {
+        (**self).plan(site, shape)
+    }
+    fn recorder(&self, site: &CallSite<'_>, shape: RouteShape) -> Result<Option<IdsSink>, ReplayError> {
+        (**self).recorder(site, shape)
+    }
+}
+
+impl<P: ReplayPolicy + ?Sized> ReplayPolicy for std::sync::Arc<P> {
+    fn plan(&self, site: &CallSite<'_>, shape: RouteShape) -> Result<Plan, ReplayError> {
+        (**self).plan(site, shape)
+    }
+    fn recorder(&self, site: &CallSite<'_>, shape: RouteShape) -> Result<Option<IdsSink>, ReplayError> {
+        (**self).recorder(site, shape)
+    }
+}
+
+/// A router decorated with a replay policy; itself a [`Router`].
+///
+/// `route` asks the policy for a plan: either the inner router selects, or the forced ids are
+/// validated (range, duplicates, shape), moved to the device and weighed by
+/// [`Router::weights_for`]. Rows the policy leaves to the router (padding, fallbacks) are
+/// selected by the inner router. The final ids are then offered to the policy's recorder.
+#[derive(Debug, Clone)]
+pub struct Replayed<R, P> {
+    inner: R,
+    policy: P,
+}
+
+impl<R: Router, P: ReplayPolicy> Replayed<R, P> {
+    /// Composes `router` with `policy`.
+    pub fn new(router: R, policy: P) -> Self {
+        Replayed { inner: router, policy }
+    }
+    /// The inner router.
+    pub fn inner(&self) -> &R {
+        &self.inner
+    }
+    /// The policy.
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+    /// Splits into router and policy.
+    pub fn into_parts(self) -> (R, P) {
+        (self.inner, self.policy)
+    }
+
+    fn shape(&self, logits: &R::Logits<'_>, site: &CallSite<'_>) -> Result<RouteShape, RouteError> {
+        let rows = self.inner.batch_rows(logits);
+        if let Some(l) = site.layout
+            && l.rows() != rows
+        {
+            return Err(RouteError::LayoutRows {
+                layout_rows: l.rows(),
+                batch_rows: rows,
+            });
+        }
+        let c = self.inner.config();
+        Ok(RouteShape {
+            rows,
+            num_experts: c.num_experts(),
+            top_k: c.top_k(),
+        })
+    }
+
+    fn record(&self, ids: &R::Ids, site: &CallSite<'_>, shape: RouteShape) -> Result<(), RouteError> {
+        if let Some(sink) = self.policy.recorder(site, shape)? {
+            self.inner.record_ids(ids, sink)?;
+        }
+        Ok(())
+    }
+}
+
+impl<R: Router, P: ReplayPolicy> Router for Replayed<R, P> {
+    type Logits<'a> = R::Logits<'a>;
+    type Ids = R::Ids;
+    type Weights = R::Weights;
+
+    fn config(&self) -> &RouterConfig {
+        self.inner.config()
+    }
+    fn backend_name(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+    fn batch_rows(&self, logits: &Self::Logits<'_>) -> usize {
+        self.inner.batch_rows(logits)
+    }
+
+    fn route(
+        &self,
+        logits: &Self::Logits<'_>,
+        site: &CallSite<'_>,
+    ) -> Result<Routed<Self::Ids, Self::Weights>, RouteError> {
+        let shape = self.shape(logits, site)?;
+        match self.policy.plan(site, shape)? {
+            Plan::Route => {
+                let r = self.inner.route(logits, site)?;
+                self.record(&r.ids, site, shape)?;
+                Ok(r)
+            }
+            Plan::Replay(forced) => {
+                let ForcedIds { mut ids, router_rows } = forced;
+                validate_ids(ids.view(), shape.rows, shape.num_experts, shape.top_k, &router_rows)?;
+                if !router_rows.is_empty() {
+                    let own = self.inner.route(logits, site)?;
+                    let own = self.inner.ids_to_host(&own.ids)?;
+                    for &r in &router_rows {
+                        ids.row_mut(r).assign(&own.row(r));
+                    }
+                }
+                let dev = self.inner.ids_from_host(ids.view())?;
+                let weights = self.inner.weights_for(logits, &dev, site)?;
+                self.record(&dev, site, shape)?;
+                Ok(Routed { ids: dev, weights })
+            }
+        }
+    }
+
+    fn weights_for(
+        &self,
+        logits: &Self::Logits<'_>,
+        ids: &Self::Ids,
+        site: &CallSite<'_>,
+    ) -> Result<Self::Weights, RouteError> {
+        self.inner.weights_for(logits, ids, site)
+    }
+    fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<Self::Ids, RouteError> {
+        self.inner.ids_from_host(ids)
+    }
+    fn ids_to_host(&self, ids: &Self::Ids) -> Result<Array2<u32>, RouteError> {
+        self.inner.ids_to_host(ids)
+    }
+    fn weights_to_host(&self, weights: &Self::Weights) -> Result<HostWeights, RouteError> {
+        self.inner.weights_to_host(weights)
+    }
+    fn record_ids(&self, ids: &Self::Ids, sink: IdsSink) -> Result<(), RouteError> {
+        self.inner.record_ids(ids, sink)
+    }
+}

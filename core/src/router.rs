@@ -1,0 +1,205 @@
+//! The [`Router`] trait: logits on a backend's device in, K ids and K weights per token out.
+
+use crate::config::RouterConfig;
+use crate::error::RouteError;
+use crate::layout::{BatchLayout, LayerId};
+use ndarray::{Array2, ArrayView2};
+
+/// Which pass of training a routing call belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pass {
+    /// The forward pass (inference, old-policy log-probs, the training forward).
+    #[default]
+    Forward,
+    /// Activation recompute during backward: replay must give the same ids again.
+    Recompute,
+}
+
+/// Where a routing call comes from: the model layer, the batch layout and the pass. Plain
+/// routers ignore it; replay policies key on it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallSite<'a> {
+    /// Model layer id of the MoE layer being routed.
+    pub layer: LayerId,
+    /// Which (sequence, position) every batch row holds, if known.
+    pub layout: Option<&'a BatchLayout>,
+    /// Forward or recompute.
+    pub pass: Pass,
+}
+
+impl Default for LayerId {
+    fn default() -> Self {
+        LayerId(0)
+    }
+}
+
+impl<'a> CallSite<'a> {
+    /// A call at `layer` without a layout (enough for plain routing and recording of whole,
+    /// unaddressed batches).
+    pub fn layer(layer: u32) -> Self {
+        CallSite {
+            layer: LayerId(layer),
+            layout: None,
+            pass: Pass::Forward,
+        }
+    }
+    /// Sets the batch layout.
+    pub fn with_layout(mut self, layout: &'a BatchLayout) -> Self {
+        self.layout = Some(layout);
+        self
+    }
+    /// Sets the pass.
+    pub fn with_pass(mut self, pass: Pass) -> Self {
+        self.pass = pass;
+        self
+    }
+}
+
+/// Ids and weights `[T, K]`, in whatever memory the backend keeps them.
+#[derive(Debug, Clone)]
+pub struct Routed<I, W> {
+    /// Expert ids, slot order: key descending, ties by lower id (or the replayed order).
+    pub ids: I,
+    /// Weights for those ids, same slot order.
+    pub weights: W,
+}
+
+/// Host weights `[T, K]` in the compute precision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HostWeights {
+    /// f32 weights.
+    F32(Array2<f32>),
+    /// f64 weights (CPU, f64 compute).
+    F64(Array2<f64>),
+}
+
+impl HostWeights {
+    /// The weights as f32 (f64 weights are rounded).
+    pub fn to_f32(&self) -> Array2<f32> {
+        match self {
+            HostWeights::F32(a) => a.clone(),
+            HostWeights::F64(a) => a.mapv(|x| x as f32),
+        }
+    }
+    /// The weights as f64 (exact).
+    pub fn to_f64(&self) -> Array2<f64> {
+        match self {
+            HostWeights::F32(a) => a.mapv(f64::from),
+            HostWeights::F64(a) => a.clone(),
+        }
+    }
+    /// `(T, K)`.
+    pub fn dim(&self) -> (usize, usize) {
+        match self {
+            HostWeights::F32(a) => a.dim(),
+            HostWeights::F64(a) => a.dim(),
+        }
+    }
+}
+
+/// A callback that receives a copy of the ids a router produced (used by recording policies).
+pub type IdsSink = Box<dyn FnOnce(Array2<u32>) + Send>;
+
+/// A top-k router on one backend.
+///
+/// `route` selects K experts per row and weighs them; `weights_for` is the replay entry point: it
+/// takes given ids (kept in their slot order) and computes their weights from the live logits
+/// (DESIGN §2 "Replay"). Both take the [`CallSite`] so that a decorator
+/// ([`crate::Replayed`]) can record or replay per layer and batch.
+pub trait Router {
+    /// The backend's logits `[T, E]` (a host view, a device buffer, ...).
+    type Logits<'a>;
+    /// The backend's ids `[T, K]`.
+    type Ids;
+    /// The backend's weights `[T, K]`.
+    type Weights;
+
+    /// The routing rule.
+    fn config(&self) -> &RouterConfig;
+
+    /// A short backend name ("cpu", "cuda", "wgpu", "reference").
+    fn backend_name(&self) -> &'static str;
+
+    /// Rows T of a logits tensor.
+    fn batch_rows(&self, logits: &Self::Logits<'_>) -> usize;
+
+    /// Selects and weighs K experts for every row.
+    fn route(
+        &self,
+        logits: &Self::Logits<'_>,
+        site: &CallSite<'_>,
+    ) -> Result<Routed<Self::Ids, Self::Weights>, RouteError>;
+
+    /// Computes the weights of the given ids (slot order kept) from the live logits.
+    fn weights_for(
+        &self,
+        logits: &Self::Logits<'_>,
+        ids: &Self::Ids,
+        site: &CallSite<'_>,
+    ) -> Result<Self::Weights, RouteError>;
+
+    /// Moves host ids `[T, K]` to the backend (no validation beyond shape).
+    fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<Self::Ids, RouteError>;
+
+    /// Copies ids to the host.
+    fn ids_to_host(&self, ids: &Self::Ids) -> Result<Array2<u32>, RouteError>;
+
+    /// Copies weights to the host.
+    fn weights_to_host(&self, weights: &Self::Weights) -> Result<HostWeights, RouteError>;
+
+    /// Hands a host copy of `ids` to `sink`. The default copies synchronously; device backends
+    /// override it to copy on a side stream without stalling routing.
+    fn record_ids(&self, ids: &Self::Ids, sink: IdsSink) -> Result<(), RouteError> {
+        let host = self.ids_to_host(ids)?;
+        sink(host);
+        Ok(())
+    }
+}
+
+/// Checks host replay ids: shape `[rows, K]`, every id `< E`, no duplicate in a row. Rows listed
+/// in `skip` (sorted ascending) are not checked. The error names the row and slot.
+pub fn validate_ids(
+    ids: ArrayView2<'_, u32>,
+    rows: usize,
+    num_experts: usize,
+    top_k: usize,
+    skip: &[usize],
+) -> Result<(), RouteError> {
+    let (r, c) = ids.dim();
+    if r != rows || c != top_k {
+        return Err(RouteError::IdsShape {
+            expected_rows: rows,
+            expected_k: top_k,
+            rows: r,
+            cols: c,
+        });
+    }
+    let mut skip_it = skip.iter().copied().peekable();
+    for (t, row) in ids.outer_iter().enumerate() {
+        if skip_it.peek() == Some(&t) {
+            skip_it.next();
+            continue;
+        }
+        for (j, &id) in row.iter().enumerate() {
+            if id as usize >= num_experts {
+                return Err(RouteError::IdOutOfRange {
+                    row: t,
+                    slot: j,
+                    id: i64::from(id),
+                    num_experts,
+                });
+            }
+            for (jj, &prev) in row.iter().take(j).enumerate() {
+                if prev == id {
+                    return Err(RouteError::DuplicateId {
+                        row: t,
+                        id,
+                        first_slot: jj,
+                        second_slot: j,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}

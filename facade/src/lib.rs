@@ -1,0 +1,11 @@
+//! # moe-router
+//!
+//! Mixture-of-Experts top-k routing with router replay. This facade re-exports
+//! [`moe_router_core`] (config, traits, reference router, replay, traces) and the backends
+//! enabled by cargo features: `cpu` (default).
+
+pub use moe_router_core::*;
+
+/// The CPU backend (feature `cpu`).
+#[cfg(feature = "cpu")]
+pub use moe_router_cpu as cpu;

@@ -1,0 +1,1 @@
+//! Specification tests live in `spec/`; this library is empty.

@@ -1,0 +1,5 @@
+//! The specification of moe-router, one module per area.
+
+#![allow(missing_docs)]
+
+mod math;
