@@ -2,4 +2,6 @@
 
 #![allow(missing_docs)]
 
+#[allow(dead_code)]
+mod conformance;
 mod math;
