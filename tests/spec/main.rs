@@ -4,4 +4,6 @@
 
 #[allow(dead_code)]
 mod conformance;
+mod cpu;
 mod math;
+mod routing;

@@ -1,0 +1,527 @@
+//! The CPU router and its per-row kernels.
+
+use moe_router_core::math::{Math, NativeF32, NativeF64, Portable};
+use moe_router_core::reference::{select_row, weights_row};
+use moe_router_core::{
+    CallSite, ComputeDtype, GroupScore, HostWeights, LogitsRef, Normalization, Numerics, RouteError, Routed, Router,
+    RouterConfig, ScoreFunction, SoftmaxPosition, validate_ids,
+};
+use ndarray::{Array2, ArrayView2, Axis};
+use num_traits::{Float, Zero};
+use rayon::prelude::*;
+
+/// Rows per parallel task.
+const CHUNK: usize = 256;
+/// Largest K handled by the stack buffers of the fast path.
+const MAX_K: usize = 64;
+
+/// The CPU backend router.
+#[derive(Debug, Clone)]
+pub struct CpuRouter {
+    cfg: RouterConfig,
+}
+
+impl CpuRouter {
+    /// A CPU router for `cfg`.
+    pub fn new(cfg: RouterConfig) -> Self {
+        CpuRouter { cfg }
+    }
+
+    /// Replaces the selection bias (e.g. after an expert-bias update).
+    pub fn set_expert_bias(&mut self, bias: Vec<f32>) -> Result<(), moe_router_core::ConfigError> {
+        self.cfg.set_expert_bias(bias)
+    }
+
+    /// Routes host logits, returning host ids and weights.
+    pub fn route_host(&self, logits: &LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        self.check(logits)?;
+        match (self.cfg.compute_dtype(), self.cfg.numerics()) {
+            (ComputeDtype::F64, _) => run::<NativeF64>(&self.cfg, logits, None).map(|(i, w)| (i, HostWeights::F64(w))),
+            (ComputeDtype::F32, Numerics::Portable) => {
+                run::<Portable>(&self.cfg, logits, None).map(|(i, w)| (i, HostWeights::F32(w)))
+            }
+            (ComputeDtype::F32, Numerics::Native) => {
+                run::<NativeF32>(&self.cfg, logits, None).map(|(i, w)| (i, HostWeights::F32(w)))
+            }
+        }
+    }
+
+    /// Weights of the given ids (slot order kept) on host logits.
+    pub fn weights_host(&self, logits: &LogitsRef<'_>, ids: ArrayView2<'_, u32>) -> Result<HostWeights, RouteError> {
+        self.check(logits)?;
+        validate_ids(ids, logits.rows(), self.cfg.num_experts(), self.cfg.top_k(), &[])?;
+        match (self.cfg.compute_dtype(), self.cfg.numerics()) {
+            (ComputeDtype::F64, _) => run::<NativeF64>(&self.cfg, logits, Some(ids)).map(|(_, w)| HostWeights::F64(w)),
+            (ComputeDtype::F32, Numerics::Portable) => {
+                run::<Portable>(&self.cfg, logits, Some(ids)).map(|(_, w)| HostWeights::F32(w))
+            }
+            (ComputeDtype::F32, Numerics::Native) => {
+                run::<NativeF32>(&self.cfg, logits, Some(ids)).map(|(_, w)| HostWeights::F32(w))
+            }
+        }
+    }
+
+    fn check(&self, logits: &LogitsRef<'_>) -> Result<(), RouteError> {
+        let (t, e) = logits.dim();
+        if e != self.cfg.num_experts() {
+            return Err(RouteError::LogitsShape {
+                expected_experts: self.cfg.num_experts(),
+                rows: t,
+                cols: e,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Router for CpuRouter {
+    type Logits<'a> = LogitsRef<'a>;
+    type Ids = Array2<u32>;
+    type Weights = HostWeights;
+
+    fn config(&self) -> &RouterConfig {
+        &self.cfg
+    }
+    fn backend_name(&self) -> &'static str {
+        "cpu"
+    }
+    fn batch_rows(&self, logits: &LogitsRef<'_>) -> usize {
+        logits.rows()
+    }
+    fn route(
+        &self,
+        logits: &LogitsRef<'_>,
+        _site: &CallSite<'_>,
+    ) -> Result<Routed<Array2<u32>, HostWeights>, RouteError> {
+        let (ids, weights) = self.route_host(logits)?;
+        Ok(Routed { ids, weights })
+    }
+    fn weights_for(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: &Array2<u32>,
+        _site: &CallSite<'_>,
+    ) -> Result<HostWeights, RouteError> {
+        self.weights_host(logits, ids.view())
+    }
+    fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<Array2<u32>, RouteError> {
+        Ok(ids.to_owned())
+    }
+    fn ids_to_host(&self, ids: &Array2<u32>) -> Result<Array2<u32>, RouteError> {
+        Ok(ids.clone())
+    }
+    fn weights_to_host(&self, weights: &HostWeights) -> Result<HostWeights, RouteError> {
+        Ok(weights.clone())
+    }
+}
+
+/// Per-thread scratch.
+struct Scratch<F> {
+    z: Vec<F>,
+    keys: Vec<F>,
+    biased: Vec<F>,
+    gscore: Vec<F>,
+    gkeep: Vec<bool>,
+}
+
+impl<F: Float> Scratch<F> {
+    fn new(e: usize, groups: usize) -> Self {
+        Scratch {
+            z: Vec::with_capacity(e),
+            keys: vec![F::zero(); e],
+            biased: vec![F::zero(); e],
+            gscore: vec![F::zero(); groups],
+            gkeep: vec![false; groups],
+        }
+    }
+}
+
+/// Routes (ids = None) or weighs given ids over all rows in parallel chunks.
+#[allow(clippy::type_complexity)]
+fn run<M: Math>(
+    cfg: &RouterConfig,
+    logits: &LogitsRef<'_>,
+    given: Option<ArrayView2<'_, u32>>,
+) -> Result<(Array2<u32>, Array2<M::F>), RouteError> {
+    let (t, e) = logits.dim();
+    let k = cfg.top_k();
+    let mut ids = match given {
+        Some(g) => g.to_owned(),
+        None => Array2::<u32>::zeros((t, k)),
+    };
+    let mut w = Array2::<M::F>::from_elem((t, k), M::F::zero());
+    let groups = cfg.group_limit().map_or(1, |g| g.num_groups);
+    let route = given.is_none();
+    ids.axis_chunks_iter_mut(Axis(0), CHUNK)
+        .into_par_iter()
+        .zip(w.axis_chunks_iter_mut(Axis(0), CHUNK).into_par_iter())
+        .enumerate()
+        .try_for_each_init(
+            || Scratch::<M::F>::new(e, groups),
+            |s, (ci, (mut ids_c, mut w_c))| -> Result<(), RouteError> {
+                let base = ci * CHUNK;
+                for r in 0..ids_c.nrows() {
+                    let row = base + r;
+                    widen::<M>(logits, row, &mut s.z)?;
+                    let mut id_row = ids_c.row_mut(r);
+                    let mut w_row = w_c.row_mut(r);
+                    let ids_s = id_row
+                        .as_slice_mut()
+                        .ok_or_else(|| RouteError::Unsupported("non-contiguous ids".into()))?;
+                    let w_s = w_row
+                        .as_slice_mut()
+                        .ok_or_else(|| RouteError::Unsupported("non-contiguous weights".into()))?;
+                    if route {
+                        route_row::<M>(cfg, s, row, ids_s, w_s)?;
+                    } else {
+                        weigh_row::<M>(cfg, &s.z, row, ids_s, w_s, None)?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+    Ok((ids, w))
+}
+
+/// Widens a row into `z`, checking for NaN and +∞.
+#[inline]
+fn widen<M: Math>(logits: &LogitsRef<'_>, row: usize, z: &mut Vec<M::F>) -> Result<(), RouteError> {
+    logits.widen_row(row, z, M::from_f32, M::from_f64);
+    let inf = M::F::infinity();
+    // Branch-free scan first; locate the culprit only on failure.
+    let bad = z.iter().fold(false, |acc, &x| acc | (x.is_nan() | (x == inf)));
+    if bad {
+        let e = z.iter().position(|&x| x.is_nan() || x == inf).unwrap_or(0);
+        return Err(RouteError::NonFiniteLogit {
+            row,
+            expert: e,
+            value: format!("{:?}", z[e]),
+        });
+    }
+    Ok(())
+}
+
+/// Inserts (key, id) into the descending top list if it beats the current last entry. Experts
+/// arrive in ascending id order, so "strictly greater" keeps ties with the lower id.
+#[inline(always)]
+fn insert<F: Float>(top_k: &mut [F], top_i: &mut [u32], key: F, id: u32) {
+    let k = top_k.len();
+    if !(key > top_k[k - 1]) {
+        return;
+    }
+    let mut j = k - 1;
+    while j > 0 && key > top_k[j - 1] {
+        top_k[j] = top_k[j - 1];
+        top_i[j] = top_i[j - 1];
+        j -= 1;
+    }
+    top_k[j] = key;
+    top_i[j] = id;
+}
+
+/// Top-K of `keys` restricted to experts whose group is kept; None when a −∞ key is selected
+/// (the reference's global tie order on −∞ then decides; the caller falls back to it).
+#[inline]
+fn top_k_keys<F: Float>(keys: &[F], per: usize, keep: Option<&[bool]>, out: &mut [u32]) -> bool {
+    let k = out.len();
+    let mut tk = [F::neg_infinity(); MAX_K];
+    let mut ti = [u32::MAX; MAX_K];
+    let (tk, ti) = (&mut tk[..k], &mut ti[..k]);
+    let mut filled = 0usize;
+    for (gi, chunk) in keys.chunks(per).enumerate() {
+        if let Some(kp) = keep
+            && !kp[gi]
+        {
+            continue;
+        }
+        let base = gi * per;
+        for (j, &key) in chunk.iter().enumerate() {
+            let id = (base + j) as u32;
+            if filled < k {
+                // Fill phase: sorted insertion, ties after existing (lower ids first).
+                let mut p = filled;
+                while p > 0 && key > tk[p - 1] {
+                    tk[p] = tk[p - 1];
+                    ti[p] = ti[p - 1];
+                    p -= 1;
+                }
+                tk[p] = key;
+                ti[p] = id;
+                filled += 1;
+            } else {
+                insert(tk, ti, key, id);
+            }
+        }
+    }
+    if tk[k - 1] == F::neg_infinity() {
+        return false;
+    }
+    out.copy_from_slice(ti);
+    true
+}
+
+fn route_row<M: Math>(
+    cfg: &RouterConfig,
+    s: &mut Scratch<M::F>,
+    row: usize,
+    ids: &mut [u32],
+    w: &mut [M::F],
+) -> Result<(), RouteError> {
+    let k = cfg.top_k();
+    let Scratch {
+        z,
+        keys: kbuf,
+        biased,
+        gscore,
+        gkeep,
+    } = s;
+    let z: &[M::F] = z;
+    if k > MAX_K {
+        return slow_row::<M>(cfg, z, row, ids, w);
+    }
+    let per = cfg.experts_per_group();
+    let softmax_before = cfg.score() == ScoreFunction::Softmax && cfg.softmax_position() == SoftmaxPosition::BeforeTopK;
+    // Keys.
+    let keys: &[M::F] = match cfg.score() {
+        ScoreFunction::Softmax if !softmax_before => z,
+        ScoreFunction::Softmax => {
+            let m = z
+                .iter()
+                .copied()
+                .fold(M::F::neg_infinity(), |a, b| if b > a { b } else { a });
+            if m == M::F::neg_infinity() {
+                return Err(RouteError::AllMasked { row });
+            }
+            let mut sum = M::F::zero();
+            for (kk, &x) in kbuf.iter_mut().zip(z) {
+                *kk = M::exp(x - m);
+            }
+            for &x in kbuf.iter() {
+                sum = sum + x;
+            }
+            for kk in kbuf.iter_mut() {
+                *kk = M::div(*kk, sum);
+            }
+            kbuf
+        }
+        ScoreFunction::Sigmoid => {
+            for (kk, &x) in kbuf.iter_mut().zip(z) {
+                *kk = M::sigmoid(x);
+            }
+            kbuf
+        }
+        ScoreFunction::SqrtSoftplus => {
+            for (kk, &x) in kbuf.iter_mut().zip(z) {
+                *kk = M::sqrt_softplus(x);
+            }
+            kbuf
+        }
+    };
+    // Unbiased scores stay in `keys` for the weights; biased keys go to their own buffer.
+    let sel_keys: &[M::F] = if let Some(b) = cfg.expert_bias() {
+        for ((o, &x), &bb) in biased.iter_mut().zip(keys).zip(b) {
+            *o = M::ftz(x + M::from_f32(bb));
+        }
+        biased
+    } else {
+        keys
+    };
+    // Group limit.
+    let keep: Option<&[bool]> = if let Some(g) = cfg.group_limit() {
+        for (gi, chunk) in sel_keys.chunks(per).enumerate() {
+            gscore[gi] = match g.score {
+                GroupScore::Max => chunk
+                    .iter()
+                    .copied()
+                    .fold(M::F::neg_infinity(), |a, b| if b > a { b } else { a }),
+                GroupScore::SumTopN(n) => {
+                    let mut tk = [M::F::neg_infinity(); MAX_K];
+                    let mut ti = [0u32; MAX_K];
+                    if n > MAX_K {
+                        return slow_row::<M>(cfg, z, row, ids, w);
+                    }
+                    let (tk, ti) = (&mut tk[..n], &mut ti[..n]);
+                    let mut filled = 0;
+                    for (j, &key) in chunk.iter().enumerate() {
+                        if filled < n {
+                            let mut p = filled;
+                            while p > 0 && key > tk[p - 1] {
+                                tk[p] = tk[p - 1];
+                                ti[p] = ti[p - 1];
+                                p -= 1;
+                            }
+                            tk[p] = key;
+                            ti[p] = j as u32;
+                            filled += 1;
+                        } else {
+                            insert(tk, ti, key, j as u32);
+                        }
+                    }
+                    let mut sum = tk[0];
+                    for &x in &tk[1..] {
+                        sum = M::ftz(sum + x);
+                    }
+                    sum
+                }
+            };
+        }
+        let mut order_k = [M::F::neg_infinity(); 256];
+        let mut order_i = [0u32; 256];
+        if g.num_groups > 256 {
+            return slow_row::<M>(cfg, z, row, ids, w);
+        }
+        let (ok, oi) = (&mut order_k[..g.groups_selected], &mut order_i[..g.groups_selected]);
+        let mut filled = 0;
+        for gi in 0..g.num_groups {
+            let key = gscore[gi];
+            if filled < ok.len() {
+                let mut p = filled;
+                while p > 0 && key > ok[p - 1] {
+                    ok[p] = ok[p - 1];
+                    oi[p] = oi[p - 1];
+                    p -= 1;
+                }
+                ok[p] = key;
+                oi[p] = gi as u32;
+                filled += 1;
+            } else {
+                insert(ok, oi, key, gi as u32);
+            }
+        }
+        gkeep.iter_mut().for_each(|x| *x = false);
+        for &gi in oi.iter() {
+            gkeep[gi as usize] = true;
+        }
+        Some(&gkeep[..])
+    } else {
+        None
+    };
+    if !top_k_keys(sel_keys, per, keep, ids) {
+        return slow_row::<M>(cfg, z, row, ids, w);
+    }
+    let scores = if cfg.score() != ScoreFunction::Softmax || softmax_before {
+        Some(keys)
+    } else {
+        None
+    };
+    weigh_row::<M>(cfg, z, row, ids, w, scores)
+}
+
+/// Weights for `ids` on widened row `z`; `scores` holds the precomputed unbiased scores when the
+/// caller has them (sigmoid, sqrt-softplus, softmax-before).
+#[inline]
+fn weigh_row<M: Math>(
+    cfg: &RouterConfig,
+    z: &[M::F],
+    row: usize,
+    ids: &[u32],
+    w: &mut [M::F],
+    scores: Option<&[M::F]>,
+) -> Result<(), RouteError> {
+    match (cfg.score(), cfg.softmax_position()) {
+        (ScoreFunction::Softmax, SoftmaxPosition::BeforeTopK) => {
+            if let Some(s) = scores {
+                for (x, &i) in w.iter_mut().zip(ids) {
+                    *x = s[i as usize];
+                }
+            } else {
+                let m = z
+                    .iter()
+                    .copied()
+                    .fold(M::F::neg_infinity(), |a, b| if b > a { b } else { a });
+                if m == M::F::neg_infinity() {
+                    return Err(RouteError::AllMasked { row });
+                }
+                let mut sum = M::F::zero();
+                for &x in z {
+                    sum = sum + M::exp(x - m);
+                }
+                for (x, &i) in w.iter_mut().zip(ids) {
+                    *x = M::div(M::exp(z[i as usize] - m), sum);
+                }
+            }
+        }
+        (ScoreFunction::Softmax, SoftmaxPosition::AfterTopK) => {
+            let mut m = M::F::neg_infinity();
+            for &i in ids {
+                let v = z[i as usize];
+                if v > m {
+                    m = v;
+                }
+            }
+            if m == M::F::neg_infinity() {
+                return Err(RouteError::AllMasked { row });
+            }
+            let mut sum = M::F::zero();
+            for (x, &i) in w.iter_mut().zip(ids) {
+                *x = M::exp(z[i as usize] - m);
+                sum = sum + *x;
+            }
+            for x in w.iter_mut() {
+                *x = M::div(*x, sum);
+            }
+        }
+        (ScoreFunction::Sigmoid, _) => {
+            for (x, &i) in w.iter_mut().zip(ids) {
+                *x = match scores {
+                    Some(s) => s[i as usize],
+                    None => M::sigmoid(z[i as usize]),
+                };
+            }
+        }
+        (ScoreFunction::SqrtSoftplus, _) => {
+            for (x, &i) in w.iter_mut().zip(ids) {
+                *x = match scores {
+                    Some(s) => s[i as usize],
+                    None => M::sqrt_softplus(z[i as usize]),
+                };
+            }
+        }
+    }
+    match cfg.normalization() {
+        Normalization::None => {}
+        Normalization::Sum { eps } => {
+            let mut s = M::F::zero();
+            for &x in w.iter() {
+                s = s + x;
+            }
+            let d = s + M::from_f32(eps);
+            for x in w.iter_mut() {
+                *x = M::div(*x, d);
+            }
+        }
+        Normalization::SumClampMin { min } => {
+            let mut s = M::F::zero();
+            for &x in w.iter() {
+                s = s + x;
+            }
+            let mn = M::from_f32(min);
+            let d = if s > mn { s } else { mn };
+            for x in w.iter_mut() {
+                *x = M::div(*x, d);
+            }
+        }
+    }
+    let scale = M::from_f32(cfg.scaling_factor());
+    for x in w.iter_mut() {
+        *x = M::ftz(*x * scale);
+    }
+    Ok(())
+}
+
+/// The reference path for the rare rows the fast path does not decide (−∞ among the selected,
+/// very large K or group counts).
+#[cold]
+fn slow_row<M: Math>(
+    cfg: &RouterConfig,
+    z: &[M::F],
+    row: usize,
+    ids: &mut [u32],
+    w: &mut [M::F],
+) -> Result<(), RouteError> {
+    let sel = select_row::<M>(cfg, z, cfg.expert_bias(), row)?;
+    let ww = weights_row::<M>(cfg, z, &sel, row)?;
+    ids.copy_from_slice(&sel);
+    w.copy_from_slice(&ww);
+    Ok(())
+}
