@@ -20,6 +20,7 @@
 pub mod capacity;
 pub mod config;
 pub mod error;
+pub mod import;
 pub mod layout;
 pub mod logits;
 pub mod math;
@@ -33,6 +34,7 @@ pub use config::{
     RouterConfig, RouterConfigBuilder, ScoreFunction, SoftmaxPosition,
 };
 pub use error::{ConfigError, ReplayError, RouteError};
+pub use import::presets::{preset, preset_names};
 pub use layout::{BatchLayout, LayerId, LayoutError, RowAddr, Segment, SeqId};
 pub use logits::LogitsRef;
 pub use reference::ReferenceRouter;

@@ -1,0 +1,1 @@
+//! Megatron-Core `TransformerConfig` import (work in progress).
