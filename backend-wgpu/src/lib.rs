@@ -1,0 +1,1 @@
+//! wgpu backend for moe-router (work in progress).
