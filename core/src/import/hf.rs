@@ -1,28 +1,488 @@
-//! Hugging Face `config.json` import (work in progress).
+//! Hugging Face `config.json` import.
+//!
+//! Each supported `model_type` maps to the routing rule of its published modeling code. The
+//! numbers come from the file (expert count, top-k, groups, scaling, normalisation flag); the rule
+//! (score function, where softmax sits, group score, normalisation epsilon) comes from the family.
+//! Keys the router does not need (attention sizes, `auto_map`, quantisation, ...) are ignored;
+//! optional routing keys that are absent take the family's default from its Hugging Face config
+//! class. The expert count and top-k are always required: a file without them is not a MoE
+//! checkpoint config, and a default would be a guess. Any other `model_type` is
+//! [`ConfigError::UnsupportedModelType`].
+//!
+//! | `model_type` | rule |
+//! |---|---|
+//! | `deepseek_v2` | softmax over E → top-k on probabilities (`topk_method` `greedy`, or `group_limited_greedy`: keep `topk_group` of `n_group` groups by their max probability); if `norm_topk_prob` and K > 1: `w / (Σw + 1e-20)`, else `w · routed_scaling_factor` |
+//! | `deepseek_v3`, `kimi_k2`, `glm4_moe` | sigmoid; selection on `sigmoid + e_score_correction_bias`; groups scored by the sum of their top-2 biased scores, keep `topk_group` of `n_group`; weights = unbiased sigmoid; if `norm_topk_prob`: `w / (Σw + 1e-20)`; then `· routed_scaling_factor` |
+//! | `qwen2_moe`, `qwen3_moe`, `qwen3_next`, `olmoe` | softmax over E → top-k; if `norm_topk_prob`: `w / Σw` |
+//! | `mixtral` | softmax over E → top-k → `w / Σw` (always) |
+//! | `gpt_oss` | top-k on logits → softmax over the K selected logits |
+//! | `llama4` (`text_config`), `llama4_text` | top-k on logits → `sigmoid(logit)`, no normalisation |
+//! | `minimax_m2` | sigmoid; selection on `sigmoid + e_score_correction_bias` (when `use_routing_bias`); weights = unbiased sigmoid `/ Σw` |
+//!
+//! **Selection bias.** `e_score_correction_bias` is a checkpoint tensor, not part of
+//! `config.json`. For the families that use it the imported [`RouterConfig`] has *no* bias, and
+//! [`HfImport::expects_expert_bias`] is `true`: load the tensor of each MoE layer and install it
+//! with [`RouterConfig::set_expert_bias`] before routing, or the selection ignores the bias.
+//!
+//! **Known deviations from the Python code**, all outside normal operation:
+//! - DeepSeek-V3/GLM-4.5/MiniMax fill the experts of dropped groups with `0.0` where this crate
+//!   uses −∞ (as DeepSeek's own `inference/model.py` does); they differ only when fewer than K
+//!   kept experts have a positive biased score.
+//! - Ties: torch's top-k order is unspecified; this crate breaks ties by the lower expert id.
+//! - Selection on sigmoid scores (Llama 4, sigmoid families) can tie where the logits do not when
+//!   sigmoid saturates to 1.0 in f32; the Python code for Llama 4 selects on the logits.
+//! - GPT-OSS computes the K-way softmax in the logits' dtype (bf16 in practice); this crate
+//!   computes in f32 (or f64).
 
-use crate::config::RouterConfig;
+use crate::config::{GroupScore, Normalization, RouterConfig, RouterConfigBuilder, ScoreFunction, SoftmaxPosition};
 use crate::error::ConfigError;
+use serde_json::{Map, Value};
 
-/// Model types the importer understands.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &[];
+/// The `model_type` values [`import_hf`] understands.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "deepseek_v2",
+    "deepseek_v3",
+    "kimi_k2",
+    "glm4_moe",
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_next",
+    "mixtral",
+    "gpt_oss",
+    "llama4",
+    "llama4_text",
+    "minimax_m2",
+    "olmoe",
+];
 
-/// The result of importing a Hugging Face config.
+/// Name of the checkpoint tensor that holds the selection bias of the families that use one.
+pub const BIAS_TENSOR: &str = "e_score_correction_bias";
+
+const SRC: &str = "Hugging Face";
+
+/// The result of importing a Hugging Face `config.json`: the routing rule plus what the rule
+/// needs that the file cannot hold.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HfImport {
-    /// The routing rule.
+    /// The top-level `model_type` of the file.
+    pub model_type: String,
+    /// The routing rule, validated and in canonical form. It carries no selection bias, even when
+    /// [`HfImport::expects_expert_bias`] is set.
     pub config: RouterConfig,
+    /// Whether the model selects on `score + bias` with a per-layer bias stored in the checkpoint
+    /// (tensor `…mlp.gate.e_score_correction_bias`, see [`BIAS_TENSOR`]). When set, install each
+    /// layer's bias with [`RouterConfig::set_expert_bias`] before routing: without it the selection
+    /// differs from the model's.
+    pub expects_expert_bias: bool,
 }
 
-/// Imports a Hugging Face `config.json` given as text.
+impl RouterConfig {
+    /// Builds the routing rule of a Hugging Face `config.json` (see [`crate::import::hf`] for the
+    /// supported `model_type`s and their rules).
+    ///
+    /// Families with a checkpoint selection bias (DeepSeek-V3, Kimi-K2, GLM-4.5, MiniMax-M2) get
+    /// a config without the bias; use [`import_hf`] to learn whether one is expected.
+    ///
+    /// ```
+    /// use moe_router_core::{RouterConfig, ScoreFunction};
+    /// let cfg = RouterConfig::from_hf_config(
+    ///     r#"{"model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2}"#,
+    /// ).unwrap();
+    /// assert_eq!((cfg.num_experts(), cfg.top_k(), cfg.score()), (8, 2, ScoreFunction::Softmax));
+    /// ```
+    pub fn from_hf_config(json: &str) -> Result<RouterConfig, ConfigError> {
+        import_hf(json).map(|i| i.config)
+    }
+
+    /// [`RouterConfig::from_hf_config`] on an already parsed `config.json`.
+    pub fn from_hf_config_value(value: &Value) -> Result<RouterConfig, ConfigError> {
+        import_hf_value(value).map(|i| i.config)
+    }
+}
+
+/// Imports a Hugging Face `config.json` given as text. Malformed JSON is [`ConfigError::Json`].
 pub fn import_hf(json: &str) -> Result<HfImport, ConfigError> {
-    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| ConfigError::from_json(&e))?;
+    let v: Value = serde_json::from_str(json).map_err(|e| ConfigError::from_json(&e))?;
     import_hf_value(&v)
 }
 
 /// Imports a parsed Hugging Face `config.json`.
-pub fn import_hf_value(_v: &serde_json::Value) -> Result<HfImport, ConfigError> {
-    Err(ConfigError::UnsupportedModelType {
-        found: String::new(),
-        supported: String::new(),
+pub fn import_hf_value(value: &Value) -> Result<HfImport, ConfigError> {
+    let obj = value.as_object().ok_or_else(|| ConfigError::BadKey {
+        key: "<root>".into(),
+        source_kind: SRC,
+        reason: format!("expected a JSON object, found {}", kind_of(value)),
+    })?;
+    let top = Keys { obj, prefix: "" };
+    let model_type = top.req_str("model_type")?;
+    let (config, expects_expert_bias) = match model_type {
+        "deepseek_v2" => deepseek_v2(&top)?,
+        "deepseek_v3" => v3_family(&top, V3Family::DeepSeekV3)?,
+        "kimi_k2" => v3_family(&top, V3Family::KimiK2)?,
+        "glm4_moe" => v3_family(&top, V3Family::Glm4Moe)?,
+        "qwen2_moe" | "qwen3_moe" | "olmoe" => softmax_topk(&top, &["num_experts", "num_local_experts"], false)?,
+        "qwen3_next" => softmax_topk(&top, &["num_experts", "num_local_experts"], true)?,
+        "mixtral" => mixtral(&top)?,
+        "gpt_oss" => gpt_oss(&top)?,
+        "llama4" => {
+            let text = top.req_object("text_config")?;
+            let keys = Keys {
+                obj: text,
+                prefix: "text_config.",
+            };
+            if let Some(mt) = keys.opt_str("model_type")?
+                && mt != "llama4_text"
+            {
+                return Err(keys.bad(
+                    "model_type",
+                    format!("expected \"llama4_text\" inside llama4, found {mt:?}"),
+                ));
+            }
+            llama4_text(&keys)?
+        }
+        "llama4_text" => llama4_text(&top)?,
+        "minimax_m2" => minimax_m2(&top)?,
+        other => {
+            return Err(ConfigError::UnsupportedModelType {
+                found: other.to_string(),
+                supported: SUPPORTED_MODEL_TYPES.join(", "),
+            });
+        }
+    };
+    Ok(HfImport {
+        model_type: model_type.to_string(),
+        config,
+        expects_expert_bias,
     })
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Typed access to one JSON object of the config, naming keys by their dotted path in errors.
+/// A `null` value counts as absent (`save_pretrained` writes `null` for unset optional keys).
+struct Keys<'a> {
+    obj: &'a Map<String, Value>,
+    prefix: &'static str,
+}
+
+impl<'a> Keys<'a> {
+    fn path(&self, key: &str) -> String {
+        format!("{}{key}", self.prefix)
+    }
+    fn bad(&self, key: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError::BadKey {
+            key: self.path(key),
+            source_kind: SRC,
+            reason: reason.into(),
+        }
+    }
+    fn missing(&self, key: &str) -> ConfigError {
+        ConfigError::MissingKey {
+            key: self.path(key),
+            source_kind: SRC,
+        }
+    }
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.obj.get(key).filter(|v| !v.is_null())
+    }
+    fn opt_str(&self, key: &str) -> Result<Option<&'a str>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => Err(self.bad(key, format!("expected a string, found {}", kind_of(v)))),
+        }
+    }
+    fn req_str(&self, key: &str) -> Result<&'a str, ConfigError> {
+        self.opt_str(key)?.ok_or_else(|| self.missing(key))
+    }
+    fn req_object(&self, key: &str) -> Result<&'a Map<String, Value>, ConfigError> {
+        match self.get(key) {
+            None => Err(self.missing(key)),
+            Some(Value::Object(m)) => Ok(m),
+            Some(v) => Err(self.bad(key, format!("expected an object, found {}", kind_of(v)))),
+        }
+    }
+    /// A positive integer.
+    fn opt_count(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(0) => Err(self.bad(key, "must be at least 1 (found 0)")),
+                Some(n) => usize::try_from(n)
+                    .map(Some)
+                    .map_err(|_| self.bad(key, format!("{n} is too large"))),
+                None => Err(self.bad(key, format!("expected a positive integer, found {v}"))),
+            },
+        }
+    }
+    fn count_or(&self, key: &str, default: usize) -> Result<usize, ConfigError> {
+        Ok(self.opt_count(key)?.unwrap_or(default))
+    }
+    fn req_count(&self, key: &str) -> Result<usize, ConfigError> {
+        self.opt_count(key)?.ok_or_else(|| self.missing(key))
+    }
+    /// The first present key among `names` (aliases from the config class's `attribute_map`);
+    /// missing names the first.
+    fn req_count_any(&self, names: &[&'static str]) -> Result<(usize, &'static str), ConfigError> {
+        for &n in names {
+            if let Some(c) = self.opt_count(n)? {
+                return Ok((c, n));
+            }
+        }
+        Err(self.missing(names[0]))
+    }
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.bad(key, format!("expected a boolean, found {v}"))),
+        }
+    }
+    fn bool_or(&self, key: &str, default: bool) -> Result<bool, ConfigError> {
+        Ok(self.opt_bool(key)?.unwrap_or(default))
+    }
+    fn req_bool(&self, key: &str) -> Result<bool, ConfigError> {
+        self.opt_bool(key)?.ok_or_else(|| self.missing(key))
+    }
+    /// A finite, positive scaling factor.
+    fn opt_scale(&self, key: &str) -> Result<Option<f32>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() && x > 0.0 && (x as f32).is_finite() => Ok(Some(x as f32)),
+                Some(x) => Err(self.bad(key, format!("must be finite and > 0 (found {x})"))),
+                None => Err(self.bad(key, format!("expected a number, found {v}"))),
+            },
+        }
+    }
+    /// A string key that, when present, must be one of `allowed` (the only values the family's
+    /// modeling code implements).
+    fn check_str(&self, key: &str, allowed: &[&str]) -> Result<Option<&'a str>, ConfigError> {
+        match self.opt_str(key)? {
+            Some(s) if !allowed.contains(&s) => Err(self.bad(
+                key,
+                format!(
+                    "{s:?} is not implemented by this model family (expected one of: {})",
+                    allowed.join(", ")
+                ),
+            )),
+            other => Ok(other),
+        }
+    }
+}
+
+/// E and K with the K ≤ E check, named by their keys.
+fn experts_and_k(k: &Keys<'_>, expert_keys: &[&'static str]) -> Result<(usize, usize), ConfigError> {
+    let (e, _) = k.req_count_any(expert_keys)?;
+    let top_k = k.req_count("num_experts_per_tok")?;
+    if top_k > e {
+        return Err(k.bad(
+            "num_experts_per_tok",
+            format!("{top_k} exceeds the number of experts {e}"),
+        ));
+    }
+    Ok((e, top_k))
+}
+
+/// Validates `n_group` / `topk_group` against E; `None` when the limit keeps every group (a
+/// no-op, e.g. Kimi-K2's and GLM-4.5's `n_group = 1`).
+fn groups(k: &Keys<'_>, e: usize, n_group: usize, topk_group: usize) -> Result<Option<(usize, usize)>, ConfigError> {
+    if e % n_group != 0 {
+        return Err(k.bad("n_group", format!("{n_group} groups do not divide {e} experts")));
+    }
+    if topk_group > n_group {
+        return Err(k.bad("topk_group", format!("{topk_group} exceeds n_group = {n_group}")));
+    }
+    Ok((topk_group < n_group).then_some((n_group, topk_group)))
+}
+
+fn finish(b: RouterConfigBuilder) -> Result<RouterConfig, ConfigError> {
+    b.build()
+}
+
+/// DeepSeek-V2 / V2-Lite / V2.5 (DeepSeek's `modeling_deepseek.py` `MoEGate`, the code shipped
+/// with the checkpoints). Softmax over E, top-k on the probabilities (greedy or group-limited by
+/// the group's max probability). `norm_topk_prob` with K > 1 divides by `Σw + 1e-20` and then
+/// does *not* apply `routed_scaling_factor`; otherwise the weights are scaled. (The Hugging Face
+/// port ignores `norm_topk_prob`; every published V2 config has it `false`, where both agree.)
+fn deepseek_v2(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
+    let (e, top_k) = experts_and_k(k, &["n_routed_experts", "num_experts"])?;
+    k.check_str("scoring_func", &["softmax"])?;
+    let method = k
+        .check_str("topk_method", &["greedy", "group_limited_greedy"])?
+        .unwrap_or("greedy");
+    let norm = k.bool_or("norm_topk_prob", false)?;
+    let scale = k.opt_scale("routed_scaling_factor")?.unwrap_or(1.0);
+    let mut b = RouterConfig::builder(e, top_k)
+        .score(ScoreFunction::Softmax)
+        .softmax_position(SoftmaxPosition::BeforeTopK);
+    if method == "group_limited_greedy" {
+        let g = k.req_count("n_group")?;
+        let kept = k.req_count("topk_group")?;
+        if let Some((g, kept)) = groups(k, e, g, kept)? {
+            if kept * (e / g) < top_k {
+                return Err(k.bad(
+                    "topk_group",
+                    format!(
+                        "{kept} groups of {} experts cannot hold num_experts_per_tok = {top_k}",
+                        e / g
+                    ),
+                ));
+            }
+            b = b.group_limit(g, kept, GroupScore::Max);
+        }
+    }
+    b = if norm && top_k > 1 {
+        b.normalization(Normalization::Sum { eps: 1e-20 })
+    } else {
+        b.scaling_factor(scale)
+    };
+    Ok((finish(b)?, false))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum V3Family {
+    DeepSeekV3,
+    KimiK2,
+    Glm4Moe,
+}
+
+/// DeepSeek-V3/R1 (`DeepseekV3MoE.route_tokens_to_experts`), GLM-4.5 (`Glm4MoeMoE`, the same
+/// rule) and Kimi-K2 (shipped as `kimi_k2` with DeepSeek's V3 remote code). Sigmoid scores; the
+/// selection key adds `e_score_correction_bias`; groups are scored by the sum of their two best
+/// keys; weights are the unbiased sigmoid, divided by `Σw + 1e-20` when `norm_topk_prob`, then
+/// multiplied by `routed_scaling_factor`.
+fn v3_family(k: &Keys<'_>, fam: V3Family) -> Result<(RouterConfig, bool), ConfigError> {
+    let expert_keys: &[&'static str] = match fam {
+        V3Family::DeepSeekV3 | V3Family::KimiK2 => &["n_routed_experts", "num_local_experts"],
+        V3Family::Glm4Moe => &["n_routed_experts", "num_experts"],
+    };
+    let (e, top_k) = experts_and_k(k, expert_keys)?;
+    k.check_str("scoring_func", &["sigmoid"])?;
+    k.check_str("topk_method", &["noaux_tc"])?;
+    let (n_group, topk_group, norm, scale) = match fam {
+        // Defaults of transformers' DeepseekV3Config.
+        V3Family::DeepSeekV3 => (
+            k.count_or("n_group", 8)?,
+            k.count_or("topk_group", 4)?,
+            k.bool_or("norm_topk_prob", true)?,
+            k.opt_scale("routed_scaling_factor")?.unwrap_or(2.5),
+        ),
+        // Kimi-K2 loads DeepSeek's remote configuration class, whose defaults (no groups,
+        // greedy, no normalisation, scale 1) do not describe the model: require the keys.
+        V3Family::KimiK2 => (
+            k.req_count("n_group")?,
+            k.req_count("topk_group")?,
+            k.req_bool("norm_topk_prob")?,
+            k.opt_scale("routed_scaling_factor")?
+                .ok_or_else(|| k.missing("routed_scaling_factor"))?,
+        ),
+        // Defaults of transformers' Glm4MoeConfig.
+        V3Family::Glm4Moe => (
+            k.count_or("n_group", 1)?,
+            k.count_or("topk_group", 1)?,
+            k.bool_or("norm_topk_prob", true)?,
+            k.opt_scale("routed_scaling_factor")?.unwrap_or(1.0),
+        ),
+    };
+    let mut b = RouterConfig::builder(e, top_k).score(ScoreFunction::Sigmoid);
+    if let Some((g, kept)) = groups(k, e, n_group, topk_group)? {
+        let per = e / g;
+        if per < 2 {
+            return Err(k.bad(
+                "n_group",
+                format!("groups of {per} expert cannot be scored by their top-2 (the model's group rule)"),
+            ));
+        }
+        if kept * per < top_k {
+            return Err(k.bad(
+                "topk_group",
+                format!("{kept} groups of {per} experts cannot hold num_experts_per_tok = {top_k}"),
+            ));
+        }
+        b = b.group_limit(g, kept, GroupScore::SumTopN(2));
+    }
+    if norm {
+        b = b.normalization(Normalization::Sum { eps: 1e-20 });
+    }
+    Ok((finish(b.scaling_factor(scale))?, true))
+}
+
+/// Qwen2-MoE / Qwen1.5-MoE, Qwen3-MoE, Qwen3-Next and OLMoE (`Qwen2MoeTopKRouter`,
+/// `OlmoeSparseMoeBlock`): softmax over E in f32, top-k, and `w / Σw` (no epsilon) when
+/// `norm_topk_prob`, whose default is the family's (`true` only for Qwen3-Next).
+fn softmax_topk(
+    k: &Keys<'_>,
+    expert_keys: &[&'static str],
+    norm_default: bool,
+) -> Result<(RouterConfig, bool), ConfigError> {
+    let (e, top_k) = experts_and_k(k, expert_keys)?;
+    let mut b = RouterConfig::builder(e, top_k)
+        .score(ScoreFunction::Softmax)
+        .softmax_position(SoftmaxPosition::BeforeTopK);
+    if k.bool_or("norm_topk_prob", norm_default)? {
+        b = b.normalization(Normalization::Sum { eps: 0.0 });
+    }
+    Ok((finish(b)?, false))
+}
+
+/// Mixtral (`MixtralSparseMoeBlock`): softmax over E in f32, top-k, always `w / Σw`.
+fn mixtral(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
+    let (e, top_k) = experts_and_k(k, &["num_local_experts", "num_experts"])?;
+    let b = RouterConfig::builder(e, top_k)
+        .score(ScoreFunction::Softmax)
+        .softmax_position(SoftmaxPosition::BeforeTopK)
+        .normalization(Normalization::Sum { eps: 0.0 });
+    Ok((finish(b)?, false))
+}
+
+/// GPT-OSS (`GptOssTopKRouter`): top-k on the logits (the router's linear bias is part of the
+/// logits), then softmax over the K selected values.
+fn gpt_oss(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
+    let (e, top_k) = experts_and_k(k, &["num_local_experts", "num_experts"])?;
+    let b = RouterConfig::builder(e, top_k)
+        .score(ScoreFunction::Softmax)
+        .softmax_position(SoftmaxPosition::AfterTopK);
+    Ok((finish(b)?, false))
+}
+
+/// Llama 4 (`Llama4Router`): top-k on the logits, weight = `sigmoid(logit)`, no normalisation
+/// (Scout and Maverick route top-1).
+fn llama4_text(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
+    let (e, top_k) = experts_and_k(k, &["num_local_experts"])?;
+    let b = RouterConfig::builder(e, top_k).score(ScoreFunction::Sigmoid);
+    Ok((finish(b)?, false))
+}
+
+/// MiniMax-M2 (`MiniMaxM2TopKRouter`): sigmoid scores in f32, selection on
+/// `sigmoid + e_score_correction_bias`, weights = unbiased sigmoid `/ Σw` (no epsilon, no
+/// scaling). `use_routing_bias: false` drops the bias.
+fn minimax_m2(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
+    let (e, top_k) = experts_and_k(k, &["num_local_experts", "num_experts"])?;
+    k.check_str("scoring_func", &["sigmoid"])?;
+    if let Some(s) = k.opt_scale("routed_scaling_factor")?
+        && s != 1.0
+    {
+        return Err(k.bad(
+            "routed_scaling_factor",
+            format!(
+                "{s}: the Hugging Face MiniMax-M2 router ignores it while vLLM and SGLang apply it; \
+                 the rule is ambiguous"
+            ),
+        ));
+    }
+    let bias = k.bool_or("use_routing_bias", true)?;
+    let b = RouterConfig::builder(e, top_k)
+        .score(ScoreFunction::Sigmoid)
+        .normalization(Normalization::Sum { eps: 0.0 });
+    Ok((finish(b)?, bias))
 }

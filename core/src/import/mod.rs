@@ -6,5 +6,5 @@ pub mod hf;
 pub mod megatron;
 pub mod presets;
 
-pub use hf::{HfImport, SUPPORTED_MODEL_TYPES, import_hf, import_hf_value};
-pub use presets::{preset, preset_names};
+pub use hf::{BIAS_TENSOR, HfImport, SUPPORTED_MODEL_TYPES, import_hf, import_hf_value};
+pub use presets::{preset, preset_expects_expert_bias, preset_hf_config, preset_names};
