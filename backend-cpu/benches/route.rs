@@ -1,1 +1,65 @@
-fn main() {}
+//! CPU routing throughput: T = 65536 tokens, E ∈ {128, 256}, K = 8, for the Qwen3 rule (softmax,
+//! renormalised) and the DeepSeek-V3 rule (sigmoid + bias, 8 groups / top 4, scaling 2.5),
+//! portable and native numerics. Throughput is reported in tokens per second.
+
+#![allow(missing_docs)]
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use moe_router_core::{GroupScore, LogitsRef, Normalization, Numerics, RouterConfig, ScoreFunction, SoftmaxPosition};
+use moe_router_cpu::CpuRouter;
+use ndarray::Array2;
+
+const T: usize = 65_536;
+
+fn logits(e: usize) -> Array2<f32> {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    Array2::from_shape_fn((T, e), |_| {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
+    })
+}
+
+fn qwen3(e: usize, n: Numerics) -> RouterConfig {
+    RouterConfig::builder(e, 8)
+        .softmax_position(SoftmaxPosition::BeforeTopK)
+        .normalization(Normalization::Sum { eps: 1e-20 })
+        .numerics(n)
+        .build()
+        .expect("valid")
+}
+
+fn deepseek_v3(e: usize, n: Numerics) -> RouterConfig {
+    let bias: Vec<f32> = (0..e).map(|i| ((i * 37) % 17) as f32 * 0.01 - 0.08).collect();
+    RouterConfig::builder(e, 8)
+        .score(ScoreFunction::Sigmoid)
+        .expert_bias(bias)
+        .group_limit(8, 4, GroupScore::SumTopN(2))
+        .normalization(Normalization::Sum { eps: 1e-20 })
+        .scaling_factor(2.5)
+        .numerics(n)
+        .build()
+        .expect("valid")
+}
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu_route_T65536");
+    g.throughput(Throughput::Elements(T as u64));
+    g.sample_size(10);
+    for e in [128usize, 256] {
+        let l = logits(e);
+        for (rule, make) in [("qwen3", qwen3 as fn(usize, Numerics) -> RouterConfig), ("deepseek_v3", deepseek_v3)] {
+            for (nm, n) in [("portable", Numerics::Portable), ("native", Numerics::Native)] {
+                let r = CpuRouter::new(make(e, n));
+                g.bench_function(BenchmarkId::new(format!("{rule}/{nm}"), format!("E{e}")), |b| {
+                    b.iter(|| r.route_host(&LogitsRef::F32(l.view())).expect("routes"))
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -186,7 +186,15 @@ fn run<M: Math>(
 /// Widens a row into `z`, checking for NaN and +∞.
 #[inline]
 fn widen<M: Math>(logits: &LogitsRef<'_>, row: usize, z: &mut Vec<M::F>) -> Result<(), RouteError> {
-    logits.widen_row(row, z, M::from_f32, M::from_f64);
+    match logits {
+        LogitsRef::F32(a) if a.row(row).as_slice().is_some() => {
+            let r = a.row(row);
+            let sl = r.as_slice().unwrap_or(&[]);
+            z.clear();
+            z.extend(sl.iter().map(|&x| M::from_f32(x)));
+        }
+        _ => logits.widen_row(row, z, M::from_f32, M::from_f64),
+    }
     let inf = M::F::infinity();
     // Branch-free scan first; locate the culprit only on failure.
     let bad = z.iter().fold(false, |acc, &x| acc | (x.is_nan() | (x == inf)));
@@ -219,7 +227,47 @@ fn insert<F: Float>(top_k: &mut [F], top_i: &mut [u32], key: F, id: u32) {
     top_i[j] = id;
 }
 
-/// Top-K of `keys` restricted to experts whose group is kept; None when a −∞ key is selected
+/// Scans `keys` (expert ids `base..`) into the descending top list `tk`/`ti`, of which `filled`
+/// entries are valid. Blocks of 16 keys that cannot beat the current K-th key are skipped with
+/// one vectorised comparison.
+#[inline(always)]
+fn scan<F: Float>(keys: &[F], base: usize, tk: &mut [F], ti: &mut [u32], filled: &mut usize) {
+    const B: usize = 16;
+    let k = tk.len();
+    let mut j = 0usize;
+    // Fill phase: sorted insertion, ties after existing entries (lower ids first).
+    while *filled < k && j < keys.len() {
+        let key = keys[j];
+        let mut p = *filled;
+        while p > 0 && key > tk[p - 1] {
+            tk[p] = tk[p - 1];
+            ti[p] = ti[p - 1];
+            p -= 1;
+        }
+        tk[p] = key;
+        ti[p] = (base + j) as u32;
+        *filled += 1;
+        j += 1;
+    }
+    let rest = &keys[j..];
+    let mut blocks = rest.chunks_exact(B);
+    let mut off = j;
+    for blk in &mut blocks {
+        let thr = tk[k - 1];
+        let any = blk.iter().fold(false, |a, &x| a | (x > thr));
+        if any {
+            for (q, &key) in blk.iter().enumerate() {
+                insert(tk, ti, key, (base + off + q) as u32);
+            }
+        }
+        off += B;
+    }
+    for (q, &key) in blocks.remainder().iter().enumerate() {
+        insert(tk, ti, key, (base + off + q) as u32);
+    }
+}
+
+/// Top-K of `keys` restricted to experts whose group is kept; false when a −∞ key is selected
 /// (the reference's global tie order on −∞ then decides; the caller falls back to it).
 #[inline]
 fn top_k_keys<F: Float>(keys: &[F], per: usize, keep: Option<&[bool]>, out: &mut [u32]) -> bool {
@@ -228,32 +276,17 @@ fn top_k_keys<F: Float>(keys: &[F], per: usize, keep: Option<&[bool]>, out: &mut
     let mut ti = [u32::MAX; MAX_K];
     let (tk, ti) = (&mut tk[..k], &mut ti[..k]);
     let mut filled = 0usize;
-    for (gi, chunk) in keys.chunks(per).enumerate() {
-        if let Some(kp) = keep
-            && !kp[gi]
-        {
-            continue;
-        }
-        let base = gi * per;
-        for (j, &key) in chunk.iter().enumerate() {
-            let id = (base + j) as u32;
-            if filled < k {
-                // Fill phase: sorted insertion, ties after existing (lower ids first).
-                let mut p = filled;
-                while p > 0 && key > tk[p - 1] {
-                    tk[p] = tk[p - 1];
-                    ti[p] = ti[p - 1];
-                    p -= 1;
+    match keep {
+        None => scan(keys, 0, tk, ti, &mut filled),
+        Some(kp) => {
+            for (gi, chunk) in keys.chunks(per).enumerate() {
+                if kp[gi] {
+                    scan(chunk, gi * per, tk, ti, &mut filled);
                 }
-                tk[p] = key;
-                ti[p] = id;
-                filled += 1;
-            } else {
-                insert(tk, ti, key, id);
             }
         }
     }
-    if tk[k - 1] == F::neg_infinity() {
+    if filled < k || tk[k - 1] == F::neg_infinity() {
         return false;
     }
     out.copy_from_slice(ti);
@@ -305,15 +338,11 @@ fn route_row<M: Math>(
             kbuf
         }
         ScoreFunction::Sigmoid => {
-            for (kk, &x) in kbuf.iter_mut().zip(z) {
-                *kk = M::sigmoid(x);
-            }
+            M::sigmoid_slice(z, kbuf);
             kbuf
         }
         ScoreFunction::SqrtSoftplus => {
-            for (kk, &x) in kbuf.iter_mut().zip(z) {
-                *kk = M::sqrt_softplus(x);
-            }
+            M::sqrt_softplus_slice(z, kbuf);
             kbuf
         }
     };

@@ -66,11 +66,20 @@ impl<'a> LogitsRef<'a> {
     #[inline]
     pub fn widen_row<F>(&self, t: usize, out: &mut Vec<F>, from_f32: impl Fn(f32) -> F, from_f64: impl Fn(f64) -> F) {
         out.clear();
+        macro_rules! widen {
+            ($a:expr, $conv:expr) => {{
+                let r = $a.row(t);
+                match r.as_slice() {
+                    Some(sl) => out.extend(sl.iter().map($conv)),
+                    None => out.extend(r.iter().map($conv)),
+                }
+            }};
+        }
         match self {
-            LogitsRef::F32(a) => out.extend(a.row(t).iter().map(|&x| from_f32(x))),
-            LogitsRef::Bf16(a) => out.extend(a.row(t).iter().map(|&x| from_f32(x.to_f32()))),
-            LogitsRef::F16(a) => out.extend(a.row(t).iter().map(|&x| from_f32(x.to_f32()))),
-            LogitsRef::F64(a) => out.extend(a.row(t).iter().map(|&x| from_f64(x))),
+            LogitsRef::F32(a) => widen!(a, |&x| from_f32(x)),
+            LogitsRef::Bf16(a) => widen!(a, |&x| from_f32(x.to_f32())),
+            LogitsRef::F16(a) => widen!(a, |&x| from_f32(x.to_f32())),
+            LogitsRef::F64(a) => widen!(a, |&x| from_f64(x)),
         }
     }
 }

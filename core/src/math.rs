@@ -40,12 +40,19 @@ const EXP_LO: f32 = -87.336_55;
 const EXP_HI: f32 = 88.722_84;
 
 /// Portable `e^x`. NaN → NaN; results below 2⁻¹²⁶ are 0; overflow → +∞.
+///
+/// Written without branches that a compiler must keep (every special case is a select at the
+/// end), so loops over slices vectorise.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     let x = ftz(x);
     // Range reduction: x = n·ln2 + r, |r| ≤ ln2/2 (plus rounding).
     let t = x * LOG2E;
-    let n = (t + 0.5).floor();
+    // n = floor(t + 0.5), clamped first so the integer conversion is exact; the floor is built
+    // from truncation (exact) so the loop vectorises without a libm call.
+    let y = (t + 0.5).clamp(-200.0, 200.0);
+    let tr = (y as i32) as f32;
+    let n = if tr > y { tr - 1.0 } else { tr };
     let n = n.clamp(-130.0, 130.0);
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // Taylor polynomial of degree 7 on |r| ≤ 0.35, Horner form.
@@ -290,13 +297,26 @@ pub trait Math: Copy + Send + Sync + 'static {
     fn sigmoid(x: Self::F) -> Self::F;
     /// `sqrt(softplus(x))`.
     fn sqrt_softplus(x: Self::F) -> Self::F;
+    /// [`Math::sigmoid`] over a slice (same bits; implementations may vectorise).
+    fn sigmoid_slice(x: &[Self::F], out: &mut [Self::F]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = Self::sigmoid(v);
+        }
+    }
+    /// [`Math::sqrt_softplus`] over a slice (same bits; implementations may vectorise).
+    fn sqrt_softplus_slice(x: &[Self::F], out: &mut [Self::F]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = Self::sqrt_softplus(v);
+        }
+    }
 }
 
 /// Portable f32 math (the default numerics).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Portable;
 
-/// Native f32 math: the platform's `exp`, `/`, `ln`, `sqrt`.
+/// Native f32 math: hardware division and square root, the platform's `ln`, and the vectorisable
+/// polynomial `exp` of this module (which is already within 1 ulp and faster than libm's).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NativeF32;
 
@@ -346,6 +366,12 @@ impl Math for Portable {
     fn sqrt_softplus(x: f32) -> f32 {
         sqrt_softplus(x)
     }
+    fn sigmoid_slice(x: &[f32], out: &mut [f32]) {
+        sigmoid_slice(x, out)
+    }
+    fn sqrt_softplus_slice(x: &[f32], out: &mut [f32]) {
+        sqrt_softplus_slice(x, out)
+    }
 }
 
 impl Math for NativeF32 {
@@ -372,7 +398,7 @@ impl Math for NativeF32 {
     }
     #[inline(always)]
     fn exp(x: f32) -> f32 {
-        x.exp()
+        exp(x)
     }
     #[inline(always)]
     fn div(a: f32, b: f32) -> f32 {
@@ -384,13 +410,26 @@ impl Math for NativeF32 {
     }
     #[inline(always)]
     fn sigmoid(x: f32) -> f32 {
-        1.0 / (1.0 + (-x).exp())
+        1.0 / (1.0 + exp(-x))
     }
     #[inline(always)]
     fn sqrt_softplus(x: f32) -> f32 {
-        (x.max(0.0) + (-x.abs()).exp().ln_1p()).sqrt()
+        (x.max(0.0) + ln_1p(exp(-x.abs()))).sqrt()
+    }
+    fn sigmoid_slice(x: &[f32], out: &mut [f32]) {
+        native_sigmoid_slice(x, out)
     }
 }
+
+/// Native sigmoid over a slice, compiled for AVX2 and SSE4.1 with run-time selection.
+#[multiversion::multiversion(targets("x86_64+avx2+avx+sse4.1+sse4.2", "x86_64+sse4.1"))]
+fn native_sigmoid_slice(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = 1.0 / (1.0 + exp(-v));
+    }
+}
+
+
 
 impl Math for NativeF64 {
     type F = f64;
@@ -433,5 +472,23 @@ impl Math for NativeF64 {
     #[inline(always)]
     fn sqrt_softplus(x: f64) -> f64 {
         (x.max(0.0) + (-x.abs()).exp().ln_1p()).sqrt()
+    }
+}
+
+/// Applies [`sigmoid`] to every element (a vectorisable loop; same bits as the scalar function),
+/// compiled for AVX2 and SSE4.1 with run-time selection.
+#[multiversion::multiversion(targets("x86_64+avx2+avx+sse4.1+sse4.2", "x86_64+sse4.1"))]
+pub fn sigmoid_slice(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = sigmoid(v);
+    }
+}
+
+/// Applies [`sqrt_softplus`] to every element (same bits as the scalar function), compiled for
+/// AVX2 and SSE4.1 with run-time selection.
+#[multiversion::multiversion(targets("x86_64+avx2+avx+sse4.1+sse4.2", "x86_64+sse4.1"))]
+pub fn sqrt_softplus_slice(x: &[f32], out: &mut [f32]) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = sqrt_softplus(v);
     }
 }

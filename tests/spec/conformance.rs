@@ -93,7 +93,12 @@ pub fn assert_same_as_reference(b: &dyn Backend, cfg: &RouterConfig, logits: Log
             let gw = b.weights_for(cfg, logits, rev.view());
             match (ww, gw) {
                 (Err(a), Err(c)) => assert_eq!(a, c, "{}: {what}: replay errors differ", b.name()),
-                (Ok(a), Ok(c)) => assert_eq!(bits(&a), bits(&c), "{}: {what}: replay weight bits differ\nconfig {cfg:?}", b.name()),
+                (Ok(a), Ok(c)) => assert_eq!(
+                    bits(&a),
+                    bits(&c),
+                    "{}: {what}: replay weight bits differ\nconfig {cfg:?}",
+                    b.name()
+                ),
                 (a, c) => panic!("{}: {what}: replay: reference {a:?} backend {c:?}", b.name()),
             }
         }
@@ -114,9 +119,22 @@ pub fn config_strategy() -> impl Strategy<Value = RouterConfig> {
         Just((40, 10, None)),
         Just((300, 8, Some((10, 4)))),
     ];
-    (shape, 0u8..3, any::<bool>(), 0u8..3, any::<bool>(), 0u8..3, any::<bool>(), any::<u64>()).prop_map(
-        |((e, k, groups), score, before, norm, bias, scale, max_group, seed)| {
-            let score = [ScoreFunction::Softmax, ScoreFunction::Sigmoid, ScoreFunction::SqrtSoftplus][score as usize];
+    (
+        shape,
+        0u8..3,
+        any::<bool>(),
+        0u8..3,
+        any::<bool>(),
+        0u8..3,
+        any::<bool>(),
+        any::<u64>(),
+    )
+        .prop_map(|((e, k, groups), score, before, norm, bias, scale, max_group, seed)| {
+            let score = [
+                ScoreFunction::Softmax,
+                ScoreFunction::Sigmoid,
+                ScoreFunction::SqrtSoftplus,
+            ][score as usize];
             let mut b = RouterConfig::builder(e, k).score(score).softmax_position(if before {
                 SoftmaxPosition::BeforeTopK
             } else {
@@ -130,7 +148,11 @@ pub fn config_strategy() -> impl Strategy<Value = RouterConfig> {
             b = b.scaling_factor([1.0, 2.5, 0.37][scale as usize]);
             if let Some((g, sel)) = groups {
                 let per = e / g;
-                let rule = if max_group { GroupScore::Max } else { GroupScore::SumTopN((k / sel).clamp(1, per)) };
+                let rule = if max_group {
+                    GroupScore::Max
+                } else {
+                    GroupScore::SumTopN((k / sel).clamp(1, per))
+                };
                 b = b.group_limit(g, sel, rule);
             }
             if bias && score != ScoreFunction::Softmax {
@@ -144,8 +166,7 @@ pub fn config_strategy() -> impl Strategy<Value = RouterConfig> {
                 b = b.expert_bias(v);
             }
             b.build().expect("strategy builds valid configs")
-        },
-    )
+        })
 }
 
 /// Logits with the hard cases mixed in: exact ties, −∞, huge values (saturated sigmoid),
@@ -189,7 +210,11 @@ pub fn check_random(b: &dyn Backend, size: Size) {
 /// Native mode: ids equal the reference's native mode except near ties; here (well separated
 /// logits) they must be equal and weights within 1e-5 relative.
 pub fn check_native(b: &dyn Backend) {
-    for score in [ScoreFunction::Softmax, ScoreFunction::Sigmoid, ScoreFunction::SqrtSoftplus] {
+    for score in [
+        ScoreFunction::Softmax,
+        ScoreFunction::Sigmoid,
+        ScoreFunction::SqrtSoftplus,
+    ] {
         let cfg = RouterConfig::builder(64, 8)
             .score(score)
             .normalization(Normalization::Sum { eps: 1e-20 })
@@ -197,11 +222,17 @@ pub fn check_native(b: &dyn Backend) {
             .build()
             .expect("valid");
         let logits = Array2::from_shape_fn((33, 64), |(t, e)| ((t * 131 + e * 71) % 64) as f32 * 0.05 - 1.6);
-        let want = ReferenceRouter::new(cfg.clone()).route_host(&LogitsRef::F32(logits.view())).expect("routes");
+        let want = ReferenceRouter::new(cfg.clone())
+            .route_host(&LogitsRef::F32(logits.view()))
+            .expect("routes");
         let (ids, w) = b.route(&cfg, LogitsRef::F32(logits.view())).expect("backend routes");
         assert_eq!(want.0, ids, "{}: native ids", b.name());
         for (a, c) in want.1.to_f64().iter().zip(w.to_f64().iter()) {
-            assert!((a - c).abs() <= 1e-5 * a.abs().max(1e-30), "{}: native weight {a} vs {c}", b.name());
+            assert!(
+                (a - c).abs() <= 1e-5 * a.abs().max(1e-30),
+                "{}: native weight {a} vs {c}",
+                b.name()
+            );
         }
     }
 }
@@ -212,11 +243,20 @@ pub fn check_errors(b: &dyn Backend) {
     let cfg = RouterConfig::builder(8, 2).build().expect("valid");
     let mut l = Array2::<f32>::zeros((4, 8));
     l[[2, 5]] = f32::NAN;
-    assert!(matches!(b.route(&cfg, LogitsRef::F32(l.view())), Err(RouteError::NonFiniteLogit { row: 2, expert: 5, .. })));
+    assert!(matches!(
+        b.route(&cfg, LogitsRef::F32(l.view())),
+        Err(RouteError::NonFiniteLogit { row: 2, expert: 5, .. })
+    ));
     l[[2, 5]] = f32::INFINITY;
-    assert!(matches!(b.route(&cfg, LogitsRef::F32(l.view())), Err(RouteError::NonFiniteLogit { row: 2, expert: 5, .. })));
+    assert!(matches!(
+        b.route(&cfg, LogitsRef::F32(l.view())),
+        Err(RouteError::NonFiniteLogit { row: 2, expert: 5, .. })
+    ));
     let l = Array2::<f32>::zeros((4, 7));
-    assert!(matches!(b.route(&cfg, LogitsRef::F32(l.view())), Err(RouteError::LogitsShape { .. })));
+    assert!(matches!(
+        b.route(&cfg, LogitsRef::F32(l.view())),
+        Err(RouteError::LogitsShape { .. })
+    ));
     let l = Array2::<f32>::zeros((4, 8));
     let mut ids = Array2::<u32>::zeros((4, 2));
     ids[[0, 1]] = 1;
@@ -225,7 +265,12 @@ pub fn check_errors(b: &dyn Backend) {
     ids[[3, 0]] = 9;
     assert!(matches!(
         b.weights_for(&cfg, LogitsRef::F32(l.view()), ids.view()),
-        Err(RouteError::IdOutOfRange { row: 3, slot: 0, id: 9, .. })
+        Err(RouteError::IdOutOfRange {
+            row: 3,
+            slot: 0,
+            id: 9,
+            ..
+        })
     ));
     ids[[3, 0]] = 1;
     ids[[3, 1]] = 1;
@@ -237,14 +282,27 @@ pub fn check_errors(b: &dyn Backend) {
 
 /// Larger shapes (tail handling, E up to 512, K up to 16) — for GPU machines.
 pub fn check_large(b: &dyn Backend) {
-    for &(e, k, t) in &[(512usize, 16usize, 3000usize), (256, 8, 5000), (384, 8, 777), (128, 8, 4097), (8, 2, 10000)] {
+    for &(e, k, t) in &[
+        (512usize, 16usize, 3000usize),
+        (256, 8, 5000),
+        (384, 8, 777),
+        (128, 8, 4097),
+        (8, 2, 10000),
+    ] {
         let cfg = RouterConfig::builder(e, k)
             .score(ScoreFunction::Sigmoid)
             .normalization(Normalization::Sum { eps: 1e-20 })
             .scaling_factor(2.5)
             .build()
             .expect("valid");
-        let logits = Array2::from_shape_fn((t, e), |(i, j)| (((i * 7919 + j * 104_729) % 2000) as f32 - 1000.0) * 0.004);
-        assert_same_as_reference(b, &cfg, LogitsRef::F32(logits.view()), &format!("large E={e} K={k} T={t}"));
+        let logits = Array2::from_shape_fn((t, e), |(i, j)| {
+            (((i * 7919 + j * 104_729) % 2000) as f32 - 1000.0) * 0.004
+        });
+        assert_same_as_reference(
+            b,
+            &cfg,
+            LogitsRef::F32(logits.view()),
+            &format!("large E={e} K={k} T={t}"),
+        );
     }
 }
