@@ -5,5 +5,7 @@
 #[allow(dead_code)]
 mod conformance;
 mod cpu;
+mod golden;
+mod import;
 mod math;
 mod routing;
