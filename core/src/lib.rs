@@ -24,10 +24,13 @@ pub mod import;
 pub mod layout;
 pub mod logits;
 pub mod math;
+pub mod metrics;
+pub mod policy;
 pub mod reference;
 pub mod replay;
 pub mod router;
 pub mod stats;
+pub mod trace;
 
 pub use config::{
     AuxLoss, AuxLossKind, Capacity, ComputeDtype, DropPolicy, GroupLimit, GroupScore, Normalization, Numerics,

@@ -1,0 +1,2 @@
+//! Trace benchmarks.
+fn main() {}

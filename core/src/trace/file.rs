@@ -1,0 +1,924 @@
+//! Reading `.mrt` files: memory-mapped, checksum-verified, recovering a truncated tail and
+//! rebuilding a missing or damaged index by scanning.
+
+use super::codec::RowCodec;
+use super::format::{self, Block, ChunkEntry, ChunkHead, FrameProbe, IndexEntry};
+use super::model::{Trace, TraceSummary};
+use super::{ALL_ZERO_MIN_ROWS, MISSING_ID, RouteSource, TraceError, TraceHeader};
+use crate::layout::{LayerId, SeqId};
+use ndarray::ArrayViewMut2;
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// How much of the file is checked when it is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verify {
+    /// Every chunk's checksum and rows are checked at open (one pass over the file): open fails
+    /// or reports damage before any data is used.
+    #[default]
+    Eager,
+    /// With an intact index, chunks are checked on first use (open touches only the header and
+    /// the index). Damage is then reported by the read that touches it. Without an index the
+    /// file is scanned, which checks everything anyway.
+    Lazy,
+}
+
+/// Options of [`TraceFile::open_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct OpenOptions {
+    /// When to verify chunks.
+    pub verify: Verify,
+    /// Salvage mode: a damaged chunk in the middle of the file is skipped and reported
+    /// ([`RecoveryReport::damaged`]) instead of failing the open. For inspection and recovery
+    /// tools; replay should use the default (strict).
+    pub salvage: bool,
+}
+
+/// The state of the file's index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum IndexState {
+    /// The index and footer are intact and were used.
+    Present,
+    /// The file has no footer (not closed: a crash, a copy in progress); the index was rebuilt
+    /// by scanning.
+    Absent,
+    /// The footer or index is damaged; it was ignored and rebuilt by scanning.
+    Rebuilt {
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Bytes lost at the end of a file (torn write, truncated copy).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TailDamage {
+    /// Offset of the first byte not recovered (end of the last complete chunk).
+    pub offset: u64,
+    /// Bytes from there to the end of the file.
+    pub bytes: u64,
+    /// What was found there.
+    pub reason: String,
+}
+
+/// A damaged region skipped in salvage mode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DamagedRange {
+    /// First byte.
+    pub offset: u64,
+    /// Length.
+    pub bytes: u64,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// What opening a file found and recovered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryReport {
+    /// File size.
+    pub file_bytes: u64,
+    /// Minor format version of the file.
+    pub minor_version: u16,
+    /// Index state.
+    pub index: IndexState,
+    /// Complete, checksum-verified chunks recovered.
+    pub chunks: u64,
+    /// Bytes of the header and the recovered chunks.
+    pub recovered_bytes: u64,
+    /// The truncated or torn tail, if any.
+    pub tail: Option<TailDamage>,
+    /// Damaged regions skipped (salvage mode only).
+    pub damaged: Vec<DamagedRange>,
+}
+
+impl RecoveryReport {
+    /// True when the file was closed cleanly and nothing was lost or damaged.
+    pub fn is_clean(&self) -> bool {
+        self.index == IndexState::Present && self.tail.is_none() && self.damaged.is_empty()
+    }
+    /// True when bytes at the end of the file were not recovered.
+    pub fn truncated(&self) -> bool {
+        self.tail.is_some()
+    }
+}
+
+/// One chunk, for `inspect`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkInfo {
+    /// Chunk index.
+    pub index: u32,
+    /// File offset of its frame.
+    pub offset: u64,
+    /// Frame bytes (header, stored payload, CRC).
+    pub frame_bytes: u64,
+    /// Uncompressed payload bytes.
+    pub raw_bytes: u64,
+    /// "none" or "zstd".
+    pub codec: String,
+    /// Blocks in the payload.
+    pub blocks: u32,
+}
+
+#[derive(Debug)]
+enum Backing {
+    Mmap(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl Backing {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Backing::Mmap(m) => m,
+            Backing::Owned(v) => v,
+        }
+    }
+}
+
+/// Maps `f` read-only.
+#[allow(unsafe_code)]
+fn map_file(f: &File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the mapping is read-only and private to this `TraceFile`. Trace files are
+    // append-only: writers (this crate's included) only ever add bytes past the end, which a
+    // mapping of the old length never sees. Another process truncating the file while it is
+    // mapped would fault on access (SIGBUS) rather than yield wrong data; every byte read is
+    // checksum-verified before use.
+    unsafe { memmap2::Mmap::map(f) }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ChunkMeta {
+    offset: u64,
+    head: ChunkHead,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BlockLoc {
+    start: u64,
+    rows: u32,
+    chunk: u32,
+    data_off: u32,
+}
+
+#[derive(Debug, Default)]
+struct LayerCount {
+    rows: u64,
+    nonzero: bool,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    map: HashMap<u32, Arc<Vec<u8>>>,
+    order: VecDeque<u32>,
+}
+
+const CACHE_CHUNKS: usize = 32;
+
+/// A `.mrt` trace file opened for reading (memory-mapped).
+///
+/// Opening checks the header checksum and version, uses the index when it is intact (else
+/// rebuilds it by scanning), recovers every complete chunk before a truncated or torn tail, and
+/// verifies chunk checksums and rows before any of their data is returned ([`Verify`]). A bit
+/// flip is therefore an error or a reported damage ([`RecoveryReport`]), never data.
+#[derive(Debug)]
+pub struct TraceFile {
+    backing: Backing,
+    header: TraceHeader,
+    codec: RowCodec,
+    chunks: Vec<ChunkMeta>,
+    /// Index entries in chunk order, and for each chunk its range in `entries`.
+    entries: Vec<IndexEntry>,
+    entry_ranges: Vec<(usize, usize)>,
+    lanes: HashMap<(SeqId, LayerId), Vec<BlockLoc>>,
+    overlay: Trace,
+    verified: Vec<OnceLock<Result<(), TraceError>>>,
+    layer_counts: Mutex<Vec<LayerCount>>,
+    cache: Mutex<Cache>,
+    report: RecoveryReport,
+    data_end: u64,
+}
+
+impl TraceFile {
+    /// Opens and memory-maps `path` with default options (eager verification, strict).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, TraceError> {
+        Self::open_with(path, OpenOptions::default())
+    }
+
+    /// Opens and memory-maps `path`.
+    pub fn open_with(path: impl AsRef<Path>, opts: OpenOptions) -> Result<Self, TraceError> {
+        let path = path.as_ref();
+        let f = File::open(path).map_err(|e| TraceError::io(format!("opening {}", path.display()), &e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| TraceError::io(format!("reading metadata of {}", path.display()), &e))?
+            .len();
+        if len == 0 {
+            return Self::from_backing(Backing::Owned(Vec::new()), opts);
+        }
+        let m = map_file(&f).map_err(|e| TraceError::io(format!("mapping {}", path.display()), &e))?;
+        Self::from_backing(Backing::Mmap(m), opts)
+    }
+
+    /// Reads a trace from bytes in memory (same checks as a file).
+    pub fn from_bytes(bytes: Vec<u8>, opts: OpenOptions) -> Result<Self, TraceError> {
+        Self::from_backing(Backing::Owned(bytes), opts)
+    }
+
+    fn from_backing(backing: Backing, opts: OpenOptions) -> Result<Self, TraceError> {
+        let b = backing.bytes();
+        let (header, minor, body_start) = format::decode_header(b)?;
+        let codec = RowCodec::new(&header);
+        let file_bytes = b.len() as u64;
+        let mut report = RecoveryReport {
+            file_bytes,
+            minor_version: minor,
+            index: IndexState::Present,
+            chunks: 0,
+            recovered_bytes: body_start as u64,
+            tail: None,
+            damaged: Vec::new(),
+        };
+        let from_index = match Self::load_index(b, body_start) {
+            Ok(Some(x)) => Some(x),
+            Ok(None) => {
+                report.index = IndexState::Absent;
+                None
+            }
+            Err(reason) => {
+                report.index = IndexState::Rebuilt { reason };
+                None
+            }
+        };
+        let (chunks, index_entries, data_end) = match from_index {
+            Some((cs, es, end)) => (cs, Some(es), end),
+            None => {
+                let (cs, end) = Self::scan(b, body_start, opts.salvage, &mut report)?;
+                (cs, None, end)
+            }
+        };
+        report.chunks = chunks.len() as u64;
+        report.recovered_bytes = body_start as u64 + chunks.iter().map(|c| c.head.frame_len()).sum::<u64>();
+        let nchunks = chunks.len();
+        let mut tf = TraceFile {
+            backing,
+            overlay: Trace::new(header.clone()),
+            header,
+            codec,
+            chunks,
+            entries: Vec::new(),
+            entry_ranges: vec![(0, 0); nchunks],
+            lanes: HashMap::new(),
+            verified: (0..nchunks).map(|_| OnceLock::new()).collect(),
+            layer_counts: Mutex::new(Vec::new()),
+            cache: Mutex::new(Cache::default()),
+            report,
+            data_end,
+        };
+        *tf.layer_counts.lock().unwrap_or_else(|p| p.into_inner()) =
+            (0..tf.header.layers().len()).map(|_| LayerCount::default()).collect();
+        let lazy = opts.verify == Verify::Lazy && index_entries.is_some();
+        match index_entries {
+            Some(es) if lazy => tf.set_entries(es)?,
+            _ => {
+                // Eager: verify every chunk and build the entries from the payloads.
+                let mut es = Vec::new();
+                let mut keep = Vec::with_capacity(tf.chunks.len());
+                let mut damaged_any = false;
+                for i in 0..tf.chunks.len() {
+                    match tf.parse_chunk(i) {
+                        Ok(blocks) => {
+                            keep.push(tf.chunks[i]);
+                            let ci = (keep.len() - 1) as u32;
+                            es.extend(blocks.into_iter().map(|bl| IndexEntry {
+                                seq: bl.seq,
+                                start: bl.start,
+                                layer_index: bl.layer_index,
+                                rows: bl.rows,
+                                chunk: ci,
+                                data_off: bl.data_off,
+                            }));
+                        }
+                        Err(e) if opts.salvage => {
+                            damaged_any = true;
+                            let c = tf.chunks[i];
+                            tf.report.damaged.push(DamagedRange {
+                                offset: c.offset,
+                                bytes: c.head.frame_len(),
+                                reason: e.to_string(),
+                            });
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                if damaged_any {
+                    tf.chunks = keep;
+                    tf.report.chunks = tf.chunks.len() as u64;
+                    tf.report.recovered_bytes =
+                        body_start as u64 + tf.chunks.iter().map(|c| c.head.frame_len()).sum::<u64>();
+                }
+                // Every kept chunk was just verified (layer counts accumulate only for chunks
+                // that verified completely).
+                tf.verified = (0..tf.chunks.len()).map(|_| OnceLock::from(Ok(()))).collect();
+                tf.entry_ranges = vec![(0, 0); tf.chunks.len()];
+                tf.set_entries(es)?;
+            }
+        }
+        Ok(tf)
+    }
+
+    /// Installs index entries: builds the lane map, checks bounds and materialises lanes whose
+    /// blocks overlap.
+    fn set_entries(&mut self, mut es: Vec<IndexEntry>) -> Result<(), TraceError> {
+        let rb = self.codec.row_bytes() as u64;
+        let nl = self.header.layers().len() as u32;
+        es.sort_by_key(|e| e.chunk);
+        for (i, e) in es.iter().enumerate() {
+            let bad = |reason: String| TraceError::Malformed {
+                what: "index entry".into(),
+                offset: 0,
+                reason: format!("entry {i}: {reason}"),
+            };
+            let Some(c) = self.chunks.get(e.chunk as usize) else {
+                return Err(bad(format!("chunk {} does not exist", e.chunk)));
+            };
+            if e.layer_index >= nl || e.rows == 0 {
+                return Err(bad(format!("layer index {} / rows {}", e.layer_index, e.rows)));
+            }
+            if u64::from(e.data_off) + u64::from(e.rows) * rb > u64::from(c.head.raw_len) {
+                return Err(bad("block runs past its chunk's payload".into()));
+            }
+            if e.start.checked_add(u64::from(e.rows)).is_none() {
+                return Err(bad("positions overflow".into()));
+            }
+        }
+        let mut ranges = vec![(0usize, 0usize); self.chunks.len()];
+        let mut i = 0;
+        while i < es.len() {
+            let c = es[i].chunk as usize;
+            let j = i + es[i..].iter().take_while(|e| e.chunk as usize == c).count();
+            ranges[c] = (i, j);
+            i = j;
+        }
+        let mut lanes: HashMap<(SeqId, LayerId), Vec<BlockLoc>> = HashMap::new();
+        for e in &es {
+            let layer = self.header.layers()[e.layer_index as usize];
+            lanes.entry((SeqId(e.seq), layer)).or_default().push(BlockLoc {
+                start: e.start,
+                rows: e.rows,
+                chunk: e.chunk,
+                data_off: e.data_off,
+            });
+        }
+        self.entries = es;
+        self.entry_ranges = ranges;
+        // Lanes whose blocks overlap (a later block filling missing rows, or duplicates written by
+        // another producer) are materialised in file order with the strict append rule.
+        let mut complex = Vec::new();
+        for (key, blocks) in lanes.iter_mut() {
+            // Blocks are in file order (chunk order, then payload order).
+            let mut sorted = blocks.clone();
+            sorted.sort_by_key(|b| b.start);
+            let overlaps = sorted
+                .windows(2)
+                .any(|w| w[0].start + u64::from(w[0].rows) > w[1].start);
+            if overlaps {
+                complex.push((*key, blocks.clone()));
+            } else {
+                *blocks = sorted;
+            }
+        }
+        let mut overlay = Trace::new(self.header.clone());
+        for (key, blocks) in complex {
+            lanes.remove(&key);
+            for bl in blocks {
+                let raw = self.payload(bl.chunk)?;
+                let off = bl.data_off as usize;
+                let len = bl.rows as usize * self.codec.row_bytes();
+                let c = self.chunks[bl.chunk as usize];
+                overlay
+                    .insert(key.0, key.1, bl.start, &raw[off..off + len], true)
+                    .map_err(|e| TraceError::InChunk {
+                        chunk: c.head.index,
+                        offset: c.offset,
+                        source: Box::new(e),
+                    })?;
+            }
+        }
+        self.overlay = overlay;
+        self.lanes = lanes;
+        Ok(())
+    }
+
+    /// Reads the index through the footer. `Ok(None)`: no footer; `Err`: footer or index damaged.
+    #[allow(clippy::type_complexity)]
+    fn load_index(b: &[u8], body_start: usize) -> Result<Option<(Vec<ChunkMeta>, Vec<IndexEntry>, u64)>, String> {
+        let Some((ioff, ilen)) = format::read_footer(b, body_start)? else {
+            return Ok(None);
+        };
+        let flen = b.len() as u64;
+        if ioff < body_start as u64 || ioff.checked_add(ilen) != Some(flen - format::FOOTER_LEN as u64) {
+            return Err(format!("footer points to an index at {ioff}+{ilen} outside the file"));
+        }
+        let (nc, ne) = match format::probe_frame(&b[..(flen - format::FOOTER_LEN as u64) as usize], ioff as usize) {
+            FrameProbe::Index(nc, ne, len) if len == ilen => (nc, ne),
+            FrameProbe::Index(..) => return Err("index length disagrees with the footer".into()),
+            FrameProbe::Bad(r) => return Err(format!("index at offset {ioff}: {r}")),
+            _ => return Err(format!("no index frame at offset {ioff}")),
+        };
+        let frame = &b[ioff as usize..(ioff + ilen) as usize];
+        let (cs, es) = format::decode_index(frame, nc, ne);
+        let mut metas = Vec::with_capacity(cs.len());
+        let mut expect = body_start as u64;
+        for (i, c) in cs.iter().enumerate() {
+            if c.offset != expect {
+                return Err(format!(
+                    "index chunk {i} at offset {} but the previous chunk ends at {expect}",
+                    c.offset
+                ));
+            }
+            // Parse the chunk header (not yet verified) to know its layout.
+            let o = c.offset as usize;
+            if o + format::CHUNK_HEADER > b.len() || b[o..o + 4] != format::CHUNK_TAG {
+                return Err(format!("index chunk {i}: no chunk frame at offset {o}"));
+            }
+            let head = ChunkHead {
+                index: format::u32_at(b, o + 4),
+                codec: b[o + 8],
+                blocks: format::u32_at(b, o + 12),
+                raw_len: format::u32_at(b, o + 16),
+                stored_len: format::u32_at(b, o + 20),
+            };
+            if head.frame_len() != u64::from(c.frame_len) || head.raw_len != c.raw_len || head.index != i as u32 {
+                return Err(format!("index chunk {i} disagrees with the chunk frame at offset {o}"));
+            }
+            expect += head.frame_len();
+            metas.push(ChunkMeta { offset: c.offset, head });
+        }
+        if expect != ioff {
+            return Err(format!("chunks end at {expect} but the index starts at {ioff}"));
+        }
+        Ok(Some((metas, es, ioff)))
+    }
+
+    /// Scans frames from `body_start`; returns verified chunks and the end of the last one.
+    fn scan(
+        b: &[u8],
+        body_start: usize,
+        salvage: bool,
+        report: &mut RecoveryReport,
+    ) -> Result<(Vec<ChunkMeta>, u64), TraceError> {
+        let mut chunks = Vec::new();
+        let mut off = body_start;
+        let mut end = body_start as u64;
+        while off < b.len() {
+            match format::probe_frame(b, off) {
+                FrameProbe::Chunk(head) => {
+                    if head.index as usize != chunks.len() {
+                        let err = TraceError::Malformed {
+                            what: "chunk".into(),
+                            offset: off as u64,
+                            reason: format!("chunk index {} where {} was expected", head.index, chunks.len()),
+                        };
+                        if !salvage {
+                            return Err(err);
+                        }
+                        report.damaged.push(DamagedRange {
+                            offset: off as u64,
+                            bytes: head.frame_len(),
+                            reason: err.to_string(),
+                        });
+                        off += head.frame_len() as usize;
+                        continue;
+                    }
+                    chunks.push(ChunkMeta {
+                        offset: off as u64,
+                        head,
+                    });
+                    off += head.frame_len() as usize;
+                    end = off as u64;
+                }
+                FrameProbe::Index(_, _, len) => {
+                    // A complete index (its footer is missing or damaged): nothing after it but
+                    // the footer.
+                    let after = off + len as usize;
+                    let rest = b.len() - after;
+                    if rest != format::FOOTER_LEN || b[b.len() - 4..] != format::FOOTER_TAG {
+                        report.tail = Some(TailDamage {
+                            offset: after as u64,
+                            bytes: rest as u64,
+                            reason: "incomplete or damaged footer after the index".into(),
+                        });
+                    }
+                    return Ok((chunks, end));
+                }
+                FrameProbe::Short => {
+                    report.tail = Some(TailDamage {
+                        offset: off as u64,
+                        bytes: (b.len() - off) as u64,
+                        reason: "incomplete frame at the end of the file (truncated or torn write)".into(),
+                    });
+                    return Ok((chunks, end));
+                }
+                FrameProbe::Bad(reason) => {
+                    // Damage in the middle (a later intact chunk exists) or a torn tail.
+                    match Self::resync(b, off + 1, chunks.len()) {
+                        Some(next) => {
+                            if !salvage {
+                                return Err(TraceError::Malformed {
+                                    what: "chunk frame".into(),
+                                    offset: off as u64,
+                                    reason: format!("{reason} (damaged chunk in the middle of the file)"),
+                                });
+                            }
+                            report.damaged.push(DamagedRange {
+                                offset: off as u64,
+                                bytes: (next - off) as u64,
+                                reason,
+                            });
+                            off = next;
+                        }
+                        None => {
+                            report.tail = Some(TailDamage {
+                                offset: off as u64,
+                                bytes: (b.len() - off) as u64,
+                                reason: format!("{reason} (torn or damaged tail)"),
+                            });
+                            return Ok((chunks, end));
+                        }
+                    }
+                }
+            }
+        }
+        Ok((chunks, end))
+    }
+
+    /// Offset of the next intact chunk or index frame at or after `from`.
+    fn resync(b: &[u8], from: usize, _expected_index: usize) -> Option<usize> {
+        let mut i = from;
+        while i + 4 <= b.len() {
+            let t = &b[i..i + 4];
+            if (t == format::CHUNK_TAG || t == format::INDEX_TAG)
+                && matches!(format::probe_frame(b, i), FrameProbe::Chunk(_) | FrameProbe::Index(..))
+            {
+                return Some(i);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Verifies chunk `i` (checksum, codec, payload structure, every row) and returns its blocks.
+    /// Accumulates per-layer counts.
+    fn parse_chunk(&self, i: usize) -> Result<Vec<Block>, TraceError> {
+        let c = self.chunks[i];
+        let wrap = |e: TraceError| TraceError::InChunk {
+            chunk: c.head.index,
+            offset: c.offset,
+            source: Box::new(e),
+        };
+        let b = self.backing.bytes();
+        match format::probe_frame(b, c.offset as usize) {
+            FrameProbe::Chunk(h) if h == c.head => {}
+            FrameProbe::Chunk(_) => {
+                return Err(TraceError::Malformed {
+                    what: format!("chunk {i}"),
+                    offset: c.offset,
+                    reason: "chunk header differs from the index".into(),
+                });
+            }
+            FrameProbe::Bad(reason) if reason.contains("checksum") => {
+                let fl = c.head.frame_len() as usize;
+                let o = c.offset as usize;
+                let (stored, computed) = if o + fl <= b.len() {
+                    (format::u32_at(b, o + fl - 4), format::crc(&b[o..o + fl - 4]))
+                } else {
+                    (0, 0)
+                };
+                return Err(TraceError::Checksum {
+                    what: format!("chunk {i}"),
+                    offset: c.offset,
+                    stored,
+                    computed,
+                });
+            }
+            FrameProbe::Bad(reason) => {
+                return Err(TraceError::Malformed {
+                    what: format!("chunk {i}"),
+                    offset: c.offset,
+                    reason,
+                });
+            }
+            _ => {
+                return Err(TraceError::Truncated {
+                    what: format!("chunk {i}"),
+                    offset: c.offset,
+                    needed: c.head.frame_len(),
+                    available: (b.len() as u64).saturating_sub(c.offset),
+                });
+            }
+        }
+        let raw = self.decode_payload(i)?;
+        let rb = self.codec.row_bytes();
+        let blocks =
+            format::parse_blocks(&raw, c.head.blocks, rb, self.header.layers().len()).map_err(|(at, reason)| {
+                TraceError::Malformed {
+                    what: format!("chunk {i} payload"),
+                    offset: c.offset + format::CHUNK_HEADER as u64,
+                    reason: format!("at payload byte {at}: {reason}"),
+                }
+            })?;
+        let mut counts: Vec<(u64, bool)> = vec![(0, false); self.header.layers().len()];
+        for bl in &blocks {
+            let layer = self.header.layers()[bl.layer_index as usize];
+            let data = &raw[bl.data_off as usize..bl.data_off as usize + bl.rows as usize * rb];
+            let cnt = &mut counts[bl.layer_index as usize];
+            for (r, row) in data.chunks_exact(rb).enumerate() {
+                match self.codec.check_stored(row) {
+                    Ok(true) => {
+                        cnt.0 += 1;
+                        if !cnt.1 && !self.codec.is_zero_row(row) {
+                            cnt.1 = true;
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(f) => {
+                        return Err(wrap(f.locate(
+                            SeqId(bl.seq),
+                            layer,
+                            bl.start + r as u64,
+                            self.header.num_experts(),
+                        )));
+                    }
+                }
+            }
+        }
+        let mut lc = self.layer_counts.lock().unwrap_or_else(|p| p.into_inner());
+        for (l, (rows, nz)) in lc.iter_mut().zip(counts) {
+            l.rows += rows;
+            l.nonzero |= nz;
+        }
+        Ok(blocks)
+    }
+
+    /// The raw payload of chunk `i`, decompressing when needed (no verification).
+    fn decode_payload(&self, i: usize) -> Result<std::borrow::Cow<'_, [u8]>, TraceError> {
+        let c = self.chunks[i];
+        let b = self.backing.bytes();
+        let p0 = c.offset as usize + format::CHUNK_HEADER;
+        let stored = &b[p0..p0 + c.head.stored_len as usize];
+        match c.head.codec {
+            format::CODEC_NONE => Ok(stored.into()),
+            _ => {
+                let raw =
+                    zstd::bulk::decompress(stored, c.head.raw_len as usize).map_err(|e| TraceError::Malformed {
+                        what: format!("chunk {i} payload"),
+                        offset: p0 as u64,
+                        reason: format!("zstd: {e}"),
+                    })?;
+                if raw.len() != c.head.raw_len as usize {
+                    return Err(TraceError::Malformed {
+                        what: format!("chunk {i} payload"),
+                        offset: p0 as u64,
+                        reason: format!("decompressed to {} bytes, header says {}", raw.len(), c.head.raw_len),
+                    });
+                }
+                Ok(raw.into())
+            }
+        }
+    }
+
+    /// Verifies chunk `i` once (lazy mode), checking its blocks against the index.
+    fn ensure_verified(&self, i: usize) -> Result<(), TraceError> {
+        self.verified[i]
+            .get_or_init(|| {
+                let blocks = self.parse_chunk(i)?;
+                let (a, z) = self.entry_ranges[i];
+                let mut from_index: Vec<(u64, u32, u64, u32, u32)> = self.entries[a..z]
+                    .iter()
+                    .map(|e| (e.seq, e.layer_index, e.start, e.rows, e.data_off))
+                    .collect();
+                let mut parsed: Vec<(u64, u32, u64, u32, u32)> = blocks
+                    .iter()
+                    .map(|e| (e.seq, e.layer_index, e.start, e.rows, e.data_off))
+                    .collect();
+                from_index.sort_unstable();
+                parsed.sort_unstable();
+                if from_index != parsed {
+                    return Err(TraceError::Malformed {
+                        what: format!("chunk {i}"),
+                        offset: self.chunks[i].offset,
+                        reason: "index entries disagree with the chunk's blocks".into(),
+                    });
+                }
+                Ok(())
+            })
+            .clone()
+    }
+
+    /// The verified raw payload of chunk `i` (mapped bytes, or a cached decompressed copy).
+    fn payload(&self, chunk: u32) -> Result<PayloadRef<'_>, TraceError> {
+        let i = chunk as usize;
+        self.ensure_verified(i)?;
+        let c = self.chunks[i];
+        if c.head.codec == format::CODEC_NONE {
+            let p0 = c.offset as usize + format::CHUNK_HEADER;
+            return Ok(PayloadRef::Mapped(
+                &self.backing.bytes()[p0..p0 + c.head.raw_len as usize],
+            ));
+        }
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = cache.map.get(&chunk) {
+                return Ok(PayloadRef::Cached(v.clone()));
+            }
+        }
+        let raw = Arc::new(self.decode_payload(i)?.into_owned());
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.map.insert(chunk, raw.clone()).is_none() {
+            cache.order.push_back(chunk);
+        }
+        while cache.order.len() > CACHE_CHUNKS {
+            if let Some(old) = cache.order.pop_front() {
+                cache.map.remove(&old);
+            }
+        }
+        Ok(PayloadRef::Cached(raw))
+    }
+
+    /// The header.
+    pub fn header(&self) -> &TraceHeader {
+        &self.header
+    }
+
+    /// What opening found and recovered.
+    pub fn report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// Offset just past the last recovered chunk (where an appending writer continues).
+    pub fn data_end(&self) -> u64 {
+        self.data_end
+    }
+
+    /// The chunks, in file order.
+    pub fn chunk_infos(&self) -> Vec<ChunkInfo> {
+        self.chunks
+            .iter()
+            .map(|c| ChunkInfo {
+                index: c.head.index,
+                offset: c.offset,
+                frame_bytes: c.head.frame_len(),
+                raw_bytes: u64::from(c.head.raw_len),
+                codec: if c.head.codec == format::CODEC_NONE {
+                    "none"
+                } else {
+                    "zstd"
+                }
+                .into(),
+                blocks: c.head.blocks,
+            })
+            .collect()
+    }
+
+    /// Verifies every chunk not yet verified (lazy mode); the first damage found is an error.
+    pub fn verify_all(&self) -> Result<(), TraceError> {
+        for i in 0..self.chunks.len() {
+            self.ensure_verified(i)?;
+        }
+        Ok(())
+    }
+
+    /// Loads the whole file into an in-memory [`Trace`].
+    pub fn to_trace(&self) -> Result<Trace, TraceError> {
+        let mut t = self.overlay.clone();
+        let rb = self.codec.row_bytes();
+        let mut keys: Vec<_> = self.lanes.keys().copied().collect();
+        keys.sort_unstable();
+        for key in keys {
+            for bl in &self.lanes[&key] {
+                let raw = self.payload(bl.chunk)?;
+                let off = bl.data_off as usize;
+                t.insert(key.0, key.1, bl.start, &raw[off..off + bl.rows as usize * rb], true)?;
+            }
+        }
+        Ok(t)
+    }
+
+    /// Counts of the whole file (loads it; see [`Trace::summary`]).
+    pub fn summary(&self) -> Result<TraceSummary, TraceError> {
+        Ok(self.to_trace()?.summary())
+    }
+
+    /// Distinct sequence ids, ascending.
+    pub fn sequences(&self) -> Vec<SeqId> {
+        let mut v: Vec<SeqId> = self.lanes.keys().map(|k| k.0).chain(self.overlay.sequences()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// Chunk table and block entries (for an appending writer).
+    pub(crate) fn index_tables(&self) -> (Vec<ChunkEntry>, Vec<IndexEntry>) {
+        let cs = self
+            .chunks
+            .iter()
+            .map(|c| ChunkEntry {
+                offset: c.offset,
+                frame_len: c.head.frame_len() as u32,
+                raw_len: c.head.raw_len,
+            })
+            .collect();
+        (cs, self.entries.clone())
+    }
+
+    /// Fills `out` (`[len, K]`) with positions `start..` of `seq` at `layer` (see
+    /// [`RouteSource::read_rows`]).
+    pub fn read_rows(
+        &self,
+        seq: SeqId,
+        layer: LayerId,
+        start: u64,
+        mut out: ArrayViewMut2<'_, u32>,
+    ) -> Result<(), TraceError> {
+        if self.header.layer_index(layer).is_none() {
+            return Err(TraceError::UnknownLayer {
+                layer: layer.0,
+                known: self.header.layer_ids(),
+            });
+        }
+        let (len, k) = out.dim();
+        if k != self.codec.top_k() {
+            return Err(TraceError::Shape {
+                top_k: self.codec.top_k(),
+                got: k,
+            });
+        }
+        let Some(blocks) = self.lanes.get(&(seq, layer)) else {
+            return self.overlay.read_rows(seq, layer, start, out);
+        };
+        out.fill(MISSING_ID);
+        let rb = self.codec.row_bytes();
+        let end = start.saturating_add(len as u64);
+        let i0 = blocks.partition_point(|b| b.start + u64::from(b.rows) <= start);
+        for bl in &blocks[i0..] {
+            if bl.start >= end {
+                break;
+            }
+            let raw = self.payload(bl.chunk)?;
+            let be = bl.start + u64::from(bl.rows);
+            let lo = start.max(bl.start);
+            let hi = end.min(be);
+            let data = &raw[bl.data_off as usize..];
+            for p in lo..hi {
+                let row = &data[((p - bl.start) as usize) * rb..][..rb];
+                let mut o = out.row_mut((p - start) as usize);
+                match o.as_slice_mut() {
+                    Some(s) => self.codec.decode_into(row, s),
+                    None => self.codec.decode_row(row, o),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+enum PayloadRef<'a> {
+    Mapped(&'a [u8]),
+    Cached(Arc<Vec<u8>>),
+}
+
+impl std::ops::Deref for PayloadRef<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            PayloadRef::Mapped(s) => s,
+            PayloadRef::Cached(v) => v,
+        }
+    }
+}
+
+impl RouteSource for TraceFile {
+    fn header(&self) -> &TraceHeader {
+        &self.header
+    }
+    fn read_rows(&self, seq: SeqId, layer: LayerId, start: u64, out: ArrayViewMut2<'_, u32>) -> Result<(), TraceError> {
+        TraceFile::read_rows(self, seq, layer, start, out)
+    }
+    fn validate(&self) -> Result<(), TraceError> {
+        self.verify_all()?;
+        let lc = self.layer_counts.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, c) in lc.iter().enumerate() {
+            if c.rows >= ALL_ZERO_MIN_ROWS && !c.nonzero {
+                return Err(TraceError::AllZeroLayer {
+                    layer: self.header.layers()[i].0,
+                    rows: c.rows,
+                });
+            }
+        }
+        drop(lc);
+        self.overlay.check_all_zero_layers()
+    }
+}
