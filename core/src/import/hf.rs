@@ -296,7 +296,7 @@ fn experts_and_k(k: &Keys<'_>, expert_keys: &[&'static str]) -> Result<(usize, u
 /// Validates `n_group` / `topk_group` against E; `None` when the limit keeps every group (a
 /// no-op, e.g. Kimi-K2's and GLM-4.5's `n_group = 1`).
 fn groups(k: &Keys<'_>, e: usize, n_group: usize, topk_group: usize) -> Result<Option<(usize, usize)>, ConfigError> {
-    if e % n_group != 0 {
+    if !e.is_multiple_of(n_group) {
         return Err(k.bad("n_group", format!("{n_group} groups do not divide {e} experts")));
     }
     if topk_group > n_group {

@@ -189,7 +189,7 @@ fn import(k: &Keys<'_>) -> Result<RouterConfig, ConfigError> {
                 "needs moe_router_num_groups (Megatron: group_topk requires num_groups)",
             )
         })?;
-        if e % g != 0 {
+        if !e.is_multiple_of(g) {
             return Err(k.bad(
                 "moe_router_num_groups",
                 format!("{g} groups do not divide num_moe_experts = {e}"),
@@ -284,7 +284,7 @@ fn import(k: &Keys<'_>) -> Result<RouterConfig, ConfigError> {
             ));
         }
         None => {}
-        Some(cf) if cf == 0.0 => {
+        Some(0.0) => {
             return Err(k.bad(
                 "moe_expert_capacity_factor",
                 "0 gives every expert capacity 0 and drops every token",
