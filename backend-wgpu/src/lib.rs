@@ -1,1 +1,31 @@
-//! wgpu backend for moe-router (work in progress).
+//! # moe-router-wgpu
+//!
+//! The wgpu backend of moe-router: Mixture-of-Experts top-k routing in WGSL compute shaders on
+//! any Vulkan or GL adapter (NVIDIA, AMD, Intel GPUs, and Mesa's llvmpipe / lavapipe software
+//! rasterisers used in CI).
+//!
+//! - [`WgpuRouter`] implements [`moe_router_core::Router`] for logits on the device
+//!   ([`WgpuLogits::Device`]) or on the host ([`WgpuLogits::Host`]), returning ids and weights
+//!   in device buffers ([`WgpuIds`], [`WgpuWeights`]); [`WgpuRouter::route_host`] and
+//!   [`WgpuRouter::weights_host`] are host-in, host-out conveniences.
+//! - **Portable numerics** (the default) are bit-identical to the reference router (ids and
+//!   weight bits), also on drivers that fuse `a·b + c` into FMA: the WGSL mirror of
+//!   `moe_router_core::math` adds an opaque −0.0 (read from a uniform) to every product that
+//!   feeds an add, so a fused and an unfused evaluation round identically and no compiler can
+//!   regroup the arithmetic (see `shaders/math.wgsl`).
+//! - Kernels: one invocation per token, no subgroup operations (no subgroup-size assumption),
+//!   specialised per routing rule by generated WGSL constants; pipelines are compiled once per
+//!   device ([`WgpuContext`]) and shared by routers; batches larger than the device's storage
+//!   binding limit are split.
+//! - Adapter choice: the best available (discrete GPU first), overridable by [`ENV_BACKEND`] /
+//!   [`ENV_ADAPTER`] or [`AdapterOptions`]. No adapter → [`moe_router_core::RouteError::Unavailable`].
+
+mod context;
+mod kernels;
+mod router;
+pub mod selftest;
+pub mod stats;
+
+pub use context::{AdapterDescription, AdapterOptions, ENV_ADAPTER, ENV_BACKEND, WgpuContext};
+pub use kernels::LogitsDtype;
+pub use router::{DeviceLogits, WgpuIds, WgpuLogits, WgpuRouter, WgpuWeights};

@@ -1,0 +1,361 @@
+// Routing kernels: one invocation per token (row), no subgroup operations, no assumption about
+// the subgroup size. Mirrors `moe_router_core::reference` step by step (DESIGN §2):
+// widen -> keys -> group limit -> top-K (key descending, ties -> lower id) -> weights ->
+// normalise -> scale. The generated header defines the constants E, K, G, PER, GSEL, GN,
+// SCORE, NORM, HAS_BIAS, NATIVE, STEP, WG, the logits binding and `load_chunk` / `load_elem`.
+
+struct Params {
+    rows: u32,
+    row_base: u32,
+    _p0: u32,
+    _p1: u32,
+    nz: f32,
+    pinf: f32,
+    ninf: f32,
+    qnan: f32,
+    eps: f32,
+    clamp_min: f32,
+    scale: f32,
+    _p2: f32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(2) var<storage, read> bias: array<f32>;
+@group(0) @binding(3) var<storage, read_write> ids_out: array<u32>;
+@group(0) @binding(4) var<storage, read_write> w_out: array<f32>;
+// err[0]: first row with NaN/+inf, err[1]: first row whose softmax is undefined (all -inf),
+// err[2]: first row with invalid replay ids. Stored as !row with atomicMax (0 = none).
+@group(0) @binding(5) var<storage, read_write> err: array<atomic<u32>, 4>;
+
+const SCORE_SOFTMAX_BEFORE: u32 = 0u;
+const SCORE_SOFTMAX_AFTER: u32 = 1u;
+const SCORE_SIGMOID: u32 = 2u;
+const NORM_NONE: u32 = 0u;
+const NORM_SUM: u32 = 1u;
+const SENT: u32 = 0xffffffffu;
+
+fn init_consts() {
+    nz = P.nz;
+    PINF = P.pinf;
+    NINF = P.ninf;
+    QNAN = P.qnan;
+}
+
+fn report(slot: u32, row: u32) {
+    atomicMax(&err[slot], ~(P.row_base + row));
+}
+
+// Widened logit is NaN or +inf (-inf is a legal, masked logit).
+fn is_bad(x: f32) -> bool {
+    let b = bitcast<u32>(x);
+    return b != 0xff800000u && (b & 0x7f800000u) == 0x7f800000u;
+}
+
+// Selection key of expert e with widened logit x (steps 2-3). m, s: row max and softmax sum
+// (softmax-before only).
+fn key_of(x: f32, e: u32, m: f32, s: f32) -> f32 {
+    var k: f32;
+    if (SCORE == SCORE_SOFTMAX_BEFORE) {
+        k = m_div(m_exp(x - m), s);
+    } else if (SCORE == SCORE_SOFTMAX_AFTER) {
+        k = x;
+    } else if (SCORE == SCORE_SIGMOID) {
+        k = m_sigmoid(x);
+    } else {
+        k = m_sqrt_softplus(x);
+    }
+    if (HAS_BIAS) {
+        k = m_ftz(k + bias[e]);
+    }
+    return k;
+}
+
+// Unbiased score of a selected expert for the weights (sigmoid / sqrt-softplus / softmax-before).
+fn score_of(x: f32, m: f32, s: f32) -> f32 {
+    if (SCORE == SCORE_SOFTMAX_BEFORE) {
+        return m_div(m_exp(x - m), s);
+    } else if (SCORE == SCORE_SIGMOID) {
+        return m_sigmoid(x);
+    }
+    return m_sqrt_softplus(x);
+}
+
+// Inserts (key, id) into the sorted top-K list if it beats the last entry. The list is kept in
+// slot order: key descending, ties -> lower id (empty slots are (-inf, SENT)).
+fn consider(tk: ptr<function, array<f32, K>>, ti: ptr<function, array<u32, K>>, key: f32, id: u32) {
+    let lk = (*tk)[K - 1u];
+    if (key > lk || (key == lk && id < (*ti)[K - 1u])) {
+        var ck = key;
+        var ci = id;
+        for (var j = 0u; j < K; j++) {
+            let ok = (*tk)[j];
+            let oi = (*ti)[j];
+            let sw = ck > ok || (ck == ok && ci < oi);
+            (*tk)[j] = select(ok, ck, sw);
+            (*ti)[j] = select(oi, ci, sw);
+            ck = select(ck, ok, sw);
+            ci = select(ci, oi, sw);
+        }
+    }
+}
+
+// Full-row pass: NaN/+inf check and the row max (fold in expert order, `if x > m`).
+// Returns false (after reporting) on a bad value.
+fn row_max_checked(base: u32, row: u32, m: ptr<function, f32>) -> bool {
+    var mx = NINF;
+    for (var e = 0u; e < E; e += STEP) {
+        var c = load_chunk(base + e);
+        for (var j = 0u; j < STEP; j++) {
+            let x = widen(c[j]);
+            if (is_bad(x)) {
+                report(0u, row);
+                return false;
+            }
+            if (x > mx) {
+                mx = x;
+            }
+        }
+    }
+    *m = mx;
+    return true;
+}
+
+// Softmax denominator: sum of exp(x - m) in expert order, from +0.
+fn row_expsum(base: u32, m: f32) -> f32 {
+    var s = 0.0;
+    for (var e = 0u; e < E; e += STEP) {
+        var c = load_chunk(base + e);
+        for (var j = 0u; j < STEP; j++) {
+            s = s + m_exp(widen(c[j]) - m);
+        }
+    }
+    return s;
+}
+
+// Weights of the K ids in `sel` (slot order), normalised and scaled (step 6-7). Writes them to
+// w_out. Returns false (after reporting) when softmax-after has only -inf logits.
+fn write_weights(base: u32, row: u32, sel: ptr<function, array<u32, K>>, m: f32, s: f32) -> bool {
+    var w: array<f32, K>;
+    if (SCORE == SCORE_SOFTMAX_AFTER) {
+        var v: array<f32, K>;
+        var mx = NINF;
+        for (var j = 0u; j < K; j++) {
+            v[j] = widen(load_elem(base + (*sel)[j]));
+            if (v[j] > mx) {
+                mx = v[j];
+            }
+        }
+        if (mx == NINF) {
+            report(1u, row);
+            return false;
+        }
+        var sum = 0.0;
+        for (var j = 0u; j < K; j++) {
+            w[j] = m_exp(v[j] - mx);
+            sum = sum + w[j];
+        }
+        for (var j = 0u; j < K; j++) {
+            w[j] = m_div(w[j], sum);
+        }
+    } else {
+        for (var j = 0u; j < K; j++) {
+            w[j] = score_of(widen(load_elem(base + (*sel)[j])), m, s);
+        }
+    }
+    if (NORM != NORM_NONE) {
+        var sum = 0.0;
+        for (var j = 0u; j < K; j++) {
+            sum = sum + w[j];
+        }
+        var d: f32;
+        if (NORM == NORM_SUM) {
+            d = sum + P.eps;
+        } else {
+            d = select(P.clamp_min, sum, sum > P.clamp_min);
+        }
+        for (var j = 0u; j < K; j++) {
+            w[j] = m_div(w[j], d);
+        }
+    }
+    let o = row * K;
+    for (var j = 0u; j < K; j++) {
+        w_out[o + j] = m_ftz(w[j] * P.scale);
+    }
+    return true;
+}
+
+fn row_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+@compute @workgroup_size(WG)
+fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    init_consts();
+    let row = row_index(gid, nwg);
+    if (row >= P.rows) {
+        return;
+    }
+    let base = row * E;
+    var m = 0.0;
+    var s = 0.0;
+    var tk: array<f32, K>;
+    var ti: array<u32, K>;
+    for (var j = 0u; j < K; j++) {
+        tk[j] = NINF;
+        ti[j] = SENT;
+    }
+    if (SCORE == SCORE_SOFTMAX_BEFORE) {
+        if (!row_max_checked(base, row, &m)) {
+            return;
+        }
+        if (m == NINF) {
+            report(1u, row);
+            return;
+        }
+        s = row_expsum(base, m);
+    }
+    if (G == 1u) {
+        // One pass: check, key, insert.
+        for (var e = 0u; e < E; e += STEP) {
+            var c = load_chunk(base + e);
+            for (var j = 0u; j < STEP; j++) {
+                let x = widen(c[j]);
+                if (SCORE != SCORE_SOFTMAX_BEFORE && is_bad(x)) {
+                    report(0u, row);
+                    return;
+                }
+                consider(&tk, &ti, key_of(x, e + j, m, s), e + j);
+            }
+        }
+    } else {
+        // Group scores: sum of the group's top-GN keys in descending order (ftz after each add),
+        // or its max (GN = 1).
+        var gs: array<f32, G>;
+        for (var g = 0u; g < G; g++) {
+            var top: array<f32, GN>;
+            for (var i = 0u; i < GN; i++) {
+                top[i] = NINF;
+            }
+            let g0 = g * PER;
+            for (var e = g0; e < g0 + PER; e += STEP) {
+                var c = load_chunk(base + e);
+                for (var j = 0u; j < STEP; j++) {
+                    let x = widen(c[j]);
+                    if (SCORE != SCORE_SOFTMAX_BEFORE && is_bad(x)) {
+                        report(0u, row);
+                        return;
+                    }
+                    var ck = key_of(x, e + j, m, s);
+                    if (ck > top[GN - 1u]) {
+                        for (var i = 0u; i < GN; i++) {
+                            let o = top[i];
+                            let sw = ck > o;
+                            top[i] = select(o, ck, sw);
+                            ck = select(ck, o, sw);
+                        }
+                    }
+                }
+            }
+            var sum = top[0];
+            for (var i = 1u; i < GN; i++) {
+                sum = m_ftz(sum + top[i]);
+            }
+            gs[g] = sum;
+        }
+        // The GSEL best groups (ties -> lower group index).
+        var bk: array<f32, GSEL>;
+        var bi: array<u32, GSEL>;
+        for (var i = 0u; i < GSEL; i++) {
+            bk[i] = NINF;
+            bi[i] = SENT;
+        }
+        for (var g = 0u; g < G; g++) {
+            var ck = gs[g];
+            var ci = g;
+            let lk = bk[GSEL - 1u];
+            if (ck > lk || (ck == lk && ci < bi[GSEL - 1u])) {
+                for (var i = 0u; i < GSEL; i++) {
+                    let ok = bk[i];
+                    let oi = bi[i];
+                    let sw = ck > ok || (ck == ok && ci < oi);
+                    bk[i] = select(ok, ck, sw);
+                    bi[i] = select(oi, ci, sw);
+                    ck = select(ck, ok, sw);
+                    ci = select(ci, oi, sw);
+                }
+            }
+        }
+        var keep: array<bool, G>;
+        for (var g = 0u; g < G; g++) {
+            keep[g] = false;
+        }
+        for (var i = 0u; i < GSEL; i++) {
+            keep[bi[i]] = true;
+        }
+        // Top-K over all experts, keys of dropped groups being -inf.
+        for (var g = 0u; g < G; g++) {
+            let g0 = g * PER;
+            if (keep[g]) {
+                for (var e = g0; e < g0 + PER; e += STEP) {
+                    var c = load_chunk(base + e);
+                    for (var j = 0u; j < STEP; j++) {
+                        consider(&tk, &ti, key_of(widen(c[j]), e + j, m, s), e + j);
+                    }
+                }
+            } else if (ti[K - 1u] == SENT) {
+                // A masked expert can still fill a slot that no finite key claims.
+                for (var e = g0; e < g0 + PER; e++) {
+                    consider(&tk, &ti, NINF, e);
+                }
+            }
+        }
+    }
+    if (!write_weights(base, row, &ti, m, s)) {
+        return;
+    }
+    let o = row * K;
+    for (var j = 0u; j < K; j++) {
+        ids_out[o + j] = ti[j];
+    }
+}
+
+// Replay: weights of given ids (slot order kept). Ids are validated (range, duplicates) and the
+// whole row is checked for NaN/+inf, as the reference does.
+@compute @workgroup_size(WG)
+fn replay(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    init_consts();
+    let row = row_index(gid, nwg);
+    if (row >= P.rows) {
+        return;
+    }
+    let base = row * E;
+    var sel: array<u32, K>;
+    let o = row * K;
+    for (var j = 0u; j < K; j++) {
+        let id = ids_out[o + j];
+        sel[j] = id;
+        if (id >= E) {
+            report(2u, row);
+            return;
+        }
+        for (var jj = 0u; jj < j; jj++) {
+            if (sel[jj] == id) {
+                report(2u, row);
+                return;
+            }
+        }
+    }
+    var m = 0.0;
+    if (!row_max_checked(base, row, &m)) {
+        return;
+    }
+    var s = 0.0;
+    if (SCORE == SCORE_SOFTMAX_BEFORE) {
+        if (m == NINF) {
+            report(1u, row);
+            return;
+        }
+        s = row_expsum(base, m);
+    }
+    write_weights(base, row, &sel, m, s);
+}

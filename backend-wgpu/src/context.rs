@@ -1,0 +1,367 @@
+//! Adapter selection and the per-device context (device, queue, limits, pipeline cache).
+
+use crate::kernels::{KernelSet, KernelSpec};
+use moe_router_core::RouteError;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Environment variable naming the wgpu backend(s) to use: a comma list of `vulkan`, `gl`
+/// (case-insensitive). Overrides the default (every backend compiled in).
+pub const ENV_BACKEND: &str = "MOE_ROUTER_WGPU_BACKEND";
+/// Environment variable with a case-insensitive substring of the adapter name to use (for
+/// example `llvmpipe`, `lavapipe`, `H100`).
+pub const ENV_ADAPTER: &str = "MOE_ROUTER_WGPU_ADAPTER";
+
+pub(crate) const BACKEND: &str = "wgpu";
+
+pub(crate) fn device_err(message: impl Into<String>) -> RouteError {
+    RouteError::Device {
+        backend: BACKEND,
+        message: message.into(),
+    }
+}
+
+pub(crate) fn unavailable(reason: impl Into<String>) -> RouteError {
+    RouteError::Unavailable {
+        backend: BACKEND,
+        reason: reason.into(),
+    }
+}
+
+/// How to pick the adapter (GPU or software rasteriser) the router runs on.
+///
+/// The default takes the best adapter available: discrete GPU, then integrated, virtual, then
+/// CPU (software) adapters; Vulkan before GL on equal rank. Environment variables
+/// [`ENV_BACKEND`] and [`ENV_ADAPTER`] override it ([`AdapterOptions::from_env`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct AdapterOptions {
+    /// Backends to consider, as a comma list (`"vulkan"`, `"gl"`, `"vulkan,gl"`); `None` = all
+    /// compiled in.
+    pub backends: Option<String>,
+    /// Case-insensitive substring the adapter name must contain; `None` = any.
+    pub name_contains: Option<String>,
+}
+
+impl AdapterOptions {
+    /// Options from [`ENV_BACKEND`] and [`ENV_ADAPTER`] (unset or empty = no restriction).
+    pub fn from_env() -> Self {
+        let get = |k: &str| std::env::var(k).ok().filter(|s| !s.trim().is_empty());
+        AdapterOptions {
+            backends: get(ENV_BACKEND),
+            name_contains: get(ENV_ADAPTER),
+        }
+    }
+
+    /// Restricts to the given backends (comma list, e.g. `"vulkan"`).
+    pub fn backends(mut self, list: impl Into<String>) -> Self {
+        self.backends = Some(list.into());
+        self
+    }
+
+    /// Restricts to adapters whose name contains `s` (case-insensitive).
+    pub fn adapter_name(mut self, s: impl Into<String>) -> Self {
+        self.name_contains = Some(s.into());
+        self
+    }
+
+    fn wgpu_backends(&self) -> Result<wgpu::Backends, RouteError> {
+        match &self.backends {
+            None => Ok(wgpu::Backends::VULKAN | wgpu::Backends::GL),
+            Some(s) => {
+                let b = wgpu::Backends::from_comma_list(s);
+                if b.is_empty() {
+                    Err(unavailable(format!(
+                        "no known wgpu backend in {s:?} (expected a comma list of vulkan, gl)"
+                    )))
+                } else {
+                    Ok(b)
+                }
+            }
+        }
+    }
+}
+
+fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let kind = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 3,
+        wgpu::DeviceType::Other => 4,
+    };
+    let backend = match info.backend {
+        wgpu::Backend::Vulkan => 0,
+        wgpu::Backend::Gl => 1,
+        _ => 2,
+    };
+    (kind, backend)
+}
+
+/// Description of the adapter a context runs on.
+#[derive(Debug, Clone)]
+pub struct AdapterDescription {
+    /// Adapter name as the driver reports it (e.g. `"NVIDIA H100 80GB HBM3"`, `"llvmpipe (LLVM
+    /// 15.0.6, 256 bits)"`).
+    pub name: String,
+    /// wgpu backend (`"Vulkan"`, `"Gl"`).
+    pub backend: String,
+    /// Device type (`"DiscreteGpu"`, `"Cpu"`, ...).
+    pub device_type: String,
+    /// Driver name and version info.
+    pub driver: String,
+}
+
+/// A wgpu device and queue with the routing pipelines compiled for it. Routers on the same
+/// context share it (and its pipeline cache); [`WgpuContext::shared`] hands out one context per
+/// adapter choice per process.
+pub struct WgpuContext {
+    _instance: wgpu::Instance,
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) limits: wgpu::Limits,
+    desc: AdapterDescription,
+    kernels: Mutex<HashMap<KernelSpec, Arc<KernelSet>>>,
+    stats: Mutex<HashMap<KernelSpec, Arc<crate::stats::StatsKernels>>>,
+    pub(crate) layout: wgpu::BindGroupLayout,
+    pub(crate) count_layout: wgpu::BindGroupLayout,
+}
+
+impl std::fmt::Debug for WgpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgpuContext").field("adapter", &self.desc).finish_non_exhaustive()
+    }
+}
+
+type SharedMap = Mutex<HashMap<AdapterOptions, Arc<WgpuContext>>>;
+
+fn shared_map() -> &'static SharedMap {
+    static MAP: OnceLock<SharedMap> = OnceLock::new();
+    MAP.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn storage(binding: u32, read_only: bool) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Storage { read_only },
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+fn uniform(binding: u32) -> wgpu::BindGroupLayoutEntry {
+    wgpu::BindGroupLayoutEntry {
+        binding,
+        visibility: wgpu::ShaderStages::COMPUTE,
+        ty: wgpu::BindingType::Buffer {
+            ty: wgpu::BufferBindingType::Uniform,
+            has_dynamic_offset: false,
+            min_binding_size: None,
+        },
+        count: None,
+    }
+}
+
+impl WgpuContext {
+    /// The process-wide context for `opts` (created on first use, then shared).
+    pub fn shared(opts: &AdapterOptions) -> Result<Arc<WgpuContext>, RouteError> {
+        let mut map = shared_map().lock().map_err(|_| device_err("context cache poisoned"))?;
+        if let Some(c) = map.get(opts) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Self::new(opts)?);
+        map.insert(opts.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// The adapters wgpu can see for `opts`, best first (name, backend, device type).
+    pub fn list_adapters(opts: &AdapterOptions) -> Result<Vec<AdapterDescription>, RouteError> {
+        let (_, adapters) = Self::enumerate(opts)?;
+        Ok(adapters.iter().map(|a| describe(&a.get_info())).collect())
+    }
+
+    fn enumerate(opts: &AdapterOptions) -> Result<(wgpu::Instance, Vec<wgpu::Adapter>), RouteError> {
+        let backends = opts.wgpu_backends()?;
+        let mut idesc = wgpu::InstanceDescriptor::new_without_display_handle();
+        idesc.backends = backends;
+        let instance = wgpu::Instance::new(idesc);
+        let mut adapters: Vec<wgpu::Adapter> = pollster::block_on(instance.enumerate_adapters(backends))
+            .into_iter()
+            .filter(|a| {
+                let info = a.get_info();
+                let compute = a
+                    .get_downlevel_capabilities()
+                    .flags
+                    .contains(wgpu::DownlevelFlags::COMPUTE_SHADERS);
+                let name_ok = opts
+                    .name_contains
+                    .as_ref()
+                    .is_none_or(|n| info.name.to_lowercase().contains(&n.to_lowercase()));
+                compute && name_ok
+            })
+            .collect();
+        adapters.sort_by_key(|a| rank(&a.get_info()));
+        Ok((instance, adapters))
+    }
+
+    /// Creates a new (unshared) context on the best adapter matching `opts`.
+    ///
+    /// Returns [`RouteError::Unavailable`] when no adapter with compute shaders matches.
+    pub fn new(opts: &AdapterOptions) -> Result<WgpuContext, RouteError> {
+        let (instance, adapters) = Self::enumerate(opts)?;
+        let Some(adapter) = adapters.into_iter().next() else {
+            return Err(unavailable(format!(
+                "no wgpu adapter with compute shaders found (backends {:?}, adapter filter {:?}); \
+                 install a Vulkan driver (e.g. mesa-vulkan-drivers) or Mesa GL",
+                opts.backends.as_deref().unwrap_or("vulkan,gl"),
+                opts.name_contains.as_deref().unwrap_or("none")
+            )));
+        };
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        if limits.max_storage_buffers_per_shader_stage < 5 {
+            return Err(unavailable(format!(
+                "adapter {:?} allows {} storage buffers per shader stage; the router needs 5",
+                info.name, limits.max_storage_buffers_per_shader_stage
+            )));
+        }
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("moe-router"),
+            required_features: wgpu::Features::empty(),
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .map_err(|e| unavailable(format!("adapter {:?}: request_device failed: {e}", info.name)))?;
+        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
+            eprintln!("moe-router-wgpu: uncaptured wgpu error: {e}");
+        }));
+        let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("moe-router route"),
+            entries: &[
+                uniform(0),
+                storage(1, true),
+                storage(2, true),
+                storage(3, false),
+                storage(4, false),
+                storage(5, false),
+            ],
+        });
+        let count_layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some("moe-router stats"),
+            entries: &[uniform(0), storage(1, true), storage(2, true), storage(3, false)],
+        });
+        Ok(WgpuContext {
+            _instance: instance,
+            device,
+            queue,
+            limits,
+            desc: describe(&info),
+            kernels: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
+            layout,
+            count_layout,
+        })
+    }
+
+    /// The adapter this context runs on.
+    pub fn adapter(&self) -> &AdapterDescription {
+        &self.desc
+    }
+
+    /// The wgpu device (to create buffers the router can read, e.g. for [`crate::DeviceLogits`]).
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The wgpu queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// The device limits in force.
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// The compiled kernels for `spec`, built once per context.
+    pub(crate) fn kernels(&self, spec: &KernelSpec) -> Result<Arc<KernelSet>, RouteError> {
+        let mut map = self.kernels.lock().map_err(|_| device_err("kernel cache poisoned"))?;
+        if let Some(k) = map.get(spec) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(KernelSet::build(self, spec)?);
+        map.insert(spec.clone(), k.clone());
+        Ok(k)
+    }
+
+    /// The compiled statistics kernels for `spec`, built once per context.
+    pub(crate) fn stats_kernels(&self, spec: &KernelSpec) -> Result<Arc<crate::stats::StatsKernels>, RouteError> {
+        let mut map = self.stats.lock().map_err(|_| device_err("kernel cache poisoned"))?;
+        if let Some(k) = map.get(spec) {
+            return Ok(k.clone());
+        }
+        let k = Arc::new(crate::stats::StatsKernels::build(self, spec)?);
+        map.insert(spec.clone(), k.clone());
+        Ok(k)
+    }
+
+    /// Blocks until all submitted work is done.
+    pub(crate) fn wait(&self) -> Result<(), RouteError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| device_err(format!("poll failed: {e}")))
+    }
+
+    /// Copies `size` bytes of `src` at `offset` to the host (blocking).
+    pub(crate) fn read_bytes(&self, src: &wgpu::Buffer, offset: u64, size: u64) -> Result<Vec<u8>, RouteError> {
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let padded = size.div_ceil(4) * 4;
+        let rb = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moe-router readback"),
+            size: padded,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        enc.copy_buffer_to_buffer(src, offset, &rb, 0, padded);
+        self.queue.submit([enc.finish()]);
+        let out = self.map_read(&rb, padded)?;
+        Ok(out[..size as usize].to_vec())
+    }
+
+    /// Maps a MAP_READ buffer (after its copies were submitted) and returns its first `size` bytes.
+    pub(crate) fn map_read(&self, rb: &wgpu::Buffer, size: u64) -> Result<Vec<u8>, RouteError> {
+        let slice = rb.slice(0..size);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| device_err("map callback dropped"))?
+            .map_err(|e| device_err(format!("buffer map failed: {e}")))?;
+        let out = {
+            let view = slice
+                .get_mapped_range()
+                .map_err(|e| device_err(format!("mapped range: {e}")))?;
+            view.to_vec()
+        };
+        rb.unmap();
+        Ok(out)
+    }
+}
+
+fn describe(info: &wgpu::AdapterInfo) -> AdapterDescription {
+    AdapterDescription {
+        name: info.name.clone(),
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+    }
+}

@@ -1,0 +1,310 @@
+//! WGSL source generation and pipeline construction.
+//!
+//! The kernels live in `shaders/*.wgsl`; a generated header specialises them for one routing
+//! rule and logits dtype (E, K, groups, score function, normalisation, numerics mode, load
+//! width) as WGSL constants, so the driver compiles away what a rule does not use. Floating-point
+//! constants of the portable math are written as exact hexadecimal literals taken from the same
+//! Rust constants the reference uses.
+
+use crate::context::{WgpuContext, device_err};
+use moe_router_core::{GroupScore, Normalization, Numerics, RouterConfig, ScoreFunction, SoftmaxPosition};
+use moe_router_core::RouteError;
+
+/// The portable math, mirrored from `moe_router_core::math`.
+pub const MATH_WGSL: &str = include_str!("../shaders/math.wgsl");
+/// The routing kernels (route, replay).
+pub const ROUTE_WGSL: &str = include_str!("../shaders/route.wgsl");
+/// Statistics kernels (tokens per expert, aux-loss partial sums, z-loss partial sums).
+pub const STATS_WGSL: &str = include_str!("../shaders/stats.wgsl");
+/// Math self-test kernel (applies one portable function to a buffer).
+pub const MATHTEST_WGSL: &str = include_str!("../shaders/mathtest.wgsl");
+
+/// Invocations per workgroup (one token each).
+pub(crate) const WG: u32 = 64;
+
+/// Element type of logits on the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogitsDtype {
+    /// IEEE f32.
+    F32,
+    /// bfloat16 (widened exactly from its bits).
+    Bf16,
+    /// IEEE half (widened exactly by integer unpacking; no SHADER_F16 needed).
+    F16,
+}
+
+impl LogitsDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            LogitsDtype::F32 => 4,
+            LogitsDtype::Bf16 | LogitsDtype::F16 => 2,
+        }
+    }
+    /// Name as in [`moe_router_core::LogitsRef::dtype_name`].
+    pub fn name(self) -> &'static str {
+        match self {
+            LogitsDtype::F32 => "f32",
+            LogitsDtype::Bf16 => "bf16",
+            LogitsDtype::F16 => "f16",
+        }
+    }
+}
+
+/// Everything the generated header depends on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct KernelSpec {
+    pub e: u32,
+    pub k: u32,
+    pub g: u32,
+    pub per: u32,
+    pub gsel: u32,
+    pub gn: u32,
+    pub score: u32,
+    pub norm: u32,
+    pub has_bias: bool,
+    pub native: bool,
+    pub dtype: LogitsDtype,
+    pub step: u32,
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+impl KernelSpec {
+    pub(crate) fn new(cfg: &RouterConfig, dtype: LogitsDtype) -> KernelSpec {
+        let e = cfg.num_experts() as u32;
+        let (g, gsel, gn) = match cfg.group_limit() {
+            None => (1, 1, 1),
+            Some(gl) => {
+                let n = match gl.score {
+                    GroupScore::Max => 1,
+                    GroupScore::SumTopN(n) => n as u32,
+                };
+                (gl.num_groups as u32, gl.groups_selected as u32, n)
+            }
+        };
+        let per = e / g;
+        let score = match (cfg.score(), cfg.softmax_position()) {
+            (ScoreFunction::Softmax, SoftmaxPosition::BeforeTopK) => 0,
+            (ScoreFunction::Softmax, SoftmaxPosition::AfterTopK) => 1,
+            (ScoreFunction::Sigmoid, _) => 2,
+            (ScoreFunction::SqrtSoftplus, _) => 3,
+        };
+        let norm = match cfg.normalization() {
+            Normalization::None => 0,
+            Normalization::Sum { .. } => 1,
+            Normalization::SumClampMin { .. } => 2,
+        };
+        // Widest load that keeps every row and group start aligned.
+        let align = gcd(e, per);
+        let step = match dtype {
+            LogitsDtype::F32 => {
+                if align % 4 == 0 {
+                    4
+                } else {
+                    1
+                }
+            }
+            _ => {
+                if align % 8 == 0 {
+                    8
+                } else if align % 2 == 0 {
+                    2
+                } else {
+                    1
+                }
+            }
+        };
+        KernelSpec {
+            e,
+            k: cfg.top_k() as u32,
+            g,
+            per,
+            gsel,
+            gn,
+            score,
+            norm,
+            has_bias: cfg.has_bias(),
+            native: cfg.numerics() == Numerics::Native,
+            dtype,
+            step,
+        }
+    }
+
+    /// The generated header: constants and the logits loads.
+    pub(crate) fn header(&self) -> String {
+        let mut h = String::new();
+        let c = |h: &mut String, name: &str, v: u32| h.push_str(&format!("const {name}: u32 = {v}u;\n"));
+        c(&mut h, "E", self.e);
+        c(&mut h, "K", self.k);
+        c(&mut h, "G", self.g);
+        c(&mut h, "PER", self.per);
+        c(&mut h, "GSEL", self.gsel);
+        c(&mut h, "GN", self.gn);
+        c(&mut h, "SCORE", self.score);
+        c(&mut h, "NORM", self.norm);
+        c(&mut h, "STEP", self.step);
+        c(&mut h, "WG", WG);
+        h.push_str(&format!("const HAS_BIAS: bool = {};\n", self.has_bias));
+        h.push_str(&format!("const NATIVE: bool = {};\n", self.native));
+        h.push_str(&math_consts());
+        h.push_str(&loads(self.dtype, self.step));
+        h
+    }
+
+    pub(crate) fn route_source(&self) -> String {
+        format!("{}\n{}\n{}", self.header(), MATH_WGSL, ROUTE_WGSL)
+    }
+}
+
+/// WGSL hexadecimal literal with exactly the value of `x` (finite).
+pub(crate) fn hexf(x: f32) -> String {
+    assert!(x.is_finite(), "hexf of a non-finite value");
+    let b = x.to_bits();
+    let sign = if b >> 31 == 1 { "-" } else { "" };
+    let exp = ((b >> 23) & 0xff) as i32;
+    let man = b & 0x7f_ffff;
+    if exp == 0 && man == 0 {
+        return format!("{sign}0.0f");
+    }
+    if exp == 0 {
+        // Subnormal: 0x0.mmmmmm p-126.
+        return format!("{sign}0x0.{:06x}p-126f", man << 1);
+    }
+    format!("{sign}0x1.{:06x}p{}f", man << 1, exp - 127)
+}
+
+/// The constants of `moe_router_core::math`, computed by the same Rust expressions.
+pub(crate) fn math_consts() -> String {
+    let consts: [(&str, f32); 18] = [
+        ("C_LOG2E", std::f32::consts::LOG2_E),
+        ("C_LN2_HI", f32::from_bits(0x3f31_7200)),
+        ("C_LN2_LO", 1.428_606_8e-6),
+        ("C_EXP_LO", -87.336_55),
+        ("C_EXP_HI", 88.722_84),
+        ("C_EXP_TINY", 1.5e-8),
+        ("C_INV5040", 1.0 / 5040.0_f32),
+        ("C_INV720", 1.0 / 720.0_f32),
+        ("C_INV120", 1.0 / 120.0_f32),
+        ("C_INV24", 1.0 / 24.0_f32),
+        ("C_INV6", 1.0 / 6.0_f32),
+        ("C_24_17", 24.0 / 17.0_f32),
+        ("C_8_17", 8.0 / 17.0_f32),
+        ("C_LG1", f32::from_bits(0x3f2a_aaaa)),
+        ("C_LG2", f32::from_bits(0x3ecc_ce13)),
+        ("C_LG3", f32::from_bits(0x3e91_e9ee)),
+        ("C_LG4", f32::from_bits(0x3e78_9e26)),
+        ("C_SQRT2", 2.0 * std::f32::consts::FRAC_1_SQRT_2),
+    ];
+    let mut s = String::new();
+    for (n, v) in consts {
+        s.push_str(&format!("const {n}: f32 = {};\n", hexf(v)));
+    }
+    s.push_str(&format!("const C_1_2: f32 = {};\n", hexf(1.2)));
+    s.push_str(&format!("const C_0_2: f32 = {};\n", hexf(0.2)));
+    s.push_str(&format!("const C_2M24: f32 = {};\n", hexf(f32::from_bits(0x3380_0000))));
+    s
+}
+
+/// Logits binding, `load_chunk(i)` (STEP consecutive widened-to-f32 values starting at element
+/// i, i a multiple of STEP) and `load_elem(i)`, exact for every dtype.
+fn loads(dtype: LogitsDtype, step: u32) -> String {
+    let conv = match dtype {
+        LogitsDtype::F32 => "",
+        LogitsDtype::Bf16 => {
+            "fn h2f(h: u32) -> f32 {\n    return bitcast<f32>(h << 16u);\n}\n"
+        }
+        LogitsDtype::F16 => {
+            "fn h2f(h: u32) -> f32 {\n    let s = (h & 0x8000u) << 16u;\n    let e = (h >> 10u) & 0x1fu;\n    \
+             let m = h & 0x3ffu;\n    if (e == 0x1fu) {\n        return bitcast<f32>(s | 0x7f800000u | (m << 13u));\n    }\n    \
+             if (e == 0u) {\n        return bitcast<f32>(s | bitcast<u32>(f32(m) * C_2M24));\n    }\n    \
+             return bitcast<f32>(s | ((e + 112u) << 23u) | (m << 13u));\n}\n"
+        }
+    };
+    let body = match (dtype, step) {
+        (LogitsDtype::F32, 4) => "@group(0) @binding(1) var<storage, read> lg: array<vec4<f32>>;\n\
+             fn load_chunk(i: u32) -> array<f32, STEP> {\n    let v = lg[i >> 2u];\n    return array<f32, STEP>(v.x, v.y, v.z, v.w);\n}\n\
+             fn load_elem(i: u32) -> f32 {\n    return lg[i >> 2u][i & 3u];\n}\n"
+            .to_string(),
+        (LogitsDtype::F32, _) => "@group(0) @binding(1) var<storage, read> lg: array<f32>;\n\
+             fn load_chunk(i: u32) -> array<f32, STEP> {\n    return array<f32, STEP>(lg[i]);\n}\n\
+             fn load_elem(i: u32) -> f32 {\n    return lg[i];\n}\n"
+            .to_string(),
+        (_, 8) => "@group(0) @binding(1) var<storage, read> lg: array<vec4<u32>>;\n\
+             fn load_chunk(i: u32) -> array<f32, STEP> {\n    let v = lg[i >> 3u];\n    return array<f32, STEP>(\n        \
+             h2f(v.x & 0xffffu), h2f(v.x >> 16u), h2f(v.y & 0xffffu), h2f(v.y >> 16u),\n        \
+             h2f(v.z & 0xffffu), h2f(v.z >> 16u), h2f(v.w & 0xffffu), h2f(v.w >> 16u));\n}\n\
+             fn load_elem(i: u32) -> f32 {\n    let w = lg[i >> 3u][(i >> 1u) & 3u];\n    \
+             return h2f(select(w & 0xffffu, w >> 16u, (i & 1u) == 1u));\n}\n"
+            .to_string(),
+        (_, 2) => "@group(0) @binding(1) var<storage, read> lg: array<u32>;\n\
+             fn load_chunk(i: u32) -> array<f32, STEP> {\n    let w = lg[i >> 1u];\n    \
+             return array<f32, STEP>(h2f(w & 0xffffu), h2f(w >> 16u));\n}\n\
+             fn load_elem(i: u32) -> f32 {\n    let w = lg[i >> 1u];\n    \
+             return h2f(select(w & 0xffffu, w >> 16u, (i & 1u) == 1u));\n}\n"
+            .to_string(),
+        (_, _) => "@group(0) @binding(1) var<storage, read> lg: array<u32>;\n\
+             fn load_elem(i: u32) -> f32 {\n    let w = lg[i >> 1u];\n    \
+             return h2f(select(w & 0xffffu, w >> 16u, (i & 1u) == 1u));\n}\n\
+             fn load_chunk(i: u32) -> array<f32, STEP> {\n    return array<f32, STEP>(load_elem(i));\n}\n"
+            .to_string(),
+    };
+    format!("{conv}{body}fn widen(x: f32) -> f32 {{\n    return m_ftz(x);\n}}\n")
+}
+
+/// Compiled pipelines for one [`KernelSpec`].
+pub(crate) struct KernelSet {
+    pub route: wgpu::ComputePipeline,
+    pub replay: wgpu::ComputePipeline,
+}
+
+pub(crate) fn compile(
+    ctx: &WgpuContext,
+    label: &str,
+    source: String,
+    layout: &wgpu::BindGroupLayout,
+    entries: &[&str],
+) -> Result<Vec<wgpu::ComputePipeline>, RouteError> {
+    let device = &ctx.device;
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(label),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(label),
+        bind_group_layouts: &[Some(layout)],
+        immediate_size: 0,
+    });
+    let pipes = entries
+        .iter()
+        .map(|ep| {
+            device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(ep),
+                layout: Some(&pl),
+                module: &module,
+                entry_point: Some(ep),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &[],
+                    zero_initialize_workgroup_memory: false,
+                },
+                cache: None,
+            })
+        })
+        .collect();
+    if let Some(e) = pollster::block_on(scope.pop()) {
+        return Err(device_err(format!("compiling {label} kernels failed: {e}")));
+    }
+    Ok(pipes)
+}
+
+impl KernelSet {
+    pub(crate) fn build(ctx: &WgpuContext, spec: &KernelSpec) -> Result<KernelSet, RouteError> {
+        let mut p = compile(ctx, "moe-router route", spec.route_source(), &ctx.layout, &["route", "replay"])?;
+        let replay = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
+        let route = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
+        Ok(KernelSet { route, replay })
+    }
+}

@@ -1,0 +1,928 @@
+//! [`WgpuRouter`]: the [`Router`] on a wgpu device.
+
+use crate::context::{AdapterOptions, WgpuContext, device_err};
+use crate::kernels::{KernelSet, KernelSpec, LogitsDtype, WG};
+use bytemuck::{Pod, Zeroable};
+use moe_router_core::math::{NativeF32, Portable};
+use moe_router_core::reference::widen_checked;
+use moe_router_core::{
+    CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, Normalization, Numerics, RouteError, Routed, Router,
+    RouterConfig, validate_ids,
+};
+use ndarray::{Array2, ArrayView2};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Uniform parameters of one dispatch (layout shared with `shaders/route.wgsl`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub(crate) struct Params {
+    pub rows: u32,
+    pub row_base: u32,
+    pub p0: u32,
+    pub p1: u32,
+    /// -0.0: the opaque addend of the no-contraction guard.
+    pub nz: f32,
+    pub pinf: f32,
+    pub ninf: f32,
+    pub qnan: f32,
+    pub eps: f32,
+    pub clamp_min: f32,
+    pub scale: f32,
+    pub p2: f32,
+}
+
+impl Params {
+    pub(crate) fn base() -> Params {
+        Params {
+            rows: 0,
+            row_base: 0,
+            p0: 0,
+            p1: 0,
+            nz: -0.0,
+            pinf: f32::INFINITY,
+            ninf: f32::NEG_INFINITY,
+            qnan: f32::NAN,
+            eps: 0.0,
+            clamp_min: 0.0,
+            scale: 1.0,
+            p2: 0.0,
+        }
+    }
+}
+
+/// Logits on the device: a buffer holding `[rows, cols]` elements of `dtype`, row-major, from
+/// `offset` (a multiple of the device's `min_storage_buffer_offset_alignment`).
+///
+/// The buffer must belong to the router's device ([`WgpuRouter::context`]) and have usage
+/// `STORAGE | COPY_SRC`. Make one with [`WgpuRouter::upload`] or wrap your own with
+/// [`DeviceLogits::from_buffer`].
+#[derive(Debug, Clone)]
+pub struct DeviceLogits {
+    buffer: wgpu::Buffer,
+    offset: u64,
+    rows: usize,
+    cols: usize,
+    dtype: LogitsDtype,
+}
+
+impl DeviceLogits {
+    /// Wraps an existing buffer. Fails when the buffer is too small for the shape or lacks the
+    /// `STORAGE | COPY_SRC` usages.
+    pub fn from_buffer(
+        buffer: wgpu::Buffer,
+        offset: u64,
+        rows: usize,
+        cols: usize,
+        dtype: LogitsDtype,
+    ) -> Result<DeviceLogits, RouteError> {
+        let need = offset + (rows * cols * dtype.size()) as u64;
+        if buffer.size() < need {
+            return Err(RouteError::Unsupported(format!(
+                "logits buffer of {} bytes is too small for [{rows}, {cols}] {} at offset {offset}",
+                buffer.size(),
+                dtype.name()
+            )));
+        }
+        let usage = buffer.usage();
+        if !usage.contains(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC) {
+            return Err(RouteError::Unsupported(format!(
+                "logits buffer usage {usage:?} lacks STORAGE | COPY_SRC"
+            )));
+        }
+        Ok(DeviceLogits {
+            buffer,
+            offset,
+            rows,
+            cols,
+            dtype,
+        })
+    }
+    /// `(rows, cols)`.
+    pub fn dim(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+    /// Element type.
+    pub fn dtype(&self) -> LogitsDtype {
+        self.dtype
+    }
+    /// The underlying buffer.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    /// Byte offset of row 0 in the buffer.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+}
+
+/// What [`WgpuRouter`] routes: host logits (uploaded per call into reused buffers) or logits
+/// already on the device (no copy).
+#[derive(Debug, Clone, Copy)]
+pub enum WgpuLogits<'a> {
+    /// Host logits of any dtype (f64 is rounded to f32 on the host, as the f32 compute does).
+    Host(LogitsRef<'a>),
+    /// Logits in a device buffer.
+    Device(&'a DeviceLogits),
+}
+
+impl<'a> From<LogitsRef<'a>> for WgpuLogits<'a> {
+    fn from(l: LogitsRef<'a>) -> Self {
+        WgpuLogits::Host(l)
+    }
+}
+
+impl<'a> From<&'a DeviceLogits> for WgpuLogits<'a> {
+    fn from(l: &'a DeviceLogits) -> Self {
+        WgpuLogits::Device(l)
+    }
+}
+
+impl WgpuLogits<'_> {
+    /// `(rows, cols)`.
+    pub fn dim(&self) -> (usize, usize) {
+        match self {
+            WgpuLogits::Host(l) => l.dim(),
+            WgpuLogits::Device(d) => d.dim(),
+        }
+    }
+}
+
+/// Expert ids `[rows, K]` (u32) in a device buffer.
+#[derive(Debug, Clone)]
+pub struct WgpuIds {
+    buffer: wgpu::Buffer,
+    rows: usize,
+    k: usize,
+}
+
+impl WgpuIds {
+    /// The buffer (`rows · K` u32, row-major; usage `STORAGE | COPY_SRC | COPY_DST`).
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    /// `(rows, K)`.
+    pub fn dim(&self) -> (usize, usize) {
+        (self.rows, self.k)
+    }
+}
+
+/// Weights `[rows, K]` (f32) in a device buffer.
+#[derive(Debug, Clone)]
+pub struct WgpuWeights {
+    buffer: wgpu::Buffer,
+    rows: usize,
+    k: usize,
+}
+
+impl WgpuWeights {
+    /// The buffer (`rows · K` f32, row-major).
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    /// `(rows, K)`.
+    pub fn dim(&self) -> (usize, usize) {
+        (self.rows, self.k)
+    }
+}
+
+/// Reused buffers of the host-convenience paths, grown on demand.
+struct Scratch {
+    input: Option<wgpu::Buffer>,
+    ids: Option<wgpu::Buffer>,
+    weights: Option<wgpu::Buffer>,
+    readback: Option<wgpu::Buffer>,
+    params: Option<wgpu::Buffer>,
+    err: wgpu::Buffer,
+}
+
+fn ensure(slot: &mut Option<wgpu::Buffer>, device: &wgpu::Device, size: u64, usage: wgpu::BufferUsages, label: &str) {
+    let size = size.max(16).div_ceil(16) * 16;
+    if slot.as_ref().is_none_or(|b| b.size() < size) {
+        *slot = Some(device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        }));
+    }
+}
+
+const STORAGE_OUT: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// Host data of one logits batch, as bytes the kernels read.
+enum HostBytes<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl HostBytes<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            HostBytes::Borrowed(b) => b,
+            HostBytes::Owned(v) => v,
+        }
+    }
+}
+
+fn host_bytes<'a>(l: &LogitsRef<'a>) -> (HostBytes<'a>, LogitsDtype) {
+    fn cast<'a, T: Pod>(a: &ndarray::ArrayView2<'a, T>) -> HostBytes<'a> {
+        match a.to_slice() {
+            Some(s) => HostBytes::Borrowed(bytemuck::cast_slice(s)),
+            None => HostBytes::Owned(bytemuck::cast_slice(&a.iter().copied().collect::<Vec<T>>()).to_vec()),
+        }
+    }
+    match l {
+        LogitsRef::F32(a) => (cast(a), LogitsDtype::F32),
+        LogitsRef::Bf16(a) => (cast(a), LogitsDtype::Bf16),
+        LogitsRef::F16(a) => (cast(a), LogitsDtype::F16),
+        LogitsRef::F64(a) => {
+            let v: Vec<f32> = a.iter().map(|&x| x as f32).collect();
+            (HostBytes::Owned(bytemuck::cast_slice(&v).to_vec()), LogitsDtype::F32)
+        }
+    }
+}
+
+/// One dispatch's worth of rows.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    r0: usize,
+    rows: usize,
+}
+
+/// Which kernel a batch runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Route,
+    Replay,
+}
+
+/// The wgpu router: WGSL compute kernels for every [`RouterConfig`], bit-identical to the
+/// reference router in portable mode (ids and weight bits) on any adapter, GPU or software.
+///
+/// ```no_run
+/// use moe_router_core::{LogitsRef, RouterConfig};
+/// use moe_router_wgpu::WgpuRouter;
+/// let cfg = RouterConfig::builder(8, 2).build().unwrap();
+/// let router = WgpuRouter::new(cfg)?;
+/// let logits = ndarray::Array2::<f32>::zeros((4, 8));
+/// let (ids, weights) = router.route_host(&LogitsRef::F32(logits.view()))?;
+/// # Ok::<(), moe_router_core::RouteError>(())
+/// ```
+pub struct WgpuRouter {
+    cfg: RouterConfig,
+    ctx: Arc<WgpuContext>,
+    bias: wgpu::Buffer,
+    base_params: Params,
+    kernels: Mutex<HashMap<LogitsDtype, Arc<KernelSet>>>,
+    scratch: Mutex<Scratch>,
+}
+
+impl std::fmt::Debug for WgpuRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgpuRouter")
+            .field("adapter", &self.ctx.adapter().name)
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WgpuRouter {
+    /// A router for `cfg` on the best adapter available (overridable by the environment
+    /// variables [`crate::ENV_BACKEND`] and [`crate::ENV_ADAPTER`]).
+    ///
+    /// Errors: [`RouteError::Unavailable`] when no adapter exists, [`RouteError::Unsupported`]
+    /// for f64 compute (CPU only).
+    pub fn new(cfg: RouterConfig) -> Result<WgpuRouter, RouteError> {
+        Self::with_options(cfg, &AdapterOptions::from_env())
+    }
+
+    /// A router for `cfg` on the adapter chosen by `opts` (shared context per `opts`).
+    pub fn with_options(cfg: RouterConfig, opts: &AdapterOptions) -> Result<WgpuRouter, RouteError> {
+        Self::with_context(cfg, WgpuContext::shared(opts)?)
+    }
+
+    /// A router for `cfg` on an existing context (pipelines are shared with other routers on it).
+    pub fn with_context(cfg: RouterConfig, ctx: Arc<WgpuContext>) -> Result<WgpuRouter, RouteError> {
+        if cfg.compute_dtype() != ComputeDtype::F32 {
+            return Err(RouteError::Unsupported(
+                "the wgpu backend computes in f32 (f64 compute is CPU-only)".into(),
+            ));
+        }
+        let native = cfg.numerics() == Numerics::Native;
+        let fz = |x: f32| if native { x } else { moe_router_core::math::ftz(x) };
+        let mut base = Params::base();
+        match cfg.normalization() {
+            Normalization::None => {}
+            Normalization::Sum { eps } => base.eps = fz(eps),
+            Normalization::SumClampMin { min } => base.clamp_min = fz(min),
+        }
+        base.scale = fz(cfg.scaling_factor());
+        let bias_vals: Vec<f32> = match cfg.expert_bias() {
+            Some(b) => b.iter().map(|&x| fz(x)).collect(),
+            None => vec![0.0; 4],
+        };
+        let bias = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moe-router bias"),
+            size: (bias_vals.len() * 4).max(16) as u64,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        ctx.queue.write_buffer(&bias, 0, bytemuck::cast_slice(&bias_vals));
+        let err = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moe-router err"),
+            size: 16,
+            usage: STORAGE_OUT,
+            mapped_at_creation: false,
+        });
+        Ok(WgpuRouter {
+            cfg,
+            ctx,
+            bias,
+            base_params: base,
+            kernels: Mutex::new(HashMap::new()),
+            scratch: Mutex::new(Scratch {
+                input: None,
+                ids: None,
+                weights: None,
+                readback: None,
+                params: None,
+                err,
+            }),
+        })
+    }
+
+    /// Name of the adapter the router runs on (e.g. `"NVIDIA H100 80GB HBM3"`).
+    pub fn adapter_name(&self) -> &str {
+        &self.ctx.adapter().name
+    }
+
+    /// The context (device, queue, adapter description).
+    pub fn context(&self) -> &Arc<WgpuContext> {
+        &self.ctx
+    }
+
+    /// Compiles (or fetches from the context's cache) the kernels for `dtype` now, so that the
+    /// first routing call does not pay for it.
+    pub fn prepare(&self, dtype: LogitsDtype) -> Result<(), RouteError> {
+        self.kernels_for(dtype).map(|_| ())
+    }
+
+    fn kernels_for(&self, dtype: LogitsDtype) -> Result<Arc<KernelSet>, RouteError> {
+        let mut map = self.kernels.lock().map_err(|_| device_err("kernel map poisoned"))?;
+        if let Some(k) = map.get(&dtype) {
+            return Ok(k.clone());
+        }
+        let k = self.ctx.kernels(&KernelSpec::new(&self.cfg, dtype))?;
+        map.insert(dtype, k.clone());
+        Ok(k)
+    }
+
+    fn check_cols(&self, rows: usize, cols: usize) -> Result<(), RouteError> {
+        if cols != self.cfg.num_experts() {
+            return Err(RouteError::LogitsShape {
+                expected_experts: self.cfg.num_experts(),
+                rows,
+                cols,
+            });
+        }
+        Ok(())
+    }
+
+    /// Rows per dispatch: bounded by the storage-binding limit (inputs and outputs), by one
+    /// dimension of workgroups, and a multiple of 256 so every chunk offset is aligned.
+    fn chunk_rows(&self, dtype: LogitsDtype) -> usize {
+        let lim = self.ctx.limits.max_storage_buffer_binding_size;
+        let e = self.cfg.num_experts() as u64;
+        let k = self.cfg.top_k() as u64;
+        let by_in = lim / (e * dtype.size() as u64).max(4);
+        let by_out = lim / (k * 4);
+        let by_wg = u64::from(self.ctx.limits.max_compute_workgroups_per_dimension) * u64::from(WG);
+        let c = by_in.min(by_out).min(by_wg) / 256 * 256;
+        c.max(256) as usize
+    }
+
+    fn chunks(&self, rows: usize, dtype: LogitsDtype) -> Vec<Chunk> {
+        let c = self.chunk_rows(dtype);
+        (0..rows.div_ceil(c).max(1))
+            .map(|i| Chunk {
+                r0: i * c,
+                rows: c.min(rows - (i * c).min(rows)),
+            })
+            .filter(|ch| ch.rows > 0)
+            .collect()
+    }
+
+    fn params_stride(&self) -> u64 {
+        u64::from(self.ctx.limits.min_uniform_buffer_offset_alignment).max(256)
+    }
+
+    /// Records the route or replay dispatches of `chunks` into `enc`: chunk `i` uses params slot
+    /// `first_slot + i`, reads its logits at `in_offset(chunk)` and writes its ids / weights from
+    /// row `out_offset(chunk)` on.
+    #[allow(clippy::too_many_arguments)]
+    fn encode(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        ks: &KernelSet,
+        kind: Kind,
+        params: &wgpu::Buffer,
+        first_slot: usize,
+        err: &wgpu::Buffer,
+        input: &wgpu::Buffer,
+        in_offset: impl Fn(&Chunk) -> u64,
+        ids: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        out_offset: impl Fn(&Chunk) -> usize,
+        chunks: &[Chunk],
+        dtype: LogitsDtype,
+    ) {
+        let e = self.cfg.num_experts();
+        let k = self.cfg.top_k() as u64;
+        let stride = self.params_stride();
+        let pipeline = match kind {
+            Kind::Route => &ks.route,
+            Kind::Replay => &ks.replay,
+        };
+        let groups: Vec<wgpu::BindGroup> = chunks
+            .iter()
+            .enumerate()
+            .map(|(i, ch)| {
+                let in_bytes = ((ch.rows * e * dtype.size()) as u64).div_ceil(4) * 4;
+                let o = out_offset(ch) as u64;
+                let out_bytes = ch.rows as u64 * k * 4;
+                self.ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &self.ctx.layout,
+                    entries: &[
+                        wgpu::BindGroupEntry {
+                            binding: 0,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: params,
+                                offset: (first_slot + i) as u64 * stride,
+                                size: wgpu::BufferSize::new(std::mem::size_of::<Params>() as u64),
+                            }),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 1,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: input,
+                                offset: in_offset(ch),
+                                size: wgpu::BufferSize::new(in_bytes),
+                            }),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 2,
+                            resource: self.bias.as_entire_binding(),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 3,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: ids,
+                                offset: o * k * 4,
+                                size: wgpu::BufferSize::new(out_bytes),
+                            }),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 4,
+                            resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                                buffer: w,
+                                offset: o * k * 4,
+                                size: wgpu::BufferSize::new(out_bytes),
+                            }),
+                        },
+                        wgpu::BindGroupEntry {
+                            binding: 5,
+                            resource: err.as_entire_binding(),
+                        },
+                    ],
+                })
+            })
+            .collect();
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("moe-router"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(pipeline);
+        for (ch, bg) in chunks.iter().zip(&groups) {
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups((ch.rows as u32).div_ceil(WG), 1, 1);
+        }
+    }
+
+    fn write_params(&self, params: &wgpu::Buffer, chunks: &[Chunk]) {
+        let stride = self.params_stride() as usize;
+        let mut data = vec![0u8; stride * chunks.len()];
+        for (i, ch) in chunks.iter().enumerate() {
+            let mut p = self.base_params;
+            p.rows = ch.rows as u32;
+            p.row_base = ch.r0 as u32;
+            data[i * stride..i * stride + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&p));
+        }
+        self.ctx.queue.write_buffer(params, 0, &data);
+    }
+
+    /// Routes host logits; returns host ids `[T, K]` and f32 weights. Input and output buffers
+    /// are reused across calls.
+    pub fn route_host(&self, logits: &LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        let (ids, w) = self.run_host(logits, None)?;
+        Ok((ids.unwrap_or_else(|| Array2::zeros((0, self.cfg.top_k()))), HostWeights::F32(w)))
+    }
+
+    /// Weights of the given host ids (slot order kept) on host logits: the replay entry point.
+    pub fn weights_host(&self, logits: &LogitsRef<'_>, ids: ArrayView2<'_, u32>) -> Result<HostWeights, RouteError> {
+        let (t, e) = logits.dim();
+        self.check_cols(t, e)?;
+        validate_ids(ids, t, e, self.cfg.top_k(), &[])?;
+        let (_, w) = self.run_host(logits, Some(ids))?;
+        Ok(HostWeights::F32(w))
+    }
+
+    fn run_host(
+        &self,
+        logits: &LogitsRef<'_>,
+        replay_ids: Option<ArrayView2<'_, u32>>,
+    ) -> Result<(Option<Array2<u32>>, Array2<f32>), RouteError> {
+        let (t, e) = logits.dim();
+        self.check_cols(t, e)?;
+        let k = self.cfg.top_k();
+        if t == 0 {
+            return Ok((Some(Array2::zeros((0, k))), Array2::zeros((0, k))));
+        }
+        let (bytes, dtype) = host_bytes(logits);
+        let ks = self.kernels_for(dtype)?;
+        let chunks = self.chunks(t, dtype);
+        let cmax = chunks.iter().map(|c| c.rows).max().unwrap_or(0);
+        let row_bytes = e * dtype.size();
+        let dev = &self.ctx.device;
+        let mut s = self.scratch.lock().map_err(|_| device_err("scratch poisoned"))?;
+        let s = &mut *s;
+        ensure(
+            &mut s.input,
+            dev,
+            (cmax * row_bytes) as u64,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
+            "moe-router input",
+        );
+        ensure(&mut s.ids, dev, (t * k * 4) as u64, STORAGE_OUT, "moe-router ids");
+        ensure(&mut s.weights, dev, (t * k * 4) as u64, STORAGE_OUT, "moe-router weights");
+        ensure(
+            &mut s.readback,
+            dev,
+            (2 * t * k * 4 + 16) as u64,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            "moe-router readback",
+        );
+        ensure(
+            &mut s.params,
+            dev,
+            self.params_stride() * chunks.len() as u64,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            "moe-router params",
+        );
+        let (input, ids, w, rb, params) = (
+            s.input.as_ref().ok_or_else(|| device_err("no input buffer"))?,
+            s.ids.as_ref().ok_or_else(|| device_err("no ids buffer"))?,
+            s.weights.as_ref().ok_or_else(|| device_err("no weights buffer"))?,
+            s.readback.as_ref().ok_or_else(|| device_err("no readback buffer"))?,
+            s.params.as_ref().ok_or_else(|| device_err("no params buffer"))?,
+        );
+        if let Some(r) = replay_ids {
+            let v: Vec<u32> = r.iter().copied().collect();
+            self.ctx.queue.write_buffer(ids, 0, bytemuck::cast_slice(&v));
+        }
+        self.write_params(params, &chunks);
+        let kind = if replay_ids.is_some() { Kind::Replay } else { Kind::Route };
+        let src = bytes.bytes();
+        for (i, ch) in chunks.iter().enumerate() {
+            let a = ch.r0 * row_bytes;
+            let b = a + ch.rows * row_bytes;
+            if b - a == (b - a) / 4 * 4 {
+                self.ctx.queue.write_buffer(input, 0, &src[a..b]);
+            } else {
+                let mut v = src[a..b].to_vec();
+                v.resize((b - a).div_ceil(4) * 4, 0);
+                self.ctx.queue.write_buffer(input, 0, &v);
+            }
+            let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            if i == 0 {
+                enc.clear_buffer(&s.err, 0, None);
+            }
+            // Each chunk has its own params slot (index i); the input buffer holds this chunk.
+            self.encode(&mut enc, &ks, kind, params, i, &s.err, input, |_| 0, ids, w, |c| c.r0, &[*ch], dtype);
+            if i + 1 == chunks.len() {
+                let ob = (t * k * 4) as u64;
+                enc.copy_buffer_to_buffer(w, 0, rb, 0, ob);
+                if kind == Kind::Route {
+                    enc.copy_buffer_to_buffer(ids, 0, rb, ob, ob);
+                }
+                enc.copy_buffer_to_buffer(&s.err, 0, rb, 2 * ob, 16);
+            }
+            self.ctx.queue.submit([enc.finish()]);
+        }
+        let ob = t * k * 4;
+        let out = self.ctx.map_read(rb, (2 * ob + 16) as u64)?;
+        let err: [u32; 4] = bytemuck::pod_read_unaligned(&out[2 * ob..2 * ob + 16]);
+        self.check_err(err, |row| Ok(logits.slice_rows(row, row + 1)).map(|l| host_row_err(&self.cfg, &l, row)))?;
+        let wv: Vec<f32> = bytemuck::pod_collect_to_vec(&out[..ob]);
+        let w = Array2::from_shape_vec((t, k), wv).map_err(|e| device_err(e.to_string()))?;
+        let ids = if kind == Kind::Route {
+            let iv: Vec<u32> = bytemuck::pod_collect_to_vec(&out[ob..2 * ob]);
+            Some(Array2::from_shape_vec((t, k), iv).map_err(|e| device_err(e.to_string()))?)
+        } else {
+            None
+        };
+        Ok((ids, w))
+    }
+
+    /// Turns the kernel's error flags into the reference's error: the first bad row wins; in a
+    /// row NaN/+inf comes before an all-masked softmax. `row_err(row)` recomputes the row's
+    /// error on the host from its logits.
+    fn check_err(
+        &self,
+        err: [u32; 4],
+        row_err: impl Fn(usize) -> Result<RouteError, RouteError>,
+    ) -> Result<(), RouteError> {
+        let nf = (err[0] != 0).then(|| !err[0] as usize);
+        let ms = (err[1] != 0).then(|| !err[1] as usize);
+        match (nf, ms) {
+            (None, None) => Ok(()),
+            (Some(r), m) if m.is_none_or(|m| r <= m) => Err(row_err(r)?),
+            (_, Some(m)) => Err(RouteError::AllMasked { row: m }),
+            (Some(r), None) => Err(row_err(r)?),
+        }
+    }
+
+    /// Copies logits to a new device buffer (for [`WgpuLogits::Device`]).
+    pub fn upload(&self, logits: &LogitsRef<'_>) -> Result<DeviceLogits, RouteError> {
+        let (rows, cols) = logits.dim();
+        let (bytes, dtype) = host_bytes(logits);
+        let b = bytes.bytes();
+        let size = (b.len() as u64).div_ceil(16).max(1) * 16;
+        let buffer = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moe-router logits"),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut v = b.to_vec();
+        v.resize(size as usize, 0);
+        self.ctx.queue.write_buffer(&buffer, 0, &v);
+        Ok(DeviceLogits {
+            buffer,
+            offset: 0,
+            rows,
+            cols,
+            dtype,
+        })
+    }
+
+    fn out_buffer(&self, rows: usize, label: &str) -> wgpu::Buffer {
+        self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: ((rows * self.cfg.top_k() * 4) as u64).max(16).div_ceil(16) * 16,
+            usage: STORAGE_OUT,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Records route (`ids_in` = None) or replay dispatches for device logits into `enc`, with
+    /// outputs into `ids` / `w`. The error flags go to `err` (16 bytes, cleared by the caller).
+    /// This is the no-synchronisation entry point (e.g. for benchmarks or for embedding routing
+    /// into a larger command stream); errors are only visible through `err`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn encode_device(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        kind_replay: bool,
+        logits: &DeviceLogits,
+        ids: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        params: &wgpu::Buffer,
+        err: &wgpu::Buffer,
+    ) -> Result<(), RouteError> {
+        self.check_cols(logits.rows, logits.cols)?;
+        let ks = self.kernels_for(logits.dtype)?;
+        let chunks = self.chunks(logits.rows, logits.dtype);
+        let row_bytes = (logits.cols * logits.dtype.size()) as u64;
+        let kind = if kind_replay { Kind::Replay } else { Kind::Route };
+        self.encode(
+            enc,
+            &ks,
+            kind,
+            params,
+            0,
+            err,
+            &logits.buffer,
+            |c| logits.offset + c.r0 as u64 * row_bytes,
+            ids,
+            w,
+            |c| c.r0,
+            &chunks,
+            logits.dtype,
+        );
+        Ok(())
+    }
+
+    /// A params buffer for device-path dispatches of `rows` rows of `dtype`, already written.
+    pub(crate) fn device_params(&self, rows: usize, dtype: LogitsDtype) -> wgpu::Buffer {
+        let chunks = self.chunks(rows, dtype);
+        let params = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moe-router params"),
+            size: self.params_stride() * chunks.len() as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.write_params(&params, &chunks);
+        params
+    }
+
+    pub(crate) fn new_err_buffer(&self) -> wgpu::Buffer {
+        self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moe-router err"),
+            size: 16,
+            usage: STORAGE_OUT,
+            mapped_at_creation: false,
+        })
+    }
+
+    fn run_device(&self, logits: &DeviceLogits, replay: Option<&WgpuIds>) -> Result<Routed<WgpuIds, WgpuWeights>, RouteError> {
+        let (t, _) = logits.dim();
+        let ids = match replay {
+            Some(r) => r.buffer.clone(),
+            None => self.out_buffer(t, "moe-router ids"),
+        };
+        let w = self.out_buffer(t, "moe-router weights");
+        if t > 0 {
+            let params = self.device_params(t, logits.dtype);
+            let err = self.new_err_buffer();
+            let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            self.encode_device(&mut enc, replay.is_some(), logits, &ids, &w, &params, &err)?;
+            self.ctx.queue.submit([enc.finish()]);
+            let e = self.ctx.read_bytes(&err, 0, 16)?;
+            let err: [u32; 4] = bytemuck::pod_read_unaligned(&e);
+            if err[2] != 0 {
+                let row = !err[2] as usize;
+                let k = self.cfg.top_k();
+                let b = self.ctx.read_bytes(&ids, (row * k * 4) as u64, (k * 4) as u64)?;
+                let v: Vec<u32> = bytemuck::pod_collect_to_vec(&b);
+                let a = Array2::from_shape_vec((1, k), v).map_err(|e| device_err(e.to_string()))?;
+                return Err(match validate_ids(a.view(), 1, self.cfg.num_experts(), k, &[]) {
+                    Err(RouteError::IdOutOfRange { slot, id, num_experts, .. }) => RouteError::IdOutOfRange {
+                        row,
+                        slot,
+                        id,
+                        num_experts,
+                    },
+                    Err(RouteError::DuplicateId {
+                        id,
+                        first_slot,
+                        second_slot,
+                        ..
+                    }) => RouteError::DuplicateId {
+                        row,
+                        id,
+                        first_slot,
+                        second_slot,
+                    },
+                    other => device_err(format!("device flagged replay ids of row {row}, host check: {other:?}")),
+                });
+            }
+            self.check_err(err, |row| {
+                let rb = logits.cols * logits.dtype.size();
+                let off = logits.offset + (row * rb) as u64;
+                // Read an aligned window around the row.
+                let start = off / 4 * 4;
+                let end = (off + rb as u64).div_ceil(4) * 4;
+                let bytes = self.ctx.read_bytes(&logits.buffer, start, end - start)?;
+                let s = (off - start) as usize;
+                let rowb = &bytes[s..s + rb];
+                Ok(device_row_err(&self.cfg, rowb, logits.dtype, logits.cols, row))
+            })?;
+        }
+        let k = self.cfg.top_k();
+        Ok(Routed {
+            ids: WgpuIds { buffer: ids, rows: t, k },
+            weights: WgpuWeights { buffer: w, rows: t, k },
+        })
+    }
+
+    fn device_logits<'a>(&self, logits: &'a WgpuLogits<'_>) -> Result<std::borrow::Cow<'a, DeviceLogits>, RouteError> {
+        match logits {
+            WgpuLogits::Device(d) => Ok(std::borrow::Cow::Borrowed(*d)),
+            WgpuLogits::Host(l) => Ok(std::borrow::Cow::Owned(self.upload(l)?)),
+        }
+    }
+
+    /// Reads a device ids buffer into a host array.
+    fn ids_host(&self, ids: &WgpuIds) -> Result<Array2<u32>, RouteError> {
+        let b = self.ctx.read_bytes(&ids.buffer, 0, (ids.rows * ids.k * 4) as u64)?;
+        Array2::from_shape_vec((ids.rows, ids.k), bytemuck::pod_collect_to_vec(&b)).map_err(|e| device_err(e.to_string()))
+    }
+}
+
+/// The reference's error for host row `row` of `l` (a one-row view of it).
+fn host_row_err(cfg: &RouterConfig, l: &LogitsRef<'_>, row: usize) -> RouteError {
+    let mut z32 = Vec::new();
+    let r = match cfg.numerics() {
+        Numerics::Portable => widen_checked::<Portable>(l, 0, &mut z32),
+        Numerics::Native => widen_checked::<NativeF32>(l, 0, &mut z32),
+    };
+    match r {
+        Err(RouteError::NonFiniteLogit { expert, value, .. }) => RouteError::NonFiniteLogit { row, expert, value },
+        _ => RouteError::AllMasked { row },
+    }
+}
+
+fn device_row_err(cfg: &RouterConfig, bytes: &[u8], dtype: LogitsDtype, cols: usize, row: usize) -> RouteError {
+    match dtype {
+        LogitsDtype::F32 => {
+            let v: Vec<f32> = bytemuck::pod_collect_to_vec(bytes);
+            let a = Array2::from_shape_vec((1, cols), v).unwrap_or_else(|_| Array2::zeros((1, cols)));
+            host_row_err(cfg, &LogitsRef::F32(a.view()), row)
+        }
+        LogitsDtype::Bf16 => {
+            let v: Vec<half::bf16> = bytemuck::pod_collect_to_vec(bytes);
+            let a = Array2::from_shape_vec((1, cols), v).unwrap_or_else(|_| Array2::from_elem((1, cols), half::bf16::ZERO));
+            host_row_err(cfg, &LogitsRef::Bf16(a.view()), row)
+        }
+        LogitsDtype::F16 => {
+            let v: Vec<half::f16> = bytemuck::pod_collect_to_vec(bytes);
+            let a = Array2::from_shape_vec((1, cols), v).unwrap_or_else(|_| Array2::from_elem((1, cols), half::f16::ZERO));
+            host_row_err(cfg, &LogitsRef::F16(a.view()), row)
+        }
+    }
+}
+
+impl Router for WgpuRouter {
+    type Logits<'a> = WgpuLogits<'a>;
+    type Ids = WgpuIds;
+    type Weights = WgpuWeights;
+
+    fn config(&self) -> &RouterConfig {
+        &self.cfg
+    }
+    fn backend_name(&self) -> &'static str {
+        "wgpu"
+    }
+    fn batch_rows(&self, logits: &WgpuLogits<'_>) -> usize {
+        logits.dim().0
+    }
+    fn route(&self, logits: &WgpuLogits<'_>, _site: &CallSite<'_>) -> Result<Routed<WgpuIds, WgpuWeights>, RouteError> {
+        let (t, e) = logits.dim();
+        self.check_cols(t, e)?;
+        if let WgpuLogits::Host(l) = logits {
+            // Host logits: errors are reported with the host data at hand.
+            let d = self.upload(l)?;
+            return self.run_device(&d, None);
+        }
+        let d = self.device_logits(logits)?;
+        self.run_device(&d, None)
+    }
+    fn weights_for(&self, logits: &WgpuLogits<'_>, ids: &WgpuIds, _site: &CallSite<'_>) -> Result<WgpuWeights, RouteError> {
+        let (t, e) = logits.dim();
+        self.check_cols(t, e)?;
+        if ids.rows != t || ids.k != self.cfg.top_k() {
+            return Err(RouteError::IdsShape {
+                expected_rows: t,
+                expected_k: self.cfg.top_k(),
+                rows: ids.rows,
+                cols: ids.k,
+            });
+        }
+        let d = self.device_logits(logits)?;
+        Ok(self.run_device(&d, Some(ids))?.weights)
+    }
+    fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<WgpuIds, RouteError> {
+        let (rows, k) = ids.dim();
+        if k != self.cfg.top_k() {
+            return Err(RouteError::IdsShape {
+                expected_rows: rows,
+                expected_k: self.cfg.top_k(),
+                rows,
+                cols: k,
+            });
+        }
+        let buffer = self.out_buffer(rows, "moe-router ids");
+        let v: Vec<u32> = ids.iter().copied().collect();
+        if !v.is_empty() {
+            self.ctx.queue.write_buffer(&buffer, 0, bytemuck::cast_slice(&v));
+        }
+        Ok(WgpuIds { buffer, rows, k })
+    }
+    fn ids_to_host(&self, ids: &WgpuIds) -> Result<Array2<u32>, RouteError> {
+        self.ids_host(ids)
+    }
+    fn weights_to_host(&self, weights: &WgpuWeights) -> Result<HostWeights, RouteError> {
+        let b = self.ctx.read_bytes(&weights.buffer, 0, (weights.rows * weights.k * 4) as u64)?;
+        let a = Array2::from_shape_vec((weights.rows, weights.k), bytemuck::pod_collect_to_vec(&b))
+            .map_err(|e| device_err(e.to_string()))?;
+        Ok(HostWeights::F32(a))
+    }
+    fn record_ids(&self, ids: &WgpuIds, sink: IdsSink) -> Result<(), RouteError> {
+        sink(self.ids_host(ids)?);
+        Ok(())
+    }
+}
