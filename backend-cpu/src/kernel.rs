@@ -62,6 +62,7 @@ impl CpuRouter {
     }
 
     fn check(&self, logits: &LogitsRef<'_>) -> Result<(), RouteError> {
+        self.cfg.check_ready()?;
         let (t, e) = logits.dim();
         if e != self.cfg.num_experts() {
             return Err(RouteError::LogitsShape {
@@ -120,6 +121,7 @@ struct Scratch<F> {
     z: Vec<F>,
     keys: Vec<F>,
     biased: Vec<F>,
+    masked: Vec<F>,
     gscore: Vec<F>,
     gkeep: Vec<bool>,
 }
@@ -130,6 +132,7 @@ impl<F: Float> Scratch<F> {
             z: Vec::with_capacity(e),
             keys: vec![F::zero(); e],
             biased: vec![F::zero(); e],
+            masked: vec![F::zero(); e],
             gscore: vec![F::zero(); groups],
             gkeep: vec![false; groups],
         }
@@ -159,32 +162,45 @@ fn run<M: Math>(
         .try_for_each_init(
             || Scratch::<M::F>::new(e, groups),
             |s, (ci, (mut ids_c, mut w_c))| -> Result<(), RouteError> {
-                let base = ci * CHUNK;
-                for r in 0..ids_c.nrows() {
-                    let row = base + r;
-                    widen::<M>(logits, row, &mut s.z)?;
-                    let mut id_row = ids_c.row_mut(r);
-                    let mut w_row = w_c.row_mut(r);
-                    let ids_s = id_row
-                        .as_slice_mut()
-                        .ok_or_else(|| RouteError::Unsupported("non-contiguous ids".into()))?;
-                    let w_s = w_row
-                        .as_slice_mut()
-                        .ok_or_else(|| RouteError::Unsupported("non-contiguous weights".into()))?;
-                    if route {
-                        route_row::<M>(cfg, s, row, ids_s, w_s)?;
-                    } else {
-                        weigh_row::<M>(cfg, &s.z, row, ids_s, w_s, None)?;
-                    }
-                }
-                Ok(())
+                let ids_s = ids_c
+                    .as_slice_mut()
+                    .ok_or_else(|| RouteError::Unsupported("non-contiguous ids".into()))?;
+                let w_s = w_c
+                    .as_slice_mut()
+                    .ok_or_else(|| RouteError::Unsupported("non-contiguous weights".into()))?;
+                chunk::<M>(cfg, logits, ci * CHUNK, ids_s, w_s, s, route)
             },
         )?;
     Ok((ids, w))
 }
 
+/// Routes or weighs the rows `base..` of one chunk (`ids`/`w` are `[rows, K]` row-major),
+/// compiled for AVX2 and SSE4.1 with run-time selection.
+#[multiversion::multiversion(targets("x86_64+avx2+avx+sse4.1+sse4.2+popcnt+bmi1+bmi2+lzcnt", "x86_64+sse4.1"))]
+fn chunk<M: Math>(
+    cfg: &RouterConfig,
+    logits: &LogitsRef<'_>,
+    base: usize,
+    ids: &mut [u32],
+    w: &mut [M::F],
+    s: &mut Scratch<M::F>,
+    route: bool,
+) -> Result<(), RouteError> {
+    let k = cfg.top_k();
+    for (r, (ids_s, w_s)) in ids.chunks_exact_mut(k).zip(w.chunks_exact_mut(k)).enumerate() {
+        let row = base + r;
+        widen::<M>(logits, row, &mut s.z)?;
+        if route {
+            route_row::<M>(cfg, s, row, ids_s, w_s)?;
+        } else {
+            weigh_row::<M>(cfg, &s.z, row, ids_s, w_s, None)?;
+        }
+    }
+    Ok(())
+}
+
 /// Widens a row into `z`, checking for NaN and +∞.
-#[inline]
+#[inline(always)]
 fn widen<M: Math>(logits: &LogitsRef<'_>, row: usize, z: &mut Vec<M::F>) -> Result<(), RouteError> {
     match logits {
         LogitsRef::F32(a) if a.row(row).as_slice().is_some() => {
@@ -214,7 +230,7 @@ fn widen<M: Math>(logits: &LogitsRef<'_>, row: usize, z: &mut Vec<M::F>) -> Resu
 #[inline(always)]
 fn insert<F: Float>(top_k: &mut [F], top_i: &mut [u32], key: F, id: u32) {
     let k = top_k.len();
-    if !(key > top_k[k - 1]) {
+    if key.partial_cmp(&top_k[k - 1]) != Some(std::cmp::Ordering::Greater) {
         return;
     }
     let mut j = k - 1;
@@ -227,72 +243,125 @@ fn insert<F: Float>(top_k: &mut [F], top_i: &mut [u32], key: F, id: u32) {
     top_i[j] = id;
 }
 
-/// Scans `keys` (expert ids `base..`) into the descending top list `tk`/`ti`, of which `filled`
-/// entries are valid. Blocks of 16 keys that cannot beat the current K-th key are skipped with
-/// one vectorised comparison.
+
+
+/// Column width of the block-maximum filter.
+const S: usize = 32;
+
+/// Branch-free insertion of (key, id) into a descending list: every slot takes its new value by
+/// selects, so an unpredictable key costs no misprediction. Equal keys stay ahead of the newcomer
+/// (ids arrive ascending, so ties keep the lower id). A key not above the last entry changes
+/// nothing.
 #[inline(always)]
-fn scan<F: Float>(keys: &[F], base: usize, tk: &mut [F], ti: &mut [u32], filled: &mut usize) {
-    const B: usize = 16;
+fn insert_bf<F: Float>(tk: &mut [F], ti: &mut [u32], key: F, id: u32) {
     let k = tk.len();
-    let mut j = 0usize;
-    // Fill phase: sorted insertion, ties after existing entries (lower ids first).
-    while *filled < k && j < keys.len() {
-        let key = keys[j];
-        let mut p = *filled;
-        while p > 0 && key > tk[p - 1] {
-            tk[p] = tk[p - 1];
-            ti[p] = ti[p - 1];
-            p -= 1;
-        }
-        tk[p] = key;
-        ti[p] = (base + j) as u32;
-        *filled += 1;
-        j += 1;
+    for j in (1..k).rev() {
+        let gt = key > tk[j];
+        let gt_prev = key > tk[j - 1];
+        let (nk, ni) = if gt_prev { (tk[j - 1], ti[j - 1]) } else { (key, id) };
+        tk[j] = if gt { nk } else { tk[j] };
+        ti[j] = if gt { ni } else { ti[j] };
     }
-    let rest = &keys[j..];
-    let mut blocks = rest.chunks_exact(B);
-    let mut off = j;
-    for blk in &mut blocks {
-        let thr = tk[k - 1];
-        let any = blk.iter().fold(false, |a, &x| a | (x > thr));
-        if any {
-            for (q, &key) in blk.iter().enumerate() {
-                insert(tk, ti, key, (base + off + q) as u32);
+    let gt = key > tk[0];
+    tk[0] = if gt { key } else { tk[0] };
+    ti[0] = if gt { id } else { ti[0] };
+}
+
+/// Branch-free insertion of a value into a descending list of values (no ids).
+#[inline(always)]
+fn insert_value<F: Float>(tk: &mut [F], key: F) {
+    for j in (1..tk.len()).rev() {
+        let m = if key < tk[j - 1] { key } else { tk[j - 1] };
+        tk[j] = if m > tk[j] { m } else { tk[j] };
+    }
+    tk[0] = if key > tk[0] { key } else { tk[0] };
+}
+
+/// Exact top-K (key descending, ties → lower id) of a full row of keys; `tk`/`ti` start at −∞.
+/// Returns false when fewer than K keys exceed −∞ (the caller then uses the reference path).
+///
+/// Filter: view the row as rows of 32 and take the 32 column maxima (vertical, vectorised). Their
+/// K-th largest, τ, is a lower bound of the K-th largest key (the K largest column maxima are K
+/// distinct keys), so every selected key is ≥ τ. Only keys ≥ τ (found with a vectorised compare
+/// into a bit mask) are inserted, in ascending id order — the same result as inserting every key.
+#[inline(always)]
+fn top_k_row_n<F: Float, const N: usize>(keys: &[F], tk: &mut [F], ti: &mut [u32]) -> bool {
+    let k = if N == 0 { tk.len() } else { N };
+    let (tk, ti) = (&mut tk[..k], &mut ti[..k]);
+    let e = keys.len();
+    let tau = if e >= 2 * S && k <= S {
+        let full = e / S;
+        let mut colmax = [F::neg_infinity(); S];
+        for r in 0..full {
+            for (c, &x) in colmax.iter_mut().zip(&keys[r * S..(r + 1) * S]) {
+                *c = if x > *c { x } else { *c };
             }
         }
-        off += B;
+        let mut ck = [F::neg_infinity(); S];
+        for &c in &colmax {
+            insert_value(&mut ck[..k], c);
+        }
+        ck[k - 1]
+    } else {
+        F::neg_infinity()
+    };
+    for (r, block) in keys.chunks(S).enumerate() {
+        let mut m: u32 = 0;
+        for (j, &x) in block.iter().enumerate() {
+            m |= u32::from(x >= tau) << j;
+        }
+        while m != 0 {
+            let j = m.trailing_zeros() as usize;
+            m &= m - 1;
+            insert_bf(tk, ti, block[j], (r * S + j) as u32);
+        }
     }
-    for (q, &key) in blocks.remainder().iter().enumerate() {
-        insert(tk, ti, key, (base + off + q) as u32);
+    tk[k - 1] != F::neg_infinity()
+}
+
+/// [`top_k_row_n`] with K known at compile time for the common K (lists live in registers).
+#[inline(always)]
+fn top_k_row<F: Float>(keys: &[F], tk: &mut [F], ti: &mut [u32]) -> bool {
+    match tk.len() {
+        1 => top_k_row_n::<F, 1>(keys, tk, ti),
+        2 => top_k_row_n::<F, 2>(keys, tk, ti),
+        4 => top_k_row_n::<F, 4>(keys, tk, ti),
+        6 => top_k_row_n::<F, 6>(keys, tk, ti),
+        8 => top_k_row_n::<F, 8>(keys, tk, ti),
+        _ => top_k_row_n::<F, 0>(keys, tk, ti),
     }
 }
 
-/// Top-K of `keys` restricted to experts whose group is kept; false when a −∞ key is selected
-/// (the reference's global tie order on −∞ then decides; the caller falls back to it).
-#[inline]
-fn top_k_keys<F: Float>(keys: &[F], per: usize, keep: Option<&[bool]>, out: &mut [u32]) -> bool {
+/// Top-K of `keys` restricted to experts whose group is kept (`masked` is scratch of length E);
+/// false when a −∞ key is selected (the reference's global tie order on −∞ then decides; the
+/// caller falls back to it).
+#[inline(always)]
+fn top_k_keys<F: Float>(keys: &[F], per: usize, keep: Option<&[bool]>, masked: &mut [F], out: &mut [u32]) -> bool {
     let k = out.len();
     let mut tk = [F::neg_infinity(); MAX_K];
     let mut ti = [u32::MAX; MAX_K];
     let (tk, ti) = (&mut tk[..k], &mut ti[..k]);
-    let mut filled = 0usize;
-    match keep {
-        None => scan(keys, 0, tk, ti, &mut filled),
+    let ok = match keep {
+        None => top_k_row(keys, tk, ti),
         Some(kp) => {
-            for (gi, chunk) in keys.chunks(per).enumerate() {
+            for ((gi, src), dst) in keys.chunks(per).enumerate().zip(masked.chunks_mut(per)) {
                 if kp[gi] {
-                    scan(chunk, gi * per, tk, ti, &mut filled);
+                    dst.copy_from_slice(src);
+                } else {
+                    dst.iter_mut().for_each(|x| *x = F::neg_infinity());
                 }
             }
+            top_k_row(masked, tk, ti)
         }
-    }
-    if filled < k || tk[k - 1] == F::neg_infinity() {
+    };
+    if !ok {
         return false;
     }
     out.copy_from_slice(ti);
     true
 }
 
+#[inline(always)]
 fn route_row<M: Math>(
     cfg: &RouterConfig,
     s: &mut Scratch<M::F>,
@@ -305,6 +374,7 @@ fn route_row<M: Math>(
         z,
         keys: kbuf,
         biased,
+        masked,
         gscore,
         gkeep,
     } = s;
@@ -401,8 +471,7 @@ fn route_row<M: Math>(
         }
         let (ok, oi) = (&mut order_k[..g.groups_selected], &mut order_i[..g.groups_selected]);
         let mut filled = 0;
-        for gi in 0..g.num_groups {
-            let key = gscore[gi];
+        for (gi, &key) in gscore.iter().enumerate().take(g.num_groups) {
             if filled < ok.len() {
                 let mut p = filled;
                 while p > 0 && key > ok[p - 1] {
@@ -425,7 +494,7 @@ fn route_row<M: Math>(
     } else {
         None
     };
-    if !top_k_keys(sel_keys, per, keep, ids) {
+    if !top_k_keys(sel_keys, per, keep, masked, ids) {
         return slow_row::<M>(cfg, z, row, ids, w);
     }
     let scores = if cfg.score() != ScoreFunction::Softmax || softmax_before {
@@ -438,7 +507,7 @@ fn route_row<M: Math>(
 
 /// Weights for `ids` on widened row `z`; `scores` holds the precomputed unbiased scores when the
 /// caller has them (sigmoid, sqrt-softplus, softmax-before).
-#[inline]
+#[inline(always)]
 fn weigh_row<M: Math>(
     cfg: &RouterConfig,
     z: &[M::F],

@@ -132,7 +132,7 @@ pub enum Numerics {
 }
 
 /// A complete, validated routing rule. Build it with [`RouterConfig::builder`], a preset
-/// ([`crate::presets`]) or an importer ([`RouterConfig::from_hf_config`],
+/// ([`crate::import::presets`]) or an importer ([`RouterConfig::from_hf_config`],
 /// [`RouterConfig::from_megatron`]).
 ///
 /// Canonical form: softmax with renormalisation is stored as softmax-after-top-k without
@@ -147,6 +147,8 @@ pub struct RouterConfig {
     score: ScoreFunction,
     softmax_position: SoftmaxPosition,
     expert_bias: Option<Vec<f32>>,
+    #[serde(default)]
+    expects_bias: bool,
     group_limit: Option<GroupLimit>,
     normalization: Normalization,
     scaling_factor: f32,
@@ -169,6 +171,7 @@ impl RouterConfig {
                 score: ScoreFunction::Softmax,
                 softmax_position: SoftmaxPosition::AfterTopK,
                 expert_bias: None,
+                expects_bias: false,
                 group_limit: None,
                 normalization: Normalization::None,
                 scaling_factor: 1.0,
@@ -207,9 +210,26 @@ impl RouterConfig {
     pub fn expert_bias(&self) -> Option<&[f32]> {
         self.expert_bias.as_deref()
     }
-    /// Whether a selection bias is expected (set, or to be given at run time).
+    /// Whether a selection bias is used: its values are set, or it is expected at run time
+    /// ([`RouterConfig::expects_expert_bias`]).
     pub fn has_bias(&self) -> bool {
-        self.expert_bias.is_some()
+        self.expert_bias.is_some() || self.expects_bias
+    }
+    /// Whether the rule needs a per-layer selection bias that comes from the checkpoint (e.g.
+    /// DeepSeek-V3's `e_score_correction_bias`) and is not part of the config. Routing before it
+    /// is installed with [`RouterConfig::set_expert_bias`] is an error
+    /// ([`crate::RouteError::BiasMissing`]), never a silent bias-free selection.
+    pub fn expects_expert_bias(&self) -> bool {
+        self.expects_bias
+    }
+    /// Errors when the rule expects a bias whose values are not installed.
+    pub fn check_ready(&self) -> Result<(), crate::RouteError> {
+        if self.expects_bias && self.expert_bias.is_none() {
+            return Err(crate::RouteError::BiasMissing {
+                num_experts: self.num_experts,
+            });
+        }
+        Ok(())
     }
     /// Group limit, if any.
     pub fn group_limit(&self) -> Option<GroupLimit> {
@@ -324,9 +344,16 @@ impl RouterConfigBuilder {
         self.cfg.expert_bias = Some(bias);
         self
     }
-    /// Removes the selection bias.
+    /// Removes the selection bias (values and expectation).
     pub fn no_expert_bias(mut self) -> Self {
         self.cfg.expert_bias = None;
+        self.cfg.expects_bias = false;
+        self
+    }
+    /// Declares that a selection bias of length E will be installed at run time (from the
+    /// checkpoint); routing errors until it is.
+    pub fn expect_expert_bias(mut self) -> Self {
+        self.cfg.expects_bias = true;
         self
     }
     /// Enables group-limited routing.
@@ -412,11 +439,17 @@ impl RouterConfigBuilder {
         if let Some(b) = &c.expert_bias {
             check_bias(b, e, c.score)?;
         }
+        if c.expects_bias && c.score == ScoreFunction::Softmax {
+            return Err(ConfigError::invalid(
+                "expert_bias",
+                "a selection bias needs score function sigmoid or sqrt_softplus (as in Megatron)",
+            ));
+        }
         if let Some(g) = c.group_limit {
             if g.num_groups == 0 {
                 return Err(ConfigError::invalid("group_limit.num_groups", "must be at least 1"));
             }
-            if e % g.num_groups != 0 {
+            if !e.is_multiple_of(g.num_groups) {
                 return Err(ConfigError::invalid(
                     "group_limit.num_groups",
                     format!("{} groups do not divide num_experts = {e}", g.num_groups),
@@ -472,13 +505,13 @@ impl RouterConfigBuilder {
                 format!("must be finite and > 0 (got {})", c.scaling_factor),
             ));
         }
-        if let Some(cap) = c.capacity {
-            if !(cap.factor.is_finite() && cap.factor > 0.0) {
-                return Err(ConfigError::invalid(
-                    "capacity.factor",
-                    format!("must be finite and > 0 (got {})", cap.factor),
-                ));
-            }
+        if let Some(cap) = c.capacity
+            && !(cap.factor.is_finite() && cap.factor > 0.0)
+        {
+            return Err(ConfigError::invalid(
+                "capacity.factor",
+                format!("must be finite and > 0 (got {})", cap.factor),
+            ));
         }
         for a in &c.aux_losses {
             if !(a.coeff.is_finite() && a.coeff >= 0.0) {

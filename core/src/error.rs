@@ -151,6 +151,12 @@ pub enum RouteError {
         /// Given length.
         got: usize,
     },
+    /// The rule expects a selection bias (from the checkpoint) that has not been installed.
+    #[error("this routing rule expects a selection bias of {num_experts} values (e.g. the checkpoint's e_score_correction_bias) but none is installed; set it with RouterConfig::set_expert_bias (CLI: --bias)")]
+    BiasMissing {
+        /// E.
+        num_experts: usize,
+    },
     /// A batch layout does not cover the batch it is used with.
     #[error("batch layout covers {layout_rows} rows but the batch has {batch_rows}")]
     LayoutRows {

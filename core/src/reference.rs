@@ -189,6 +189,7 @@ use crate::router::{CallSite, HostWeights, Routed, Router, validate_ids};
 use ndarray::{Array2, ArrayView2};
 
 fn check_shape(cfg: &RouterConfig, logits: &LogitsRef<'_>) -> Result<(), RouteError> {
+    cfg.check_ready()?;
     let (t, e) = logits.dim();
     if e != cfg.num_experts() {
         return Err(RouteError::LogitsShape {

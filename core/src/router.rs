@@ -27,12 +27,6 @@ pub struct CallSite<'a> {
     pub pass: Pass,
 }
 
-impl Default for LayerId {
-    fn default() -> Self {
-        LayerId(0)
-    }
-}
-
 impl<'a> CallSite<'a> {
     /// A call at `layer` without a layout (enough for plain routing and recording of whole,
     /// unaddressed batches).

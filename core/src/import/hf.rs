@@ -394,7 +394,7 @@ fn v3_family(k: &Keys<'_>, fam: V3Family) -> Result<(RouterConfig, bool), Config
             k.opt_scale("routed_scaling_factor")?.unwrap_or(1.0),
         ),
     };
-    let mut b = RouterConfig::builder(e, top_k).score(ScoreFunction::Sigmoid);
+    let mut b = RouterConfig::builder(e, top_k).score(ScoreFunction::Sigmoid).expect_expert_bias();
     if let Some((g, kept)) = groups(k, e, n_group, topk_group)? {
         let per = e / g;
         if per < 2 {
@@ -481,8 +481,11 @@ fn minimax_m2(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
         ));
     }
     let bias = k.bool_or("use_routing_bias", true)?;
-    let b = RouterConfig::builder(e, top_k)
+    let mut b = RouterConfig::builder(e, top_k)
         .score(ScoreFunction::Sigmoid)
         .normalization(Normalization::Sum { eps: 0.0 });
+    if bias {
+        b = b.expect_expert_bias();
+    }
     Ok((finish(b)?, bias))
 }
