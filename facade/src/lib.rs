@@ -9,3 +9,7 @@ pub use moe_router_core::*;
 /// The CPU backend (feature `cpu`).
 #[cfg(feature = "cpu")]
 pub use moe_router_cpu as cpu;
+
+/// The wgpu backend (feature `wgpu`): WGSL compute kernels on Vulkan / GL adapters.
+#[cfg(feature = "wgpu")]
+pub use moe_router_wgpu as wgpu;

@@ -9,3 +9,5 @@ mod golden;
 mod import;
 mod math;
 mod routing;
+#[cfg(feature = "wgpu")]
+mod wgpu;

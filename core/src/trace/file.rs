@@ -685,6 +685,29 @@ impl TraceFile {
                         reason: format!("decompressed to {} bytes, header says {}", raw.len(), c.head.raw_len),
                     });
                 }
+                let mut raw = raw;
+                if c.head.codec == format::CODEC_RANK_ZSTD {
+                    let bad = |reason: String| TraceError::Malformed {
+                        what: format!("chunk {i} payload"),
+                        offset: p0 as u64,
+                        reason,
+                    };
+                    if self.header.id_width() != super::IdWidth::U8 {
+                        return Err(bad("row-rank codec on a trace with two-byte ids".into()));
+                    }
+                    let rb = self.codec.row_bytes();
+                    let blocks = format::parse_blocks(&raw, c.head.blocks, rb, self.header.layers().len())
+                        .map_err(|(at, r)| bad(format!("at payload byte {at}: {r}")))?;
+                    for bl in blocks {
+                        let a = bl.data_off as usize;
+                        format::rank_decode(
+                            &mut raw[a..a + bl.rows as usize * rb],
+                            self.header.top_k(),
+                            self.header.num_experts(),
+                        )
+                        .map_err(bad)?;
+                    }
+                }
                 Ok(raw.into())
             }
         }

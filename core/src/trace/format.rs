@@ -40,6 +40,63 @@ pub(crate) const MAX_CHUNK_PAYLOAD: u32 = 1 << 30;
 pub(crate) const CODEC_NONE: u8 = 0;
 /// Chunk codec: one zstd frame.
 pub(crate) const CODEC_ZSTD: u8 = 1;
+/// Chunk codec: row-rank transform of every block's ids (u8 ids only), then one zstd frame.
+pub(crate) const CODEC_RANK_ZSTD: u8 = 2;
+
+/// Row-rank transform of one block's u8 rows (`k` ids per row, E experts), in place.
+///
+/// A list starts as `0, 1, …, E−1`. Each id of a row is replaced by its index in the list after
+/// removing the ids of the same row already coded; then the list becomes that row's ids (slot
+/// order) followed by the other ids in their previous order. Rows that repeat experts of the
+/// previous row (consecutive tokens of a real router) become small numbers that zstd's entropy
+/// stage codes in a few bits. Missing rows (all `0xFF`) pass through and leave the list alone.
+pub(crate) fn rank_encode(data: &mut [u8], k: usize, e: usize) {
+    let mut list: Vec<u8> = (0..e).map(|x| x as u8).collect();
+    let mut work: Vec<u8> = Vec::with_capacity(e);
+    for row in data.chunks_exact_mut(k) {
+        if row.iter().all(|&b| b == 0xFF) {
+            continue;
+        }
+        let ids: Vec<u8> = row.to_vec();
+        work.clear();
+        work.extend_from_slice(&list);
+        for slot in row.iter_mut() {
+            let id = *slot;
+            let r = work.iter().position(|&x| x == id).unwrap_or(0);
+            work.remove(r);
+            *slot = r as u8;
+        }
+        let rest: Vec<u8> = list.iter().copied().filter(|x| !ids.contains(x)).collect();
+        list.clear();
+        list.extend_from_slice(&ids);
+        list.extend_from_slice(&rest);
+    }
+}
+
+/// Inverse of [`rank_encode`], in place. Errors when a rank is outside the list.
+pub(crate) fn rank_decode(data: &mut [u8], k: usize, e: usize) -> Result<(), String> {
+    let mut list: Vec<u8> = (0..e).map(|x| x as u8).collect();
+    let mut work: Vec<u8> = Vec::with_capacity(e);
+    for (ri, row) in data.chunks_exact_mut(k).enumerate() {
+        if row.iter().all(|&b| b == 0xFF) {
+            continue;
+        }
+        work.clear();
+        work.extend_from_slice(&list);
+        for slot in row.iter_mut() {
+            let r = *slot as usize;
+            if r >= work.len() {
+                return Err(format!("row {ri}: rank {r} outside a list of {}", work.len()));
+            }
+            *slot = work.remove(r);
+        }
+        let rest: Vec<u8> = list.iter().copied().filter(|x| !row.contains(x)).collect();
+        list.clear();
+        list.extend_from_slice(row);
+        list.extend_from_slice(&rest);
+    }
+    Ok(())
+}
 
 pub(crate) fn crc(bytes: &[u8]) -> u32 {
     crc32c::crc32c(bytes)
@@ -365,7 +422,7 @@ pub(crate) fn probe_frame(b: &[u8], off: usize) -> FrameProbe {
                 "chunk checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
             ));
         }
-        if rest[9..12] != [0, 0, 0] || (head.codec != CODEC_NONE && head.codec != CODEC_ZSTD) {
+        if rest[9..12] != [0, 0, 0] || head.codec > CODEC_RANK_ZSTD {
             return FrameProbe::Bad(format!("unknown chunk codec {} or reserved bytes set", head.codec));
         }
         if head.codec == CODEC_NONE && head.raw_len != head.stored_len {

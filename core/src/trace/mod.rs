@@ -35,6 +35,7 @@ mod file;
 mod format;
 mod manifest;
 mod model;
+pub mod synthetic;
 mod writer;
 
 pub use codec::RowCodec;
