@@ -278,6 +278,7 @@ pub struct WgpuRouter {
     base_params: Params,
     kernels: Mutex<HashMap<LogitsDtype, Arc<KernelSet>>>,
     scratch: Mutex<Scratch>,
+    max_rows: Option<usize>,
 }
 
 impl std::fmt::Debug for WgpuRouter {
@@ -351,7 +352,16 @@ impl WgpuRouter {
                 params: None,
                 err,
             }),
+            max_rows: None,
         })
+    }
+
+    /// Caps the rows of one dispatch at `rows` (rounded down to a multiple of 256, at least 256).
+    /// Batches are always split where the device's storage-binding limit requires it; this
+    /// only lowers the split point (for tests of the splitting, or to bound one dispatch's time).
+    pub fn with_max_rows_per_dispatch(mut self, rows: usize) -> Self {
+        self.max_rows = Some((rows / 256 * 256).max(256));
+        self
     }
 
     /// Name of the adapter the router runs on (e.g. `"NVIDIA H100 80GB HBM3"`).
@@ -400,8 +410,8 @@ impl WgpuRouter {
         let by_in = lim / (e * dtype.size() as u64).max(4);
         let by_out = lim / (k * 4);
         let by_wg = u64::from(self.ctx.limits.max_compute_workgroups_per_dimension) * u64::from(WG);
-        let c = by_in.min(by_out).min(by_wg) / 256 * 256;
-        c.max(256) as usize
+        let c = (by_in.min(by_out).min(by_wg) / 256 * 256).max(256) as usize;
+        self.max_rows.map_or(c, |m| m.min(c))
     }
 
     fn chunks(&self, rows: usize, dtype: LogitsDtype) -> Vec<Chunk> {

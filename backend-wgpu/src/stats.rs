@@ -115,11 +115,11 @@ impl WgpuRouter {
         let ks = self.stats_kernels(crate::LogitsDtype::F32)?;
         let dev = ctx.device();
         let cbuf = self.storage_buffer((e * 4) as u64);
-        let dummy = self.storage_buffer(16);
+        let (d1, d2, d3) = (self.storage_buffer(16), self.storage_buffer(16), self.storage_buffer(16));
         let mut p = Params::base();
         p.rows = rows as u32;
         let pb = self.uniform_buffer(&p);
-        let bg = self.stats_bind_group(&pb, &dummy, ids.buffer(), &cbuf, &dummy, &dummy);
+        let bg = self.stats_bind_group(&pb, &d1, ids.buffer(), &cbuf, &d2, &d3);
         let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
