@@ -1,0 +1,212 @@
+//! Device discovery, contexts and the per-device module cache.
+
+use crate::kernels::{self, LogitDtype, Part, RouterVariant};
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use moe_router_core::RouteError;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub(crate) const BACKEND: &str = "cuda";
+
+pub(crate) fn dev_err(e: DriverError) -> RouteError {
+    RouteError::Device {
+        backend: BACKEND,
+        message: format!("{e:?}"),
+    }
+}
+
+pub(crate) fn unavailable(reason: impl Into<String>) -> RouteError {
+    RouteError::Unavailable {
+        backend: BACKEND,
+        reason: reason.into(),
+    }
+}
+
+/// Checks that NVRTC can be loaded (for compiling kernels). Needs no driver or device.
+pub fn probe_nvrtc() -> Result<(), RouteError> {
+    // SAFETY: `is_culib_present` only tries to dlopen the library candidates and closes them.
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(unavailable("NVRTC (libnvrtc.so.13) not found on the loader path"))
+    }
+}
+
+/// Checks that the CUDA driver and NVRTC load and that at least one device exists; the error
+/// says what is missing. Every CUDA entry point calls this before touching cudarc, whose
+/// dynamic loader would otherwise panic on a machine without CUDA.
+pub fn probe() -> Result<usize, RouteError> {
+    static PROBE: OnceLock<Result<usize, RouteError>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            // SAFETY: as above, a dlopen probe.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return Err(unavailable("CUDA driver library (libcuda.so.1) not found"));
+            }
+            probe_nvrtc()?;
+            match CudaContext::device_count() {
+                Ok(n) if n > 0 => Ok(n as usize),
+                Ok(_) => Err(unavailable("no CUDA device present")),
+                Err(e) => Err(unavailable(format!("CUDA driver failed to initialise: {e:?}"))),
+            }
+        })
+        .clone()
+}
+
+/// The route and replay kernels of one variant, loaded on one device.
+#[derive(Debug)]
+pub(crate) struct RouterKernels {
+    pub route: CudaFunction,
+    pub replay: CudaFunction,
+    _module: Arc<CudaModule>,
+}
+
+/// Statistics kernels of one dtype, loaded on one device.
+#[derive(Debug)]
+pub(crate) struct StatsKernels {
+    pub aux_stats: CudaFunction,
+    pub tokens_per_expert: CudaFunction,
+    _module: Arc<CudaModule>,
+}
+
+/// One device: its context, routing stream and loaded modules.
+#[derive(Debug)]
+pub(crate) struct Device {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub name: String,
+    pub arch: &'static str,
+    pub sms: usize,
+    pub smem_optin: usize,
+    routers: Mutex<HashMap<RouterVariant, Arc<RouterKernels>>>,
+    stats: Mutex<HashMap<LogitDtype, Arc<StatsKernels>>>,
+}
+
+fn arch_of(major: i32, minor: i32) -> Result<&'static str, RouteError> {
+    Ok(match (major, minor) {
+        (8, 0) => "compute_80",
+        (8, 6) => "compute_86",
+        (8, 7) => "compute_87",
+        (8, 9) => "compute_89",
+        (9, 0) => "compute_90",
+        (10, 0) => "compute_100",
+        (12, 0) => "compute_120",
+        (m, _) if m >= 9 => "compute_90",
+        (8, _) => "compute_80",
+        _ => {
+            return Err(RouteError::Unsupported(format!(
+                "compute capability {major}.{minor}: the CUDA backend needs 8.0 or newer (cp.async)"
+            )));
+        }
+    })
+}
+
+fn set_smem(f: &CudaFunction, bytes: usize) -> Result<(), RouteError> {
+    // SAFETY: `f` is a live function handle of a loaded module; the attribute value is within
+    // the device's opt-in limit, which was queried from the device.
+    unsafe {
+        cudarc::driver::result::function::set_function_attribute(
+            f.cu_function(),
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+    }
+    .map_err(dev_err)
+}
+
+impl Device {
+    /// The device of `ordinal`, created once per process.
+    pub fn get(ordinal: usize) -> Result<Arc<Device>, RouteError> {
+        let n = probe()?;
+        if ordinal >= n {
+            return Err(unavailable(format!(
+                "CUDA device {ordinal} does not exist ({n} present)"
+            )));
+        }
+        static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<Device>>>> = OnceLock::new();
+        let map = DEVICES.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut map = map.lock().map_err(|_| unavailable("device table poisoned"))?;
+        if let Some(d) = map.get(&ordinal) {
+            return Ok(d.clone());
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| unavailable(format!("cannot create a context: {e:?}")))?;
+        // SAFETY: called before this context allocates anything. The backend synchronises its
+        // two streams itself: kernels run on `stream`; the record side stream waits on an event
+        // recorded after the kernel, and a recorded buffer is kept alive until its copy is done.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(dev_err)?;
+        let (major, minor) = ctx.compute_capability().map_err(dev_err)?;
+        let arch = arch_of(major, minor)?;
+        let name = ctx.name().map_err(dev_err)?;
+        use cudarc::driver::sys::CUdevice_attribute_enum as A;
+        let sms = ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(dev_err)? as usize;
+        let smem_optin = ctx
+            .attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(dev_err)? as usize;
+        let d = Arc::new(Device {
+            ctx,
+            stream,
+            name,
+            arch,
+            sms,
+            smem_optin,
+            routers: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
+        });
+        map.insert(ordinal, d.clone());
+        Ok(d)
+    }
+
+    fn load(&self, src: &str, opts: cudarc::nvrtc::CompileOptions) -> Result<Arc<CudaModule>, RouteError> {
+        let ptx = kernels::compile(src, opts)
+            .map_err(|log| RouteError::Unsupported(format!("kernel compilation failed: {log}")))?;
+        self.ctx.load_module(ptx).map_err(dev_err)
+    }
+
+    /// The routing kernels of `v`, compiled and loaded on first use.
+    pub fn router_kernels(&self, v: RouterVariant) -> Result<Arc<RouterKernels>, RouteError> {
+        let mut map = self.routers.lock().map_err(|_| unavailable("module cache poisoned"))?;
+        if let Some(k) = map.get(&v) {
+            return Ok(k.clone());
+        }
+        let module = self.load(&v.source(), v.options(self.arch))?;
+        let (rn, pn) = match v.part {
+            Part::Row => ("row_route".to_string(), "row_replay".to_string()),
+            Part::Tile(n) => (format!("tile_route_k{n}"), format!("tile_replay_k{n}")),
+        };
+        let route = module.load_function(&rn).map_err(dev_err)?;
+        let replay = module.load_function(&pn).map_err(dev_err)?;
+        set_smem(&route, self.smem_optin)?;
+        set_smem(&replay, self.smem_optin)?;
+        let k = Arc::new(RouterKernels {
+            route,
+            replay,
+            _module: module,
+        });
+        map.insert(v, k.clone());
+        Ok(k)
+    }
+
+    /// The statistics kernels of `dtype`, compiled and loaded on first use.
+    pub fn stats_kernels(&self, dtype: LogitDtype) -> Result<Arc<StatsKernels>, RouteError> {
+        let mut map = self.stats.lock().map_err(|_| unavailable("module cache poisoned"))?;
+        if let Some(k) = map.get(&dtype) {
+            return Ok(k.clone());
+        }
+        let module = self.load(&kernels::stats_source(dtype), kernels::stats_options(dtype, self.arch))?;
+        let aux_stats = module.load_function("aux_stats").map_err(dev_err)?;
+        let tokens_per_expert = module.load_function("tokens_per_expert").map_err(dev_err)?;
+        set_smem(&aux_stats, self.smem_optin)?;
+        set_smem(&tokens_per_expert, self.smem_optin)?;
+        let k = Arc::new(StatsKernels {
+            aux_stats,
+            tokens_per_expert,
+            _module: module,
+        });
+        map.insert(dtype, k.clone());
+        Ok(k)
+    }
+}

@@ -1,0 +1,936 @@
+//! [`CudaRouter`]: the [`Router`] on device logits.
+
+use crate::device::{BACKEND, Device, dev_err};
+use crate::kernels::{
+    LogitDtype, Params, Part, ROW_KCAP, RouterVariant, ScoreKind, TILE_GS_MAX, TILE_KMAX, TILE_SMEM_PER_WARP,
+    TILE_WARPS,
+};
+use crate::record::Recorder;
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
+use moe_router_core::capacity::{CapacityOutcome, apply_capacity};
+use moe_router_core::{
+    CallSite, ComputeDtype, GroupScore, HostWeights, IdsSink, LogitsRef, Normalization, ReplayError, RouteError,
+    Routed, Router, RouterConfig, validate_ids,
+};
+use ndarray::{Array2, Array3, ArrayView2};
+use std::sync::{Arc, Mutex};
+
+/// Largest number of experts the CUDA backend routes (the row kernels keep a row in shared
+/// memory). Larger configs get [`RouteError::Unsupported`] from [`CudaRouter::new`].
+pub const MAX_EXPERTS: usize = 4096;
+/// Largest K the CUDA backend routes.
+pub const MAX_TOP_K: usize = ROW_KCAP;
+/// Batches with at least this many rows use the thread-per-token tile kernels (when the config
+/// and alignment allow); smaller ones use one block per token.
+const TILE_MIN_ROWS: usize = 2048;
+
+/// Borrowed device logits of one element type. 16-bit types are passed as their raw bits
+/// (`u16`), since cudarc is built without its `f16` feature.
+#[derive(Debug)]
+pub enum LogitsView<'a> {
+    /// f32 logits.
+    F32(CudaView<'a, f32>),
+    /// bfloat16 logits, as bits.
+    Bf16(CudaView<'a, u16>),
+    /// IEEE half logits, as bits.
+    F16(CudaView<'a, u16>),
+}
+
+/// Device logits `[T, E]` (row stride `ld >= E` elements), borrowed from a device buffer.
+#[derive(Debug)]
+pub struct DeviceLogits<'a> {
+    view: LogitsView<'a>,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+}
+
+fn shape_err(what: &str) -> RouteError {
+    RouteError::Unsupported(format!("device buffer too small: {what}"))
+}
+
+impl<'a> DeviceLogits<'a> {
+    /// Wraps a view of `rows * cols` (or more) elements as dense `[rows, cols]` logits.
+    pub fn new(view: LogitsView<'a>, rows: usize, cols: usize) -> Result<Self, RouteError> {
+        Self::with_row_stride(view, rows, cols, cols)
+    }
+    /// Wraps a view as `[rows, cols]` logits whose rows start `ld` elements apart.
+    pub fn with_row_stride(view: LogitsView<'a>, rows: usize, cols: usize, ld: usize) -> Result<Self, RouteError> {
+        let len = match &view {
+            LogitsView::F32(v) => v.len(),
+            LogitsView::Bf16(v) | LogitsView::F16(v) => v.len(),
+        };
+        if ld < cols {
+            return Err(RouteError::Unsupported(format!(
+                "row stride {ld} is smaller than the row length {cols}"
+            )));
+        }
+        let need = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
+        if len < need {
+            return Err(shape_err(&format!(
+                "[{rows}, {cols}] with stride {ld} needs {need} elements, view has {len}"
+            )));
+        }
+        Ok(DeviceLogits { view, rows, cols, ld })
+    }
+    /// f32 logits `[rows, cols]`.
+    pub fn f32(view: CudaView<'a, f32>, rows: usize, cols: usize) -> Result<Self, RouteError> {
+        Self::new(LogitsView::F32(view), rows, cols)
+    }
+    /// bfloat16 logits `[rows, cols]` given as their bits.
+    pub fn bf16_bits(view: CudaView<'a, u16>, rows: usize, cols: usize) -> Result<Self, RouteError> {
+        Self::new(LogitsView::Bf16(view), rows, cols)
+    }
+    /// IEEE half logits `[rows, cols]` given as their bits.
+    pub fn f16_bits(view: CudaView<'a, u16>, rows: usize, cols: usize) -> Result<Self, RouteError> {
+        Self::new(LogitsView::F16(view), rows, cols)
+    }
+    /// `(T, E)`.
+    pub fn dim(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+    /// Element type.
+    pub fn dtype(&self) -> LogitDtype {
+        match self.view {
+            LogitsView::F32(_) => LogitDtype::F32,
+            LogitsView::Bf16(_) => LogitDtype::Bf16,
+            LogitsView::F16(_) => LogitDtype::F16,
+        }
+    }
+    /// Rows `start..end` as a new view.
+    pub fn slice_rows(&self, start: usize, end: usize) -> Result<DeviceLogits<'_>, RouteError> {
+        if start > end || end > self.rows {
+            return Err(RouteError::Unsupported(format!(
+                "rows {start}..{end} out of 0..{}",
+                self.rows
+            )));
+        }
+        let a = start * self.ld;
+        let b = if end == start {
+            a
+        } else {
+            (end - 1) * self.ld + self.cols
+        };
+        let view = match &self.view {
+            LogitsView::F32(v) => LogitsView::F32(v.slice(a..b)),
+            LogitsView::Bf16(v) => LogitsView::Bf16(v.slice(a..b)),
+            LogitsView::F16(v) => LogitsView::F16(v.slice(a..b)),
+        };
+        Ok(DeviceLogits {
+            view,
+            rows: end - start,
+            cols: self.cols,
+            ld: self.ld,
+        })
+    }
+    /// Row stride in elements.
+    pub fn row_stride(&self) -> usize {
+        self.ld
+    }
+    /// Raw device pointer (with the guard that orders the access on `stream`).
+    pub(crate) fn raw_ptr<'s>(&'s self, stream: &'s CudaStream) -> (u64, cudarc::driver::SyncOnDrop<'s>) {
+        match &self.view {
+            LogitsView::F32(v) => v.device_ptr(stream),
+            LogitsView::Bf16(v) | LogitsView::F16(v) => v.device_ptr(stream),
+        }
+    }
+}
+
+/// Logits uploaded from the host by [`CudaRouter::upload_logits`].
+#[derive(Debug)]
+pub struct LogitsBuffer {
+    data: OwnedLogits,
+    rows: usize,
+    cols: usize,
+}
+
+#[derive(Debug)]
+enum OwnedLogits {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+    F16(CudaSlice<u16>),
+}
+
+impl LogitsBuffer {
+    /// The buffer as device logits.
+    pub fn view(&self) -> DeviceLogits<'_> {
+        let view = match &self.data {
+            OwnedLogits::F32(s) => LogitsView::F32(s.as_view()),
+            OwnedLogits::Bf16(s) => LogitsView::Bf16(s.as_view()),
+            OwnedLogits::F16(s) => LogitsView::F16(s.as_view()),
+        };
+        DeviceLogits {
+            view,
+            rows: self.rows,
+            cols: self.cols,
+            ld: self.cols,
+        }
+    }
+}
+
+/// Expert ids `[T, K]` on the device (u32, row-major). Cheap to clone (shared buffer).
+#[derive(Debug, Clone)]
+pub struct DeviceIds {
+    pub(crate) buf: Arc<CudaSlice<u32>>,
+    pub(crate) rows: usize,
+    pub(crate) k: usize,
+}
+
+impl DeviceIds {
+    /// `(T, K)`.
+    pub fn dim(&self) -> (usize, usize) {
+        (self.rows, self.k)
+    }
+    /// The device buffer (at least `T * K` elements).
+    pub fn buffer(&self) -> &CudaSlice<u32> {
+        &self.buf
+    }
+}
+
+/// Weights `[T, K]` on the device (f32, row-major).
+#[derive(Debug)]
+pub struct DeviceWeights {
+    pub(crate) buf: CudaSlice<f32>,
+    pub(crate) rows: usize,
+    pub(crate) k: usize,
+}
+
+impl DeviceWeights {
+    /// `(T, K)`.
+    pub fn dim(&self) -> (usize, usize) {
+        (self.rows, self.k)
+    }
+    /// The device buffer (at least `T * K` elements).
+    pub fn buffer(&self) -> &CudaSlice<f32> {
+        &self.buf
+    }
+}
+
+/// Which kernel shape routes a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KernelChoice {
+    /// Row kernels below 2048 rows, tile kernels above (when the config and alignment allow).
+    #[default]
+    Auto,
+    /// Always one block per token.
+    Row,
+    /// Thread-per-token tile kernels whenever the config and alignment allow.
+    Tile,
+}
+
+/// Preallocated outputs for launch-only routing ([`CudaRouter::enqueue_route`]): no allocation
+/// and no synchronisation per call, so the calls can be captured into a CUDA graph. Errors are
+/// latched in a device status word and read by [`CudaRouter::take_status`]. With `layers > 0`
+/// the route kernel also writes every layer's ids into a record buffer `[max_tokens, layers, K]`
+/// (Megatron-style static recording).
+#[derive(Debug)]
+pub struct RouteBuffers {
+    ids: CudaSlice<u32>,
+    weights: CudaSlice<f32>,
+    status: CudaSlice<u64>,
+    record: Option<CudaSlice<u32>>,
+    max_tokens: usize,
+    layers: usize,
+    k: usize,
+    rows: usize,
+}
+
+impl RouteBuffers {
+    /// Ids `[max_tokens, K]` (rows `0..T` of the last call are valid).
+    pub fn ids(&self) -> &CudaSlice<u32> {
+        &self.ids
+    }
+    /// Weights `[max_tokens, K]`.
+    pub fn weights(&self) -> &CudaSlice<f32> {
+        &self.weights
+    }
+    /// The record buffer `[max_tokens, layers, K]`, if recording was asked for.
+    pub fn record(&self) -> Option<&CudaSlice<u32>> {
+        self.record.as_ref()
+    }
+    /// Rows of the last enqueued call.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+/// Normalised group limit: `None` when it keeps every group.
+#[derive(Debug, Clone, Copy)]
+struct Groups {
+    g: usize,
+    sel: usize,
+    n: usize,
+    per: usize,
+}
+
+/// The CUDA router. Create it with [`CudaRouter::new`]; it routes [`DeviceLogits`] on its own
+/// stream ([`CudaRouter::stream`]).
+#[derive(Debug)]
+pub struct CudaRouter {
+    cfg: RouterConfig,
+    dev: Arc<Device>,
+    bias: Option<CudaSlice<f32>>,
+    groups: Option<Groups>,
+    choice: Mutex<KernelChoice>,
+    recorder: Mutex<Option<Recorder>>,
+}
+
+enum Plan {
+    Row,
+    Tile(usize),
+}
+
+impl CudaRouter {
+    /// A router for `cfg` on device 0. Errors: [`RouteError::Unavailable`] without a CUDA driver,
+    /// NVRTC or device; [`RouteError::Unsupported`] for f64 compute, E > [`MAX_EXPERTS`] or
+    /// K > [`MAX_TOP_K`].
+    pub fn new(cfg: RouterConfig) -> Result<Self, RouteError> {
+        Self::on_device(cfg, 0)
+    }
+
+    /// A router for `cfg` on device `ordinal`.
+    pub fn on_device(cfg: RouterConfig, ordinal: usize) -> Result<Self, RouteError> {
+        Self::check_config(&cfg)?;
+        let dev = Device::get(ordinal)?;
+        let bias = match cfg.expert_bias() {
+            Some(b) => Some(dev.stream.clone_htod(b).map_err(dev_err)?),
+            None => None,
+        };
+        let groups = cfg.group_limit().and_then(|g| {
+            let per = cfg.num_experts() / g.num_groups;
+            if g.groups_selected >= g.num_groups {
+                return None;
+            }
+            let n = match g.score {
+                GroupScore::Max => 1,
+                GroupScore::SumTopN(n) => n,
+            };
+            Some(Groups {
+                g: g.num_groups,
+                sel: g.groups_selected,
+                n,
+                per,
+            })
+        });
+        Ok(CudaRouter {
+            cfg,
+            dev,
+            bias,
+            groups,
+            choice: Mutex::new(KernelChoice::Auto),
+            recorder: Mutex::new(None),
+        })
+    }
+
+    /// Whether the CUDA backend takes `cfg` (without touching a device).
+    pub fn check_config(cfg: &RouterConfig) -> Result<(), RouteError> {
+        if cfg.compute_dtype() != ComputeDtype::F32 {
+            return Err(RouteError::Unsupported("the CUDA backend computes in f32 only".into()));
+        }
+        if cfg.num_experts() > MAX_EXPERTS {
+            return Err(RouteError::Unsupported(format!(
+                "num_experts = {} exceeds the CUDA backend's maximum {MAX_EXPERTS}",
+                cfg.num_experts()
+            )));
+        }
+        if cfg.top_k() > MAX_TOP_K {
+            return Err(RouteError::Unsupported(format!(
+                "top_k = {} exceeds the CUDA backend's maximum {MAX_TOP_K}",
+                cfg.top_k()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The device's name (e.g. "NVIDIA H100 80GB HBM3").
+    pub fn device_name(&self) -> &str {
+        &self.dev.name
+    }
+
+    /// The stream every kernel of this router runs on (capture it for CUDA graphs).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.dev.stream
+    }
+
+    /// Number of streaming multiprocessors of the device.
+    pub fn multiprocessors(&self) -> usize {
+        self.dev.sms
+    }
+
+    /// Forces a kernel shape (for benchmarks and tests); [`KernelChoice::Auto`] by default.
+    pub fn set_kernel_choice(&self, choice: KernelChoice) {
+        if let Ok(mut c) = self.choice.lock() {
+            *c = choice;
+        }
+    }
+
+    /// Compiles (or fetches from the cache) the kernels for every logits dtype, so that the
+    /// first routing call does not pay NVRTC's compile time.
+    pub fn warm_up(&self) -> Result<(), RouteError> {
+        for d in LogitDtype::ALL {
+            self.dev.router_kernels(self.variant(d, Part::Row))?;
+        }
+        Ok(())
+    }
+
+    fn variant(&self, dtype: LogitDtype, part: Part) -> RouterVariant {
+        RouterVariant {
+            part,
+            dtype,
+            portable: self.cfg.numerics() == moe_router_core::Numerics::Portable,
+            score: ScoreKind::of(self.cfg.score(), self.cfg.softmax_position()),
+        }
+    }
+
+    /// Uploads host logits (f64 logits are rounded to f32 first).
+    pub fn upload_logits(&self, logits: &LogitsRef<'_>) -> Result<LogitsBuffer, RouteError> {
+        let (rows, cols) = logits.dim();
+        let s = &self.dev.stream;
+        let n = (rows * cols).max(1);
+        let data = match logits {
+            LogitsRef::F32(a) => {
+                let mut v: Vec<f32> = a.iter().copied().collect();
+                v.resize(n, 0.0);
+                OwnedLogits::F32(s.clone_htod(&v).map_err(dev_err)?)
+            }
+            LogitsRef::F64(a) => {
+                let mut v: Vec<f32> = a.iter().map(|&x| x as f32).collect();
+                v.resize(n, 0.0);
+                OwnedLogits::F32(s.clone_htod(&v).map_err(dev_err)?)
+            }
+            LogitsRef::Bf16(a) => {
+                let mut v: Vec<u16> = a.iter().map(|x| x.to_bits()).collect();
+                v.resize(n, 0);
+                OwnedLogits::Bf16(s.clone_htod(&v).map_err(dev_err)?)
+            }
+            LogitsRef::F16(a) => {
+                let mut v: Vec<u16> = a.iter().map(|x| x.to_bits()).collect();
+                v.resize(n, 0);
+                OwnedLogits::F16(s.clone_htod(&v).map_err(dev_err)?)
+            }
+        };
+        Ok(LogitsBuffer { data, rows, cols })
+    }
+
+    /// Routes host logits and copies the result back (convenience for the CLI and tests).
+    pub fn route_host(&self, logits: &LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        let buf = self.upload_logits(logits)?;
+        let r = self.route(&buf.view(), &CallSite::default())?;
+        Ok((self.ids_to_host(&r.ids)?, self.weights_to_host(&r.weights)?))
+    }
+
+    /// Weights of host `ids` on host logits (replay; convenience for the CLI and tests).
+    pub fn weights_host(&self, logits: &LogitsRef<'_>, ids: ArrayView2<'_, u32>) -> Result<HostWeights, RouteError> {
+        let buf = self.upload_logits(logits)?;
+        let (t, e) = logits.dim();
+        self.check_logits_shape(t, e)?;
+        let (r, c) = ids.dim();
+        if r != t || c != self.cfg.top_k() {
+            return Err(RouteError::IdsShape {
+                expected_rows: t,
+                expected_k: self.cfg.top_k(),
+                rows: r,
+                cols: c,
+            });
+        }
+        let d = self.ids_from_host(ids)?;
+        let w = self.weights_for(&buf.view(), &d, &CallSite::default())?;
+        self.weights_to_host(&w)
+    }
+
+    fn check_logits_shape(&self, rows: usize, cols: usize) -> Result<(), RouteError> {
+        if cols != self.cfg.num_experts() {
+            return Err(RouteError::LogitsShape {
+                expected_experts: self.cfg.num_experts(),
+                rows,
+                cols,
+            });
+        }
+        Ok(())
+    }
+
+    fn plan(&self, logits: &DeviceLogits<'_>, ptr: u64, replay: bool) -> Plan {
+        let choice = self.choice.lock().map(|c| *c).unwrap_or_default();
+        let k = self.cfg.top_k();
+        let lb = logits.dtype().bytes() as u64;
+        let aligned = ptr % 16 == 0 && (logits.cols as u64 * lb) % 16 == 0 && (logits.ld as u64 * lb) % 16 == 0;
+        let Some(ki) = TILE_KMAX.iter().position(|&m| m >= k) else {
+            return Plan::Row;
+        };
+        let kmax = TILE_KMAX[ki];
+        let groups_ok = replay
+            || self
+                .groups
+                .is_none_or(|g| g.g * kmax <= 64 && g.n <= kmax && g.sel <= TILE_GS_MAX);
+        let big = match choice {
+            KernelChoice::Row => false,
+            KernelChoice::Tile => true,
+            KernelChoice::Auto => logits.rows >= TILE_MIN_ROWS,
+        };
+        if big && aligned && groups_ok {
+            Plan::Tile(ki)
+        } else {
+            Plan::Row
+        }
+    }
+
+    fn params(&self, logits: &DeviceLogits<'_>, lptr: u64) -> Params {
+        let (norm, norm_param) = match self.cfg.normalization() {
+            Normalization::None => (0, 0.0),
+            Normalization::Sum { eps } => (1, eps),
+            Normalization::SumClampMin { min } => (2, min),
+        };
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.device_ptr(&self.dev.stream).0)
+            .unwrap_or(0);
+        let g = self.groups.unwrap_or(Groups {
+            g: 0,
+            sel: 0,
+            n: 0,
+            per: 0,
+        });
+        Params {
+            logits: lptr,
+            bias,
+            t: logits.rows as i64,
+            ld: logits.ld as i64,
+            e: self.cfg.num_experts() as i32,
+            k: self.cfg.top_k() as i32,
+            g: g.g as i32,
+            gsel: g.sel as i32,
+            gn: g.n as i32,
+            per: g.per as i32,
+            norm,
+            norm_param,
+            scale: self.cfg.scaling_factor(),
+            ..Params::default()
+        }
+    }
+
+    fn row_smem(&self, block: usize) -> usize {
+        let e = self.cfg.num_experts();
+        let (g, n) = self.groups.map(|g| (g.g, g.n)).unwrap_or((1, 1));
+        let bytes = e * 8 + e * 4 * 2 + g * n * 4 + g * 4 * 2 + self.cfg.top_k().max(1) * 4 + block * 4;
+        bytes.div_ceil(16) * 16
+    }
+
+    /// Enqueues the route or replay kernel for `p` on the router's stream.
+    fn launch(&self, p: Params, rows: usize, plan: &Plan, replay: bool, dtype: LogitDtype) -> Result<(), RouteError> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let part = match *plan {
+            Plan::Row => Part::Row,
+            Plan::Tile(ki) => Part::Tile(TILE_KMAX[ki]),
+        };
+        let kern = self.dev.router_kernels(self.variant(dtype, part))?;
+        let s = &self.dev.stream;
+        let (f, cfg) = match *plan {
+            Plan::Tile(ki) => {
+                let kmax = TILE_KMAX[ki];
+                let mut smem = TILE_WARPS * TILE_SMEM_PER_WARP;
+                if !replay && let Some(g) = self.groups {
+                    smem += TILE_WARPS * g.g * kmax * 32 * 8;
+                }
+                let blocks = rows.div_ceil(TILE_WARPS * 32);
+                let f = if replay { &kern.replay } else { &kern.route };
+                (
+                    f,
+                    LaunchConfig {
+                        grid_dim: (blocks as u32, 1, 1),
+                        block_dim: ((TILE_WARPS * 32) as u32, 1, 1),
+                        shared_mem_bytes: smem as u32,
+                    },
+                )
+            }
+            Plan::Row => {
+                let block = self.cfg.num_experts().next_multiple_of(32).clamp(32, 256);
+                let grid = rows.min(1 << 30);
+                let f = if replay { &kern.replay } else { &kern.route };
+                (
+                    f,
+                    LaunchConfig {
+                        grid_dim: (grid as u32, 1, 1),
+                        block_dim: (block as u32, 1, 1),
+                        shared_mem_bytes: self.row_smem(block) as u32,
+                    },
+                )
+            }
+        };
+        if cfg.shared_mem_bytes as usize > self.dev.smem_optin {
+            return Err(RouteError::Unsupported(format!(
+                "needs {} bytes of shared memory per block, the device allows {}",
+                cfg.shared_mem_bytes, self.dev.smem_optin
+            )));
+        }
+        let mut b = s.launch_builder(f);
+        b.arg(&p);
+        // SAFETY: the kernel takes one `Params` by value (layout checked in kernels.rs); every
+        // pointer in it refers to a live device buffer of at least the sizes the kernel indexes
+        // (logits [T, ld], ids/weights [T, K], tap rows of stride tap_ld, one status word),
+        // kept alive by the caller until the stream has passed this launch.
+        unsafe { b.launch(cfg) }.map_err(dev_err)?;
+        Ok(())
+    }
+
+    /// Decodes a status word (0 = success) into the reference router's error.
+    fn decode(&self, word: u64, replay_ids: Option<&DeviceIds>) -> Result<(), RouteError> {
+        if word == 0 {
+            return Ok(());
+        }
+        let key = !word;
+        let row = ((key >> 22) & ((1u64 << 40) - 1)) as usize;
+        if key >> 62 == 0 {
+            let e = self.cfg.num_experts();
+            let k = self.cfg.top_k();
+            if let Some(ids) = replay_ids {
+                let v = self
+                    .dev
+                    .stream
+                    .clone_dtoh(&ids.buf.slice(row * k..(row + 1) * k))
+                    .map_err(dev_err)?;
+                let a = Array2::from_shape_vec((1, k), v).map_err(|e| RouteError::Unsupported(e.to_string()))?;
+                return match validate_ids(a.view(), 1, e, k, &[]) {
+                    Err(RouteError::IdOutOfRange {
+                        slot, id, num_experts, ..
+                    }) => Err(RouteError::IdOutOfRange {
+                        row,
+                        slot,
+                        id,
+                        num_experts,
+                    }),
+                    Err(RouteError::DuplicateId {
+                        id,
+                        first_slot,
+                        second_slot,
+                        ..
+                    }) => Err(RouteError::DuplicateId {
+                        row,
+                        id,
+                        first_slot,
+                        second_slot,
+                    }),
+                    _ => Err(RouteError::Replay(ReplayError::InvalidRoute(format!(
+                        "replay row {row} is invalid"
+                    )))),
+                };
+            }
+            return Err(RouteError::Replay(ReplayError::InvalidRoute(format!(
+                "replay row {row} has an out-of-range or duplicate id"
+            ))));
+        }
+        if (key >> 20) & 3 == 1 {
+            return Err(RouteError::AllMasked { row });
+        }
+        let expert = ((key >> 1) & 0x7ffff) as usize;
+        let value = if key & 1 == 1 {
+            format!("{:?}", f32::INFINITY)
+        } else {
+            format!("{:?}", f32::NAN)
+        };
+        Err(RouteError::NonFiniteLogit { row, expert, value })
+    }
+
+    fn read_status(&self, status: &CudaSlice<u64>, replay_ids: Option<&DeviceIds>) -> Result<(), RouteError> {
+        let w = self.dev.stream.clone_dtoh(status).map_err(dev_err)?;
+        self.decode(w.first().copied().unwrap_or(0), replay_ids)
+    }
+
+    fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        n: usize,
+    ) -> Result<CudaSlice<T>, RouteError> {
+        // SAFETY: the buffer is uninitialised device memory; every element that is later read
+        // back (rows 0..T of the outputs) is written by the kernel first.
+        unsafe { self.dev.stream.alloc::<T>(n.max(1)) }.map_err(dev_err)
+    }
+
+    /// Allocates buffers for [`CudaRouter::enqueue_route`]: outputs for up to `max_tokens` rows
+    /// and, when `layers > 0`, a record buffer `[max_tokens, layers, K]`.
+    pub fn alloc_buffers(&self, max_tokens: usize, layers: usize) -> Result<RouteBuffers, RouteError> {
+        let k = self.cfg.top_k();
+        let record = if layers > 0 {
+            Some(
+                self.dev
+                    .stream
+                    .alloc_zeros::<u32>((max_tokens * layers * k).max(1))
+                    .map_err(dev_err)?,
+            )
+        } else {
+            None
+        };
+        Ok(RouteBuffers {
+            ids: self.alloc(max_tokens * k)?,
+            weights: self.alloc(max_tokens * k)?,
+            status: self.dev.stream.alloc_zeros::<u64>(1).map_err(dev_err)?,
+            record,
+            max_tokens,
+            layers,
+            k,
+            rows: 0,
+        })
+    }
+
+    /// Enqueues routing of `logits` into `out` (and, with a record buffer, into its layer
+    /// `layer`), without allocating or synchronising: safe to capture into a CUDA graph. Errors
+    /// in the data are latched in `out` and returned by [`CudaRouter::take_status`].
+    pub fn enqueue_route(
+        &self,
+        logits: &DeviceLogits<'_>,
+        layer: usize,
+        out: &mut RouteBuffers,
+    ) -> Result<(), RouteError> {
+        let (t, e) = logits.dim();
+        self.check_logits_shape(t, e)?;
+        if t > out.max_tokens || out.k != self.cfg.top_k() {
+            return Err(RouteError::Unsupported(format!(
+                "buffers hold {} rows of K = {}, the call needs {t} rows of K = {}",
+                out.max_tokens,
+                out.k,
+                self.cfg.top_k()
+            )));
+        }
+        if out.record.is_some() && layer >= out.layers {
+            return Err(RouteError::Unsupported(format!(
+                "layer {layer} out of the record buffer's {} layers",
+                out.layers
+            )));
+        }
+        let s = &self.dev.stream;
+        let (lptr, _g) = logits.raw_ptr(s);
+        let mut p = self.params(logits, lptr);
+        p.ids = out.ids.device_ptr(s).0;
+        p.weights = out.weights.device_ptr(s).0;
+        p.status = out.status.device_ptr(s).0;
+        if let Some(r) = &out.record {
+            p.tap = r.device_ptr(s).0 + (layer * out.k * 4) as u64;
+            p.tap_ld = (out.layers * out.k) as i64;
+        }
+        let plan = self.plan(logits, lptr, false);
+        self.launch(p, t, &plan, false, logits.dtype())?;
+        out.rows = t;
+        Ok(())
+    }
+
+    /// Enqueues replay: the weights of `ids` (`[T, K]` on the device) into `out`'s weights.
+    /// Launch only, like [`CudaRouter::enqueue_route`].
+    pub fn enqueue_replay(
+        &self,
+        logits: &DeviceLogits<'_>,
+        ids: &CudaView<'_, u32>,
+        out: &mut RouteBuffers,
+    ) -> Result<(), RouteError> {
+        let (t, e) = logits.dim();
+        self.check_logits_shape(t, e)?;
+        let k = self.cfg.top_k();
+        if t > out.max_tokens || out.k != k || ids.len() < t * k {
+            return Err(RouteError::IdsShape {
+                expected_rows: t,
+                expected_k: k,
+                rows: ids.len() / k.max(1),
+                cols: k,
+            });
+        }
+        let s = &self.dev.stream;
+        let (lptr, _g) = logits.raw_ptr(s);
+        let (iptr, _gi) = ids.device_ptr(s);
+        let mut p = self.params(logits, lptr);
+        p.ids = iptr;
+        p.weights = out.weights.device_ptr(s).0;
+        p.status = out.status.device_ptr(s).0;
+        let plan = self.plan(logits, lptr, true);
+        self.launch(p, t, &plan, true, logits.dtype())?;
+        out.rows = t;
+        Ok(())
+    }
+
+    /// Waits for the router's stream, returns the first error latched in `out` since the last
+    /// call (in the reference router's order) and clears it.
+    pub fn take_status(&self, out: &mut RouteBuffers) -> Result<(), RouteError> {
+        let r = self.read_status(&out.status, None);
+        self.dev.stream.memset_zeros(&mut out.status).map_err(dev_err)?;
+        r
+    }
+
+    /// Copies the record buffer to the host as `[max_tokens, layers, K]`.
+    pub fn recorded_ids(&self, out: &RouteBuffers) -> Result<Array3<u32>, RouteError> {
+        let Some(r) = &out.record else {
+            return Err(RouteError::Unsupported(
+                "these buffers were allocated without a record buffer".into(),
+            ));
+        };
+        let mut v = self.dev.stream.clone_dtoh(r).map_err(dev_err)?;
+        v.truncate(out.max_tokens * out.layers * out.k);
+        Array3::from_shape_vec((out.max_tokens, out.layers, out.k), v)
+            .map_err(|e| RouteError::Unsupported(e.to_string()))
+    }
+
+    /// Capacity dropping (DESIGN §2 step 8) as a documented host step: the ids and weights are
+    /// copied to the host and `moe_router_core::capacity::apply_capacity` decides, so the result
+    /// is exactly the reference's. Errors when the config has no capacity.
+    pub fn apply_capacity(&self, ids: &DeviceIds, weights: &DeviceWeights) -> Result<CapacityOutcome, RouteError> {
+        let Some(cap) = self.cfg.capacity() else {
+            return Err(RouteError::Unsupported("the config has no capacity".into()));
+        };
+        let i = self.ids_to_host(ids)?;
+        let w = self.weights_to_host(weights)?.to_f64();
+        Ok(apply_capacity(&cap, i.view(), w.view(), self.cfg.num_experts()))
+    }
+
+    /// Blocks until every recording handed to a sink so far has been delivered.
+    pub fn flush_records(&self) -> Result<(), RouteError> {
+        let guard = self
+            .recorder
+            .lock()
+            .map_err(|_| RouteError::Unsupported("recorder poisoned".into()))?;
+        match guard.as_ref() {
+            Some(r) => r.flush(),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn device(&self) -> &Arc<Device> {
+        &self.dev
+    }
+}
+
+impl Router for CudaRouter {
+    type Logits<'a> = DeviceLogits<'a>;
+    type Ids = DeviceIds;
+    type Weights = DeviceWeights;
+
+    fn config(&self) -> &RouterConfig {
+        &self.cfg
+    }
+    fn backend_name(&self) -> &'static str {
+        BACKEND
+    }
+    fn batch_rows(&self, logits: &DeviceLogits<'_>) -> usize {
+        logits.rows
+    }
+
+    fn route(
+        &self,
+        logits: &DeviceLogits<'_>,
+        _site: &CallSite<'_>,
+    ) -> Result<Routed<DeviceIds, DeviceWeights>, RouteError> {
+        let (t, e) = logits.dim();
+        self.check_logits_shape(t, e)?;
+        let k = self.cfg.top_k();
+        let ids = self.alloc::<u32>(t * k)?;
+        let weights = self.alloc::<f32>(t * k)?;
+        let status = self.dev.stream.alloc_zeros::<u64>(1).map_err(dev_err)?;
+        {
+            let s = &self.dev.stream;
+            let (lptr, _g) = logits.raw_ptr(s);
+            let mut p = self.params(logits, lptr);
+            p.ids = ids.device_ptr(s).0;
+            p.weights = weights.device_ptr(s).0;
+            p.status = status.device_ptr(s).0;
+            let plan = self.plan(logits, lptr, false);
+            self.launch(p, t, &plan, false, logits.dtype())?;
+        }
+        self.read_status(&status, None)?;
+        Ok(Routed {
+            ids: DeviceIds {
+                buf: Arc::new(ids),
+                rows: t,
+                k,
+            },
+            weights: DeviceWeights {
+                buf: weights,
+                rows: t,
+                k,
+            },
+        })
+    }
+
+    fn weights_for(
+        &self,
+        logits: &DeviceLogits<'_>,
+        ids: &DeviceIds,
+        _site: &CallSite<'_>,
+    ) -> Result<DeviceWeights, RouteError> {
+        let (t, e) = logits.dim();
+        self.check_logits_shape(t, e)?;
+        let k = self.cfg.top_k();
+        if ids.rows != t || ids.k != k {
+            return Err(RouteError::IdsShape {
+                expected_rows: t,
+                expected_k: k,
+                rows: ids.rows,
+                cols: ids.k,
+            });
+        }
+        let weights = self.alloc::<f32>(t * k)?;
+        let status = self.dev.stream.alloc_zeros::<u64>(1).map_err(dev_err)?;
+        {
+            let s = &self.dev.stream;
+            let (lptr, _g) = logits.raw_ptr(s);
+            let mut p = self.params(logits, lptr);
+            p.ids = ids.buf.device_ptr(s).0;
+            p.weights = weights.device_ptr(s).0;
+            p.status = status.device_ptr(s).0;
+            let plan = self.plan(logits, lptr, true);
+            self.launch(p, t, &plan, true, logits.dtype())?;
+        }
+        self.read_status(&status, Some(ids))?;
+        Ok(DeviceWeights {
+            buf: weights,
+            rows: t,
+            k,
+        })
+    }
+
+    fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<DeviceIds, RouteError> {
+        let (rows, k) = ids.dim();
+        if k != self.cfg.top_k() {
+            return Err(RouteError::IdsShape {
+                expected_rows: rows,
+                expected_k: self.cfg.top_k(),
+                rows,
+                cols: k,
+            });
+        }
+        let mut v: Vec<u32> = ids.iter().copied().collect();
+        if v.is_empty() {
+            v.push(0);
+        }
+        let buf = self.dev.stream.clone_htod(&v).map_err(dev_err)?;
+        Ok(DeviceIds {
+            buf: Arc::new(buf),
+            rows,
+            k,
+        })
+    }
+
+    fn ids_to_host(&self, ids: &DeviceIds) -> Result<Array2<u32>, RouteError> {
+        let mut v = self.dev.stream.clone_dtoh(&*ids.buf).map_err(dev_err)?;
+        v.truncate(ids.rows * ids.k);
+        Array2::from_shape_vec((ids.rows, ids.k), v).map_err(|e| RouteError::Unsupported(e.to_string()))
+    }
+
+    fn weights_to_host(&self, weights: &DeviceWeights) -> Result<HostWeights, RouteError> {
+        let mut v = self.dev.stream.clone_dtoh(&weights.buf).map_err(dev_err)?;
+        v.truncate(weights.rows * weights.k);
+        Array2::from_shape_vec((weights.rows, weights.k), v)
+            .map(HostWeights::F32)
+            .map_err(|e| RouteError::Unsupported(e.to_string()))
+    }
+
+    fn record_ids(&self, ids: &DeviceIds, sink: IdsSink) -> Result<(), RouteError> {
+        let mut guard = self
+            .recorder
+            .lock()
+            .map_err(|_| RouteError::Unsupported("recorder poisoned".into()))?;
+        if guard.is_none() {
+            *guard = Some(Recorder::new(self.dev.clone())?);
+        }
+        match guard.as_ref() {
+            Some(r) => r.record(ids, sink),
+            None => Err(RouteError::Unsupported("recorder unavailable".into())),
+        }
+    }
+}
