@@ -2,6 +2,8 @@
 
 #![allow(missing_docs)]
 
+mod bad_input;
+mod cli_route;
 #[allow(dead_code)]
 mod conformance;
 mod cpu;
@@ -11,3 +13,5 @@ mod math;
 mod routing;
 #[cfg(feature = "wgpu")]
 mod wgpu;
+mod replay;
+mod trace;

@@ -473,14 +473,23 @@ impl TraceFile {
         let mut chunks = Vec::new();
         let mut off = body_start;
         let mut end = body_start as u64;
+        let mut next_index = 0u64;
         while off < b.len() {
             match format::probe_frame(b, off) {
                 FrameProbe::Chunk(head) => {
-                    if head.index as usize != chunks.len() {
+                    // Chunk indices count up by one; in salvage mode a gap left by skipped damage
+                    // is allowed.
+                    let expected = next_index;
+                    let ok = if salvage && !report.damaged.is_empty() {
+                        u64::from(head.index) >= expected
+                    } else {
+                        u64::from(head.index) == expected
+                    };
+                    if !ok {
                         let err = TraceError::Malformed {
                             what: "chunk".into(),
                             offset: off as u64,
-                            reason: format!("chunk index {} where {} was expected", head.index, chunks.len()),
+                            reason: format!("chunk index {} where {expected} was expected", head.index),
                         };
                         if !salvage {
                             return Err(err);
@@ -497,6 +506,7 @@ impl TraceFile {
                         offset: off as u64,
                         head,
                     });
+                    next_index = u64::from(head.index) + 1;
                     off += head.frame_len() as usize;
                     end = off as u64;
                 }
