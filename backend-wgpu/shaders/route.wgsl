@@ -2,7 +2,8 @@
 // the subgroup size. Mirrors `moe_router_core::reference` step by step (DESIGN §2):
 // widen -> keys -> group limit -> top-K (key descending, ties -> lower id) -> weights ->
 // normalise -> scale. The generated header defines the constants E, K, G, PER, GSEL, GN,
-// SCORE, NORM, HAS_BIAS, NATIVE, STEP, WG, the logits binding and `load_chunk` / `load_elem`.
+// SCORE, NORM, HAS_BIAS, NATIVE, PRUNE, STEP, WG, the logits binding and `load_chunk` /
+// `load_elem`.
 
 struct Params {
     rows: u32,
@@ -68,6 +69,25 @@ fn key_of(x: f32, e: u32, m: f32, s: f32) -> f32 {
         k = m_ftz(k + bias[e]);
     }
     return k;
+}
+
+// Upper bound of key_of(x, e) for sigmoid / sqrt-softplus from the device's fast built-ins,
+// with a margin (2^-10 relative + 2^-24 absolute) far above their error bounds (WGSL allows
+// exp 3 + 2|x| ulp and division 2.5 ulp). Experts whose bound is below the current threshold
+// cannot enter a top list, so their exact (expensive) key is never computed: the result is
+// unchanged. A NaN bound compares false, i.e. the exact key is computed.
+fn key_ub(x: f32, e: u32) -> f32 {
+    var sc: f32;
+    if (SCORE == SCORE_SIGMOID) {
+        sc = n_sigmoid(x);
+    } else {
+        sc = n_sqrt_softplus(x);
+    }
+    var ub = sc * 1.0009765625 + 5.9604645e-8;
+    if (HAS_BIAS) {
+        ub = ub + bias[e];
+    }
+    return ub;
 }
 
 // Unbiased score of a selected expert for the weights (sigmoid / sqrt-softplus / softmax-before).
@@ -224,6 +244,9 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
                     report(0u, row);
                     return;
                 }
+                if (PRUNE && key_ub(x, e + j) < tk[K - 1u]) {
+                    continue;
+                }
                 consider(&tk, &ti, key_of(x, e + j, m, s), e + j);
             }
         }
@@ -244,6 +267,9 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
                     if (SCORE != SCORE_SOFTMAX_BEFORE && is_bad(x)) {
                         report(0u, row);
                         return;
+                    }
+                    if (PRUNE && key_ub(x, e + j) < top[GN - 1u]) {
+                        continue;
                     }
                     var ck = key_of(x, e + j, m, s);
                     if (ck > top[GN - 1u]) {
@@ -299,7 +325,11 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
                 for (var e = g0; e < g0 + PER; e += STEP) {
                     var c = load_chunk(base + e);
                     for (var j = 0u; j < STEP; j++) {
-                        consider(&tk, &ti, key_of(widen(c[j]), e + j, m, s), e + j);
+                        let x = widen(c[j]);
+                        if (PRUNE && key_ub(x, e + j) < tk[K - 1u]) {
+                            continue;
+                        }
+                        consider(&tk, &ti, key_of(x, e + j, m, s), e + j);
                     }
                 }
             } else if (ti[K - 1u] == SENT) {

@@ -128,7 +128,9 @@ pub struct WgpuContext {
 
 impl std::fmt::Debug for WgpuContext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WgpuContext").field("adapter", &self.desc).finish_non_exhaustive()
+        f.debug_struct("WgpuContext")
+            .field("adapter", &self.desc)
+            .finish_non_exhaustive()
     }
 }
 
@@ -328,7 +330,9 @@ impl WgpuContext {
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         enc.copy_buffer_to_buffer(src, offset, &rb, 0, padded);
         self.queue.submit([enc.finish()]);
         let out = self.map_read(&rb, padded)?;

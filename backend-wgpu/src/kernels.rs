@@ -7,8 +7,8 @@
 //! Rust constants the reference uses.
 
 use crate::context::{WgpuContext, device_err};
-use moe_router_core::{GroupScore, Normalization, Numerics, RouterConfig, ScoreFunction, SoftmaxPosition};
 use moe_router_core::RouteError;
+use moe_router_core::{GroupScore, Normalization, Numerics, RouterConfig, ScoreFunction, SoftmaxPosition};
 
 /// The portable math, mirrored from `moe_router_core::math`.
 pub const MATH_WGSL: &str = include_str!("../shaders/math.wgsl");
@@ -64,6 +64,7 @@ pub(crate) struct KernelSpec {
     pub norm: u32,
     pub has_bias: bool,
     pub native: bool,
+    pub prune: bool,
     pub dtype: LogitsDtype,
     pub step: u32,
 }
@@ -73,7 +74,9 @@ fn gcd(a: u32, b: u32) -> u32 {
 }
 
 impl KernelSpec {
-    pub(crate) fn new(cfg: &RouterConfig, dtype: LogitsDtype) -> KernelSpec {
+    /// `prune`: skip exact keys that a fast upper bound rules out (portable sigmoid and
+    /// sqrt-softplus only; results are unchanged).
+    pub(crate) fn new(cfg: &RouterConfig, dtype: LogitsDtype, prune: bool) -> KernelSpec {
         let e = cfg.num_experts() as u32;
         let (g, gsel, gn) = match cfg.group_limit() {
             None => (1, 1, 1),
@@ -128,6 +131,7 @@ impl KernelSpec {
             norm,
             has_bias: cfg.has_bias(),
             native: cfg.numerics() == Numerics::Native,
+            prune: prune && cfg.numerics() == Numerics::Portable && score >= 2,
             dtype,
             step,
         }
@@ -149,6 +153,7 @@ impl KernelSpec {
         c(&mut h, "WG", WG);
         h.push_str(&format!("const HAS_BIAS: bool = {};\n", self.has_bias));
         h.push_str(&format!("const NATIVE: bool = {};\n", self.native));
+        h.push_str(&format!("const PRUNE: bool = {};\n", self.prune));
         h.push_str(&math_consts());
         h.push_str(&loads(self.dtype, self.step));
         h
@@ -213,9 +218,7 @@ pub(crate) fn math_consts() -> String {
 fn loads(dtype: LogitsDtype, step: u32) -> String {
     let conv = match dtype {
         LogitsDtype::F32 => "",
-        LogitsDtype::Bf16 => {
-            "fn h2f(h: u32) -> f32 {\n    return bitcast<f32>(h << 16u);\n}\n"
-        }
+        LogitsDtype::Bf16 => "fn h2f(h: u32) -> f32 {\n    return bitcast<f32>(h << 16u);\n}\n",
         LogitsDtype::F16 => {
             "fn h2f(h: u32) -> f32 {\n    let s = (h & 0x8000u) << 16u;\n    let e = (h >> 10u) & 0x1fu;\n    \
              let m = h & 0x3ffu;\n    if (e == 0x1fu) {\n        return bitcast<f32>(s | 0x7f800000u | (m << 13u));\n    }\n    \
@@ -302,7 +305,13 @@ pub(crate) fn compile(
 
 impl KernelSet {
     pub(crate) fn build(ctx: &WgpuContext, spec: &KernelSpec) -> Result<KernelSet, RouteError> {
-        let mut p = compile(ctx, "moe-router route", spec.route_source(), &ctx.layout, &["route", "replay"])?;
+        let mut p = compile(
+            ctx,
+            "moe-router route",
+            spec.route_source(),
+            &ctx.layout,
+            &["route", "replay"],
+        )?;
         let replay = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
         let route = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
         Ok(KernelSet { route, replay })

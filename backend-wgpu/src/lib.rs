@@ -28,4 +28,4 @@ pub mod stats;
 
 pub use context::{AdapterDescription, AdapterOptions, ENV_ADAPTER, ENV_BACKEND, WgpuContext};
 pub use kernels::LogitsDtype;
-pub use router::{DeviceLogits, WgpuIds, WgpuLogits, WgpuRouter, WgpuWeights};
+pub use router::{DeviceLogits, RouteTargets, WgpuIds, WgpuLogits, WgpuRouter, WgpuWeights};

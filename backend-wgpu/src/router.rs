@@ -186,6 +186,32 @@ impl WgpuWeights {
     }
 }
 
+/// Preallocated outputs (ids, weights), params and error flags for the no-synchronisation
+/// entry points [`WgpuRouter::encode_route`] and [`WgpuRouter::encode_replay`].
+#[derive(Debug)]
+pub struct RouteTargets {
+    ids: WgpuIds,
+    weights: WgpuWeights,
+    params: wgpu::Buffer,
+    err: wgpu::Buffer,
+    dtype: LogitsDtype,
+}
+
+impl RouteTargets {
+    /// The ids (output of route, input of replay).
+    pub fn ids(&self) -> &WgpuIds {
+        &self.ids
+    }
+    /// The weights.
+    pub fn weights(&self) -> &WgpuWeights {
+        &self.weights
+    }
+    /// Clears the error flags (record before the dispatches whose errors you want to see).
+    pub fn clear_errors(&self, enc: &mut wgpu::CommandEncoder) {
+        enc.clear_buffer(&self.err, 0, None);
+    }
+}
+
 /// Reused buffers of the host-convenience paths, grown on demand.
 struct Scratch {
     input: Option<wgpu::Buffer>,
@@ -279,6 +305,7 @@ pub struct WgpuRouter {
     kernels: Mutex<HashMap<LogitsDtype, Arc<KernelSet>>>,
     scratch: Mutex<Scratch>,
     max_rows: Option<usize>,
+    prune: bool,
 }
 
 impl std::fmt::Debug for WgpuRouter {
@@ -353,6 +380,7 @@ impl WgpuRouter {
                 err,
             }),
             max_rows: None,
+            prune: std::env::var_os("MOE_ROUTER_WGPU_PRUNE").is_some(),
         })
     }
 
@@ -361,6 +389,17 @@ impl WgpuRouter {
     /// only lowers the split point (for tests of the splitting, or to bound one dispatch's time).
     pub fn with_max_rows_per_dispatch(mut self, rows: usize) -> Self {
         self.max_rows = Some((rows / 256 * 256).max(256));
+        self
+    }
+
+    /// Turns the bound-based skipping of exact keys on or off (off by default; the environment
+    /// variable `MOE_ROUTER_WGPU_PRUNE` turns it on). In portable mode with sigmoid or
+    /// sqrt-softplus scores the kernel first bounds each key with the device's fast built-ins and
+    /// computes the exact (software) key only where the bound does not rule the expert out; the
+    /// ids and weights are the same either way, only the speed differs.
+    pub fn with_pruning(mut self, on: bool) -> Self {
+        self.prune = on;
+        self.kernels = Mutex::new(HashMap::new());
         self
     }
 
@@ -385,7 +424,7 @@ impl WgpuRouter {
         if let Some(k) = map.get(&dtype) {
             return Ok(k.clone());
         }
-        let k = self.ctx.kernels(&KernelSpec::new(&self.cfg, dtype))?;
+        let k = self.ctx.kernels(&KernelSpec::new(&self.cfg, dtype, self.prune))?;
         map.insert(dtype, k.clone());
         Ok(k)
     }
@@ -538,7 +577,10 @@ impl WgpuRouter {
     /// are reused across calls.
     pub fn route_host(&self, logits: &LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
         let (ids, w) = self.run_host(logits, None)?;
-        Ok((ids.unwrap_or_else(|| Array2::zeros((0, self.cfg.top_k()))), HostWeights::F32(w)))
+        Ok((
+            ids.unwrap_or_else(|| Array2::zeros((0, self.cfg.top_k()))),
+            HostWeights::F32(w),
+        ))
     }
 
     /// Weights of the given host ids (slot order kept) on host logits: the replay entry point.
@@ -577,7 +619,13 @@ impl WgpuRouter {
             "moe-router input",
         );
         ensure(&mut s.ids, dev, (t * k * 4) as u64, STORAGE_OUT, "moe-router ids");
-        ensure(&mut s.weights, dev, (t * k * 4) as u64, STORAGE_OUT, "moe-router weights");
+        ensure(
+            &mut s.weights,
+            dev,
+            (t * k * 4) as u64,
+            STORAGE_OUT,
+            "moe-router weights",
+        );
         ensure(
             &mut s.readback,
             dev,
@@ -604,7 +652,11 @@ impl WgpuRouter {
             self.ctx.queue.write_buffer(ids, 0, bytemuck::cast_slice(&v));
         }
         self.write_params(params, &chunks);
-        let kind = if replay_ids.is_some() { Kind::Replay } else { Kind::Route };
+        let kind = if replay_ids.is_some() {
+            Kind::Replay
+        } else {
+            Kind::Route
+        };
         let src = bytes.bytes();
         for (i, ch) in chunks.iter().enumerate() {
             let a = ch.r0 * row_bytes;
@@ -621,7 +673,21 @@ impl WgpuRouter {
                 enc.clear_buffer(&s.err, 0, None);
             }
             // Each chunk has its own params slot (index i); the input buffer holds this chunk.
-            self.encode(&mut enc, &ks, kind, params, i, &s.err, input, |_| 0, ids, w, |c| c.r0, &[*ch], dtype);
+            self.encode(
+                &mut enc,
+                &ks,
+                kind,
+                params,
+                i,
+                &s.err,
+                input,
+                |_| 0,
+                ids,
+                w,
+                |c| c.r0,
+                &[*ch],
+                dtype,
+            );
             if i + 1 == chunks.len() {
                 let ob = (t * k * 4) as u64;
                 enc.copy_buffer_to_buffer(w, 0, rb, 0, ob);
@@ -635,7 +701,9 @@ impl WgpuRouter {
         let ob = t * k * 4;
         let out = self.ctx.map_read(rb, (2 * ob + 16) as u64)?;
         let err: [u32; 4] = bytemuck::pod_read_unaligned(&out[2 * ob..2 * ob + 16]);
-        self.check_err(err, |row| Ok(logits.slice_rows(row, row + 1)).map(|l| host_row_err(&self.cfg, &l, row)))?;
+        self.check_err(err, |row| {
+            Ok(logits.slice_rows(row, row + 1)).map(|l| host_row_err(&self.cfg, &l, row))
+        })?;
         let wv: Vec<f32> = bytemuck::pod_collect_to_vec(&out[..ob]);
         let w = Array2::from_shape_vec((t, k), wv).map_err(|e| device_err(e.to_string()))?;
         let ids = if kind == Kind::Route {
@@ -698,12 +766,10 @@ impl WgpuRouter {
         })
     }
 
-    /// Records route (`ids_in` = None) or replay dispatches for device logits into `enc`, with
-    /// outputs into `ids` / `w`. The error flags go to `err` (16 bytes, cleared by the caller).
-    /// This is the no-synchronisation entry point (e.g. for benchmarks or for embedding routing
-    /// into a larger command stream); errors are only visible through `err`.
+    /// Records route or replay dispatches for device logits into `enc`, outputs into `ids` / `w`,
+    /// error flags into `err`.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn encode_device(
+    fn encode_device(
         &self,
         enc: &mut wgpu::CommandEncoder,
         kind_replay: bool,
@@ -737,7 +803,7 @@ impl WgpuRouter {
     }
 
     /// A params buffer for device-path dispatches of `rows` rows of `dtype`, already written.
-    pub(crate) fn device_params(&self, rows: usize, dtype: LogitsDtype) -> wgpu::Buffer {
+    fn device_params(&self, rows: usize, dtype: LogitsDtype) -> wgpu::Buffer {
         let chunks = self.chunks(rows, dtype);
         let params = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("moe-router params"),
@@ -749,6 +815,81 @@ impl WgpuRouter {
         params
     }
 
+    /// Preallocated outputs for [`WgpuRouter::encode_route`] / [`WgpuRouter::encode_replay`]:
+    /// batches of `rows` rows of `dtype`.
+    pub fn targets(&self, rows: usize, dtype: LogitsDtype) -> RouteTargets {
+        let k = self.cfg.top_k();
+        RouteTargets {
+            ids: WgpuIds {
+                buffer: self.out_buffer(rows, "moe-router ids"),
+                rows,
+                k,
+            },
+            weights: WgpuWeights {
+                buffer: self.out_buffer(rows, "moe-router weights"),
+                rows,
+                k,
+            },
+            params: self.device_params(rows, dtype),
+            err: self.new_err_buffer(),
+            dtype,
+        }
+    }
+
+    fn check_targets(&self, logits: &DeviceLogits, t: &RouteTargets) -> Result<(), RouteError> {
+        if t.ids.rows != logits.rows || t.dtype != logits.dtype {
+            return Err(RouteError::Unsupported(format!(
+                "targets for {} rows of {} used with {} rows of {}",
+                t.ids.rows,
+                t.dtype.name(),
+                logits.rows,
+                logits.dtype.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Records the routing of device `logits` into `enc` without any synchronisation: ids and
+    /// weights land in `t`. Errors (NaN/+inf, all-masked rows) are only flagged in `t`; read
+    /// them with [`WgpuRouter::check_targets_errors`] after the submission. For embedding routing
+    /// in a larger command stream and for benchmarks.
+    pub fn encode_route(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        logits: &DeviceLogits,
+        t: &RouteTargets,
+    ) -> Result<(), RouteError> {
+        self.check_targets(logits, t)?;
+        self.encode_device(enc, false, logits, &t.ids.buffer, &t.weights.buffer, &t.params, &t.err)
+    }
+
+    /// Records the replay (weights of the ids already in `t.ids()`) of device `logits` into
+    /// `enc`, like [`WgpuRouter::encode_route`].
+    pub fn encode_replay(
+        &self,
+        enc: &mut wgpu::CommandEncoder,
+        logits: &DeviceLogits,
+        t: &RouteTargets,
+    ) -> Result<(), RouteError> {
+        self.check_targets(logits, t)?;
+        self.encode_device(enc, true, logits, &t.ids.buffer, &t.weights.buffer, &t.params, &t.err)
+    }
+
+    /// Reads the error flags of `t` (blocking) and returns the first flagged row's kind: the row
+    /// index and whether it was a NaN/+inf (true) or an all-masked softmax (false).
+    pub fn check_targets_errors(&self, t: &RouteTargets) -> Result<Option<(usize, bool)>, RouteError> {
+        let e = self.ctx.read_bytes(&t.err, 0, 16)?;
+        let err: [u32; 4] = bytemuck::pod_read_unaligned(&e);
+        let nf = (err[0] != 0).then(|| !err[0] as usize);
+        let ms = (err[1] != 0).then(|| !err[1] as usize);
+        Ok(match (nf, ms) {
+            (Some(a), Some(b)) => Some(if a <= b { (a, true) } else { (b, false) }),
+            (Some(a), None) => Some((a, true)),
+            (None, Some(b)) => Some((b, false)),
+            (None, None) => None,
+        })
+    }
+
     pub(crate) fn new_err_buffer(&self) -> wgpu::Buffer {
         self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("moe-router err"),
@@ -758,7 +899,11 @@ impl WgpuRouter {
         })
     }
 
-    fn run_device(&self, logits: &DeviceLogits, replay: Option<&WgpuIds>) -> Result<Routed<WgpuIds, WgpuWeights>, RouteError> {
+    fn run_device(
+        &self,
+        logits: &DeviceLogits,
+        replay: Option<&WgpuIds>,
+    ) -> Result<Routed<WgpuIds, WgpuWeights>, RouteError> {
         let (t, _) = logits.dim();
         let ids = match replay {
             Some(r) => r.buffer.clone(),
@@ -768,7 +913,10 @@ impl WgpuRouter {
         if t > 0 {
             let params = self.device_params(t, logits.dtype);
             let err = self.new_err_buffer();
-            let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+            let mut enc = self
+                .ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
             self.encode_device(&mut enc, replay.is_some(), logits, &ids, &w, &params, &err)?;
             self.ctx.queue.submit([enc.finish()]);
             let e = self.ctx.read_bytes(&err, 0, 16)?;
@@ -780,7 +928,9 @@ impl WgpuRouter {
                 let v: Vec<u32> = bytemuck::pod_collect_to_vec(&b);
                 let a = Array2::from_shape_vec((1, k), v).map_err(|e| device_err(e.to_string()))?;
                 return Err(match validate_ids(a.view(), 1, self.cfg.num_experts(), k, &[]) {
-                    Err(RouteError::IdOutOfRange { slot, id, num_experts, .. }) => RouteError::IdOutOfRange {
+                    Err(RouteError::IdOutOfRange {
+                        slot, id, num_experts, ..
+                    }) => RouteError::IdOutOfRange {
                         row,
                         slot,
                         id,
@@ -814,7 +964,11 @@ impl WgpuRouter {
         }
         let k = self.cfg.top_k();
         Ok(Routed {
-            ids: WgpuIds { buffer: ids, rows: t, k },
+            ids: WgpuIds {
+                buffer: ids,
+                rows: t,
+                k,
+            },
             weights: WgpuWeights { buffer: w, rows: t, k },
         })
     }
@@ -829,7 +983,8 @@ impl WgpuRouter {
     /// Reads a device ids buffer into a host array.
     fn ids_host(&self, ids: &WgpuIds) -> Result<Array2<u32>, RouteError> {
         let b = self.ctx.read_bytes(&ids.buffer, 0, (ids.rows * ids.k * 4) as u64)?;
-        Array2::from_shape_vec((ids.rows, ids.k), bytemuck::pod_collect_to_vec(&b)).map_err(|e| device_err(e.to_string()))
+        Array2::from_shape_vec((ids.rows, ids.k), bytemuck::pod_collect_to_vec(&b))
+            .map_err(|e| device_err(e.to_string()))
     }
 }
 
@@ -855,12 +1010,14 @@ fn device_row_err(cfg: &RouterConfig, bytes: &[u8], dtype: LogitsDtype, cols: us
         }
         LogitsDtype::Bf16 => {
             let v: Vec<half::bf16> = bytemuck::pod_collect_to_vec(bytes);
-            let a = Array2::from_shape_vec((1, cols), v).unwrap_or_else(|_| Array2::from_elem((1, cols), half::bf16::ZERO));
+            let a =
+                Array2::from_shape_vec((1, cols), v).unwrap_or_else(|_| Array2::from_elem((1, cols), half::bf16::ZERO));
             host_row_err(cfg, &LogitsRef::Bf16(a.view()), row)
         }
         LogitsDtype::F16 => {
             let v: Vec<half::f16> = bytemuck::pod_collect_to_vec(bytes);
-            let a = Array2::from_shape_vec((1, cols), v).unwrap_or_else(|_| Array2::from_elem((1, cols), half::f16::ZERO));
+            let a =
+                Array2::from_shape_vec((1, cols), v).unwrap_or_else(|_| Array2::from_elem((1, cols), half::f16::ZERO));
             host_row_err(cfg, &LogitsRef::F16(a.view()), row)
         }
     }
@@ -891,7 +1048,12 @@ impl Router for WgpuRouter {
         let d = self.device_logits(logits)?;
         self.run_device(&d, None)
     }
-    fn weights_for(&self, logits: &WgpuLogits<'_>, ids: &WgpuIds, _site: &CallSite<'_>) -> Result<WgpuWeights, RouteError> {
+    fn weights_for(
+        &self,
+        logits: &WgpuLogits<'_>,
+        ids: &WgpuIds,
+        _site: &CallSite<'_>,
+    ) -> Result<WgpuWeights, RouteError> {
         let (t, e) = logits.dim();
         self.check_cols(t, e)?;
         if ids.rows != t || ids.k != self.cfg.top_k() {
@@ -926,7 +1088,9 @@ impl Router for WgpuRouter {
         self.ids_host(ids)
     }
     fn weights_to_host(&self, weights: &WgpuWeights) -> Result<HostWeights, RouteError> {
-        let b = self.ctx.read_bytes(&weights.buffer, 0, (weights.rows * weights.k * 4) as u64)?;
+        let b = self
+            .ctx
+            .read_bytes(&weights.buffer, 0, (weights.rows * weights.k * 4) as u64)?;
         let a = Array2::from_shape_vec((weights.rows, weights.k), bytemuck::pod_collect_to_vec(&b))
             .map_err(|e| device_err(e.to_string()))?;
         Ok(HostWeights::F32(a))

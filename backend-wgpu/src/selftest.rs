@@ -89,7 +89,12 @@ pub fn eval(ctx: &WgpuContext, f: MathFn, a: &[f32], b: &[f32]) -> Result<Vec<f3
     if n == 0 {
         return Ok(Vec::new());
     }
-    let src = format!("const NATIVE: bool = false;\n{}\n{}\n{}", math_consts(), MATH_WGSL, MATHTEST_WGSL);
+    let src = format!(
+        "const NATIVE: bool = false;\n{}\n{}\n{}",
+        math_consts(),
+        MATH_WGSL,
+        MATHTEST_WGSL
+    );
     let pipe = compile(ctx, "moe-router mathtest", src, &ctx.count_layout, &["mathtest"])?
         .pop()
         .ok_or_else(|| device_err("missing pipeline"))?;
@@ -149,7 +154,11 @@ pub fn eval(ctx: &WgpuContext, f: MathFn, a: &[f32], b: &[f32]) -> Result<Vec<f3
     });
     let groups = (n as u32).div_ceil(64);
     let max = ctx.limits.max_compute_workgroups_per_dimension;
-    let (gx, gy) = if groups <= max { (groups, 1) } else { (max, groups.div_ceil(max)) };
+    let (gx, gy) = if groups <= max {
+        (groups, 1)
+    } else {
+        (max, groups.div_ceil(max))
+    };
     let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
     {
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {

@@ -16,7 +16,7 @@ use crate::context::{WgpuContext, device_err};
 use crate::kernels::{KernelSpec, MATH_WGSL, STATS_WGSL, WG, compile};
 use crate::router::{Params, WgpuIds, WgpuLogits, WgpuRouter, WgpuWeights};
 use moe_router_core::capacity::{CapacityOutcome, apply_capacity};
-use moe_router_core::{Router, RouteError, ScoreFunction};
+use moe_router_core::{RouteError, Router, ScoreFunction};
 use std::sync::Arc;
 
 /// Compiled statistics pipelines for one spec.
@@ -29,7 +29,13 @@ pub(crate) struct StatsKernels {
 impl StatsKernels {
     pub(crate) fn build(ctx: &WgpuContext, spec: &KernelSpec) -> Result<StatsKernels, RouteError> {
         let src = format!("{}\n{}\n{}", spec.header(), MATH_WGSL, STATS_WGSL);
-        let mut p = compile(ctx, "moe-router stats", src, &ctx.layout, &["count", "aux_rows", "aux_cols"])?;
+        let mut p = compile(
+            ctx,
+            "moe-router stats",
+            src,
+            &ctx.layout,
+            &["count", "aux_rows", "aux_cols"],
+        )?;
         let aux_cols = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
         let aux_rows = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
         let count = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
@@ -48,7 +54,13 @@ fn boundary(pred: impl Fn(f32) -> bool, lo: f32, hi: f32) -> f32 {
         let b = x.to_bits() as i64;
         if b & 0x8000_0000 != 0 { -(b & 0x7fff_ffff) } else { b }
     };
-    let unkey = |k: i64| if k < 0 { f32::from_bits((-k) as u32 | 0x8000_0000) } else { f32::from_bits(k as u32) };
+    let unkey = |k: i64| {
+        if k < 0 {
+            f32::from_bits((-k) as u32 | 0x8000_0000)
+        } else {
+            f32::from_bits(k as u32)
+        }
+    };
     let (mut a, mut b) = (key(lo), key(hi));
     while a < b {
         let m = a + (b - a) / 2;
@@ -94,13 +106,18 @@ impl AuxParts {
     }
     /// z-loss: `coeff · mean_t logsumexp(z_t)²`.
     pub fn z_loss(&self, coeff: f64) -> f64 {
-        if self.rows == 0 { 0.0 } else { coeff * self.z_sq_sum / self.rows as f64 }
+        if self.rows == 0 {
+            0.0
+        } else {
+            coeff * self.z_sq_sum / self.rows as f64
+        }
     }
 }
 
 impl WgpuRouter {
     fn stats_kernels(&self, dtype: crate::LogitsDtype) -> Result<Arc<StatsKernels>, RouteError> {
-        self.context().stats_kernels(&KernelSpec::new(self.config(), dtype))
+        self.context()
+            .stats_kernels(&KernelSpec::new(self.config(), dtype, false))
     }
 
     /// Tokens per expert of device ids (ids ≥ E are ignored), computed by an atomic histogram.
@@ -115,7 +132,11 @@ impl WgpuRouter {
         let ks = self.stats_kernels(crate::LogitsDtype::F32)?;
         let dev = ctx.device();
         let cbuf = self.storage_buffer((e * 4) as u64);
-        let (d1, d2, d3) = (self.storage_buffer(16), self.storage_buffer(16), self.storage_buffer(16));
+        let (d1, d2, d3) = (
+            self.storage_buffer(16),
+            self.storage_buffer(16),
+            self.storage_buffer(16),
+        );
         let mut p = Params::base();
         p.rows = rows as u32;
         let pb = self.uniform_buffer(&p);
@@ -145,7 +166,12 @@ impl WgpuRouter {
         };
         let i = self.ids_to_host(ids)?;
         let w = self.weights_to_host(weights)?.to_f64();
-        Ok(Some(apply_capacity(&cap, i.view(), w.view(), self.config().num_experts())))
+        Ok(Some(apply_capacity(
+            &cap,
+            i.view(),
+            w.view(),
+            self.config().num_experts(),
+        )))
     }
 
     /// Aux-loss and z-loss pieces of a batch of logits, computed on the device.
@@ -244,7 +270,11 @@ impl WgpuRouter {
             let f: Vec<f32> = bytemuck::pod_collect_to_vec(&fb);
             parts.z_sq_sum += f[2 * rows..3 * rows].iter().map(|&x| f64::from(x)).sum::<f64>();
             for b in 0..nb {
-                for (acc, &x) in parts.prob_sums.iter_mut().zip(&f[3 * rows + b * e..3 * rows + (b + 1) * e]) {
+                for (acc, &x) in parts
+                    .prob_sums
+                    .iter_mut()
+                    .zip(&f[3 * rows + b * e..3 * rows + (b + 1) * e])
+                {
                     *acc += f64::from(x);
                 }
             }

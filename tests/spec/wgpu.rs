@@ -8,9 +8,9 @@
 
 use crate::conformance::{self, Backend, Size};
 use moe_router_core::{
-    AuxLossKind, CallSite, Capacity, DropPolicy, ForcedIds, GroupScore, HostWeights, IdsSink, LogitsRef,
-    Normalization, PassThrough, Plan, ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape,
-    Router, RouterConfig, ScoreFunction,
+    AuxLossKind, CallSite, Capacity, DropPolicy, ForcedIds, GroupScore, HostWeights, IdsSink, LogitsRef, Normalization,
+    PassThrough, Plan, ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape, Router,
+    RouterConfig, ScoreFunction,
 };
 use moe_router_wgpu::selftest::{self, MathFn};
 use moe_router_wgpu::{AdapterOptions, WgpuContext, WgpuLogits, WgpuRouter};
@@ -109,13 +109,20 @@ fn wgpu_portable_math_is_bit_identical_to_core_math() {
     for r in &reports {
         eprintln!("{:?}: {} of {} differ; first {:?}", r.func, r.mismatches, r.n, r.first);
     }
-    let fused = reports.iter().find(|r| r.func == MathFn::PlainMulAdd).map_or(0, |r| r.mismatches);
+    let fused = reports
+        .iter()
+        .find(|r| r.func == MathFn::PlainMulAdd)
+        .map_or(0, |r| r.mismatches);
     eprintln!("contraction probe: plain a*b+c differs from separate rounding in {fused} of {n} cases");
     let bad: Vec<_> = reports
         .iter()
         .filter(|r| r.func != MathFn::PlainMulAdd && r.mismatches > 0)
         .collect();
-    assert!(bad.is_empty(), "{}: portable math differs from core::math: {bad:?}", b.name());
+    assert!(
+        bad.is_empty(),
+        "{}: portable math differs from core::math: {bad:?}",
+        b.name()
+    );
 }
 
 #[test]
@@ -151,7 +158,9 @@ fn wgpu_split_batches_are_bit_identical_to_reference() {
         .normalization(Normalization::Sum { eps: 1e-20 })
         .build()
         .expect("valid");
-    let l = Array2::from_shape_fn((1000, 24), |(t, e)| (((t * 7919 + e * 104_729) % 2000) as f32 - 1000.0) * 0.004);
+    let l = Array2::from_shape_fn((1000, 24), |(t, e)| {
+        (((t * 7919 + e * 104_729) % 2000) as f32 - 1000.0) * 0.004
+    });
     conformance::assert_same_as_reference(&b, &cfg, LogitsRef::F32(l.view()), "split f32");
     let lb = l.mapv(half::bf16::from_f32);
     conformance::assert_same_as_reference(&b, &cfg, LogitsRef::Bf16(lb.view()), "split bf16");
@@ -238,7 +247,9 @@ fn wgpu_record_and_replay_through_the_decorator() {
 
     // Pass-through: identical to the plain router.
     let pt = Replayed::new(b.router(&cfg).expect("router"), PassThrough);
-    let out = pt.route(&WgpuLogits::Host(logits), &CallSite::layer(3)).expect("routes");
+    let out = pt
+        .route(&WgpuLogits::Host(logits), &CallSite::layer(3))
+        .expect("routes");
     assert_eq!(pt.ids_to_host(&out.ids).expect("ids"), want.0);
     assert_eq!(pt.weights_to_host(&out.weights).expect("weights"), want.1);
 
@@ -246,7 +257,9 @@ fn wgpu_record_and_replay_through_the_decorator() {
     // reference's weights of those ids on the new logits, the ids are the forced ones.
     let policy = Arc::new(TinyRecorder::default());
     let r = Replayed::new(b.router(&cfg).expect("router"), policy.clone());
-    let out = r.route(&WgpuLogits::Host(logits), &CallSite::layer(3)).expect("records");
+    let out = r
+        .route(&WgpuLogits::Host(logits), &CallSite::layer(3))
+        .expect("records");
     assert_eq!(r.ids_to_host(&out.ids).expect("ids"), want.0);
     let recorded = policy.recorded.lock().expect("lock").clone();
     assert_eq!(recorded, vec![want.0.clone()]);
@@ -258,13 +271,17 @@ fn wgpu_record_and_replay_through_the_decorator() {
     *policy.replay.lock().expect("lock") = Some((forced.clone(), vec![7]));
     let l2 = l.mapv(|x| x * 0.9 + 0.05);
     let logits2 = LogitsRef::F32(l2.view());
-    let out = r.route(&WgpuLogits::Host(logits2), &CallSite::layer(3)).expect("replays");
+    let out = r
+        .route(&WgpuLogits::Host(logits2), &CallSite::layer(3))
+        .expect("replays");
     let got_ids = r.ids_to_host(&out.ids).expect("ids");
     let own = reference.route_host(&logits2).expect("reference").0;
     let mut expect_ids = forced.clone();
     expect_ids.row_mut(7).assign(&own.row(7));
     assert_eq!(got_ids, expect_ids, "forced ids kept, row 7 left to the router");
-    let want_w = reference.weights_host(&logits2, expect_ids.view()).expect("reference weights");
+    let want_w = reference
+        .weights_host(&logits2, expect_ids.view())
+        .expect("reference weights");
     assert_eq!(r.weights_to_host(&out.weights).expect("weights"), want_w);
     assert_eq!(policy.recorded.lock().expect("lock").last(), Some(&expect_ids));
 
@@ -272,14 +289,31 @@ fn wgpu_record_and_replay_through_the_decorator() {
     let mut badids = forced.clone();
     badids[[4, 2]] = 99;
     *policy.replay.lock().expect("lock") = Some((badids, vec![]));
-    let e = r.route(&WgpuLogits::Host(logits), &CallSite::layer(3)).expect_err("bad ids");
-    assert!(matches!(e, RouteError::IdOutOfRange { row: 4, slot: 2, id: 99, .. }), "{e:?}");
+    let e = r
+        .route(&WgpuLogits::Host(logits), &CallSite::layer(3))
+        .expect_err("bad ids");
+    assert!(
+        matches!(
+            e,
+            RouteError::IdOutOfRange {
+                row: 4,
+                slot: 2,
+                id: 99,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
 fn wgpu_statistics_match_the_host() {
     let Some(b) = backend() else { return };
-    for score in [ScoreFunction::Softmax, ScoreFunction::Sigmoid, ScoreFunction::SqrtSoftplus] {
+    for score in [
+        ScoreFunction::Softmax,
+        ScoreFunction::Sigmoid,
+        ScoreFunction::SqrtSoftplus,
+    ] {
         let cfg = RouterConfig::builder(48, 6)
             .score(score)
             .normalization(Normalization::Sum { eps: 1e-20 })
@@ -299,27 +333,34 @@ fn wgpu_statistics_match_the_host() {
         });
         let logits = LogitsRef::F32(l.view());
         let r = b.router(&cfg).expect("router");
-        let out = r.route(&WgpuLogits::Host(logits), &CallSite::default()).expect("routes");
+        let out = r
+            .route(&WgpuLogits::Host(logits), &CallSite::default())
+            .expect("routes");
         let ids = r.ids_to_host(&out.ids).expect("ids");
         assert_eq!(
             r.tokens_per_expert(&out.ids).expect("counts"),
             moe_router_core::stats::tokens_per_expert(ids.view(), 48)
         );
-        let cap = r.apply_capacity(&out.ids, &out.weights).expect("capacity").expect("configured");
+        let cap = r
+            .apply_capacity(&out.ids, &out.weights)
+            .expect("capacity")
+            .expect("configured");
         let w = r.weights_to_host(&out.weights).expect("weights").to_f64();
-        let want_cap = moe_router_core::capacity::apply_capacity(
-            &cfg.capacity().expect("configured"),
-            ids.view(),
-            w.view(),
-            48,
-        );
+        let want_cap =
+            moe_router_core::capacity::apply_capacity(&cfg.capacity().expect("configured"), ids.view(), w.view(), 48);
         assert_eq!(cap, want_cap);
         let aux = r.aux_loss_micro_batch(&WgpuLogits::Host(logits), 1e-2).expect("aux");
         let want_aux = moe_router_core::stats::aux_loss_micro_batch(&cfg, &logits, 1e-2).expect("host aux");
-        assert!(((aux - want_aux) / want_aux).abs() <= 1e-6, "{score:?}: aux {aux} vs host {want_aux}");
+        assert!(
+            ((aux - want_aux) / want_aux).abs() <= 1e-6,
+            "{score:?}: aux {aux} vs host {want_aux}"
+        );
         let z = r.z_loss(&WgpuLogits::Host(logits), 1e-3).expect("z");
         let want_z = moe_router_core::stats::z_loss(&logits, 1e-3).expect("host z");
-        assert!(((z - want_z) / want_z).abs() <= 1e-6, "{score:?}: z-loss {z} vs host {want_z}");
+        assert!(
+            ((z - want_z) / want_z).abs() <= 1e-6,
+            "{score:?}: z-loss {z} vs host {want_z}"
+        );
     }
 }
 

@@ -1,0 +1,359 @@
+//! Benchmark of the wgpu backend (issue 5; same shapes and rules as the CUDA benchmark of issue 4).
+//!
+//! For T ∈ {1, 64, 4096, 65536, 262144} and the rules DeepSeek-V3, Qwen3, Kimi-K2, Qwen3-Next
+//! and Mixtral (presets), f32 and bf16 logits, portable and native numerics, it times route,
+//! replay and route+record (ids copied to a host-mappable buffer). Each measurement records
+//! N back-to-back routings (inputs rotated through a buffer larger than L2) in one command
+//! buffer, submits it and waits; the median over repeats of wall time / N is reported, with
+//! GB/s = (logits read + ids and weights written) / time and the ratio to a device-to-device copy
+//! measured in the same run. Results go to stdout (table) and, with `--json FILE`, to JSON lines.
+//!
+//! Usage: `bench-wgpu [--bench] [--quick] [--json FILE] [--rules a,b] [--tokens 1,64] [--dtypes f32,bf16]
+//! [--modes portable,native,portable-prune] [--ops route,replay,record]`.
+//! (`portable-prune` = portable numerics with the bound-based skipping of exact keys.)
+//! This build times the wgpu backend only; the CUDA backend's numbers come from its own bench
+//! binary run in the same device session (see docs/benchmarks.md).
+
+use moe_router_core::import::presets::preset_expects_expert_bias;
+use moe_router_core::{Numerics, RouterConfig, preset};
+use moe_router_wgpu::{AdapterOptions, DeviceLogits, LogitsDtype, WgpuContext, WgpuRouter};
+use std::io::Write;
+use std::time::Instant;
+
+struct Args {
+    quick: bool,
+    json: Option<String>,
+    rules: Vec<String>,
+    tokens: Vec<usize>,
+    dtypes: Vec<String>,
+    modes: Vec<String>,
+    ops: Vec<String>,
+}
+
+fn list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(|x| x.trim().to_string())
+        .filter(|x| !x.is_empty())
+        .collect()
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        quick: false,
+        json: None,
+        rules: list("deepseek-v3,qwen3-moe,kimi-k2,qwen3-next,mixtral"),
+        tokens: vec![1, 64, 4096, 65536, 262_144],
+        dtypes: list("f32,bf16"),
+        modes: list("portable,native"),
+        ops: list("route,replay,record"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(x) = it.next() {
+        let mut val = || it.next().unwrap_or_default();
+        match x.as_str() {
+            "--bench" => {}
+            "--quick" => a.quick = true,
+            "--json" => a.json = Some(val()),
+            "--rules" => a.rules = list(&val()),
+            "--tokens" => a.tokens = list(&val()).iter().filter_map(|s| s.parse().ok()).collect(),
+            "--dtypes" => a.dtypes = list(&val()),
+            "--modes" => a.modes = list(&val()),
+            "--ops" => a.ops = list(&val()),
+            other => eprintln!("bench-wgpu: ignoring unknown argument {other:?}"),
+        }
+    }
+    a
+}
+
+fn config(rule: &str, native: bool) -> Result<RouterConfig, String> {
+    let mut cfg = preset(rule).map_err(|e| e.to_string())?;
+    if preset_expects_expert_bias(rule).unwrap_or(false) || cfg.has_bias() {
+        let e = cfg.num_experts();
+        let bias: Vec<f32> = (0..e).map(|i| ((i * 7919 % 101) as f32 - 50.0) * 1e-3).collect();
+        cfg.set_expert_bias(bias).map_err(|e| e.to_string())?;
+    }
+    if native {
+        cfg = cfg
+            .to_builder()
+            .numerics(Numerics::Native)
+            .build()
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(cfg)
+}
+
+/// Deterministic pseudo-random logits (roughly N(0, 1)) as bytes of `dtype`.
+fn logits_bytes(rows: usize, e: usize, dtype: LogitsDtype, seed: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    let n = rows * e;
+    let mut out = Vec::with_capacity(n * dtype.size());
+    for _ in 0..n {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        // Sum of 4 uniforms, centred: close enough to a normal for routing.
+        let u = (0..4).map(|k| ((s >> (k * 16)) & 0xffff) as f32 / 65536.0).sum::<f32>() - 2.0;
+        let x = u * 1.7;
+        match dtype {
+            LogitsDtype::F32 => out.extend_from_slice(&x.to_le_bytes()),
+            LogitsDtype::Bf16 => out.extend_from_slice(&half::bf16::from_f32(x).to_le_bytes()),
+            LogitsDtype::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_le_bytes()),
+        }
+    }
+    out
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times `n` repetitions of `record(enc, i)` per submission; returns the median seconds per rep.
+fn time_reps(
+    ctx: &WgpuContext,
+    quick: bool,
+    mut record: impl FnMut(&mut wgpu::CommandEncoder, usize),
+) -> Result<f64, String> {
+    let run = |n: usize, record: &mut dyn FnMut(&mut wgpu::CommandEncoder, usize)| -> Result<f64, String> {
+        let mut enc = ctx
+            .device()
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        for i in 0..n {
+            record(&mut enc, i);
+        }
+        let cb = enc.finish();
+        let t0 = Instant::now();
+        ctx.queue().submit([cb]);
+        ctx.device()
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| e.to_string())?;
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    // Warm-up and calibration: aim for ~25 ms per submission (at least 3 reps).
+    run(2, &mut record)?;
+    let one = run(4, &mut record)? / 4.0;
+    let target = if quick { 0.008 } else { 0.025 };
+    let n = ((target / one.max(1e-7)) as usize).clamp(3, 20_000);
+    let reps = if quick { 3 } else { 7 };
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        v.push(run(n, &mut record)? / n as f64);
+    }
+    Ok(median(&mut v))
+}
+
+fn copy_bandwidth(ctx: &WgpuContext, quick: bool) -> Result<f64, String> {
+    let bytes: u64 = 256 << 20;
+    let mk = || {
+        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench copy"),
+            size: bytes,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    };
+    let (a, b) = (mk(), mk());
+    let t = time_reps(ctx, quick, |enc, i| {
+        if i % 2 == 0 {
+            enc.copy_buffer_to_buffer(&a, 0, &b, 0, bytes);
+        } else {
+            enc.copy_buffer_to_buffer(&b, 0, &a, 0, bytes);
+        }
+    })?;
+    Ok(2.0 * bytes as f64 / t / 1e9)
+}
+
+struct Row {
+    rule: String,
+    dtype: &'static str,
+    mode: String,
+    op: String,
+    tokens: usize,
+    us: f64,
+    gbs: f64,
+}
+
+fn main() {
+    let args = parse_args();
+    let ctx = match WgpuContext::shared(&AdapterOptions::from_env()) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("skipped: {e}");
+            return;
+        }
+    };
+    let a = ctx.adapter();
+    println!(
+        "bench-wgpu: adapter {:?} ({} {}, driver {})",
+        a.name, a.backend, a.device_type, a.driver
+    );
+    println!("bench-wgpu: CUDA backend not timed by this build (see docs/benchmarks.md)");
+    let copy = match copy_bandwidth(&ctx, args.quick) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("bench-wgpu: copy failed: {e}");
+            return;
+        }
+    };
+    println!("device-to-device copy: {copy:.1} GB/s (read + write)");
+    let mut json = args.json.as_ref().and_then(|p| std::fs::File::create(p).ok());
+    if let Some(f) = json.as_mut() {
+        let _ = writeln!(
+            f,
+            "{{\"adapter\":{:?},\"backend\":{:?},\"driver\":{:?},\"copy_gbs\":{copy:.2}}}",
+            a.name, a.backend, a.driver
+        );
+    }
+    println!(
+        "{:<12} {:<5} {:<9} {:<7} {:>7} {:>11} {:>9} {:>7}",
+        "rule", "dtype", "numerics", "op", "T", "us/call", "GB/s", "% copy"
+    );
+    let mut rows: Vec<Row> = Vec::new();
+    let l2_bytes = 128usize << 20;
+    for rule in &args.rules {
+        for dt in &args.dtypes {
+            let dtype = match dt.as_str() {
+                "f32" => LogitsDtype::F32,
+                "bf16" => LogitsDtype::Bf16,
+                "f16" => LogitsDtype::F16,
+                _ => continue,
+            };
+            let tmax = args.tokens.iter().copied().max().unwrap_or(1);
+            let Ok(cfg0) = config(rule, false) else {
+                println!("bench-wgpu: unknown rule {rule}");
+                continue;
+            };
+            let e = cfg0.num_experts();
+            let k = cfg0.top_k();
+            let row_bytes = e * dtype.size();
+            // One input buffer: at least two of the largest batches and at least 2 × L2.
+            let total_rows = (2 * tmax).max(l2_bytes.div_ceil(row_bytes));
+            let bytes = logits_bytes(total_rows, e, dtype, 0x5eed ^ e as u64);
+            let buf = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                label: Some("bench logits"),
+                size: (bytes.len() as u64).div_ceil(256) * 256,
+                usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            ctx.queue().write_buffer(&buf, 0, &bytes);
+            drop(bytes);
+            for mode in &args.modes {
+                let Ok(cfg) = config(rule, mode == "native") else {
+                    continue;
+                };
+                let router = match WgpuRouter::with_context(cfg, ctx.clone()) {
+                    Ok(r) => r.with_pruning(mode == "portable-prune"),
+                    Err(err) => {
+                        println!("bench-wgpu: {rule}: {err}");
+                        continue;
+                    }
+                };
+                if let Err(err) = router.prepare(dtype) {
+                    println!("bench-wgpu: {rule}: {err}");
+                    continue;
+                }
+                for &t in &args.tokens {
+                    // Rotate through input slots (256-byte aligned) spanning > L2.
+                    let slot_bytes = ((t * row_bytes) as u64).div_ceil(256) * 256;
+                    let nslots = ((total_rows * row_bytes) as u64 / slot_bytes).clamp(1, 64) as usize;
+                    let inputs: Vec<DeviceLogits> = (0..nslots)
+                        .filter_map(|i| DeviceLogits::from_buffer(buf.clone(), i as u64 * slot_bytes, t, e, dtype).ok())
+                        .collect();
+                    let targets = router.targets(t, dtype);
+                    let record_buf = ctx.device().create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("bench record"),
+                        size: ((t * k * 4) as u64).div_ceil(16).max(1) * 16,
+                        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                        mapped_at_creation: false,
+                    });
+                    // Valid ids for replay: one routing first; check it raised no error.
+                    let mut enc = ctx
+                        .device()
+                        .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+                    targets.clear_errors(&mut enc);
+                    if let Err(err) = router.encode_route(&mut enc, &inputs[0], &targets) {
+                        println!("bench-wgpu: {rule}: {err}");
+                        continue;
+                    }
+                    ctx.queue().submit([enc.finish()]);
+                    match router.check_targets_errors(&targets) {
+                        Ok(None) => {}
+                        other => println!("bench-wgpu: {rule} T={t}: unexpected error flags {other:?}"),
+                    }
+                    for op in &args.ops {
+                        let res = time_reps(&ctx, args.quick, |enc, i| {
+                            let input = &inputs[i % inputs.len()];
+                            let r = match op.as_str() {
+                                "replay" => router.encode_replay(enc, input, &targets),
+                                _ => router.encode_route(enc, input, &targets),
+                            };
+                            if r.is_ok() && op == "record" && t > 0 {
+                                enc.copy_buffer_to_buffer(
+                                    targets.ids().buffer(),
+                                    0,
+                                    &record_buf,
+                                    0,
+                                    ((t * k * 4) as u64).div_ceil(4) * 4,
+                                );
+                            }
+                        });
+                        let secs = match res {
+                            Ok(s) => s,
+                            Err(err) => {
+                                println!("bench-wgpu: {rule} {op}: {err}");
+                                continue;
+                            }
+                        };
+                        let moved = (t * row_bytes + t * k * 8) as f64;
+                        let gbs = moved / secs / 1e9;
+                        let r = Row {
+                            rule: rule.clone(),
+                            dtype: dtype.name(),
+                            mode: mode.clone(),
+                            op: op.clone(),
+                            tokens: t,
+                            us: secs * 1e6,
+                            gbs,
+                        };
+                        println!(
+                            "{:<12} {:<5} {:<9} {:<7} {:>7} {:>11.2} {:>9.1} {:>6.1}%",
+                            r.rule,
+                            r.dtype,
+                            r.mode,
+                            r.op,
+                            r.tokens,
+                            r.us,
+                            r.gbs,
+                            100.0 * r.gbs / copy
+                        );
+                        if let Some(f) = json.as_mut() {
+                            let _ = writeln!(
+                                f,
+                                "{{\"rule\":{:?},\"dtype\":{:?},\"numerics\":{:?},\"op\":{:?},\"tokens\":{},\"us\":{:.3},\"gbs\":{:.2}}}",
+                                r.rule, r.dtype, r.mode, r.op, r.tokens, r.us, r.gbs
+                            );
+                        }
+                        rows.push(r);
+                        std::io::stdout().flush().ok();
+                    }
+                }
+            }
+            ctx.device().poll(wgpu::PollType::wait_indefinitely()).ok();
+        }
+    }
+    // Portable vs native at the largest T.
+    for r in rows.iter().filter(|r| r.mode == "portable" && r.op == "route") {
+        if let Some(n) = rows.iter().find(|x| {
+            x.mode == "native" && x.op == "route" && x.rule == r.rule && x.dtype == r.dtype && x.tokens == r.tokens
+        }) && r.tokens == args.tokens.iter().copied().max().unwrap_or(0)
+        {
+            println!(
+                "portable/native time {} {} T={}: {:.2}",
+                r.rule,
+                r.dtype,
+                r.tokens,
+                r.us / n.us
+            );
+        }
+    }
+}
