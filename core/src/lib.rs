@@ -24,6 +24,7 @@ pub mod import;
 pub mod layout;
 pub mod logits;
 pub mod math;
+pub mod npy;
 pub mod metrics;
 pub mod policy;
 pub mod reference;

@@ -13,3 +13,8 @@ pub use moe_router_cpu as cpu;
 /// The wgpu backend (feature `wgpu`): WGSL compute kernels on Vulkan / GL adapters.
 #[cfg(feature = "wgpu")]
 pub use moe_router_wgpu as wgpu;
+
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,63 @@
+//! The `moe-router` command-line tool as a library: [`run`] parses arguments and executes a
+//! command; the binary is a thin wrapper around it (and the spec tests drive it directly).
+//!
+//! Exit codes: 0 success; 1 the command failed (bad input, invalid data, I/O error — the message
+//! on stderr says what and where); 2 usage error (unknown flag, missing argument); 3 `validate`
+//! found the input invalid.
+
+use clap::{Parser, Subcommand};
+
+pub mod backend;
+pub mod error;
+pub mod route;
+
+pub use error::CliError;
+
+/// Mixture-of-Experts top-k routing with router replay.
+#[derive(Debug, Parser)]
+#[command(name = "moe-router", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Route a batch of logits (or weigh given ids) and write ids, weights and statistics.
+    Route(route::RouteArgs),
+}
+
+/// Exit code: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: the command failed (message on stderr).
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: usage error.
+pub const EXIT_USAGE: u8 = 2;
+/// Exit code: `validate` found the input invalid.
+pub const EXIT_INVALID: u8 = 3;
+
+/// Parses `args` (including the program name) and runs the command; returns the exit code.
+/// Errors are printed to stderr.
+pub fn run<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+        }
+    };
+    let result = match cli.command {
+        Command::Route(a) => route::run(&a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_FAILED
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! `moe-router route`: route a batch of logits with a rule from a preset, a Hugging Face
+//! `config.json` or a Megatron config, or weigh given ids (replay), and write the results.
+
+use crate::backend::{AnyRouter, BackendKind};
+use crate::CliError;
+use half::f16;
+use moe_router_core::capacity::{apply_capacity, dense_outputs};
+use moe_router_core::npy::{self, NpyDtype};
+use moe_router_core::stats::{self, GlobalAuxLoss, RoutingStats};
+use moe_router_core::{validate_ids, AuxLossKind, LogitsRef, Numerics, RouteError, RouterConfig};
+use ndarray::Array2;
+use std::path::{Path, PathBuf};
+
+/// Numerics mode on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NumericsArg {
+    /// Bit-identical on every backend (default).
+    Portable,
+    /// The backend's fast intrinsics.
+    Native,
+}
+
+/// Arguments of `route`.
+#[derive(Debug, clap::Args)]
+#[command(
+    group(clap::ArgGroup::new("rule").required(true).args(["hf_config", "megatron_config", "preset"])),
+    after_help = "Example:\n  moe-router route --logits examples/data/logits_e128.npy --preset qwen3-moe --out out/route\n\n\
+Writes DIR/ids.npy (int32 [T,K]), DIR/weights.npy (float32 [T,K]) and DIR/stats.json\n\
+(tokens_per_expert; aux_loss / z_loss when the rule sets their coefficients; updated_bias with\n\
+--bias and --bias-update-rate). --dense adds DIR/routing_map.npy (uint8 [T,E]) and DIR/probs.npy\n\
+(float32 [T,E]) after capacity dropping."
+)]
+pub struct RouteArgs {
+    /// Logits `.npy`, float32 or float16, shape [T, E].
+    #[arg(long, value_name = "L.npy")]
+    pub logits: PathBuf,
+    /// Selection-only expert bias `.npy`, float32 [E] (e.g. e_score_correction_bias).
+    #[arg(long, value_name = "B.npy")]
+    pub bias: Option<PathBuf>,
+    /// Routing rule from a Hugging Face config.json.
+    #[arg(long, value_name = "C.json")]
+    pub hf_config: Option<PathBuf>,
+    /// Routing rule from a JSON object of Megatron TransformerConfig options.
+    #[arg(long, value_name = "M.json")]
+    pub megatron_config: Option<PathBuf>,
+    /// Routing rule by preset name (e.g. deepseek-v3, qwen3-moe, mixtral).
+    #[arg(long, value_name = "NAME")]
+    pub preset: Option<String>,
+    /// Replay: weigh these ids (int32 or int64 [T, K]) instead of selecting; ids.npy equals them.
+    #[arg(long, value_name = "I.npy")]
+    pub replay_ids: Option<PathBuf>,
+    /// Backend.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub backend: BackendKind,
+    /// Numerics mode (default: the rule's, portable).
+    #[arg(long, value_enum)]
+    pub numerics: Option<NumericsArg>,
+    /// Also write the dense routing map and probabilities [T, E].
+    #[arg(long)]
+    pub dense: bool,
+    /// Skip capacity dropping even when the rule configures it.
+    #[arg(long)]
+    pub no_capacity: bool,
+    /// Expert-bias update rate: with --bias, writes updated_bias to stats.json.
+    #[arg(long, value_name = "R")]
+    pub bias_update_rate: Option<f32>,
+    /// Output directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+}
+
+fn read_text(p: &Path) -> Result<String, CliError> {
+    std::fs::read_to_string(p).map_err(|e| CliError::io(p, &e))
+}
+
+/// Builds the routing rule from the arguments.
+pub fn load_rule(a: &RouteArgs) -> Result<RouterConfig, CliError> {
+    let cfg = if let Some(p) = &a.hf_config {
+        RouterConfig::from_hf_config(&read_text(p)?).map_err(|e| CliError::Config {
+            context: p.display().to_string(),
+            source: e,
+        })?
+    } else if let Some(p) = &a.megatron_config {
+        RouterConfig::from_megatron(&read_text(p)?).map_err(|e| CliError::Config {
+            context: p.display().to_string(),
+            source: e,
+        })?
+    } else {
+        let name = a.preset.as_deref().unwrap_or_default();
+        moe_router_core::preset(name).map_err(|e| CliError::Config {
+            context: "--preset".into(),
+            source: e,
+        })?
+    };
+    let mut b = cfg.to_builder();
+    if let Some(n) = a.numerics {
+        b = b.numerics(match n {
+            NumericsArg::Portable => Numerics::Portable,
+            NumericsArg::Native => Numerics::Native,
+        });
+    }
+    let mut cfg = b.build().map_err(|e| CliError::Config {
+        context: "--numerics".into(),
+        source: e,
+    })?;
+    if let Some(p) = &a.bias {
+        let arr = npy::read(p).map_err(|e| CliError::npy(p, e))?;
+        if arr.shape.len() != 1 {
+            return Err(CliError::npy(
+                p,
+                npy::NpyError::WrongShape {
+                    what: "bias".into(),
+                    expected: format!("[{}]", cfg.num_experts()),
+                    found: arr.shape.clone(),
+                },
+            ));
+        }
+        let v = arr.to_f32("bias").map_err(|e| CliError::npy(p, e))?;
+        cfg.set_expert_bias(v).map_err(|e| CliError::Config {
+            context: p.display().to_string(),
+            source: e,
+        })?;
+    }
+    Ok(cfg)
+}
+
+/// Reads replay ids `[T, K]` (int32 or int64), refusing negative, too large or duplicated ids
+/// with the row that holds them.
+pub fn load_ids(p: &Path, rows: usize, cfg: &RouterConfig) -> Result<Array2<u32>, CliError> {
+    let arr = npy::read(p).map_err(|e| CliError::npy(p, e))?;
+    if !matches!(arr.dtype, NpyDtype::I32 | NpyDtype::I64) {
+        return Err(CliError::npy(
+            p,
+            npy::NpyError::WrongDtype {
+                what: "replay ids".into(),
+                expected: "int32 or int64".into(),
+                found: arr.dtype.descr().into(),
+            },
+        ));
+    }
+    let k = cfg.top_k();
+    if arr.shape.len() != 2 || arr.shape[0] != rows || arr.shape[1] != k {
+        let (r, c) = match arr.shape.as_slice() {
+            [r, c] => (*r, *c),
+            _ => (arr.shape.first().copied().unwrap_or(0), 0),
+        };
+        return Err(RouteError::IdsShape {
+            expected_rows: rows,
+            expected_k: k,
+            rows: r,
+            cols: c,
+        }
+        .into());
+    }
+    let vals = arr.to_ints("replay ids").map_err(|e| CliError::npy(p, e))?;
+    let e = cfg.num_experts();
+    let mut out = Vec::with_capacity(vals.len());
+    for (i, &v) in vals.iter().enumerate() {
+        if v < 0 || v >= e as i128 {
+            return Err(RouteError::IdOutOfRange {
+                row: i / k,
+                slot: i % k,
+                id: v as i64,
+                num_experts: e,
+            }
+            .into());
+        }
+        out.push(v as u32);
+    }
+    let ids = Array2::from_shape_vec((rows, k), out).map_err(|e| CliError::Input(e.to_string()))?;
+    validate_ids(ids.view(), rows, e, k, &[])?;
+    Ok(ids)
+}
+
+enum Logits {
+    F32(Array2<f32>),
+    F16(Array2<f16>),
+}
+
+impl Logits {
+    fn view(&self) -> LogitsRef<'_> {
+        match self {
+            Logits::F32(a) => LogitsRef::F32(a.view()),
+            Logits::F16(a) => LogitsRef::F16(a.view()),
+        }
+    }
+}
+
+fn load_logits(p: &Path) -> Result<Logits, CliError> {
+    let arr = npy::read(p).map_err(|e| CliError::npy(p, e))?;
+    if arr.shape.len() != 2 {
+        return Err(CliError::npy(
+            p,
+            npy::NpyError::WrongShape {
+                what: "logits".into(),
+                expected: "[T, E]".into(),
+                found: arr.shape.clone(),
+            },
+        ));
+    }
+    match arr.dtype {
+        NpyDtype::F32 => Ok(Logits::F32(arr.to_f32_2d("logits").map_err(|e| CliError::npy(p, e))?)),
+        NpyDtype::F16 => {
+            let v = arr.to_f16("logits").map_err(|e| CliError::npy(p, e))?;
+            let a = Array2::from_shape_vec((arr.shape[0], arr.shape[1]), v).map_err(|e| CliError::Input(e.to_string()))?;
+            Ok(Logits::F16(a))
+        }
+        other => Err(CliError::npy(
+            p,
+            npy::NpyError::WrongDtype {
+                what: "logits".into(),
+                expected: "float32 or float16".into(),
+                found: other.descr().into(),
+            },
+        )),
+    }
+}
+
+fn write_npy(dir: &Path, name: &str, shape: &[usize], dtype: NpyDtype, data: &[u8]) -> Result<(), CliError> {
+    let p = dir.join(name);
+    npy::write(&p, shape, dtype, data).map_err(|e| CliError::npy(&p, e))
+}
+
+/// Runs `route`.
+pub fn run(a: &RouteArgs) -> Result<u8, CliError> {
+    let cfg = load_rule(a)?;
+    let logits = load_logits(&a.logits)?;
+    let lv = logits.view();
+    let (t, e) = lv.dim();
+    if e != cfg.num_experts() {
+        return Err(RouteError::LogitsShape {
+            expected_experts: cfg.num_experts(),
+            rows: t,
+            cols: e,
+        }
+        .into());
+    }
+    let router = AnyRouter::new(a.backend, cfg.clone())?;
+    let (ids, weights) = match &a.replay_ids {
+        Some(p) => {
+            let ids = load_ids(p, t, &cfg)?;
+            let w = router.weights_host(&lv, ids.view())?;
+            (ids, w)
+        }
+        None => router.route_host(&lv)?,
+    };
+    let k = cfg.top_k();
+    let w32 = weights.to_f32();
+    std::fs::create_dir_all(&a.out).map_err(|e| CliError::io(&a.out, &e))?;
+    let ids_i32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    write_npy(&a.out, "ids.npy", &[t, k], NpyDtype::I32, &npy::i32_bytes(&ids_i32))?;
+    write_npy(&a.out, "weights.npy", &[t, k], NpyDtype::F32, &npy::f32_bytes(w32.as_slice().unwrap_or(&[])))?;
+
+    let mut st = RoutingStats::default();
+    let before = stats::tokens_per_expert(ids.view(), e);
+    let outcome = match cfg.capacity() {
+        Some(cap) if !a.no_capacity => Some(apply_capacity(&cap, ids.view(), weights.to_f64().view(), e)),
+        _ => None,
+    };
+    if let Some(o) = &outcome {
+        st.tokens_per_expert = o.tokens_per_expert.clone();
+        st.tokens_per_expert_before_drop = Some(before);
+        st.capacity = Some(o.capacity);
+        st.dropped = Some(o.dropped);
+    } else {
+        st.tokens_per_expert = before;
+    }
+    let mut aux_total = 0.0;
+    let mut any_aux = false;
+    for al in cfg.aux_losses() {
+        if al.coeff > 0.0 {
+            any_aux = true;
+            aux_total += match al.kind {
+                AuxLossKind::MicroBatch => stats::aux_loss_micro_batch(&cfg, &lv, al.coeff)?,
+                AuxLossKind::PerSequence => stats::aux_loss_per_sequence(&cfg, &lv, &[t], al.coeff)?,
+                AuxLossKind::Global => GlobalAuxLoss::new().step(&cfg, &lv, al.coeff)?,
+            };
+        }
+    }
+    if any_aux {
+        st.aux_loss = Some(aux_total);
+    }
+    if cfg.z_loss_coeff() > 0.0 {
+        st.z_loss = Some(stats::z_loss(&lv, cfg.z_loss_coeff())?);
+    }
+    if let (Some(b), Some(rate)) = (cfg.expert_bias(), a.bias_update_rate) {
+        if a.bias.is_some() {
+            st.updated_bias = Some(stats::updated_bias(b, &st.tokens_per_expert, rate));
+        }
+    } else if a.bias_update_rate.is_some() && a.bias.is_none() {
+        return Err(CliError::Input("--bias-update-rate needs --bias (the bias to update)".into()));
+    }
+    let sp = a.out.join("stats.json");
+    let json = serde_json::to_string_pretty(&st).map_err(|e| CliError::Input(e.to_string()))?;
+    std::fs::write(&sp, json + "\n").map_err(|e| CliError::io(&sp, &e))?;
+
+    if a.dense {
+        let (map, probs) = dense_outputs(ids.view(), w32.view(), e, outcome.as_ref());
+        write_npy(&a.out, "routing_map.npy", &[t, e], NpyDtype::U8, map.as_slice().unwrap_or(&[]))?;
+        write_npy(&a.out, "probs.npy", &[t, e], NpyDtype::F32, &npy::f32_bytes(probs.as_slice().unwrap_or(&[])))?;
+    }
+    eprintln!(
+        "routed {t} tokens x {e} experts, top-{k}, on {} -> {}",
+        router.describe(),
+        a.out.display()
+    );
+    Ok(crate::EXIT_OK)
+}
