@@ -11,8 +11,9 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
-#ifndef __CUDA_ARCH__
-// Host emulation helpers (only used when this file is compiled as C++ for testing).
+// Dynamic shared memory (a host emulation of the kernels defines its own).
+#ifndef DYN_SMEM
+#define DYN_SMEM(name) extern __shared__ __align__(16) char name[]
 #endif
 
 #define F32_NEG_INF __uint_as_float(0xff800000u)

@@ -287,7 +287,7 @@ __device__ bool row_load(const Params& p, long long row, RowSmem& s, float& m, f
 }
 
 extern "C" __global__ void row_route(Params p) {
-    extern __shared__ __align__(16) char smem_raw[];
+    DYN_SMEM(smem_raw);
     __shared__ int s_bad;
     RowSmem s = row_smem(p, smem_raw);
     const int E = p.E, K = p.K;
@@ -366,7 +366,7 @@ extern "C" __global__ void row_route(Params p) {
 }
 
 extern "C" __global__ void row_replay(Params p) {
-    extern __shared__ __align__(16) char smem_raw[];
+    DYN_SMEM(smem_raw);
     __shared__ int s_bad;
     __shared__ int s_idbad;
     RowSmem s = row_smem(p, smem_raw);
@@ -525,7 +525,7 @@ __device__ __forceinline__ void insert_top(u64 (&t)[N], u64 v) {
 
 template <int KMAX>
 __device__ void tile_route_impl(const Params& p) {
-    extern __shared__ __align__(16) char smem_raw[];
+    DYN_SMEM(smem_raw);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     char* tiles = smem_raw + warp * (NSTAGE * TILE_BYTES);
     const long long row0 = ((long long)blockIdx.x * TILE_WARPS + warp) * 32;
@@ -634,7 +634,7 @@ __device__ void tile_route_impl(const Params& p) {
 
 template <int KMAX>
 __device__ void tile_replay_impl(const Params& p) {
-    extern __shared__ __align__(16) char smem_raw[];
+    DYN_SMEM(smem_raw);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     char* tiles = smem_raw + warp * (NSTAGE * TILE_BYTES);
     const long long row0 = ((long long)blockIdx.x * TILE_WARPS + warp) * 32;
@@ -703,5 +703,7 @@ __device__ void tile_replay_impl(const Params& p) {
         tile_replay_impl<KM>(p);                                                                  \
     }
 
-TILE_KERNELS(TILE_KMAX_N)
+// Indirection so that TILE_KMAX_N expands before ## pastes it.
+#define TILE_KERNELS_(KM) TILE_KERNELS(KM)
+TILE_KERNELS_(TILE_KMAX_N)
 #endif  // TILE_KMAX_N

@@ -7,6 +7,10 @@
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+#ifndef DYN_SMEM
+#define DYN_SMEM(name) extern __shared__ __align__(16) char name[]
+#endif
+
 #if LOGIT_KIND == 0
 typedef float logit_t;
 #else
@@ -72,7 +76,7 @@ __device__ __forceinline__ double block_reduce(double v, double* red, bool is_ma
 // One block per row (grid-stride). Dynamic shared memory: double s[E] | double red[blockDim].
 // blockDim must be a power of two.
 extern "C" __global__ void aux_stats(StatParams p) {
-    extern __shared__ __align__(16) char smem_raw[];
+    DYN_SMEM(smem_raw);
     __shared__ int s_bad;
     double* s = (double*)smem_raw;
     double* red = s + p.E;
@@ -147,7 +151,7 @@ extern "C" __global__ void aux_stats(StatParams p) {
 
 // Tokens per expert of ids [n] (ids >= E are ignored, as on the host).
 extern "C" __global__ void tokens_per_expert(const u32* ids, long long n, int E, unsigned long long* counts) {
-    extern __shared__ __align__(16) char smem_raw[];
+    DYN_SMEM(smem_raw);
     u32* local = (u32*)smem_raw;
     for (int e = threadIdx.x; e < E; e += blockDim.x) local[e] = 0u;
     __syncthreads();

@@ -209,26 +209,165 @@ pub fn compile(src: &str, opts: CompileOptions) -> Result<Ptx, String> {
 /// The routing kernels' parameter block (`struct Params` in `kernels/router.cu`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Params {
+pub struct Params {
+    /// Logits `[T, ld]` (device address).
     pub logits: u64,
+    /// Selection bias `[E]` f32, or 0.
     pub bias: u64,
+    /// Ids `[T, K]` u32: output of route, input of replay.
     pub ids: u64,
+    /// Weights `[T, K]` f32.
     pub weights: u64,
+    /// Record tap (ids again, row stride `tap_ld`), or 0.
     pub tap: u64,
+    /// The u64 error word.
     pub status: u64,
+    /// Rows T.
     pub t: i64,
+    /// Logits row stride (elements).
     pub ld: i64,
+    /// Tap row stride (elements).
     pub tap_ld: i64,
+    /// E.
     pub e: i32,
+    /// K.
     pub k: i32,
+    /// Groups (0: no group limit, also when every group is kept).
     pub g: i32,
+    /// Groups kept.
     pub gsel: i32,
+    /// Keys summed per group score (1 for the max rule).
     pub gn: i32,
+    /// Experts per group.
     pub per: i32,
+    /// Normalisation: 0 none, 1 sum + eps, 2 sum clamped below.
     pub norm: i32,
+    /// eps or the clamp minimum.
     pub norm_param: f32,
+    /// Scaling factor.
     pub scale: f32,
+    /// Padding.
     pub pad: i32,
+}
+
+/// The config-derived part of [`Params`] (pointers and T left at 0).
+pub fn config_params(cfg: &moe_router_core::RouterConfig) -> Params {
+    use moe_router_core::{GroupScore, Normalization};
+    let (norm, norm_param) = match cfg.normalization() {
+        Normalization::None => (0, 0.0),
+        Normalization::Sum { eps } => (1, eps),
+        Normalization::SumClampMin { min } => (2, min),
+    };
+    let (g, gsel, gn, per) = match cfg.group_limit() {
+        Some(gl) if gl.groups_selected < gl.num_groups => (
+            gl.num_groups,
+            gl.groups_selected,
+            match gl.score {
+                GroupScore::Max => 1,
+                GroupScore::SumTopN(n) => n,
+            },
+            cfg.num_experts() / gl.num_groups,
+        ),
+        _ => (0, 0, 0, 0),
+    };
+    Params {
+        e: cfg.num_experts() as i32,
+        k: cfg.top_k() as i32,
+        g: g as i32,
+        gsel: gsel as i32,
+        gn: gn as i32,
+        per: per as i32,
+        norm,
+        norm_param,
+        scale: cfg.scaling_factor(),
+        ..Params::default()
+    }
+}
+
+/// The tile kernel's K capacity for `p` (an index into [`TILE_KMAX`]), or `None` when only the
+/// row kernels take this config (K > 16, or a group limit the tile kernels do not hold).
+pub fn tile_slot(p: &Params, replay: bool) -> Option<usize> {
+    let ki = TILE_KMAX.iter().position(|&m| m >= p.k as usize)?;
+    let kmax = TILE_KMAX[ki] as i32;
+    let groups_ok = replay || p.g == 0 || (p.g * kmax <= 64 && p.gn <= kmax && p.gsel as usize <= TILE_GS_MAX);
+    groups_ok.then_some(ki)
+}
+
+/// Dynamic shared memory of a tile launch.
+pub fn tile_smem(p: &Params, ki: usize, replay: bool) -> usize {
+    let mut smem = TILE_WARPS * TILE_SMEM_PER_WARP;
+    if !replay && p.g > 0 {
+        smem += TILE_WARPS * p.g as usize * TILE_KMAX[ki] * 32 * 8;
+    }
+    smem
+}
+
+/// Block size and dynamic shared memory of a row launch.
+pub fn row_launch(p: &Params) -> (usize, usize) {
+    let e = p.e as usize;
+    let block = e.next_multiple_of(32).clamp(32, 256);
+    let (g, n) = if p.g > 0 { (p.g as usize, p.gn as usize) } else { (1, 1) };
+    let bytes = e * 8 + e * 4 * 2 + g * n * 4 + g * 4 * 2 + (p.k as usize).max(1) * 4 + block * 4;
+    (block, bytes.div_ceil(16) * 16)
+}
+
+/// Decodes a kernel status word (0: no error) into the reference router's error. For replay id
+/// errors, `ids_row` gives the offending row's ids (fetched by the caller from the key's row).
+pub fn decode_status(
+    word: u64,
+    num_experts: usize,
+    top_k: usize,
+    ids_row: impl FnOnce(usize) -> Option<Vec<u32>>,
+) -> Result<(), moe_router_core::RouteError> {
+    use moe_router_core::{ReplayError, RouteError, validate_ids};
+    if word == 0 {
+        return Ok(());
+    }
+    let key = !word;
+    let row = ((key >> 22) & ((1u64 << 40) - 1)) as usize;
+    if key >> 62 == 0 {
+        let invalid = || {
+            RouteError::Replay(ReplayError::InvalidRoute(format!(
+                "replay row {row} has an out-of-range or duplicate id"
+            )))
+        };
+        let Some(v) = ids_row(row) else { return Err(invalid()) };
+        let Ok(a) = ndarray::Array2::from_shape_vec((1, top_k), v) else {
+            return Err(invalid());
+        };
+        return match validate_ids(a.view(), 1, num_experts, top_k, &[]) {
+            Err(RouteError::IdOutOfRange {
+                slot, id, num_experts, ..
+            }) => Err(RouteError::IdOutOfRange {
+                row,
+                slot,
+                id,
+                num_experts,
+            }),
+            Err(RouteError::DuplicateId {
+                id,
+                first_slot,
+                second_slot,
+                ..
+            }) => Err(RouteError::DuplicateId {
+                row,
+                id,
+                first_slot,
+                second_slot,
+            }),
+            _ => Err(invalid()),
+        };
+    }
+    if (key >> 20) & 3 == 1 {
+        return Err(RouteError::AllMasked { row });
+    }
+    let expert = ((key >> 1) & 0x7ffff) as usize;
+    let value = if key & 1 == 1 {
+        format!("{:?}", f32::INFINITY)
+    } else {
+        format!("{:?}", f32::NAN)
+    };
+    Err(RouteError::NonFiniteLogit { row, expert, value })
 }
 
 // SAFETY: `Params` is `repr(C)`, plain old data, and laid out exactly as the C struct it mirrors
@@ -236,6 +375,7 @@ pub(crate) struct Params {
 unsafe impl DeviceRepr for Params {}
 
 /// The statistics kernels' parameter block (`struct StatParams` in `kernels/stats.cu`).
+#[allow(missing_docs)]
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct StatParams {

@@ -2,15 +2,14 @@
 
 use crate::device::{BACKEND, Device, dev_err};
 use crate::kernels::{
-    LogitDtype, Params, Part, ROW_KCAP, RouterVariant, ScoreKind, TILE_GS_MAX, TILE_KMAX, TILE_SMEM_PER_WARP,
-    TILE_WARPS,
+    LogitDtype, Params, Part, ROW_KCAP, RouterVariant, ScoreKind, TILE_KMAX, TILE_WARPS, decode_status, row_launch,
+    tile_slot, tile_smem,
 };
 use crate::record::Recorder;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
 use moe_router_core::capacity::{CapacityOutcome, apply_capacity};
 use moe_router_core::{
-    CallSite, ComputeDtype, GroupScore, HostWeights, IdsSink, LogitsRef, Normalization, ReplayError, RouteError,
-    Routed, Router, RouterConfig, validate_ids,
+    CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, RouteError, Routed, Router, RouterConfig,
 };
 use ndarray::{Array2, Array3, ArrayView2};
 use std::sync::{Arc, Mutex};
@@ -254,15 +253,6 @@ impl RouteBuffers {
     }
 }
 
-/// Normalised group limit: `None` when it keeps every group.
-#[derive(Debug, Clone, Copy)]
-struct Groups {
-    g: usize,
-    sel: usize,
-    n: usize,
-    per: usize,
-}
-
 /// The CUDA router. Create it with [`CudaRouter::new`]; it routes [`DeviceLogits`] on its own
 /// stream ([`CudaRouter::stream`]).
 #[derive(Debug)]
@@ -270,7 +260,7 @@ pub struct CudaRouter {
     cfg: RouterConfig,
     dev: Arc<Device>,
     bias: Option<CudaSlice<f32>>,
-    groups: Option<Groups>,
+    base: Params,
     choice: Mutex<KernelChoice>,
     recorder: Mutex<Option<Recorder>>,
 }
@@ -296,27 +286,12 @@ impl CudaRouter {
             Some(b) => Some(dev.stream.clone_htod(b).map_err(dev_err)?),
             None => None,
         };
-        let groups = cfg.group_limit().and_then(|g| {
-            let per = cfg.num_experts() / g.num_groups;
-            if g.groups_selected >= g.num_groups {
-                return None;
-            }
-            let n = match g.score {
-                GroupScore::Max => 1,
-                GroupScore::SumTopN(n) => n,
-            };
-            Some(Groups {
-                g: g.num_groups,
-                sel: g.groups_selected,
-                n,
-                per,
-            })
-        });
+        let base = crate::kernels::config_params(&cfg);
         Ok(CudaRouter {
             cfg,
             dev,
             bias,
-            groups,
+            base,
             choice: Mutex::new(KernelChoice::Auto),
             recorder: Mutex::new(None),
         })
@@ -451,69 +426,32 @@ impl CudaRouter {
 
     fn plan(&self, logits: &DeviceLogits<'_>, ptr: u64, replay: bool) -> Plan {
         let choice = self.choice.lock().map(|c| *c).unwrap_or_default();
-        let k = self.cfg.top_k();
         let lb = logits.dtype().bytes() as u64;
         let aligned = ptr % 16 == 0 && (logits.cols as u64 * lb) % 16 == 0 && (logits.ld as u64 * lb) % 16 == 0;
-        let Some(ki) = TILE_KMAX.iter().position(|&m| m >= k) else {
-            return Plan::Row;
-        };
-        let kmax = TILE_KMAX[ki];
-        let groups_ok = replay
-            || self
-                .groups
-                .is_none_or(|g| g.g * kmax <= 64 && g.n <= kmax && g.sel <= TILE_GS_MAX);
         let big = match choice {
             KernelChoice::Row => false,
             KernelChoice::Tile => true,
             KernelChoice::Auto => logits.rows >= TILE_MIN_ROWS,
         };
-        if big && aligned && groups_ok {
-            Plan::Tile(ki)
-        } else {
-            Plan::Row
+        match tile_slot(&self.base, replay) {
+            Some(ki) if big && aligned => Plan::Tile(ki),
+            _ => Plan::Row,
         }
     }
 
     fn params(&self, logits: &DeviceLogits<'_>, lptr: u64) -> Params {
-        let (norm, norm_param) = match self.cfg.normalization() {
-            Normalization::None => (0, 0.0),
-            Normalization::Sum { eps } => (1, eps),
-            Normalization::SumClampMin { min } => (2, min),
-        };
         let bias = self
             .bias
             .as_ref()
             .map(|b| b.device_ptr(&self.dev.stream).0)
             .unwrap_or(0);
-        let g = self.groups.unwrap_or(Groups {
-            g: 0,
-            sel: 0,
-            n: 0,
-            per: 0,
-        });
         Params {
             logits: lptr,
             bias,
             t: logits.rows as i64,
             ld: logits.ld as i64,
-            e: self.cfg.num_experts() as i32,
-            k: self.cfg.top_k() as i32,
-            g: g.g as i32,
-            gsel: g.sel as i32,
-            gn: g.n as i32,
-            per: g.per as i32,
-            norm,
-            norm_param,
-            scale: self.cfg.scaling_factor(),
-            ..Params::default()
+            ..self.base
         }
-    }
-
-    fn row_smem(&self, block: usize) -> usize {
-        let e = self.cfg.num_experts();
-        let (g, n) = self.groups.map(|g| (g.g, g.n)).unwrap_or((1, 1));
-        let bytes = e * 8 + e * 4 * 2 + g * n * 4 + g * 4 * 2 + self.cfg.top_k().max(1) * 4 + block * 4;
-        bytes.div_ceil(16) * 16
     }
 
     /// Enqueues the route or replay kernel for `p` on the router's stream.
@@ -529,11 +467,7 @@ impl CudaRouter {
         let s = &self.dev.stream;
         let (f, cfg) = match *plan {
             Plan::Tile(ki) => {
-                let kmax = TILE_KMAX[ki];
-                let mut smem = TILE_WARPS * TILE_SMEM_PER_WARP;
-                if !replay && let Some(g) = self.groups {
-                    smem += TILE_WARPS * g.g * kmax * 32 * 8;
-                }
+                let smem = tile_smem(&p, ki, replay);
                 let blocks = rows.div_ceil(TILE_WARPS * 32);
                 let f = if replay { &kern.replay } else { &kern.route };
                 (
@@ -546,7 +480,7 @@ impl CudaRouter {
                 )
             }
             Plan::Row => {
-                let block = self.cfg.num_experts().next_multiple_of(32).clamp(32, 256);
+                let (block, smem) = row_launch(&p);
                 let grid = rows.min(1 << 30);
                 let f = if replay { &kern.replay } else { &kern.route };
                 (
@@ -554,7 +488,7 @@ impl CudaRouter {
                     LaunchConfig {
                         grid_dim: (grid as u32, 1, 1),
                         block_dim: (block as u32, 1, 1),
-                        shared_mem_bytes: self.row_smem(block) as u32,
+                        shared_mem_bytes: smem as u32,
                     },
                 )
             }
@@ -575,67 +509,13 @@ impl CudaRouter {
         Ok(())
     }
 
-    /// Decodes a status word (0 = success) into the reference router's error.
-    fn decode(&self, word: u64, replay_ids: Option<&DeviceIds>) -> Result<(), RouteError> {
-        if word == 0 {
-            return Ok(());
-        }
-        let key = !word;
-        let row = ((key >> 22) & ((1u64 << 40) - 1)) as usize;
-        if key >> 62 == 0 {
-            let e = self.cfg.num_experts();
-            let k = self.cfg.top_k();
-            if let Some(ids) = replay_ids {
-                let v = self
-                    .dev
-                    .stream
-                    .clone_dtoh(&ids.buf.slice(row * k..(row + 1) * k))
-                    .map_err(dev_err)?;
-                let a = Array2::from_shape_vec((1, k), v).map_err(|e| RouteError::Unsupported(e.to_string()))?;
-                return match validate_ids(a.view(), 1, e, k, &[]) {
-                    Err(RouteError::IdOutOfRange {
-                        slot, id, num_experts, ..
-                    }) => Err(RouteError::IdOutOfRange {
-                        row,
-                        slot,
-                        id,
-                        num_experts,
-                    }),
-                    Err(RouteError::DuplicateId {
-                        id,
-                        first_slot,
-                        second_slot,
-                        ..
-                    }) => Err(RouteError::DuplicateId {
-                        row,
-                        id,
-                        first_slot,
-                        second_slot,
-                    }),
-                    _ => Err(RouteError::Replay(ReplayError::InvalidRoute(format!(
-                        "replay row {row} is invalid"
-                    )))),
-                };
-            }
-            return Err(RouteError::Replay(ReplayError::InvalidRoute(format!(
-                "replay row {row} has an out-of-range or duplicate id"
-            ))));
-        }
-        if (key >> 20) & 3 == 1 {
-            return Err(RouteError::AllMasked { row });
-        }
-        let expert = ((key >> 1) & 0x7ffff) as usize;
-        let value = if key & 1 == 1 {
-            format!("{:?}", f32::INFINITY)
-        } else {
-            format!("{:?}", f32::NAN)
-        };
-        Err(RouteError::NonFiniteLogit { row, expert, value })
-    }
-
     fn read_status(&self, status: &CudaSlice<u64>, replay_ids: Option<&DeviceIds>) -> Result<(), RouteError> {
         let w = self.dev.stream.clone_dtoh(status).map_err(dev_err)?;
-        self.decode(w.first().copied().unwrap_or(0), replay_ids)
+        let k = self.cfg.top_k();
+        decode_status(w.first().copied().unwrap_or(0), self.cfg.num_experts(), k, |row| {
+            let ids = replay_ids?;
+            self.dev.stream.clone_dtoh(&ids.buf.slice(row * k..(row + 1) * k)).ok()
+        })
     }
 
     fn alloc<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
