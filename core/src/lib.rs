@@ -21,6 +21,7 @@ pub mod capacity;
 pub mod config;
 pub mod error;
 pub mod import;
+pub mod interop;
 pub mod layout;
 pub mod logits;
 pub mod math;

@@ -1,0 +1,59 @@
+//! SGLang `meta_info.routed_experts`: base64 (standard alphabet; padding optional, surrounding
+//! whitespace ignored) of little-endian int32, flat `[T, L, K]` with L and K given by the caller
+//! (`num_hidden_layers`, `num_experts_per_tok`). SGLang returns `T = seqlen − 1 − start_len`
+//! rows; `-1` is read (and written) as a missing row.
+
+use super::{
+    DenseRoutes, Format, ImportOptions, IntDtype, InteropError, decode_base64, decode_ints, element_count,
+    encode_base64, encode_ints, trim_ascii,
+};
+
+const F: Format = Format::Sglang;
+
+/// Decodes SGLang base64 text (L and K from `opts`).
+pub fn decode(text: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, InteropError> {
+    let (Some(l), Some(k)) = (opts.num_layers, opts.top_k) else {
+        return Err(InteropError::MissingOption {
+            format: F,
+            what: "the shape [L, K]",
+            hint: "pass the number of MoE layers and K (CLI: --num-layers L --top-k K)".into(),
+        });
+    };
+    if l == 0 || k == 0 {
+        return Err(InteropError::Shape {
+            format: F,
+            reason: format!("L = {l} and K = {k} must both be at least 1"),
+        });
+    }
+    let lead = text.len() - text.trim_ascii_start().len();
+    let body = trim_ascii(text);
+    // Bound the decoded size before decoding: 3 bytes per 4 symbols.
+    let max_bytes = (body.len() as u64 / 4 + 1) * 3;
+    element_count(F, &[max_bytes / 4], opts.max_elements, "the base64 length")?;
+    let bytes = decode_base64(F, body, lead as u64)?;
+    if bytes.len() % 4 != 0 {
+        return Err(InteropError::Malformed {
+            format: F,
+            region: "base64 payload",
+            offset: (bytes.len() - bytes.len() % 4) as u64,
+            reason: format!("{} bytes is not a whole number of int32 values", bytes.len()),
+        });
+    }
+    let n = bytes.len() / 4;
+    let per_token = l.saturating_mul(k);
+    if n % per_token != 0 {
+        return Err(InteropError::Shape {
+            format: F,
+            reason: format!("{n} ids are not a whole number of tokens of L × K = {l} × {k} ids"),
+        });
+    }
+    let t = n / per_token;
+    let ids = decode_ints(F, &bytes, IntDtype::I32, (t, l, k), 0, opts.num_experts)?;
+    Ok(DenseRoutes::new(ids))
+}
+
+/// Encodes `[T, L, K]` as SGLang base64 text (int32, missing rows as `-1`, rows from position 0).
+pub fn encode(d: &DenseRoutes) -> Result<String, InteropError> {
+    let d = d.clone().rebased_to_zero(F, u64::MAX)?;
+    Ok(encode_base64(&encode_ints(F, &d.ids, 0, IntDtype::I32)?))
+}
