@@ -7,7 +7,7 @@ use moe_router_core::{
     RouterConfig, ScoreFunction, SoftmaxPosition, validate_ids,
 };
 use ndarray::{Array2, ArrayView2, Axis};
-use num_traits::{Float, Zero};
+use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
 /// Rows per parallel task.
@@ -383,6 +383,12 @@ fn route_row<M: Math>(
         return slow_row::<M>(cfg, z, row, ids, w);
     }
     let per = cfg.experts_per_group();
+    if M::SIGMOID_PRUNABLE
+        && cfg.score() == ScoreFunction::Sigmoid
+        && sigmoid_pruned::<M>(cfg, z, kbuf, masked, gscore, gkeep, row, ids, w)?
+    {
+        return Ok(());
+    }
     let softmax_before = cfg.score() == ScoreFunction::Softmax && cfg.softmax_position() == SoftmaxPosition::BeforeTopK;
     // Keys.
     let keys: &[M::F] = match cfg.score() {
@@ -503,6 +509,126 @@ fn route_row<M: Math>(
         None
     };
     weigh_row::<M>(cfg, z, row, ids, w, scores)
+}
+
+/// Portable sigmoid routing by pruning: select on cheap keys `1/(1+exp(-z)) + b` (same `exp`,
+/// hardware division), which differ from the exact keys by at most `δ = 2⁻²⁰·(2 + max|b|)`
+/// (portable division is within 2 ulp, the hardware one within ½ ulp, and the sum with the bias
+/// rounds once more); then compute exact keys only where the cheap ones cannot decide.
+///
+/// - Groups: if the gap between the g-th and (g+1)-th cheap group score exceeds the group score's
+///   error bound, the kept set is the exact one; otherwise this returns `false` and the caller
+///   takes the exact path.
+/// - Experts: with τ̃ the K-th largest cheap key among kept experts, every expert of the exact
+///   top-K (and every expert tied with its K-th key) has a cheap key ≥ τ̃ − 2δ; those candidates
+///   get exact keys and the exact top-K among them, in ascending id order, is the exact result.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn sigmoid_pruned<M: Math>(
+    cfg: &RouterConfig,
+    z: &[M::F],
+    approx: &mut [M::F],
+    masked: &mut [M::F],
+    gscore: &mut [M::F],
+    gkeep: &mut [bool],
+    row: usize,
+    ids: &mut [u32],
+    w: &mut [M::F],
+) -> Result<bool, RouteError> {
+    let k = cfg.top_k();
+    let one = M::F::one();
+    let bias = cfg.expert_bias();
+    let bmax = bias.map_or(0.0, |b| b.iter().fold(0.0f32, |a, &x| a.max(x.abs())));
+    let delta = M::from_f64((2.0 + f64::from(bmax)) * 2f64.powi(-20));
+    match bias {
+        Some(b) => {
+            for ((a, &x), &bb) in approx.iter_mut().zip(z).zip(b) {
+                *a = one / (one + M::exp(-x)) + M::from_f32(bb);
+            }
+        }
+        None => {
+            for (a, &x) in approx.iter_mut().zip(z) {
+                *a = one / (one + M::exp(-x));
+            }
+        }
+    }
+    let per = cfg.experts_per_group();
+    let mut all_kept = true;
+    if let Some(g) = cfg.group_limit() {
+        let n = match g.score {
+            GroupScore::SumTopN(n) => n,
+            GroupScore::Max => 1,
+        };
+        if n > MAX_K || g.groups_selected + 1 > MAX_K.min(g.num_groups + 1) {
+            return Ok(false);
+        }
+        for (gi, chunk) in approx.chunks(per).enumerate() {
+            let mut top = [M::F::neg_infinity(); MAX_K];
+            for &x in chunk {
+                insert_value(&mut top[..n], x);
+            }
+            let mut sum = top[0];
+            for &x in &top[1..n] {
+                sum = sum + x;
+            }
+            gscore[gi] = sum;
+        }
+        let sel = g.groups_selected;
+        if sel < g.num_groups {
+            let mut gk = [M::F::neg_infinity(); MAX_K];
+            let mut gi_ = [u32::MAX; MAX_K];
+            for (gi, &x) in gscore.iter().enumerate().take(g.num_groups) {
+                insert_bf(&mut gk[..sel + 1], &mut gi_[..sel + 1], x, gi as u32);
+            }
+            let nf = n as f64;
+            let margin = delta * M::from_f64(4.0 * nf * nf + 4.0);
+            if !(gk[sel - 1] - gk[sel] > margin) {
+                return Ok(false);
+            }
+            gkeep.iter_mut().for_each(|x| *x = false);
+            for &gi in &gi_[..sel] {
+                gkeep[gi as usize] = true;
+            }
+            all_kept = false;
+        }
+    }
+    for ((gi, src), dst) in approx.chunks(per).enumerate().zip(masked.chunks_mut(per)) {
+        if all_kept || gkeep[gi] {
+            dst.copy_from_slice(src);
+        } else {
+            dst.iter_mut().for_each(|x| *x = M::F::neg_infinity());
+        }
+    }
+    let mut tk = [M::F::neg_infinity(); MAX_K];
+    let mut ti = [u32::MAX; MAX_K];
+    if !top_k_row(masked, &mut tk[..k], &mut ti[..k]) {
+        return Ok(false);
+    }
+    let thr = tk[k - 1] - (delta + delta);
+    let mut ek = [M::F::neg_infinity(); MAX_K];
+    let mut ei = [u32::MAX; MAX_K];
+    for (r, block) in masked.chunks(S).enumerate() {
+        let mut m: u32 = 0;
+        for (j, &x) in block.iter().enumerate() {
+            m |= u32::from(x >= thr) << j;
+        }
+        while m != 0 {
+            let j = m.trailing_zeros() as usize;
+            m &= m - 1;
+            let id = r * S + j;
+            let mut key = M::sigmoid(z[id]);
+            if let Some(b) = bias {
+                key = M::ftz(key + M::from_f32(b[id]));
+            }
+            insert_bf(&mut ek[..k], &mut ei[..k], key, id as u32);
+        }
+    }
+    if ek[k - 1] == M::F::neg_infinity() {
+        return Ok(false);
+    }
+    ids.copy_from_slice(&ei[..k]);
+    weigh_row::<M>(cfg, z, row, ids, w, None)?;
+    Ok(true)
 }
 
 /// Weights for `ids` on widened row `z`; `scores` holds the precomputed unbiased scores when the

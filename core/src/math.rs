@@ -36,6 +36,8 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = f32::from_bits(0x3f31_7200); // 0.693145751953125
 const LN2_LO: f32 = 1.428_606_8e-6; // ln2 - LN2_HI
 /// exp(x) underflows below 2⁻¹²⁶ for x < EXP_LO and overflows for x > EXP_HI.
+/// 1.5·2²³: adding and subtracting it rounds an f32 of magnitude < 2²² to an integer.
+const ROUND_MAGIC: f32 = 12_582_912.0;
 const EXP_LO: f32 = -87.336_55;
 const EXP_HI: f32 = 88.722_84;
 
@@ -51,8 +53,9 @@ pub fn exp(x: f32) -> f32 {
     // n = floor(t + 0.5), clamped first so the integer conversion is exact; the floor is built
     // from truncation (exact) so the loop vectorises without a libm call.
     let y = (t + 0.5).clamp(-200.0, 200.0);
-    let tr = (y as i32) as f32;
-    let n = if tr > y { tr - 1.0 } else { tr };
+    // Round to nearest with the 1.5·2²³ trick (exact for |y| < 2²²), then step down if above y.
+    let rn = (y + ROUND_MAGIC) - ROUND_MAGIC;
+    let n = if rn > y { rn - 1.0 } else { rn };
     let n = n.clamp(-130.0, 130.0);
     let r = (x - n * LN2_HI) - n * LN2_LO;
     // Taylor polynomial of degree 7 on |r| ≤ 0.35, Horner form.
@@ -65,7 +68,9 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.0;
     p = p * r + 1.0;
     // Scale by 2^n in two exact steps so 2^n never leaves the normal range.
-    let ni = n as i32;
+    // n is an integer in [−130, 130]: read it from the bits of n + 1.5·2²³ (no float→int cast,
+    // which would not vectorise).
+    let ni = (n + ROUND_MAGIC).to_bits() as i32 - ROUND_MAGIC.to_bits() as i32;
     let n1 = ni / 2;
     let n2 = ni - n1;
     let y = ftz((p * pow2i(n1.clamp(-126, 127))) * pow2i(n2.clamp(-126, 127)));
@@ -297,6 +302,10 @@ pub trait Math: Copy + Send + Sync + 'static {
     fn sigmoid(x: Self::F) -> Self::F;
     /// `sqrt(softplus(x))`.
     fn sqrt_softplus(x: Self::F) -> Self::F;
+    /// True for [`Portable`]: its sigmoid equals `1 / (1 + exp(-x))` with the same `exp` and a
+    /// correctly rounded division to within 3 ulp, which lets a backend select on cheap keys and
+    /// recompute only the candidates exactly (the result is unchanged).
+    const SIGMOID_PRUNABLE: bool = false;
     /// [`Math::sigmoid`] over a slice (same bits; implementations may vectorise).
     fn sigmoid_slice(x: &[Self::F], out: &mut [Self::F]) {
         for (o, &v) in out.iter_mut().zip(x) {
@@ -326,6 +335,7 @@ pub struct NativeF64;
 
 impl Math for Portable {
     type F = f32;
+    const SIGMOID_PRUNABLE: bool = true;
     #[inline(always)]
     fn from_f32(x: f32) -> f32 {
         ftz(x)
