@@ -582,7 +582,7 @@ fn sigmoid_pruned<M: Math>(
             }
             let nf = n as f64;
             let margin = delta * M::from_f64(4.0 * nf * nf + 4.0);
-            if !(gk[sel - 1] - gk[sel] > margin) {
+            if (gk[sel - 1] - gk[sel]).partial_cmp(&margin) != Some(std::cmp::Ordering::Greater) {
                 return Ok(false);
             }
             gkeep.iter_mut().for_each(|x| *x = false);
