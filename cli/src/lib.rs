@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 pub mod backend;
 pub mod error;
 pub mod route;
+pub mod trace_cmds;
 
 pub use error::CliError;
 
@@ -25,6 +26,14 @@ struct Cli {
 enum Command {
     /// Route a batch of logits (or weigh given ids) and write ids, weights and statistics.
     Route(route::RouteArgs),
+    /// Convert a routing trace between formats (mrt, npy, safetensors, sglang, nrlre1, r3v1, prime-rl).
+    Convert(trace_cmds::ConvertArgs),
+    /// Show a trace's header, sequences, chunks, recovery state and load (works on truncated files).
+    Inspect(trace_cmds::InspectArgs),
+    /// Check a trace: checksums, ids, duplicates, all-zero layers, coverage (exit 3 when invalid).
+    Validate(trace_cmds::ValidateArgs),
+    /// Compare two traces: router and token mismatch fractions, per-layer mismatch and overlap.
+    Diff(trace_cmds::DiffArgs),
 }
 
 /// Exit code: success.
@@ -52,6 +61,10 @@ where
     };
     let result = match cli.command {
         Command::Route(a) => route::run(&a),
+        Command::Convert(a) => trace_cmds::convert(&a),
+        Command::Inspect(a) => trace_cmds::inspect(&a),
+        Command::Validate(a) => trace_cmds::validate(&a),
+        Command::Diff(a) => trace_cmds::diff(&a),
     };
     match result {
         Ok(code) => code,
