@@ -3,25 +3,30 @@
 // Rules kept here (and checked bit for bit against the Rust definitions by the tests):
 // - Same sequence of IEEE-754 add, subtract and multiply as the Rust code; constants are bit
 //   patterns generated from the Rust constants (see the generated header, `C_*`).
-// - No contraction: a driver may fuse `a * b + c` into an FMA (the NVIDIA Vulkan driver does).
-//   Every product that feeds an add or subtract is written `gm(a, b)` = `(a * b) + nz`, where
-//   `nz` is -0.0 read from a uniform buffer (opaque to every compiler): fused or not, that is
-//   RN(a * b) exactly (x + -0.0 == x for every x, zeros keep their sign), and the result is a
-//   sum, which no compiler can fuse into the following add. (Multiplying by an opaque 1.0 is
-//   not enough: Mesa's NIR rewrites `x*r*one + y*r*one` into `(x + y)*r*one`, losing a rounding.)
-//   `(x) + nz` also hides sums from algebraic rewrites such as `c - (c - a) -> a` that a compiler
-//   may apply to "inexact" float code.
+// - No contraction: a driver may fuse `a * b + c` into an FMA (the NVIDIA Vulkan driver does),
+//   and may apply other algebra to float code (it turned `ma - ((q0 * mb) + z)` into
+//   `fma(-q0, mb, ma) - z`). Every product that feeds an add or subtract is therefore written
+//   `gm(a, b)` = `opq(a * b)`, where `opq` passes the bits through an XOR with `zm`, a zero read
+//   from a uniform buffer: an integer operation with an unknown operand that no compiler can see
+//   through, so the product is rounded on its own and cannot be fused or regrouped. (Multiplying
+//   by an opaque 1.0 or adding an opaque -0.0 is not enough: Mesa's NIR factors
+//   `x*r*one + y*r*one` into `(x + y)*r*one`, and the NVIDIA compiler saw through `+ (-0.0)`.)
+//   `opq` also hides sums from rewrites such as `c - (c - a) -> a`.
 // - Subnormals are flushed by bit tests (`ftz`), NaN and infinities are detected by bit tests
 //   (WGSL lets an implementation assume finite math, so no `isNan`-style comparisons are used).
 // - No built-in division, exp, log or sqrt.
 
-var<private> nz: f32;
+var<private> zm: u32;
 var<private> PINF: f32;
 var<private> NINF: f32;
 var<private> QNAN: f32;
 
+fn opq(x: f32) -> f32 {
+    return bitcast<f32>(bitcast<u32>(x) ^ zm);
+}
+
 fn gm(a: f32, b: f32) -> f32 {
-    return (a * b) + nz;
+    return opq(a * b);
 }
 
 fn ftz(x: f32) -> f32 {
@@ -101,7 +106,7 @@ fn frexp_e(x: f32) -> i32 {
 // Veltkamp split, high part (the low part is a - hi).
 fn split_hi(a: f32) -> f32 {
     let c = gm(4097.0, a);
-    return c - ((c - a) + nz);
+    return c - opq(c - a);
 }
 
 // Error term of Dekker's exact product a*b, given p = RN(a*b).
@@ -206,7 +211,7 @@ fn p_ln(x0: f32) -> f32 {
 fn p_ln1p(t0: f32) -> f32 {
     let t = ftz(t0);
     let u = 1.0 + t;
-    let d = (u + nz) - 1.0;
+    let d = opq(u) - 1.0;
     if (is_zero(d)) {
         return t;
     }

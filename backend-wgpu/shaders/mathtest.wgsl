@@ -7,7 +7,7 @@ struct Params {
     func: u32,
     _p0: u32,
     _p1: u32,
-    nz: f32,
+    zm: u32,
     pinf: f32,
     ninf: f32,
     qnan: f32,
@@ -20,7 +20,7 @@ struct Params {
 
 @compute @workgroup_size(64)
 fn mathtest(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    nz = P.nz;
+    zm = P.zm;
     PINF = P.pinf;
     NINF = P.ninf;
     QNAN = P.qnan;

@@ -10,7 +10,7 @@ struct Params {
     row_base: u32,
     _p0: u32,
     _p1: u32,
-    nz: f32,
+    zm: u32,
     pinf: f32,
     ninf: f32,
     qnan: f32,
@@ -36,7 +36,7 @@ const NORM_SUM: u32 = 1u;
 const SENT: u32 = 0xffffffffu;
 
 fn init_consts() {
-    nz = P.nz;
+    zm = P.zm;
     PINF = P.pinf;
     NINF = P.ninf;
     QNAN = P.qnan;

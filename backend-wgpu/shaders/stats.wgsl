@@ -10,7 +10,7 @@ struct Params {
     row_base: u32,
     _p0: u32,
     _p1: u32,
-    nz: f32,
+    zm: u32,
     pinf: f32,
     ninf: f32,
     qnan: f32,
@@ -42,7 +42,7 @@ fn count(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 fn init_consts() {
-    nz = P.nz;
+    zm = P.zm;
     PINF = P.pinf;
     NINF = P.ninf;
     QNAN = P.qnan;

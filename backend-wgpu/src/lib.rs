@@ -10,9 +10,9 @@
 //!   [`WgpuRouter::weights_host`] are host-in, host-out conveniences.
 //! - **Portable numerics** (the default) are bit-identical to the reference router (ids and
 //!   weight bits), also on drivers that fuse `a·b + c` into FMA: the WGSL mirror of
-//!   `moe_router_core::math` adds an opaque −0.0 (read from a uniform) to every product that
-//!   feeds an add, so a fused and an unfused evaluation round identically and no compiler can
-//!   regroup the arithmetic (see `shaders/math.wgsl`).
+//!   `moe_router_core::math` passes every product that feeds an add through an XOR with an
+//!   opaque zero read from a uniform, so no compiler can fuse or regroup the arithmetic (see
+//!   `shaders/math.wgsl`).
 //! - Kernels: one invocation per token, no subgroup operations (no subgroup-size assumption),
 //!   specialised per routing rule by generated WGSL constants; pipelines are compiled once per
 //!   device ([`WgpuContext`]) and shared by routers; batches larger than the device's storage

@@ -21,8 +21,8 @@ pub(crate) struct Params {
     pub row_base: u32,
     pub p0: u32,
     pub p1: u32,
-    /// -0.0: the opaque addend of the no-contraction guard.
-    pub nz: f32,
+    /// 0: the opaque XOR mask of the no-contraction guard (`opq` in shaders/math.wgsl).
+    pub zm: u32,
     pub pinf: f32,
     pub ninf: f32,
     pub qnan: f32,
@@ -39,7 +39,7 @@ impl Params {
             row_base: 0,
             p0: 0,
             p1: 0,
-            nz: -0.0,
+            zm: 0,
             pinf: f32::INFINITY,
             ninf: f32::NEG_INFINITY,
             qnan: f32::NAN,

@@ -11,8 +11,9 @@
 //! Usage: `bench-wgpu [--bench] [--quick] [--json FILE] [--rules a,b] [--tokens 1,64] [--dtypes f32,bf16]
 //! [--modes portable,native,portable-prune] [--ops route,replay,record]`.
 //! (`portable-prune` = portable numerics with the bound-based skipping of exact keys.)
-//! This build times the wgpu backend only; the CUDA backend's numbers come from its own bench
-//! binary run in the same device session (see docs/benchmarks.md).
+//! Built with the `cuda` feature, it also times the CUDA backend (`CudaRouter::enqueue_route` /
+//! `enqueue_replay`, N launches then one stream synchronisation, the same wall-clock method) on
+//! the same logits in the same run, and prints the throughput ratio wgpu / CUDA.
 
 use moe_router_core::import::presets::preset_expects_expert_bias;
 use moe_router_core::{Numerics, RouterConfig, preset};
@@ -187,7 +188,11 @@ fn main() {
         "bench-wgpu: adapter {:?} ({} {}, driver {})",
         a.name, a.backend, a.device_type, a.driver
     );
-    println!("bench-wgpu: CUDA backend not timed by this build (see docs/benchmarks.md)");
+    if cfg!(feature = "cuda") {
+        println!("bench-wgpu: timing the CUDA backend too (same logits, same run)");
+    } else {
+        println!("bench-wgpu: CUDA backend not timed by this build (build with --features cuda)");
+    }
     let copy = match copy_bandwidth(&ctx, args.quick) {
         Ok(c) => c,
         Err(e) => {
@@ -205,8 +210,8 @@ fn main() {
         );
     }
     println!(
-        "{:<12} {:<5} {:<9} {:<7} {:>7} {:>11} {:>9} {:>7}",
-        "rule", "dtype", "numerics", "op", "T", "us/call", "GB/s", "% copy"
+        "{:<12} {:<5} {:<9} {:<7} {:>7} {:>11} {:>9} {:>7} {:>11} {:>10}",
+        "rule", "dtype", "numerics", "op", "T", "us/call", "GB/s", "% copy", "cuda us", "wgpu/cuda"
     );
     let mut rows: Vec<Row> = Vec::new();
     let l2_bytes = 128usize << 20;
@@ -236,6 +241,8 @@ fn main() {
                 mapped_at_creation: false,
             });
             ctx.queue().write_buffer(&buf, 0, &bytes);
+            #[cfg(feature = "cuda")]
+            let cuda_host = cuda::HostLogits::new(&bytes, total_rows, e, dtype);
             drop(bytes);
             for mode in &args.modes {
                 let Ok(cfg) = config(rule, mode == "native") else {
@@ -252,6 +259,10 @@ fn main() {
                     println!("bench-wgpu: {rule}: {err}");
                     continue;
                 }
+                #[cfg(feature = "cuda")]
+                let cuda_bench = config(rule, mode == "native")
+                    .ok()
+                    .and_then(|c| cuda::Bench::new(c, &cuda_host, args.quick));
                 for &t in &args.tokens {
                     // Rotate through input slots (256-byte aligned) spanning > L2.
                     let slot_bytes = ((t * row_bytes) as u64).div_ceil(256) * 256;
@@ -306,6 +317,10 @@ fn main() {
                         };
                         let moved = (t * row_bytes + t * k * 8) as f64;
                         let gbs = moved / secs / 1e9;
+                        #[cfg(feature = "cuda")]
+                        let cuda_us = cuda_bench.as_ref().and_then(|b| b.time(t, op)).map(|s| s * 1e6);
+                        #[cfg(not(feature = "cuda"))]
+                        let cuda_us: Option<f64> = None;
                         let r = Row {
                             rule: rule.clone(),
                             dtype: dtype.name(),
@@ -315,8 +330,12 @@ fn main() {
                             us: secs * 1e6,
                             gbs,
                         };
+                        let (cu, ratio) = match cuda_us {
+                            Some(c) => (format!("{c:.2}"), format!("{:.2}", c / r.us)),
+                            None => ("-".to_string(), "-".to_string()),
+                        };
                         println!(
-                            "{:<12} {:<5} {:<9} {:<7} {:>7} {:>11.2} {:>9.1} {:>6.1}%",
+                            "{:<12} {:<5} {:<9} {:<7} {:>7} {:>11.2} {:>9.1} {:>6.1}% {:>11} {:>10}",
                             r.rule,
                             r.dtype,
                             r.mode,
@@ -324,13 +343,22 @@ fn main() {
                             r.tokens,
                             r.us,
                             r.gbs,
-                            100.0 * r.gbs / copy
+                            100.0 * r.gbs / copy,
+                            cu,
+                            ratio
                         );
                         if let Some(f) = json.as_mut() {
                             let _ = writeln!(
                                 f,
-                                "{{\"rule\":{:?},\"dtype\":{:?},\"numerics\":{:?},\"op\":{:?},\"tokens\":{},\"us\":{:.3},\"gbs\":{:.2}}}",
-                                r.rule, r.dtype, r.mode, r.op, r.tokens, r.us, r.gbs
+                                "{{\"rule\":{:?},\"dtype\":{:?},\"numerics\":{:?},\"op\":{:?},\"tokens\":{},\"us\":{:.3},\"gbs\":{:.2},\"cuda_us\":{}}}",
+                                r.rule,
+                                r.dtype,
+                                r.mode,
+                                r.op,
+                                r.tokens,
+                                r.us,
+                                r.gbs,
+                                cuda_us.map_or("null".to_string(), |c| format!("{c:.3}"))
                             );
                         }
                         rows.push(r);
@@ -354,6 +382,107 @@ fn main() {
                 r.tokens,
                 r.us / n.us
             );
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! The CUDA backend timed the same way (launches, then one synchronisation, wall clock).
+    use moe_router_core::{LogitsRef, RouterConfig};
+    use moe_router_cuda::{CudaRouter, LogitsBuffer, RouteBuffers};
+    use moe_router_wgpu::LogitsDtype;
+    use ndarray::Array2;
+    use std::time::Instant;
+
+    pub enum HostLogits {
+        F32(Array2<f32>),
+        Bf16(Array2<half::bf16>),
+    }
+
+    impl HostLogits {
+        pub fn new(bytes: &[u8], rows: usize, e: usize, dtype: LogitsDtype) -> Option<HostLogits> {
+            match dtype {
+                LogitsDtype::F32 => {
+                    Array2::from_shape_vec((rows, e), bytemuck::pod_collect_to_vec(bytes)).ok().map(HostLogits::F32)
+                }
+                LogitsDtype::Bf16 => {
+                    Array2::from_shape_vec((rows, e), bytemuck::pod_collect_to_vec(bytes)).ok().map(HostLogits::Bf16)
+                }
+                LogitsDtype::F16 => None,
+            }
+        }
+        fn as_ref(&self) -> LogitsRef<'_> {
+            match self {
+                HostLogits::F32(a) => LogitsRef::F32(a.view()),
+                HostLogits::Bf16(a) => LogitsRef::Bf16(a.view()),
+            }
+        }
+    }
+
+    pub struct Bench {
+        router: CudaRouter,
+        logits: LogitsBuffer,
+        rows: usize,
+        quick: bool,
+    }
+
+    impl Bench {
+        pub fn new(cfg: RouterConfig, host: &Option<HostLogits>, quick: bool) -> Option<Bench> {
+            let host = host.as_ref()?;
+            let router = match CudaRouter::new(cfg) {
+                Ok(r) => r,
+                Err(e) => {
+                    println!("bench-wgpu: CUDA backend unavailable: {e}");
+                    return None;
+                }
+            };
+            router.warm_up().ok()?;
+            let l = host.as_ref();
+            let rows = l.dim().0;
+            let logits = router.upload_logits(&l).ok()?;
+            Some(Bench {
+                router,
+                logits,
+                rows,
+                quick,
+            })
+        }
+
+        fn run(&self, n: usize, t: usize, op: &str, out: &mut RouteBuffers, src: &RouteBuffers) -> Option<f64> {
+            let slots = (self.rows / t.max(1)).clamp(1, 64);
+            let view = self.logits.view();
+            let k = moe_router_core::Router::config(&self.router).top_k();
+            let t0 = Instant::now();
+            for i in 0..n {
+                let s = (i % slots) * t;
+                let l = view.slice_rows(s, s + t).ok()?;
+                match op {
+                    "replay" => self.router.enqueue_replay(&l, &src.ids().slice(..t * k), out).ok()?,
+                    _ => self.router.enqueue_route(&l, 0, out).ok()?,
+                }
+            }
+            self.router.stream().synchronize().ok()?;
+            Some(t0.elapsed().as_secs_f64())
+        }
+
+        /// Median seconds per call of `op` ("route", "replay"; "record" = route into a buffer
+        /// with a record layer).
+        pub fn time(&self, t: usize, op: &str) -> Option<f64> {
+            let layers = usize::from(op == "record");
+            let mut out = self.router.alloc_buffers(t, layers).ok()?;
+            let mut src = self.router.alloc_buffers(t, 0).ok()?;
+            let view = self.logits.view();
+            self.router.enqueue_route(&view.slice_rows(0, t).ok()?, 0, &mut src).ok()?;
+            self.router.take_status(&mut src).ok()?;
+            self.run(2, t, op, &mut out, &src)?;
+            let one = self.run(4, t, op, &mut out, &src)? / 4.0;
+            let target = if self.quick { 0.008 } else { 0.025 };
+            let n = ((target / one.max(1e-7)) as usize).clamp(3, 20_000);
+            let reps = if self.quick { 3 } else { 7 };
+            let mut v: Vec<f64> = (0..reps).filter_map(|_| self.run(n, t, op, &mut out, &src).map(|s| s / n as f64)).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            v.get(v.len() / 2).copied()
         }
     }
 }
