@@ -3,10 +3,13 @@
 #![allow(missing_docs)]
 
 mod bad_input;
+mod capacity_stats;
 mod cli_route;
 #[allow(dead_code)]
 mod conformance;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod golden;
 mod import;
 mod math;
