@@ -8,7 +8,10 @@
 use clap::{Parser, Subcommand};
 
 pub mod backend;
+pub mod demo;
 pub mod error;
+pub mod model;
+pub mod plot;
 pub mod route;
 pub mod trace_cmds;
 
@@ -34,6 +37,8 @@ enum Command {
     Validate(trace_cmds::ValidateArgs),
     /// Compare two traces: router and token mismatch fractions, per-layer mismatch and overlap.
     Diff(trace_cmds::DiffArgs),
+    /// Play out rollout routing replay (R3) end to end on a small synthetic MoE model.
+    Demo(demo::DemoArgs),
 }
 
 /// Exit code: success.
@@ -65,6 +70,7 @@ where
         Command::Inspect(a) => trace_cmds::inspect(&a),
         Command::Validate(a) => trace_cmds::validate(&a),
         Command::Diff(a) => trace_cmds::diff(&a),
+        Command::Demo(a) => demo::run(&a),
     };
     match result {
         Ok(code) => code,
