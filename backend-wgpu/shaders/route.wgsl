@@ -100,25 +100,6 @@ fn score_of(x: f32, m: f32, s: f32) -> f32 {
     return m_sqrt_softplus(x);
 }
 
-// Inserts (key, id) into the sorted top-K list if it beats the last entry. The list is kept in
-// slot order: key descending, ties -> lower id (empty slots are (-inf, SENT)).
-fn consider(tk: ptr<function, array<f32, K>>, ti: ptr<function, array<u32, K>>, key: f32, id: u32) {
-    let lk = (*tk)[K - 1u];
-    if (key > lk || (key == lk && id < (*ti)[K - 1u])) {
-        var ck = key;
-        var ci = id;
-        for (var j = 0u; j < K; j++) {
-            let ok = (*tk)[j];
-            let oi = (*ti)[j];
-            let sw = ck > ok || (ck == ok && ci < oi);
-            (*tk)[j] = select(ok, ck, sw);
-            (*ti)[j] = select(oi, ci, sw);
-            ck = select(ck, ok, sw);
-            ci = select(ci, oi, sw);
-        }
-    }
-}
-
 // Full-row pass: NaN/+inf check and the row max (fold in expert order, `if x > m`).
 // Returns false (after reporting) on a bad value.
 fn row_max_checked(base: u32, row: u32, m: ptr<function, f32>) -> bool {
@@ -218,12 +199,7 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let base = row * E;
     var m = 0.0;
     var s = 0.0;
-    var tk: array<f32, K>;
-    var ti: array<u32, K>;
-    for (var j = 0u; j < K; j++) {
-        tk[j] = NINF;
-        ti[j] = SENT;
-    }
+    topk_reset();
     if (SCORE == SCORE_SOFTMAX_BEFORE) {
         if (!row_max_checked(base, row, &m)) {
             return;
@@ -244,10 +220,10 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
                     report(0u, row);
                     return;
                 }
-                if (PRUNE && key_ub(x, e + j) < tk[K - 1u]) {
+                if (PRUNE && key_ub(x, e + j) < tk_last()) {
                     continue;
                 }
-                consider(&tk, &ti, key_of(x, e + j, m, s), e + j);
+                topk_consider(key_of(x, e + j, m, s), e + j);
             }
         }
     } else {
@@ -255,10 +231,7 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         // or its max (GN = 1).
         var gs: array<f32, G>;
         for (var g = 0u; g < G; g++) {
-            var top: array<f32, GN>;
-            for (var i = 0u; i < GN; i++) {
-                top[i] = NINF;
-            }
+            gtop_reset();
             let g0 = g * PER;
             for (var e = g0; e < g0 + PER; e += STEP) {
                 var c = load_chunk(base + e);
@@ -268,25 +241,13 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
                         report(0u, row);
                         return;
                     }
-                    if (PRUNE && key_ub(x, e + j) < top[GN - 1u]) {
+                    if (PRUNE && key_ub(x, e + j) < gt_last()) {
                         continue;
                     }
-                    var ck = key_of(x, e + j, m, s);
-                    if (ck > top[GN - 1u]) {
-                        for (var i = 0u; i < GN; i++) {
-                            let o = top[i];
-                            let sw = ck > o;
-                            top[i] = select(o, ck, sw);
-                            ck = select(ck, o, sw);
-                        }
-                    }
+                    gtop_consider(key_of(x, e + j, m, s));
                 }
             }
-            var sum = top[0];
-            for (var i = 1u; i < GN; i++) {
-                sum = m_ftz(sum + top[i]);
-            }
-            gs[g] = sum;
+            gs[g] = gtop_sum();
         }
         // The GSEL best groups (ties -> lower group index).
         var bk: array<f32, GSEL>;
@@ -326,26 +287,28 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
                     var c = load_chunk(base + e);
                     for (var j = 0u; j < STEP; j++) {
                         let x = widen(c[j]);
-                        if (PRUNE && key_ub(x, e + j) < tk[K - 1u]) {
+                        if (PRUNE && key_ub(x, e + j) < tk_last()) {
                             continue;
                         }
-                        consider(&tk, &ti, key_of(x, e + j, m, s), e + j);
+                        topk_consider(key_of(x, e + j, m, s), e + j);
                     }
                 }
-            } else if (ti[K - 1u] == SENT) {
+            } else if (ti_last() == SENT) {
                 // A masked expert can still fill a slot that no finite key claims.
                 for (var e = g0; e < g0 + PER; e++) {
-                    consider(&tk, &ti, NINF, e);
+                    topk_consider(NINF, e);
                 }
             }
         }
     }
-    if (!write_weights(base, row, &ti, m, s)) {
+    var sel: array<u32, K>;
+    topk_ids(&sel);
+    if (!write_weights(base, row, &sel, m, s)) {
         return;
     }
     let o = row * K;
     for (var j = 0u; j < K; j++) {
-        ids_out[o + j] = ti[j];
+        ids_out[o + j] = sel[j];
     }
 }
 

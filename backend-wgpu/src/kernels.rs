@@ -156,6 +156,7 @@ impl KernelSpec {
         h.push_str(&format!("const PRUNE: bool = {};\n", self.prune));
         h.push_str(&math_consts());
         h.push_str(&loads(self.dtype, self.step));
+        h.push_str(&register_lists(self.k, self.gn));
         h
     }
 
@@ -210,6 +211,77 @@ pub(crate) fn math_consts() -> String {
     s.push_str(&format!("const C_1_2: f32 = {};\n", hexf(1.2)));
     s.push_str(&format!("const C_0_2: f32 = {};\n", hexf(0.2)));
     s.push_str(&format!("const C_2M24: f32 = {};\n", hexf(f32::from_bits(0x3380_0000))));
+    s
+}
+
+/// The running top-K list (keys `tk*`, ids `ti*`) and a group's top-GN keys (`gt*`) as private
+/// scalars with straight-line insertion code, so that they live in registers (arrays indexed in
+/// loops may be placed in local memory by a driver).
+fn register_lists(k: u32, gn: u32) -> String {
+    let mut s = String::new();
+    for j in 0..k {
+        s.push_str(&format!("var<private> tk{j}: f32;\nvar<private> ti{j}: u32;\n"));
+    }
+    // Reset: every slot empty (-inf, SENT); a real (-inf, id) beats an empty slot.
+    s.push_str("fn topk_reset() {\n");
+    for j in 0..k {
+        s.push_str(&format!("    tk{j} = NINF;\n    ti{j} = 0xffffffffu;\n"));
+    }
+    s.push_str("}\n");
+    let l = k - 1;
+    s.push_str(&format!(
+        "fn tk_last() -> f32 {{\n    return tk{l};\n}}\nfn ti_last() -> u32 {{\n    return ti{l};\n}}\n"
+    ));
+    // Insertion keeping (key descending, id ascending): b_j = (key, id) beats slot j; slot j
+    // takes the new entry where b_j && !b_{j-1}, the old slot j-1 where b_{j-1}.
+    s.push_str(&format!(
+        "fn topk_consider(key: f32, id: u32) {{\n    if (!(key > tk{l} || (key == tk{l} && id < ti{l}))) {{\n        return;\n    }}\n"
+    ));
+    for j in 0..k {
+        s.push_str(&format!(
+            "    let b{j} = key > tk{j} || (key == tk{j} && id < ti{j});\n"
+        ));
+    }
+    for j in (1..k).rev() {
+        let p = j - 1;
+        s.push_str(&format!(
+            "    tk{j} = select(tk{j}, select(key, tk{p}, b{p}), b{j});\n    ti{j} = select(ti{j}, select(id, ti{p}, b{p}), b{j});\n"
+        ));
+    }
+    s.push_str("    tk0 = select(tk0, key, b0);\n    ti0 = select(ti0, id, b0);\n}\n");
+    s.push_str("fn topk_ids(out: ptr<function, array<u32, K>>) {\n");
+    for j in 0..k {
+        s.push_str(&format!("    (*out)[{j}] = ti{j};\n"));
+    }
+    s.push_str("}\n");
+    // Group top-GN keys (values only: the order of equal keys does not change their sum).
+    for j in 0..gn {
+        s.push_str(&format!("var<private> gt{j}: f32;\n"));
+    }
+    s.push_str("fn gtop_reset() {\n");
+    for j in 0..gn {
+        s.push_str(&format!("    gt{j} = NINF;\n"));
+    }
+    s.push_str("}\n");
+    let gl = gn - 1;
+    s.push_str(&format!("fn gt_last() -> f32 {{\n    return gt{gl};\n}}\n"));
+    s.push_str(&format!(
+        "fn gtop_consider(key: f32) {{\n    if (!(key > gt{gl})) {{\n        return;\n    }}\n"
+    ));
+    for j in 0..gn {
+        s.push_str(&format!("    let c{j} = key > gt{j};\n"));
+    }
+    for j in (1..gn).rev() {
+        let p = j - 1;
+        s.push_str(&format!("    gt{j} = select(gt{j}, select(key, gt{p}, c{p}), c{j});\n"));
+    }
+    s.push_str("    gt0 = select(gt0, key, c0);\n}\n");
+    // Sum of the group's top-GN keys in descending order, flushed after each add.
+    s.push_str("fn gtop_sum() -> f32 {\n    var s = gt0;\n");
+    for j in 1..gn {
+        s.push_str(&format!("    s = m_ftz(s + gt{j});\n"));
+    }
+    s.push_str("    return s;\n}\n");
     s
 }
 

@@ -143,13 +143,33 @@ fn time_reps(
     Ok(median(&mut v))
 }
 
-fn copy_bandwidth(ctx: &WgpuContext, quick: bool) -> Result<f64, String> {
-    let bytes: u64 = 256 << 20;
+const COPY_WGSL: &str = "
+@group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<u32>>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>) {
+    let stride = n.x * 256u;
+    let len = arrayLength(&src);
+    var i = g.x;
+    loop {
+        if (i >= len) {
+            break;
+        }
+        dst[i] = src[i];
+        i += stride;
+    }
+}
+";
+
+/// Device-to-device copy bandwidth (bytes read + written per second): the copy command
+/// (`copy_buffer_to_buffer`) and a compute-shader copy; returns (command, shader) in GB/s.
+fn copy_bandwidth(ctx: &WgpuContext, quick: bool) -> Result<(f64, f64), String> {
+    let bytes: u64 = (256u64 << 20).min(ctx.limits().max_storage_buffer_binding_size / 16 * 16);
     let mk = || {
         ctx.device().create_buffer(&wgpu::BufferDescriptor {
             label: Some("bench copy"),
             size: bytes,
-            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         })
     };
@@ -161,7 +181,48 @@ fn copy_bandwidth(ctx: &WgpuContext, quick: bool) -> Result<f64, String> {
             enc.copy_buffer_to_buffer(&b, 0, &a, 0, bytes);
         }
     })?;
-    Ok(2.0 * bytes as f64 / t / 1e9)
+    let cmd = 2.0 * bytes as f64 / t / 1e9;
+    let dev = ctx.device();
+    let module = dev.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("bench copy"),
+        source: wgpu::ShaderSource::Wgsl(COPY_WGSL.into()),
+    });
+    let pipe = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("bench copy"),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let bg = |s: &wgpu::Buffer, d: &wgpu::Buffer| {
+        dev.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipe.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: s.as_entire_binding(),
+                },
+                wgpu::BindGroupEntry {
+                    binding: 1,
+                    resource: d.as_entire_binding(),
+                },
+            ],
+        })
+    };
+    let (ab, ba) = (bg(&a, &b), bg(&b, &a));
+    let groups = ((bytes / 16) as u32).div_ceil(256).min(8192);
+    let t = time_reps(ctx, quick, |enc, i| {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: None,
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipe);
+        pass.set_bind_group(0, if i % 2 == 0 { &ab } else { &ba }, &[]);
+        pass.dispatch_workgroups(groups, 1, 1);
+    })?;
+    Ok((cmd, 2.0 * bytes as f64 / t / 1e9))
 }
 
 struct Row {
@@ -193,14 +254,18 @@ fn main() {
     } else {
         println!("bench-wgpu: CUDA backend not timed by this build (build with --features cuda)");
     }
-    let copy = match copy_bandwidth(&ctx, args.quick) {
+    let (copy_cmd, copy_shader) = match copy_bandwidth(&ctx, args.quick) {
         Ok(c) => c,
         Err(e) => {
             println!("bench-wgpu: copy failed: {e}");
             return;
         }
     };
-    println!("device-to-device copy: {copy:.1} GB/s (read + write)");
+    let copy = copy_cmd.max(copy_shader);
+    println!(
+        "device-to-device copy (read + write): {copy_cmd:.1} GB/s copy command, {copy_shader:.1} GB/s shader copy; \
+         % copy below is against {copy:.1} GB/s"
+    );
     let mut json = args.json.as_ref().and_then(|p| std::fs::File::create(p).ok());
     if let Some(f) = json.as_mut() {
         let _ = writeln!(
@@ -403,12 +468,12 @@ mod cuda {
     impl HostLogits {
         pub fn new(bytes: &[u8], rows: usize, e: usize, dtype: LogitsDtype) -> Option<HostLogits> {
             match dtype {
-                LogitsDtype::F32 => {
-                    Array2::from_shape_vec((rows, e), bytemuck::pod_collect_to_vec(bytes)).ok().map(HostLogits::F32)
-                }
-                LogitsDtype::Bf16 => {
-                    Array2::from_shape_vec((rows, e), bytemuck::pod_collect_to_vec(bytes)).ok().map(HostLogits::Bf16)
-                }
+                LogitsDtype::F32 => Array2::from_shape_vec((rows, e), bytemuck::pod_collect_to_vec(bytes))
+                    .ok()
+                    .map(HostLogits::F32),
+                LogitsDtype::Bf16 => Array2::from_shape_vec((rows, e), bytemuck::pod_collect_to_vec(bytes))
+                    .ok()
+                    .map(HostLogits::Bf16),
                 LogitsDtype::F16 => None,
             }
         }
@@ -473,14 +538,18 @@ mod cuda {
             let mut out = self.router.alloc_buffers(t, layers).ok()?;
             let mut src = self.router.alloc_buffers(t, 0).ok()?;
             let view = self.logits.view();
-            self.router.enqueue_route(&view.slice_rows(0, t).ok()?, 0, &mut src).ok()?;
+            self.router
+                .enqueue_route(&view.slice_rows(0, t).ok()?, 0, &mut src)
+                .ok()?;
             self.router.take_status(&mut src).ok()?;
             self.run(2, t, op, &mut out, &src)?;
             let one = self.run(4, t, op, &mut out, &src)? / 4.0;
             let target = if self.quick { 0.008 } else { 0.025 };
             let n = ((target / one.max(1e-7)) as usize).clamp(3, 20_000);
             let reps = if self.quick { 3 } else { 7 };
-            let mut v: Vec<f64> = (0..reps).filter_map(|_| self.run(n, t, op, &mut out, &src).map(|s| s / n as f64)).collect();
+            let mut v: Vec<f64> = (0..reps)
+                .filter_map(|_| self.run(n, t, op, &mut out, &src).map(|s| s / n as f64))
+                .collect();
             v.sort_by(|a, b| a.total_cmp(b));
             v.get(v.len() / 2).copied()
         }
