@@ -54,6 +54,33 @@ pub fn probe() -> Result<usize, RouteError> {
         .clone()
 }
 
+/// Compiles and loads `variants` on device `ordinal` with `threads` parallel NVRTC compilations,
+/// so that later routing calls find their kernels cached (NVRTC takes 0.1–2 s per variant).
+pub fn precompile(ordinal: usize, variants: &[RouterVariant], threads: usize) -> Result<(), RouteError> {
+    let dev = Device::get(ordinal)?;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let first_err = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(v) = variants.get(i) else { break };
+                    if let Err(e) = dev.router_kernels(*v)
+                        && let Ok(mut f) = first_err.lock()
+                    {
+                        f.get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    match first_err.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// The route and replay kernels of one variant, loaded on one device.
 #[derive(Debug)]
 pub(crate) struct RouterKernels {
@@ -168,10 +195,15 @@ impl Device {
 
     /// The routing kernels of `v`, compiled and loaded on first use.
     pub fn router_kernels(&self, v: RouterVariant) -> Result<Arc<RouterKernels>, RouteError> {
-        let mut map = self.routers.lock().map_err(|_| unavailable("module cache poisoned"))?;
-        if let Some(k) = map.get(&v) {
+        if let Some(k) = self
+            .routers
+            .lock()
+            .map_err(|_| unavailable("module cache poisoned"))?
+            .get(&v)
+        {
             return Ok(k.clone());
         }
+        // Compile outside the lock so that several variants can compile in parallel.
         let module = self.load(&v.source(), v.options(self.arch))?;
         let (rn, pn) = match v.part {
             Part::Row => ("row_route".to_string(), "row_replay".to_string()),
@@ -186,8 +218,8 @@ impl Device {
             replay,
             _module: module,
         });
-        map.insert(v, k.clone());
-        Ok(k)
+        let mut map = self.routers.lock().map_err(|_| unavailable("module cache poisoned"))?;
+        Ok(map.entry(v).or_insert(k).clone())
     }
 
     /// The statistics kernels of `dtype`, compiled and loaded on first use.

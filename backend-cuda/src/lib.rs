@@ -26,7 +26,7 @@ mod record;
 mod router;
 mod stats;
 
-pub use device::{probe, probe_nvrtc};
+pub use device::{precompile, probe, probe_nvrtc};
 pub use kernels::LogitDtype;
 pub use router::{
     CudaRouter, DeviceIds, DeviceLogits, DeviceWeights, KernelChoice, LogitsBuffer, LogitsView, MAX_EXPERTS, MAX_TOP_K,

@@ -9,9 +9,41 @@ use std::process::{Command, Stdio};
 fn inputs() -> Vec<(f32, f32)> {
     let mut v = Vec::new();
     let specials = [
-        0.0f32, -0.0, 1.0, -1.0, 0.5, 2.0, 1e-40, -1e-40, 1e-38, 1e-30, 30.0, -30.0, -30.5, 40.0, 88.0, 88.8, -87.0,
-        -87.4, -100.0, 100.0, 1e30, -1e30, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, f32::MAX, f32::MIN_POSITIVE,
-        3.0, 3.001, 1.5e-8, -1.5e-8, 1e-9, 7.0, 1e20, 1e-20,
+        0.0f32,
+        -0.0,
+        1.0,
+        -1.0,
+        0.5,
+        2.0,
+        1e-40,
+        -1e-40,
+        1e-38,
+        1e-30,
+        30.0,
+        -30.0,
+        -30.5,
+        40.0,
+        88.0,
+        88.8,
+        -87.0,
+        -87.4,
+        -100.0,
+        100.0,
+        1e30,
+        -1e30,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        3.0,
+        3.001,
+        1.5e-8,
+        -1.5e-8,
+        1e-9,
+        7.0,
+        1e20,
+        1e-20,
     ];
     for &a in &specials {
         for &b in &specials {
@@ -26,9 +58,18 @@ fn inputs() -> Vec<(f32, f32)> {
     for i in 0..400_000 {
         let (a, b) = match i % 4 {
             0 => (f32::from_bits(next()), f32::from_bits(next())),
-            1 => ((next() as f32 / u32::MAX as f32 - 0.5) * 200.0, (next() as f32 / u32::MAX as f32) * 4.0),
-            2 => ((next() as f32 / u32::MAX as f32 - 0.5) * 20.0, (next() as f32 / u32::MAX as f32 - 0.5) * 1e3),
-            _ => (f32::from_bits(next() & 0x80ff_ffff), f32::from_bits(next() | 0x3f00_0000)),
+            1 => (
+                (next() as f32 / u32::MAX as f32 - 0.5) * 200.0,
+                (next() as f32 / u32::MAX as f32) * 4.0,
+            ),
+            2 => (
+                (next() as f32 / u32::MAX as f32 - 0.5) * 20.0,
+                (next() as f32 / u32::MAX as f32 - 0.5) * 1e3,
+            ),
+            _ => (
+                f32::from_bits(next() & 0x80ff_ffff),
+                f32::from_bits(next() | 0x3f00_0000),
+            ),
         };
         v.push((a, b));
     }
@@ -61,7 +102,11 @@ fn cuda_math_mirror_equals_core_math() {
         bytes.extend_from_slice(&a.to_le_bytes());
         bytes.extend_from_slice(&b.to_le_bytes());
     }
-    let mut child = Command::new(&exe).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("run");
+    let mut child = Command::new(&exe)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run");
     let mut stdin = child.stdin.take().expect("stdin");
     let writer = std::thread::spawn(move || stdin.write_all(&bytes));
     let out = child.wait_with_output().expect("output");
@@ -85,7 +130,11 @@ fn cuda_math_mirror_equals_core_math() {
             if !same {
                 bad += 1;
                 if bad < 10 {
-                    eprintln!("{}({a:e}, {b:e}): core {:#x} cuda mirror {got:#x}", names[j], w.to_bits());
+                    eprintln!(
+                        "{}({a:e}, {b:e}): core {:#x} cuda mirror {got:#x}",
+                        names[j],
+                        w.to_bits()
+                    );
                 }
             }
         }

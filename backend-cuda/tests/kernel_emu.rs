@@ -19,7 +19,10 @@ use std::process::{Child, Command, Stdio};
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 11
     }
     fn below(&mut self, n: u64) -> u64 {
@@ -43,8 +46,16 @@ fn random_config(r: &mut Rng) -> RouterConfig {
         (40, 20, None),
     ];
     let (e, k, groups) = shapes[r.below(shapes.len() as u64) as usize];
-    let score = [ScoreFunction::Softmax, ScoreFunction::Sigmoid, ScoreFunction::SqrtSoftplus][r.below(3) as usize];
-    let pos = if r.below(2) == 0 { SoftmaxPosition::BeforeTopK } else { SoftmaxPosition::AfterTopK };
+    let score = [
+        ScoreFunction::Softmax,
+        ScoreFunction::Sigmoid,
+        ScoreFunction::SqrtSoftplus,
+    ][r.below(3) as usize];
+    let pos = if r.below(2) == 0 {
+        SoftmaxPosition::BeforeTopK
+    } else {
+        SoftmaxPosition::AfterTopK
+    };
     let mut b = RouterConfig::builder(e, k).score(score).softmax_position(pos);
     b = b.normalization(match r.below(3) {
         0 => Normalization::None,
@@ -54,7 +65,11 @@ fn random_config(r: &mut Rng) -> RouterConfig {
     b = b.scaling_factor([1.0, 2.5, 0.37][r.below(3) as usize]);
     if let Some((g, sel)) = groups {
         let per = e / g;
-        let rule = if r.below(2) == 0 { GroupScore::Max } else { GroupScore::SumTopN((k / sel).clamp(1, per)) };
+        let rule = if r.below(2) == 0 {
+            GroupScore::Max
+        } else {
+            GroupScore::SumTopN((k / sel).clamp(1, per))
+        };
         b = b.group_limit(g, sel, rule);
     }
     if score != ScoreFunction::Softmax && r.below(2) == 0 {
@@ -83,7 +98,10 @@ impl Emu {
     fn new() -> Option<Emu> {
         let dir = std::env::temp_dir().join(format!("moe-router-cuda-emu-{}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
-        Some(Emu { dir, procs: HashMap::new() })
+        Some(Emu {
+            dir,
+            procs: HashMap::new(),
+        })
     }
 
     /// Returns None when no C++ compiler is available.
@@ -94,7 +112,14 @@ impl Emu {
             let here = concat!(env!("CARGO_MANIFEST_DIR"), "/tests");
             let cc = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
             let st = Command::new(&cc)
-                .args(["-O1", "-ffp-contract=off", "-fno-fast-math", "-std=c++20", "-pthread", "-w"])
+                .args([
+                    "-O1",
+                    "-ffp-contract=off",
+                    "-fno-fast-math",
+                    "-std=c++20",
+                    "-pthread",
+                    "-w",
+                ])
                 .args(defines)
                 .arg("-o")
                 .arg(&exe)
@@ -105,8 +130,11 @@ impl Emu {
                 Ok(s) => panic!("compiling the kernel emulation ({key}) failed: {s}"),
                 Err(_) => return None,
             }
-            let child =
-                Command::new(&exe).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("start emulation");
+            let child = Command::new(&exe)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("start emulation");
             self.procs.insert(key.clone(), child);
         }
         self.procs.get_mut(&key)
@@ -153,7 +181,11 @@ fn run(
         (ScoreFunction::Sigmoid, _) => 2,
         (ScoreFunction::SqrtSoftplus, _) => 3,
     };
-    let mut defines = vec![format!("-DLOGIT_KIND={kind}"), "-DPORTABLE=1".into(), format!("-DSCORE={score}")];
+    let mut defines = vec![
+        format!("-DLOGIT_KIND={kind}"),
+        "-DPORTABLE=1".into(),
+        format!("-DSCORE={score}"),
+    ];
     let (grid, block, smem) = match shape {
         Shape::Row => {
             defines.push("-DROW_KERNELS=1".into());
@@ -208,9 +240,17 @@ fn run(
     child.stdin.as_mut().expect("stdin").write_all(&msg).expect("write");
     child.stdin.as_mut().expect("stdin").flush().expect("flush");
     let mut out = vec![0u8; 8 + t * k * 8];
-    child.stdout.as_mut().expect("stdout").read_exact(&mut out).expect("read");
+    child
+        .stdout
+        .as_mut()
+        .expect("stdout")
+        .read_exact(&mut out)
+        .expect("read");
     let status = u64::from_le_bytes(out[0..8].try_into().expect("8"));
-    let words: Vec<u32> = out[8..].chunks(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect();
+    let words: Vec<u32> = out[8..]
+        .chunks(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
+        .collect();
     let ids_out = Array2::from_shape_vec((t, k), words[..t * k].to_vec()).expect("shape");
     let w = Array2::from_shape_vec((t, k), words[t * k..].iter().map(|&b| f32::from_bits(b)).collect()).expect("shape");
     let res = decode_status(status, e, k, |row| ids.map(|a| a.row(row).to_vec()));
@@ -225,12 +265,18 @@ fn check(emu: &mut Emu, cfg: &RouterConfig, logits: LogitsRef<'_>, what: &str) -
     let reference = ReferenceRouter::new(cfg.clone());
     let want = reference.route_host(&logits);
     for shape in [Shape::Row, Shape::Tile] {
-        let Some(got) = run(emu, cfg, &logits, None, shape) else { continue };
+        let Some(got) = run(emu, cfg, &logits, None, shape) else {
+            continue;
+        };
         match (&want, got) {
             (Err(w), Err(g)) => assert_eq!(w, &g, "{what} {shape:?}: errors differ\n{cfg:?}"),
             (Ok((wi, HostWeights::F32(ww))), Ok((gi, gw))) => {
                 assert_eq!(wi, &gi, "{what} {shape:?}: ids differ\n{cfg:?}");
-                assert_eq!(bits(ww), bits(&gw), "{what} {shape:?}: weights differ\n{cfg:?}\n{ww:?}\n{gw:?}");
+                assert_eq!(
+                    bits(ww),
+                    bits(&gw),
+                    "{what} {shape:?}: weights differ\n{cfg:?}\n{ww:?}\n{gw:?}"
+                );
                 let mut rev = wi.clone();
                 for mut row in rev.rows_mut() {
                     let v: Vec<u32> = row.iter().rev().copied().collect();
@@ -258,7 +304,10 @@ fn emulated_kernels_equal_the_reference() {
         eprintln!("skipped: no temporary directory");
         return;
     };
-    let cases: u64 = std::env::var("MOE_ROUTER_EMU_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
+    let cases: u64 = std::env::var("MOE_ROUTER_EMU_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
     let mut r = Rng(0x9e37_79b9_7f4a_7c15);
     for case in 0..cases {
         let cfg = random_config(&mut r);
@@ -281,7 +330,10 @@ fn emulated_kernels_equal_the_reference() {
     l[[3, 1]] = f32::INFINITY;
     for shape in [Shape::Row, Shape::Tile] {
         let got = run(&mut emu, &cfg, &LogitsRef::F32(l.view()), None, shape).expect("runs");
-        assert!(matches!(got, Err(RouteError::NonFiniteLogit { row: 2, expert: 5, .. })), "{shape:?}: {got:?}");
+        assert!(
+            matches!(got, Err(RouteError::NonFiniteLogit { row: 2, expert: 5, .. })),
+            "{shape:?}: {got:?}"
+        );
         let mut ids = Array2::<u32>::zeros((4, 2));
         ids[[0, 1]] = 1;
         ids[[1, 1]] = 1;
@@ -289,6 +341,17 @@ fn emulated_kernels_equal_the_reference() {
         ids[[3, 0]] = 9;
         ids[[3, 1]] = 1;
         let got = run(&mut emu, &cfg, &LogitsRef::F32(l.view()), Some(&ids), shape).expect("runs");
-        assert!(matches!(got, Err(RouteError::IdOutOfRange { row: 3, slot: 0, id: 9, .. })), "{shape:?}: {got:?}");
+        assert!(
+            matches!(
+                got,
+                Err(RouteError::IdOutOfRange {
+                    row: 3,
+                    slot: 0,
+                    id: 9,
+                    ..
+                })
+            ),
+            "{shape:?}: {got:?}"
+        );
     }
 }

@@ -14,6 +14,11 @@ pub use moe_router_cpu as cpu;
 #[cfg(feature = "wgpu")]
 pub use moe_router_wgpu as wgpu;
 
+/// The CUDA backend (feature `cuda`): NVRTC-compiled kernels through cudarc (driver and NVRTC
+/// loaded at run time; a machine without them gets a typed "unavailable" error).
+#[cfg(feature = "cuda")]
+pub use moe_router_cuda as cuda;
+
 /// The README's Rust examples, compiled and run as doctests.
 #[cfg(doctest)]
 #[doc = include_str!("../../README.md")]

@@ -1,0 +1,438 @@
+//! The CUDA backend passes the shared conformance suite bit-identically (portable mode) on the GPU
+//! machine, through both kernel shapes (one block per token, one thread per token), and supports
+//! record/replay through `Replayed`, the static (CUDA-graph) mode and device statistics. Without a
+//! CUDA driver, NVRTC or device every test prints `skipped: <reason>` and returns.
+//!
+//! `MOE_ROUTER_CUDA_CASES=N` sets the number of random configs (default 200).
+
+use crate::conformance::{self, Backend, Size};
+use moe_router_core::capacity::apply_capacity;
+use moe_router_core::stats;
+use moe_router_core::{
+    AuxLossKind, CallSite, Capacity, DropPolicy, ForcedIds, HostWeights, IdsSink, LogitsRef, Normalization,
+    PassThrough, Plan, ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape, Router,
+    RouterConfig, ScoreFunction,
+};
+use moe_router_cuda::kernels::RouterVariant;
+use moe_router_cuda::{CudaRouter, KernelChoice};
+use ndarray::{Array2, ArrayView2};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Once};
+
+/// Probes the device (printing the skip reason) and precompiles every kernel variant once.
+fn available() -> bool {
+    match moe_router_cuda::probe() {
+        Ok(_) => {
+            static WARM: Once = Once::new();
+            WARM.call_once(|| {
+                let t = std::time::Instant::now();
+                let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4);
+                if let Err(e) = moe_router_cuda::precompile(0, &RouterVariant::all(), threads) {
+                    eprintln!("precompile: {e}");
+                }
+                eprintln!("cuda: kernels compiled in {:.1} s", t.elapsed().as_secs_f64());
+            });
+            true
+        }
+        Err(e) => {
+            println!("skipped: {e}");
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+fn env_usize(k: &str) -> Option<usize> {
+    std::env::var(k).ok().and_then(|s| s.parse().ok())
+}
+
+pub struct Cuda {
+    choice: KernelChoice,
+}
+
+impl Cuda {
+    fn router(&self, cfg: &RouterConfig) -> Result<CudaRouter, RouteError> {
+        let r = CudaRouter::new(cfg.clone())?;
+        r.set_kernel_choice(self.choice);
+        Ok(r)
+    }
+}
+
+impl Backend for Cuda {
+    fn name(&self) -> String {
+        format!("cuda ({:?} kernels)", self.choice)
+    }
+    fn route(&self, cfg: &RouterConfig, logits: LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        self.router(cfg)?.route_host(&logits)
+    }
+    fn weights_for(
+        &self,
+        cfg: &RouterConfig,
+        logits: LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+    ) -> Result<HostWeights, RouteError> {
+        self.router(cfg)?.weights_host(&logits, ids)
+    }
+}
+
+#[test]
+fn cuda_conformance_random() {
+    if !available() {
+        return;
+    }
+    let cases = env_usize("MOE_ROUTER_CUDA_CASES").unwrap_or(200) as u32;
+    conformance::check_random(
+        &Cuda {
+            choice: KernelChoice::Auto,
+        },
+        Size { cases, max_tokens: 300 },
+    );
+}
+
+#[test]
+fn cuda_conformance_random_tile_kernels() {
+    if !available() {
+        return;
+    }
+    let cases = env_usize("MOE_ROUTER_CUDA_CASES").unwrap_or(200) as u32;
+    conformance::check_random(
+        &Cuda {
+            choice: KernelChoice::Tile,
+        },
+        Size {
+            cases: cases / 2,
+            max_tokens: 200,
+        },
+    );
+}
+
+#[test]
+fn cuda_conformance_native_errors_large() {
+    if !available() {
+        return;
+    }
+    for choice in [KernelChoice::Row, KernelChoice::Tile, KernelChoice::Auto] {
+        let b = Cuda { choice };
+        conformance::check_native(&b);
+        conformance::check_errors(&b);
+    }
+    conformance::check_large(&Cuda {
+        choice: KernelChoice::Auto,
+    });
+    conformance::check_large(&Cuda {
+        choice: KernelChoice::Row,
+    });
+}
+
+#[test]
+fn cuda_unsupported_configs_are_typed_errors() {
+    let cfg = RouterConfig::builder(5000, 8).build().expect("valid");
+    assert!(matches!(
+        CudaRouter::new(cfg),
+        Err(RouteError::Unsupported(_) | RouteError::Unavailable { .. })
+    ));
+    let cfg = RouterConfig::builder(256, 65).build().expect("valid");
+    assert!(matches!(
+        CudaRouter::new(cfg),
+        Err(RouteError::Unsupported(_) | RouteError::Unavailable { .. })
+    ));
+}
+
+fn dsv3(e: usize) -> RouterConfig {
+    let bias: Vec<f32> = (0..e).map(|i| ((i * 37 % 101) as f32 - 50.0) * 1e-3).collect();
+    RouterConfig::builder(e, 8)
+        .score(ScoreFunction::Sigmoid)
+        .expert_bias(bias)
+        .group_limit(8, 4, moe_router_core::GroupScore::SumTopN(2))
+        .normalization(Normalization::Sum { eps: 1e-20 })
+        .scaling_factor(2.5)
+        .build()
+        .expect("valid")
+}
+
+fn logits(t: usize, e: usize, seed: usize) -> Array2<f32> {
+    Array2::from_shape_fn((t, e), |(i, j)| {
+        (((i * 7919 + j * 104_729 + seed * 15_485_863) % 4001) as f32 - 2000.0) * 0.002
+    })
+}
+
+/// A recording policy: keeps a host copy of the final ids per layer.
+#[derive(Default)]
+struct Record {
+    got: Arc<Mutex<HashMap<u32, Array2<u32>>>>,
+}
+
+impl ReplayPolicy for Record {
+    fn plan(&self, _site: &CallSite<'_>, _shape: RouteShape) -> Result<Plan, ReplayError> {
+        Ok(Plan::Route)
+    }
+    fn recorder(&self, site: &CallSite<'_>, _shape: RouteShape) -> Result<Option<IdsSink>, ReplayError> {
+        let got = self.got.clone();
+        let layer = site.layer.0;
+        Ok(Some(Box::new(move |ids| {
+            if let Ok(mut g) = got.lock() {
+                g.insert(layer, ids);
+            }
+        })))
+    }
+}
+
+/// A replay policy: forces the recorded ids, except rows in `router_rows`.
+struct Replay {
+    ids: HashMap<u32, Array2<u32>>,
+    router_rows: Vec<usize>,
+}
+
+impl ReplayPolicy for Replay {
+    fn plan(&self, site: &CallSite<'_>, _shape: RouteShape) -> Result<Plan, ReplayError> {
+        let ids = self.ids.get(&site.layer.0).cloned().ok_or(ReplayError::UnknownLayer {
+            layer: site.layer.0,
+            known: format!("{:?}", self.ids.keys().collect::<Vec<_>>()),
+        })?;
+        Ok(Plan::Replay(ForcedIds {
+            ids,
+            router_rows: self.router_rows.clone(),
+        }))
+    }
+}
+
+#[test]
+fn cuda_record_and_replay_through_replayed() {
+    if !available() {
+        return;
+    }
+    for t in [37usize, 3000] {
+        let cfg = dsv3(256);
+        let reference = ReferenceRouter::new(cfg.clone());
+        let inputs: Vec<Array2<f32>> = (0..3).map(|l| logits(t, 256, l)).collect();
+        // Pass-through: identical to the plain router.
+        let plain = CudaRouter::new(cfg.clone()).expect("router");
+        let pt = Replayed::new(CudaRouter::new(cfg.clone()).expect("router"), PassThrough);
+        for x in &inputs {
+            let a = plain.route_host(&LogitsRef::F32(x.view())).expect("route");
+            let buf = pt.inner().upload_logits(&LogitsRef::F32(x.view())).expect("upload");
+            let r = pt.route(&buf.view(), &CallSite::layer(0)).expect("route");
+            assert_eq!(a.0, pt.ids_to_host(&r.ids).expect("ids"));
+            assert_eq!(a.1, pt.weights_to_host(&r.weights).expect("weights"));
+        }
+        // Record (asynchronously, side stream + pinned memory).
+        let rec = Record::default();
+        let got = rec.got.clone();
+        let recording = Replayed::new(CudaRouter::new(cfg.clone()).expect("router"), rec);
+        let mut routed = HashMap::new();
+        for (l, x) in inputs.iter().enumerate() {
+            let buf = recording
+                .inner()
+                .upload_logits(&LogitsRef::F32(x.view()))
+                .expect("upload");
+            let r = recording.route(&buf.view(), &CallSite::layer(l as u32)).expect("route");
+            routed.insert(l as u32, recording.ids_to_host(&r.ids).expect("ids"));
+        }
+        recording.inner().flush_records().expect("flush");
+        let got = got.lock().expect("lock").clone();
+        assert_eq!(got, routed, "recorded ids equal the routed ids");
+        for (l, x) in inputs.iter().enumerate() {
+            let want = reference.route_host(&LogitsRef::F32(x.view())).expect("reference");
+            assert_eq!(want.0, got[&(l as u32)]);
+        }
+        // Replay the recording on different logits: ids forced, weights from the live logits.
+        let replaying = Replayed::new(
+            CudaRouter::new(cfg.clone()).expect("router"),
+            Replay {
+                ids: got.clone(),
+                router_rows: vec![],
+            },
+        );
+        for l in 0..3u32 {
+            let live = logits(t, 256, 10 + l as usize);
+            let buf = replaying
+                .inner()
+                .upload_logits(&LogitsRef::F32(live.view()))
+                .expect("upload");
+            let r = replaying.route(&buf.view(), &CallSite::layer(l)).expect("replay");
+            let ids = replaying.ids_to_host(&r.ids).expect("ids");
+            assert_eq!(ids, got[&l]);
+            let want = reference
+                .weights_host(&LogitsRef::F32(live.view()), got[&l].view())
+                .expect("reference");
+            assert_eq!(want, replaying.weights_to_host(&r.weights).expect("weights"));
+        }
+        // Fallback rows: the router selects rows 0 and 5 itself.
+        let fallback = Replayed::new(
+            CudaRouter::new(cfg.clone()).expect("router"),
+            Replay {
+                ids: got.clone(),
+                router_rows: vec![0, 5],
+            },
+        );
+        let live = logits(t, 256, 20);
+        let buf = fallback
+            .inner()
+            .upload_logits(&LogitsRef::F32(live.view()))
+            .expect("upload");
+        let r = fallback.route(&buf.view(), &CallSite::layer(1)).expect("replay");
+        let ids = fallback.ids_to_host(&r.ids).expect("ids");
+        let own = reference.route_host(&LogitsRef::F32(live.view())).expect("reference").0;
+        let mut want = got[&1].clone();
+        for row in [0, 5] {
+            want.row_mut(row).assign(&own.row(row));
+        }
+        assert_eq!(ids, want);
+        // Bad forced ids are typed errors naming the row.
+        let mut bad = got.clone();
+        if let Some(a) = bad.get_mut(&2) {
+            a[[4, 3]] = 999;
+        }
+        let strict = Replayed::new(
+            CudaRouter::new(cfg.clone()).expect("router"),
+            Replay {
+                ids: bad,
+                router_rows: vec![],
+            },
+        );
+        let buf = strict
+            .inner()
+            .upload_logits(&LogitsRef::F32(inputs[2].view()))
+            .expect("upload");
+        let e = strict.route(&buf.view(), &CallSite::layer(2)).expect_err("bad id");
+        assert!(
+            matches!(
+                e,
+                RouteError::IdOutOfRange {
+                    row: 4,
+                    slot: 3,
+                    id: 999,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+}
+
+#[test]
+fn cuda_static_buffers_and_graph_capture() {
+    if !available() {
+        return;
+    }
+    let (t, e, layers) = (4096usize, 256usize, 3usize);
+    let cfg = dsv3(e);
+    let reference = ReferenceRouter::new(cfg.clone());
+    let r = CudaRouter::new(cfg.clone()).expect("router");
+    let inputs: Vec<Array2<f32>> = (0..layers).map(|l| logits(t, e, 30 + l)).collect();
+    let bufs: Vec<_> = inputs
+        .iter()
+        .map(|x| r.upload_logits(&LogitsRef::F32(x.view())).expect("upload"))
+        .collect();
+    let mut out = r.alloc_buffers(t, layers).expect("buffers");
+    for (l, b) in bufs.iter().enumerate() {
+        r.enqueue_route(&b.view(), l, &mut out).expect("enqueue");
+    }
+    r.take_status(&mut out).expect("no error");
+    let rec = r.recorded_ids(&out).expect("record");
+    for (l, x) in inputs.iter().enumerate() {
+        let want = reference.route_host(&LogitsRef::F32(x.view())).expect("reference").0;
+        let got = rec.slice(ndarray::s![.., l, ..]).to_owned();
+        assert_eq!(want, got, "layer {l}");
+    }
+    // Capture the three layers into a CUDA graph and replay it.
+    let mut out2 = r.alloc_buffers(t, layers).expect("buffers");
+    let s = r.stream().clone();
+    s.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .expect("capture");
+    for (l, b) in bufs.iter().enumerate() {
+        r.enqueue_route(&b.view(), l, &mut out2).expect("enqueue in capture");
+    }
+    let graph = s
+        .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+        .expect("end capture")
+        .expect("graph");
+    graph.launch().expect("graph launch");
+    r.take_status(&mut out2).expect("no error");
+    assert_eq!(rec, r.recorded_ids(&out2).expect("record"));
+    // Errors are latched and reported by take_status.
+    let mut bad = inputs[0].clone();
+    bad[[77, 9]] = f32::NAN;
+    let bb = r.upload_logits(&LogitsRef::F32(bad.view())).expect("upload");
+    r.enqueue_route(&bb.view(), 0, &mut out).expect("enqueue");
+    let e = r.take_status(&mut out).expect_err("NaN");
+    assert!(
+        matches!(e, RouteError::NonFiniteLogit { row: 77, expert: 9, .. }),
+        "{e:?}"
+    );
+    r.take_status(&mut out).expect("cleared");
+}
+
+#[test]
+fn cuda_statistics_match_the_host() {
+    if !available() {
+        return;
+    }
+    for score in [
+        ScoreFunction::Softmax,
+        ScoreFunction::Sigmoid,
+        ScoreFunction::SqrtSoftplus,
+    ] {
+        let cfg = RouterConfig::builder(64, 6)
+            .score(score)
+            .aux_loss(AuxLossKind::MicroBatch, 1e-2)
+            .z_loss_coeff(1e-3)
+            .capacity(Capacity {
+                factor: 1.0,
+                min_capacity: None,
+                policy: DropPolicy::Probs,
+                pad_to_capacity: false,
+            })
+            .build()
+            .expect("valid");
+        let x = logits(1000, 64, 7);
+        let l = LogitsRef::F32(x.view());
+        let r = CudaRouter::new(cfg.clone()).expect("router");
+        let buf = r.upload_logits(&l).expect("upload");
+        let routed = r.route(&buf.view(), &CallSite::default()).expect("route");
+        let ids = r.ids_to_host(&routed.ids).expect("ids");
+        assert_eq!(
+            r.tokens_per_expert(&routed.ids).expect("tpe"),
+            stats::tokens_per_expert(ids.view(), 64)
+        );
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1e-300);
+        let (a, b) = (
+            stats::aux_loss_micro_batch(&cfg, &l, 1e-2).expect("host"),
+            r.aux_loss_micro_batch(&buf.view(), 1e-2).expect("dev"),
+        );
+        assert!(close(a, b), "{score:?} aux {a} vs {b}");
+        let lens = [300usize, 500, 200];
+        let (a, b) = (
+            stats::aux_loss_per_sequence(&cfg, &l, &lens, 1e-2).expect("host"),
+            r.aux_loss_per_sequence(&buf.view(), &lens, 1e-2).expect("dev"),
+        );
+        assert!(close(a, b), "{score:?} seq aux {a} vs {b}");
+        let mut host = stats::GlobalAuxLoss::new();
+        let mut dev = (Vec::new(), 0);
+        for _ in 0..2 {
+            let a = host.step(&cfg, &l, 1e-2).expect("host");
+            let b = r.global_aux_loss_step(&buf.view(), &mut dev, 1e-2).expect("dev");
+            assert!(close(a, b), "{score:?} global aux {a} vs {b}");
+        }
+        let (a, b) = (
+            stats::z_loss(&l, 1e-3).expect("host"),
+            r.z_loss(&buf.view(), 1e-3).expect("dev"),
+        );
+        assert!(close(a, b), "{score:?} z-loss {a} vs {b}");
+        let w = r.weights_to_host(&routed.weights).expect("weights").to_f64();
+        let cap = cfg.capacity().expect("capacity");
+        assert_eq!(
+            r.apply_capacity(&routed.ids, &routed.weights).expect("capacity"),
+            apply_capacity(&cap, ids.view(), w.view(), 64)
+        );
+    }
+    let mut bad = logits(10, 64, 1);
+    bad[[3, 4]] = f32::INFINITY;
+    let cfg = RouterConfig::builder(64, 6).build().expect("valid");
+    let r = CudaRouter::new(cfg).expect("router");
+    let buf = r.upload_logits(&LogitsRef::F32(bad.view())).expect("upload");
+    assert!(matches!(
+        r.z_loss(&buf.view(), 1.0),
+        Err(RouteError::NonFiniteLogit { row: 3, expert: 4, .. })
+    ));
+}
