@@ -12,6 +12,8 @@ mod cpu;
 mod cuda;
 mod golden;
 mod import;
+mod interop;
+mod cli_trace;
 mod math;
 mod routing;
 #[cfg(feature = "wgpu")]

@@ -1,0 +1,1 @@
+//! The trace CLI contract: convert / inspect / validate / diff.
