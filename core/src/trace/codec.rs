@@ -96,6 +96,22 @@ impl RowCodec {
         if self.is_missing(bytes) {
             return Ok(false);
         }
+        if self.width == IdWidth::U8 {
+            // One-byte ids: range check and a 256-bit seen-set.
+            let mut seen = [0u64; 4];
+            for (j, &b) in bytes.iter().enumerate() {
+                let id = u32::from(b);
+                if id >= self.num_experts {
+                    return Err(RowFault::OutOfRange { slot: j, id });
+                }
+                let (w, bit) = (usize::from(b >> 6), b & 63);
+                if (seen[w] >> bit) & 1 != 0 {
+                    return Err(RowFault::Duplicate { id });
+                }
+                seen[w] |= 1 << bit;
+            }
+            return Ok(true);
+        }
         let k = self.top_k;
         let mut small = [0u32; 16];
         for j in 0..k {

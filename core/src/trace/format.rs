@@ -339,7 +339,20 @@ pub(crate) fn parse_blocks(
     Ok(out)
 }
 
+/// The 24-byte chunk frame header.
+pub(crate) fn chunk_header(index: u32, codec: u8, blocks: u32, raw_len: u32, stored_len: u32) -> [u8; CHUNK_HEADER] {
+    let mut h = [0u8; CHUNK_HEADER];
+    h[..4].copy_from_slice(&CHUNK_TAG);
+    h[4..8].copy_from_slice(&index.to_le_bytes());
+    h[8] = codec;
+    h[12..16].copy_from_slice(&blocks.to_le_bytes());
+    h[16..20].copy_from_slice(&raw_len.to_le_bytes());
+    h[20..24].copy_from_slice(&stored_len.to_le_bytes());
+    h
+}
+
 /// Encodes a chunk frame (header, stored payload, CRC).
+#[allow(dead_code)]
 pub(crate) fn encode_chunk(index: u32, codec: u8, blocks: u32, raw_len: u32, stored: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(CHUNK_HEADER + stored.len() + 4);
     out.extend_from_slice(&CHUNK_TAG);

@@ -470,6 +470,17 @@ impl TraceWriter {
                 let lane = st.pending.entry((seq.0, li)).or_default();
                 match lane.last_mut() {
                     Some((s, b)) if *s + (b.len() / rb) as u64 == p0 => b.extend_from_slice(&bytes[off..off + take]),
+                    // The whole piece fits: move it instead of copying.
+                    _ if off == 0 && take == bytes.len() => {
+                        lane.push((p0, bytes));
+                        st.pending_bytes += take;
+                        st.stats.rows += (take / rb) as u64;
+                        st.stats.id_bytes += take as u64;
+                        if st.pending_bytes >= self.limit {
+                            self.flush_locked(&mut st)?;
+                        }
+                        break;
+                    }
                     _ => lane.push((p0, bytes[off..off + take].to_vec())),
                 }
                 st.pending_bytes += take;
@@ -662,17 +673,21 @@ impl WriterThread {
                 }
             }
         };
-        let frame = format::encode_chunk(index, codec, blocks, raw.len() as u32, &stored);
-        self.file
-            .write_all(&frame)
-            .map_err(|e| TraceError::io(format!("writing chunk {index} to {}", self.path.display()), &e))?;
+        // Frame = header, stored payload, CRC32C of both; written without another copy.
+        let head = format::chunk_header(index, codec, blocks, raw.len() as u32, stored.len() as u32);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &stored);
+        let ctx = |e: std::io::Error| TraceError::io(format!("writing chunk {index} to {}", self.path.display()), &e);
+        self.file.write_all(&head).map_err(ctx)?;
+        self.file.write_all(&stored).map_err(ctx)?;
+        self.file.write_all(&crc.to_le_bytes()).map_err(ctx)?;
+        let frame_len = head.len() + stored.len() + 4;
         self.chunks.push(ChunkEntry {
             offset: self.offset,
-            frame_len: frame.len() as u32,
+            frame_len: frame_len as u32,
             raw_len: raw.len() as u32,
         });
         self.entries.extend(entries);
-        self.offset += frame.len() as u64;
+        self.offset += frame_len as u64;
         Ok(())
     }
 
