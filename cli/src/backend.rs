@@ -115,9 +115,9 @@ impl AnyRouter {
         }
     }
 
-    /// Backend name and device description, e.g. `cpu (AMD EPYC 7B13, 2 threads)`.
+    /// Backend name and device description, e.g. `cpu: AMD EPYC 7B13 (2 threads)`.
     pub fn describe(&self) -> String {
-        format!("{} ({})", self.kind().name(), self.device_name())
+        format!("{}: {}", self.kind().name(), self.device_name())
     }
 
     /// Routes host logits.

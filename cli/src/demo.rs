@@ -77,7 +77,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 16, value_name = "P")]
     pub prompt_len: usize,
     /// MoE layers (the model also has a dense layer 0, so the MoE layer ids are 1..=N).
-    #[arg(long, default_value_t = 8, value_name = "N")]
+    #[arg(long, default_value_t = 12, value_name = "N")]
     pub layers: usize,
     /// Hidden size.
     #[arg(long, default_value_t = 64, value_name = "H")]
@@ -132,7 +132,7 @@ impl Default for DemoArgs {
             sequences: 64,
             seq_len: 160,
             prompt_len: 16,
-            layers: 8,
+            layers: 12,
             hidden: 64,
             expert_ffn: 32,
             vocab: 512,
@@ -166,7 +166,12 @@ pub struct RunReport {
     pub k3_kl: f64,
     /// Fraction of response tokens with `|d| > ln 2` (the R3 paper's extreme tokens, τ = 2).
     pub extreme_token_fraction: f64,
-    /// Replay only: fallback and replayed rows per layer.
+    /// Replay only: token rows that had no recorded route (the last position of each
+    /// sequence) and were routed by the trainer itself, per training forward pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback_rows: Option<u64>,
+    /// Replay only: the policy's cumulative fallback and replayed rows per layer (forward and
+    /// recompute calls both count, so each row appears twice).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replay_counts: Option<PolicyCounts>,
     /// Replay only: routing calls asked again in the recompute pass whose ids differed from the
@@ -233,6 +238,13 @@ fn numerics(n: NumericsArg) -> Numerics {
     match n {
         NumericsArg::Portable => Numerics::Portable,
         NumericsArg::Native => Numerics::Native,
+    }
+}
+
+fn numerics_name(n: Numerics) -> &'static str {
+    match n {
+        Numerics::Portable => "portable",
+        Numerics::Native => "native",
     }
 }
 
@@ -378,8 +390,10 @@ pub fn run_demo(a: &DemoArgs) -> Result<DemoSummary, CliError> {
         .map_err(trace_err(&trace_path))?
         .with_row_convention(RowConvention::TokensMinusOne)
         .with_producer(format!(
-            "moe-router demo rollout ({:?} activations, {:?} router numerics, {})",
-            a.rollout_precision, a.rollout_numerics, roll_device
+            "moe-router demo rollout ({} activations, {} router numerics, {})",
+            a.rollout_precision.name(),
+            numerics_name(numerics(a.rollout_numerics)),
+            roll_device
         ));
     let record = Record::create_file(&trace_path, header, WriterOptions::default()).map_err(replay_err)?;
     let roll_routers: Vec<_> = roll_routers
@@ -402,8 +416,10 @@ pub fn run_demo(a: &DemoArgs) -> Result<DemoSummary, CliError> {
     let theader = TraceHeader::for_config(model.router_config(0), &layer_ids)
         .map_err(trace_err(&train_path))?
         .with_producer(format!(
-            "moe-router demo training without replay ({:?} activations, {:?} router numerics, {})",
-            a.train_precision, a.train_numerics, train_device
+            "moe-router demo training without replay ({} activations, {} router numerics, {})",
+            a.train_precision.name(),
+            numerics_name(numerics(a.train_numerics)),
+            train_device
         ));
     let trec = Record::create_file(&train_path, theader, WriterOptions::default()).map_err(replay_err)?;
     let plain: Vec<_> = routers(train_kind, a.train_numerics)?
@@ -450,6 +466,7 @@ pub fn run_demo(a: &DemoArgs) -> Result<DemoSummary, CliError> {
     )?;
     pb.finish_and_clear();
     let rs = policy.finish().map_err(replay_err)?;
+    with.fallback_rows = Some(rs.counts.total_fallbacks / 2);
     with.replay_counts = Some(rs.counts);
 
     if with.comparison.router_mismatch_fraction != 0.0 {
@@ -725,6 +742,7 @@ where
         final_hidden_rel_l2: div(d2, n2).sqrt(),
         k3_kl: div(k3, resp as f64),
         extreme_token_fraction: div(extreme as f64, resp as f64),
+        fallback_rows: None,
         replay_counts: None,
         recompute_mismatched_calls: recompute.then_some(recompute_bad),
         seconds: t0.elapsed().as_secs_f64(),
@@ -747,12 +765,11 @@ pub fn story(s: &DemoSummary, a: &DemoArgs) -> String {
     let mut o = String::new();
     let w = &s.without_replay;
     let r = &s.with_replay;
-    let fb = r.replay_counts.as_ref().map_or(0, |c| c.total_fallbacks);
+    let fb = r.fallback_rows.unwrap_or(0);
+    let _ = writeln!(o, "R3 demo: rollout routing replay on a synthetic MoE model");
     let _ = writeln!(
         o,
-        "R3 demo: {} sequences ({} tokens) through a synthetic MoE model: dense layer 0 + {} MoE layers (ids {}..={}), {} routing (E={}, K={}), {:.1}M parameters.",
-        s.sequences,
-        s.tokens,
+        "  model     dense layer 0 + {} MoE layers (ids {}..={}), {} routing (E={}, K={}), {:.1}M parameters",
         s.moe_layers.len(),
         s.moe_layers.first().copied().unwrap_or(0),
         s.moe_layers.last().copied().unwrap_or(0),
@@ -763,22 +780,35 @@ pub fn story(s: &DemoSummary, a: &DemoArgs) -> String {
     );
     let _ = writeln!(
         o,
-        "rollout  ({:?} activations, {:?} router math, {}): recorded {} routed tokens to {} in {:.1}s (the last token of each sequence is never routed).",
-        s.rollout.precision,
-        s.rollout.router_numerics,
-        s.rollout.backend,
+        "  rollout   {} sequences, {} tokens: {} activations, {} router math, {}",
+        s.sequences,
+        s.tokens,
+        s.rollout.precision.name(),
+        numerics_name(s.rollout.router_numerics),
+        s.rollout.backend
+    );
+    let _ = writeln!(
+        o,
+        "            recorded {} routed tokens to {} in {:.1}s (each sequence's last token is never routed)",
         s.routed_tokens,
         a.out.join("rollout.mrt").display(),
         s.rollout_seconds
     );
     let _ = writeln!(
         o,
-        "training ({:?} activations, {:?} router math, {}): {} packed micro-batches, each split zigzag over {} context-parallel ranks.",
-        s.training.precision, s.training.router_numerics, s.training.backend, s.micro_batches, s.cp
+        "  training  {} activations, {} router math, {}",
+        s.training.precision.name(),
+        numerics_name(s.training.router_numerics),
+        s.training.backend
+    );
+    let _ = writeln!(
+        o,
+        "            {} packed micro-batches, each split zigzag over {} context-parallel ranks; {:.1}s without, {:.1}s with replay",
+        s.micro_batches, s.cp, w.seconds, r.seconds
     );
     let _ = writeln!(o);
-    let _ = writeln!(o, "  MoE layer   routers differing from the rollout");
-    let _ = writeln!(o, "              without replay   with R3 replay   fallbacks (R3)");
+    let _ = writeln!(o, "  routers that differ from the rollout, per MoE layer");
+    let _ = writeln!(o, "  layer   without replay   with R3 replay   R3 fallback rows");
     for l in &s.moe_layers {
         let find = |c: &Comparison| {
             c.per_layer
@@ -790,45 +820,89 @@ pub fn story(s: &DemoSummary, a: &DemoArgs) -> String {
             .replay_counts
             .as_ref()
             .and_then(|c| c.per_layer.iter().find(|x| x.layer == *l))
-            .map_or(0, |x| x.fallbacks);
+            .map_or(0, |x| x.fallbacks / 2);
         let _ = writeln!(
             o,
-            "  {:>9}   {:>14}   {:>14}   {:>14}",
+            "  {:>5}   {:>14}   {:>14}   {:>16}",
             l,
             pct(find(&w.comparison)),
             pct(find(&r.comparison)),
             f
         );
     }
+    let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "  {:>9}   {:>14}   {:>14}   {:>14}",
-        "all",
+        "                                    without replay   with R3 replay   R3 paper (Qwen3-30B-A3B)"
+    );
+    let row = |o: &mut String, name: &str, x: String, y: String, paper: &str| {
+        let line = format!("  {name:<32}  {x:>14}   {y:>14}   {paper}");
+        let _ = writeln!(o, "{}", line.trim_end());
+    };
+    row(
+        &mut o,
+        "routers that differ",
         pct(w.comparison.router_mismatch_fraction),
         pct(r.comparison.router_mismatch_fraction),
-        fb
+        "~10%",
+    );
+    row(
+        &mut o,
+        "tokens with a differing layer",
+        pct(w.comparison.token_any_layer_mismatch_fraction),
+        pct(r.comparison.token_any_layer_mismatch_fraction),
+        "94%",
+    );
+    row(
+        &mut o,
+        "differing layers per token",
+        format!("{:.2}", w.comparison.mean_mismatched_layers_per_token),
+        format!("{:.2}", r.comparison.mean_mismatched_layers_per_token),
+        "~6 of 48",
+    );
+    row(
+        &mut o,
+        "final hidden states (rel. L2)",
+        format!("{:.2e}", w.final_hidden_rel_l2),
+        format!("{:.2e}", r.final_hidden_rel_l2),
+        "",
+    );
+    row(
+        &mut o,
+        "k3 KL(rollout || training)",
+        format!("{:.2e}", w.k3_kl),
+        format!("{:.2e}", r.k3_kl),
+        "",
+    );
+    row(
+        &mut o,
+        "extreme tokens (ratio > 2)",
+        pct(w.extreme_token_fraction),
+        pct(r.extreme_token_fraction),
+        "",
     );
     let _ = writeln!(o);
     let _ = writeln!(
         o,
-        "Without replay: {} of (token, layer) routers pick other experts than the rollout; {} of tokens differ in at least one layer, {:.2} layers per token on average (the R3 paper measured ~10%, 94% and ~6 for Qwen3-30B-A3B); final hidden states move {:.2e} (relative L2), k3 KL {:.2e}, {} extreme tokens.",
-        pct(w.comparison.router_mismatch_fraction),
-        pct(w.comparison.token_any_layer_mismatch_fraction),
-        w.comparison.mean_mismatched_layers_per_token,
-        w.final_hidden_rel_l2,
-        w.k3_kl,
-        pct(w.extreme_token_fraction)
+        "Without replay the trainer sends {} of (token, layer) pairs to other experts than the engine did: it",
+        pct(w.comparison.router_mismatch_fraction)
     );
     let _ = writeln!(
         o,
-        "With R3 replay: {} of {} compared routers differ; {} rows fell back to the trainer's own choice (the never-routed last token of each sequence, reported, not compared); recompute saw the same experts ({} calls differed); final hidden states move {:.2e}, k3 KL {:.2e}: what remains is numerics, not routing.",
-        pct(r.comparison.router_mismatch_fraction),
-        r.comparison.routers_compared,
-        fb,
-        r.recompute_mismatched_calls.unwrap_or(0),
-        r.final_hidden_rel_l2,
-        r.k3_kl
+        "scores the samples with a different network than the one that produced them. With R3 replay all {}",
+        r.comparison.routers_compared
     );
-    let _ = writeln!(o, "Wrote {}.", s.files.join(", "));
+    let _ = writeln!(
+        o,
+        "recorded routes are replayed exactly (recompute too: {} calls differed), {} rows without a route (the",
+        r.recompute_mismatched_calls.unwrap_or(0),
+        fb
+    );
+    let _ = writeln!(
+        o,
+        "never-routed last token of each sequence) fall back to the trainer's choice, and what is left of the"
+    );
+    let _ = writeln!(o, "gap is numerics, not routing.");
+    let _ = writeln!(o, "Wrote {}", s.files.join(", "));
     o
 }

@@ -204,6 +204,16 @@ pub enum RouterLogits {
     F32(Array2<f32>),
 }
 
+impl Precision {
+    /// The name used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Bf16 => "bf16",
+            Precision::F32 => "f32",
+        }
+    }
+}
+
 impl RouterLogits {
     /// A borrowed view for routing.
     pub fn view(&self) -> LogitsRef<'_> {
