@@ -376,3 +376,32 @@ pub fn plot_expert_load_heatmap(path: &Path, title: &str, layers: &[u32], loads:
     let h = (160 + 28 * layers.len() as u32).clamp(360, 1400);
     draw_to(path, (1100, h), Heatmap { title, layers, loads })
 }
+
+/// `inspect --plot`: the expert load heatmap of every MoE layer of `trace`.
+pub fn plot_trace_load(path: &Path, trace: &moe_router_core::trace::Trace, name: &str) -> Result<(), PlotError> {
+    let loads = moe_router_core::metrics::load_stats(trace);
+    let layers: Vec<u32> = loads.iter().map(|l| l.layer).collect();
+    let rows: Vec<Vec<u64>> = loads.into_iter().map(|l| l.tokens_per_expert).collect();
+    let h = trace.header();
+    let title = format!("Expert load per layer: {name} (E={}, K={})", h.num_experts(), h.top_k());
+    plot_expert_load_heatmap(path, &title, &layers, &rows)
+}
+
+/// `diff --plot`: the mismatch fraction per layer of a comparison of `a` and `b`.
+pub fn plot_comparison(
+    path: &Path,
+    c: &moe_router_core::metrics::Comparison,
+    a: &str,
+    b: &str,
+) -> Result<(), PlotError> {
+    let layers: Vec<u32> = c.per_layer.iter().map(|l| l.layer).collect();
+    let series = [LayerSeries {
+        label: format!(
+            "all layers: {:.2}% of routers, {:.1}% of tokens",
+            c.router_mismatch_fraction * 100.0,
+            c.token_any_layer_mismatch_fraction * 100.0
+        ),
+        values: c.per_layer.iter().map(|l| l.mismatch_fraction).collect(),
+    }];
+    plot_mismatch_per_layer(path, &format!("Routers that differ: {a} vs {b}"), &layers, &series)
+}

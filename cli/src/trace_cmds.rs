@@ -109,6 +109,9 @@ pub struct InspectArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Also draw the expert load per layer as a heatmap (.png or .svg).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
     /// L, for an SGLang input (r3v1: L or K).
     #[arg(long, value_name = "L")]
     pub num_layers: Option<usize>,
@@ -160,6 +163,9 @@ pub struct DiffArgs {
     /// Second input (any importable format).
     #[arg(value_name = "B")]
     pub b: PathBuf,
+    /// Also draw the mismatch fraction per layer (.png or .svg).
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
     /// E, for inputs that do not record it.
     #[arg(long, value_name = "E")]
     pub num_experts: Option<usize>,
@@ -540,6 +546,12 @@ pub fn inspect(a: &InspectArgs) -> Result<u8, CliError> {
         out[key] = s[key].clone();
     }
     out["load"] = load_json(&trace);
+    if let Some(p) = &a.plot {
+        let name = path
+            .file_name()
+            .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        crate::plot::plot_trace_load(p, &trace, &name)?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
@@ -973,6 +985,13 @@ pub fn diff(a: &DiffArgs) -> Result<u8, CliError> {
     let ta = load_any(&a.a, &opts)?.trace;
     let tb = load_any(&a.b, &opts)?.trace;
     let c = compare(&ta, &tb).map_err(|e| CliError::Input(format!("{} vs {}: {e}", a.a.display(), a.b.display())))?;
+    if let Some(p) = &a.plot {
+        let name = |p: &std::path::Path| {
+            p.file_name()
+                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
+        };
+        crate::plot::plot_comparison(p, &c, &name(&a.a), &name(&a.b))?;
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&c).unwrap_or_default());
     } else {
