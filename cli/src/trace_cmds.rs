@@ -17,6 +17,49 @@ use serde_json::{Value, json};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
+thread_local! {
+    static CAPTURE: std::cell::RefCell<Option<(String, String)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with what the trace commands print to standard output and standard error captured
+/// (for tests and embedding): returns `f`'s result, the output and the error text. Errors that
+/// [`crate::run`] itself prints are not captured.
+pub fn capture_output<R>(f: impl FnOnce() -> R) -> (R, String, String) {
+    let prev = CAPTURE.with(|c| c.replace(Some((String::new(), String::new()))));
+    let r = f();
+    let (out, err) = CAPTURE.with(|c| c.replace(prev)).unwrap_or_default();
+    (r, out, err)
+}
+
+fn emit(line: String, to_err: bool) {
+    let captured = CAPTURE.with(|c| {
+        let mut c = c.borrow_mut();
+        match c.as_mut() {
+            Some((o, e)) => {
+                let buf = if to_err { e } else { o };
+                buf.push_str(&line);
+                buf.push('\n');
+                true
+            }
+            None => false,
+        }
+    });
+    if !captured {
+        if to_err {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+}
+
+macro_rules! outln {
+    ($($t:tt)*) => { emit(format!($($t)*), false) };
+}
+macro_rules! errln {
+    ($($t:tt)*) => { emit(format!($($t)*), true) };
+}
+
 /// A format name on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum FormatArg {
@@ -377,14 +420,14 @@ pub fn convert(a: &ConvertArgs) -> Result<u8, CliError> {
     let from = match input_format(&a.input, a.from, None) {
         Ok(f) => f,
         Err(msg) => {
-            eprintln!("error: {msg}");
+            errln!("error: {msg}");
             return Ok(EXIT_USAGE);
         }
     };
     let to: Format = match a.to.map(Format::from).or_else(|| Format::from_path(&a.output)) {
         Some(f) => f,
         None => {
-            eprintln!(
+            errln!(
                 "error: {}: cannot tell the output format from the extension; pass --to FMT (one of {FORMATS})",
                 a.output.display()
             );
@@ -425,7 +468,7 @@ pub fn convert(a: &ConvertArgs) -> Result<u8, CliError> {
     }
     progress.finish();
     let s = trace.summary();
-    eprintln!(
+    errln!(
         "converted {} ({}) -> {} ({}): {} sequence(s), {} tokens, {} layers, K = {}, E = {}",
         a.input.display(),
         loaded.format,
@@ -553,7 +596,7 @@ pub fn inspect(a: &InspectArgs) -> Result<u8, CliError> {
         crate::plot::plot_trace_load(p, &trace, &name)?;
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
         print_inspect(&out);
     }
@@ -573,12 +616,12 @@ fn file_json(out: &mut Value, r: &RecoveryReport) {
 
 fn print_inspect(o: &Value) {
     let h = &o["header"];
-    println!(
+    outln!(
         "{} ({})",
         o["path"].as_str().unwrap_or(""),
         o["format"].as_str().unwrap_or("")
     );
-    println!(
+    outln!(
         "  E = {}, K = {}, id width {}, row convention {}, fingerprint {}, weight version {}, producer {:?}",
         h["num_experts"],
         h["top_k"],
@@ -592,12 +635,16 @@ fn print_inspect(o: &Value) {
         .as_array()
         .map(|v| v.iter().filter_map(Value::as_u64).collect())
         .unwrap_or_default();
-    println!("  layer map: {} MoE layers {}", layers.len(), compact_ids(&layers));
-    println!(
+    outln!("  layer map: {} MoE layers {}", layers.len(), compact_ids(&layers));
+    outln!(
         "  {} sequence(s), {} tokens, {} rows ({} missing), {} ids",
-        o["sequences"], o["tokens"], o["rows"], o["missing_rows"], o["ids"]
+        o["sequences"],
+        o["tokens"],
+        o["rows"],
+        o["missing_rows"],
+        o["ids"]
     );
-    println!(
+    outln!(
         "  {} bytes, {} chunk(s), index {}",
         o["file_bytes"],
         o["chunks"],
@@ -605,7 +652,7 @@ fn print_inspect(o: &Value) {
     );
     if o["truncated"].as_bool() == Some(true) {
         let t = &o["tail"];
-        println!(
+        outln!(
             "  TRUNCATED: {} bytes lost from offset {} ({}); recovered {} chunk(s), {} bytes",
             t["bytes"],
             t["offset"],
@@ -614,12 +661,12 @@ fn print_inspect(o: &Value) {
             o["recovered_bytes"]
         );
     } else {
-        println!("  tail intact");
+        outln!("  tail intact");
     }
     if let Some(d) = o["damaged"].as_array().filter(|d| !d.is_empty()) {
-        println!("  {} damaged region(s) skipped:", d.len());
+        outln!("  {} damaged region(s) skipped:", d.len());
         for x in d {
-            println!(
+            outln!(
                 "    offset {} ({} bytes): {}",
                 x["offset"],
                 x["bytes"],
@@ -628,16 +675,16 @@ fn print_inspect(o: &Value) {
         }
     }
     let l = &o["load"];
-    println!(
+    outln!(
         "  load: mean max/mean {:.3}, worst layer {} at {:.3}",
         l["mean_max_over_mean"].as_f64().unwrap_or(0.0),
         l["worst_layer"],
         l["worst_max_over_mean"].as_f64().unwrap_or(0.0)
     );
-    println!("  {:>6} {:>10} {:>10} {:>10}", "layer", "rows", "missing", "max/mean");
+    outln!("  {:>6} {:>10} {:>10} {:>10}", "layer", "rows", "missing", "max/mean");
     let loads = l["per_layer"].as_array().cloned().unwrap_or_default();
     for (s, ld) in o["layers"].as_array().cloned().unwrap_or_default().iter().zip(loads) {
-        println!(
+        outln!(
             "  {:>6} {:>10} {:>10} {:>10.3}",
             s["layer"],
             s["rows"],
@@ -914,18 +961,18 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
     out["errors"] = json!(f.errors);
     out["warnings"] = json!(f.warnings);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
-        println!("{}: {}", path.display(), if valid { "valid" } else { "INVALID" });
+        outln!("{}: {}", path.display(), if valid { "valid" } else { "INVALID" });
         for e in &f.errors {
-            println!(
+            outln!(
                 "  error [{}]: {}",
                 e["kind"].as_str().unwrap_or(""),
                 e["message"].as_str().unwrap_or("")
             );
         }
         for w in &f.warnings {
-            println!(
+            outln!(
                 "  warning [{}]: {}",
                 w["kind"].as_str().unwrap_or(""),
                 w["message"].as_str().unwrap_or("")
@@ -933,7 +980,7 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
         }
         let c = &out["coverage"];
         if !c.is_null() {
-            println!(
+            outln!(
                 "  coverage: {} sequence(s), {} tokens, {} rows present, {} missing ({:.1}% present)",
                 c["sequences"],
                 c["tokens"],
@@ -993,30 +1040,48 @@ pub fn diff(a: &DiffArgs) -> Result<u8, CliError> {
         crate::plot::plot_comparison(p, &c, &name(&a.a), &name(&a.b))?;
     }
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&c).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&c).unwrap_or_default());
     } else {
-        println!("{} vs {}", a.a.display(), a.b.display());
-        println!(
+        outln!("{} vs {}", a.a.display(), a.b.display());
+        outln!(
             "  routers compared: {} ({} tokens); only in A: {}, only in B: {}",
-            c.routers_compared, c.tokens_compared, c.rows_only_in_a, c.rows_only_in_b
+            c.routers_compared,
+            c.tokens_compared,
+            c.rows_only_in_a,
+            c.rows_only_in_b
         );
-        println!("  router mismatch fraction:          {:.6}", c.router_mismatch_fraction);
-        println!(
+        outln!("  router mismatch fraction:          {:.6}", c.router_mismatch_fraction);
+        outln!(
             "  token any-layer mismatch fraction: {:.6}",
             c.token_any_layer_mismatch_fraction
         );
-        println!(
+        outln!(
             "  mean mismatched layers per token:  {:.6}",
             c.mean_mismatched_layers_per_token
         );
-        println!("  mean overlap:                      {:.6}", c.mean_overlap);
-        println!("  {:>6} {:>10} {:>10}", "layer", "mismatch", "overlap");
+        outln!("  mean overlap:                      {:.6}", c.mean_overlap);
+        outln!("  {:>6} {:>10} {:>10}", "layer", "mismatch", "overlap");
         for l in &c.per_layer {
-            println!(
+            outln!(
                 "  {:>6} {:>10.6} {:>10.6}",
-                l.layer, l.mismatch_fraction, l.mean_overlap
+                l.layer,
+                l.mismatch_fraction,
+                l.mean_overlap
             );
         }
     }
     Ok(EXIT_OK)
+}
+
+/// The long `--help` text of a trace subcommand (`convert`, `inspect`, `validate`, `diff`).
+pub fn long_help(subcommand: &str) -> Option<String> {
+    use clap::Args as _;
+    let mut c = match subcommand {
+        "convert" => ConvertArgs::augment_args(clap::Command::new("convert")),
+        "inspect" => InspectArgs::augment_args(clap::Command::new("inspect")),
+        "validate" => ValidateArgs::augment_args(clap::Command::new("validate")),
+        "diff" => DiffArgs::augment_args(clap::Command::new("diff")),
+        _ => return None,
+    };
+    Some(c.render_long_help().to_string())
 }

@@ -36,9 +36,37 @@ pub fn npy_dtype(d: IntDtype) -> NpyDtype {
     }
 }
 
+/// Refuses a header with non-ASCII bytes before [`np::parse`] sees it (its dtype parser assumes
+/// ASCII; the keys, dtype and shape of a valid header are ASCII in every format version).
+fn check_ascii_header(bytes: &[u8]) -> Result<(), InteropError> {
+    if bytes.len() < 10 || !bytes.starts_with(b"\x93NUMPY") {
+        return Ok(());
+    }
+    let (hlen, hstart): (usize, usize) = match bytes[6] {
+        1 => (usize::from(u16::from_le_bytes([bytes[8], bytes[9]])), 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
+        _ => return Ok(()),
+    };
+    let end = hstart.saturating_add(hlen).min(bytes.len());
+    if let Some(i) = bytes[hstart..end].iter().position(|b| !b.is_ascii()) {
+        return Err(InteropError::Npy(np::NpyError::Header {
+            offset: hstart + i,
+            reason: format!(
+                "non-ASCII byte {:#04x} in the header (its keys, dtype and shape are ASCII)",
+                bytes[hstart + i]
+            ),
+        }));
+    }
+    Ok(())
+}
+
 /// The element type of `.npy` bytes without decoding the data (for keeping a dtype on
 /// conversion).
 pub fn peek_dtype(bytes: &[u8]) -> Result<IntDtype, InteropError> {
+    check_ascii_header(bytes)?;
     let arr = np::parse(bytes)?;
     int_dtype(arr.dtype).ok_or_else(|| InteropError::Dtype {
         format: F,
@@ -49,6 +77,7 @@ pub fn peek_dtype(bytes: &[u8]) -> Result<IntDtype, InteropError> {
 
 /// Decodes `.npy` bytes holding `[T, L, K]` integers.
 pub fn decode(bytes: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, InteropError> {
+    check_ascii_header(bytes)?;
     let arr = np::parse(bytes)?;
     let dtype = int_dtype(arr.dtype).ok_or_else(|| InteropError::Dtype {
         format: F,
