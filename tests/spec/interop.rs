@@ -524,7 +524,7 @@ fn malformed_nrlre1_is_a_typed_error_with_its_offset() {
     let p = b64(&[0, 1, 2, 3]);
     let cases: Vec<(String, &str)> = vec![
         (format!("nrlre2:int8:1x2x2:{p}"), "offset 0"),
-        (format!("nrlre1:int8:1x2x2"), "field"),
+        ("nrlre1:int8:1x2x2".to_string(), "field"),
         (format!("nrlre1:int8:1x2:{p}"), "K"),
         (format!("nrlre1:int8:1xQx2:{p}"), "offset 14"),
         (format!("nrlre1:int8:1x2x3:{p}"), "bytes"),
