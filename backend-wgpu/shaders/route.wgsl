@@ -71,23 +71,144 @@ fn key_of(x: f32, e: u32, m: f32, s: f32) -> f32 {
     return k;
 }
 
-// Upper bound of key_of(x, e) for sigmoid / sqrt-softplus from the device's fast built-ins,
-// with a margin (2^-10 relative + 2^-24 absolute) far above their error bounds (WGSL allows
-// exp 3 + 2|x| ulp and division 2.5 ulp). Experts whose bound is below the current threshold
-// cannot enter a top list, so their exact (expensive) key is never computed: the result is
-// unchanged. A NaN bound compares false, i.e. the exact key is computed.
-fn key_ub(x: f32, e: u32) -> f32 {
-    var sc: f32;
+// Bounds of key_of(x, e) for sigmoid / sqrt-softplus (portable mode) from the device's fast
+// built-ins, with a margin (2^-10 relative + 2^-24 absolute) far above their error bounds (WGSL
+// allows exp 3 + 2|x| ulp and division 2.5 ulp): lb <= exact key <= ub. Experts whose ub is below
+// a list's threshold (the n-th largest lb, a lower bound of the n-th largest exact key) cannot
+// enter that list, so their exact (software, ~150 operations) key is never computed; the result
+// is unchanged. A NaN bound widens to -inf / +inf.
+fn approx_score(x: f32) -> f32 {
     if (SCORE == SCORE_SIGMOID) {
-        sc = n_sigmoid(x);
-    } else {
-        sc = n_sqrt_softplus(x);
+        return n_sigmoid(x);
     }
-    var ub = sc * 1.0009765625 + 5.9604645e-8;
+    return n_sqrt_softplus(x);
+}
+
+fn bound_lo(a: f32, e: u32) -> f32 {
+    var lb = a * 0.9990234375 - 5.9604645e-8;
+    if (HAS_BIAS) {
+        lb = lb + bias[e];
+    }
+    return select(lb, NINF, is_nan(lb));
+}
+
+fn bound_hi(a: f32, e: u32) -> f32 {
+    var ub = a * 1.0009765625 + 5.9604645e-8;
     if (HAS_BIAS) {
         ub = ub + bias[e];
     }
-    return ub;
+    return select(ub, PINF, is_nan(ub));
+}
+
+// Candidate lists of the pruned selection (per invocation).
+const CAPG: u32 = 16u;
+const CAPK: u32 = 64u;
+
+// Pruned group score of group g (sum of its top-GN exact keys, or max): a pass of bounds gives
+// the threshold, a second pass collects the experts that may reach the top-GN, and only those
+// get exact keys. Returns false after reporting a NaN/+inf logit.
+fn pruned_group_score(base: u32, row: u32, g: u32, out: ptr<function, f32>) -> bool {
+    let g0 = g * PER;
+    gtop_reset();
+    for (var e = g0; e < g0 + PER; e += STEP) {
+        var c = load_chunk(base + e);
+        for (var j = 0u; j < STEP; j++) {
+            let x = widen(c[j]);
+            if (is_bad(x)) {
+                report(0u, row);
+                return false;
+            }
+            gtop_consider(bound_lo(approx_score(x), e + j));
+        }
+    }
+    let tau = gt_last();
+    var cand: array<u32, CAPG>;
+    var n = 0u;
+    for (var e = g0; e < g0 + PER; e += STEP) {
+        var c = load_chunk(base + e);
+        for (var j = 0u; j < STEP; j++) {
+            if (bound_hi(approx_score(widen(c[j])), e + j) >= tau) {
+                if (n < CAPG) {
+                    cand[n] = e + j;
+                }
+                n++;
+            }
+        }
+    }
+    gtop_reset();
+    if (n <= CAPG) {
+        for (var i = 0u; i < n; i++) {
+            let e = cand[i];
+            gtop_consider(key_of(widen(load_elem(base + e)), e, 0.0, 0.0));
+        }
+    } else {
+        for (var e = g0; e < g0 + PER; e++) {
+            gtop_consider(key_of(widen(load_elem(base + e)), e, 0.0, 0.0));
+        }
+    }
+    *out = gtop_sum();
+    return true;
+}
+
+// Pruned top-K over experts [e0, e1) of the kept set: one pass keeps the running K-th largest
+// lower bound and collects the experts whose upper bound reaches it; the final threshold then
+// filters the collection, and the survivors (ascending id) get exact keys. `keep` filters groups
+// (all kept when G == 1). Returns false after reporting a NaN/+inf logit (checked when `check`).
+fn pruned_topk(base: u32, row: u32, keep: ptr<function, array<bool, G>>, check: bool) -> bool {
+    topk_reset();
+    var cand: array<u32, CAPK>;
+    var cub: array<f32, CAPK>;
+    var n = 0u;
+    for (var g = 0u; g < G; g++) {
+        if (!(*keep)[g]) {
+            continue;
+        }
+        let g0 = g * PER;
+        for (var e = g0; e < g0 + PER; e += STEP) {
+            var c = load_chunk(base + e);
+            for (var j = 0u; j < STEP; j++) {
+                let x = widen(c[j]);
+                if (check && is_bad(x)) {
+                    report(0u, row);
+                    return false;
+                }
+                let a = approx_score(x);
+                let ub = bound_hi(a, e + j);
+                if (ub >= tk_last()) {
+                    if (n < CAPK) {
+                        cand[n] = e + j;
+                        cub[n] = ub;
+                    }
+                    n++;
+                    topk_consider(bound_lo(a, e + j), e + j);
+                }
+            }
+        }
+    }
+    let tau = tk_last();
+    topk_reset();
+    if (n <= CAPK) {
+        var m = 0u;
+        for (var i = 0u; i < n; i++) {
+            if (cub[i] >= tau) {
+                cand[m] = cand[i];
+                m++;
+            }
+        }
+        for (var i = 0u; i < m; i++) {
+            let e = cand[i];
+            topk_consider(key_of(widen(load_elem(base + e)), e, 0.0, 0.0), e);
+        }
+    } else {
+        for (var g = 0u; g < G; g++) {
+            if ((*keep)[g]) {
+                for (var e = g * PER; e < (g + 1u) * PER; e++) {
+                    topk_consider(key_of(widen(load_elem(base + e)), e, 0.0, 0.0), e);
+                }
+            }
+        }
+    }
+    return true;
 }
 
 // Unbiased score of a selected expert for the weights (sigmoid / sqrt-softplus / softmax-before).
@@ -210,7 +331,13 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         }
         s = row_expsum(base, m);
     }
-    if (G == 1u) {
+    if (G == 1u && PRUNE) {
+        var all: array<bool, G>;
+        all[0] = true;
+        if (!pruned_topk(base, row, &all, true)) {
+            return;
+        }
+    } else if (G == 1u) {
         // One pass: check, key, insert.
         for (var e = 0u; e < E; e += STEP) {
             var c = load_chunk(base + e);
@@ -220,9 +347,6 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
                     report(0u, row);
                     return;
                 }
-                if (PRUNE && key_ub(x, e + j) < tk_last()) {
-                    continue;
-                }
                 topk_consider(key_of(x, e + j, m, s), e + j);
             }
         }
@@ -231,6 +355,14 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         // or its max (GN = 1).
         var gs: array<f32, G>;
         for (var g = 0u; g < G; g++) {
+            if (PRUNE) {
+                var sc = 0.0;
+                if (!pruned_group_score(base, row, g, &sc)) {
+                    return;
+                }
+                gs[g] = sc;
+                continue;
+            }
             gtop_reset();
             let g0 = g * PER;
             for (var e = g0; e < g0 + PER; e += STEP) {
@@ -240,9 +372,6 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
                     if (SCORE != SCORE_SOFTMAX_BEFORE && is_bad(x)) {
                         report(0u, row);
                         return;
-                    }
-                    if (PRUNE && key_ub(x, e + j) < gt_last()) {
-                        continue;
                     }
                     gtop_consider(key_of(x, e + j, m, s));
                 }
@@ -279,18 +408,20 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         for (var i = 0u; i < GSEL; i++) {
             keep[bi[i]] = true;
         }
-        // Top-K over all experts, keys of dropped groups being -inf.
-        for (var g = 0u; g < G; g++) {
+        // Top-K over all experts, keys of dropped groups being -inf. (Pruned: the kept groups
+        // hold at least K finite keys, so no masked expert can be selected.)
+        if (PRUNE) {
+            if (!pruned_topk(base, row, &keep, false)) {
+                return;
+            }
+        }
+        for (var g = 0u; g < G && !PRUNE; g++) {
             let g0 = g * PER;
             if (keep[g]) {
                 for (var e = g0; e < g0 + PER; e += STEP) {
                     var c = load_chunk(base + e);
                     for (var j = 0u; j < STEP; j++) {
-                        let x = widen(c[j]);
-                        if (PRUNE && key_ub(x, e + j) < tk_last()) {
-                            continue;
-                        }
-                        topk_consider(key_of(x, e + j, m, s), e + j);
+                        topk_consider(key_of(widen(c[j]), e + j, m, s), e + j);
                     }
                 }
             } else if (ti_last() == SENT) {

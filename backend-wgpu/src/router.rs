@@ -380,7 +380,7 @@ impl WgpuRouter {
                 err,
             }),
             max_rows: None,
-            prune: std::env::var_os("MOE_ROUTER_WGPU_PRUNE").is_some(),
+            prune: std::env::var_os("MOE_ROUTER_WGPU_NO_PRUNE").is_none(),
         })
     }
 
@@ -392,8 +392,8 @@ impl WgpuRouter {
         self
     }
 
-    /// Turns the bound-based skipping of exact keys on or off (off by default; the environment
-    /// variable `MOE_ROUTER_WGPU_PRUNE` turns it on). In portable mode with sigmoid or
+    /// Turns the bound-based skipping of exact keys on or off (on by default; the environment
+    /// variable `MOE_ROUTER_WGPU_NO_PRUNE` turns it off). In portable mode with sigmoid or
     /// sqrt-softplus scores the kernel first bounds each key with the device's fast built-ins and
     /// computes the exact (software) key only where the bound does not rule the expert out; the
     /// ids and weights are the same either way, only the speed differs.

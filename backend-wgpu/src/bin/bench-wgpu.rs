@@ -9,8 +9,8 @@
 //! measured in the same run. Results go to stdout (table) and, with `--json FILE`, to JSON lines.
 //!
 //! Usage: `bench-wgpu [--bench] [--quick] [--json FILE] [--rules a,b] [--tokens 1,64] [--dtypes f32,bf16]
-//! [--modes portable,native,portable-prune] [--ops route,replay,record]`.
-//! (`portable-prune` = portable numerics with the bound-based skipping of exact keys.)
+//! [--modes portable,native,portable-noprune] [--ops route,replay,record]`.
+//! (`portable-noprune` = portable numerics without the bound-based skipping of exact keys.)
 //! Built with the `cuda` feature, it also times the CUDA backend (`CudaRouter::enqueue_route` /
 //! `enqueue_replay`, N launches then one stream synchronisation, the same wall-clock method) on
 //! the same logits in the same run, and prints the throughput ratio wgpu / CUDA.
@@ -314,7 +314,7 @@ fn main() {
                     continue;
                 };
                 let router = match WgpuRouter::with_context(cfg, ctx.clone()) {
-                    Ok(r) => r.with_pruning(mode == "portable-prune"),
+                    Ok(r) => r.with_pruning(mode != "portable-noprune"),
                     Err(err) => {
                         println!("bench-wgpu: {rule}: {err}");
                         continue;
