@@ -45,11 +45,13 @@ fn emit(line: String, to_err: bool) {
         }
     });
     if !captured {
-        if to_err {
-            eprintln!("{line}");
+        use std::io::Write as _;
+        // A closed pipe (`| head`) ends the output quietly instead of panicking.
+        let _ = if to_err {
+            writeln!(std::io::stderr().lock(), "{line}")
         } else {
-            println!("{line}");
-        }
+            writeln!(std::io::stdout().lock(), "{line}")
+        };
     }
 }
 
@@ -395,11 +397,9 @@ fn load(
     };
     let dense = interop::decode(format, &bytes, opts).map_err(|e| interop_err(path, e))?;
     drop(bytes);
+    progress.stage("importing", dense.dim().1 as u64);
     let trace = dense
-        .to_trace_with_progress(format, opts, |done, total| {
-            progress.stage("importing", total as u64);
-            progress.set(done as u64);
-        })
+        .to_trace_with_progress(format, opts, |done, _| progress.set(done as u64))
         .map_err(|e| interop_err(path, e))?;
     Ok(Loaded {
         trace,
@@ -628,7 +628,9 @@ fn print_inspect(o: &Value) {
         h["id_width"].as_str().unwrap_or(""),
         h["row_convention"].as_str().unwrap_or(""),
         h["fingerprint"].as_str().unwrap_or(""),
-        h["weight_version"],
+        h["weight_version"]
+            .as_u64()
+            .map_or("none".to_string(), |v| v.to_string()),
         h["producer"].as_str().unwrap_or("")
     );
     let layers: Vec<u64> = h["layers"]
@@ -686,9 +688,9 @@ fn print_inspect(o: &Value) {
     for (s, ld) in o["layers"].as_array().cloned().unwrap_or_default().iter().zip(loads) {
         outln!(
             "  {:>6} {:>10} {:>10} {:>10.3}",
-            s["layer"],
-            s["rows"],
-            s["missing_rows"],
+            s["layer"].as_u64().unwrap_or(0),
+            s["rows"].as_u64().unwrap_or(0),
+            s["missing_rows"].as_u64().unwrap_or(0),
             ld["max_over_mean"].as_f64().unwrap_or(0.0)
         );
     }
