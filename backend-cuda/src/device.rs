@@ -104,6 +104,7 @@ pub(crate) struct Device {
     pub stream: Arc<CudaStream>,
     pub name: String,
     pub arch: &'static str,
+    pub sm: &'static str,
     pub sms: usize,
     pub smem_optin: usize,
     routers: Mutex<HashMap<RouterVariant, Arc<RouterKernels>>>,
@@ -129,14 +130,20 @@ fn arch_of(major: i32, minor: i32) -> Result<&'static str, RouteError> {
     })
 }
 
-fn set_smem(f: &CudaFunction, bytes: usize) -> Result<(), RouteError> {
-    // SAFETY: `f` is a live function handle of a loaded module; the attribute value is within
-    // the device's opt-in limit, which was queried from the device.
+fn set_smem(f: &CudaFunction, optin: usize) -> Result<(), RouteError> {
+    use cudarc::driver::result::function::{get_function_attribute, set_function_attribute};
+    // SAFETY: `f` is a live function handle of a loaded module; the value set is the device's
+    // opt-in limit less the kernel's static shared memory, both queried from the driver.
     unsafe {
-        cudarc::driver::result::function::set_function_attribute(
+        let stat = get_function_attribute(
+            f.cu_function(),
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+        )
+        .map_err(dev_err)?;
+        set_function_attribute(
             f.cu_function(),
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
+            optin as i32 - stat,
         )
     }
     .map_err(dev_err)
@@ -165,6 +172,7 @@ impl Device {
         let stream = ctx.new_stream().map_err(dev_err)?;
         let (major, minor) = ctx.compute_capability().map_err(dev_err)?;
         let arch = arch_of(major, minor)?;
+        let sm: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         let name = ctx.name().map_err(dev_err)?;
         use cudarc::driver::sys::CUdevice_attribute_enum as A;
         let sms = ctx
@@ -178,6 +186,7 @@ impl Device {
             stream,
             name,
             arch,
+            sm,
             sms,
             smem_optin,
             routers: Mutex::new(HashMap::new()),
@@ -188,9 +197,12 @@ impl Device {
     }
 
     fn load(&self, src: &str, opts: cudarc::nvrtc::CompileOptions) -> Result<Arc<CudaModule>, RouteError> {
-        let ptx = kernels::compile(src, opts)
+        let name = opts.name.clone().unwrap_or_default();
+        let cubin = kernels::compile_cubin(src, &name, &kernels::option_strings(&opts, self.sm))
             .map_err(|log| RouteError::Unsupported(format!("kernel compilation failed: {log}")))?;
-        self.ctx.load_module(ptx).map_err(dev_err)
+        self.ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(dev_err)
     }
 
     /// The routing kernels of `v`, compiled and loaded on first use.

@@ -201,9 +201,64 @@ pub fn stats_options(dtype: LogitDtype, arch: &'static str) -> CompileOptions {
     }
 }
 
-/// Compiles `src` with NVRTC, mapping a failure to its log.
+/// Compiles `src` with NVRTC to PTX, mapping a failure to its log.
 pub fn compile(src: &str, opts: CompileOptions) -> Result<Ptx, String> {
     compile_ptx_with_opts(src, opts).map_err(|e| format!("{e:?}"))
+}
+
+/// NVRTC options as strings, for [`compile_cubin`] (`arch` is a real architecture, `sm_90`).
+pub fn option_strings(opts: &CompileOptions, arch: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for (name, val) in [
+        ("ftz", opts.ftz),
+        ("prec-sqrt", opts.prec_sqrt),
+        ("prec-div", opts.prec_div),
+        ("fmad", opts.fmad),
+    ] {
+        if let Some(b) = val {
+            v.push(format!("--{name}={b}"));
+        }
+    }
+    v.push(format!("--gpu-architecture={arch}"));
+    v
+}
+
+/// Compiles `src` with NVRTC straight to a CUBIN for a real architecture (`sm_90`), so that
+/// loading needs no PTX JIT in the driver (which runs one module at a time). Failures return
+/// the compiler log.
+pub fn compile_cubin(src: &str, name: &str, options: &[String]) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result, sys};
+    use std::ffi::CString;
+    let csrc = CString::new(src).map_err(|e| e.to_string())?;
+    let cname = CString::new(name).map_err(|e| e.to_string())?;
+    let prog = result::create_program(&csrc, Some(&cname)).map_err(|e| format!("{e:?}"))?;
+    // SAFETY: `prog` was created above from `csrc`/`cname`, which outlive it, and is destroyed
+    // exactly once at the end of this block.
+    unsafe {
+        let out = match result::compile_program(prog, options) {
+            Ok(()) => {
+                let mut size = 0usize;
+                match sys::nvrtcGetCUBINSize(prog, &mut size).result() {
+                    Ok(()) => {
+                        let mut buf = vec![0u8; size];
+                        sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast())
+                            .result()
+                            .map(|()| buf)
+                            .map_err(|e| format!("{e:?}"))
+                    }
+                    Err(e) => Err(format!("{e:?}")),
+                }
+            }
+            Err(e) => {
+                let log = result::get_program_log(prog)
+                    .map(|l| l.iter().map(|&c| c as u8 as char).collect::<String>())
+                    .unwrap_or_default();
+                Err(format!("{e:?}\n{log}"))
+            }
+        };
+        let _ = result::destroy_program(prog);
+        out
+    }
 }
 
 /// The routing kernels' parameter block (`struct Params` in `kernels/router.cu`).

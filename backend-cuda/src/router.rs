@@ -427,7 +427,9 @@ impl CudaRouter {
     fn plan(&self, logits: &DeviceLogits<'_>, ptr: u64, replay: bool) -> Plan {
         let choice = self.choice.lock().map(|c| *c).unwrap_or_default();
         let lb = logits.dtype().bytes() as u64;
-        let aligned = ptr % 16 == 0 && (logits.cols as u64 * lb) % 16 == 0 && (logits.ld as u64 * lb) % 16 == 0;
+        let aligned = ptr.is_multiple_of(16)
+            && (logits.cols as u64 * lb).is_multiple_of(16)
+            && (logits.ld as u64 * lb).is_multiple_of(16);
         let big = match choice {
             KernelChoice::Row => false,
             KernelChoice::Tile => true,

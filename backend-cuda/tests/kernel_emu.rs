@@ -16,6 +16,9 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
+type Shape3 = (usize, usize, Option<(usize, usize)>);
+type EmuResult = Option<Result<(Array2<u32>, Array2<f32>), RouteError>>;
+
 struct Rng(u64);
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -34,7 +37,7 @@ impl Rng {
 }
 
 fn random_config(r: &mut Rng) -> RouterConfig {
-    let shapes: [(usize, usize, Option<(usize, usize)>); 9] = [
+    let shapes: [Shape3; 9] = [
         (8, 2, None),
         (16, 4, Some((4, 2))),
         (32, 8, Some((8, 4))),
@@ -164,7 +167,7 @@ fn run(
     logits: &LogitsRef<'_>,
     ids: Option<&Array2<u32>>,
     shape: Shape,
-) -> Option<Result<(Array2<u32>, Array2<f32>), RouteError>> {
+) -> EmuResult {
     let (t, e) = logits.dim();
     let k = cfg.top_k();
     let replay = ids.is_some();

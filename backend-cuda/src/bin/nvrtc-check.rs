@@ -1,10 +1,13 @@
 //! Compiles every kernel variant through NVRTC, without a GPU (CI's kernel compile check).
 //!
-//! Usage: `nvrtc-check [ARCH...]` (default `compute_80 compute_90`). Needs `libnvrtc.so.13` on the
+//! Usage: `nvrtc-check [ARCH...]` (default `sm_90`: CUBIN, which runs ptxas too; `compute_XX`
+//! stops at PTX). Needs `libnvrtc.so.13` on the
 //! loader path (e.g. from the `nvidia-cuda-nvrtc` wheel). Exits non-zero when NVRTC is missing or
 //! any kernel fails to compile, printing the compiler log.
 
-use moe_router_cuda::kernels::{LogitDtype, RouterVariant, compile, stats_options, stats_source};
+use moe_router_cuda::kernels::{
+    LogitDtype, RouterVariant, compile, compile_cubin, option_strings, stats_options, stats_source,
+};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -15,7 +18,7 @@ fn main() -> ExitCode {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arches: Vec<&'static str> = if args.is_empty() {
-        vec!["compute_80", "compute_90"]
+        vec!["sm_90"]
     } else {
         args.into_iter().map(|a| &*Box::leak(a.into_boxed_str())).collect()
     };
@@ -25,14 +28,20 @@ fn main() -> ExitCode {
         for v in RouterVariant::all() {
             let t = Instant::now();
             count += 1;
-            match compile(&v.source(), v.options(arch)) {
-                Ok(ptx) => println!(
-                    "ok   {arch} {:?} portable={} {:?} {:?}: {} bytes of PTX in {:.2} s",
+            let opts = v.options(arch);
+            let res = if arch.starts_with("sm_") {
+                compile_cubin(&v.source(), "check.cu", &option_strings(&opts, arch))
+            } else {
+                compile(&v.source(), opts).map(|p| p.to_src().into_bytes())
+            };
+            match res {
+                Ok(bin) => println!(
+                    "ok   {arch} {:?} portable={} {:?} {:?}: {} bytes in {:.2} s",
                     v.dtype,
                     v.portable,
                     v.score,
                     v.part,
-                    ptx.to_src().len(),
+                    bin.len(),
                     t.elapsed().as_secs_f64()
                 ),
                 Err(log) => {
@@ -46,7 +55,13 @@ fn main() -> ExitCode {
         }
         for d in LogitDtype::ALL {
             count += 1;
-            match compile(&stats_source(d), stats_options(d, arch)) {
+            let opts = stats_options(d, arch);
+            let res = if arch.starts_with("sm_") {
+                compile_cubin(&stats_source(d), "stats.cu", &option_strings(&opts, arch))
+            } else {
+                compile(&stats_source(d), opts).map(|p| p.to_src().into_bytes())
+            };
+            match res {
                 Ok(_) => println!("ok   {arch} stats {d:?}"),
                 Err(log) => {
                     failures += 1;
