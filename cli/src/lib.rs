@@ -8,6 +8,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod backend;
+pub mod bench;
 pub mod demo;
 pub mod error;
 pub mod model;
@@ -39,6 +40,8 @@ enum Command {
     Diff(trace_cmds::DiffArgs),
     /// Play out rollout routing replay (R3) end to end on a small synthetic MoE model.
     Demo(demo::DemoArgs),
+    /// Quick routing throughput of every backend compiled in and available here.
+    Bench(bench::BenchArgs),
 }
 
 /// Exit code: success.
@@ -71,6 +74,7 @@ where
         Command::Validate(a) => trace_cmds::validate(&a),
         Command::Diff(a) => trace_cmds::diff(&a),
         Command::Demo(a) => demo::run(&a),
+        Command::Bench(a) => bench::run(&a),
     };
     match result {
         Ok(code) => code,

@@ -82,6 +82,8 @@ pub struct SyntheticModel {
     top_k: usize,
     routers: Vec<RouterConfig>,
     embed: Vec<f32>,
+    /// Position signal: per hidden dimension a frequency and a phase.
+    pos_freq: Vec<(f32, f32)>,
     dense_up: Vec<f32>,
     dense_down: Vec<f32>,
     moe: Vec<MoeLayer>,
@@ -233,6 +235,12 @@ impl SyntheticModel {
         let e = rule.num_experts();
         let mut rng = Rng::new(spec.seed, 1);
         let embed = weights(&mut rng, v * h, 1.0);
+        let pos_freq = (0..h)
+            .map(|_| {
+                let f = (0.02 + 0.5 * rng.uniform()) as f32;
+                (f, (rng.uniform() * std::f64::consts::TAU) as f32)
+            })
+            .collect();
         let dense_up = weights(&mut rng, 2 * h * h, (1.0 / h as f64).sqrt());
         let dense_down = weights(&mut rng, 2 * h * h, 0.5 / (2.0 * h as f64).sqrt());
         let mut moe = Vec::with_capacity(spec.moe_layers);
@@ -260,17 +268,61 @@ impl SyntheticModel {
             moe.push(MoeLayer { router, experts });
         }
         let lm_head = weights(&mut rng, v * h, 2.0 / (h as f64).sqrt());
-        Ok(SyntheticModel {
+        let mut model = SyntheticModel {
             spec,
             num_experts: e,
             top_k: rule.top_k(),
             routers,
             embed,
+            pos_freq,
             dense_up,
             dense_down,
             moe,
             lm_head,
-        })
+        };
+        if rule.has_bias() {
+            model.balance_biases()?;
+        }
+        Ok(model)
+    }
+
+    /// Trains each layer's selection bias the way DeepSeek-V3 does (auxiliary-loss-free load
+    /// balancing: `bias += rate · sign(mean load − load)`, [`stats::updated_bias`]) on a
+    /// calibration batch of random tokens, layer by layer, so the experts are about evenly used
+    /// as in a trained model.
+    ///
+    /// [`stats::updated_bias`]: moe_router_core::stats::updated_bias
+    fn balance_biases(&mut self) -> Result<(), moe_router_core::ConfigError> {
+        use moe_router_core::stats::{tokens_per_expert, updated_bias};
+        let num = ForwardNumerics {
+            precision: Precision::F32,
+            accumulation: Accumulation::Blocks16,
+        };
+        let n = 2048;
+        let mut rng = Rng::new(self.spec.seed, 3);
+        let tokens: Vec<u32> = (0..n).map(|_| rng.below(self.spec.vocab as u64) as u32).collect();
+        let positions: Vec<u64> = (0..n).map(|_| rng.below(256)).collect();
+        let mut h = self.embed_and_dense(&tokens, &positions, num);
+        for i in 0..self.moe.len() {
+            let logits = self.router_logits(i, &h, num);
+            let mut cfg = self.routers[i].clone();
+            for step in 0..48 {
+                let router = moe_router_cpu::CpuRouter::new(cfg.clone());
+                let Ok((ids, _)) = router.route_host(&logits.view()) else {
+                    break;
+                };
+                let counts = tokens_per_expert(ids.view(), self.num_experts);
+                let rate = if step < 32 { 0.02 } else { 0.005 };
+                let b = updated_bias(cfg.expert_bias().unwrap_or(&[]), &counts, rate);
+                cfg.set_expert_bias(b)?;
+            }
+            self.routers[i] = cfg;
+            let router = moe_router_cpu::CpuRouter::new(self.routers[i].clone());
+            if let Ok((ids, w)) = router.route_host(&logits.view()) {
+                self.apply_experts(i, &mut h, &ids, &w.to_f32(), num);
+            }
+        }
+        Ok(())
     }
 
     /// The sizes.
@@ -295,7 +347,7 @@ impl SyntheticModel {
     }
 
     /// Input hidden states `[rows, H]` of the given tokens at the given positions (embedding plus
-    /// a sinusoidal position signal), then the dense layer 0.
+    /// a sinusoidal position signal of random frequencies and phases), then the dense layer 0.
     pub fn embed_and_dense(&self, tokens: &[u32], positions: &[u64], num: ForwardNumerics) -> Vec<f32> {
         let h = self.spec.hidden;
         let mut out = vec![0f32; tokens.len() * h];
@@ -306,9 +358,8 @@ impl SyntheticModel {
                 |(xn, mid, y), (row, (&t, &p))| {
                     let e = &self.embed[t as usize * h..(t as usize + 1) * h];
                     for (i, (o, &v)) in row.iter_mut().zip(e).enumerate() {
-                        let freq = 1.0 / 10_000f32.powf((i / 2 * 2) as f32 / h as f32);
-                        let ang = p as f32 * freq;
-                        let pe = if i % 2 == 0 { ang.sin() } else { ang.cos() };
+                        let (freq, phase) = self.pos_freq[i];
+                        let pe = (p as f32 * freq + phase).sin();
                         *o = round_if(v + 0.5 * pe, num.precision);
                     }
                     rmsnorm(row, xn, num.precision);

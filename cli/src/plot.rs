@@ -290,20 +290,16 @@ impl DrawFn for Heatmap<'_> {
             .margin(16)
             .x_label_area_size(44)
             .y_label_area_size(64)
-            .build_cartesian_2d(0f64..e as f64, 0f64..l as f64)
+            .build_cartesian_2d(0f64..e as f64, (0u32..(l as u32).saturating_sub(1)).into_segmented())
             .map_err(s)?;
         let layers = self.layers;
         chart
             .configure_mesh()
             .disable_mesh()
-            .y_labels(l.min(32))
-            .y_label_formatter(&|y| {
-                let i = (y - 0.5).round();
-                if (y - 0.5 - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < layers.len() {
-                    layers[i as usize].to_string()
-                } else {
-                    String::new()
-                }
+            .y_labels(l + 1)
+            .y_label_formatter(&|y| match y {
+                SegmentValue::CenterOf(i) => layers.get(*i as usize).map_or_else(String::new, u32::to_string),
+                _ => String::new(),
             })
             .x_labels(9)
             .x_label_formatter(&|x| format!("{x:.0}"))
@@ -320,7 +316,10 @@ impl DrawFn for Heatmap<'_> {
                 let r = if mean > 0.0 { c as f64 / mean } else { 0.0 };
                 let t = if r <= 0.0 { 0.0 } else { 0.5 + r.log2() / 2.0 };
                 Rectangle::new(
-                    [(ei as f64, li as f64 + 0.04), (ei as f64 + 1.0, li as f64 + 0.96)],
+                    [
+                        (ei as f64, SegmentValue::Exact(li as u32)),
+                        (ei as f64 + 1.0, SegmentValue::Exact(li as u32 + 1)),
+                    ],
                     heat(t).filled(),
                 )
             })

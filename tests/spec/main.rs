@@ -8,6 +8,7 @@ mod cli_route;
 #[allow(dead_code)]
 mod conformance;
 mod cpu;
+mod demo;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod golden;
