@@ -609,6 +609,23 @@ pub(crate) fn element_count(format: Format, dims: &[u64], limit: u64, reason: &s
     }
 }
 
+/// Refuses an L or K no trace can hold (L ≤ [`crate::trace::MAX_LAYERS`], K ≤
+/// [`crate::MAX_EXPERTS`]), even when T = 0 makes the array empty: later steps allocate per
+/// layer and per slot.
+pub(crate) fn check_lk(format: Format, l: usize, k: usize) -> Result<(), InteropError> {
+    if l > crate::trace::MAX_LAYERS || k > crate::MAX_EXPERTS {
+        return Err(InteropError::Shape {
+            format,
+            reason: format!(
+                "L = {l}, K = {k}: a trace holds at most {} layers and K ≤ {}",
+                crate::trace::MAX_LAYERS,
+                crate::MAX_EXPERTS
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Decodes little-endian integers `[T, L, K]` into ids: `-1` (signed types) becomes
 /// [`MISSING_ID`]; other negative values and values beyond any possible id are errors.
 /// `data` must hold exactly `T × L × K` elements.
@@ -621,6 +638,7 @@ pub(crate) fn decode_ints(
     num_experts: Option<usize>,
 ) -> Result<Array3<u32>, InteropError> {
     let (t, l, k) = shape;
+    check_lk(format, l, k)?;
     let n = t * l * k;
     let es = dtype.size();
     if data.len() != n * es {
@@ -864,7 +882,7 @@ impl DenseRoutes {
         if k == 0 {
             return;
         }
-        let mut sorted: Vec<u32> = Vec::with_capacity(k);
+        let mut sorted: Vec<u32> = Vec::new();
         for (r, row) in flat.chunks_exact(k).enumerate() {
             let base = (r * k) as u64;
             let at = |slot: usize| element_at(base + slot as u64, self.start, l, k);
@@ -995,6 +1013,7 @@ impl DenseRoutes {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Trace, InteropError> {
         let (t, l, k) = self.ids.dim();
+        check_lk(format, l, k)?;
         let layers = self.resolve_layers(format, opts.layers.as_deref())?;
         let header = TraceHeader::new(e, k, &layers)
             .map_err(|err| InteropError::Header {

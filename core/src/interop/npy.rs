@@ -99,7 +99,7 @@ pub fn decode(bytes: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, Interop
 /// needed when rows are missing). Rows start at position 0: call
 /// [`DenseRoutes::rebased_to_zero`] first when `start > 0` (the `.npy` array has no offset).
 pub fn encode(d: &DenseRoutes, dtype: IntDtype) -> Result<Vec<u8>, InteropError> {
-    let d = d.clone().rebased_to_zero(F, u64::MAX)?;
+    let d = d.clone().rebased_to_zero(F, super::DEFAULT_MAX_ELEMENTS)?;
     let data = encode_ints(F, &d.ids, 0, dtype)?;
     let (t, l, k) = d.ids.dim();
     Ok(np::to_bytes(&[t, l, k], npy_dtype(dtype), &data))

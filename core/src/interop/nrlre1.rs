@@ -119,7 +119,7 @@ pub fn encode(d: &DenseRoutes, dtype: IntDtype) -> Result<String, InteropError> 
             expected: "int8, int16 or int32".into(),
         });
     }
-    let d = d.clone().rebased_to_zero(F, u64::MAX)?;
+    let d = d.clone().rebased_to_zero(F, super::DEFAULT_MAX_ELEMENTS)?;
     let (t, l, k) = d.ids.dim();
     let data = encode_ints(F, &d.ids, 0, dtype)?;
     Ok(format!("{PREFIX}:{dtype}:{t}x{l}x{k}:{}", encode_base64(&data)))

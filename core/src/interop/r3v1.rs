@@ -34,6 +34,9 @@ pub const MAGIC: &[u8; 4] = b"R3V1";
 /// Size of the fixed header.
 pub const HEADER_BYTES: usize = 32;
 
+/// Largest bitmap selector the exporter writes (2²⁶ bytes: 512 M tokens).
+const MAX_SELECTOR_BYTES: usize = 1 << 26;
+
 /// Selector modes.
 const MODE_ALL: u8 = 0;
 const MODE_SUFFIX: u8 = 1;
@@ -347,12 +350,13 @@ pub fn encode(d: &DenseRoutes) -> Result<String, InteropError> {
         })? as usize;
     let start = d.start as usize;
     // Which tokens are present (all layers) — a token of partly missing layers is refused.
-    let mut present = vec![false; total];
+    // Tokens before `start` are absent.
+    let mut replayed: Vec<usize> = Vec::new();
     for ti in 0..t {
         let tok = d.ids.slice(s![ti, .., ..]);
         let rows_missing = tok.outer_iter().filter(|r| r.iter().all(|&x| x == MISSING_ID)).count();
         if rows_missing == 0 {
-            present[start + ti] = true;
+            replayed.push(start + ti);
         } else if rows_missing < l {
             return Err(InteropError::Unrepresentable {
                 format: F,
@@ -364,7 +368,6 @@ pub fn encode(d: &DenseRoutes) -> Result<String, InteropError> {
             });
         }
     }
-    let replayed: Vec<usize> = (0..total).filter(|&i| present[i]).collect();
     let first = replayed.first().copied().unwrap_or(total);
     let suffix = replayed.len() == total - first;
     let (mode, replay_start, selector) = if replayed.len() == total {
@@ -372,6 +375,14 @@ pub fn encode(d: &DenseRoutes) -> Result<String, InteropError> {
     } else if suffix {
         (MODE_SUFFIX, first as u32, Vec::new())
     } else {
+        if total.div_ceil(8) > MAX_SELECTOR_BYTES {
+            return Err(InteropError::Unrepresentable {
+                format: F,
+                reason: format!(
+                    "a bitmap over {total} tokens exceeds {MAX_SELECTOR_BYTES} selector bytes; export a shorter span"
+                ),
+            });
+        }
         let mut sel = vec![0u8; total.div_ceil(8)];
         for &i in &replayed {
             sel[i / 8] |= 1 << (i % 8);

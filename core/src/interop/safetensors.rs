@@ -166,7 +166,7 @@ pub fn decode(bytes: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, Interop
 /// metadata above (missing rows as `-1`: needs a signed dtype when rows are missing). Rows are
 /// written from position 0.
 pub fn encode(d: &DenseRoutes, dtype: IntDtype) -> Result<Vec<u8>, InteropError> {
-    let d = d.clone().rebased_to_zero(F, u64::MAX)?;
+    let d = d.clone().rebased_to_zero(F, super::DEFAULT_MAX_ELEMENTS)?;
     let data = encode_ints(F, &d.ids, 0, dtype)?;
     let (t, l, k) = d.ids.dim();
     let view = TensorView::new(st_dtype(dtype), vec![t, l, k], &data).map_err(|e| InteropError::Shape {

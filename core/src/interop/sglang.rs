@@ -54,6 +54,6 @@ pub fn decode(text: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, InteropE
 
 /// Encodes `[T, L, K]` as SGLang base64 text (int32, missing rows as `-1`, rows from position 0).
 pub fn encode(d: &DenseRoutes) -> Result<String, InteropError> {
-    let d = d.clone().rebased_to_zero(F, u64::MAX)?;
+    let d = d.clone().rebased_to_zero(F, super::DEFAULT_MAX_ELEMENTS)?;
     Ok(encode_base64(&encode_ints(F, &d.ids, 0, IntDtype::I32)?))
 }
