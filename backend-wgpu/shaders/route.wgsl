@@ -483,3 +483,68 @@ fn replay(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
     write_weights(base, row, &sel, m, s);
 }
+
+// Tiled variant for rules without groups and without pruning (softmax-after, native scores):
+// a workgroup routes WG rows; column chunks of the WG x CW logits are loaded cooperatively
+// (consecutive invocations read consecutive elements of a row, so loads are coalesced) into
+// workgroup memory, from which each invocation feeds its own row to the top-K list.
+const CW: u32 = 32u;
+var<workgroup> tile: array<f32, WG * (CW + 1u)>;
+
+@compute @workgroup_size(WG)
+fn route_tiled(
+    @builtin(local_invocation_index) li: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    init_consts();
+    let row0 = (wid.x + wid.y * nwg.x) * WG;
+    let row = row0 + li;
+    let live = row < P.rows;
+    var bad = false;
+    topk_reset();
+    for (var c0 = 0u; c0 < E; c0 += CW) {
+        for (var q = li; q < WG * CW; q += WG) {
+            let r = q / CW;
+            let col = q % CW;
+            var v = 0.0;
+            if (row0 + r < P.rows && c0 + col < E) {
+                v = load_elem((row0 + r) * E + c0 + col);
+            }
+            tile[r * (CW + 1u) + col] = v;
+        }
+        workgroupBarrier();
+        if (live && !bad) {
+            for (var j = 0u; j < CW; j++) {
+                let e = c0 + j;
+                if (e >= E) {
+                    break;
+                }
+                let x = widen(tile[li * (CW + 1u) + j]);
+                if (is_bad(x)) {
+                    bad = true;
+                    break;
+                }
+                topk_consider(key_of(x, e, 0.0, 0.0), e);
+            }
+        }
+        workgroupBarrier();
+    }
+    if (!live) {
+        return;
+    }
+    if (bad) {
+        report(0u, row);
+        return;
+    }
+    let base = row * E;
+    var sel: array<u32, K>;
+    topk_ids(&sel);
+    if (!write_weights(base, row, &sel, 0.0, 0.0)) {
+        return;
+    }
+    let o = row * K;
+    for (var j = 0u; j < K; j++) {
+        ids_out[o + j] = sel[j];
+    }
+}

@@ -335,6 +335,14 @@ pub(crate) struct KernelSet {
     pub replay: wgpu::ComputePipeline,
 }
 
+impl KernelSpec {
+    /// Whether `route_tiled` (coalesced cooperative loads) applies: no groups, no pruning, and a
+    /// score that needs one pass (not softmax-before).
+    pub(crate) fn tiled(&self) -> bool {
+        self.g == 1 && !self.prune && self.score != 0
+    }
+}
+
 pub(crate) fn compile(
     ctx: &WgpuContext,
     label: &str,

@@ -502,10 +502,19 @@ mod cuda {
                     return None;
                 }
             };
-            router.warm_up().ok()?;
+            if let Err(e) = router.warm_up() {
+                println!("bench-wgpu: CUDA warm-up failed: {e}");
+                return None;
+            }
             let l = host.as_ref();
             let rows = l.dim().0;
-            let logits = router.upload_logits(&l).ok()?;
+            let logits = match router.upload_logits(&l) {
+                Ok(b) => b,
+                Err(e) => {
+                    println!("bench-wgpu: CUDA upload failed: {e}");
+                    return None;
+                }
+            };
             Some(Bench {
                 router,
                 logits,
@@ -534,6 +543,14 @@ mod cuda {
         /// Median seconds per call of `op` ("route", "replay"; "record" = route into a buffer
         /// with a record layer).
         pub fn time(&self, t: usize, op: &str) -> Option<f64> {
+            let r = self.time_inner(t, op);
+            if r.is_none() {
+                println!("bench-wgpu: CUDA timing of {op} at T={t} failed");
+            }
+            r
+        }
+
+        fn time_inner(&self, t: usize, op: &str) -> Option<f64> {
             let layers = usize::from(op == "record");
             let mut out = self.router.alloc_buffers(t, layers).ok()?;
             let mut src = self.router.alloc_buffers(t, 0).ok()?;
