@@ -10,7 +10,7 @@
 # The install is best-effort: without it the tests run on llvmpipe (GL); with neither they print
 # "skipped: <reason>" (they never pass silently).
 lvp_icd=/usr/share/vulkan/icd.d/lvp_icd.x86_64.json
-if [ ! -e "$lvp_icd" ] || ! ldconfig -p | grep -q 'libvulkan.so.1 '; then
+if [ ! -e "$lvp_icd" ] || ! ldconfig -p | grep 'libvulkan.so.1 ' >/dev/null; then
   if command -v apt-get >/dev/null 2>&1; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       mesa-vulkan-drivers libvulkan1) >/dev/null 2>&1 \
