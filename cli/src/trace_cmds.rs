@@ -355,7 +355,7 @@ fn import_options(
 fn load(
     path: &Path,
     format: Format,
-    bytes: Vec<u8>,
+    bytes: Option<Vec<u8>>,
     opts: &ImportOptions,
     progress: &Progress,
 ) -> Result<Loaded, CliError> {
@@ -390,13 +390,13 @@ fn load(
         });
     }
     progress.stage("decoding", 1);
-    let npy_dtype = if format == Format::Npy {
-        interop::npy::peek_dtype(&bytes).ok()
-    } else {
-        None
+    let bytes = match bytes {
+        Some(b) => b,
+        None => read_bytes(path)?,
     };
     let dense = interop::decode(format, &bytes, opts).map_err(|e| interop_err(path, e))?;
     drop(bytes);
+    let npy_dtype = dense.source_dtype.filter(|_| format == Format::Npy);
     progress.stage("importing", dense.dim().1 as u64);
     let trace = dense
         .to_trace_with_progress(format, opts, |done, _| progress.set(done as u64))
@@ -408,10 +408,20 @@ fn load(
     })
 }
 
+/// The format of an input from its extension, else its content (then returned too, so it is
+/// read once; an `.mrt` file is memory-mapped instead).
+fn detect(path: &Path) -> Result<(Format, Option<Vec<u8>>), CliError> {
+    if let Some(f) = Format::from_path(path) {
+        return Ok((f, None));
+    }
+    let bytes = read_bytes(path)?;
+    let f = input_format(path, None, Some(&bytes)).map_err(CliError::Input)?;
+    Ok((f, Some(bytes).filter(|_| f != Format::Mrt)))
+}
+
 /// Reads an input whose format comes from the extension or the content.
 fn load_any(path: &Path, opts: &ImportOptions) -> Result<Loaded, CliError> {
-    let bytes = read_bytes(path)?;
-    let format = input_format(path, None, Some(&bytes)).map_err(CliError::Input)?;
+    let (format, bytes) = detect(path)?;
     load(path, format, bytes, opts, &Progress(None))
 }
 
@@ -440,12 +450,7 @@ pub fn convert(a: &ConvertArgs) -> Result<u8, CliError> {
         .map_err(|e| CliError::io(&a.input, &e))?
         .len();
     let progress = Progress::new(size);
-    let bytes = if from == Format::Mrt {
-        Vec::new()
-    } else {
-        read_bytes(&a.input)?
-    };
-    let loaded = load(&a.input, from, bytes, &opts, &progress)?;
+    let loaded = load(&a.input, from, None, &opts, &progress)?;
     let trace = &loaded.trace;
     if to == Format::Mrt {
         write_mrt(trace, &a.output, &progress)?;
@@ -556,11 +561,9 @@ fn summary_json(trace: &Trace) -> Value {
 /// `moe-router inspect`.
 pub fn inspect(a: &InspectArgs) -> Result<u8, CliError> {
     let path = &a.trace;
-    let bytes = read_bytes(path)?;
-    let format = input_format(path, None, Some(&bytes)).map_err(CliError::Input)?;
+    let (format, bytes) = detect(path)?;
     let mut out = json!({ "path": path.display().to_string(), "format": format.name() });
     let trace = if format == Format::Mrt {
-        drop(bytes);
         let tf = TraceFile::open_with(
             path,
             OpenOptions {
@@ -788,19 +791,19 @@ impl Findings {
 /// `moe-router validate`.
 pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
     let path = &a.input;
-    let bytes = read_bytes(path)?;
-    let format = input_format(path, None, Some(&bytes)).map_err(CliError::Input)?;
+    let (format, bytes) = detect(path)?;
     let mut f = Findings::default();
     let mut out = json!({ "input": path.display().to_string(), "format": format.name() });
     let mut trace: Option<Trace> = None;
     if format == Format::Mrt {
-        match TraceFile::from_bytes(
-            bytes,
+        match TraceFile::open_with(
+            path,
             OpenOptions {
                 verify: Verify::Eager,
                 salvage: true,
             },
         ) {
+            Err(e @ TraceError::Io { .. }) => return Err(trace_err(path, e)),
             Err(e) => f.trace_error(&e, String::new()),
             Ok(tf) => {
                 let r = tf.report().clone();
@@ -867,6 +870,10 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
         }
     } else {
         let opts = import_options(a.num_experts, a.num_layers, a.top_k, None);
+        let bytes = match bytes {
+            Some(b) => b,
+            None => read_bytes(path)?,
+        };
         match interop::decode(format, &bytes, &opts) {
             Err(e @ InteropError::MissingOption { .. }) => {
                 return Err(CliError::Input(format!("{}: {e}", path.display())));

@@ -567,6 +567,8 @@ pub struct DenseRoutes {
     pub num_experts: Option<usize>,
     /// Model layer ids of the L axis, when the format records them.
     pub layers: Option<Vec<u32>>,
+    /// The element type the input stored the ids in, when decoded from a format.
+    pub source_dtype: Option<IntDtype>,
 }
 
 /// What [`DenseRoutes::check`] found.
@@ -767,6 +769,7 @@ impl DenseRoutes {
             start: 0,
             num_experts: None,
             layers: None,
+            source_dtype: None,
         }
     }
 
@@ -876,6 +879,7 @@ impl DenseRoutes {
                 start: self.start,
                 num_experts: self.num_experts,
                 layers: self.layers.clone(),
+                source_dtype: self.source_dtype,
             };
             return d.scan(format, num_experts, bad, ok);
         };
@@ -1001,6 +1005,7 @@ impl DenseRoutes {
             start: self.start,
             num_experts: self.num_experts,
             layers: self.layers.clone(),
+            source_dtype: self.source_dtype,
         };
         Ok((d.build(format, opts, e, &mut |_, _| {})?, check))
     }
@@ -1093,6 +1098,7 @@ impl DenseRoutes {
             start,
             num_experts: Some(h.num_experts()),
             layers: Some(h.layer_ids()),
+            source_dtype: None,
         })
     }
 

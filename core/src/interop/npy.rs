@@ -92,7 +92,10 @@ pub fn decode(bytes: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, Interop
     };
     element_count(F, &[t as u64, l as u64, k as u64], opts.max_elements, "the .npy shape")?;
     let ids = decode_ints(F, &arr.data, dtype, (t, l, k), 0, opts.num_experts)?;
-    Ok(DenseRoutes::new(ids))
+    Ok(DenseRoutes {
+        source_dtype: Some(dtype),
+        ..DenseRoutes::new(ids)
+    })
 }
 
 /// Encodes `[T, L, K]` as `.npy` bytes of `dtype` (missing rows as `-1`, so a signed dtype is

@@ -106,7 +106,10 @@ pub fn decode(text: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, InteropE
         0,
         opts.num_experts,
     )?;
-    Ok(DenseRoutes::new(ids))
+    Ok(DenseRoutes {
+        source_dtype: Some(dtype),
+        ..DenseRoutes::new(ids)
+    })
 }
 
 /// Encodes `[T, L, K]` as an envelope of `dtype` (int8, int16 or int32; missing rows as `-1`,

@@ -74,6 +74,7 @@ pub fn decode(bytes: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, Interop
         start: w.start,
         num_experts: None,
         layers: None,
+        source_dtype: Some(dtype),
     })
 }
 

@@ -325,6 +325,7 @@ pub fn decode(text: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, InteropE
         start: first,
         num_experts: None,
         layers: None,
+        source_dtype: Some(dtype),
     })
 }
 

@@ -159,6 +159,7 @@ pub fn decode(bytes: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, Interop
         start,
         num_experts,
         layers,
+        source_dtype: Some(dtype),
     })
 }
 

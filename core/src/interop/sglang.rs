@@ -49,7 +49,10 @@ pub fn decode(text: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, InteropE
     }
     let t = n / per_token;
     let ids = decode_ints(F, &bytes, IntDtype::I32, (t, l, k), 0, opts.num_experts)?;
-    Ok(DenseRoutes::new(ids))
+    Ok(DenseRoutes {
+        source_dtype: Some(IntDtype::I32),
+        ..DenseRoutes::new(ids)
+    })
 }
 
 /// Encodes `[T, L, K]` as SGLang base64 text (int32, missing rows as `-1`, rows from position 0).
