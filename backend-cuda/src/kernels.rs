@@ -227,6 +227,12 @@ pub fn option_strings(opts: &CompileOptions, arch: &str) -> Vec<String> {
 /// loading needs no PTX JIT in the driver (which runs one module at a time). Failures return
 /// the compiler log.
 pub fn compile_cubin(src: &str, name: &str, options: &[String]) -> Result<Vec<u8>, String> {
+    compile_cubin_with_log(src, name, options).map(|(c, _)| c)
+}
+
+/// [`compile_cubin`], also returning the compiler log (with `--ptxas-options=--verbose` it holds
+/// registers, stack frame and spills per kernel).
+pub fn compile_cubin_with_log(src: &str, name: &str, options: &[String]) -> Result<(Vec<u8>, String), String> {
     use cudarc::nvrtc::{result, sys};
     use std::ffi::CString;
     let csrc = CString::new(src).map_err(|e| e.to_string())?;
@@ -235,6 +241,16 @@ pub fn compile_cubin(src: &str, name: &str, options: &[String]) -> Result<Vec<u8
     // SAFETY: `prog` was created above from `csrc`/`cname`, which outlive it, and is destroyed
     // exactly once at the end of this block.
     unsafe {
+        let log = || {
+            result::get_program_log(prog)
+                .map(|l| {
+                    l.iter()
+                        .take_while(|&&c| c != 0)
+                        .map(|&c| c as u8 as char)
+                        .collect::<String>()
+                })
+                .unwrap_or_default()
+        };
         let out = match result::compile_program(prog, options) {
             Ok(()) => {
                 let mut size = 0usize;
@@ -243,18 +259,13 @@ pub fn compile_cubin(src: &str, name: &str, options: &[String]) -> Result<Vec<u8
                         let mut buf = vec![0u8; size];
                         sys::nvrtcGetCUBIN(prog, buf.as_mut_ptr().cast())
                             .result()
-                            .map(|()| buf)
+                            .map(|()| (buf, log()))
                             .map_err(|e| format!("{e:?}"))
                     }
                     Err(e) => Err(format!("{e:?}")),
                 }
             }
-            Err(e) => {
-                let log = result::get_program_log(prog)
-                    .map(|l| l.iter().map(|&c| c as u8 as char).collect::<String>())
-                    .unwrap_or_default();
-                Err(format!("{e:?}\n{log}"))
-            }
+            Err(e) => Err(format!("{e:?}\n{}", log())),
         };
         let _ = result::destroy_program(prog);
         out

@@ -4,7 +4,7 @@
 
 use crate::device::{Device, dev_err};
 use crate::router::DeviceIds;
-use cudarc::driver::{CudaSlice, CudaStream, PinnedHostSlice};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use moe_router_core::{IdsSink, RouteError};
 use ndarray::Array2;
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
@@ -16,6 +16,7 @@ type Pool = Arc<Mutex<Vec<PinnedHostSlice<u32>>>>;
 enum Job {
     Copy {
         pinned: PinnedHostSlice<u32>,
+        done: CudaEvent,
         // Keeps the device buffer alive until its copy has completed.
         _keep: Arc<CudaSlice<u32>>,
         rows: usize,
@@ -49,13 +50,14 @@ fn worker(rx: Receiver<Job>, pool: Pool, failed: Arc<Mutex<Option<String>>>) {
             }
             Job::Copy {
                 pinned,
+                done,
                 _keep,
                 rows,
                 k,
                 sink,
             } => {
-                // `as_slice` waits for the copy's event (recorded on the side stream).
-                match pinned.as_slice() {
+                // Wait for the copy (recorded on the side stream), then read the pinned buffer.
+                match done.synchronize().and_then(|()| pinned.as_slice()) {
                     Ok(s) => {
                         let v = s[..rows * k].to_vec();
                         if let Ok(a) = Array2::from_shape_vec((rows, k), v) {
@@ -126,12 +128,18 @@ impl Recorder {
         let ev = self.dev.stream.record_event(None).map_err(dev_err)?;
         self.side.wait(&ev).map_err(dev_err)?;
         if n > 0 {
-            let src = ids.buf.slice(0..n);
-            let dst = &mut pinned;
-            self.side.memcpy_dtoh(&src, dst).map_err(dev_err)?;
+            let host = pinned.as_mut_slice().map_err(dev_err)?;
+            let (src, _guard) = ids.buf.device_ptr(&self.side);
+            // SAFETY: `host[..n]` is pinned memory that moves into the job below and is read only
+            // after `done` completes; `src` holds at least n u32 and its buffer is kept alive by
+            // the job until then. The side stream waits for the routing kernel (event `ev`).
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host[..n], src, self.side.cu_stream()) }
+                .map_err(dev_err)?;
         }
+        let done = self.side.record_event(None).map_err(dev_err)?;
         let job = Job::Copy {
             pinned,
+            done,
             _keep: ids.buf.clone(),
             rows,
             k,

@@ -17,7 +17,7 @@ use moe_router_core::{CallSite, GroupScore, Normalization, Numerics, Router, Rou
 use moe_router_cuda::cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use moe_router_cuda::cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use moe_router_cuda::kernels::{LogitDtype, Part, RouterVariant, ScoreKind, TILE_KMAX};
-use moe_router_cuda::{CudaRouter, DeviceLogits, LogitsView, RouteError};
+use moe_router_cuda::{CudaRouter, DeviceLogits, KernelChoice, LogitsView, RouteError};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -244,6 +244,28 @@ fn main() -> Result<(), RouteError> {
                     let mut out = r.alloc_buffers(t, 0)?;
                     let route_us = time_calls(&stream, iters, |i| r.enqueue_route(&view(i)?, 0, &mut out))?;
                     r.take_status(&mut out)?;
+                    // The other kernel shape, for the small and middle sizes.
+                    if t <= 4096 {
+                        r.set_kernel_choice(if t < 2048 {
+                            KernelChoice::Tile
+                        } else {
+                            KernelChoice::Row
+                        });
+                        let alt = time_calls(&stream, iters, |i| r.enqueue_route(&view(i)?, 0, &mut out))?;
+                        r.take_status(&mut out)?;
+                        r.set_kernel_choice(KernelChoice::Auto);
+                        eprintln!(
+                            "alt kernel: {} {} {} T={t}: auto {route_us:.2} µs, {} kernels {alt:.2} µs",
+                            rule.name,
+                            dtype.name(),
+                            if numerics == Numerics::Portable {
+                                "portable"
+                            } else {
+                                "native"
+                            },
+                            if t < 2048 { "tile" } else { "row" }
+                        );
+                    }
                     let ids = out.ids().slice(0..t * k);
                     let mut out2 = r.alloc_buffers(t, 0)?;
                     let replay_us = time_calls(&stream, iters, |i| r.enqueue_replay(&view(i)?, &ids, &mut out2))?;

@@ -1,12 +1,13 @@
 //! Compiles every kernel variant through NVRTC, without a GPU (CI's kernel compile check).
 //!
-//! Usage: `nvrtc-check [ARCH...]` (default `sm_90`: CUBIN, which runs ptxas too; `compute_XX`
+//! Usage: `nvrtc-check [--verbose] [ARCH...]` (`--verbose`: ptxas resource usage) (default `sm_90`: CUBIN, which runs ptxas too; `compute_XX`
 //! stops at PTX). Needs `libnvrtc.so.13` on the
 //! loader path (e.g. from the `nvidia-cuda-nvrtc` wheel). Exits non-zero when NVRTC is missing or
 //! any kernel fails to compile, printing the compiler log.
 
 use moe_router_cuda::kernels::{
-    LogitDtype, RouterVariant, compile, compile_cubin, option_strings, stats_options, stats_source,
+    LogitDtype, RouterVariant, compile, compile_cubin, compile_cubin_with_log, option_strings, stats_options,
+    stats_source,
 };
 use std::process::ExitCode;
 use std::time::Instant;
@@ -16,7 +17,9 @@ fn main() -> ExitCode {
         eprintln!("nvrtc-check: {e}");
         return ExitCode::from(2);
     }
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let verbose = args.iter().any(|a| a == "--verbose");
+    args.retain(|a| a != "--verbose");
     let arches: Vec<&'static str> = if args.is_empty() {
         vec!["sm_90"]
     } else {
@@ -30,7 +33,16 @@ fn main() -> ExitCode {
             count += 1;
             let opts = v.options(arch);
             let res = if arch.starts_with("sm_") {
-                compile_cubin(&v.source(), "check.cu", &option_strings(&opts, arch))
+                let mut o = option_strings(&opts, arch);
+                if verbose {
+                    o.push("--ptxas-options=--verbose".into());
+                }
+                compile_cubin_with_log(&v.source(), "check.cu", &o).map(|(c, log)| {
+                    for l in log.lines().filter(|l| l.contains("Used") || l.contains("stack")) {
+                        println!("     {}", l.trim());
+                    }
+                    c
+                })
             } else {
                 compile(&v.source(), opts).map(|p| p.to_src().into_bytes())
             };
