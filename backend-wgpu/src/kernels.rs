@@ -385,12 +385,13 @@ pub(crate) fn compile(
 
 impl KernelSet {
     pub(crate) fn build(ctx: &WgpuContext, spec: &KernelSpec) -> Result<KernelSet, RouteError> {
+        let route_entry = if spec.tiled() { "route_tiled" } else { "route" };
         let mut p = compile(
             ctx,
             "moe-router route",
             spec.route_source(),
             &ctx.layout,
-            &["route", "replay"],
+            &[route_entry, "replay"],
         )?;
         let replay = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
         let route = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
