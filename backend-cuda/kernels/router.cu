@@ -140,37 +140,37 @@ __device__ __forceinline__ bool weights_of(const Params& p, const float (&zs)[KC
     const int K = p.K;
 #if SCORE == SM_BEFORE
 #pragma unroll (KCAP > 16 ? 1 : KCAP)
-    for (int j = 0; j < KCAP; j++)
+    for (int j = 0; j < (KCAP > 16 ? K : KCAP); j++)
         if (j < K) w[j] = M_DIV(M_EXP(zs[j] - m), S);
 #elif SCORE == SM_AFTER
     float mx = F32_NEG_INF;
 #pragma unroll (KCAP > 16 ? 1 : KCAP)
-    for (int j = 0; j < KCAP; j++)
+    for (int j = 0; j < (KCAP > 16 ? K : KCAP); j++)
         if (j < K && zs[j] > mx) mx = zs[j];
     if (mx == F32_NEG_INF) return false;
     float s = 0.0f;
 #pragma unroll (KCAP > 16 ? 1 : KCAP)
-    for (int j = 0; j < KCAP; j++)
+    for (int j = 0; j < (KCAP > 16 ? K : KCAP); j++)
         if (j < K) {
             w[j] = M_EXP(zs[j] - mx);
             s = s + w[j];
         }
 #pragma unroll (KCAP > 16 ? 1 : KCAP)
-    for (int j = 0; j < KCAP; j++)
+    for (int j = 0; j < (KCAP > 16 ? K : KCAP); j++)
         if (j < K) w[j] = M_DIV(w[j], s);
 #elif SCORE == SIGMOID
 #pragma unroll (KCAP > 16 ? 1 : KCAP)
-    for (int j = 0; j < KCAP; j++)
+    for (int j = 0; j < (KCAP > 16 ? K : KCAP); j++)
         if (j < K) w[j] = M_SIGMOID(zs[j]);
 #else
 #pragma unroll (KCAP > 16 ? 1 : KCAP)
-    for (int j = 0; j < KCAP; j++)
+    for (int j = 0; j < (KCAP > 16 ? K : KCAP); j++)
         if (j < K) w[j] = M_SQRT_SOFTPLUS(zs[j]);
 #endif
     if (p.norm != 0) {
         float s = 0.0f;
 #pragma unroll (KCAP > 16 ? 1 : KCAP)
-        for (int j = 0; j < KCAP; j++)
+        for (int j = 0; j < (KCAP > 16 ? K : KCAP); j++)
             if (j < K) s = s + w[j];
         float d;
         if (p.norm == 1) {
@@ -180,12 +180,12 @@ __device__ __forceinline__ bool weights_of(const Params& p, const float (&zs)[KC
             d = s > mn ? s : mn;
         }
 #pragma unroll (KCAP > 16 ? 1 : KCAP)
-        for (int j = 0; j < KCAP; j++)
+        for (int j = 0; j < (KCAP > 16 ? K : KCAP); j++)
             if (j < K) w[j] = M_DIV(w[j], d);
     }
     float sc = M_FTZ(p.scale);
 #pragma unroll (KCAP > 16 ? 1 : KCAP)
-    for (int j = 0; j < KCAP; j++)
+    for (int j = 0; j < (KCAP > 16 ? K : KCAP); j++)
         if (j < K) w[j] = M_FTZ(w[j] * sc);
     (void)m;
     (void)S;

@@ -22,6 +22,8 @@ pub const MAX_TOP_K: usize = ROW_KCAP;
 /// Batches with at least this many rows use the thread-per-token tile kernels (when the config
 /// and alignment allow); smaller ones use one block per token.
 const TILE_MIN_ROWS: usize = 2048;
+/// With at most this many experts the tile kernels win at every T (measured on an H100).
+const TILE_MAX_SMALL_E: usize = 32;
 
 /// Borrowed device logits of one element type. 16-bit types are passed as their raw bits
 /// (`u16`), since cudarc is built without its `f16` feature.
@@ -208,7 +210,8 @@ impl DeviceWeights {
 /// Which kernel shape routes a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelChoice {
-    /// Row kernels below 2048 rows, tile kernels above (when the config and alignment allow).
+    /// Row kernels below 2048 rows, tile kernels above and for E <= 32 (when the config and
+    /// alignment allow).
     #[default]
     Auto,
     /// Always one block per token.
@@ -433,7 +436,7 @@ impl CudaRouter {
         let big = match choice {
             KernelChoice::Row => false,
             KernelChoice::Tile => true,
-            KernelChoice::Auto => logits.rows >= TILE_MIN_ROWS,
+            KernelChoice::Auto => logits.rows >= TILE_MIN_ROWS || logits.cols <= TILE_MAX_SMALL_E,
         };
         match tile_slot(&self.base, replay) {
             Some(ki) if big && aligned => Plan::Tile(ki),
