@@ -20,7 +20,16 @@ pub use error::CliError;
 
 /// Mixture-of-Experts top-k routing with router replay.
 #[derive(Debug, Parser)]
-#[command(name = "moe-router", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "moe-router",
+    version,
+    about,
+    long_about = None,
+    propagate_version = true,
+    after_help = "Start here: `moe-router demo` plays out rollout routing replay (R3) end to end.\n\n\
+Exit codes: 0 success; 1 the command failed (the message says what, where and what to do);\n\
+2 usage error; 3 `validate` found the input invalid."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
