@@ -323,12 +323,50 @@ fn bench_case(c: &mut Criterion<Clock>, case: &Case, clock: Clock) {
     g.bench_function("part_weights_for", |b| {
         b.iter(|| black_box(plain.weights_for(&lr, &ids, &site).expect("weights")))
     });
+    // The recording work alone: the host copy of the ids that `Router::record_ids` makes, and
+    // that copy handed to the `Record` sink (in memory / to a file), one layer walk as above.
+    let shape = moe_router_core::RouteShape {
+        rows,
+        num_experts: case.cfg.num_experts(),
+        top_k: case.cfg.top_k(),
+    };
+    g.bench_function("part_copy_ids", |b| b.iter(|| black_box(ids.clone())));
+    let sink_walk = |rec: &Record, iters: u64| {
+        walk(
+            case,
+            0,
+            iters,
+            |p| p,
+            |s| {
+                let sink = moe_router_core::ReplayPolicy::recorder(rec, s, shape)
+                    .expect("recorder")
+                    .expect("sink");
+                sink(ids.clone());
+            },
+        )
+    };
+    g.bench_function("part_record_sink_memory", |b| {
+        b.iter_custom(|iters| {
+            let rec = Record::in_memory(case.header());
+            let t0 = clock.now();
+            sink_walk(&rec, iters);
+            let dt = clock.now() - t0;
+            drop(rec);
+            dt
+        })
+    });
+    g.bench_function("part_record_sink_file", |b| {
+        b.iter_custom(|iters| {
+            let rec = Record::create_file(&wpath, case.header(), WriterOptions::default()).expect("create");
+            let t0 = clock.now();
+            sink_walk(&rec, iters);
+            rec.finish().expect("finish");
+            let dt = clock.now() - t0;
+            let _ = std::fs::remove_file(&wpath);
+            dt
+        })
+    });
     g.bench_function("part_plan_from_file", |b| {
-        let shape = moe_router_core::RouteShape {
-            rows,
-            num_experts: case.cfg.num_experts(),
-            top_k: case.cfg.top_k(),
-        };
         b.iter(|| black_box(moe_router_core::ReplayPolicy::plan(&replay, &site, shape).expect("plan")))
     });
     g.finish();

@@ -1,8 +1,13 @@
 //! Row encoding: `u32` ids ↔ stored bytes of the header's id width, with validation.
 
+use super::kernels;
 use super::{IdWidth, MISSING_ID, TraceError, TraceHeader};
 use crate::layout::{LayerId, SeqId};
 use ndarray::{ArrayView2, ArrayViewMut1};
+
+/// Rows checked together by the whole-group kernels (a group with a missing or bad row is
+/// re-checked row by row).
+const GROUP_ROWS: usize = 64;
 
 /// What is wrong with one row (located by the caller).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,8 +173,20 @@ impl RowCodec {
         self.check_stored(out).map(|_| true)
     }
 
+    /// Fast check of a group of rows already encoded in `bytes` whose ids are known to be `< E`
+    /// (so none is the sentinel of a missing row when K = 1): true when no row repeats an id.
+    /// `None` when no whole-group kernel exists for this shape.
+    #[inline]
+    fn group_distinct(&self, bytes: &[u8]) -> Option<bool> {
+        kernels::rows_have_duplicate(bytes, self.top_k, self.width.bytes()).map(|d| !d)
+    }
+
     /// Encodes `[rows, K]` ids into stored bytes (appended to `out`), validating every row.
     /// `locate(row)` gives (seq, layer, position) for error messages.
+    ///
+    /// Rows are narrowed and checked [`GROUP_ROWS`] at a time by whole-group kernels (range by
+    /// the group's largest id, duplicates by one word-sized test per row); only a group that
+    /// fails (a missing row, or an error to locate) is re-encoded row by row.
     pub(crate) fn encode_rows(
         &self,
         ids: ArrayView2<'_, u32>,
@@ -188,27 +205,86 @@ impl RowCodec {
         let rb = self.row_bytes();
         let base = out.len();
         out.resize(base + rows * rb, 0);
+        let fail = |out: &mut Vec<u8>, r: usize, f: RowFault| {
+            out.truncate(base);
+            f.locate(seq, layer, start + r as u64, self.num_experts as usize)
+        };
         let mut present = 0usize;
-        let mut tmp = Vec::new();
+        if let Some(src) = ids.as_slice() {
+            let mut g0 = 0;
+            while g0 < rows {
+                let g1 = (g0 + GROUP_ROWS).min(rows);
+                let s = &src[g0 * k..g1 * k];
+                let d = &mut out[base + g0 * rb..base + g1 * rb];
+                let max = match self.width {
+                    IdWidth::U8 => kernels::narrow_u8(s, d),
+                    IdWidth::U16 => kernels::narrow_u16(s, d),
+                };
+                if max < self.num_experts && self.group_distinct(d) == Some(true) {
+                    present += g1 - g0;
+                } else {
+                    for r in g0..g1 {
+                        let dst = &mut out[base + r * rb..base + (r + 1) * rb];
+                        match self.encode_row(&src[r * k..(r + 1) * k], dst) {
+                            Ok(p) => present += usize::from(p),
+                            Err(f) => return Err(fail(out, r, f)),
+                        }
+                    }
+                }
+                g0 = g1;
+            }
+            return Ok(present);
+        }
+        let mut tmp = Vec::with_capacity(k);
         for (r, row) in ids.outer_iter().enumerate() {
-            let slice: &[u32] = match row.as_slice() {
-                Some(s) => s,
-                None => {
-                    tmp.clear();
-                    tmp.extend(row.iter().copied());
-                    &tmp
-                }
-            };
+            tmp.clear();
+            tmp.extend(row.iter().copied());
             let dst = &mut out[base + r * rb..base + (r + 1) * rb];
-            match self.encode_row(slice, dst) {
+            match self.encode_row(&tmp, dst) {
                 Ok(p) => present += usize::from(p),
-                Err(f) => {
-                    out.truncate(base);
-                    return Err(f.locate(seq, layer, start + r as u64, self.num_experts as usize));
-                }
+                Err(f) => return Err(fail(out, r, f)),
             }
         }
         Ok(present)
+    }
+
+    /// Checks stored rows (`bytes.len()` a multiple of the row size), [`GROUP_ROWS`] at a time
+    /// with whole-group kernels and row by row only in a group that fails. Returns the number of
+    /// present rows and whether any present row holds a nonzero id, or the first bad row and
+    /// its fault.
+    pub(crate) fn check_stored_rows(&self, bytes: &[u8]) -> Result<(u64, bool), (usize, RowFault)> {
+        let rb = self.row_bytes();
+        let rows = bytes.len() / rb;
+        let mut present = 0u64;
+        let mut nonzero = false;
+        let mut g0 = 0;
+        while g0 < rows {
+            let g1 = (g0 + GROUP_ROWS).min(rows);
+            let g = &bytes[g0 * rb..g1 * rb];
+            // One-byte ids with E = 256 are always in range (a missing row is then caught as a
+            // duplicate, K ≥ 2).
+            let in_range = match self.width {
+                IdWidth::U8 if self.num_experts >= 256 => true,
+                w => kernels::max_id(g, w.bytes()) < self.num_experts,
+            };
+            if in_range && self.group_distinct(g) == Some(true) {
+                present += (g1 - g0) as u64;
+                nonzero = nonzero || kernels::any_nonzero(g);
+            } else {
+                for (r, row) in g.chunks_exact(rb).enumerate() {
+                    match self.check_stored(row) {
+                        Ok(true) => {
+                            present += 1;
+                            nonzero = nonzero || !self.is_zero_row(row);
+                        }
+                        Ok(false) => {}
+                        Err(f) => return Err((g0 + r, f)),
+                    }
+                }
+            }
+            g0 = g1;
+        }
+        Ok((present, nonzero))
     }
 
     /// Decodes a stored row into `out` (K slots); a missing row becomes [`MISSING_ID`]s.

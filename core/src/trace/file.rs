@@ -645,23 +645,18 @@ impl TraceFile {
             let layer = self.header.layers()[bl.layer_index as usize];
             let data = &raw[bl.data_off as usize..bl.data_off as usize + bl.rows as usize * rb];
             let cnt = &mut counts[bl.layer_index as usize];
-            for (r, row) in data.chunks_exact(rb).enumerate() {
-                match self.codec.check_stored(row) {
-                    Ok(true) => {
-                        cnt.0 += 1;
-                        if !cnt.1 && !self.codec.is_zero_row(row) {
-                            cnt.1 = true;
-                        }
-                    }
-                    Ok(false) => {}
-                    Err(f) => {
-                        return Err(wrap(f.locate(
-                            SeqId(bl.seq),
-                            layer,
-                            bl.start + r as u64,
-                            self.header.num_experts(),
-                        )));
-                    }
+            match self.codec.check_stored_rows(data) {
+                Ok((present, nonzero)) => {
+                    cnt.0 += present;
+                    cnt.1 |= nonzero;
+                }
+                Err((r, f)) => {
+                    return Err(wrap(f.locate(
+                        SeqId(bl.seq),
+                        layer,
+                        bl.start + r as u64,
+                        self.header.num_experts(),
+                    )));
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! Byte layout of `.mrt` files (documented in `docs/trace-format.md`): header, chunk frames,
 //! blocks, index frame and footer. All integers little-endian.
 
+use super::kernels;
 use super::{IdWidth, RowConvention, TraceError, TraceHeader};
 use crate::layout::LayerId;
 
@@ -50,50 +51,100 @@ pub(crate) const CODEC_RANK_ZSTD: u8 = 2;
 /// order) followed by the other ids in their previous order. Rows that repeat experts of the
 /// previous row (consecutive tokens of a real router) become small numbers that zstd's entropy
 /// stage codes in a few bits. Missing rows (all `0xFF`) pass through and leave the list alone.
+///
+/// Implementation: only the position of every expert in the list is kept (`pos`). The rank of
+/// slot j is `pos[id_j]` minus the earlier slots of the row that sit before it; after the row,
+/// every other expert moves back by the number of the row's experts that were ahead of it (one
+/// vectorised compare-and-count pass over E bytes per slot, [`kernels::shift_positions`]) and
+/// the row's experts take positions `0..K`. O(K·E/vector width + K²) per row instead of moving
+/// list entries one by one. Rows must be valid (distinct ids `< E`) or missing; other bytes give
+/// meaningless ranks but never panic.
 pub(crate) fn rank_encode(data: &mut [u8], k: usize, e: usize) {
-    let mut list: Vec<u8> = (0..e).map(|x| x as u8).collect();
-    let mut work: Vec<u8> = Vec::with_capacity(e);
+    if k == 0 {
+        return;
+    }
+    let e = e.min(256);
+    let mut pos = [0u8; 256];
+    for (i, p) in pos.iter_mut().enumerate() {
+        *p = i as u8;
+    }
+    let mut ids = vec![0u8; k];
+    let mut old = vec![0u8; k];
     for row in data.chunks_exact_mut(k) {
         if row.iter().all(|&b| b == 0xFF) {
             continue;
         }
-        let ids: Vec<u8> = row.to_vec();
-        work.clear();
-        work.extend_from_slice(&list);
-        for slot in row.iter_mut() {
-            let id = *slot;
-            let r = work.iter().position(|&x| x == id).unwrap_or(0);
-            work.remove(r);
-            *slot = r as u8;
+        ids.copy_from_slice(row);
+        for (o, &id) in old.iter_mut().zip(row.iter()) {
+            *o = pos[usize::from(id)];
         }
-        let rest: Vec<u8> = list.iter().copied().filter(|x| !ids.contains(x)).collect();
-        list.clear();
-        list.extend_from_slice(&ids);
-        list.extend_from_slice(&rest);
+        for j in 0..k {
+            let p = old[j];
+            let before = old[..j].iter().filter(|&&q| q < p).count() as u8;
+            row[j] = p.wrapping_sub(before);
+        }
+        kernels::shift_positions(&mut pos[..e], &old);
+        for (j, &id) in ids.iter().enumerate() {
+            pos[usize::from(id)] = j as u8;
+        }
     }
 }
 
 /// Inverse of [`rank_encode`], in place. Errors when a rank is outside the list.
+///
+/// Implementation: the list itself is kept (`list[position] = id`). The rank of slot j selects
+/// the rank-th entry not yet taken by the row (a walk over the row's taken positions, sorted);
+/// after the row, the entries between taken positions move back by block copies (`copy_within`)
+/// and the row's ids are written at the front.
 pub(crate) fn rank_decode(data: &mut [u8], k: usize, e: usize) -> Result<(), String> {
-    let mut list: Vec<u8> = (0..e).map(|x| x as u8).collect();
-    let mut work: Vec<u8> = Vec::with_capacity(e);
+    if k == 0 {
+        return Ok(());
+    }
+    let e = e.min(256);
+    let mut list = [0u8; 256];
+    for (i, x) in list.iter_mut().enumerate() {
+        *x = i as u8;
+    }
+    // Taken positions of the current row, ascending.
+    let mut taken: Vec<usize> = Vec::with_capacity(k);
     for (ri, row) in data.chunks_exact_mut(k).enumerate() {
         if row.iter().all(|&b| b == 0xFF) {
             continue;
         }
-        work.clear();
-        work.extend_from_slice(&list);
-        for slot in row.iter_mut() {
-            let r = *slot as usize;
-            if r >= work.len() {
-                return Err(format!("row {ri}: rank {r} outside a list of {}", work.len()));
+        taken.clear();
+        for (j, slot) in row.iter_mut().enumerate() {
+            let r = usize::from(*slot);
+            let len = e.saturating_sub(j);
+            if r >= len {
+                return Err(format!("row {ri}: rank {r} outside a list of {len}"));
             }
-            *slot = work.remove(r);
+            let mut p = r;
+            let mut at = 0;
+            for &q in taken.iter() {
+                if q <= p {
+                    p += 1;
+                    at += 1;
+                } else {
+                    break;
+                }
+            }
+            taken.insert(at, p);
+            *slot = list[p];
         }
-        let rest: Vec<u8> = list.iter().copied().filter(|x| !row.contains(x)).collect();
-        list.clear();
-        list.extend_from_slice(row);
-        list.extend_from_slice(&rest);
+        // Entries after the last taken position stay; each earlier gap moves back by the number
+        // of taken positions after it.
+        let mut end = e;
+        for (m, &q) in taken.iter().enumerate().rev() {
+            let shift = taken.len() - 1 - m;
+            if shift > 0 && q + 1 < end {
+                list.copy_within(q + 1..end, q + 1 + shift);
+            }
+            end = q;
+        }
+        if end > 0 {
+            list.copy_within(0..end, taken.len());
+        }
+        list[..row.len()].copy_from_slice(row);
     }
     Ok(())
 }
@@ -575,4 +626,155 @@ pub(crate) fn read_footer(b: &[u8], body_start: usize) -> Result<Option<(u64, u6
         ));
     }
     Ok(Some((u64_at(f, 0), u64_at(f, 8))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // The original list-based implementation (the documented algorithm, step by step).
+    /// Row-rank transform of one block's u8 rows (`k` ids per row, E experts), in place.
+    ///
+    /// A list starts as `0, 1, …, E−1`. Each id of a row is replaced by its index in the list after
+    /// removing the ids of the same row already coded; then the list becomes that row's ids (slot
+    /// order) followed by the other ids in their previous order. Rows that repeat experts of the
+    /// previous row (consecutive tokens of a real router) become small numbers that zstd's entropy
+    /// stage codes in a few bits. Missing rows (all `0xFF`) pass through and leave the list alone.
+    fn rank_encode_reference(data: &mut [u8], k: usize, e: usize) {
+        let mut list: Vec<u8> = (0..e).map(|x| x as u8).collect();
+        let mut work: Vec<u8> = Vec::with_capacity(e);
+        for row in data.chunks_exact_mut(k) {
+            if row.iter().all(|&b| b == 0xFF) {
+                continue;
+            }
+            let ids: Vec<u8> = row.to_vec();
+            work.clear();
+            work.extend_from_slice(&list);
+            for slot in row.iter_mut() {
+                let id = *slot;
+                let r = work.iter().position(|&x| x == id).unwrap_or(0);
+                work.remove(r);
+                *slot = r as u8;
+            }
+            let rest: Vec<u8> = list.iter().copied().filter(|x| !ids.contains(x)).collect();
+            list.clear();
+            list.extend_from_slice(&ids);
+            list.extend_from_slice(&rest);
+        }
+    }
+
+    /// Inverse of [`rank_encode_reference`], in place. Errors when a rank is outside the list.
+    fn rank_decode_reference(data: &mut [u8], k: usize, e: usize) -> Result<(), String> {
+        let mut list: Vec<u8> = (0..e).map(|x| x as u8).collect();
+        let mut work: Vec<u8> = Vec::with_capacity(e);
+        for (ri, row) in data.chunks_exact_mut(k).enumerate() {
+            if row.iter().all(|&b| b == 0xFF) {
+                continue;
+            }
+            work.clear();
+            work.extend_from_slice(&list);
+            for slot in row.iter_mut() {
+                let r = *slot as usize;
+                if r >= work.len() {
+                    return Err(format!("row {ri}: rank {r} outside a list of {}", work.len()));
+                }
+                *slot = work.remove(r);
+            }
+            let rest: Vec<u8> = list.iter().copied().filter(|x| !row.contains(x)).collect();
+            list.clear();
+            list.extend_from_slice(row);
+            list.extend_from_slice(&rest);
+        }
+        Ok(())
+    }
+
+    fn rng(seed: u64) -> impl FnMut() -> u64 {
+        let mut s = seed | 1;
+        move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        }
+    }
+
+    /// Rows with correlated (sticky) experts, some missing.
+    fn rows(e: usize, k: usize, n: usize, seed: u64) -> Vec<u8> {
+        let mut next = rng(seed);
+        let mut prev: Vec<u8> = (0..k).map(|x| x as u8).collect();
+        let mut out = Vec::with_capacity(n * k);
+        for _ in 0..n {
+            if next() % 17 == 0 {
+                out.extend(std::iter::repeat_n(0xFF, k));
+                continue;
+            }
+            let mut row: Vec<u8> = Vec::with_capacity(k);
+            for j in 0..k {
+                let cand = if next() % 3 != 0 {
+                    prev[j]
+                } else {
+                    (next() % e as u64) as u8
+                };
+                let mut c = cand;
+                while row.contains(&c) {
+                    c = (next() % e as u64) as u8;
+                }
+                row.push(c);
+            }
+            prev = row.clone();
+            out.extend(row);
+        }
+        out
+    }
+
+    #[test]
+    fn fast_row_rank_matches_the_reference_list_algorithm() {
+        for (e, k) in [
+            (2usize, 1usize),
+            (2, 2),
+            (8, 2),
+            (8, 8),
+            (16, 5),
+            (128, 8),
+            (255, 1),
+            (256, 8),
+            (256, 16),
+            (256, 256),
+            (60, 7),
+        ] {
+            for seed in 1..6u64 {
+                let raw = rows(e, k, 300, seed * 7919 + e as u64);
+                let mut a = raw.clone();
+                let mut b = raw.clone();
+                rank_encode(&mut a, k, e);
+                rank_encode_reference(&mut b, k, e);
+                assert_eq!(a, b, "encode e {e} k {k}");
+                let mut d = a.clone();
+                rank_decode(&mut d, k, e).unwrap();
+                assert_eq!(d, raw, "decode e {e} k {k}");
+                let mut d2 = a.clone();
+                rank_decode_reference(&mut d2, k, e).unwrap();
+                assert_eq!(d2, raw);
+            }
+        }
+    }
+
+    #[test]
+    fn fast_row_rank_decode_matches_the_reference_on_arbitrary_bytes() {
+        for (e, k) in [(8usize, 2usize), (16, 4), (128, 8), (256, 8), (5, 5)] {
+            let mut next = rng(e as u64 * 31 + k as u64);
+            for _ in 0..200 {
+                let n = (next() % 40) as usize * k;
+                let bytes: Vec<u8> = (0..n).map(|_| (next() % (e as u64 + 3)) as u8).collect();
+                let mut a = bytes.clone();
+                let mut b = bytes.clone();
+                let ra = rank_decode(&mut a, k, e);
+                let rb = rank_decode_reference(&mut b, k, e);
+                assert_eq!(ra, rb);
+                if ra.is_ok() {
+                    assert_eq!(a, b);
+                }
+            }
+        }
+    }
 }

@@ -33,6 +33,7 @@
 mod codec;
 mod file;
 mod format;
+mod kernels;
 mod manifest;
 mod model;
 pub mod synthetic;

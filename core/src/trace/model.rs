@@ -191,10 +191,7 @@ impl Trace {
         start: u64,
         ids: ArrayView2<'_, u32>,
     ) -> Result<AppendStats, TraceError> {
-        let mut buf = Vec::new();
-        self.check_layer(layer)?;
-        self.codec.encode_rows(ids, &mut buf, seq, layer, start)?;
-        self.insert(seq, layer, start, &buf, true)
+        self.append_ids(seq, layer, start, ids, true)
     }
 
     /// Like [`Trace::append`], but a recorded position appended with different ids keeps the
@@ -207,10 +204,55 @@ impl Trace {
         start: u64,
         ids: ArrayView2<'_, u32>,
     ) -> Result<AppendStats, TraceError> {
-        let mut buf = Vec::new();
+        self.append_ids(seq, layer, start, ids, false)
+    }
+
+    /// [`Trace::append`] / [`Trace::append_keep_existing`]. Rows that start a lane or go right
+    /// after its last run (the recording case) are encoded straight into their final storage;
+    /// others are encoded into a buffer and merged by [`Trace::insert`]. Errors leave the trace
+    /// unchanged.
+    fn append_ids(
+        &mut self,
+        seq: SeqId,
+        layer: LayerId,
+        start: u64,
+        ids: ArrayView2<'_, u32>,
+        strict: bool,
+    ) -> Result<AppendStats, TraceError> {
         self.check_layer(layer)?;
+        let rows = ids.nrows() as u64;
+        let rb = self.codec.row_bytes();
+        if rows > 0 && start.checked_add(rows).is_some() {
+            let codec = self.codec;
+            let appended = AppendStats {
+                appended: rows,
+                ..AppendStats::default()
+            };
+            match self.lanes.get_mut(&(seq, layer)) {
+                None => {
+                    let mut data = Vec::with_capacity(ids.nrows() * rb);
+                    codec.encode_rows(ids, &mut data, seq, layer, start)?;
+                    self.lanes.insert((seq, layer), vec![Run { start, data }]);
+                    return Ok(appended);
+                }
+                Some(runs) => match runs.last_mut() {
+                    Some(last) if last.start + (last.data.len() / rb) as u64 == start => {
+                        codec.encode_rows(ids, &mut last.data, seq, layer, start)?;
+                        return Ok(appended);
+                    }
+                    Some(last) if start > last.start + (last.data.len() / rb) as u64 => {
+                        let mut data = Vec::with_capacity(ids.nrows() * rb);
+                        codec.encode_rows(ids, &mut data, seq, layer, start)?;
+                        runs.push(Run { start, data });
+                        return Ok(appended);
+                    }
+                    _ => {}
+                },
+            }
+        }
+        let mut buf = Vec::new();
         self.codec.encode_rows(ids, &mut buf, seq, layer, start)?;
-        self.insert(seq, layer, start, &buf, false)
+        self.insert(seq, layer, start, &buf, strict)
     }
 
     /// Appends already-stored rows (`rows × K × width` bytes, as in the file), validating each.
@@ -231,11 +273,9 @@ impl Trace {
                 row_bytes: rb,
             });
         }
-        for (r, row) in bytes.chunks_exact(rb).enumerate() {
-            self.codec
-                .check_stored(row)
-                .map_err(|f| f.locate(seq, layer, start + r as u64, self.header.num_experts()))?;
-        }
+        self.codec
+            .check_stored_rows(bytes)
+            .map_err(|(r, f)| f.locate(seq, layer, start + r as u64, self.header.num_experts()))?;
         self.insert(seq, layer, start, bytes, strict)
     }
 

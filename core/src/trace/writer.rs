@@ -10,7 +10,7 @@ use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufWriter, Seek, SeekFrom, Write};
+use std::io::{BufWriter, IoSlice, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -288,6 +288,10 @@ impl TraceWriter {
             ranked_ok: header.id_width() == super::IdWidth::U8,
             error: error.clone(),
             path: path.clone(),
+            raw: Vec::new(),
+            ranked: Vec::new(),
+            packed: Vec::new(),
+            zstd: None,
         };
         let thread = std::thread::Builder::new()
             .name("mrt-writer".into())
@@ -366,8 +370,9 @@ impl TraceWriter {
     ) -> Result<WriterStats, TraceError> {
         let li = self.layer_index(layer)?;
         let mut buf = Vec::new();
-        self.codec.encode_rows(ids, &mut buf, seq, layer, start)?;
-        self.push(seq, layer, li, start, buf)
+        let present = self.codec.encode_rows(ids, &mut buf, seq, layer, start)?;
+        let has_missing = present < ids.nrows();
+        self.push(seq, layer, li, start, buf, has_missing)
     }
 
     /// Appends stored rows (`rows × K × width` bytes, see [`RowCodec`]), validating each.
@@ -386,15 +391,25 @@ impl TraceWriter {
                 row_bytes: rb,
             });
         }
-        for (r, row) in bytes.chunks_exact(rb).enumerate() {
-            self.codec
-                .check_stored(row)
-                .map_err(|f| f.locate(seq, layer, start + r as u64, self.header.num_experts()))?;
-        }
-        self.push(seq, layer, li, start, bytes.to_vec())
+        let (present, _) = self
+            .codec
+            .check_stored_rows(bytes)
+            .map_err(|(r, f)| f.locate(seq, layer, start + r as u64, self.header.num_experts()))?;
+        let has_missing = present < (bytes.len() / rb) as u64;
+        self.push(seq, layer, li, start, bytes.to_vec(), has_missing)
     }
 
-    fn push(&self, seq: SeqId, layer: LayerId, li: u32, start: u64, data: Vec<u8>) -> Result<WriterStats, TraceError> {
+    /// Queues validated stored rows; `has_missing` says whether any of them is a missing row
+    /// (when false, the per-row scan for missing rows is skipped).
+    fn push(
+        &self,
+        seq: SeqId,
+        layer: LayerId,
+        li: u32,
+        start: u64,
+        data: Vec<u8>,
+        has_missing: bool,
+    ) -> Result<WriterStats, TraceError> {
         self.check_error()?;
         let rb = self.codec.row_bytes();
         let rows = (data.len() / rb) as u64;
@@ -417,10 +432,12 @@ impl TraceWriter {
         let mut dropped = 0u64;
         if !cov.written.intersects(start, end) {
             cov.written.add(start, end);
-            for (i, row) in data.chunks_exact(rb).enumerate() {
-                if codec.is_missing(row) {
-                    let p = start + i as u64;
-                    cov.missing.add(p, p + 1);
+            if has_missing {
+                for (i, row) in data.chunks_exact(rb).enumerate() {
+                    if codec.is_missing(row) {
+                        let p = start + i as u64;
+                        cov.missing.add(p, p + 1);
+                    }
                 }
             }
             pieces.push((start, data));
@@ -577,6 +594,29 @@ struct WriterThread {
     ranked_ok: bool,
     error: Arc<Mutex<Option<TraceError>>>,
     path: PathBuf,
+    /// Buffers and the zstd context kept between chunks (no 1 MiB allocation per chunk).
+    raw: Vec<u8>,
+    ranked: Vec<u8>,
+    packed: Vec<u8>,
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+}
+
+/// Most runs in an uncompressed chunk written by gathering (`writev`); a chunk of more, smaller
+/// runs is assembled into one buffer first (fewer, larger I/O slices).
+const MAX_GATHER_RUNS: usize = 256;
+
+/// `write_all` for a list of slices (`Write::write_all_vectored` is not stable).
+fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 impl WriterThread {
@@ -618,76 +658,157 @@ impl WriterThread {
     }
 
     fn write_chunk(&mut self, index: u32, pending: Pending) -> Result<(), TraceError> {
-        let ids: usize = pending.values().flat_map(|v| v.iter().map(|(_, b)| b.len())).sum();
-        let mut raw = Vec::with_capacity(ids + 16 * pending.len());
-        let mut blocks = 0u32;
-        let mut entries = Vec::new();
-        for ((seq, li), runs) in pending {
-            for (start, bytes) in runs {
+        // Block headers (varints), their ends in `heads`, and the runs, in payload order.
+        let nruns: usize = pending.values().map(Vec::len).sum();
+        let mut heads: Vec<u8> = Vec::with_capacity(16 * nruns);
+        let mut head_ends: Vec<usize> = Vec::with_capacity(nruns);
+        let mut runs: Vec<Vec<u8>> = Vec::with_capacity(nruns);
+        let mut entries = Vec::with_capacity(nruns);
+        let mut raw_len = 0usize;
+        for ((seq, li), lane) in pending {
+            for (start, bytes) in lane {
                 let rows = bytes.len() / self.row_bytes;
-                let before = raw.len();
-                format::put_block(&mut raw, seq, li, start, &[], rows);
-                let data_off = raw.len() as u32;
-                debug_assert!(raw.len() - before <= 40);
-                raw.extend_from_slice(&bytes);
+                let h0 = heads.len();
+                format::put_block(&mut heads, seq, li, start, &[], rows);
+                raw_len += heads.len() - h0;
                 entries.push(IndexEntry {
                     seq,
                     start,
                     layer_index: li,
                     rows: rows as u32,
                     chunk: index,
-                    data_off,
+                    data_off: raw_len as u32,
                 });
-                blocks += 1;
+                raw_len += bytes.len();
+                head_ends.push(heads.len());
+                runs.push(bytes);
             }
         }
-        let zstd = |bytes: &[u8], level: i32| {
-            zstd::bulk::compress(bytes, level).map_err(|e| TraceError::io(format!("compressing chunk {index}"), &e))
+        let blocks = runs.len() as u32;
+        let ctx = |e: std::io::Error| TraceError::io(format!("writing chunk {index} to {}", self.path.display()), &e);
+        let stored_len = if self.compression == Compression::None && runs.len() <= MAX_GATHER_RUNS {
+            // Uncompressed: the frame is gathered from the runs as they are (one `writev`, no
+            // payload copy); the CRC32C runs over the same pieces.
+            let head = format::chunk_header(index, format::CODEC_NONE, blocks, raw_len as u32, raw_len as u32);
+            let mut crc = crc32c::crc32c(&head);
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * runs.len() + 2);
+            slices.push(IoSlice::new(&head));
+            let mut h0 = 0;
+            for (run, &h1) in runs.iter().zip(&head_ends) {
+                crc = crc32c::crc32c_append(crc, &heads[h0..h1]);
+                crc = crc32c::crc32c_append(crc, run);
+                slices.push(IoSlice::new(&heads[h0..h1]));
+                slices.push(IoSlice::new(run));
+                h0 = h1;
+            }
+            let tail = crc.to_le_bytes();
+            slices.push(IoSlice::new(&tail));
+            write_all_vectored(&mut self.file, &mut slices).map_err(ctx)?;
+            raw_len
+        } else {
+            // Assemble the raw payload (buffer kept between chunks).
+            let mut raw = std::mem::take(&mut self.raw);
+            raw.clear();
+            raw.reserve(raw_len);
+            let mut h0 = 0;
+            for (run, &h1) in runs.iter().zip(&head_ends) {
+                raw.extend_from_slice(&heads[h0..h1]);
+                raw.extend_from_slice(run);
+                h0 = h1;
+            }
+            drop(runs);
+            let r = self.write_assembled(index, blocks, &raw, &entries);
+            self.raw = raw;
+            r?
         };
-        let (codec, stored): (u8, std::borrow::Cow<'_, [u8]>) = match self.compression {
-            Compression::None => (format::CODEC_NONE, raw.as_slice().into()),
-            Compression::Zstd(level) => {
-                let c = zstd(&raw, level)?;
-                if c.len() < raw.len() {
-                    (format::CODEC_ZSTD, c.into())
+        let frame_len = format::CHUNK_HEADER + stored_len + 4;
+        self.chunks.push(ChunkEntry {
+            offset: self.offset,
+            frame_len: frame_len as u32,
+            raw_len: raw_len as u32,
+        });
+        self.entries.extend(entries);
+        self.offset += frame_len as u64;
+        Ok(())
+    }
+
+    /// Compresses (per the options) and writes the frame of an assembled raw payload; returns
+    /// the stored payload length.
+    fn write_assembled(
+        &mut self,
+        index: u32,
+        blocks: u32,
+        raw: &[u8],
+        entries: &[IndexEntry],
+    ) -> Result<usize, TraceError> {
+        let level = match self.compression {
+            Compression::None => 0,
+            Compression::Zstd(l) | Compression::ZstdRanked(l) => l,
+        };
+        let mut packed = std::mem::take(&mut self.packed);
+        let codec = match self.compression {
+            Compression::None => format::CODEC_NONE,
+            Compression::Zstd(_) => {
+                self.compress(index, level, raw, &mut packed)?;
+                if packed.len() < raw.len() {
+                    format::CODEC_ZSTD
                 } else {
-                    (format::CODEC_NONE, raw.as_slice().into())
+                    format::CODEC_NONE
                 }
             }
-            Compression::ZstdRanked(level) => {
-                let mut t = raw.clone();
+            Compression::ZstdRanked(_) => {
+                let mut t = std::mem::take(&mut self.ranked);
+                t.clear();
+                t.extend_from_slice(raw);
                 let (k, e) = (self.top_k, self.num_experts);
                 if self.ranked_ok {
-                    for en in &entries {
+                    for en in entries {
                         let a = en.data_off as usize;
                         format::rank_encode(&mut t[a..a + en.rows as usize * self.row_bytes], k, e);
                     }
                 }
-                let c = zstd(&t, level)?;
-                if c.len() >= raw.len() {
-                    (format::CODEC_NONE, raw.as_slice().into())
+                let r = self.compress(index, level, &t, &mut packed);
+                self.ranked = t;
+                r?;
+                if packed.len() >= raw.len() {
+                    format::CODEC_NONE
                 } else if self.ranked_ok {
-                    (format::CODEC_RANK_ZSTD, c.into())
+                    format::CODEC_RANK_ZSTD
                 } else {
-                    (format::CODEC_ZSTD, c.into())
+                    format::CODEC_ZSTD
                 }
             }
         };
+        let stored: &[u8] = if codec == format::CODEC_NONE { raw } else { &packed };
         // Frame = header, stored payload, CRC32C of both; written without another copy.
         let head = format::chunk_header(index, codec, blocks, raw.len() as u32, stored.len() as u32);
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &stored);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), stored);
         let ctx = |e: std::io::Error| TraceError::io(format!("writing chunk {index} to {}", self.path.display()), &e);
-        self.file.write_all(&head).map_err(ctx)?;
-        self.file.write_all(&stored).map_err(ctx)?;
-        self.file.write_all(&crc.to_le_bytes()).map_err(ctx)?;
-        let frame_len = head.len() + stored.len() + 4;
-        self.chunks.push(ChunkEntry {
-            offset: self.offset,
-            frame_len: frame_len as u32,
-            raw_len: raw.len() as u32,
-        });
-        self.entries.extend(entries);
-        self.offset += frame_len as u64;
+        let r = self
+            .file
+            .write_all(&head)
+            .and_then(|_| self.file.write_all(stored))
+            .and_then(|_| self.file.write_all(&crc.to_le_bytes()))
+            .map_err(ctx);
+        let stored_len = stored.len();
+        self.packed = packed;
+        r?;
+        Ok(stored_len)
+    }
+
+    /// One zstd frame of `src` into `dst` (replaced), with a compression context kept between
+    /// chunks.
+    fn compress(&mut self, index: u32, level: i32, src: &[u8], dst: &mut Vec<u8>) -> Result<(), TraceError> {
+        let err = |e: std::io::Error| TraceError::io(format!("compressing chunk {index}"), &e);
+        if self.zstd.as_ref().is_none_or(|(l, _)| *l != level) {
+            self.zstd = Some((level, zstd::bulk::Compressor::new(level).map_err(err)?));
+        }
+        let Some((_, c)) = self.zstd.as_mut() else {
+            return Err(TraceError::WriterClosed("no compression context".into()));
+        };
+        dst.clear();
+        dst.reserve(zstd::zstd_safe::compress_bound(src.len()));
+        c.compress_to_buffer(src, dst).map_err(err)?;
         Ok(())
     }
 
