@@ -104,16 +104,16 @@ impl KernelSpec {
         let align = gcd(e, per);
         let step = match dtype {
             LogitsDtype::F32 => {
-                if align % 4 == 0 {
+                if align.is_multiple_of(4) {
                     4
                 } else {
                     1
                 }
             }
             _ => {
-                if align % 8 == 0 {
+                if align.is_multiple_of(8) {
                     8
-                } else if align % 2 == 0 {
+                } else if align.is_multiple_of(2) {
                     2
                 } else {
                     1
@@ -335,14 +335,6 @@ pub(crate) struct KernelSet {
     pub replay: wgpu::ComputePipeline,
 }
 
-impl KernelSpec {
-    /// Whether `route_tiled` (coalesced cooperative loads) applies: no groups, no pruning, and a
-    /// score that needs one pass (not softmax-before).
-    pub(crate) fn tiled(&self) -> bool {
-        self.g == 1 && !self.prune && self.score != 0
-    }
-}
-
 pub(crate) fn compile(
     ctx: &WgpuContext,
     label: &str,
@@ -385,13 +377,12 @@ pub(crate) fn compile(
 
 impl KernelSet {
     pub(crate) fn build(ctx: &WgpuContext, spec: &KernelSpec) -> Result<KernelSet, RouteError> {
-        let route_entry = if spec.tiled() { "route_tiled" } else { "route" };
         let mut p = compile(
             ctx,
             "moe-router route",
             spec.route_source(),
             &ctx.layout,
-            &[route_entry, "replay"],
+            &["route", "replay"],
         )?;
         let replay = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
         let route = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
