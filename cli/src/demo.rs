@@ -42,7 +42,8 @@ use std::time::Instant;
 
 const ABOUT: &str = "Play out rollout routing replay (R3) end to end on a small synthetic MoE model";
 
-const LONG_ABOUT: &str = "\
+/// The long help of `demo` (the story in a few lines).
+pub const LONG_ABOUT: &str = "\
 Play out rollout routing replay (R3) end to end on a small synthetic MoE model.
 
 An inference engine generates sequences with bf16 numerics and records every routing decision to
@@ -56,7 +57,7 @@ const AFTER_HELP: &str = "\
 Examples:
   moe-router demo
   moe-router demo --sequences 16 --seq-len 64 --layers 4 --out /tmp/demo
-  moe-router demo --preset qwen3-moe --rollout-precision f32     # only the router math differs
+  moe-router demo --preset qwen3-moe --rollout-precision f32   # f32 on both sides: a smaller gap
   moe-router demo --json > summary.json
 
 Writes OUT/rollout.mrt (the rollout trace), OUT/train-no-replay.mrt (the trainer's own routes),

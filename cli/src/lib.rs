@@ -48,6 +48,7 @@ enum Command {
     /// Compare two traces: router and token mismatch fractions, per-layer mismatch and overlap.
     Diff(trace_cmds::DiffArgs),
     /// Play out rollout routing replay (R3) end to end on a small synthetic MoE model.
+    #[command(long_about = demo::LONG_ABOUT)]
     Demo(demo::DemoArgs),
     /// Quick routing throughput of every backend compiled in and available here.
     Bench(bench::BenchArgs),
