@@ -14,8 +14,11 @@ pub fn opts() -> ImportOptions {
     ImportOptions::default().with_max_elements(MAX_ELEMENTS)
 }
 
-/// Present rows of sequence 0 as (position, layer id, ids), and the header facts.
-fn rows(t: &Trace) -> (usize, usize, Vec<u32>, Vec<(u64, u32, Vec<u32>)>) {
+/// E, K, the layer map and the present rows as (position, layer id, ids).
+type Rows = (usize, usize, Vec<u32>, Vec<(u64, u32, Vec<u32>)>);
+
+/// The [`Rows`] of sequence 0.
+fn rows(t: &Trace) -> Rows {
     let h = t.header();
     let d = DenseRoutes::from_trace(Format::Mrt, t, None, MAX_ELEMENTS * 4).expect("a decoded trace re-exports");
     let (_, l, _) = d.ids.dim();
