@@ -57,7 +57,8 @@ const AFTER_HELP: &str = "\
 Examples:
   moe-router demo
   moe-router demo --sequences 16 --seq-len 64 --layers 4 --out /tmp/demo
-  moe-router demo --preset qwen3-moe --rollout-precision f32   # f32 on both sides: a smaller gap
+  moe-router demo --preset qwen3-moe          # Qwen3-MoE's rule (softmax, top-8 of 128)
+  moe-router demo --rollout-precision f32     # f32 on both sides: no router differs, the gap is bf16
   moe-router demo --json > summary.json
 
 Writes OUT/rollout.mrt (the rollout trace), OUT/train-no-replay.mrt (the trainer's own routes),
