@@ -1,13 +1,13 @@
 //! `moe-router route`: route a batch of logits with a rule from a preset, a Hugging Face
 //! `config.json` or a Megatron config, or weigh given ids (replay), and write the results.
 
-use crate::backend::{AnyRouter, BackendKind};
 use crate::CliError;
+use crate::backend::{AnyRouter, BackendKind};
 use half::f16;
 use moe_router_core::capacity::{apply_capacity, dense_outputs};
 use moe_router_core::npy::{self, NpyDtype};
 use moe_router_core::stats::{self, GlobalAuxLoss, RoutingStats};
-use moe_router_core::{validate_ids, AuxLossKind, LogitsRef, Numerics, RouteError, RouterConfig};
+use moe_router_core::{AuxLossKind, LogitsRef, Numerics, RouteError, RouterConfig, validate_ids};
 use ndarray::Array2;
 use std::path::{Path, PathBuf};
 
@@ -34,7 +34,7 @@ pub struct RouteArgs {
     /// Logits `.npy`, float32 or float16, shape [T, E].
     #[arg(long, value_name = "L.npy")]
     pub logits: PathBuf,
-    /// Selection-only expert bias `.npy`, float32 [E] (e.g. e_score_correction_bias).
+    /// Selection-only expert bias `.npy`, float32 of length E (e.g. e_score_correction_bias).
     #[arg(long, value_name = "B.npy")]
     pub bias: Option<PathBuf>,
     /// Routing rule from a Hugging Face config.json.
@@ -202,7 +202,8 @@ fn load_logits(p: &Path) -> Result<Logits, CliError> {
         NpyDtype::F32 => Ok(Logits::F32(arr.to_f32_2d("logits").map_err(|e| CliError::npy(p, e))?)),
         NpyDtype::F16 => {
             let v = arr.to_f16("logits").map_err(|e| CliError::npy(p, e))?;
-            let a = Array2::from_shape_vec((arr.shape[0], arr.shape[1]), v).map_err(|e| CliError::Input(e.to_string()))?;
+            let a =
+                Array2::from_shape_vec((arr.shape[0], arr.shape[1]), v).map_err(|e| CliError::Input(e.to_string()))?;
             Ok(Logits::F16(a))
         }
         other => Err(CliError::npy(
@@ -249,7 +250,13 @@ pub fn run(a: &RouteArgs) -> Result<u8, CliError> {
     std::fs::create_dir_all(&a.out).map_err(|e| CliError::io(&a.out, &e))?;
     let ids_i32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
     write_npy(&a.out, "ids.npy", &[t, k], NpyDtype::I32, &npy::i32_bytes(&ids_i32))?;
-    write_npy(&a.out, "weights.npy", &[t, k], NpyDtype::F32, &npy::f32_bytes(w32.as_slice().unwrap_or(&[])))?;
+    write_npy(
+        &a.out,
+        "weights.npy",
+        &[t, k],
+        NpyDtype::F32,
+        &npy::f32_bytes(w32.as_slice().unwrap_or(&[])),
+    )?;
 
     let mut st = RoutingStats::default();
     let before = stats::tokens_per_expert(ids.view(), e);
@@ -288,7 +295,9 @@ pub fn run(a: &RouteArgs) -> Result<u8, CliError> {
             st.updated_bias = Some(stats::updated_bias(b, &st.tokens_per_expert, rate));
         }
     } else if a.bias_update_rate.is_some() && a.bias.is_none() {
-        return Err(CliError::Input("--bias-update-rate needs --bias (the bias to update)".into()));
+        return Err(CliError::Input(
+            "--bias-update-rate needs --bias (the bias to update)".into(),
+        ));
     }
     let sp = a.out.join("stats.json");
     let json = serde_json::to_string_pretty(&st).map_err(|e| CliError::Input(e.to_string()))?;
@@ -296,8 +305,20 @@ pub fn run(a: &RouteArgs) -> Result<u8, CliError> {
 
     if a.dense {
         let (map, probs) = dense_outputs(ids.view(), w32.view(), e, outcome.as_ref());
-        write_npy(&a.out, "routing_map.npy", &[t, e], NpyDtype::U8, map.as_slice().unwrap_or(&[]))?;
-        write_npy(&a.out, "probs.npy", &[t, e], NpyDtype::F32, &npy::f32_bytes(probs.as_slice().unwrap_or(&[])))?;
+        write_npy(
+            &a.out,
+            "routing_map.npy",
+            &[t, e],
+            NpyDtype::U8,
+            map.as_slice().unwrap_or(&[]),
+        )?;
+        write_npy(
+            &a.out,
+            "probs.npy",
+            &[t, e],
+            NpyDtype::F32,
+            &npy::f32_bytes(probs.as_slice().unwrap_or(&[])),
+        )?;
     }
     eprintln!(
         "routed {t} tokens x {e} experts, top-{k}, on {} -> {}",
