@@ -372,6 +372,29 @@ fn bench_case(c: &mut Criterion<Clock>, case: &Case, clock: Clock) {
     g.finish();
 }
 
+/// A policy that routes and asks for the ids, then drops them: what `Replayed` and
+/// `Router::record_ids` (a host copy of the ids) cost before any recording work — the floor of
+/// the record overhead that the trace code cannot remove.
+#[derive(Debug, Clone, Copy)]
+struct DiscardIds;
+
+impl moe_router_core::ReplayPolicy for DiscardIds {
+    fn plan(
+        &self,
+        _site: &CallSite<'_>,
+        _shape: moe_router_core::RouteShape,
+    ) -> Result<moe_router_core::Plan, moe_router_core::ReplayError> {
+        Ok(moe_router_core::Plan::Route)
+    }
+    fn recorder(
+        &self,
+        _site: &CallSite<'_>,
+        _shape: moe_router_core::RouteShape,
+    ) -> Result<Option<moe_router_core::IdsSink>, moe_router_core::ReplayError> {
+        Ok(Some(Box::new(|ids| drop(black_box(ids)))))
+    }
+}
+
 /// Interleaved rounds: each variant once per round (rotating order); prints medians and ratios.
 fn paired(case: &Case, clock: Clock, rounds: usize) {
     let lr = LogitsRef::F32(case.logits.view());
@@ -383,7 +406,14 @@ fn paired(case: &Case, clock: Clock, rounds: usize) {
     let wpath = case.dir.join(format!("{}-paired.mrt", case.name));
     let rec = Record::create_file(&wpath, case.header(), WriterOptions::default()).expect("create");
     let to_file = Replayed::new(CpuRouter::new(case.cfg.clone()), rec.clone());
-    let names = ["route", "record_in_memory", "record_to_file", "replay_from_file"];
+    let discard = Replayed::new(CpuRouter::new(case.cfg.clone()), DiscardIds);
+    let names = [
+        "route",
+        "record_in_memory",
+        "record_to_file",
+        "replay_from_file",
+        "copy_ids_only",
+    ];
     let mut t = vec![Vec::with_capacity(rounds); names.len()];
     let mut n = 0u64;
     for round in 0..rounds + 2 {
@@ -402,7 +432,8 @@ fn paired(case: &Case, clock: Clock, rounds: usize) {
                 }
                 1 => walk(case, n, 1, |p| p, |s| call(&mem, &lr, s)),
                 2 => walk(case, n, 1, |p| p, |s| call(&to_file, &lr, s)),
-                _ => walk(case, n, 1, |_| 0, |s| call(&replayed, &lr, s)),
+                3 => walk(case, n, 1, |_| 0, |s| call(&replayed, &lr, s)),
+                _ => walk(case, n, 1, |p| p, |s| call(&discard, &lr, s)),
             }
             let dt = clock.now() - t0;
             if round >= 2 {

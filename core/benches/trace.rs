@@ -5,7 +5,8 @@
 //! Shapes: Qwen3-30B-A3B-like (E = 128, K = 8) and DeepSeek-V3-like (E = 256, K = 8), both one
 //! byte per stored id, and a Kimi-K2-like E = 384, K = 8 (two bytes per id). One iteration
 //! writes a batch of 16 sequences × 1024 tokens for each of 48 MoE layers (6.3 Mi ids), ids from
-//! the synthetic correlated router ([`SyntheticRoutes`]) so that compression sees realistic data.
+//! the synthetic correlated router ([`SyntheticRoutes`], experts relabelled per layer) so that
+//! compression sees realistic data.
 //! Throughput is reported in ids (= stored bytes for E ≤ 256) per second, decimal units.
 //!
 //! * `append_u32/*` — [`TraceWriter::append`] of `u32` ids (the public API for external ids:
@@ -159,47 +160,69 @@ const SEQ_LEN: usize = 1024;
 const LAYERS: u32 = 48;
 const K: usize = 8;
 
-/// One write shape: the header and one layer's batch (`SEQS` sequences of `SEQ_LEN` rows).
+/// One write shape: the header and the batch of every layer (`SEQS` sequences of `SEQ_LEN` rows).
 struct Shape {
     name: String,
     header: TraceHeader,
-    /// Per sequence: `[SEQ_LEN, K]` ids.
-    ids: Vec<Array2<u32>>,
+    /// Per layer, per sequence: `[SEQ_LEN, K]` ids.
+    ids: Vec<Vec<Array2<u32>>>,
     /// The same rows as stored bytes.
-    stored: Vec<Vec<u8>>,
-    /// The whole batch `[SEQS·SEQ_LEN, K]` (what a router returns for a packed batch).
-    batch: Array2<u32>,
+    stored: Vec<Vec<Vec<u8>>>,
+    /// Per layer, the whole batch `[SEQS·SEQ_LEN, K]` (what a router returns for a packed batch).
+    batch: Vec<Array2<u32>>,
 }
 
 impl Shape {
     fn new(e: usize) -> Self {
         let cfg = RouterConfig::builder(e, K).build().expect("config");
-        // Generate 4 sequences and reuse them (different sequence ids) to keep set-up short.
-        let g = SyntheticRoutes::new(cfg.clone(), vec![0], 4, SEQ_LEN);
+        // 16 distinct sequences of one layer; the other layers relabel the experts
+        // (x → a·x + b mod E, a coprime with E) so that every layer's ids differ while keeping
+        // the correlation of consecutive tokens that the codecs exploit.
+        let g = SyntheticRoutes::new(cfg.clone(), vec![0], SEQS, SEQ_LEN);
         let t = g.generate().expect("synthetic");
         let header = TraceHeader::for_config(&cfg, &(0..LAYERS).collect::<Vec<_>>()).expect("header");
-        let ids: Vec<Array2<u32>> = (0..SEQS)
-            .map(|s| t.to_dense(SeqId(s % 4)).slice(s![.., 0, ..]).to_owned())
+        let base: Vec<Array2<u32>> = (0..SEQS)
+            .map(|s| t.to_dense(SeqId(s)).slice(s![.., 0, ..]).to_owned())
+            .collect();
+        const MULS: [u32; 8] = [1, 5, 7, 11, 13, 17, 19, 23];
+        let ids: Vec<Vec<Array2<u32>>> = (0..LAYERS)
+            .map(|l| {
+                let (a, b) = (MULS[l as usize % MULS.len()], l * 37);
+                base.iter()
+                    .map(|x| x.mapv(|id| ((u64::from(id) * u64::from(a) + u64::from(b)) % e as u64) as u32))
+                    .collect()
+            })
             .collect();
         let wide = e > 256;
         let stored = ids
             .iter()
-            .map(|a| {
-                a.iter()
-                    .flat_map(|&x| {
-                        if wide {
-                            (x as u16).to_le_bytes().to_vec()
-                        } else {
-                            vec![x as u8]
-                        }
+            .map(|layer| {
+                layer
+                    .iter()
+                    .map(|a| {
+                        a.iter()
+                            .flat_map(|&x| {
+                                if wide {
+                                    (x as u16).to_le_bytes().to_vec()
+                                } else {
+                                    vec![x as u8]
+                                }
+                            })
+                            .collect()
                     })
                     .collect()
             })
             .collect();
-        let mut batch = Array2::<u32>::zeros((SEQS as usize * SEQ_LEN, K));
-        for (i, a) in ids.iter().enumerate() {
-            batch.slice_mut(s![i * SEQ_LEN..(i + 1) * SEQ_LEN, ..]).assign(a);
-        }
+        let batch = ids
+            .iter()
+            .map(|layer| {
+                let mut batch = Array2::<u32>::zeros((SEQS as usize * SEQ_LEN, K));
+                for (i, a) in layer.iter().enumerate() {
+                    batch.slice_mut(s![i * SEQ_LEN..(i + 1) * SEQ_LEN, ..]).assign(a);
+                }
+                batch
+            })
+            .collect();
         Shape {
             name: format!("E{e}_K{K}"),
             header,
@@ -255,9 +278,10 @@ fn bench_write(c: &mut Criterion<Clock>, clock: Clock, shape: &Shape, dir: &Path
         g.bench_function(format!("append_u32/{name}"), |b| {
             b.iter_custom(|iters| {
                 time_writes(clock, &path, shape, opts, iters, |w, _| {
-                    for l in 0..LAYERS {
-                        for (s, a) in shape.ids.iter().enumerate() {
-                            w.append(SeqId(s as u64), LayerId(l), 0, a.view()).expect("append");
+                    for (l, layer) in shape.ids.iter().enumerate() {
+                        for (s, a) in layer.iter().enumerate() {
+                            w.append(SeqId(s as u64), LayerId(l as u32), 0, a.view())
+                                .expect("append");
                         }
                     }
                 })
@@ -267,16 +291,17 @@ fn bench_write(c: &mut Criterion<Clock>, clock: Clock, shape: &Shape, dir: &Path
     g.bench_function("append_stored/raw", |b| {
         b.iter_custom(|iters| {
             time_writes(clock, &path, shape, WriterOptions::default(), iters, |w, _| {
-                for l in 0..LAYERS {
-                    for (s, a) in shape.stored.iter().enumerate() {
-                        w.append_stored(SeqId(s as u64), LayerId(l), 0, a).expect("append");
+                for (l, layer) in shape.stored.iter().enumerate() {
+                    for (s, a) in layer.iter().enumerate() {
+                        w.append_stored(SeqId(s as u64), LayerId(l as u32), 0, a)
+                            .expect("append");
                     }
                 }
             })
         })
     });
     let shape_k = RouteShape {
-        rows: shape.batch.nrows(),
+        rows: shape.batch[0].nrows(),
         num_experts: shape.header.num_experts(),
         top_k: K,
     };
@@ -286,14 +311,17 @@ fn bench_write(c: &mut Criterion<Clock>, clock: Clock, shape: &Shape, dir: &Path
             let mut total = 0;
             for _ in 0..iters {
                 let rec = Record::create_file(&path, shape.header.clone(), WriterOptions::default()).expect("create");
-                // The sink takes ownership of a host copy of the ids (as the router hands it).
-                let copies: Vec<Array2<u32>> = (0..LAYERS).map(|_| shape.batch.clone()).collect();
-                let t0 = clock.now();
-                for (l, ids) in copies.into_iter().enumerate() {
+                for (l, batch) in shape.batch.iter().enumerate() {
+                    // The sink takes ownership of a host copy of the ids, made (untimed) right
+                    // before, as `Router::record_ids` does.
+                    let ids = batch.clone();
+                    let t0 = clock.now();
                     let site = CallSite::layer(l as u32).with_layout(&layout);
                     let sink = rec.recorder(&site, shape_k).expect("recorder").expect("sink");
                     sink(ids);
+                    total += clock.now() - t0;
                 }
+                let t0 = clock.now();
                 black_box(rec.finish().expect("finish"));
                 total += clock.now() - t0;
             }
@@ -311,9 +339,10 @@ fn bench_write(c: &mut Criterion<Clock>, clock: Clock, shape: &Shape, dir: &Path
             for _ in 0..iters {
                 let mut t = Trace::new(shape.header.clone());
                 let t0 = clock.now();
-                for l in 0..LAYERS {
-                    for (s, a) in shape.ids.iter().enumerate() {
-                        t.append(SeqId(s as u64), LayerId(l), 0, a.view()).expect("append");
+                for (l, layer) in shape.ids.iter().enumerate() {
+                    for (s, a) in layer.iter().enumerate() {
+                        t.append(SeqId(s as u64), LayerId(l as u32), 0, a.view())
+                            .expect("append");
                     }
                 }
                 total += clock.now() - t0;
@@ -328,14 +357,14 @@ fn bench_write(c: &mut Criterion<Clock>, clock: Clock, shape: &Shape, dir: &Path
             let mut total = 0;
             for _ in 0..iters {
                 let rec = Record::in_memory(shape.header.clone());
-                let copies: Vec<Array2<u32>> = (0..LAYERS).map(|_| shape.batch.clone()).collect();
-                let t0 = clock.now();
-                for (l, ids) in copies.into_iter().enumerate() {
+                for (l, batch) in shape.batch.iter().enumerate() {
+                    let ids = batch.clone();
+                    let t0 = clock.now();
                     let site = CallSite::layer(l as u32).with_layout(&layout);
                     let sink = rec.recorder(&site, shape_k).expect("recorder").expect("sink");
                     sink(ids);
+                    total += clock.now() - t0;
                 }
-                total += clock.now() - t0;
                 drop(rec);
             }
             total
@@ -359,9 +388,10 @@ fn bench_read(c: &mut Criterion<Clock>, clock: Clock, shape: &Shape, dir: &Path)
             },
         )
         .expect("create");
-        for l in 0..LAYERS {
-            for (s, a) in shape.ids.iter().enumerate() {
-                w.append(SeqId(s as u64), LayerId(l), 0, a.view()).expect("append");
+        for (l, layer) in shape.ids.iter().enumerate() {
+            for (s, a) in layer.iter().enumerate() {
+                w.append(SeqId(s as u64), LayerId(l as u32), 0, a.view())
+                    .expect("append");
             }
         }
         w.finish().expect("finish");

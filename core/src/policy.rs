@@ -93,18 +93,36 @@ fn gather<S: RouteSource + ?Sized>(
             Segment::Tokens { seq, start, len } => {
                 let mut view = ids.slice_mut(s![row..row + len, ..]);
                 source.read_rows(seq, layer, start, view.view_mut())?;
-                for (i, mut r) in view.outer_iter_mut().enumerate() {
-                    if r[0] == MISSING_ID {
-                        if strict {
-                            return Err(ReplayError::MissingRoute {
-                                layer: layer.0,
-                                sequence: seq.0,
-                                position: start + i as u64,
-                            });
+                // A missing row holds MISSING_ID in every slot (a present one never in slot 0).
+                let mut on_missing = |i: usize, r: &mut [u32]| {
+                    if strict {
+                        return Err(ReplayError::MissingRoute {
+                            layer: layer.0,
+                            sequence: seq.0,
+                            position: start + i as u64,
+                        });
+                    }
+                    r.fill(0);
+                    router_rows.push(row + i);
+                    missing += 1;
+                    Ok(())
+                };
+                match view.as_slice_mut() {
+                    Some(flat) if k > 0 => {
+                        for (i, r) in flat.chunks_exact_mut(k).enumerate() {
+                            if r[0] == MISSING_ID {
+                                on_missing(i, r)?;
+                            }
                         }
-                        r.fill(0);
-                        router_rows.push(row + i);
-                        missing += 1;
+                    }
+                    _ => {
+                        for (i, mut r) in view.outer_iter_mut().enumerate() {
+                            if r[0] == MISSING_ID {
+                                let mut tmp = r.to_vec();
+                                on_missing(i, &mut tmp)?;
+                                r.fill(0);
+                            }
+                        }
                     }
                 }
                 row += len;

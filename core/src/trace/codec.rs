@@ -320,6 +320,24 @@ impl RowCodec {
         }
     }
 
+    /// Decodes whole stored rows into `out` (`rows × K`, row-major): one widening pass, then
+    /// missing rows (only possible when the largest stored value is the sentinel) become
+    /// [`MISSING_ID`]s.
+    pub(crate) fn decode_rows_into(&self, bytes: &[u8], out: &mut [u32]) {
+        let max = match self.width {
+            IdWidth::U8 => kernels::widen_u8(bytes, out),
+            IdWidth::U16 => kernels::widen_u16(bytes, out),
+        };
+        if max == self.width.sentinel() {
+            let k = self.top_k;
+            for (row, o) in bytes.chunks_exact(self.row_bytes()).zip(out.chunks_exact_mut(k)) {
+                if self.is_missing(row) {
+                    o.fill(MISSING_ID);
+                }
+            }
+        }
+    }
+
     /// True when every id of a present stored row is 0.
     #[inline]
     pub(crate) fn is_zero_row(&self, bytes: &[u8]) -> bool {

@@ -887,10 +887,37 @@ impl TraceFile {
         let Some(blocks) = self.lanes.get(&(seq, layer)) else {
             return self.overlay.read_rows(seq, layer, start, out);
         };
-        out.fill(MISSING_ID);
         let rb = self.codec.row_bytes();
         let end = start.saturating_add(len as u64);
         let i0 = blocks.partition_point(|b| b.start + u64::from(b.rows) <= start);
+        if let Some(o) = out.as_slice_mut() {
+            // Contiguous output: whole block ranges are widened at once; only the gaps between
+            // blocks are filled with the missing marker.
+            let mut cursor = start;
+            for bl in &blocks[i0..] {
+                if bl.start >= end {
+                    break;
+                }
+                let raw = self.payload(bl.chunk)?;
+                let lo = start.max(bl.start);
+                let hi = end.min(bl.start + u64::from(bl.rows));
+                let a = bl.data_off as usize + (lo - bl.start) as usize * rb;
+                let data = raw
+                    .get(a..a + (hi - lo) as usize * rb)
+                    .ok_or_else(|| TraceError::Malformed {
+                        what: format!("chunk {}", bl.chunk),
+                        offset: 0,
+                        reason: "block runs past its chunk's payload".into(),
+                    })?;
+                o[(cursor - start) as usize * k..(lo - start) as usize * k].fill(MISSING_ID);
+                self.codec
+                    .decode_rows_into(data, &mut o[(lo - start) as usize * k..(hi - start) as usize * k]);
+                cursor = hi;
+            }
+            o[(cursor - start) as usize * k..].fill(MISSING_ID);
+            return Ok(());
+        }
+        out.fill(MISSING_ID);
         for bl in &blocks[i0..] {
             if bl.start >= end {
                 break;

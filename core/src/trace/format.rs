@@ -55,98 +55,22 @@ pub(crate) const CODEC_RANK_ZSTD: u8 = 2;
 /// Implementation: only the position of every expert in the list is kept (`pos`). The rank of
 /// slot j is `pos[id_j]` minus the earlier slots of the row that sit before it; after the row,
 /// every other expert moves back by the number of the row's experts that were ahead of it (one
-/// vectorised compare-and-count pass over E bytes per slot, [`kernels::shift_positions`]) and
-/// the row's experts take positions `0..K`. O(K·E/vector width + K²) per row instead of moving
-/// list entries one by one. Rows must be valid (distinct ids `< E`) or missing; other bytes give
-/// meaningless ranks but never panic.
+/// vectorised compare-and-count pass over E bytes per slot) and the row's experts take positions
+/// `0..K`: O(K·E/vector width + K²) per row instead of moving list entries one by one (see
+/// `kernels::rank_encode_rows`). Rows must be valid (distinct ids `< E`) or missing; other bytes
+/// give meaningless ranks but never panic.
 pub(crate) fn rank_encode(data: &mut [u8], k: usize, e: usize) {
-    if k == 0 {
-        return;
-    }
-    let e = e.min(256);
-    let mut pos = [0u8; 256];
-    for (i, p) in pos.iter_mut().enumerate() {
-        *p = i as u8;
-    }
-    let mut ids = vec![0u8; k];
-    let mut old = vec![0u8; k];
-    for row in data.chunks_exact_mut(k) {
-        if row.iter().all(|&b| b == 0xFF) {
-            continue;
-        }
-        ids.copy_from_slice(row);
-        for (o, &id) in old.iter_mut().zip(row.iter()) {
-            *o = pos[usize::from(id)];
-        }
-        for j in 0..k {
-            let p = old[j];
-            let before = old[..j].iter().filter(|&&q| q < p).count() as u8;
-            row[j] = p.wrapping_sub(before);
-        }
-        kernels::shift_positions(&mut pos[..e], &old);
-        for (j, &id) in ids.iter().enumerate() {
-            pos[usize::from(id)] = j as u8;
-        }
-    }
+    kernels::rank_encode_rows(data, k, e);
 }
 
 /// Inverse of [`rank_encode`], in place. Errors when a rank is outside the list.
 ///
 /// Implementation: the list itself is kept (`list[position] = id`). The rank of slot j selects
 /// the rank-th entry not yet taken by the row (a walk over the row's taken positions, sorted);
-/// after the row, the entries between taken positions move back by block copies (`copy_within`)
+/// after the row, the entries up to the last taken position close the gaps in one backward pass
 /// and the row's ids are written at the front.
 pub(crate) fn rank_decode(data: &mut [u8], k: usize, e: usize) -> Result<(), String> {
-    if k == 0 {
-        return Ok(());
-    }
-    let e = e.min(256);
-    let mut list = [0u8; 256];
-    for (i, x) in list.iter_mut().enumerate() {
-        *x = i as u8;
-    }
-    // Taken positions of the current row, ascending.
-    let mut taken: Vec<usize> = Vec::with_capacity(k);
-    for (ri, row) in data.chunks_exact_mut(k).enumerate() {
-        if row.iter().all(|&b| b == 0xFF) {
-            continue;
-        }
-        taken.clear();
-        for (j, slot) in row.iter_mut().enumerate() {
-            let r = usize::from(*slot);
-            let len = e.saturating_sub(j);
-            if r >= len {
-                return Err(format!("row {ri}: rank {r} outside a list of {len}"));
-            }
-            let mut p = r;
-            let mut at = 0;
-            for &q in taken.iter() {
-                if q <= p {
-                    p += 1;
-                    at += 1;
-                } else {
-                    break;
-                }
-            }
-            taken.insert(at, p);
-            *slot = list[p];
-        }
-        // Entries after the last taken position stay; each earlier gap moves back by the number
-        // of taken positions after it.
-        let mut end = e;
-        for (m, &q) in taken.iter().enumerate().rev() {
-            let shift = taken.len() - 1 - m;
-            if shift > 0 && q + 1 < end {
-                list.copy_within(q + 1..end, q + 1 + shift);
-            }
-            end = q;
-        }
-        if end > 0 {
-            list.copy_within(0..end, taken.len());
-        }
-        list[..row.len()].copy_from_slice(row);
-    }
-    Ok(())
+    kernels::rank_decode_rows(data, k, e).map_err(|(ri, r, len)| format!("row {ri}: rank {r} outside a list of {len}"))
 }
 
 pub(crate) fn crc(bytes: &[u8]) -> u32 {

@@ -439,13 +439,35 @@ impl Trace {
                 got: k,
             });
         }
-        out.fill(MISSING_ID);
         let Some(runs) = self.lanes.get(&(seq, layer)) else {
+            out.fill(MISSING_ID);
             return Ok(());
         };
         let rb = self.codec.row_bytes();
         let end = start.saturating_add(len as u64);
         let i0 = runs.partition_point(|r| r.start + (r.data.len() / rb) as u64 <= start);
+        if let Some(o) = out.as_slice_mut() {
+            // Contiguous output: whole run ranges are widened at once; only the gaps between
+            // runs are filled with the missing marker.
+            let mut cursor = start;
+            for r in &runs[i0..] {
+                if r.start >= end {
+                    break;
+                }
+                let lo = start.max(r.start);
+                let hi = end.min(r.start + (r.data.len() / rb) as u64);
+                let a = (lo - r.start) as usize * rb;
+                o[(cursor - start) as usize * k..(lo - start) as usize * k].fill(MISSING_ID);
+                self.codec.decode_rows_into(
+                    &r.data[a..a + (hi - lo) as usize * rb],
+                    &mut o[(lo - start) as usize * k..(hi - start) as usize * k],
+                );
+                cursor = hi;
+            }
+            o[(cursor - start) as usize * k..].fill(MISSING_ID);
+            return Ok(());
+        }
+        out.fill(MISSING_ID);
         for r in &runs[i0..] {
             if r.start >= end {
                 break;
