@@ -374,6 +374,16 @@ fn validate_exits_0_when_valid_and_3_with_each_problem_reported() {
     let (code, j) = run_json(&["validate", &z, "--num-experts", "8", "--json"]);
     assert_eq!(code, 3);
     assert_eq!(j["all_zero_layers"], serde_json::json!([0]));
+    // Not a trace at all (bad magic) and a corrupted header: invalid, not a crash.
+    let junk = d.path("junk.mrt");
+    std::fs::write(&junk, b"definitely not a trace file").unwrap();
+    let (code, j) = run_json(&["validate", &junk, "--json"]);
+    assert_eq!((code, j["valid"].as_bool()), (3, Some(false)));
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[12] ^= 0x01;
+    let hdr = d.path("hdr.mrt");
+    std::fs::write(&hdr, &bytes).unwrap();
+    assert_eq!(run(&["validate", &hdr]).0, 3);
     // Text output and an unreadable input.
     let (code, out, _) = run(&["validate", &p]);
     assert_eq!(code, 0);
