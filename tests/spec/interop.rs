@@ -905,7 +905,7 @@ fn npy_with_non_ascii_descr() -> Vec<u8> {
     let mut h = "{'descr': 'ʖ2', 'fortran_order': False, 'shape': (1, 1, 1), }"
         .as_bytes()
         .to_vec();
-    while (10 + h.len() + 1) % 64 != 0 {
+    while !(10 + h.len() + 1).is_multiple_of(64) {
         h.push(b' ');
     }
     h.push(b'\n');
