@@ -415,8 +415,8 @@ fn paired(case: &Case, clock: Clock, rounds: usize) {
         "copy_ids_only",
     ];
     let mut t = vec![Vec::with_capacity(rounds); names.len()];
-    let mut n = 0u64;
-    for round in 0..rounds + 2 {
+    for (n, round) in (0..rounds + 2).enumerate() {
+        let n = n as u64;
         for j in 0..names.len() {
             let v = (round + j) % names.len();
             let t0 = clock.now();
@@ -440,7 +440,6 @@ fn paired(case: &Case, clock: Clock, rounds: usize) {
                 t[v].push(dt as f64);
             }
         }
-        n += 1;
     }
     let t0 = clock.now();
     rec.finish().expect("finish");

@@ -628,14 +628,14 @@ mod tests {
         let mut prev: Vec<u8> = (0..k).map(|x| x as u8).collect();
         let mut out = Vec::with_capacity(n * k);
         for _ in 0..n {
-            if next() % 17 == 0 {
+            if next().is_multiple_of(17) {
                 out.extend(std::iter::repeat_n(0xFF, k));
                 continue;
             }
             let mut row: Vec<u8> = Vec::with_capacity(k);
-            for j in 0..k {
-                let cand = if next() % 3 != 0 {
-                    prev[j]
+            for &p in &prev {
+                let cand = if !next().is_multiple_of(3) {
+                    p
                 } else {
                     (next() % e as u64) as u8
                 };

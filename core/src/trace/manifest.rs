@@ -28,7 +28,7 @@ pub struct ManifestShard {
 /// agree with each other and with the summary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Manifest {
-    /// Always [`MANIFEST_FORMAT`].
+    /// Always `"moe-router-trace-manifest"`.
     pub format: String,
     /// Manifest version (1).
     pub version: u32,
