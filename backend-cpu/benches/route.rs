@@ -4,7 +4,7 @@
 
 #![allow(missing_docs)]
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use moe_router_core::{GroupScore, LogitsRef, Normalization, Numerics, RouterConfig, ScoreFunction, SoftmaxPosition};
 use moe_router_cpu::CpuRouter;
 use ndarray::Array2;
@@ -49,7 +49,10 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     for e in [128usize, 256] {
         let l = logits(e);
-        for (rule, make) in [("qwen3", qwen3 as fn(usize, Numerics) -> RouterConfig), ("deepseek_v3", deepseek_v3)] {
+        for (rule, make) in [
+            ("qwen3", qwen3 as fn(usize, Numerics) -> RouterConfig),
+            ("deepseek_v3", deepseek_v3),
+        ] {
             for (nm, n) in [("portable", Numerics::Portable), ("native", Numerics::Native)] {
                 let r = CpuRouter::new(make(e, n));
                 g.bench_function(BenchmarkId::new(format!("{rule}/{nm}"), format!("E{e}")), |b| {

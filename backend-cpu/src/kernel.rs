@@ -243,8 +243,6 @@ fn insert<F: Float>(top_k: &mut [F], top_i: &mut [u32], key: F, id: u32) {
     top_i[j] = id;
 }
 
-
-
 /// Column width of the block-maximum filter.
 const S: usize = 32;
 

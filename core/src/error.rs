@@ -152,7 +152,9 @@ pub enum RouteError {
         got: usize,
     },
     /// The rule expects a selection bias (from the checkpoint) that has not been installed.
-    #[error("this routing rule expects a selection bias of {num_experts} values (e.g. the checkpoint's e_score_correction_bias) but none is installed; set it with RouterConfig::set_expert_bias (CLI: --bias)")]
+    #[error(
+        "this routing rule expects a selection bias of {num_experts} values (e.g. the checkpoint's e_score_correction_bias) but none is installed; set it with RouterConfig::set_expert_bias (CLI: --bias)"
+    )]
     BiasMissing {
         /// E.
         num_experts: usize,

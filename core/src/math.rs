@@ -439,8 +439,6 @@ fn native_sigmoid_slice(x: &[f32], out: &mut [f32]) {
     }
 }
 
-
-
 impl Math for NativeF64 {
     type F = f64;
     #[inline(always)]

@@ -255,7 +255,10 @@ pub fn parse(bytes: &[u8]) -> Result<NpyArray, NpyError> {
     let mut shape = Vec::new();
     for part in sh.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let p = part.trim_end_matches('L');
-        shape.push(p.parse::<usize>().map_err(|_| herr(&format!("bad shape entry {part:?}")))?);
+        shape.push(
+            p.parse::<usize>()
+                .map_err(|_| herr(&format!("bad shape entry {part:?}")))?,
+        );
     }
     let n = shape
         .iter()
@@ -334,7 +337,11 @@ impl NpyArray {
     /// Elements as f32 (from f16 or f32 exactly; f64 is refused to avoid silent rounding).
     pub fn to_f32(&self, what: &str) -> Result<Vec<f32>, NpyError> {
         match self.dtype {
-            NpyDtype::F32 => Ok(self.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            NpyDtype::F32 => Ok(self
+                .data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()),
             NpyDtype::F16 => Ok(self
                 .data
                 .chunks_exact(2)
@@ -351,7 +358,11 @@ impl NpyArray {
     /// Elements as f16 bits (f16 only).
     pub fn to_f16(&self, what: &str) -> Result<Vec<f16>, NpyError> {
         match self.dtype {
-            NpyDtype::F16 => Ok(self.data.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()),
+            NpyDtype::F16 => Ok(self
+                .data
+                .chunks_exact(2)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect()),
             other => Err(NpyError::WrongDtype {
                 what: what.into(),
                 expected: "float16".into(),
@@ -366,10 +377,22 @@ impl NpyArray {
         let v: Vec<i128> = match self.dtype {
             NpyDtype::I8 => d.iter().map(|&b| i128::from(b as i8)).collect(),
             NpyDtype::U8 => d.iter().map(|&b| i128::from(b)).collect(),
-            NpyDtype::I16 => d.chunks_exact(2).map(|c| i128::from(i16::from_le_bytes([c[0], c[1]]))).collect(),
-            NpyDtype::U16 => d.chunks_exact(2).map(|c| i128::from(u16::from_le_bytes([c[0], c[1]]))).collect(),
-            NpyDtype::I32 => d.chunks_exact(4).map(|c| i128::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
-            NpyDtype::U32 => d.chunks_exact(4).map(|c| i128::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))).collect(),
+            NpyDtype::I16 => d
+                .chunks_exact(2)
+                .map(|c| i128::from(i16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            NpyDtype::U16 => d
+                .chunks_exact(2)
+                .map(|c| i128::from(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+            NpyDtype::I32 => d
+                .chunks_exact(4)
+                .map(|c| i128::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+            NpyDtype::U32 => d
+                .chunks_exact(4)
+                .map(|c| i128::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
             NpyDtype::I64 => d
                 .chunks_exact(8)
                 .map(|c| i128::from(i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))))
@@ -405,9 +428,16 @@ impl NpyArray {
 pub fn to_bytes(shape: &[usize], dtype: NpyDtype, data: &[u8]) -> Vec<u8> {
     let shape_s = match shape.len() {
         1 => format!("({},)", shape[0]),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+        ),
     };
-    let mut header = format!("{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}", dtype.descr(), shape_s);
+    let mut header = format!(
+        "{{'descr': '{}', 'fortran_order': False, 'shape': {}, }}",
+        dtype.descr(),
+        shape_s
+    );
     let v1 = header.len() + 11 < 65_536;
     let pre = if v1 { 10 } else { 12 };
     let total = (pre + header.len() + 1).div_ceil(64) * 64;

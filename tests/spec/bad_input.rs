@@ -4,7 +4,7 @@
 use moe_router_core::npy::{self, NpyError};
 use moe_router_core::{ConfigError, LogitsRef, ReferenceRouter, RouteError, RouterConfig, ScoreFunction};
 use moe_router_cpu::CpuRouter;
-use ndarray::{array, Array2};
+use ndarray::{Array2, array};
 
 #[test]
 fn nan_and_positive_infinity_logits_name_row_and_expert() {
@@ -13,11 +13,18 @@ fn nan_and_positive_infinity_logits_name_row_and_expert() {
         let mut l = Array2::<f32>::zeros((3, 4));
         l[[1, 2]] = bad;
         for r in [
-            ReferenceRouter::new(cfg.clone()).route_host(&LogitsRef::F32(l.view())).map(|_| ()),
-            CpuRouter::new(cfg.clone()).route_host(&LogitsRef::F32(l.view())).map(|_| ()),
+            ReferenceRouter::new(cfg.clone())
+                .route_host(&LogitsRef::F32(l.view()))
+                .map(|_| ()),
+            CpuRouter::new(cfg.clone())
+                .route_host(&LogitsRef::F32(l.view()))
+                .map(|_| ()),
         ] {
             let e = r.unwrap_err();
-            assert!(matches!(e, RouteError::NonFiniteLogit { row: 1, expert: 2, .. }), "{e:?}");
+            assert!(
+                matches!(e, RouteError::NonFiniteLogit { row: 1, expert: 2, .. }),
+                "{e:?}"
+            );
             assert!(e.to_string().contains("row 1"));
         }
     }
@@ -40,10 +47,22 @@ fn impossible_configs_name_their_field() {
     };
     assert_eq!(field(RouterConfig::builder(16, 0).build()), "top_k");
     assert_eq!(field(RouterConfig::builder(0, 1).build()), "num_experts");
-    assert_eq!(field(b().group_limit(3, 1, moe_router_core::GroupScore::Max).build()), "group_limit.num_groups");
-    assert_eq!(field(b().group_limit(8, 1, moe_router_core::GroupScore::Max).build()), "group_limit.groups_selected");
-    assert_eq!(field(b().group_limit(4, 5, moe_router_core::GroupScore::Max).build()), "group_limit.groups_selected");
-    assert_eq!(field(b().group_limit(4, 2, moe_router_core::GroupScore::SumTopN(5)).build()), "group_limit.score");
+    assert_eq!(
+        field(b().group_limit(3, 1, moe_router_core::GroupScore::Max).build()),
+        "group_limit.num_groups"
+    );
+    assert_eq!(
+        field(b().group_limit(8, 1, moe_router_core::GroupScore::Max).build()),
+        "group_limit.groups_selected"
+    );
+    assert_eq!(
+        field(b().group_limit(4, 5, moe_router_core::GroupScore::Max).build()),
+        "group_limit.groups_selected"
+    );
+    assert_eq!(
+        field(b().group_limit(4, 2, moe_router_core::GroupScore::SumTopN(5)).build()),
+        "group_limit.score"
+    );
     assert_eq!(field(b().scaling_factor(f32::NAN).build()), "scaling_factor");
     assert_eq!(field(b().scaling_factor(0.0).build()), "scaling_factor");
     assert_eq!(field(b().scaling_factor(f32::INFINITY).build()), "scaling_factor");
@@ -55,19 +74,43 @@ fn impossible_configs_name_their_field() {
     };
     assert_eq!(field(b().capacity(cap(0.0)).build()), "capacity.factor");
     assert_eq!(field(b().capacity(cap(-1.0)).build()), "capacity.factor");
-    assert_eq!(field(b().normalization(moe_router_core::Normalization::Sum { eps: -1.0 }).build()), "normalization.eps");
-    assert_eq!(field(b().aux_loss(moe_router_core::AuxLossKind::MicroBatch, f64::NAN).build()), "aux_losses.coeff");
+    assert_eq!(
+        field(
+            b().normalization(moe_router_core::Normalization::Sum { eps: -1.0 })
+                .build()
+        ),
+        "normalization.eps"
+    );
+    assert_eq!(
+        field(b().aux_loss(moe_router_core::AuxLossKind::MicroBatch, f64::NAN).build()),
+        "aux_losses.coeff"
+    );
     assert_eq!(field(b().z_loss_coeff(-1.0).build()), "z_loss_coeff");
 }
 
 #[test]
 fn wrong_bias_length_or_values_or_softmax_bias_is_rejected() {
     let b = || RouterConfig::builder(4, 2).score(ScoreFunction::Sigmoid);
-    assert!(matches!(b().expert_bias(vec![0.0; 3]).build(), Err(ConfigError::Invalid { field: "expert_bias", .. })));
-    assert!(matches!(b().expert_bias(vec![0.0, f32::NAN, 0.0, 0.0]).build(), Err(ConfigError::Invalid { field: "expert_bias", .. })));
+    assert!(matches!(
+        b().expert_bias(vec![0.0; 3]).build(),
+        Err(ConfigError::Invalid {
+            field: "expert_bias",
+            ..
+        })
+    ));
+    assert!(matches!(
+        b().expert_bias(vec![0.0, f32::NAN, 0.0, 0.0]).build(),
+        Err(ConfigError::Invalid {
+            field: "expert_bias",
+            ..
+        })
+    ));
     assert!(matches!(
         RouterConfig::builder(4, 2).expert_bias(vec![0.0; 4]).build(),
-        Err(ConfigError::Invalid { field: "expert_bias", .. })
+        Err(ConfigError::Invalid {
+            field: "expert_bias",
+            ..
+        })
     ));
     let mut cfg = b().build().unwrap();
     assert!(cfg.set_expert_bias(vec![0.0; 5]).is_err());
@@ -79,12 +122,39 @@ fn replay_ids_out_of_range_duplicated_or_misshapen_name_the_row() {
     let l = Array2::<f32>::zeros((3, 4));
     let r = CpuRouter::new(cfg);
     let lv = LogitsRef::F32(l.view());
-    let e = r.weights_host(&lv, array![[0u32, 1], [2, 4], [0, 1]].view()).unwrap_err();
-    assert!(matches!(e, RouteError::IdOutOfRange { row: 1, slot: 1, id: 4, num_experts: 4 }), "{e}");
-    let e = r.weights_host(&lv, array![[0u32, 1], [2, 3], [3, 3]].view()).unwrap_err();
+    let e = r
+        .weights_host(&lv, array![[0u32, 1], [2, 4], [0, 1]].view())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RouteError::IdOutOfRange {
+                row: 1,
+                slot: 1,
+                id: 4,
+                num_experts: 4
+            }
+        ),
+        "{e}"
+    );
+    let e = r
+        .weights_host(&lv, array![[0u32, 1], [2, 3], [3, 3]].view())
+        .unwrap_err();
     assert!(matches!(e, RouteError::DuplicateId { row: 2, id: 3, .. }), "{e}");
-    let e = r.weights_host(&lv, array![[0u32, 1, 2], [2, 3, 0], [1, 3, 0]].view()).unwrap_err();
-    assert!(matches!(e, RouteError::IdsShape { expected_k: 2, cols: 3, .. }), "{e}");
+    let e = r
+        .weights_host(&lv, array![[0u32, 1, 2], [2, 3, 0], [1, 3, 0]].view())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            RouteError::IdsShape {
+                expected_k: 2,
+                cols: 3,
+                ..
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -110,10 +180,26 @@ fn truncated_npy_reports_the_byte_offset_at_every_cut() {
     assert_eq!(npy::parse(&bytes).unwrap().to_f32("x").unwrap(), data);
     for cut in 0..bytes.len() {
         let e = npy::parse(&bytes[..cut]).unwrap_err();
-        assert!(matches!(e, NpyError::Truncated { .. } | NpyError::BadMagic | NpyError::Header { .. }), "cut {cut}: {e:?}");
+        assert!(
+            matches!(
+                e,
+                NpyError::Truncated { .. } | NpyError::BadMagic | NpyError::Header { .. }
+            ),
+            "cut {cut}: {e:?}"
+        );
     }
     let e = npy::parse(&bytes[..bytes.len() - 3]).unwrap_err();
-    assert!(matches!(e, NpyError::Truncated { offset: 128, needed: 96, available: 93 }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            NpyError::Truncated {
+                offset: 128,
+                needed: 96,
+                available: 93
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -127,7 +213,10 @@ fn npy_integer_values_that_do_not_fit_are_refused_not_wrapped() {
 #[test]
 fn all_masked_softmax_row_is_a_typed_error() {
     let cfg = RouterConfig::builder(3, 1).build().unwrap();
-    let l = array![[0.0f32, 1.0, 2.0], [f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY]];
+    let l = array![
+        [0.0f32, 1.0, 2.0],
+        [f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY]
+    ];
     let e = CpuRouter::new(cfg).route_host(&LogitsRef::F32(l.view())).unwrap_err();
     assert_eq!(e, RouteError::AllMasked { row: 1 });
 }

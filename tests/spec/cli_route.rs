@@ -27,7 +27,19 @@ fn read(p: &Path) -> npy::NpyArray {
 fn route_writes_int32_ids_float32_weights_and_stats() {
     let out = out_dir("basic");
     let o = out.to_str().unwrap();
-    assert_eq!(run(&["route", "--logits", &data("logits_e128.npy"), "--preset", "qwen3-moe", "--dense", "--out", o]), 0);
+    assert_eq!(
+        run(&[
+            "route",
+            "--logits",
+            &data("logits_e128.npy"),
+            "--preset",
+            "qwen3-moe",
+            "--dense",
+            "--out",
+            o
+        ]),
+        0
+    );
     let ids = read(&out.join("ids.npy"));
     assert_eq!((ids.dtype, ids.shape.clone()), (NpyDtype::I32, vec![64, 8]));
     let w = read(&out.join("weights.npy"));
@@ -36,7 +48,8 @@ fn route_writes_int32_ids_float32_weights_and_stats() {
     assert_eq!((map.dtype, map.shape.clone()), (NpyDtype::U8, vec![64, 128]));
     let probs = read(&out.join("probs.npy"));
     assert_eq!((probs.dtype, probs.shape.clone()), (NpyDtype::F32, vec![64, 128]));
-    let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
     let tpe = stats["tokens_per_expert"].as_array().unwrap();
     assert_eq!(tpe.len(), 128);
     assert_eq!(tpe.iter().map(|v| v.as_u64().unwrap()).sum::<u64>(), 64 * 8);
@@ -47,14 +60,32 @@ fn route_writes_int32_ids_float32_weights_and_stats() {
 fn replay_ids_are_written_back_in_the_given_order_with_recomputed_weights() {
     let a = out_dir("replay-a");
     let b = out_dir("replay-b");
-    assert_eq!(run(&["route", "--logits", &data("logits_e128.npy"), "--preset", "qwen3-moe", "--out", a.to_str().unwrap()]), 0);
+    assert_eq!(
+        run(&[
+            "route",
+            "--logits",
+            &data("logits_e128.npy"),
+            "--preset",
+            "qwen3-moe",
+            "--out",
+            a.to_str().unwrap()
+        ]),
+        0
+    );
     // Reverse the slot order of every row: replay must keep it.
     let ids = read(&a.join("ids.npy")).to_ints("ids").unwrap();
     let rev: Vec<i32> = ids.chunks(8).flat_map(|r| r.iter().rev().map(|&x| x as i32)).collect();
     let ip = a.join("rev.npy");
     npy::write(&ip, &[64, 8], NpyDtype::I32, &npy::i32_bytes(&rev)).unwrap();
     let code = run(&[
-        "route", "--logits", &data("logits_e128.npy"), "--preset", "qwen3-moe", "--replay-ids", ip.to_str().unwrap(), "--out",
+        "route",
+        "--logits",
+        &data("logits_e128.npy"),
+        "--preset",
+        "qwen3-moe",
+        "--replay-ids",
+        ip.to_str().unwrap(),
+        "--out",
         b.to_str().unwrap(),
     ]);
     assert_eq!(code, 0);
@@ -79,13 +110,34 @@ fn replay_ids_are_written_back_in_the_given_order_with_recomputed_weights() {
 fn deepseek_v3_needs_its_bias_and_updates_it_when_asked() {
     let out = out_dir("dsv3");
     let o = out.to_str().unwrap();
-    assert_eq!(run(&["route", "--logits", &data("logits_e256.npy"), "--preset", "deepseek-v3", "--out", o]), 1);
+    assert_eq!(
+        run(&[
+            "route",
+            "--logits",
+            &data("logits_e256.npy"),
+            "--preset",
+            "deepseek-v3",
+            "--out",
+            o
+        ]),
+        1
+    );
     let code = run(&[
-        "route", "--logits", &data("logits_e256.npy"), "--preset", "deepseek-v3", "--bias", &data("bias_e256.npy"),
-        "--bias-update-rate", "0.001", "--out", o,
+        "route",
+        "--logits",
+        &data("logits_e256.npy"),
+        "--preset",
+        "deepseek-v3",
+        "--bias",
+        &data("bias_e256.npy"),
+        "--bias-update-rate",
+        "0.001",
+        "--out",
+        o,
     ]);
     assert_eq!(code, 0);
-    let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
     assert_eq!(stats["updated_bias"].as_array().unwrap().len(), 256);
 }
 
@@ -103,21 +155,43 @@ fn megatron_rule_with_aux_and_z_loss_and_capacity_reports_them() {
     )
     .unwrap();
     let code = run(&[
-        "route", "--logits", &data("logits_e128.npy"), "--megatron-config", m.to_str().unwrap(), "--dense", "--out",
+        "route",
+        "--logits",
+        &data("logits_e128.npy"),
+        "--megatron-config",
+        m.to_str().unwrap(),
+        "--dense",
+        "--out",
         out.to_str().unwrap(),
     ]);
     assert_eq!(code, 0);
-    let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
     assert!(stats["aux_loss"].as_f64().unwrap() > 0.0);
     assert!(stats["z_loss"].as_f64().unwrap() > 0.0);
     assert_eq!(stats["capacity"].as_u64().unwrap(), 4, "ceil(64*8/128 * 1.0)");
-    let tpe: Vec<u64> = stats["tokens_per_expert"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let tpe: Vec<u64> = stats["tokens_per_expert"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
     assert!(tpe.iter().all(|&c| c <= 4));
     let map = read(&out.join("routing_map.npy"));
-    assert_eq!(map.data.iter().map(|&b| u64::from(b)).sum::<u64>(), tpe.iter().sum::<u64>(), "dense map is after dropping");
+    assert_eq!(
+        map.data.iter().map(|&b| u64::from(b)).sum::<u64>(),
+        tpe.iter().sum::<u64>(),
+        "dense map is after dropping"
+    );
     let no_cap = out_dir("megatron-nocap");
     let code = run(&[
-        "route", "--logits", &data("logits_e128.npy"), "--megatron-config", m.to_str().unwrap(), "--no-capacity", "--out",
+        "route",
+        "--logits",
+        &data("logits_e128.npy"),
+        "--megatron-config",
+        m.to_str().unwrap(),
+        "--no-capacity",
+        "--out",
         no_cap.to_str().unwrap(),
     ]);
     assert_eq!(code, 0);
@@ -131,9 +205,43 @@ fn bad_inputs_exit_1_and_usage_errors_exit_2() {
     std::fs::create_dir_all(&tmp).unwrap();
     let trunc = tmp.join("t.npy");
     std::fs::write(&trunc, &std::fs::read(data("logits_e128.npy")).unwrap()[..500]).unwrap();
-    assert_eq!(run(&["route", "--logits", trunc.to_str().unwrap(), "--preset", "qwen3-moe", "--out", o]), 1);
-    assert_eq!(run(&["route", "--logits", &data("logits_e128.npy"), "--preset", "deepseek-v3", "--out", o]), 1, "E mismatch");
-    assert_eq!(run(&["route", "--logits", &data("logits_e128.npy"), "--preset", "no-such", "--out", o]), 1);
+    assert_eq!(
+        run(&[
+            "route",
+            "--logits",
+            trunc.to_str().unwrap(),
+            "--preset",
+            "qwen3-moe",
+            "--out",
+            o
+        ]),
+        1
+    );
+    assert_eq!(
+        run(&[
+            "route",
+            "--logits",
+            &data("logits_e128.npy"),
+            "--preset",
+            "deepseek-v3",
+            "--out",
+            o
+        ]),
+        1,
+        "E mismatch"
+    );
+    assert_eq!(
+        run(&[
+            "route",
+            "--logits",
+            &data("logits_e128.npy"),
+            "--preset",
+            "no-such",
+            "--out",
+            o
+        ]),
+        1
+    );
     let bad_ids = tmp.join("ids.npy");
     let mut v = vec![0i32; 64 * 8];
     for (i, x) in v.iter_mut().enumerate() {
@@ -141,7 +249,17 @@ fn bad_inputs_exit_1_and_usage_errors_exit_2() {
     }
     v[5 * 8 + 3] = 128;
     npy::write(&bad_ids, &[64, 8], NpyDtype::I32, &npy::i32_bytes(&v)).unwrap();
-    let args = ["route", "--logits", &data("logits_e128.npy"), "--preset", "qwen3-moe", "--replay-ids", bad_ids.to_str().unwrap(), "--out", o];
+    let args = [
+        "route",
+        "--logits",
+        &data("logits_e128.npy"),
+        "--preset",
+        "qwen3-moe",
+        "--replay-ids",
+        bad_ids.to_str().unwrap(),
+        "--out",
+        o,
+    ];
     assert_eq!(run(&args), 1, "out of range id");
     v[5 * 8 + 3] = 2;
     npy::write(&bad_ids, &[64, 8], NpyDtype::I32, &npy::i32_bytes(&v)).unwrap();
@@ -150,7 +268,22 @@ fn bad_inputs_exit_1_and_usage_errors_exit_2() {
     assert_eq!(run(&args), 1, "wrong shape");
     let bad_json = tmp.join("c.json");
     std::fs::write(&bad_json, "{\"model_type\": ").unwrap();
-    assert_eq!(run(&["route", "--logits", &data("logits_e128.npy"), "--hf-config", bad_json.to_str().unwrap(), "--out", o]), 1);
-    assert_eq!(run(&["route", "--logits", &data("logits_e128.npy"), "--out", o]), 2, "no rule");
+    assert_eq!(
+        run(&[
+            "route",
+            "--logits",
+            &data("logits_e128.npy"),
+            "--hf-config",
+            bad_json.to_str().unwrap(),
+            "--out",
+            o
+        ]),
+        1
+    );
+    assert_eq!(
+        run(&["route", "--logits", &data("logits_e128.npy"), "--out", o]),
+        2,
+        "no rule"
+    );
     assert_eq!(run(&["route", "--bogus"]), 2);
 }

@@ -173,7 +173,10 @@ fn demo_cli_runs_and_rejects_bad_arguments() {
     let mut bad = args.clone();
     bad.extend(["--preset", "gpt-5"]);
     assert_eq!(run(bad), 1);
-    assert_eq!(run(["moe-router", "demo", "--out", &o, "--seq-len", "3", "--prompt-len", "2"]), 1);
+    assert_eq!(
+        run(["moe-router", "demo", "--out", &o, "--seq-len", "3", "--prompt-len", "2"]),
+        1
+    );
     assert_eq!(run(["moe-router", "demo", "--sequences", "many"]), 2);
     assert_eq!(run(["moe-router", "demo", "--backend", "tpu"]), 2);
     // A backend that is not compiled in (or has no device) is an error, not a panic.

@@ -121,11 +121,18 @@ fn deepseek_v3_is_sigmoid_with_sum_of_top2_groups_4_of_8_renormalised_scaled_by_
     assert_eq!(c.group_limit(), group(8, 4, GroupScore::SumTopN(2)));
     assert_eq!(c.normalization(), Normalization::Sum { eps: 1e-20 });
     assert_eq!(c.scaling_factor(), 2.5);
-    assert!(c.expert_bias().is_none(), "the bias is a checkpoint tensor: absent until installed");
+    assert!(
+        c.expert_bias().is_none(),
+        "the bias is a checkpoint tensor: absent until installed"
+    );
     assert!(c.expects_expert_bias(), "routing refuses to run until it is installed");
     let logits = ndarray::Array2::<f32>::zeros((1, 256));
-    let err = moe_router_core::ReferenceRouter::new(c.clone()).route_host(&moe_router_core::LogitsRef::F32(logits.view()));
-    assert!(matches!(err, Err(moe_router_core::RouteError::BiasMissing { num_experts: 256 })), "{err:?}");
+    let err =
+        moe_router_core::ReferenceRouter::new(c.clone()).route_host(&moe_router_core::LogitsRef::F32(logits.view()));
+    assert!(
+        matches!(err, Err(moe_router_core::RouteError::BiasMissing { num_experts: 256 })),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -529,7 +536,11 @@ fn every_named_preset_exists_and_is_built_from_its_embedded_config() {
         let cfg = preset(name).unwrap();
         assert_eq!(cfg, hf(preset_hf_config(name).unwrap()), "{name}");
         assert!(cfg.expert_bias().is_none(), "{name}: presets carry no bias values");
-        assert_eq!(cfg.expects_expert_bias(), preset_expects_expert_bias(name).unwrap(), "{name}");
+        assert_eq!(
+            cfg.expects_expert_bias(),
+            preset_expects_expert_bias(name).unwrap(),
+            "{name}"
+        );
     }
     assert_eq!(
         (

@@ -5,19 +5,19 @@
 mod bad_input;
 mod capacity_stats;
 mod cli_route;
+mod cli_trace;
 #[allow(dead_code)]
 mod conformance;
 mod cpu;
-mod demo;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod demo;
 mod golden;
 mod import;
 mod interop;
-mod cli_trace;
 mod math;
+mod replay;
 mod routing;
+mod trace;
 #[cfg(feature = "wgpu")]
 mod wgpu;
-mod replay;
-mod trace;

@@ -394,7 +394,9 @@ fn v3_family(k: &Keys<'_>, fam: V3Family) -> Result<(RouterConfig, bool), Config
             k.opt_scale("routed_scaling_factor")?.unwrap_or(1.0),
         ),
     };
-    let mut b = RouterConfig::builder(e, top_k).score(ScoreFunction::Sigmoid).expect_expert_bias();
+    let mut b = RouterConfig::builder(e, top_k)
+        .score(ScoreFunction::Sigmoid)
+        .expect_expert_bias();
     if let Some((g, kept)) = groups(k, e, n_group, topk_group)? {
         let per = e / g;
         if per < 2 {
