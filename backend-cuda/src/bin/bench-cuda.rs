@@ -9,7 +9,8 @@
 //! replay, and the host-side cost of asynchronous recording (side stream + pinned memory)
 //! through `Router::record_ids`.
 //!
-//! Usage: `bench-cuda [--quick]` prints a Markdown table.
+//! Usage: `bench-cuda [--quick]` prints a Markdown table. `BENCH_RULES=DeepSeek-V3,Qwen3` and
+//! `BENCH_TS=65536,262144` restrict the rules and batch sizes.
 
 #![allow(unsafe_code)]
 
@@ -215,14 +216,22 @@ fn main() -> Result<(), RouteError> {
         "| rule | dtype | numerics | T | route µs | route GB/s | % copy | replay µs | replay GB/s | % copy | route+record µs | record overhead |"
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let ts: Vec<usize> = if quick {
+    let ts: Vec<usize> = if let Ok(v) = std::env::var("BENCH_TS") {
+        v.split(',').filter_map(|x| x.trim().parse().ok()).collect()
+    } else if quick {
         vec![64, 65_536]
     } else {
         vec![1, 64, 4096, 65_536, 262_144]
     };
+    let only: Option<Vec<String>> = std::env::var("BENCH_RULES")
+        .ok()
+        .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
     let mut small = Vec::new();
     for numerics in [Numerics::Portable, Numerics::Native] {
         for rule in rules(numerics) {
+            if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == rule.name)) {
+                continue;
+            }
             let r = CudaRouter::new(rule.cfg.clone())?;
             let (e, k) = (rule.cfg.num_experts(), rule.cfg.top_k());
             for dtype in [LogitDtype::F32, LogitDtype::Bf16] {
