@@ -73,7 +73,7 @@ pub enum FormatArg {
     Safetensors,
     /// SGLang: base64 of little-endian int32, flat [T, L, K] (needs --num-layers and --top-k).
     Sglang,
-    /// NeMo Gym envelope nrlre1:<dtype>:<T>x<L>x<K>:<base64>.
+    /// NeMo Gym envelope nrlre1:DTYPE:TxLxK:BASE64 (DTYPE int8, int16 or int32).
     Nrlre1,
     /// Fireworks R3/v1: base64 of a zstd frame (needs --num-layers or --top-k).
     R3v1,
