@@ -185,6 +185,7 @@ pub struct TraceWriter {
     path: PathBuf,
     state: Mutex<State>,
     error: Arc<Mutex<Option<TraceError>>>,
+    pool: Arc<BufferPool>,
 }
 
 impl std::fmt::Debug for TraceWriter {
@@ -274,6 +275,7 @@ impl TraceWriter {
         let codec = RowCodec::new(&header);
         let limit = opts.chunk_id_bytes.max(codec.row_bytes());
         let error = Arc::new(Mutex::new(None));
+        let pool = Arc::new(BufferPool::default());
         let (tx, rx) = sync_channel::<Job>(4);
         let ctx = WriterThread {
             file: BufWriter::with_capacity(1 << 20, f),
@@ -287,6 +289,7 @@ impl TraceWriter {
             num_experts: header.num_experts(),
             ranked_ok: header.id_width() == super::IdWidth::U8,
             error: error.clone(),
+            pool: pool.clone(),
             path: path.clone(),
             raw: Vec::new(),
             ranked: Vec::new(),
@@ -319,6 +322,7 @@ impl TraceWriter {
                 closed: false,
             }),
             error,
+            pool,
         }
     }
 
@@ -369,7 +373,7 @@ impl TraceWriter {
         ids: ArrayView2<'_, u32>,
     ) -> Result<WriterStats, TraceError> {
         let li = self.layer_index(layer)?;
-        let mut buf = Vec::new();
+        let mut buf = self.pool.take();
         let present = self.codec.encode_rows(ids, &mut buf, seq, layer, start)?;
         let has_missing = present < ids.nrows();
         self.push(seq, layer, li, start, buf, has_missing)
@@ -396,7 +400,9 @@ impl TraceWriter {
             .check_stored_rows(bytes)
             .map_err(|(r, f)| f.locate(seq, layer, start + r as u64, self.header.num_experts()))?;
         let has_missing = present < (bytes.len() / rb) as u64;
-        self.push(seq, layer, li, start, bytes.to_vec(), has_missing)
+        let mut buf = self.pool.take();
+        buf.extend_from_slice(bytes);
+        self.push(seq, layer, li, start, buf, has_missing)
     }
 
     /// Queues validated stored rows; `has_missing` says whether any of them is a missing row
@@ -593,12 +599,47 @@ struct WriterThread {
     num_experts: usize,
     ranked_ok: bool,
     error: Arc<Mutex<Option<TraceError>>>,
+    pool: Arc<BufferPool>,
     path: PathBuf,
     /// Buffers and the zstd context kept between chunks (no 1 MiB allocation per chunk).
     raw: Vec<u8>,
     ranked: Vec<u8>,
     packed: Vec<u8>,
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+}
+
+/// Row buffers handed back by the background thread once written, reused by appends (no
+/// allocation, page faults or cross-thread frees per append in steady state). Holds at most
+/// [`POOL_BYTES`] of capacity.
+#[derive(Debug, Default)]
+struct BufferPool(Mutex<(Vec<Vec<u8>>, usize)>);
+
+/// Most capacity (bytes) kept by a [`BufferPool`].
+const POOL_BYTES: usize = 8 << 20;
+
+impl BufferPool {
+    /// An empty buffer, reused when one is available.
+    fn take(&self) -> Vec<u8> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match g.0.pop() {
+            Some(b) => {
+                g.1 -= b.capacity();
+                b
+            }
+            None => Vec::new(),
+        }
+    }
+    /// Returns buffers (cleared) for reuse; those beyond the limit are freed.
+    fn put(&self, bufs: impl IntoIterator<Item = Vec<u8>>) {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for mut b in bufs {
+            if g.1 + b.capacity() <= POOL_BYTES {
+                b.clear();
+                g.1 += b.capacity();
+                g.0.push(b);
+            }
+        }
+    }
 }
 
 /// Most runs in an uncompressed chunk written by gathering (`writev`); a chunk of more, smaller
@@ -704,6 +745,8 @@ impl WriterThread {
             let tail = crc.to_le_bytes();
             slices.push(IoSlice::new(&tail));
             write_all_vectored(&mut self.file, &mut slices).map_err(ctx)?;
+            drop(slices);
+            self.pool.put(runs);
             raw_len
         } else {
             // Assemble the raw payload (buffer kept between chunks).
@@ -716,7 +759,7 @@ impl WriterThread {
                 raw.extend_from_slice(run);
                 h0 = h1;
             }
-            drop(runs);
+            self.pool.put(runs);
             let r = self.write_assembled(index, blocks, &raw, &entries);
             self.raw = raw;
             r?
