@@ -178,6 +178,9 @@ fn need(bytes: &[u8], offset: usize, n: usize) -> Result<&[u8], NpyError> {
 
 fn parse_descr(d: &str) -> Result<(NpyDtype, bool), NpyError> {
     let bad = || NpyError::Dtype { descr: d.to_string() };
+    if !d.is_ascii() {
+        return Err(bad());
+    }
     let (endian, rest) = d.split_at(1.min(d.len()));
     let big = match endian {
         "<" | "|" | "=" => false,

@@ -276,7 +276,8 @@ pub(crate) fn parse_blocks(
     layers: usize,
 ) -> Result<Vec<Block>, (usize, String)> {
     let mut pos = 0usize;
-    let mut out = Vec::with_capacity(expected as usize);
+    // Every block takes at least one payload byte: never reserve by a count the input claims.
+    let mut out = Vec::with_capacity((expected as usize).min(raw.len()));
     while pos < raw.len() {
         let at = pos;
         let seq = get_varint(raw, &mut pos).ok_or((at, "bad sequence varint".to_string()))?;
