@@ -1,0 +1,352 @@
+//! `moe-router validate`.
+
+use super::{detect, file_json, import_options, read_bytes, trace_err};
+use crate::{CliError, EXIT_INVALID, EXIT_OK};
+use moe_router_core::interop::{self, Format, InteropError};
+use moe_router_core::trace::{IndexState, OpenOptions, Trace, TraceError, TraceFile, ValidationIssue, Verify};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+
+/// Arguments of `validate`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:\n  moe-router validate rollout.mrt --num-experts 128\n  \
+moe-router validate routes.npy --num-experts 128 --json\n\n\
+Exit codes: 0 valid; 3 invalid (checksum failures, truncated or damaged data, ids >= E,\n\
+duplicate ids in a row, rows missing in some slots only, all-zero layers, MoE layers without\n\
+routes, E different from --num-experts); 1 the input could not be read; 2 usage error.\n\
+Coverage (rows present / missing per layer, sequences whose layers cover different rows) is\n\
+reported as well.")]
+pub struct ValidateArgs {
+    /// Input (any importable format).
+    #[arg(value_name = "IN")]
+    pub input: PathBuf,
+    /// E expected by the model: ids must be below it (and an .mrt header must say it).
+    #[arg(long, value_name = "E")]
+    pub num_experts: Option<usize>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// L, for an SGLang input (r3v1: L or K).
+    #[arg(long, value_name = "L")]
+    pub num_layers: Option<usize>,
+    /// K, for an SGLang input (r3v1: L or K).
+    #[arg(long, value_name = "K")]
+    pub top_k: Option<usize>,
+}
+
+/// Findings of `validate`.
+#[derive(Default)]
+struct Findings {
+    errors: Vec<Value>,
+    warnings: Vec<Value>,
+    checksum_failures: u64,
+    out_of_range: u64,
+    duplicates: u64,
+    partial_missing: u64,
+    all_zero_layers: Vec<u32>,
+    empty_layers: Vec<u32>,
+}
+
+impl Findings {
+    fn error(&mut self, kind: &str, message: String) {
+        self.errors.push(json!({ "kind": kind, "message": message }));
+    }
+    fn warning(&mut self, kind: &str, message: String) {
+        self.warnings.push(json!({ "kind": kind, "message": message }));
+    }
+    /// Classifies a trace error found in a chunk or on open.
+    fn trace_error(&mut self, e: &TraceError, context: String) {
+        let root = match e {
+            TraceError::InChunk { source, .. } => source.as_ref(),
+            other => other,
+        };
+        let kind = match root {
+            TraceError::Checksum { .. } => {
+                self.checksum_failures += 1;
+                "checksum"
+            }
+            TraceError::IdOutOfRange { .. } => {
+                self.out_of_range += 1;
+                "out_of_range"
+            }
+            TraceError::DuplicateId { .. } => {
+                self.duplicates += 1;
+                "duplicate"
+            }
+            TraceError::PartialMissing { .. } => {
+                self.partial_missing += 1;
+                "partial_missing"
+            }
+            TraceError::Truncated { .. } => "truncated",
+            _ => "malformed",
+        };
+        self.error(kind, format!("{context}{e}"));
+    }
+    fn interop_error(&mut self, e: &InteropError) {
+        let kind = match e {
+            InteropError::IdOutOfRange { .. } => {
+                self.out_of_range += 1;
+                "out_of_range"
+            }
+            InteropError::DuplicateId { .. } => {
+                self.duplicates += 1;
+                "duplicate"
+            }
+            InteropError::PartialMissing { .. } => {
+                self.partial_missing += 1;
+                "partial_missing"
+            }
+            InteropError::Negative { .. } => "negative",
+            InteropError::Truncated { .. } => "truncated",
+            _ => "malformed",
+        };
+        self.error(kind, e.to_string());
+    }
+}
+
+/// `moe-router validate`.
+pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
+    let path = &a.input;
+    let (format, bytes) = detect(path)?;
+    let mut f = Findings::default();
+    let mut out = json!({ "input": path.display().to_string(), "format": format.name() });
+    let mut trace: Option<Trace> = None;
+    if format == Format::Mrt {
+        match TraceFile::open_with(
+            path,
+            OpenOptions {
+                verify: Verify::Eager,
+                salvage: true,
+            },
+        ) {
+            Err(e @ TraceError::Io { .. }) => return Err(trace_err(path, e)),
+            Err(e) => f.trace_error(&e, String::new()),
+            Ok(tf) => {
+                let r = tf.report().clone();
+                file_json(&mut out, &r);
+                if let Some(t) = &r.tail {
+                    f.error(
+                        "truncated",
+                        format!(
+                            "tail truncated: {} bytes lost from offset {} ({}); {} complete chunk(s) recovered",
+                            t.bytes, t.offset, t.reason, r.chunks
+                        ),
+                    );
+                }
+                for d in &r.damaged {
+                    let kind = if d.reason.contains("checksum") {
+                        f.checksum_failures += 1;
+                        "checksum"
+                    } else if d.reason.contains("out of range") {
+                        f.out_of_range += 1;
+                        "out_of_range"
+                    } else if d.reason.contains("appears twice") {
+                        f.duplicates += 1;
+                        "duplicate"
+                    } else if d.reason.contains("partly missing") {
+                        f.partial_missing += 1;
+                        "partial_missing"
+                    } else {
+                        "malformed"
+                    };
+                    f.error(
+                        kind,
+                        format!("damaged chunk at offset {} ({} bytes): {}", d.offset, d.bytes, d.reason),
+                    );
+                }
+                match &r.index {
+                    IndexState::Present => {}
+                    IndexState::Absent => f.warning("index", "no index (file not closed); rebuilt by scanning".into()),
+                    IndexState::Rebuilt { reason } => {
+                        f.warning("index", format!("index ignored and rebuilt by scanning: {reason}"))
+                    }
+                }
+                let h = tf.header();
+                if let Some(e) = a.num_experts
+                    && e != h.num_experts()
+                {
+                    f.error(
+                        "num_experts",
+                        format!(
+                            "the header says E = {}, the model has --num-experts {e}",
+                            h.num_experts()
+                        ),
+                    );
+                }
+                match tf.to_trace() {
+                    Ok(t) => {
+                        if let Some(e) = a.num_experts.filter(|&e| e < h.num_experts()) {
+                            check_range(&t, e, &mut f);
+                        }
+                        trace = Some(t);
+                    }
+                    Err(e) => f.trace_error(&e, String::new()),
+                }
+            }
+        }
+    } else {
+        let opts = import_options(a.num_experts, a.num_layers, a.top_k, None);
+        let bytes = match bytes {
+            Some(b) => b,
+            None => read_bytes(path)?,
+        };
+        match interop::decode(format, &bytes, &opts) {
+            Err(e @ InteropError::MissingOption { .. }) => {
+                return Err(CliError::Input(format!("{}: {e}", path.display())));
+            }
+            Err(e) => f.interop_error(&e),
+            Ok(dense) => {
+                if a.num_experts.is_none() && dense.num_experts.is_none() {
+                    f.warning(
+                        "num_experts",
+                        format!(
+                            "{format} does not record E; ids were checked only against the largest id (pass --num-experts E)"
+                        ),
+                    );
+                }
+                match dense.to_trace_lossy(format, &opts, 20) {
+                    Err(e) => f.interop_error(&e),
+                    Ok((t, check)) => {
+                        f.out_of_range += check.out_of_range_rows;
+                        f.duplicates += check.duplicate_rows;
+                        f.partial_missing += check.partial_missing_rows;
+                        for e in &check.examples {
+                            let kind = match e {
+                                InteropError::IdOutOfRange { .. } => "out_of_range",
+                                InteropError::DuplicateId { .. } => "duplicate",
+                                _ => "partial_missing",
+                            };
+                            f.error(kind, e.to_string());
+                        }
+                        let shown = check.examples.len() as u64;
+                        let total = check.out_of_range_rows + check.duplicate_rows + check.partial_missing_rows;
+                        if total > shown {
+                            f.error("more", format!("{} more invalid row(s) not listed", total - shown));
+                        }
+                        out["num_experts"] = json!(check.num_experts);
+                        trace = Some(t);
+                    }
+                }
+            }
+        }
+    }
+    if let Some(t) = &trace {
+        out["num_experts"] = json!(t.header().num_experts());
+        let nonempty = !t.is_empty();
+        for issue in t.validation_issues() {
+            match issue {
+                ValidationIssue::AllZeroLayer { layer, rows } => {
+                    f.all_zero_layers.push(layer);
+                    f.error(
+                        "all_zero_layer",
+                        format!(
+                            "layer {layer}: all {rows} rows route only to expert 0 (capture bypassed or zero-filled?)"
+                        ),
+                    );
+                }
+                ValidationIssue::EmptyLayer { layer } => {
+                    f.empty_layers.push(layer);
+                    if nonempty {
+                        f.error("empty_layer", format!("layer {layer} of the layer map has no routes"));
+                    }
+                }
+                ValidationIssue::UnevenCoverage {
+                    seq,
+                    layer,
+                    rows,
+                    max_rows,
+                } => f.warning(
+                    "uneven_coverage",
+                    format!("sequence {seq}: layer {layer} has {rows} rows, another layer {max_rows}"),
+                ),
+            }
+        }
+        if !nonempty {
+            f.warning("empty", "the input holds no routes".into());
+        }
+        let s = t.summary();
+        let stored = s.rows + s.missing_rows;
+        out["coverage"] = json!({
+            "sequences": s.sequences,
+            "tokens": s.tokens,
+            "rows_present": s.rows,
+            "rows_missing": s.missing_rows,
+            "fraction_present": if stored == 0 { 0.0 } else { s.rows as f64 / stored as f64 },
+            "per_layer": s.layers,
+        });
+    }
+    let valid = f.errors.is_empty();
+    out["valid"] = json!(valid);
+    out["checksum_failures"] = json!(f.checksum_failures);
+    out["out_of_range"] = json!(f.out_of_range);
+    out["duplicates"] = json!(f.duplicates);
+    out["partial_missing"] = json!(f.partial_missing);
+    out["all_zero_layers"] = json!(f.all_zero_layers);
+    out["empty_layers"] = json!(f.empty_layers);
+    out["errors"] = json!(f.errors);
+    out["warnings"] = json!(f.warnings);
+    if a.json {
+        outln!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        outln!("{}: {}", path.display(), if valid { "valid" } else { "INVALID" });
+        for e in &f.errors {
+            outln!(
+                "  error [{}]: {}",
+                e["kind"].as_str().unwrap_or(""),
+                e["message"].as_str().unwrap_or("")
+            );
+        }
+        for w in &f.warnings {
+            outln!(
+                "  warning [{}]: {}",
+                w["kind"].as_str().unwrap_or(""),
+                w["message"].as_str().unwrap_or("")
+            );
+        }
+        let c = &out["coverage"];
+        if !c.is_null() {
+            outln!(
+                "  coverage: {} sequence(s), {} tokens, {} rows present, {} missing ({:.1}% present)",
+                c["sequences"],
+                c["tokens"],
+                c["rows_present"],
+                c["rows_missing"],
+                100.0 * c["fraction_present"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(if valid { EXIT_OK } else { EXIT_INVALID })
+}
+
+/// Reports rows of `t` with ids `≥ e` (when the model's E is below the header's).
+fn check_range(t: &Trace, e: usize, f: &mut Findings) {
+    let k = t.header().top_k();
+    let mut row = vec![0u32; k];
+    let codec = *t.codec();
+    let mut shown = 0;
+    for lane in t.lanes() {
+        for r in &lane.runs {
+            for (i, b) in r.bytes.chunks_exact(codec.row_bytes()).enumerate() {
+                if codec.is_missing(b) {
+                    continue;
+                }
+                codec.decode_into(b, &mut row);
+                if let Some((slot, id)) = row.iter().enumerate().find(|(_, x)| **x as usize >= e) {
+                    f.out_of_range += 1;
+                    if shown < 20 {
+                        shown += 1;
+                        f.error(
+                            "out_of_range",
+                            format!(
+                                "sequence {}, layer {}, position {}, slot {slot}: id {id} is out of range (--num-experts {e})",
+                                lane.seq,
+                                lane.layer,
+                                r.start + i as u64
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
