@@ -5,6 +5,11 @@
 //! width) as WGSL constants, so the driver compiles away what a rule does not use. Floating-point
 //! constants of the portable math are written as exact hexadecimal literals taken from the same
 //! Rust constants the reference uses.
+//!
+//! Only data is generated here: those constants and the straight-line register lists of the
+//! top-K and group top-GN (unrolled for K and GN). All fixed WGSL text is in shader files: the
+//! logits widening (`widen.wgsl`), the per-dtype `h2f` choice (`h2f_*.wgsl`) and one file per
+//! logits load variant (`load_*.wgsl`); Rust only chooses which ones to concatenate.
 
 use crate::context::{WgpuContext, device_err};
 use moe_router_core::RouteError;
@@ -18,6 +23,23 @@ pub const ROUTE_WGSL: &str = include_str!("../shaders/route.wgsl");
 pub const STATS_WGSL: &str = include_str!("../shaders/stats.wgsl");
 /// Math self-test kernel (applies one portable function to a buffer).
 pub const MATHTEST_WGSL: &str = include_str!("../shaders/mathtest.wgsl");
+/// Widening of the logits to f32, shared by every dtype: the exact bf16 and f16 → f32
+/// conversions (`bf16_to_f32`, `f16_to_f32`, defined once) and `widen` (flush subnormals).
+pub const WIDEN_WGSL: &str = include_str!("../shaders/widen.wgsl");
+/// `h2f` (16-bit logit bits → f32, used by the 16-bit loads) for bf16 logits.
+pub const H2F_BF16_WGSL: &str = include_str!("../shaders/h2f_bf16.wgsl");
+/// `h2f` (16-bit logit bits → f32, used by the 16-bit loads) for f16 logits.
+pub const H2F_F16_WGSL: &str = include_str!("../shaders/h2f_f16.wgsl");
+/// Logits binding and loads for f32 logits, STEP = 4 (`vec4<f32>` loads).
+pub const LOAD_F32_VEC4_WGSL: &str = include_str!("../shaders/load_f32_vec4.wgsl");
+/// Logits binding and loads for f32 logits, STEP = 1 (scalar loads).
+pub const LOAD_F32_WGSL: &str = include_str!("../shaders/load_f32.wgsl");
+/// Logits binding and loads for 16-bit logits, STEP = 8 (`vec4<u32>` loads, through `h2f`).
+pub const LOAD_HALF_VEC8_WGSL: &str = include_str!("../shaders/load_half_vec8.wgsl");
+/// Logits binding and loads for 16-bit logits, STEP = 2 (`u32` loads of two values, through `h2f`).
+pub const LOAD_HALF_PAIR_WGSL: &str = include_str!("../shaders/load_half_pair.wgsl");
+/// Logits binding and loads for 16-bit logits, STEP = 1 (one value per load, through `h2f`).
+pub const LOAD_HALF_WGSL: &str = include_str!("../shaders/load_half.wgsl");
 
 /// Invocations per workgroup (one token each).
 pub(crate) const WG: u32 = 64;
@@ -137,7 +159,9 @@ impl KernelSpec {
         }
     }
 
-    /// The generated header: constants and the logits loads.
+    /// The header of a kernel: the generated constants (from the spec and the Rust math
+    /// constants), the logits widening and loads for the spec's dtype and load width (shader
+    /// files), and the generated register lists (unrolled for K and GN).
     pub(crate) fn header(&self) -> String {
         let mut h = String::new();
         let c = |h: &mut String, name: &str, v: u32| h.push_str(&format!("const {name}: u32 = {v}u;\n"));
@@ -286,47 +310,22 @@ fn register_lists(k: u32, gn: u32) -> String {
 }
 
 /// Logits binding, `load_chunk(i)` (STEP consecutive widened-to-f32 values starting at element
-/// i, i a multiple of STEP) and `load_elem(i)`, exact for every dtype.
+/// i, i a multiple of STEP) and `load_elem(i)`, exact for every dtype: the shader files for
+/// `dtype` and `step`, concatenated (no WGSL text is generated here).
 fn loads(dtype: LogitsDtype, step: u32) -> String {
     let conv = match dtype {
         LogitsDtype::F32 => "",
-        LogitsDtype::Bf16 => "fn h2f(h: u32) -> f32 {\n    return bitcast<f32>(h << 16u);\n}\n",
-        LogitsDtype::F16 => {
-            "fn h2f(h: u32) -> f32 {\n    let s = (h & 0x8000u) << 16u;\n    let e = (h >> 10u) & 0x1fu;\n    \
-             let m = h & 0x3ffu;\n    if (e == 0x1fu) {\n        return bitcast<f32>(s | 0x7f800000u | (m << 13u));\n    }\n    \
-             if (e == 0u) {\n        return bitcast<f32>(s | bitcast<u32>(f32(m) * C_2M24));\n    }\n    \
-             return bitcast<f32>(s | ((e + 112u) << 23u) | (m << 13u));\n}\n"
-        }
+        LogitsDtype::Bf16 => H2F_BF16_WGSL,
+        LogitsDtype::F16 => H2F_F16_WGSL,
     };
-    let body = match (dtype, step) {
-        (LogitsDtype::F32, 4) => "@group(0) @binding(1) var<storage, read> lg: array<vec4<f32>>;\n\
-             fn load_chunk(i: u32) -> array<f32, STEP> {\n    let v = lg[i >> 2u];\n    return array<f32, STEP>(v.x, v.y, v.z, v.w);\n}\n\
-             fn load_elem(i: u32) -> f32 {\n    return lg[i >> 2u][i & 3u];\n}\n"
-            .to_string(),
-        (LogitsDtype::F32, _) => "@group(0) @binding(1) var<storage, read> lg: array<f32>;\n\
-             fn load_chunk(i: u32) -> array<f32, STEP> {\n    return array<f32, STEP>(lg[i]);\n}\n\
-             fn load_elem(i: u32) -> f32 {\n    return lg[i];\n}\n"
-            .to_string(),
-        (_, 8) => "@group(0) @binding(1) var<storage, read> lg: array<vec4<u32>>;\n\
-             fn load_chunk(i: u32) -> array<f32, STEP> {\n    let v = lg[i >> 3u];\n    return array<f32, STEP>(\n        \
-             h2f(v.x & 0xffffu), h2f(v.x >> 16u), h2f(v.y & 0xffffu), h2f(v.y >> 16u),\n        \
-             h2f(v.z & 0xffffu), h2f(v.z >> 16u), h2f(v.w & 0xffffu), h2f(v.w >> 16u));\n}\n\
-             fn load_elem(i: u32) -> f32 {\n    let w = lg[i >> 3u][(i >> 1u) & 3u];\n    \
-             return h2f(select(w & 0xffffu, w >> 16u, (i & 1u) == 1u));\n}\n"
-            .to_string(),
-        (_, 2) => "@group(0) @binding(1) var<storage, read> lg: array<u32>;\n\
-             fn load_chunk(i: u32) -> array<f32, STEP> {\n    let w = lg[i >> 1u];\n    \
-             return array<f32, STEP>(h2f(w & 0xffffu), h2f(w >> 16u));\n}\n\
-             fn load_elem(i: u32) -> f32 {\n    let w = lg[i >> 1u];\n    \
-             return h2f(select(w & 0xffffu, w >> 16u, (i & 1u) == 1u));\n}\n"
-            .to_string(),
-        (_, _) => "@group(0) @binding(1) var<storage, read> lg: array<u32>;\n\
-             fn load_elem(i: u32) -> f32 {\n    let w = lg[i >> 1u];\n    \
-             return h2f(select(w & 0xffffu, w >> 16u, (i & 1u) == 1u));\n}\n\
-             fn load_chunk(i: u32) -> array<f32, STEP> {\n    return array<f32, STEP>(load_elem(i));\n}\n"
-            .to_string(),
+    let load = match (dtype, step) {
+        (LogitsDtype::F32, 4) => LOAD_F32_VEC4_WGSL,
+        (LogitsDtype::F32, _) => LOAD_F32_WGSL,
+        (_, 8) => LOAD_HALF_VEC8_WGSL,
+        (_, 2) => LOAD_HALF_PAIR_WGSL,
+        (_, _) => LOAD_HALF_WGSL,
     };
-    format!("{conv}{body}fn widen(x: f32) -> f32 {{\n    return m_ftz(x);\n}}\n")
+    [WIDEN_WGSL, conv, load].join("\n")
 }
 
 /// Compiled pipelines for one [`KernelSpec`].

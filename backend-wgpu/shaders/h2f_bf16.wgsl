@@ -1,0 +1,5 @@
+// `h2f` (16-bit logit bits -> f32, used by the 16-bit `load_half*.wgsl` loads) for bf16 logits.
+
+fn h2f(h: u32) -> f32 {
+    return bf16_to_f32(h);
+}
