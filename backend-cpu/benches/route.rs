@@ -5,7 +5,9 @@
 #![allow(missing_docs)]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use moe_router_core::{GroupScore, LogitsRef, Normalization, Numerics, RouterConfig, ScoreFunction, SoftmaxPosition};
+use moe_router_core::{
+    GroupScore, LogitsRef, Normalization, Numerics, Router, RouterConfig, ScoreFunction, SoftmaxPosition,
+};
 use moe_router_cpu::CpuRouter;
 use ndarray::Array2;
 

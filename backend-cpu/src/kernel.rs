@@ -3,8 +3,8 @@
 use moe_router_core::math::{Math, NativeF32, NativeF64, Portable};
 use moe_router_core::reference::{select_row, weights_row};
 use moe_router_core::{
-    CallSite, ComputeDtype, GroupScore, HostWeights, LogitsRef, Normalization, Numerics, RouteError, Routed, Router,
-    RouterConfig, ScoreFunction, SoftmaxPosition, validate_ids,
+    CallSite, ComputeDtype, GroupScore, HostWeights, LogitsRef, Normalization, Numerics, ROUTER_SELECTS, RouteError,
+    Routed, Router, RouterConfig, ScoreFunction, SoftmaxPosition, validate_ids,
 };
 use ndarray::{Array2, ArrayView2, Axis};
 use num_traits::{Float, One, Zero};
@@ -33,7 +33,7 @@ impl CpuRouter {
     }
 
     /// Routes host logits, returning host ids and weights.
-    pub fn route_host(&self, logits: &LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
+    fn route_rows(&self, logits: &LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
         self.check(logits)?;
         match (self.cfg.compute_dtype(), self.cfg.numerics()) {
             (ComputeDtype::F64, _) => run::<NativeF64>(&self.cfg, logits, None).map(|(i, w)| (i, HostWeights::F64(w))),
@@ -47,7 +47,7 @@ impl CpuRouter {
     }
 
     /// Weights of the given ids (slot order kept) on host logits.
-    pub fn weights_host(&self, logits: &LogitsRef<'_>, ids: ArrayView2<'_, u32>) -> Result<HostWeights, RouteError> {
+    fn weigh_rows(&self, logits: &LogitsRef<'_>, ids: ArrayView2<'_, u32>) -> Result<HostWeights, RouteError> {
         self.check(logits)?;
         validate_ids(ids, logits.rows(), self.cfg.num_experts(), self.cfg.top_k(), &[])?;
         match (self.cfg.compute_dtype(), self.cfg.numerics()) {
@@ -57,6 +57,38 @@ impl CpuRouter {
             }
             (ComputeDtype::F32, Numerics::Native) => {
                 run::<NativeF32>(&self.cfg, logits, Some(ids)).map(|(_, w)| HostWeights::F32(w))
+            }
+        }
+    }
+
+    /// Replay with fallback rows: forced ids weighed, the rows in `router_rows` (whose ids are
+    /// ignored) selected, in one pass over the batch.
+    fn replay_rows(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+    ) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        self.check(logits)?;
+        validate_ids(
+            ids,
+            logits.rows(),
+            self.cfg.num_experts(),
+            self.cfg.top_k(),
+            router_rows,
+        )?;
+        let mut forced = ids.to_owned();
+        for &r in router_rows {
+            forced.row_mut(r).fill(ROUTER_SELECTS);
+        }
+        let given = Some(forced.view());
+        match (self.cfg.compute_dtype(), self.cfg.numerics()) {
+            (ComputeDtype::F64, _) => run::<NativeF64>(&self.cfg, logits, given).map(|(i, w)| (i, HostWeights::F64(w))),
+            (ComputeDtype::F32, Numerics::Portable) => {
+                run::<Portable>(&self.cfg, logits, given).map(|(i, w)| (i, HostWeights::F32(w)))
+            }
+            (ComputeDtype::F32, Numerics::Native) => {
+                run::<NativeF32>(&self.cfg, logits, given).map(|(i, w)| (i, HostWeights::F32(w)))
             }
         }
     }
@@ -94,7 +126,7 @@ impl Router for CpuRouter {
         logits: &LogitsRef<'_>,
         _site: &CallSite<'_>,
     ) -> Result<Routed<Array2<u32>, HostWeights>, RouteError> {
-        let (ids, weights) = self.route_host(logits)?;
+        let (ids, weights) = self.route_rows(logits)?;
         Ok(Routed { ids, weights })
     }
     fn weights_for(
@@ -103,7 +135,7 @@ impl Router for CpuRouter {
         ids: &Array2<u32>,
         _site: &CallSite<'_>,
     ) -> Result<HostWeights, RouteError> {
-        self.weights_host(logits, ids.view())
+        self.weigh_rows(logits, ids.view())
     }
     fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<Array2<u32>, RouteError> {
         Ok(ids.to_owned())
@@ -113,6 +145,22 @@ impl Router for CpuRouter {
     }
     fn weights_to_host(&self, weights: &HostWeights) -> Result<HostWeights, RouteError> {
         Ok(weights.clone())
+    }
+    fn with_host_logits<T, F>(&self, logits: &LogitsRef<'_>, f: F) -> Result<T, RouteError>
+    where
+        F: for<'l> FnOnce(&LogitsRef<'l>) -> Result<T, RouteError>,
+    {
+        f(logits)
+    }
+    fn replay_with_fallback(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+        _site: &CallSite<'_>,
+    ) -> Result<Routed<Array2<u32>, HostWeights>, RouteError> {
+        let (ids, weights) = self.replay_rows(logits, ids, router_rows)?;
+        Ok(Routed { ids, weights })
     }
 }
 
@@ -139,7 +187,8 @@ impl<F: Float> Scratch<F> {
     }
 }
 
-/// Routes (ids = None) or weighs given ids over all rows in parallel chunks.
+/// Routes (ids = None) or weighs given ids over all rows in parallel chunks; given rows marked
+/// [`ROUTER_SELECTS`] are routed.
 #[allow(clippy::type_complexity)]
 fn run<M: Math>(
     cfg: &RouterConfig,
@@ -162,12 +211,14 @@ fn run<M: Math>(
         .try_for_each_init(
             || Scratch::<M::F>::new(e, groups),
             |s, (ci, (mut ids_c, mut w_c))| -> Result<(), RouteError> {
-                let ids_s = ids_c
-                    .as_slice_mut()
-                    .ok_or_else(|| RouteError::Unsupported("non-contiguous ids".into()))?;
-                let w_s = w_c
-                    .as_slice_mut()
-                    .ok_or_else(|| RouteError::Unsupported("non-contiguous weights".into()))?;
+                let ids_s = ids_c.as_slice_mut().ok_or_else(|| RouteError::BufferTooSmall {
+                    buffer: "ids chunk",
+                    detail: "not contiguous".into(),
+                })?;
+                let w_s = w_c.as_slice_mut().ok_or_else(|| RouteError::BufferTooSmall {
+                    buffer: "weights chunk",
+                    detail: "not contiguous".into(),
+                })?;
                 chunk::<M>(cfg, logits, ci * CHUNK, ids_s, w_s, s, route)
             },
         )?;
@@ -190,7 +241,8 @@ fn chunk<M: Math>(
     for (r, (ids_s, w_s)) in ids.chunks_exact_mut(k).zip(w.chunks_exact_mut(k)).enumerate() {
         let row = base + r;
         widen::<M>(logits, row, &mut s.z)?;
-        if route {
+        // Replay rows marked ROUTER_SELECTS (fallback rows) are selected like routed rows.
+        if route || ids_s[0] == ROUTER_SELECTS {
             route_row::<M>(cfg, s, row, ids_s, w_s)?;
         } else {
             weigh_row::<M>(cfg, &s.z, row, ids_s, w_s, None)?;

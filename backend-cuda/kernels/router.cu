@@ -12,6 +12,9 @@
 // Errors: the lowest error key of the launch wins (atomicMax of its complement), which gives
 // the reference router's precedence (replay id errors first, then rows in order).
 
+// Replay ids of a row the router selects itself (a fallback row); never a valid expert id.
+#define ROUTER_SELECTS 0xffffffffu
+
 #define SM_BEFORE 0
 #define SM_AFTER 1
 #define SIGMOID 2
@@ -286,83 +289,86 @@ __device__ bool row_load(const Params& p, long long row, RowSmem& s, float& m, f
     return true;
 }
 
+// Selects and weighs one row; the whole block takes part and is synchronised on return.
+__device__ void row_route_one(const Params& p, long long row, RowSmem& s, int* s_bad) {
+    const int E = p.E, K = p.K;
+    float m, S;
+    if (!row_load(p, row, s, m, S, s_bad)) {
+        __syncthreads();
+        return;
+    }
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        float k;
+#if SCORE == SM_BEFORE
+        k = M_DIV(s.kf[e], S);
+        if (p.bias != 0ull) k = M_FTZ(k + M_FTZ(((const float*)p.bias)[e]));
+#else
+        k = key_of(p, e, s.z[e], m, S);
+#endif
+        s.kf[e] = k;
+        s.pk[e] = pack_key(k, e);
+    }
+    __syncthreads();
+    if (p.G > 0) {
+        const int per = p.per, gn = p.gn;
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            int g = e / per;
+            u64 me = s.pk[e];
+            int r = 0;
+            for (int j = g * per; j < (g + 1) * per; j++) r += s.pk[j] > me ? 1 : 0;
+            if (r < gn) s.gtop[g * gn + r] = s.kf[e];
+        }
+        __syncthreads();
+        for (int g = threadIdx.x; g < p.G; g += blockDim.x) {
+            float acc = s.gtop[g * gn];
+            for (int r = 1; r < gn; r++) acc = M_FTZ(acc + s.gtop[g * gn + r]);
+            s.gs[g] = acc;
+        }
+        __syncthreads();
+        for (int g = threadIdx.x; g < p.G; g += blockDim.x) {
+            float me = s.gs[g];
+            int r = 0;
+            for (int h = 0; h < p.G; h++) r += (s.gs[h] > me || (s.gs[h] == me && h < g)) ? 1 : 0;
+            s.keep[g] = r < p.gsel ? 1 : 0;
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x)
+            if (!s.keep[e / per]) s.pk[e] = pack_key(F32_NEG_INF, e);
+        __syncthreads();
+    }
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        u64 me = s.pk[e];
+        int r = 0;
+        for (int j = 0; j < E; j++) r += s.pk[j] > me ? 1 : 0;
+        if (r < K) s.sel[r] = e;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float zs[ROW_KCAP], w[ROW_KCAP];
+        for (int j = 0; j < K; j++) zs[j] = s.z[s.sel[j]];
+        if (!weights_of<ROW_KCAP>(p, zs, m, S, w)) {
+            report(p, err_all_masked(row));
+        } else {
+            u32* ids = (u32*)p.ids + row * K;
+            float* wo = (float*)p.weights + row * K;
+            for (int j = 0; j < K; j++) {
+                ids[j] = (u32)s.sel[j];
+                wo[j] = w[j];
+            }
+            if (p.tap != 0ull) {
+                u32* t = (u32*)p.tap + row * p.tap_ld;
+                for (int j = 0; j < K; j++) t[j] = (u32)s.sel[j];
+            }
+        }
+    }
+    __syncthreads();
+}
+
 extern "C" __global__ void row_route(Params p) {
     DYN_SMEM(smem_raw);
     __shared__ int s_bad;
     RowSmem s = row_smem(p, smem_raw);
-    const int E = p.E, K = p.K;
-    for (long long row = blockIdx.x; row < p.T; row += gridDim.x) {
-        float m, S;
-        if (!row_load(p, row, s, m, S, &s_bad)) {
-            __syncthreads();
-            continue;
-        }
-        for (int e = threadIdx.x; e < E; e += blockDim.x) {
-            float k;
-#if SCORE == SM_BEFORE
-            k = M_DIV(s.kf[e], S);
-            if (p.bias != 0ull) k = M_FTZ(k + M_FTZ(((const float*)p.bias)[e]));
-#else
-            k = key_of(p, e, s.z[e], m, S);
-#endif
-            s.kf[e] = k;
-            s.pk[e] = pack_key(k, e);
-        }
-        __syncthreads();
-        if (p.G > 0) {
-            const int per = p.per, gn = p.gn;
-            for (int e = threadIdx.x; e < E; e += blockDim.x) {
-                int g = e / per;
-                u64 me = s.pk[e];
-                int r = 0;
-                for (int j = g * per; j < (g + 1) * per; j++) r += s.pk[j] > me ? 1 : 0;
-                if (r < gn) s.gtop[g * gn + r] = s.kf[e];
-            }
-            __syncthreads();
-            for (int g = threadIdx.x; g < p.G; g += blockDim.x) {
-                float acc = s.gtop[g * gn];
-                for (int r = 1; r < gn; r++) acc = M_FTZ(acc + s.gtop[g * gn + r]);
-                s.gs[g] = acc;
-            }
-            __syncthreads();
-            for (int g = threadIdx.x; g < p.G; g += blockDim.x) {
-                float me = s.gs[g];
-                int r = 0;
-                for (int h = 0; h < p.G; h++) r += (s.gs[h] > me || (s.gs[h] == me && h < g)) ? 1 : 0;
-                s.keep[g] = r < p.gsel ? 1 : 0;
-            }
-            __syncthreads();
-            for (int e = threadIdx.x; e < E; e += blockDim.x)
-                if (!s.keep[e / per]) s.pk[e] = pack_key(F32_NEG_INF, e);
-            __syncthreads();
-        }
-        for (int e = threadIdx.x; e < E; e += blockDim.x) {
-            u64 me = s.pk[e];
-            int r = 0;
-            for (int j = 0; j < E; j++) r += s.pk[j] > me ? 1 : 0;
-            if (r < K) s.sel[r] = e;
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float zs[ROW_KCAP], w[ROW_KCAP];
-            for (int j = 0; j < K; j++) zs[j] = s.z[s.sel[j]];
-            if (!weights_of<ROW_KCAP>(p, zs, m, S, w)) {
-                report(p, err_all_masked(row));
-            } else {
-                u32* ids = (u32*)p.ids + row * K;
-                float* wo = (float*)p.weights + row * K;
-                for (int j = 0; j < K; j++) {
-                    ids[j] = (u32)s.sel[j];
-                    wo[j] = w[j];
-                }
-                if (p.tap != 0ull) {
-                    u32* t = (u32*)p.tap + row * p.tap_ld;
-                    for (int j = 0; j < K; j++) t[j] = (u32)s.sel[j];
-                }
-            }
-        }
-        __syncthreads();
-    }
+    for (long long row = blockIdx.x; row < p.T; row += gridDim.x) row_route_one(p, row, s, &s_bad);
 }
 
 extern "C" __global__ void row_replay(Params p) {
@@ -373,6 +379,11 @@ extern "C" __global__ void row_replay(Params p) {
     const int E = p.E, K = p.K;
     for (long long row = blockIdx.x; row < p.T; row += gridDim.x) {
         const u32* ids = (const u32*)p.ids + row * K;
+        if (ids[0] == ROUTER_SELECTS) {
+            // A fallback row of a replay: the router selects it (ids written in place).
+            row_route_one(p, row, s, &s_bad);
+            continue;
+        }
         if (threadIdx.x == 0) s_idbad = 0;
         __syncthreads();
         for (int j = threadIdx.x; j < K; j += blockDim.x) {
@@ -524,6 +535,11 @@ __device__ __forceinline__ void insert_top(u64 (&t)[N], u64 v) {
 }
 
 template <int KMAX>
+__device__ void tile_weigh_given(const Params& p, long long row, int bad, float m, float S);
+
+// Route (FB = false), or the routing half of a replay with fallback rows (FB = true): every lane
+// selects, then a lane whose row has replay ids weighs those instead (tile_weigh_given).
+template <int KMAX, bool FB>
 __device__ void tile_route_impl(const Params& p) {
     DYN_SMEM(smem_raw);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -597,6 +613,10 @@ __device__ void tile_route_impl(const Params& p) {
         }
     }
     if (row >= p.T) return;
+    if (FB && ((const u32*)p.ids)[row * p.K] != ROUTER_SELECTS) {
+        tile_weigh_given<KMAX>(p, row, bad, m, S);
+        return;
+    }
     if (bad != 0x7fffffff) {
         report(p, err_nonfinite(row, bad));
         return;
@@ -653,6 +673,16 @@ __device__ void tile_replay_impl(const Params& p) {
     });
 #endif
     if (!active) return;
+#if SCORE != SM_BEFORE
+    m = 0.0f;
+#endif
+    tile_weigh_given<KMAX>(p, row, bad, m, S);
+}
+
+// Weighs the replay ids of `row` (validated here) from the row's statistics: `bad` (first
+// non-finite logit, or 0x7fffffff), and for softmax before top-K the row maximum m and the sum S.
+template <int KMAX>
+__device__ void tile_weigh_given(const Params& p, long long row, int bad, float m, float S) {
     const u32* ids = (const u32*)p.ids + row * p.K;
     u32 id[KMAX];
     bool idbad = false;
@@ -678,8 +708,6 @@ __device__ void tile_replay_impl(const Params& p) {
         report(p, err_all_masked(row));
         return;
     }
-#else
-    m = 0.0f;
 #endif
     const logit_t* lr = (const logit_t*)p.logits + row * p.ld;
     float zs[KMAX], w[KMAX];
@@ -695,12 +723,29 @@ __device__ void tile_replay_impl(const Params& p) {
         if (j < p.K) wo[j] = w[j];
 }
 
+// Replay with fallback rows (replay ids ROUTER_SELECTS): a warp with a fallback row selects
+// every row and weighs the replayed rows from the same pass; other warps only replay.
+template <int KMAX>
+__device__ void tile_replay_fb_impl(const Params& p) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long row = ((long long)blockIdx.x * TILE_WARPS + warp) * 32 + lane;
+    const bool fb = row < p.T && ((const u32*)p.ids)[row * p.K] == ROUTER_SELECTS;
+    if (__any_sync(0xffffffffu, fb)) {
+        tile_route_impl<KMAX, true>(p);
+    } else {
+        tile_replay_impl<KMAX>(p);
+    }
+}
+
 #define TILE_KERNELS(KM)                                                                          \
     extern "C" __global__ void __launch_bounds__(TILE_WARPS * 32) tile_route_k##KM(Params p) {   \
-        tile_route_impl<KM>(p);                                                                   \
+        tile_route_impl<KM, false>(p);                                                            \
     }                                                                                             \
     extern "C" __global__ void __launch_bounds__(TILE_WARPS * 32) tile_replay_k##KM(Params p) {  \
         tile_replay_impl<KM>(p);                                                                  \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(TILE_WARPS * 32) tile_replay_fb_k##KM(Params p) { \
+        tile_replay_fb_impl<KM>(p);                                                               \
     }
 
 // Indirection so that TILE_KMAX_N expands before ## pastes it.

@@ -10,10 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub(crate) const BACKEND: &str = "cuda";
 
 pub(crate) fn dev_err(e: DriverError) -> RouteError {
-    RouteError::Device {
-        backend: BACKEND,
-        message: format!("{e:?}"),
-    }
+    RouteError::device_with_source(BACKEND, format!("{e:?}"), e)
 }
 
 pub(crate) fn unavailable(reason: impl Into<String>) -> RouteError {
@@ -86,6 +83,8 @@ pub fn precompile(ordinal: usize, variants: &[RouterVariant], threads: usize) ->
 pub(crate) struct RouterKernels {
     pub route: CudaFunction,
     pub replay: CudaFunction,
+    /// Replay that selects the rows marked `ROUTER_SELECTS` itself (fallback rows).
+    pub replay_fallback: CudaFunction,
     _module: Arc<CudaModule>,
 }
 
@@ -123,9 +122,10 @@ fn arch_of(major: i32, minor: i32) -> Result<&'static str, RouteError> {
         (m, _) if m >= 9 => "compute_90",
         (8, _) => "compute_80",
         _ => {
-            return Err(RouteError::Unsupported(format!(
-                "compute capability {major}.{minor}: the CUDA backend needs 8.0 or newer (cp.async)"
-            )));
+            return Err(RouteError::unsupported(
+                BACKEND,
+                format!("compute capability {major}.{minor}: the CUDA backend needs 8.0 or newer (cp.async)"),
+            ));
         }
     })
 }
@@ -199,7 +199,7 @@ impl Device {
     fn load(&self, src: &str, opts: cudarc::nvrtc::CompileOptions) -> Result<Arc<CudaModule>, RouteError> {
         let name = opts.name.clone().unwrap_or_default();
         let cubin = kernels::compile_cubin(src, &name, &kernels::option_strings(&opts, self.sm))
-            .map_err(|log| RouteError::Unsupported(format!("kernel compilation failed: {log}")))?;
+            .map_err(|log| RouteError::device(BACKEND, format!("kernel compilation failed: {log}")))?;
         self.ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
             .map_err(dev_err)
@@ -217,17 +217,29 @@ impl Device {
         }
         // Compile outside the lock so that several variants can compile in parallel.
         let module = self.load(&v.source(), v.options(self.arch))?;
-        let (rn, pn) = match v.part {
-            Part::Row => ("row_route".to_string(), "row_replay".to_string()),
-            Part::Tile(n) => (format!("tile_route_k{n}"), format!("tile_replay_k{n}")),
+        // The row replay kernel selects fallback rows itself; the tile one has a separate entry.
+        let (rn, pn, fbn) = match v.part {
+            Part::Row => (
+                "row_route".to_string(),
+                "row_replay".to_string(),
+                "row_replay".to_string(),
+            ),
+            Part::Tile(n) => (
+                format!("tile_route_k{n}"),
+                format!("tile_replay_k{n}"),
+                format!("tile_replay_fb_k{n}"),
+            ),
         };
         let route = module.load_function(&rn).map_err(dev_err)?;
         let replay = module.load_function(&pn).map_err(dev_err)?;
+        let replay_fallback = module.load_function(&fbn).map_err(dev_err)?;
         set_smem(&route, self.smem_optin)?;
         set_smem(&replay, self.smem_optin)?;
+        set_smem(&replay_fallback, self.smem_optin)?;
         let k = Arc::new(RouterKernels {
             route,
             replay,
+            replay_fallback,
             _module: module,
         });
         let mut map = self.routers.lock().map_err(|_| unavailable("module cache poisoned"))?;

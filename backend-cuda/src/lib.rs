@@ -13,7 +13,7 @@
 //!   routing stream. [`RouteBuffers`] give a CUDA-graph-friendly mode with preallocated outputs
 //!   and a record buffer `[max_tokens, layers, K]` written by the route kernel itself.
 //! - Statistics: tokens per expert, aux losses and z-loss on the device; capacity dropping as a
-//!   documented host step ([`CudaRouter::apply_capacity`]).
+//!   documented host step ([`Router::apply_capacity`](moe_router_core::Router::apply_capacity)).
 //!
 //! A machine without a CUDA driver, NVRTC or device gets [`RouteError::Unavailable`] from
 //! [`CudaRouter::new`], never a panic.

@@ -89,7 +89,9 @@ impl Recorder {
         let worker = std::thread::Builder::new()
             .name("moe-router-cuda-record".into())
             .spawn(move || worker(rx, p2, f2))
-            .map_err(|e| RouteError::Unsupported(format!("cannot start the record thread: {e}")))?;
+            .map_err(|e| RouteError::Recorder {
+                reason: format!("cannot start the record thread: {e}"),
+            })?;
         Ok(Recorder {
             dev,
             side,
@@ -117,9 +119,8 @@ impl Recorder {
         if let Ok(f) = self.failed.lock()
             && let Some(e) = f.as_ref()
         {
-            return Err(RouteError::Device {
-                backend: "cuda",
-                message: format!("an earlier recording failed: {e}"),
+            return Err(RouteError::Recorder {
+                reason: format!("an earlier recording failed: {e}"),
             });
         }
         let (rows, k) = ids.dim();
@@ -148,7 +149,9 @@ impl Recorder {
         self.tx
             .as_ref()
             .and_then(|t| t.send(job).ok())
-            .ok_or_else(|| RouteError::Unsupported("record thread stopped".into()))
+            .ok_or_else(|| RouteError::Recorder {
+                reason: "the record thread stopped".into(),
+            })
     }
 
     /// Waits until every job sent so far was delivered.
@@ -157,10 +160,12 @@ impl Recorder {
         self.tx
             .as_ref()
             .and_then(|t| t.send(Job::Flush(ack_tx)).ok())
-            .ok_or_else(|| RouteError::Unsupported("record thread stopped".into()))?;
-        ack_rx
-            .recv()
-            .map_err(|_| RouteError::Unsupported("record thread stopped".into()))
+            .ok_or_else(|| RouteError::Recorder {
+                reason: "the record thread stopped".into(),
+            })?;
+        ack_rx.recv().map_err(|_| RouteError::Recorder {
+            reason: "the record thread stopped".into(),
+        })
     }
 }
 

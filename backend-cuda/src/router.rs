@@ -7,9 +7,8 @@ use crate::kernels::{
 };
 use crate::record::Recorder;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
-use moe_router_core::capacity::{CapacityOutcome, apply_capacity};
 use moe_router_core::{
-    CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, RouteError, Routed, Router, RouterConfig,
+    CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, ROUTER_SELECTS, RouteError, Routed, Router, RouterConfig,
 };
 use ndarray::{Array2, Array3, ArrayView2};
 use std::sync::{Arc, Mutex};
@@ -47,7 +46,10 @@ pub struct DeviceLogits<'a> {
 }
 
 fn shape_err(what: &str) -> RouteError {
-    RouteError::Unsupported(format!("device buffer too small: {what}"))
+    RouteError::BufferTooSmall {
+        buffer: "logits view",
+        detail: what.to_string(),
+    }
 }
 
 impl<'a> DeviceLogits<'a> {
@@ -62,9 +64,13 @@ impl<'a> DeviceLogits<'a> {
             LogitsView::Bf16(v) | LogitsView::F16(v) => v.len(),
         };
         if ld < cols {
-            return Err(RouteError::Unsupported(format!(
-                "row stride {ld} is smaller than the row length {cols}"
-            )));
+            return Err(RouteError::RowRange {
+                start: 0,
+                end: rows,
+                rows,
+                stride: ld,
+                cols,
+            });
         }
         let need = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
         if len < need {
@@ -101,10 +107,13 @@ impl<'a> DeviceLogits<'a> {
     /// Rows `start..end` as a new view.
     pub fn slice_rows(&self, start: usize, end: usize) -> Result<DeviceLogits<'_>, RouteError> {
         if start > end || end > self.rows {
-            return Err(RouteError::Unsupported(format!(
-                "rows {start}..{end} out of 0..{}",
-                self.rows
-            )));
+            return Err(RouteError::RowRange {
+                start,
+                end,
+                rows: self.rows,
+                stride: self.ld,
+                cols: self.cols,
+            });
         }
         let a = start * self.ld;
         let b = if end == start {
@@ -207,6 +216,27 @@ impl DeviceWeights {
     }
 }
 
+/// What one launch does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Op {
+    /// Select and weigh.
+    Route,
+    /// Weigh given ids.
+    Replay,
+    /// Weigh given ids, and select the rows marked `ROUTER_SELECTS`.
+    ReplayFallback,
+}
+
+impl crate::device::RouterKernels {
+    fn function(&self, op: Op) -> &cudarc::driver::CudaFunction {
+        match op {
+            Op::Route => &self.route,
+            Op::Replay => &self.replay,
+            Op::ReplayFallback => &self.replay_fallback,
+        }
+    }
+}
+
 /// Which kernel shape routes a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelChoice {
@@ -303,19 +333,22 @@ impl CudaRouter {
     /// Whether the CUDA backend takes `cfg` (without touching a device).
     pub fn check_config(cfg: &RouterConfig) -> Result<(), RouteError> {
         if cfg.compute_dtype() != ComputeDtype::F32 {
-            return Err(RouteError::Unsupported("the CUDA backend computes in f32 only".into()));
+            return Err(RouteError::unsupported(
+                BACKEND,
+                "f64 compute (the CUDA backend computes in f32)",
+            ));
         }
         if cfg.num_experts() > MAX_EXPERTS {
-            return Err(RouteError::Unsupported(format!(
-                "num_experts = {} exceeds the CUDA backend's maximum {MAX_EXPERTS}",
-                cfg.num_experts()
-            )));
+            return Err(RouteError::unsupported(
+                BACKEND,
+                format!("num_experts = {} exceeds the maximum {MAX_EXPERTS}", cfg.num_experts()),
+            ));
         }
         if cfg.top_k() > MAX_TOP_K {
-            return Err(RouteError::Unsupported(format!(
-                "top_k = {} exceeds the CUDA backend's maximum {MAX_TOP_K}",
-                cfg.top_k()
-            )));
+            return Err(RouteError::unsupported(
+                BACKEND,
+                format!("top_k = {} exceeds the maximum {MAX_TOP_K}", cfg.top_k()),
+            ));
         }
         Ok(())
     }
@@ -390,32 +423,6 @@ impl CudaRouter {
         Ok(LogitsBuffer { data, rows, cols })
     }
 
-    /// Routes host logits and copies the result back (convenience for the CLI and tests).
-    pub fn route_host(&self, logits: &LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
-        let buf = self.upload_logits(logits)?;
-        let r = self.route(&buf.view(), &CallSite::default())?;
-        Ok((self.ids_to_host(&r.ids)?, self.weights_to_host(&r.weights)?))
-    }
-
-    /// Weights of host `ids` on host logits (replay; convenience for the CLI and tests).
-    pub fn weights_host(&self, logits: &LogitsRef<'_>, ids: ArrayView2<'_, u32>) -> Result<HostWeights, RouteError> {
-        let buf = self.upload_logits(logits)?;
-        let (t, e) = logits.dim();
-        self.check_logits_shape(t, e)?;
-        let (r, c) = ids.dim();
-        if r != t || c != self.cfg.top_k() {
-            return Err(RouteError::IdsShape {
-                expected_rows: t,
-                expected_k: self.cfg.top_k(),
-                rows: r,
-                cols: c,
-            });
-        }
-        let d = self.ids_from_host(ids)?;
-        let w = self.weights_for(&buf.view(), &d, &CallSite::default())?;
-        self.weights_to_host(&w)
-    }
-
     fn check_logits_shape(&self, rows: usize, cols: usize) -> Result<(), RouteError> {
         if cols != self.cfg.num_experts() {
             return Err(RouteError::LogitsShape {
@@ -427,7 +434,7 @@ impl CudaRouter {
         Ok(())
     }
 
-    fn plan(&self, logits: &DeviceLogits<'_>, ptr: u64, replay: bool) -> Plan {
+    fn plan(&self, logits: &DeviceLogits<'_>, ptr: u64, op: Op) -> Plan {
         let choice = self.choice.lock().map(|c| *c).unwrap_or_default();
         let lb = logits.dtype().bytes() as u64;
         let aligned = ptr.is_multiple_of(16)
@@ -438,7 +445,8 @@ impl CudaRouter {
             KernelChoice::Tile => true,
             KernelChoice::Auto => logits.rows >= TILE_MIN_ROWS || logits.cols <= TILE_MAX_SMALL_E,
         };
-        match tile_slot(&self.base, replay) {
+        // A replay with fallback rows selects too: it needs what routing needs.
+        match tile_slot(&self.base, op == Op::Replay) {
             Some(ki) if big && aligned => Plan::Tile(ki),
             _ => Plan::Row,
         }
@@ -460,7 +468,7 @@ impl CudaRouter {
     }
 
     /// Enqueues the route or replay kernel for `p` on the router's stream.
-    fn launch(&self, p: Params, rows: usize, plan: &Plan, replay: bool, dtype: LogitDtype) -> Result<(), RouteError> {
+    fn launch(&self, p: Params, rows: usize, plan: &Plan, op: Op, dtype: LogitDtype) -> Result<(), RouteError> {
         if rows == 0 {
             return Ok(());
         }
@@ -472,9 +480,9 @@ impl CudaRouter {
         let s = &self.dev.stream;
         let (f, cfg) = match *plan {
             Plan::Tile(ki) => {
-                let smem = tile_smem(&p, ki, replay);
+                let smem = tile_smem(&p, ki, op == Op::Replay);
                 let blocks = rows.div_ceil(TILE_WARPS * 32);
-                let f = if replay { &kern.replay } else { &kern.route };
+                let f = kern.function(op);
                 (
                     f,
                     LaunchConfig {
@@ -487,7 +495,7 @@ impl CudaRouter {
             Plan::Row => {
                 let (block, smem) = row_launch(&p);
                 let grid = rows.min(1 << 30);
-                let f = if replay { &kern.replay } else { &kern.route };
+                let f = kern.function(op);
                 (
                     f,
                     LaunchConfig {
@@ -499,10 +507,13 @@ impl CudaRouter {
             }
         };
         if cfg.shared_mem_bytes as usize > self.dev.smem_optin {
-            return Err(RouteError::Unsupported(format!(
-                "needs {} bytes of shared memory per block, the device allows {}",
-                cfg.shared_mem_bytes, self.dev.smem_optin
-            )));
+            return Err(RouteError::unsupported(
+                BACKEND,
+                format!(
+                    "this config needs {} bytes of shared memory per block, the device allows {}",
+                    cfg.shared_mem_bytes, self.dev.smem_optin
+                ),
+            ));
         }
         let mut b = s.launch_builder(f);
         b.arg(&p);
@@ -570,18 +581,21 @@ impl CudaRouter {
         let (t, e) = logits.dim();
         self.check_logits_shape(t, e)?;
         if t > out.max_tokens || out.k != self.cfg.top_k() {
-            return Err(RouteError::Unsupported(format!(
-                "buffers hold {} rows of K = {}, the call needs {t} rows of K = {}",
-                out.max_tokens,
-                out.k,
-                self.cfg.top_k()
-            )));
+            return Err(RouteError::BufferTooSmall {
+                buffer: "route buffers",
+                detail: format!(
+                    "they hold {} rows of K = {}, the call needs {t} rows of K = {}",
+                    out.max_tokens,
+                    out.k,
+                    self.cfg.top_k()
+                ),
+            });
         }
         if out.record.is_some() && layer >= out.layers {
-            return Err(RouteError::Unsupported(format!(
-                "layer {layer} out of the record buffer's {} layers",
-                out.layers
-            )));
+            return Err(RouteError::BufferTooSmall {
+                buffer: "record buffer",
+                detail: format!("layer {layer} is out of its {} layers", out.layers),
+            });
         }
         let s = &self.dev.stream;
         let (lptr, _g) = logits.raw_ptr(s);
@@ -593,8 +607,8 @@ impl CudaRouter {
             p.tap = r.device_ptr(s).0 + (layer * out.k * 4) as u64;
             p.tap_ld = (out.layers * out.k) as i64;
         }
-        let plan = self.plan(logits, lptr, false);
-        self.launch(p, t, &plan, false, logits.dtype())?;
+        let plan = self.plan(logits, lptr, Op::Route);
+        self.launch(p, t, &plan, Op::Route, logits.dtype())?;
         out.rows = t;
         Ok(())
     }
@@ -625,8 +639,8 @@ impl CudaRouter {
         p.ids = iptr;
         p.weights = out.weights.device_ptr(s).0;
         p.status = out.status.device_ptr(s).0;
-        let plan = self.plan(logits, lptr, true);
-        self.launch(p, t, &plan, true, logits.dtype())?;
+        let plan = self.plan(logits, lptr, Op::Replay);
+        self.launch(p, t, &plan, Op::Replay, logits.dtype())?;
         out.rows = t;
         Ok(())
     }
@@ -642,34 +656,56 @@ impl CudaRouter {
     /// Copies the record buffer to the host as `[max_tokens, layers, K]`.
     pub fn recorded_ids(&self, out: &RouteBuffers) -> Result<Array3<u32>, RouteError> {
         let Some(r) = &out.record else {
-            return Err(RouteError::Unsupported(
-                "these buffers were allocated without a record buffer".into(),
-            ));
+            return Err(RouteError::BufferTooSmall {
+                buffer: "record buffer",
+                detail: "these route buffers were allocated without one".into(),
+            });
         };
         let mut v = self.dev.stream.clone_dtoh(r).map_err(dev_err)?;
         v.truncate(out.max_tokens * out.layers * out.k);
         Array3::from_shape_vec((out.max_tokens, out.layers, out.k), v)
-            .map_err(|e| RouteError::Unsupported(e.to_string()))
+            .map_err(|e| RouteError::array_shape(&[out.max_tokens, out.layers, out.k], e))
     }
 
-    /// Capacity dropping (DESIGN §2 step 8) as a documented host step: the ids and weights are
-    /// copied to the host and `moe_router_core::capacity::apply_capacity` decides, so the result
-    /// is exactly the reference's. Errors when the config has no capacity.
-    pub fn apply_capacity(&self, ids: &DeviceIds, weights: &DeviceWeights) -> Result<CapacityOutcome, RouteError> {
-        let Some(cap) = self.cfg.capacity() else {
-            return Err(RouteError::Unsupported("the config has no capacity".into()));
-        };
-        let i = self.ids_to_host(ids)?;
-        let w = self.weights_to_host(weights)?.to_f64();
-        Ok(apply_capacity(&cap, i.view(), w.view(), self.cfg.num_experts()))
+    /// Weighs `ids` (replay), or with [`Op::ReplayFallback`] also selects the rows marked
+    /// [`ROUTER_SELECTS`], writing their ids into `ids`.
+    fn weigh(&self, logits: &DeviceLogits<'_>, ids: &DeviceIds, op: Op) -> Result<DeviceWeights, RouteError> {
+        let (t, e) = logits.dim();
+        self.check_logits_shape(t, e)?;
+        let k = self.cfg.top_k();
+        if ids.rows != t || ids.k != k {
+            return Err(RouteError::IdsShape {
+                expected_rows: t,
+                expected_k: k,
+                rows: ids.rows,
+                cols: ids.k,
+            });
+        }
+        let weights = self.alloc::<f32>(t * k)?;
+        let status = self.dev.stream.alloc_zeros::<u64>(1).map_err(dev_err)?;
+        {
+            let s = &self.dev.stream;
+            let (lptr, _g) = logits.raw_ptr(s);
+            let mut p = self.params(logits, lptr);
+            p.ids = ids.buf.device_ptr(s).0;
+            p.weights = weights.device_ptr(s).0;
+            p.status = status.device_ptr(s).0;
+            let plan = self.plan(logits, lptr, op);
+            self.launch(p, t, &plan, op, logits.dtype())?;
+        }
+        self.read_status(&status, Some(ids))?;
+        Ok(DeviceWeights {
+            buf: weights,
+            rows: t,
+            k,
+        })
     }
 
     /// Blocks until every recording handed to a sink so far has been delivered.
     pub fn flush_records(&self) -> Result<(), RouteError> {
-        let guard = self
-            .recorder
-            .lock()
-            .map_err(|_| RouteError::Unsupported("recorder poisoned".into()))?;
+        let guard = self.recorder.lock().map_err(|_| RouteError::Recorder {
+            reason: "its lock is poisoned (a thread panicked while recording)".into(),
+        })?;
         match guard.as_ref() {
             Some(r) => r.flush(),
             None => Ok(()),
@@ -714,8 +750,8 @@ impl Router for CudaRouter {
             p.ids = ids.device_ptr(s).0;
             p.weights = weights.device_ptr(s).0;
             p.status = status.device_ptr(s).0;
-            let plan = self.plan(logits, lptr, false);
-            self.launch(p, t, &plan, false, logits.dtype())?;
+            let plan = self.plan(logits, lptr, Op::Route);
+            self.launch(p, t, &plan, Op::Route, logits.dtype())?;
         }
         self.read_status(&status, None)?;
         Ok(Routed {
@@ -738,35 +774,32 @@ impl Router for CudaRouter {
         ids: &DeviceIds,
         _site: &CallSite<'_>,
     ) -> Result<DeviceWeights, RouteError> {
-        let (t, e) = logits.dim();
-        self.check_logits_shape(t, e)?;
-        let k = self.cfg.top_k();
-        if ids.rows != t || ids.k != k {
-            return Err(RouteError::IdsShape {
-                expected_rows: t,
-                expected_k: k,
-                rows: ids.rows,
-                cols: ids.k,
-            });
+        self.weigh(logits, ids, Op::Replay)
+    }
+
+    fn replay_with_fallback(
+        &self,
+        logits: &DeviceLogits<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+        _site: &CallSite<'_>,
+    ) -> Result<Routed<DeviceIds, DeviceWeights>, RouteError> {
+        // Fallback rows carry ROUTER_SELECTS (the caller's convention, enforced here): the
+        // kernel selects them and writes their ids in place, in the same launch.
+        let mut forced = ids.to_owned();
+        for &r in router_rows {
+            if r < forced.nrows() {
+                forced.row_mut(r).fill(ROUTER_SELECTS);
+            }
         }
-        let weights = self.alloc::<f32>(t * k)?;
-        let status = self.dev.stream.alloc_zeros::<u64>(1).map_err(dev_err)?;
-        {
-            let s = &self.dev.stream;
-            let (lptr, _g) = logits.raw_ptr(s);
-            let mut p = self.params(logits, lptr);
-            p.ids = ids.buf.device_ptr(s).0;
-            p.weights = weights.device_ptr(s).0;
-            p.status = status.device_ptr(s).0;
-            let plan = self.plan(logits, lptr, true);
-            self.launch(p, t, &plan, true, logits.dtype())?;
-        }
-        self.read_status(&status, Some(ids))?;
-        Ok(DeviceWeights {
-            buf: weights,
-            rows: t,
-            k,
-        })
+        let dev = self.ids_from_host(forced.view())?;
+        let op = if router_rows.is_empty() {
+            Op::Replay
+        } else {
+            Op::ReplayFallback
+        };
+        let weights = self.weigh(logits, &dev, op)?;
+        Ok(Routed { ids: dev, weights })
     }
 
     fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<DeviceIds, RouteError> {
@@ -794,7 +827,7 @@ impl Router for CudaRouter {
     fn ids_to_host(&self, ids: &DeviceIds) -> Result<Array2<u32>, RouteError> {
         let mut v = self.dev.stream.clone_dtoh(&*ids.buf).map_err(dev_err)?;
         v.truncate(ids.rows * ids.k);
-        Array2::from_shape_vec((ids.rows, ids.k), v).map_err(|e| RouteError::Unsupported(e.to_string()))
+        Array2::from_shape_vec((ids.rows, ids.k), v).map_err(|e| RouteError::array_shape(&[ids.rows, ids.k], e))
     }
 
     fn weights_to_host(&self, weights: &DeviceWeights) -> Result<HostWeights, RouteError> {
@@ -802,20 +835,31 @@ impl Router for CudaRouter {
         v.truncate(weights.rows * weights.k);
         Array2::from_shape_vec((weights.rows, weights.k), v)
             .map(HostWeights::F32)
-            .map_err(|e| RouteError::Unsupported(e.to_string()))
+            .map_err(|e| RouteError::array_shape(&[weights.rows, weights.k], e))
     }
 
     fn record_ids(&self, ids: &DeviceIds, sink: IdsSink) -> Result<(), RouteError> {
-        let mut guard = self
-            .recorder
-            .lock()
-            .map_err(|_| RouteError::Unsupported("recorder poisoned".into()))?;
+        let mut guard = self.recorder.lock().map_err(|_| RouteError::Recorder {
+            reason: "its lock is poisoned (a thread panicked while recording)".into(),
+        })?;
         if guard.is_none() {
             *guard = Some(Recorder::new(self.dev.clone())?);
         }
         match guard.as_ref() {
             Some(r) => r.record(ids, sink),
-            None => Err(RouteError::Unsupported("recorder unavailable".into())),
+            None => Err(RouteError::Recorder {
+                reason: "no recorder could be started".into(),
+            }),
         }
+    }
+    fn with_host_logits<T, F>(&self, logits: &LogitsRef<'_>, f: F) -> Result<T, RouteError>
+    where
+        F: for<'l> FnOnce(&DeviceLogits<'l>) -> Result<T, RouteError>,
+    {
+        let buf = self.upload_logits(logits)?;
+        f(&buf.view())
+    }
+    fn tokens_per_expert(&self, ids: &DeviceIds) -> Result<Vec<u64>, RouteError> {
+        self.count_experts(ids)
     }
 }

@@ -32,8 +32,8 @@ fn switch_loss(prob_sums: &[f64], counts: &[f64], rows: usize, top_k: usize, coe
 }
 
 impl CudaRouter {
-    /// Tokens routed to each expert (ids `>= E` are ignored).
-    pub fn tokens_per_expert(&self, ids: &DeviceIds) -> Result<Vec<u64>, RouteError> {
+    /// Tokens routed to each expert (ids `>= E` are ignored), counted on the device.
+    pub(crate) fn count_experts(&self, ids: &DeviceIds) -> Result<Vec<u64>, RouteError> {
         let e = self.config().num_experts();
         let dev = self.device();
         let s = &dev.stream;

@@ -24,6 +24,17 @@ inline std::barrier<>* g_block_bar;
 inline std::vector<std::unique_ptr<std::barrier<>>> g_warp_bars;
 inline void __syncthreads() { g_block_bar->arrive_and_wait(); }
 inline void __syncwarp() { g_warp_bars[threadIdx.x / 32]->arrive_and_wait(); }
+inline std::vector<int> g_warp_votes;
+// Every lane of the warp must call it (as the kernels do: warp-uniform control flow).
+inline bool __any_sync(unsigned, bool pred) {
+    const unsigned w = threadIdx.x / 32;
+    g_warp_votes[threadIdx.x] = pred ? 1 : 0;
+    __syncwarp();
+    bool any = false;
+    for (unsigned l = 0; l < 32 && w * 32 + l < g_warp_votes.size(); l++) any = any || g_warp_votes[w * 32 + l];
+    __syncwarp();
+    return any;
+}
 struct uint4 { unsigned x, y, z, w; };
 static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
@@ -51,6 +62,7 @@ void emu_launch(void (*k)(P), P p, unsigned grid, unsigned block, size_t smem) {
         g_block_bar = &bar;
         g_warp_bars.clear();
         for (unsigned w = 0; w < (block + 31) / 32; w++) g_warp_bars.emplace_back(new std::barrier<>(32));
+        g_warp_votes.assign(((block + 31) / 32) * 32, 0);
         std::vector<std::thread> ts;
         for (unsigned t = 0; t < block; t++)
             ts.emplace_back([=] {

@@ -5,6 +5,7 @@
 //! kernels on the device. Needs a C++20 compiler (`c++`); without one it prints that it skipped.
 
 use half::{bf16, f16};
+use moe_router_core::Router;
 use moe_router_core::{
     GroupScore, HostWeights, LogitsRef, Normalization, ReferenceRouter, RouteError, RouterConfig, ScoreFunction,
     SoftmaxPosition,

@@ -317,6 +317,11 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     if (row >= P.rows) {
         return;
     }
+    route_row(row);
+}
+
+// Selects and weighs one row, writing its ids and weights (or reporting its error).
+fn route_row(row: u32) {
     let base = row * E;
     var m = 0.0;
     var s = 0.0;
@@ -444,7 +449,9 @@ fn route(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
 }
 
 // Replay: weights of given ids (slot order kept). Ids are validated (range, duplicates) and the
-// whole row is checked for NaN/+inf, as the reference does.
+// whole row is checked for NaN/+inf, as the reference does. A row whose first id is
+// ROUTER_SELECTS (a fallback row) is selected by the router instead.
+const ROUTER_SELECTS: u32 = 0xffffffffu;
 @compute @workgroup_size(WG)
 fn replay(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     init_consts();
@@ -452,9 +459,14 @@ fn replay(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     if (row >= P.rows) {
         return;
     }
+    let o = row * K;
+    if (ids_out[o] == ROUTER_SELECTS) {
+        // A fallback row of a replay: the router selects it (ids written in place).
+        route_row(row);
+        return;
+    }
     let base = row * E;
     var sel: array<u32, K>;
-    let o = row * K;
     for (var j = 0u; j < K; j++) {
         let id = ids_out[o + j];
         sel[j] = id;

@@ -15,10 +15,7 @@ pub const ENV_ADAPTER: &str = "MOE_ROUTER_WGPU_ADAPTER";
 pub(crate) const BACKEND: &str = "wgpu";
 
 pub(crate) fn device_err(message: impl Into<String>) -> RouteError {
-    RouteError::Device {
-        backend: BACKEND,
-        message: message.into(),
-    }
+    RouteError::device(BACKEND, message)
 }
 
 pub(crate) fn unavailable(reason: impl Into<String>) -> RouteError {

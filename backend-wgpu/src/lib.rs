@@ -6,8 +6,8 @@
 //!
 //! - [`WgpuRouter`] implements [`moe_router_core::Router`] for logits on the device
 //!   ([`WgpuLogits::Device`]) or on the host ([`WgpuLogits::Host`]), returning ids and weights
-//!   in device buffers ([`WgpuIds`], [`WgpuWeights`]); [`WgpuRouter::route_host`] and
-//!   [`WgpuRouter::weights_host`] are host-in, host-out conveniences.
+//!   in device buffers ([`WgpuIds`], [`WgpuWeights`]); [`Router::route_host`](moe_router_core::Router::route_host) and
+//!   [`Router::weights_host`](moe_router_core::Router::weights_host) are host-in, host-out conveniences.
 //! - **Portable numerics** (the default) are bit-identical to the reference router (ids and
 //!   weight bits), also on drivers that fuse `a·b + c` into FMA: the WGSL mirror of
 //!   `moe_router_core::math` passes every product that feeds an add through an XOR with an
@@ -29,3 +29,7 @@ pub mod stats;
 pub use context::{AdapterDescription, AdapterOptions, ENV_ADAPTER, ENV_BACKEND, WgpuContext};
 pub use kernels::LogitsDtype;
 pub use router::{DeviceLogits, RouteTargets, WgpuIds, WgpuLogits, WgpuRouter, WgpuWeights};
+
+/// The `wgpu` crate this backend is built on (for callers that build their own buffers and
+/// command encoders).
+pub use wgpu;

@@ -6,8 +6,8 @@ use bytemuck::{Pod, Zeroable};
 use moe_router_core::math::{NativeF32, Portable};
 use moe_router_core::reference::widen_checked;
 use moe_router_core::{
-    CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, Normalization, Numerics, RouteError, Routed, Router,
-    RouterConfig, validate_ids,
+    CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, Normalization, Numerics, ROUTER_SELECTS, RouteError,
+    Routed, Router, RouterConfig, validate_ids,
 };
 use ndarray::{Array2, ArrayView2};
 use std::collections::HashMap;
@@ -78,17 +78,21 @@ impl DeviceLogits {
     ) -> Result<DeviceLogits, RouteError> {
         let need = offset + (rows * cols * dtype.size()) as u64;
         if buffer.size() < need {
-            return Err(RouteError::Unsupported(format!(
-                "logits buffer of {} bytes is too small for [{rows}, {cols}] {} at offset {offset}",
-                buffer.size(),
-                dtype.name()
-            )));
+            return Err(RouteError::BufferTooSmall {
+                buffer: "logits buffer",
+                detail: format!(
+                    "{} bytes cannot hold [{rows}, {cols}] {} at offset {offset}",
+                    buffer.size(),
+                    dtype.name()
+                ),
+            });
         }
         let usage = buffer.usage();
         if !usage.contains(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC) {
-            return Err(RouteError::Unsupported(format!(
-                "logits buffer usage {usage:?} lacks STORAGE | COPY_SRC"
-            )));
+            return Err(RouteError::BufferTooSmall {
+                buffer: "logits buffer",
+                detail: format!("its usage {usage:?} lacks STORAGE | COPY_SRC"),
+            });
         }
         Ok(DeviceLogits {
             buffer,
@@ -212,28 +216,6 @@ impl RouteTargets {
     }
 }
 
-/// Reused buffers of the host-convenience paths, grown on demand.
-struct Scratch {
-    input: Option<wgpu::Buffer>,
-    ids: Option<wgpu::Buffer>,
-    weights: Option<wgpu::Buffer>,
-    readback: Option<wgpu::Buffer>,
-    params: Option<wgpu::Buffer>,
-    err: wgpu::Buffer,
-}
-
-fn ensure(slot: &mut Option<wgpu::Buffer>, device: &wgpu::Device, size: u64, usage: wgpu::BufferUsages, label: &str) {
-    let size = size.max(16).div_ceil(16) * 16;
-    if slot.as_ref().is_none_or(|b| b.size() < size) {
-        *slot = Some(device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
-            size,
-            usage,
-            mapped_at_creation: false,
-        }));
-    }
-}
-
 const STORAGE_OUT: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
@@ -289,7 +271,7 @@ enum Kind {
 /// reference router in portable mode (ids and weight bits) on any adapter, GPU or software.
 ///
 /// ```no_run
-/// use moe_router_core::{LogitsRef, RouterConfig};
+/// use moe_router_core::{LogitsRef, Router, RouterConfig};
 /// use moe_router_wgpu::WgpuRouter;
 /// let cfg = RouterConfig::builder(8, 2).build().unwrap();
 /// let router = WgpuRouter::new(cfg)?;
@@ -303,7 +285,6 @@ pub struct WgpuRouter {
     bias: wgpu::Buffer,
     base_params: Params,
     kernels: Mutex<HashMap<LogitsDtype, Arc<KernelSet>>>,
-    scratch: Mutex<Scratch>,
     max_rows: Option<usize>,
     prune: bool,
 }
@@ -335,8 +316,9 @@ impl WgpuRouter {
     /// A router for `cfg` on an existing context (pipelines are shared with other routers on it).
     pub fn with_context(cfg: RouterConfig, ctx: Arc<WgpuContext>) -> Result<WgpuRouter, RouteError> {
         if cfg.compute_dtype() != ComputeDtype::F32 {
-            return Err(RouteError::Unsupported(
-                "the wgpu backend computes in f32 (f64 compute is CPU-only)".into(),
+            return Err(RouteError::unsupported(
+                "wgpu",
+                "f64 compute (the wgpu backend computes in f32; f64 is CPU-only)",
             ));
         }
         let native = cfg.numerics() == Numerics::Native;
@@ -359,26 +341,12 @@ impl WgpuRouter {
             mapped_at_creation: false,
         });
         ctx.queue.write_buffer(&bias, 0, bytemuck::cast_slice(&bias_vals));
-        let err = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("moe-router err"),
-            size: 16,
-            usage: STORAGE_OUT,
-            mapped_at_creation: false,
-        });
         Ok(WgpuRouter {
             cfg,
             ctx,
             bias,
             base_params: base,
             kernels: Mutex::new(HashMap::new()),
-            scratch: Mutex::new(Scratch {
-                input: None,
-                ids: None,
-                weights: None,
-                readback: None,
-                params: None,
-                err,
-            }),
             max_rows: None,
             prune: std::env::var_os("MOE_ROUTER_WGPU_NO_PRUNE").is_none(),
         })
@@ -573,148 +541,6 @@ impl WgpuRouter {
         self.ctx.queue.write_buffer(params, 0, &data);
     }
 
-    /// Routes host logits; returns host ids `[T, K]` and f32 weights. Input and output buffers
-    /// are reused across calls.
-    pub fn route_host(&self, logits: &LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
-        let (ids, w) = self.run_host(logits, None)?;
-        Ok((
-            ids.unwrap_or_else(|| Array2::zeros((0, self.cfg.top_k()))),
-            HostWeights::F32(w),
-        ))
-    }
-
-    /// Weights of the given host ids (slot order kept) on host logits: the replay entry point.
-    pub fn weights_host(&self, logits: &LogitsRef<'_>, ids: ArrayView2<'_, u32>) -> Result<HostWeights, RouteError> {
-        let (t, e) = logits.dim();
-        self.check_cols(t, e)?;
-        validate_ids(ids, t, e, self.cfg.top_k(), &[])?;
-        let (_, w) = self.run_host(logits, Some(ids))?;
-        Ok(HostWeights::F32(w))
-    }
-
-    fn run_host(
-        &self,
-        logits: &LogitsRef<'_>,
-        replay_ids: Option<ArrayView2<'_, u32>>,
-    ) -> Result<(Option<Array2<u32>>, Array2<f32>), RouteError> {
-        let (t, e) = logits.dim();
-        self.check_cols(t, e)?;
-        let k = self.cfg.top_k();
-        if t == 0 {
-            return Ok((Some(Array2::zeros((0, k))), Array2::zeros((0, k))));
-        }
-        let (bytes, dtype) = host_bytes(logits);
-        let ks = self.kernels_for(dtype)?;
-        let chunks = self.chunks(t, dtype);
-        let cmax = chunks.iter().map(|c| c.rows).max().unwrap_or(0);
-        let row_bytes = e * dtype.size();
-        let dev = &self.ctx.device;
-        let mut s = self.scratch.lock().map_err(|_| device_err("scratch poisoned"))?;
-        let s = &mut *s;
-        ensure(
-            &mut s.input,
-            dev,
-            (cmax * row_bytes) as u64,
-            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
-            "moe-router input",
-        );
-        ensure(&mut s.ids, dev, (t * k * 4) as u64, STORAGE_OUT, "moe-router ids");
-        ensure(
-            &mut s.weights,
-            dev,
-            (t * k * 4) as u64,
-            STORAGE_OUT,
-            "moe-router weights",
-        );
-        ensure(
-            &mut s.readback,
-            dev,
-            (2 * t * k * 4 + 16) as u64,
-            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            "moe-router readback",
-        );
-        ensure(
-            &mut s.params,
-            dev,
-            self.params_stride() * chunks.len() as u64,
-            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            "moe-router params",
-        );
-        let (input, ids, w, rb, params) = (
-            s.input.as_ref().ok_or_else(|| device_err("no input buffer"))?,
-            s.ids.as_ref().ok_or_else(|| device_err("no ids buffer"))?,
-            s.weights.as_ref().ok_or_else(|| device_err("no weights buffer"))?,
-            s.readback.as_ref().ok_or_else(|| device_err("no readback buffer"))?,
-            s.params.as_ref().ok_or_else(|| device_err("no params buffer"))?,
-        );
-        if let Some(r) = replay_ids {
-            let v: Vec<u32> = r.iter().copied().collect();
-            self.ctx.queue.write_buffer(ids, 0, bytemuck::cast_slice(&v));
-        }
-        self.write_params(params, &chunks);
-        let kind = if replay_ids.is_some() {
-            Kind::Replay
-        } else {
-            Kind::Route
-        };
-        let src = bytes.bytes();
-        for (i, ch) in chunks.iter().enumerate() {
-            let a = ch.r0 * row_bytes;
-            let b = a + ch.rows * row_bytes;
-            if b - a == (b - a) / 4 * 4 {
-                self.ctx.queue.write_buffer(input, 0, &src[a..b]);
-            } else {
-                let mut v = src[a..b].to_vec();
-                v.resize((b - a).div_ceil(4) * 4, 0);
-                self.ctx.queue.write_buffer(input, 0, &v);
-            }
-            let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-            if i == 0 {
-                enc.clear_buffer(&s.err, 0, None);
-            }
-            // Each chunk has its own params slot (index i); the input buffer holds this chunk.
-            self.encode(
-                &mut enc,
-                &ks,
-                kind,
-                params,
-                i,
-                &s.err,
-                input,
-                |_| 0,
-                ids,
-                w,
-                |c| c.r0,
-                &[*ch],
-                dtype,
-            );
-            if i + 1 == chunks.len() {
-                let ob = (t * k * 4) as u64;
-                enc.copy_buffer_to_buffer(w, 0, rb, 0, ob);
-                if kind == Kind::Route {
-                    enc.copy_buffer_to_buffer(ids, 0, rb, ob, ob);
-                }
-                enc.copy_buffer_to_buffer(&s.err, 0, rb, 2 * ob, 16);
-            }
-            self.ctx.queue.submit([enc.finish()]);
-        }
-        let ob = t * k * 4;
-        let out = self.ctx.map_read(rb, (2 * ob + 16) as u64)?;
-        let err: [u32; 4] = bytemuck::pod_read_unaligned(&out[2 * ob..2 * ob + 16]);
-        self.check_err(err, |row| {
-            Ok(logits.slice_rows(row, row + 1)).map(|l| host_row_err(&self.cfg, &l, row))
-        })?;
-        let wv: Vec<f32> = bytemuck::pod_collect_to_vec(&out[..ob]);
-        let w = Array2::from_shape_vec((t, k), wv).map_err(|e| device_err(e.to_string()))?;
-        let ids = if kind == Kind::Route {
-            let iv: Vec<u32> = bytemuck::pod_collect_to_vec(&out[ob..2 * ob]);
-            Some(Array2::from_shape_vec((t, k), iv).map_err(|e| device_err(e.to_string()))?)
-        } else {
-            None
-        };
-        Ok((ids, w))
-    }
-
     /// Turns the kernel's error flags into the reference's error: the first bad row wins; in a
     /// row NaN/+inf comes before an all-masked softmax. `row_err(row)` recomputes the row's
     /// error on the host from its logits.
@@ -838,13 +664,16 @@ impl WgpuRouter {
 
     fn check_targets(&self, logits: &DeviceLogits, t: &RouteTargets) -> Result<(), RouteError> {
         if t.ids.rows != logits.rows || t.dtype != logits.dtype {
-            return Err(RouteError::Unsupported(format!(
-                "targets for {} rows of {} used with {} rows of {}",
-                t.ids.rows,
-                t.dtype.name(),
-                logits.rows,
-                logits.dtype.name()
-            )));
+            return Err(RouteError::BufferTooSmall {
+                buffer: "route targets",
+                detail: format!(
+                    "they were made for {} rows of {} and are used with {} rows of {}",
+                    t.ids.rows,
+                    t.dtype.name(),
+                    logits.rows,
+                    logits.dtype.name()
+                ),
+            });
         }
         Ok(())
     }
@@ -1098,5 +927,33 @@ impl Router for WgpuRouter {
     fn record_ids(&self, ids: &WgpuIds, sink: IdsSink) -> Result<(), RouteError> {
         sink(self.ids_host(ids)?);
         Ok(())
+    }
+    fn with_host_logits<T, F>(&self, logits: &LogitsRef<'_>, f: F) -> Result<T, RouteError>
+    where
+        F: for<'l> FnOnce(&WgpuLogits<'l>) -> Result<T, RouteError>,
+    {
+        f(&WgpuLogits::Host(*logits))
+    }
+    fn tokens_per_expert(&self, ids: &WgpuIds) -> Result<Vec<u64>, RouteError> {
+        self.count_experts(ids)
+    }
+    fn replay_with_fallback(
+        &self,
+        logits: &WgpuLogits<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+        site: &CallSite<'_>,
+    ) -> Result<Routed<WgpuIds, WgpuWeights>, RouteError> {
+        // Fallback rows carry ROUTER_SELECTS (the caller's convention, enforced here): the
+        // replay kernel selects them and writes their ids in place, in the same dispatch.
+        let mut forced = ids.to_owned();
+        for &r in router_rows {
+            if r < forced.nrows() {
+                forced.row_mut(r).fill(ROUTER_SELECTS);
+            }
+        }
+        let dev = self.ids_from_host(forced.view())?;
+        let weights = self.weights_for(logits, &dev, site)?;
+        Ok(Routed { ids: dev, weights })
     }
 }

@@ -84,7 +84,10 @@ struct TestParams {
 pub fn eval(ctx: &WgpuContext, f: MathFn, a: &[f32], b: &[f32]) -> Result<Vec<f32>, RouteError> {
     let n = a.len();
     if b.len() != n {
-        return Err(RouteError::Unsupported("selftest: a and b differ in length".into()));
+        return Err(RouteError::BufferTooSmall {
+            buffer: "selftest inputs",
+            detail: "a and b differ in length".into(),
+        });
     }
     if n == 0 {
         return Ok(Vec::new());

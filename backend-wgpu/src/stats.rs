@@ -14,8 +14,7 @@
 
 use crate::context::{WgpuContext, device_err};
 use crate::kernels::{KernelSpec, MATH_WGSL, STATS_WGSL, WG, compile};
-use crate::router::{Params, WgpuIds, WgpuLogits, WgpuRouter, WgpuWeights};
-use moe_router_core::capacity::{CapacityOutcome, apply_capacity};
+use crate::router::{Params, WgpuIds, WgpuLogits, WgpuRouter};
 use moe_router_core::{RouteError, Router, ScoreFunction};
 use std::sync::Arc;
 
@@ -121,7 +120,7 @@ impl WgpuRouter {
     }
 
     /// Tokens per expert of device ids (ids ≥ E are ignored), computed by an atomic histogram.
-    pub fn tokens_per_expert(&self, ids: &WgpuIds) -> Result<Vec<u64>, RouteError> {
+    pub(crate) fn count_experts(&self, ids: &WgpuIds) -> Result<Vec<u64>, RouteError> {
         let ctx = self.context();
         let e = self.config().num_experts();
         let (rows, _) = ids.dim();
@@ -155,23 +154,6 @@ impl WgpuRouter {
         let b = ctx.read_bytes(&cbuf, 0, (e * 4) as u64)?;
         let v: Vec<u32> = bytemuck::pod_collect_to_vec(&b);
         Ok(v.into_iter().map(u64::from).collect())
-    }
-
-    /// Capacity dropping (DESIGN §2 step 8) for device ids and weights: a host step on the
-    /// `[T, K]` ids and weights with `moe_router_core::capacity::apply_capacity`, so the result
-    /// is bit-exact with every backend. `None` when the config has no capacity.
-    pub fn apply_capacity(&self, ids: &WgpuIds, weights: &WgpuWeights) -> Result<Option<CapacityOutcome>, RouteError> {
-        let Some(cap) = self.config().capacity() else {
-            return Ok(None);
-        };
-        let i = self.ids_to_host(ids)?;
-        let w = self.weights_to_host(weights)?.to_f64();
-        Ok(Some(apply_capacity(
-            &cap,
-            i.view(),
-            w.view(),
-            self.config().num_experts(),
-        )))
     }
 
     /// Aux-loss and z-loss pieces of a batch of logits, computed on the device.

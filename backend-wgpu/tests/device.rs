@@ -1,7 +1,7 @@
 //! Backend-level tests on whatever adapter is present (software adapters in CI). Each test
 //! prints `skipped: <reason>` and returns when no adapter exists.
 
-use moe_router_core::{GroupScore, LogitsRef, Normalization, ReferenceRouter, RouterConfig, ScoreFunction};
+use moe_router_core::{GroupScore, LogitsRef, Normalization, ReferenceRouter, Router, RouterConfig, ScoreFunction};
 use moe_router_wgpu::selftest::{self, MathFn};
 use moe_router_wgpu::{AdapterOptions, WgpuContext, WgpuRouter};
 use ndarray::Array2;

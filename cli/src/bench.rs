@@ -12,7 +12,7 @@ use crate::CliError;
 use crate::backend::{AnyRouter, BackendKind};
 use crate::route::NumericsArg;
 use half::bf16;
-use moe_router_core::{LogitsRef, Numerics, RouterConfig};
+use moe_router::{LogitsRef, Numerics, Router, RouterConfig};
 use ndarray::Array2;
 use serde::Serialize;
 use std::time::Instant;
@@ -58,7 +58,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0.5, value_name = "S")]
     pub seconds: f64,
     /// Only these backends (repeatable; default: every backend compiled in).
-    #[arg(long, value_enum, value_name = "NAME")]
+    #[arg(long, value_parser = crate::backend::backend_parser(), value_name = "NAME")]
     pub backend: Vec<BackendKind>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -151,7 +151,7 @@ fn rule(a: &BenchArgs) -> Result<RouterConfig, CliError> {
         let c = c.to_string();
         move |e| CliError::Config { context: c, source: e }
     };
-    let mut cfg = moe_router_core::preset(&a.preset).map_err(ctx("--preset"))?;
+    let mut cfg = moe_router::preset(&a.preset).map_err(ctx("--preset"))?;
     if cfg.expects_expert_bias() {
         let e = cfg.num_experts();
         cfg.set_expert_bias((0..e).map(|i| ((i * 7) % 13) as f32 * 1e-3).collect())
@@ -280,18 +280,25 @@ fn time_backend(router: &AnyRouter, lr: &LogitsRef<'_>, budget: f64) -> Result<(
         AnyRouter::Cuda(r) => time_cuda(r, lr, bytes, budget),
         #[cfg(feature = "wgpu")]
         AnyRouter::Wgpu(r) => time_wgpu(r, lr, bytes, budget),
+        // A backend the facade was built with (through another crate's features) but this CLI
+        // was not: it cannot be chosen here, since `--backend` is checked against this build.
+        #[allow(unreachable_patterns)]
+        other => Err(format!(
+            "this moe-router CLI was built without the `{}` feature",
+            other.kind().name()
+        )),
     }
 }
 
 #[cfg(feature = "cuda")]
 fn time_cuda(
-    r: &moe_router_cuda::CudaRouter,
+    r: &moe_router::cuda::CudaRouter,
     lr: &LogitsRef<'_>,
     bytes: usize,
     budget: f64,
 ) -> Result<(f64, f64), String> {
-    use moe_router_core::{CallSite, Router};
-    let es = |e: moe_router_core::RouteError| e.to_string();
+    use moe_router::{CallSite, Router};
+    let es = |e: moe_router::RouteError| e.to_string();
     let buf = r.upload_logits(lr).map_err(es)?;
     let view = buf.view();
     let stream = r.stream().clone();
@@ -321,30 +328,31 @@ fn time_cuda(
 
 #[cfg(feature = "wgpu")]
 fn time_wgpu(
-    r: &moe_router_wgpu::WgpuRouter,
+    r: &moe_router::wgpu::WgpuRouter,
     lr: &LogitsRef<'_>,
     bytes: usize,
     budget: f64,
 ) -> Result<(f64, f64), String> {
-    let es = |e: moe_router_core::RouteError| e.to_string();
+    let es = |e: moe_router::RouteError| e.to_string();
     let ctx = r.context().clone();
     let input = r.upload(lr).map_err(es)?;
     let targets = r.targets(lr.rows(), input.dtype());
-    let submit = |n: usize, record: &mut dyn FnMut(&mut wgpu::CommandEncoder) -> Result<(), String>| {
-        let mut enc = ctx
-            .device()
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        for _ in 0..n {
-            record(&mut enc)?;
-        }
-        let cb = enc.finish();
-        let t0 = Instant::now();
-        ctx.queue().submit([cb]);
-        ctx.device()
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| e.to_string())?;
-        Ok::<f64, String>(t0.elapsed().as_secs_f64())
-    };
+    let submit =
+        |n: usize, record: &mut dyn FnMut(&mut moe_router::wgpu::wgpu::CommandEncoder) -> Result<(), String>| {
+            let mut enc = ctx
+                .device()
+                .create_command_encoder(&moe_router::wgpu::wgpu::CommandEncoderDescriptor { label: None });
+            for _ in 0..n {
+                record(&mut enc)?;
+            }
+            let cb = enc.finish();
+            let t0 = Instant::now();
+            ctx.queue().submit([cb]);
+            ctx.device()
+                .poll(moe_router::wgpu::wgpu::PollType::wait_indefinitely())
+                .map_err(|e| e.to_string())?;
+            Ok::<f64, String>(t0.elapsed().as_secs_f64())
+        };
     let route = measure(budget, |n| {
         submit(n, &mut |enc| r.encode_route(enc, &input, &targets).map_err(es))
     })?;
@@ -356,10 +364,10 @@ fn time_wgpu(
     }
     let size = (bytes.max(4) as u64).div_ceil(4) * 4;
     let mk = || {
-        ctx.device().create_buffer(&wgpu::BufferDescriptor {
+        ctx.device().create_buffer(&moe_router::wgpu::wgpu::BufferDescriptor {
             label: Some("moe-router bench copy"),
             size,
-            usage: wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: moe_router::wgpu::wgpu::BufferUsages::COPY_SRC | moe_router::wgpu::wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
     };

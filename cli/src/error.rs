@@ -1,7 +1,7 @@
 //! The CLI's error type: every failure carries what went wrong and where.
 
-use moe_router_core::npy::NpyError;
-use moe_router_core::{ConfigError, RouteError};
+use moe_router::npy::NpyError;
+use moe_router::{ConfigError, RouteError};
 
 /// A failed command.
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@
 //! inference engine from a trainer.
 
 use half::bf16;
-use moe_router_core::{LogitsRef, RouterConfig};
+use moe_router::{LogitsRef, Router, RouterConfig};
 use ndarray::Array2;
 use rayon::prelude::*;
 
@@ -230,7 +230,7 @@ impl SyntheticModel {
     /// Builds the model for `spec` with the routing rule `rule` (E and K come from it). When the
     /// rule selects on a per-layer bias (DeepSeek-V3's `e_score_correction_bias`), each MoE
     /// layer gets its own seeded bias; rules without one must not carry one.
-    pub fn new(spec: ModelSpec, rule: &RouterConfig) -> Result<Self, moe_router_core::ConfigError> {
+    pub fn new(spec: ModelSpec, rule: &RouterConfig) -> Result<Self, moe_router::ConfigError> {
         let (v, h, f) = (spec.vocab, spec.hidden, spec.expert_ffn);
         let e = rule.num_experts();
         let mut rng = Rng::new(spec.seed, 1);
@@ -291,9 +291,9 @@ impl SyntheticModel {
     /// calibration batch of random tokens, layer by layer, so the experts are about evenly used
     /// as in a trained model.
     ///
-    /// [`stats::updated_bias`]: moe_router_core::stats::updated_bias
-    fn balance_biases(&mut self) -> Result<(), moe_router_core::ConfigError> {
-        use moe_router_core::stats::{tokens_per_expert, updated_bias};
+    /// [`stats::updated_bias`]: moe_router::stats::updated_bias
+    fn balance_biases(&mut self) -> Result<(), moe_router::ConfigError> {
+        use moe_router::stats::{tokens_per_expert, updated_bias};
         let num = ForwardNumerics {
             precision: Precision::F32,
             accumulation: Accumulation::Blocks16,
@@ -307,7 +307,7 @@ impl SyntheticModel {
             let logits = self.router_logits(i, &h, num);
             let mut cfg = self.routers[i].clone();
             for step in 0..48 {
-                let router = moe_router_cpu::CpuRouter::new(cfg.clone());
+                let router = moe_router::cpu::CpuRouter::new(cfg.clone());
                 let Ok((ids, _)) = router.route_host(&logits.view()) else {
                     break;
                 };
@@ -317,7 +317,7 @@ impl SyntheticModel {
                 cfg.set_expert_bias(b)?;
             }
             self.routers[i] = cfg;
-            let router = moe_router_cpu::CpuRouter::new(self.routers[i].clone());
+            let router = moe_router::cpu::CpuRouter::new(self.routers[i].clone());
             if let Ok((ids, w)) = router.route_host(&logits.view()) {
                 self.apply_experts(i, &mut h, &ids, &w.to_f32(), num);
             }

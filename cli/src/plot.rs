@@ -377,8 +377,8 @@ pub fn plot_expert_load_heatmap(path: &Path, title: &str, layers: &[u32], loads:
 }
 
 /// `inspect --plot`: the expert load heatmap of every MoE layer of `trace`.
-pub fn plot_trace_load(path: &Path, trace: &moe_router_core::trace::Trace, name: &str) -> Result<(), PlotError> {
-    let loads = moe_router_core::metrics::load_stats(trace);
+pub fn plot_trace_load(path: &Path, trace: &moe_router::trace::Trace, name: &str) -> Result<(), PlotError> {
+    let loads = moe_router::metrics::load_stats(trace);
     let layers: Vec<u32> = loads.iter().map(|l| l.layer).collect();
     let rows: Vec<Vec<u64>> = loads.into_iter().map(|l| l.tokens_per_expert).collect();
     let h = trace.header();
@@ -387,12 +387,7 @@ pub fn plot_trace_load(path: &Path, trace: &moe_router_core::trace::Trace, name:
 }
 
 /// `diff --plot`: the mismatch fraction per layer of a comparison of `a` and `b`.
-pub fn plot_comparison(
-    path: &Path,
-    c: &moe_router_core::metrics::Comparison,
-    a: &str,
-    b: &str,
-) -> Result<(), PlotError> {
+pub fn plot_comparison(path: &Path, c: &moe_router::metrics::Comparison, a: &str, b: &str) -> Result<(), PlotError> {
     let layers: Vec<u32> = c.per_layer.iter().map(|l| l.layer).collect();
     let series = [LayerSeries {
         label: format!(

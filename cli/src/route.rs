@@ -4,10 +4,10 @@
 use crate::CliError;
 use crate::backend::{AnyRouter, BackendKind};
 use half::f16;
-use moe_router_core::capacity::{apply_capacity, dense_outputs};
-use moe_router_core::npy::{self, NpyDtype};
-use moe_router_core::stats::{self, GlobalAuxLoss, RoutingStats};
-use moe_router_core::{AuxLossKind, LogitsRef, Numerics, RouteError, RouterConfig, validate_ids};
+use moe_router::capacity::{apply_capacity, dense_outputs};
+use moe_router::npy::{self, NpyDtype};
+use moe_router::stats::{self, GlobalAuxLoss, RoutingStats};
+use moe_router::{AuxLossKind, LogitsRef, Numerics, RouteError, Router, RouterConfig, validate_ids};
 use ndarray::Array2;
 use std::path::{Path, PathBuf};
 
@@ -50,7 +50,7 @@ pub struct RouteArgs {
     #[arg(long, value_name = "I.npy")]
     pub replay_ids: Option<PathBuf>,
     /// Backend.
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, value_parser = crate::backend::backend_parser(), default_value = "cpu")]
     pub backend: BackendKind,
     /// Numerics mode (default: the rule's, portable).
     #[arg(long, value_enum)]
@@ -87,7 +87,7 @@ pub fn load_rule(a: &RouteArgs) -> Result<RouterConfig, CliError> {
         })?
     } else {
         let name = a.preset.as_deref().unwrap_or_default();
-        moe_router_core::preset(name).map_err(|e| CliError::Config {
+        moe_router::preset(name).map_err(|e| CliError::Config {
             context: "--preset".into(),
             source: e,
         })?

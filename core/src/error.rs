@@ -167,9 +167,53 @@ pub enum RouteError {
         /// Rows in the logits.
         batch_rows: usize,
     },
-    /// The operation is not supported by this backend or config.
-    #[error("unsupported: {0}")]
-    Unsupported(String),
+    /// The backend cannot run this config or operation (f64 compute on a GPU, E or K above the
+    /// backend's maximum, a device too old).
+    #[error("the {backend} backend does not support this: {reason}")]
+    Unsupported {
+        /// Backend name.
+        backend: &'static str,
+        /// What is not supported, with the limit.
+        reason: String,
+    },
+    /// A caller-provided buffer (device logits, preallocated outputs, a record buffer) is smaller
+    /// than the call needs, or does not have the shape or kind it needs.
+    #[error("{buffer} is too small or of the wrong kind: {detail}")]
+    BufferTooSmall {
+        /// Which buffer (e.g. "logits view", "route buffers", "record buffer").
+        buffer: &'static str,
+        /// What it holds and what the call needs.
+        detail: String,
+    },
+    /// A row range or row stride does not fit the tensor it addresses.
+    #[error("rows {start}..{end} do not fit a tensor of {rows} rows (row stride {stride}, row length {cols})")]
+    RowRange {
+        /// First row asked for.
+        start: usize,
+        /// One past the last row asked for.
+        end: usize,
+        /// Rows of the tensor.
+        rows: usize,
+        /// Elements from one row to the next.
+        stride: usize,
+        /// Elements per row.
+        cols: usize,
+    },
+    /// The background recorder that copies ids to the host failed or stopped.
+    #[error("the id recorder failed: {reason}")]
+    Recorder {
+        /// What happened (a poisoned lock, a stopped thread, an earlier failed copy).
+        reason: String,
+    },
+    /// An array could not be built with the shape the call needs (a backend bug if it happens).
+    #[error("array of shape {shape:?} could not be built: {source}")]
+    ArrayShape {
+        /// The shape asked for.
+        shape: Vec<usize>,
+        /// ndarray's error.
+        #[source]
+        source: ndarray::ShapeError,
+    },
     /// The backend has no usable device.
     #[error("backend {backend} unavailable: {reason}")]
     Unavailable {
@@ -183,8 +227,11 @@ pub enum RouteError {
     Device {
         /// Backend name.
         backend: &'static str,
-        /// The driver's message.
+        /// What the backend was doing, and the driver's message.
         message: String,
+        /// The driver's own error, when there is one (downcast with [`ErrorSource::downcast_ref`]).
+        #[source]
+        source: Option<ErrorSource>,
     },
     /// The replay policy failed (missing route, layer mismatch, trace error, ...).
     #[error(transparent)]
@@ -235,7 +282,92 @@ pub enum ReplayError {
     /// A key was replayed a different number of times than expected (strict counting).
     #[error("replay count mismatch: {0}")]
     CountMismatch(String),
-    /// An I/O or trace-format error while recording or replaying.
+    /// An I/O or trace-format error while recording or replaying. The trace crate's
+    /// `TraceError` is kept as the source (`err.downcast_ref::<TraceError>()`).
     #[error("trace error: {0}")]
-    Trace(String),
+    Trace(#[source] ErrorSource),
+}
+
+impl RouteError {
+    /// A [`RouteError::Device`] without an underlying error value.
+    pub fn device(backend: &'static str, message: impl Into<String>) -> Self {
+        RouteError::Device {
+            backend,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A [`RouteError::Device`] that keeps the driver's error as its source.
+    pub fn device_with_source(
+        backend: &'static str,
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        RouteError::Device {
+            backend,
+            message: message.into(),
+            source: Some(ErrorSource::new(source)),
+        }
+    }
+
+    /// A [`RouteError::Unsupported`].
+    pub fn unsupported(backend: &'static str, reason: impl Into<String>) -> Self {
+        RouteError::Unsupported {
+            backend,
+            reason: reason.into(),
+        }
+    }
+
+    /// A [`RouteError::ArrayShape`] for `shape`.
+    pub fn array_shape(shape: &[usize], source: ndarray::ShapeError) -> Self {
+        RouteError::ArrayShape {
+            shape: shape.to_vec(),
+            source,
+        }
+    }
+}
+
+/// A shared handle on an underlying error (a driver error, a trace-format error), kept as the
+/// [`source`](std::error::Error::source) of the error that wraps it, so that callers can
+/// inspect it (`downcast_ref`) while the wrapping errors stay `Clone` and comparable.
+///
+/// Two sources compare equal when they are the same value or print the same message.
+#[derive(Clone)]
+pub struct ErrorSource(std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl ErrorSource {
+    /// Wraps `err`.
+    pub fn new(err: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ErrorSource(std::sync::Arc::new(err))
+    }
+
+    /// The wrapped error as a `T`, if it is one.
+    pub fn downcast_ref<T: std::error::Error + 'static>(&self) -> Option<&T> {
+        self.0.downcast_ref::<T>()
+    }
+}
+
+impl std::fmt::Debug for ErrorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for ErrorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl std::error::Error for ErrorSource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for ErrorSource {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
 }

@@ -21,30 +21,25 @@ pub mod capacity;
 pub mod config;
 pub mod error;
 pub mod import;
-pub mod interop;
 pub mod layout;
 pub mod logits;
 pub mod math;
-pub mod metrics;
-pub mod npy;
-pub mod policy;
 pub mod reference;
 pub mod replay;
 pub mod router;
 pub mod stats;
-pub mod trace;
 
 pub use config::{
     AuxLoss, AuxLossKind, Capacity, ComputeDtype, DropPolicy, GroupLimit, GroupScore, Normalization, Numerics,
     RouterConfig, RouterConfigBuilder, ScoreFunction, SoftmaxPosition,
 };
-pub use error::{ConfigError, ReplayError, RouteError};
+pub use error::{ConfigError, ErrorSource, ReplayError, RouteError};
 pub use import::presets::{preset, preset_names};
 pub use layout::{BatchLayout, LayerId, LayoutError, RowAddr, Segment, SeqId};
 pub use logits::LogitsRef;
 pub use reference::ReferenceRouter;
 pub use replay::{ForcedIds, PassThrough, Plan, ReplayPolicy, Replayed, RouteShape};
-pub use router::{CallSite, HostWeights, IdsSink, Pass, Routed, Router, validate_ids};
+pub use router::{CallSite, HostWeights, IdsSink, Pass, ROUTER_SELECTS, Routed, Router, validate_ids};
 
 /// Largest E supported by every backend (ids are stored in u16 traces with one sentinel).
 pub const MAX_EXPERTS: usize = 65_535;

@@ -255,7 +255,7 @@ impl ReferenceRouter {
     }
 
     /// Routes `logits` with the config's math, returning host ids and weights.
-    pub fn route_host(&self, logits: &LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
+    fn route_rows(&self, logits: &LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
         match (self.cfg.compute_dtype(), self.cfg.numerics()) {
             (ComputeDtype::F64, _) => route_all::<NativeF64>(&self.cfg, logits).map(|(i, w)| (i, HostWeights::F64(w))),
             (ComputeDtype::F32, Numerics::Portable) => {
@@ -268,7 +268,7 @@ impl ReferenceRouter {
     }
 
     /// Weights of the given ids on `logits`, with the config's math.
-    pub fn weights_host(&self, logits: &LogitsRef<'_>, ids: ArrayView2<'_, u32>) -> Result<HostWeights, RouteError> {
+    fn weigh_rows(&self, logits: &LogitsRef<'_>, ids: ArrayView2<'_, u32>) -> Result<HostWeights, RouteError> {
         match (self.cfg.compute_dtype(), self.cfg.numerics()) {
             (ComputeDtype::F64, _) => weights_all::<NativeF64>(&self.cfg, logits, ids).map(HostWeights::F64),
             (ComputeDtype::F32, Numerics::Portable) => {
@@ -300,7 +300,7 @@ impl Router for ReferenceRouter {
         logits: &LogitsRef<'_>,
         _site: &CallSite<'_>,
     ) -> Result<Routed<Array2<u32>, HostWeights>, RouteError> {
-        let (ids, weights) = self.route_host(logits)?;
+        let (ids, weights) = self.route_rows(logits)?;
         Ok(Routed { ids, weights })
     }
     fn weights_for(
@@ -309,7 +309,7 @@ impl Router for ReferenceRouter {
         ids: &Array2<u32>,
         _site: &CallSite<'_>,
     ) -> Result<HostWeights, RouteError> {
-        self.weights_host(logits, ids.view())
+        self.weigh_rows(logits, ids.view())
     }
     fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<Array2<u32>, RouteError> {
         Ok(ids.to_owned())
@@ -319,5 +319,11 @@ impl Router for ReferenceRouter {
     }
     fn weights_to_host(&self, weights: &HostWeights) -> Result<HostWeights, RouteError> {
         Ok(weights.clone())
+    }
+    fn with_host_logits<T, F>(&self, logits: &LogitsRef<'_>, f: F) -> Result<T, RouteError>
+    where
+        F: for<'l> FnOnce(&LogitsRef<'l>) -> Result<T, RouteError>,
+    {
+        f(logits)
     }
 }

@@ -3,7 +3,8 @@
 
 use crate::config::RouterConfig;
 use crate::error::{ReplayError, RouteError};
-use crate::router::{CallSite, HostWeights, IdsSink, Routed, Router, validate_ids};
+use crate::logits::LogitsRef;
+use crate::router::{CallSite, HostWeights, IdsSink, ROUTER_SELECTS, Routed, Router, validate_ids};
 use ndarray::{Array2, ArrayView2};
 
 /// The shape of one routing call.
@@ -165,17 +166,14 @@ impl<R: Router, P: ReplayPolicy> Router for Replayed<R, P> {
             Plan::Replay(forced) => {
                 let ForcedIds { mut ids, router_rows } = forced;
                 validate_ids(ids.view(), shape.rows, shape.num_experts, shape.top_k, &router_rows)?;
-                if !router_rows.is_empty() {
-                    let own = self.inner.route(logits, site)?;
-                    let own = self.inner.ids_to_host(&own.ids)?;
-                    for &r in &router_rows {
-                        ids.row_mut(r).assign(&own.row(r));
-                    }
+                for &r in &router_rows {
+                    ids.row_mut(r).fill(ROUTER_SELECTS);
                 }
-                let dev = self.inner.ids_from_host(ids.view())?;
-                let weights = self.inner.weights_for(logits, &dev, site)?;
-                self.record(&dev, site, shape)?;
-                Ok(Routed { ids: dev, weights })
+                let out = self
+                    .inner
+                    .replay_with_fallback(logits, ids.view(), &router_rows, site)?;
+                self.record(&out.ids, site, shape)?;
+                Ok(out)
             }
         }
     }
@@ -199,5 +197,30 @@ impl<R: Router, P: ReplayPolicy> Router for Replayed<R, P> {
     }
     fn record_ids(&self, ids: &Self::Ids, sink: IdsSink) -> Result<(), RouteError> {
         self.inner.record_ids(ids, sink)
+    }
+    fn with_host_logits<T, F>(&self, logits: &LogitsRef<'_>, f: F) -> Result<T, RouteError>
+    where
+        F: for<'l> FnOnce(&Self::Logits<'l>) -> Result<T, RouteError>,
+    {
+        self.inner.with_host_logits(logits, f)
+    }
+    fn replay_with_fallback(
+        &self,
+        logits: &Self::Logits<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+        site: &CallSite<'_>,
+    ) -> Result<Routed<Self::Ids, Self::Weights>, RouteError> {
+        self.inner.replay_with_fallback(logits, ids, router_rows, site)
+    }
+    fn tokens_per_expert(&self, ids: &Self::Ids) -> Result<Vec<u64>, RouteError> {
+        self.inner.tokens_per_expert(ids)
+    }
+    fn apply_capacity(
+        &self,
+        ids: &Self::Ids,
+        weights: &Self::Weights,
+    ) -> Result<Option<crate::capacity::CapacityOutcome>, RouteError> {
+        self.inner.apply_capacity(ids, weights)
     }
 }

@@ -1,8 +1,10 @@
 //! The [`Router`] trait: logits on a backend's device in, K ids and K weights per token out.
 
+use crate::capacity::{CapacityOutcome, apply_capacity};
 use crate::config::RouterConfig;
 use crate::error::RouteError;
 use crate::layout::{BatchLayout, LayerId};
+use crate::logits::LogitsRef;
 use ndarray::{Array2, ArrayView2};
 
 /// Which pass of training a routing call belongs to.
@@ -91,6 +93,10 @@ impl HostWeights {
     }
 }
 
+/// The id that marks a row of replay ids as "the router selects this row"
+/// ([`Router::replay_with_fallback`]); never a valid expert id (E ≤ [`crate::MAX_EXPERTS`]).
+pub const ROUTER_SELECTS: u32 = u32::MAX;
+
 /// A callback that receives a copy of the ids a router produced (used by recording policies).
 pub type IdsSink = Box<dyn FnOnce(Array2<u32>) + Send>;
 
@@ -147,6 +153,118 @@ pub trait Router {
         let host = self.ids_to_host(ids)?;
         sink(host);
         Ok(())
+    }
+
+    /// Replay with fallback rows in one call. `ids` are the forced host ids `[T, K]` in slot
+    /// order; the rows listed in `router_rows` (ascending) are selected by the router itself and
+    /// their content in `ids` is ignored (by convention [`ROUTER_SELECTS`] in every slot). The
+    /// forced rows must already be valid ([`validate_ids`] with `router_rows` skipped). Returns
+    /// the final ids (forced rows as given, the others as selected) and the weights of every row
+    /// from the live logits.
+    ///
+    /// The default routes the whole batch when `router_rows` is not empty and merges the two on
+    /// the host; every backend of this workspace overrides it to select the fallback rows inside
+    /// the replay kernel (one upload of the ids, one launch, no second full route).
+    fn replay_with_fallback(
+        &self,
+        logits: &Self::Logits<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+        site: &CallSite<'_>,
+    ) -> Result<Routed<Self::Ids, Self::Weights>, RouteError> {
+        let dev = if router_rows.is_empty() {
+            self.ids_from_host(ids)?
+        } else {
+            let own = self.route(logits, site)?;
+            let own = self.ids_to_host(&own.ids)?;
+            let mut merged = ids.to_owned();
+            for &r in router_rows {
+                merged.row_mut(r).assign(&own.row(r));
+            }
+            self.ids_from_host(merged.view())?
+        };
+        let weights = self.weights_for(logits, &dev, site)?;
+        Ok(Routed { ids: dev, weights })
+    }
+
+    /// Calls `f` with this backend's logits for the host `logits`: the view itself on host
+    /// backends, an upload on device backends. This is the one place a backend says how host
+    /// data reaches it; [`Router::route_host`] and [`Router::weights_host`] build on it.
+    fn with_host_logits<T, F>(&self, logits: &LogitsRef<'_>, f: F) -> Result<T, RouteError>
+    where
+        F: for<'l> FnOnce(&Self::Logits<'l>) -> Result<T, RouteError>;
+
+    /// Routes host logits at `site` and copies ids and weights back to the host. Through a
+    /// [`crate::Replayed`] router the policy plans, records and replays as for device data.
+    fn route_host_at(
+        &self,
+        logits: &LogitsRef<'_>,
+        site: &CallSite<'_>,
+    ) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        self.with_host_logits(logits, |l| {
+            let r = self.route(l, site)?;
+            Ok((self.ids_to_host(&r.ids)?, self.weights_to_host(&r.weights)?))
+        })
+    }
+
+    /// [`Router::route_host_at`] at the default call site (layer 0, no layout, forward).
+    fn route_host(&self, logits: &LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        self.route_host_at(logits, &CallSite::default())
+    }
+
+    /// The weights of host `ids` (slot order kept) on host logits at `site`: the replay entry
+    /// point on host data. The logits must have E columns and the ids shape `[T, K]`, every id
+    /// `< E` and no duplicate in a row; otherwise the error names the row and slot.
+    fn weights_host_at(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        site: &CallSite<'_>,
+    ) -> Result<HostWeights, RouteError> {
+        let cfg = self.config();
+        let (t, e) = logits.dim();
+        if e != cfg.num_experts() {
+            return Err(RouteError::LogitsShape {
+                expected_experts: cfg.num_experts(),
+                rows: t,
+                cols: e,
+            });
+        }
+        validate_ids(ids, t, e, cfg.top_k(), &[])?;
+        self.with_host_logits(logits, |l| {
+            let d = self.ids_from_host(ids)?;
+            let w = self.weights_for(l, &d, site)?;
+            self.weights_to_host(&w)
+        })
+    }
+
+    /// [`Router::weights_host_at`] at the default call site.
+    fn weights_host(&self, logits: &LogitsRef<'_>, ids: ArrayView2<'_, u32>) -> Result<HostWeights, RouteError> {
+        self.weights_host_at(logits, ids, &CallSite::default())
+    }
+
+    /// Tokens routed to each expert (length E). The default copies the ids to the host and
+    /// counts there ([`crate::stats::tokens_per_expert`]); device backends count on the device.
+    fn tokens_per_expert(&self, ids: &Self::Ids) -> Result<Vec<u64>, RouteError> {
+        let host = self.ids_to_host(ids)?;
+        Ok(crate::stats::tokens_per_expert(
+            host.view(),
+            self.config().num_experts(),
+        ))
+    }
+
+    /// Capacity dropping (DESIGN §2 step 8) of a selection and its weights; `None` when the
+    /// config has no capacity. The default is the host computation
+    /// ([`crate::capacity::apply_capacity`]) on copies of ids and weights, so every backend
+    /// drops exactly the same slots.
+    fn apply_capacity(&self, ids: &Self::Ids, weights: &Self::Weights) -> Result<Option<CapacityOutcome>, RouteError> {
+        let cfg = self.config();
+        let Some(cap) = cfg.capacity() else {
+            return Ok(None);
+        };
+        let i = self.ids_to_host(ids)?;
+        let w = self.weights_to_host(weights)?.to_f64();
+        Ok(Some(apply_capacity(&cap, i.view(), w.view(), cfg.num_experts())))
     }
 }
 

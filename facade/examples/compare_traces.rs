@@ -15,7 +15,7 @@ use moe_router::cpu::CpuRouter;
 use moe_router::metrics::{compare, load_stats};
 use moe_router::trace::synthetic::SyntheticRoutes;
 use moe_router::trace::{Trace, TraceHeader};
-use moe_router::{LayerId, LogitsRef, SeqId, preset};
+use moe_router::{LayerId, LogitsRef, Router, SeqId, preset};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = preset("qwen3-moe")?;

@@ -3,8 +3,8 @@
 
 #![allow(dead_code)]
 
-use moe_router_core::interop::{self, DenseRoutes, ExportOptions, Format, ImportOptions, InteropError};
-use moe_router_core::trace::{MISSING_ID, Trace};
+use moe_router_trace::interop::{self, DenseRoutes, ExportOptions, Format, ImportOptions, InteropError};
+use moe_router_trace::trace::{MISSING_ID, Trace};
 
 /// Memory bound used by the targets (elements of `[T, L, K]`).
 pub const MAX_ELEMENTS: u64 = 1 << 20;

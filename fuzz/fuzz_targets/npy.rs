@@ -6,7 +6,7 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use moe_router_core::interop::Format;
+use moe_router_trace::interop::Format;
 
 fuzz_target!(|data: &[u8]| {
     common::check(Format::Npy, data, &common::opts());

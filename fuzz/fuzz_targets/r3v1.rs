@@ -7,7 +7,7 @@
 mod common;
 
 use libfuzzer_sys::fuzz_target;
-use moe_router_core::interop::{Format, ImportOptions};
+use moe_router_trace::interop::{Format, ImportOptions};
 
 fuzz_target!(|data: &[u8]| {
     let [l, k, rest @ ..] = data else { return };

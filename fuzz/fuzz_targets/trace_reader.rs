@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use moe_router_core::trace::{OpenOptions, RouteSource, TraceFile, Verify};
+use moe_router_trace::trace::{OpenOptions, RouteSource, TraceFile, Verify};
 use ndarray::Array2;
 
 fuzz_target!(|data: &[u8]| {

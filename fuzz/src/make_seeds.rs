@@ -3,8 +3,8 @@
 //! truncated copies.
 
 use moe_router_core::SeqId;
-use moe_router_core::interop::{self, ExportOptions, Format};
-use moe_router_core::trace::{Compression, Trace, TraceHeader, WriterOptions};
+use moe_router_trace::interop::{self, ExportOptions, Format};
+use moe_router_trace::trace::{Compression, Trace, TraceHeader, WriterOptions};
 use ndarray::Array3;
 use std::path::Path;
 

@@ -1,9 +1,10 @@
 //! The bad-input catalogue: every malformed input is a typed error that says what and where —
 //! never a panic, never a silent default.
 
-use moe_router_core::npy::{self, NpyError};
-use moe_router_core::{ConfigError, LogitsRef, ReferenceRouter, RouteError, RouterConfig, ScoreFunction};
-use moe_router_cpu::CpuRouter;
+use moe_router::Router;
+use moe_router::cpu::CpuRouter;
+use moe_router::npy::{self, NpyError};
+use moe_router::{ConfigError, LogitsRef, ReferenceRouter, RouteError, RouterConfig, ScoreFunction};
 use ndarray::{Array2, array};
 
 #[test]
@@ -48,41 +49,38 @@ fn impossible_configs_name_their_field() {
     assert_eq!(field(RouterConfig::builder(16, 0).build()), "top_k");
     assert_eq!(field(RouterConfig::builder(0, 1).build()), "num_experts");
     assert_eq!(
-        field(b().group_limit(3, 1, moe_router_core::GroupScore::Max).build()),
+        field(b().group_limit(3, 1, moe_router::GroupScore::Max).build()),
         "group_limit.num_groups"
     );
     assert_eq!(
-        field(b().group_limit(8, 1, moe_router_core::GroupScore::Max).build()),
+        field(b().group_limit(8, 1, moe_router::GroupScore::Max).build()),
         "group_limit.groups_selected"
     );
     assert_eq!(
-        field(b().group_limit(4, 5, moe_router_core::GroupScore::Max).build()),
+        field(b().group_limit(4, 5, moe_router::GroupScore::Max).build()),
         "group_limit.groups_selected"
     );
     assert_eq!(
-        field(b().group_limit(4, 2, moe_router_core::GroupScore::SumTopN(5)).build()),
+        field(b().group_limit(4, 2, moe_router::GroupScore::SumTopN(5)).build()),
         "group_limit.score"
     );
     assert_eq!(field(b().scaling_factor(f32::NAN).build()), "scaling_factor");
     assert_eq!(field(b().scaling_factor(0.0).build()), "scaling_factor");
     assert_eq!(field(b().scaling_factor(f32::INFINITY).build()), "scaling_factor");
-    let cap = |f: f64| moe_router_core::Capacity {
+    let cap = |f: f64| moe_router::Capacity {
         factor: f,
         min_capacity: None,
-        policy: moe_router_core::DropPolicy::Probs,
+        policy: moe_router::DropPolicy::Probs,
         pad_to_capacity: false,
     };
     assert_eq!(field(b().capacity(cap(0.0)).build()), "capacity.factor");
     assert_eq!(field(b().capacity(cap(-1.0)).build()), "capacity.factor");
     assert_eq!(
-        field(
-            b().normalization(moe_router_core::Normalization::Sum { eps: -1.0 })
-                .build()
-        ),
+        field(b().normalization(moe_router::Normalization::Sum { eps: -1.0 }).build()),
         "normalization.eps"
     );
     assert_eq!(
-        field(b().aux_loss(moe_router_core::AuxLossKind::MicroBatch, f64::NAN).build()),
+        field(b().aux_loss(moe_router::AuxLossKind::MicroBatch, f64::NAN).build()),
         "aux_losses.coeff"
     );
     assert_eq!(field(b().z_loss_coeff(-1.0).build()), "z_loss_coeff");

@@ -1,8 +1,8 @@
 //! Capacity dropping and routing statistics (DESIGN §2 steps 8–9), against hand-computed values.
 
-use moe_router_core::capacity::{apply_capacity, capacity_for, dense_outputs};
-use moe_router_core::stats::{self, GlobalAuxLoss};
-use moe_router_core::{Capacity, DropPolicy, LogitsRef, RouterConfig};
+use moe_router::capacity::{apply_capacity, capacity_for, dense_outputs};
+use moe_router::stats::{self, GlobalAuxLoss};
+use moe_router::{Capacity, DropPolicy, LogitsRef, RouterConfig};
 use ndarray::{Array2, array};
 
 fn cap(factor: f64, policy: DropPolicy, pad: bool) -> Capacity {

@@ -1,6 +1,6 @@
 //! The `moe-router route` contract: inputs, outputs (names, dtypes, shapes), replay, exit codes.
 
-use moe_router_core::npy::{self, NpyDtype};
+use moe_router::npy::{self, NpyDtype};
 use std::path::{Path, PathBuf};
 
 fn data(name: &str) -> String {

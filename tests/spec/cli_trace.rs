@@ -1,11 +1,11 @@
 //! The trace CLI contract: `convert`, `inspect`, `validate` and `diff` — formats by extension or
 //! flag, exit codes (0 ok, 1 failed, 2 usage, 3 invalid), JSON keys, truncated files.
 
+use moe_router::SeqId;
+use moe_router::interop::{self, ExportOptions, Format};
+use moe_router::npy::{self, NpyDtype};
+use moe_router::trace::{MISSING_ID, Trace, TraceHeader, WriterOptions};
 use moe_router_cli::trace_cmds::capture_output;
-use moe_router_core::SeqId;
-use moe_router_core::interop::{self, ExportOptions, Format};
-use moe_router_core::npy::{self, NpyDtype};
-use moe_router_core::trace::{MISSING_ID, Trace, TraceHeader, WriterOptions};
 use ndarray::Array3;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -162,10 +162,7 @@ fn convert_goes_through_every_format_and_back() {
         ];
         let (code, _, err) = run(&args);
         assert_eq!(code, 0, "{fmt} back: {err}");
-        let t = moe_router_core::trace::TraceFile::open(&back)
-            .unwrap()
-            .to_trace()
-            .unwrap();
+        let t = moe_router::trace::TraceFile::open(&back).unwrap().to_trace().unwrap();
         assert_eq!(t.header().layer_ids(), vec![3, 7], "{fmt}");
         assert_eq!(t.header().num_experts(), 384, "{fmt}");
         let mut got = t.to_dense(SeqId(0));

@@ -6,7 +6,7 @@
 //! A backend plugs in by implementing [`Backend`]; its test file calls the `check_*` functions.
 
 use half::{bf16, f16};
-use moe_router_core::{
+use moe_router::{
     CallSite, ComputeDtype, GroupScore, HostWeights, LogitsRef, Normalization, Numerics, ReferenceRouter, RouteError,
     Router, RouterConfig, ScoreFunction, SoftmaxPosition,
 };
@@ -32,6 +32,104 @@ pub trait Backend {
         logits: LogitsRef<'_>,
         ids: ArrayView2<'_, u32>,
     ) -> Result<HostWeights, RouteError>;
+    /// Replay with fallback rows ([`Router::replay_with_fallback`]): `ids` forced except the
+    /// rows in `router_rows`, which the backend selects itself; host ids and weights back.
+    fn replay_fallback(
+        &self,
+        cfg: &RouterConfig,
+        logits: LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+    ) -> Result<(Array2<u32>, HostWeights), RouteError>;
+}
+
+/// [`Backend::replay_fallback`] for any router driven with host logits.
+pub fn host_replay_fallback<R: Router>(
+    r: &R,
+    logits: LogitsRef<'_>,
+    ids: ArrayView2<'_, u32>,
+    router_rows: &[usize],
+) -> Result<(Array2<u32>, HostWeights), RouteError> {
+    r.with_host_logits(&logits, |l| {
+        let out = r.replay_with_fallback(l, ids, router_rows, &CallSite::default())?;
+        Ok((r.ids_to_host(&out.ids)?, r.weights_to_host(&out.weights)?))
+    })
+}
+
+/// Where failing random cases are kept (committed, replayed first on every run).
+pub fn persistence() -> Option<Box<dyn proptest::test_runner::FailurePersistence>> {
+    Some(Box::new(proptest::test_runner::FileFailurePersistence::Direct(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/proptest-regressions/conformance.txt"),
+    )))
+}
+
+/// Replay with fallback rows (missing routes the router selects itself): every row the backend
+/// selects equals the reference's selection, every forced row keeps its ids, and every weight
+/// has the reference's bits — on random configs, with about one row in five falling back
+/// (first and last rows included), and with no fallback row at all.
+pub fn check_replay_fallback(b: &dyn Backend, size: Size) {
+    let mut runner = TestRunner::new(PtConfig {
+        cases: size.cases / 2,
+        failure_persistence: persistence(),
+        ..PtConfig::default()
+    });
+    let strat = config_strategy().prop_flat_map(move |cfg| {
+        let e = cfg.num_experts();
+        (Just(cfg), logits_strategy(e, size.max_tokens), any::<u64>())
+    });
+    runner
+        .run(&strat, |(cfg, logits, seed)| {
+            if !b.supports(&cfg, "f32") {
+                return Ok(());
+            }
+            let lr = LogitsRef::F32(logits.view());
+            let reference = ReferenceRouter::new(cfg.clone());
+            let Ok((own, _)) = reference.route_host(&lr) else {
+                // Error precedence with fallback rows is covered by check_errors.
+                return Ok(());
+            };
+            let t = own.nrows();
+            // Forced ids: the reference's own selection rotated by one slot (a valid, different
+            // slot order), fallback rows chosen from the seed.
+            let mut forced = own.clone();
+            for mut row in forced.rows_mut() {
+                let v: Vec<u32> = row.iter().copied().cycle().skip(1).take(row.len()).collect();
+                row.assign(&ndarray::ArrayView1::from(&v[..]));
+            }
+            let mut rows: Vec<usize> = (0..t).filter(|r| (seed >> (r % 61)) & 0b11 == 0).collect();
+            if t > 1 {
+                rows.push(0);
+                rows.push(t - 1);
+            }
+            rows.sort_unstable();
+            rows.dedup();
+            for fallback in [rows, Vec::new()] {
+                let mut masked = forced.clone();
+                for &r in &fallback {
+                    masked.row_mut(r).fill(moe_router::ROUTER_SELECTS);
+                }
+                let want = host_replay_fallback(&reference, lr, masked.view(), &fallback);
+                let got = b.replay_fallback(&cfg, lr, masked.view(), &fallback);
+                match (want, got) {
+                    (Ok((wi, ww)), Ok((gi, gw))) => {
+                        prop_assert_eq!(&wi, &gi, "{}: fallback ids differ, rows {:?}", b.name(), fallback);
+                        for r in 0..t {
+                            let expect = if fallback.binary_search(&r).is_ok() {
+                                own.row(r)
+                            } else {
+                                forced.row(r)
+                            };
+                            prop_assert_eq!(gi.row(r), expect, "{}: row {}", b.name(), r);
+                        }
+                        prop_assert_eq!(bits(&ww), bits(&gw), "{}: fallback weight bits differ", b.name());
+                    }
+                    (Err(w), Err(g)) => prop_assert_eq!(w, g),
+                    (w, g) => prop_assert!(false, "{}: reference {:?}, backend {:?}", b.name(), w, g),
+                }
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{}: {e}", b.name()));
 }
 
 /// How much work a conformance run does.
@@ -188,7 +286,7 @@ pub fn logits_strategy(e: usize, max_t: usize) -> impl Strategy<Value = Array2<f
 pub fn check_random(b: &dyn Backend, size: Size) {
     let mut runner = TestRunner::new(PtConfig {
         cases: size.cases,
-        failure_persistence: None,
+        failure_persistence: persistence(),
         ..PtConfig::default()
     });
     let strat = config_strategy().prop_flat_map(move |cfg| {

@@ -2,8 +2,9 @@
 //! portable mode for every config, dtype and hard case; f64 compute equals the reference's f64.
 
 use crate::conformance::{self, Backend, Size};
-use moe_router_core::{ComputeDtype, HostWeights, LogitsRef, RouteError, RouterConfig};
-use moe_router_cpu::CpuRouter;
+use moe_router::Router;
+use moe_router::cpu::CpuRouter;
+use moe_router::{ComputeDtype, HostWeights, LogitsRef, RouteError, RouterConfig};
 use ndarray::{Array2, ArrayView2};
 
 pub struct Cpu;
@@ -25,6 +26,15 @@ impl Backend for Cpu {
         ids: ArrayView2<'_, u32>,
     ) -> Result<HostWeights, RouteError> {
         CpuRouter::new(cfg.clone()).weights_host(&logits, ids)
+    }
+    fn replay_fallback(
+        &self,
+        cfg: &RouterConfig,
+        logits: LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+    ) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        conformance::host_replay_fallback(&CpuRouter::new(cfg.clone()), logits, ids, router_rows)
     }
 }
 
@@ -50,6 +60,11 @@ fn cpu_reports_bad_logits_and_bad_replay_ids_with_row() {
 }
 
 #[test]
+fn cpu_replay_selects_fallback_rows_itself_bit_identical_to_reference() {
+    conformance::check_replay_fallback(&Cpu, Size::CI);
+}
+
+#[test]
 fn cpu_is_bit_identical_on_large_shapes_up_to_512_experts_and_k16() {
     conformance::check_large(&Cpu);
 }
@@ -57,9 +72,9 @@ fn cpu_is_bit_identical_on_large_shapes_up_to_512_experts_and_k16() {
 #[test]
 fn cpu_f64_compute_equals_reference_f64_and_accepts_f64_logits() {
     let cfg = RouterConfig::builder(64, 6)
-        .score(moe_router_core::ScoreFunction::Sigmoid)
-        .normalization(moe_router_core::Normalization::Sum { eps: 1e-20 })
-        .group_limit(8, 3, moe_router_core::GroupScore::SumTopN(2))
+        .score(moe_router::ScoreFunction::Sigmoid)
+        .normalization(moe_router::Normalization::Sum { eps: 1e-20 })
+        .group_limit(8, 3, moe_router::GroupScore::SumTopN(2))
         .compute_dtype(ComputeDtype::F64)
         .build()
         .unwrap();

@@ -6,28 +6,28 @@
 //! `MOE_ROUTER_CUDA_CASES=N` sets the number of random configs (default 200).
 
 use crate::conformance::{self, Backend, Size};
-use moe_router_core::capacity::apply_capacity;
-use moe_router_core::stats;
-use moe_router_core::{
+use moe_router::capacity::apply_capacity;
+use moe_router::cuda::kernels::RouterVariant;
+use moe_router::cuda::{CudaRouter, KernelChoice};
+use moe_router::stats;
+use moe_router::{
     AuxLossKind, CallSite, Capacity, DropPolicy, ForcedIds, HostWeights, IdsSink, LogitsRef, Normalization,
     PassThrough, Plan, ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape, Router,
     RouterConfig, ScoreFunction,
 };
-use moe_router_cuda::kernels::RouterVariant;
-use moe_router_cuda::{CudaRouter, KernelChoice};
 use ndarray::{Array2, ArrayView2};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Once};
 
 /// Probes the device (printing the skip reason) and precompiles every kernel variant once.
 fn available() -> bool {
-    match moe_router_cuda::probe() {
+    match moe_router::cuda::probe() {
         Ok(_) => {
             static WARM: Once = Once::new();
             WARM.call_once(|| {
                 let t = std::time::Instant::now();
                 let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4);
-                if let Err(e) = moe_router_cuda::precompile(0, &RouterVariant::all(), threads) {
+                if let Err(e) = moe_router::cuda::precompile(0, &RouterVariant::all(), threads) {
                     eprintln!("precompile: {e}");
                 }
                 eprintln!("cuda: kernels compiled in {:.1} s", t.elapsed().as_secs_f64());
@@ -73,6 +73,15 @@ impl Backend for Cuda {
     ) -> Result<HostWeights, RouteError> {
         self.router(cfg)?.weights_host(&logits, ids)
     }
+    fn replay_fallback(
+        &self,
+        cfg: &RouterConfig,
+        logits: LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+    ) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        conformance::host_replay_fallback(&self.router(cfg)?, logits, ids, router_rows)
+    }
 }
 
 #[test]
@@ -107,6 +116,22 @@ fn cuda_conformance_random_tile_kernels() {
 }
 
 #[test]
+fn cuda_replay_selects_fallback_rows_in_the_replay_kernel_bit_identical_to_reference() {
+    if !available() {
+        return;
+    }
+    for choice in [KernelChoice::Row, KernelChoice::Tile] {
+        conformance::check_replay_fallback(
+            &Cuda { choice },
+            Size {
+                cases: 120,
+                max_tokens: 300,
+            },
+        );
+    }
+}
+
+#[test]
 fn cuda_conformance_native_errors_large() {
     if !available() {
         return;
@@ -129,12 +154,12 @@ fn cuda_unsupported_configs_are_typed_errors() {
     let cfg = RouterConfig::builder(5000, 8).build().expect("valid");
     assert!(matches!(
         CudaRouter::new(cfg),
-        Err(RouteError::Unsupported(_) | RouteError::Unavailable { .. })
+        Err(RouteError::Unsupported { .. } | RouteError::Unavailable { .. })
     ));
     let cfg = RouterConfig::builder(256, 65).build().expect("valid");
     assert!(matches!(
         CudaRouter::new(cfg),
-        Err(RouteError::Unsupported(_) | RouteError::Unavailable { .. })
+        Err(RouteError::Unsupported { .. } | RouteError::Unavailable { .. })
     ));
 }
 
@@ -143,7 +168,7 @@ fn dsv3(e: usize) -> RouterConfig {
     RouterConfig::builder(e, 8)
         .score(ScoreFunction::Sigmoid)
         .expert_bias(bias)
-        .group_limit(8, 4, moe_router_core::GroupScore::SumTopN(2))
+        .group_limit(8, 4, moe_router::GroupScore::SumTopN(2))
         .normalization(Normalization::Sum { eps: 1e-20 })
         .scaling_factor(2.5)
         .build()
@@ -338,13 +363,13 @@ fn cuda_static_buffers_and_graph_capture() {
     // Capture the three layers into a CUDA graph and replay it.
     let mut out2 = r.alloc_buffers(t, layers).expect("buffers");
     let s = r.stream().clone();
-    s.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+    s.begin_capture(moe_router::cuda::cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .expect("capture");
     for (l, b) in bufs.iter().enumerate() {
         r.enqueue_route(&b.view(), l, &mut out2).expect("enqueue in capture");
     }
     let graph = s
-        .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+        .end_capture(moe_router::cuda::cudarc::driver::sys::CUgraphInstantiate_flags(0))
         .expect("end capture")
         .expect("graph");
     graph.launch().expect("graph launch");
@@ -423,7 +448,7 @@ fn cuda_statistics_match_the_host() {
         let cap = cfg.capacity().expect("capacity");
         assert_eq!(
             r.apply_capacity(&routed.ids, &routed.weights).expect("capacity"),
-            apply_capacity(&cap, ids.view(), w.view(), 64)
+            Some(apply_capacity(&cap, ids.view(), w.view(), 64))
         );
     }
     let mut bad = logits(10, 64, 1);

@@ -8,7 +8,8 @@
 //! with a few experts overridden; every logit and bias is a multiple of 1/16, so exact in f32.
 //! Slot order is this crate's: selection key descending, ties → lower expert id.
 
-use moe_router_core::{LogitsRef, Numerics, ReferenceRouter, RouterConfig, preset};
+use moe_router::Router;
+use moe_router::{LogitsRef, Numerics, ReferenceRouter, RouterConfig, preset};
 use ndarray::Array2;
 
 fn base(i: usize) -> f32 {
@@ -498,7 +499,7 @@ fn every_preset_has_a_golden_case() {
         "minimax-m2",
         "olmoe",
     ];
-    for name in moe_router_core::preset_names() {
+    for name in moe_router::preset_names() {
         assert!(covered.contains(name), "preset {name} has no golden case");
     }
 }

@@ -2,9 +2,10 @@
 //! configs, `tests/fixtures/hf/`), Megatron `TransformerConfig` options with Megatron's rules, and
 //! named presets; every error is typed and names the key.
 
-use moe_router_core::import::hf::{SUPPORTED_MODEL_TYPES, import_hf};
-use moe_router_core::import::presets::{preset_expects_expert_bias, preset_hf_config};
-use moe_router_core::{
+use moe_router::Router;
+use moe_router::import::hf::{SUPPORTED_MODEL_TYPES, import_hf};
+use moe_router::import::presets::{preset_expects_expert_bias, preset_hf_config};
+use moe_router::{
     AuxLoss, AuxLossKind, Capacity, ComputeDtype, ConfigError, DropPolicy, GroupLimit, GroupScore, Normalization,
     RouterConfig, ScoreFunction, SoftmaxPosition, preset, preset_names,
 };
@@ -127,10 +128,9 @@ fn deepseek_v3_is_sigmoid_with_sum_of_top2_groups_4_of_8_renormalised_scaled_by_
     );
     assert!(c.expects_expert_bias(), "routing refuses to run until it is installed");
     let logits = ndarray::Array2::<f32>::zeros((1, 256));
-    let err =
-        moe_router_core::ReferenceRouter::new(c.clone()).route_host(&moe_router_core::LogitsRef::F32(logits.view()));
+    let err = moe_router::ReferenceRouter::new(c.clone()).route_host(&moe_router::LogitsRef::F32(logits.view()));
     assert!(
-        matches!(err, Err(moe_router_core::RouteError::BiasMissing { num_experts: 256 })),
+        matches!(err, Err(moe_router::RouteError::BiasMissing { num_experts: 256 })),
         "{err:?}"
     );
 }
@@ -290,11 +290,7 @@ fn minimax_m2_is_sigmoid_with_routing_bias_renormalised_without_epsilon() {
     let v = edited(MINIMAX_M2, |m| {
         m.insert("use_routing_bias".into(), json!(false));
     });
-    assert!(
-        !moe_router_core::import::import_hf_value(&v)
-            .unwrap()
-            .expects_expert_bias
-    );
+    assert!(!moe_router::import::import_hf_value(&v).unwrap().expects_expert_bias);
 }
 
 #[test]

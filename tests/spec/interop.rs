@@ -6,12 +6,10 @@
 //! published layouts, so the importers are checked against the formats and not only against our
 //! own exporters.
 
-use moe_router_core::interop::{
-    self, DenseRoutes, Element, ExportOptions, Format, ImportOptions, IntDtype, InteropError,
-};
-use moe_router_core::npy::{self, NpyDtype, NpyError};
-use moe_router_core::trace::{MISSING_ID, Trace, TraceHeader};
-use moe_router_core::{LayerId, SeqId};
+use moe_router::interop::{self, DenseRoutes, Element, ExportOptions, Format, ImportOptions, IntDtype, InteropError};
+use moe_router::npy::{self, NpyDtype, NpyError};
+use moe_router::trace::{MISSING_ID, Trace, TraceHeader};
+use moe_router::{LayerId, SeqId};
 use ndarray::{Array3, array};
 use proptest::prelude::*;
 
@@ -925,7 +923,7 @@ fn fuzz_regression_npy_non_ascii_header_is_a_typed_error() {
     );
 }
 
-/// Reproducer for a panic in `moe_router_core::npy::parse` (core/src/npy.rs, not interop code):
+/// Reproducer for a panic in `moe_router::npy::parse` (core/src/npy.rs, not interop code):
 /// `parse_descr` splits the descr at byte 1, which panics when the first character is multi-byte.
 /// The interop importer guards against it; the fix belongs in `npy.rs`.
 #[test]
@@ -987,8 +985,7 @@ fn trace_reader_does_not_allocate_by_a_claimed_block_count() {
     let dir = std::env::temp_dir().join(format!("moe-router-spec-blocks-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("t.mrt");
-    t.write_file(&p, moe_router_core::trace::WriterOptions::default())
-        .unwrap();
+    t.write_file(&p, moe_router::trace::WriterOptions::default()).unwrap();
     let mut b = std::fs::read(&p).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let o = b.windows(4).position(|w| w == b"MRTC").unwrap();
@@ -997,7 +994,7 @@ fn trace_reader_does_not_allocate_by_a_claimed_block_count() {
     let end = o + 24 + stored;
     let c = crc32c(&b[o..end]);
     b[end..end + 4].copy_from_slice(&c.to_le_bytes());
-    let r = moe_router_core::trace::TraceFile::from_bytes(b, moe_router_core::trace::OpenOptions::default());
+    let r = moe_router::trace::TraceFile::from_bytes(b, moe_router::trace::OpenOptions::default());
     assert!(
         r.is_err(),
         "a chunk whose block count disagrees with its payload is an error"

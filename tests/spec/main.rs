@@ -21,3 +21,12 @@ mod routing;
 mod trace;
 #[cfg(feature = "wgpu")]
 mod wgpu;
+
+/// Without the `cuda` feature the CUDA specification is not compiled: say so, visibly.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_backend_spec_is_skipped_without_the_cuda_feature() {
+    println!(
+        "skipped: the CUDA backend's spec tests need `--features cuda` and a GPU (run them on the GPU machine: tests/spec/cuda.rs)"
+    );
+}

@@ -1,7 +1,7 @@
 //! Portable math: within 2 ulp of the exact value (computed in f64) over dense samples of f32
 //! inputs and every edge (±0, −∞, huge, tiny, subnormal); one subnormal rule.
 
-use moe_router_core::math;
+use moe_router::math;
 
 /// Distance in ulps between an f32 result and the f64 truth rounded to f32 (flushed when the
 /// truth is below 2⁻¹²⁶, per the subnormal rule).

@@ -2,10 +2,10 @@
 //! (strict / fallback), padding, validation, layer maps, count checks.
 
 use crate::trace::TempDir;
-use moe_router_core::policy::{MissingRoutes, Record, RecordOutput, Replay, ReplayFromFile};
-use moe_router_core::trace::synthetic::SyntheticRoutes;
-use moe_router_core::trace::{MISSING_ID, RowConvention, Trace, TraceHeader, WriterOptions};
-use moe_router_core::{
+use moe_router::policy::{MissingRoutes, Record, RecordOutput, Replay, ReplayFromFile};
+use moe_router::trace::synthetic::SyntheticRoutes;
+use moe_router::trace::{MISSING_ID, RowConvention, Trace, TraceHeader, WriterOptions};
+use moe_router::{
     BatchLayout, CallSite, LayerId, LogitsRef, Pass, ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError,
     Router, RouterConfig, Segment, SeqId,
 };
@@ -428,7 +428,7 @@ fn recording_skips_padding_rows_and_streams_to_a_file() {
             .unwrap();
     }
     assert!(matches!(rec.finish().unwrap(), RecordOutput::File(st) if st.rows == 3 * 13));
-    let f = moe_router_core::trace::TraceFile::open(&p).unwrap();
+    let f = moe_router::trace::TraceFile::open(&p).unwrap();
     let t = f.to_trace().unwrap();
     assert_eq!(t.sequence_end(SeqId(0)), 5);
     assert_eq!(t.summary().rows, 3 * 13);
@@ -444,7 +444,7 @@ fn recording_skips_padding_rows_and_streams_to_a_file() {
 
 #[test]
 fn a_trace_with_other_routes_than_the_live_router_is_compared_live() {
-    use moe_router_core::metrics::Comparator;
+    use moe_router::metrics::Comparator;
     let g = routes(1, 8);
     let trace = record(&g, &[(SeqId(0), 8)]);
     let mut cmp = Comparator::new(4);

@@ -2,7 +2,7 @@
 //! over random configs and shapes.
 
 use crate::conformance::{config_strategy, logits_strategy};
-use moe_router_core::{
+use moe_router::{
     CallSite, GroupScore, HostWeights, LogitsRef, Normalization, ReferenceRouter, Router, RouterConfig, ScoreFunction,
 };
 use ndarray::{Array2, array};
@@ -49,7 +49,7 @@ proptest! {
         (cfg, l) in config_strategy().prop_flat_map(|c| { let e = c.num_experts(); (Just(c), logits_strategy(e, 12)) })
     ) {
         let renorm = matches!(cfg.normalization(), Normalization::Sum { .. })
-            || (cfg.score() == ScoreFunction::Softmax && cfg.softmax_position() == moe_router_core::SoftmaxPosition::AfterTopK);
+            || (cfg.score() == ScoreFunction::Softmax && cfg.softmax_position() == moe_router::SoftmaxPosition::AfterTopK);
         let Ok(out) = ReferenceRouter::new(cfg.clone()).route(&LogitsRef::F32(l.view()), &CallSite::default()) else { return Ok(()) };
         if renorm {
             for row in out.weights.to_f64().outer_iter() {
@@ -68,7 +68,7 @@ proptest! {
         for (t, row) in ids.outer_iter().enumerate() {
             for j in 1..row.len() {
                 let (a, b) = (row[j - 1] as usize, row[j] as usize);
-                let (ka, kb) = (moe_router_core::math::ftz(l[[t, a]]), moe_router_core::math::ftz(l[[t, b]]));
+                let (ka, kb) = (moe_router::math::ftz(l[[t, a]]), moe_router::math::ftz(l[[t, b]]));
                 prop_assert!(ka > kb || (ka == kb && a < b), "slot order at row {t}");
             }
         }
@@ -105,7 +105,7 @@ fn bias_changes_selection_but_never_weights() {
     assert_eq!(i1[[0, 0]], 0, "bias moves the selection");
     assert_eq!(
         w1[[0, 0]],
-        moe_router_core::math::sigmoid(0.0),
+        moe_router::math::sigmoid(0.0),
         "weight is the unbiased score"
     );
     assert_ne!(w0[[0, 0]], w1[[0, 0]]);
@@ -143,13 +143,13 @@ fn negative_infinity_masks_an_expert() {
 #[test]
 fn softmax_with_renormalisation_is_softmax_over_the_selected_logits() {
     let cfg = RouterConfig::builder(4, 2)
-        .softmax_position(moe_router_core::SoftmaxPosition::BeforeTopK)
+        .softmax_position(moe_router::SoftmaxPosition::BeforeTopK)
         .normalization(Normalization::Sum { eps: 1e-20 })
         .build()
         .unwrap();
     assert_eq!(
         cfg.softmax_position(),
-        moe_router_core::SoftmaxPosition::AfterTopK,
+        moe_router::SoftmaxPosition::AfterTopK,
         "canonical form"
     );
     let (_, w) = route(&cfg, &array![[0.0f32, 1.0, 2.0, -1.0]]);
@@ -160,7 +160,7 @@ fn softmax_with_renormalisation_is_softmax_over_the_selected_logits() {
 #[test]
 fn f64_compute_returns_f64_weights() {
     let cfg = RouterConfig::builder(4, 2)
-        .compute_dtype(moe_router_core::ComputeDtype::F64)
+        .compute_dtype(moe_router::ComputeDtype::F64)
         .build()
         .unwrap();
     let r = ReferenceRouter::new(cfg)

@@ -1,13 +1,13 @@
 //! Trace model and `.mrt` files: append rules, id widths, round trips, chunk limits, recovery
 //! from truncation, bit-flip detection, concurrent recording, shards, size.
 
-use moe_router_core::metrics::{compare, load_stats};
-use moe_router_core::trace::synthetic::SyntheticRoutes;
-use moe_router_core::trace::{
+use moe_router::metrics::{compare, load_stats};
+use moe_router::trace::synthetic::SyntheticRoutes;
+use moe_router::trace::{
     Compression, IdWidth, IndexState, MISSING_ID, Manifest, ManifestShard, OpenOptions, RouteSource, RowConvention,
     Trace, TraceError, TraceFile, TraceHeader, TraceWriter, Verify, WriterOptions,
 };
-use moe_router_core::{LayerId, RouterConfig, SeqId};
+use moe_router::{LayerId, RouterConfig, SeqId};
 use ndarray::{Array2, array};
 use proptest::prelude::*;
 

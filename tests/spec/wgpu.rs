@@ -7,13 +7,13 @@
 //! the number of random configs; `MOE_ROUTER_WGPU_MATH_N=N` the math self-test size.
 
 use crate::conformance::{self, Backend, Size};
-use moe_router_core::{
+use moe_router::wgpu::selftest::{self, MathFn};
+use moe_router::wgpu::{AdapterOptions, WgpuContext, WgpuLogits, WgpuRouter};
+use moe_router::{
     AuxLossKind, CallSite, Capacity, DropPolicy, ForcedIds, GroupScore, HostWeights, IdsSink, LogitsRef, Normalization,
     PassThrough, Plan, ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape, Router,
     RouterConfig, ScoreFunction,
 };
-use moe_router_wgpu::selftest::{self, MathFn};
-use moe_router_wgpu::{AdapterOptions, WgpuContext, WgpuLogits, WgpuRouter};
 use ndarray::{Array2, ArrayView2};
 use std::sync::{Arc, Mutex};
 
@@ -64,6 +64,15 @@ impl Backend for Wgpu {
     ) -> Result<HostWeights, RouteError> {
         self.router(cfg)?.weights_host(&logits, ids)
     }
+    fn replay_fallback(
+        &self,
+        cfg: &RouterConfig,
+        logits: LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+    ) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        conformance::host_replay_fallback(&self.router(cfg)?, logits, ids, router_rows)
+    }
 }
 
 /// The same backend driven through the `Router` trait with device buffers (upload, route,
@@ -94,6 +103,18 @@ impl Backend for WgpuDevicePath {
         let dev_ids = r.ids_from_host(ids)?;
         let w = r.weights_for(&WgpuLogits::Device(&d), &dev_ids, &CallSite::default())?;
         r.weights_to_host(&w)
+    }
+    fn replay_fallback(
+        &self,
+        cfg: &RouterConfig,
+        logits: LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+    ) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        let r = self.0.router(cfg)?;
+        let d = r.upload(&logits)?;
+        let out = r.replay_with_fallback(&WgpuLogits::Device(&d), ids, router_rows, &CallSite::default())?;
+        Ok((r.ids_to_host(&out.ids)?, r.weights_to_host(&out.weights)?))
     }
 }
 
@@ -177,6 +198,14 @@ fn wgpu_split_batches_are_bit_identical_to_reference() {
         LogitsRef::F32(bad.view()),
         "split device path, NaN in the third chunk",
     );
+}
+
+#[test]
+fn wgpu_replay_selects_fallback_rows_in_the_replay_kernel_bit_identical_to_reference() {
+    let Some(b) = backend() else { return };
+    conformance::check_replay_fallback(&b, Size::CI);
+    let ctx = b.ctx.clone();
+    conformance::check_replay_fallback(&WgpuDevicePath(Wgpu { ctx, max_rows: None }), Size::CI);
 }
 
 #[test]
@@ -339,7 +368,7 @@ fn wgpu_statistics_match_the_host() {
         let ids = r.ids_to_host(&out.ids).expect("ids");
         assert_eq!(
             r.tokens_per_expert(&out.ids).expect("counts"),
-            moe_router_core::stats::tokens_per_expert(ids.view(), 48)
+            moe_router::stats::tokens_per_expert(ids.view(), 48)
         );
         let cap = r
             .apply_capacity(&out.ids, &out.weights)
@@ -347,16 +376,16 @@ fn wgpu_statistics_match_the_host() {
             .expect("configured");
         let w = r.weights_to_host(&out.weights).expect("weights").to_f64();
         let want_cap =
-            moe_router_core::capacity::apply_capacity(&cfg.capacity().expect("configured"), ids.view(), w.view(), 48);
+            moe_router::capacity::apply_capacity(&cfg.capacity().expect("configured"), ids.view(), w.view(), 48);
         assert_eq!(cap, want_cap);
         let aux = r.aux_loss_micro_batch(&WgpuLogits::Host(logits), 1e-2).expect("aux");
-        let want_aux = moe_router_core::stats::aux_loss_micro_batch(&cfg, &logits, 1e-2).expect("host aux");
+        let want_aux = moe_router::stats::aux_loss_micro_batch(&cfg, &logits, 1e-2).expect("host aux");
         assert!(
             ((aux - want_aux) / want_aux).abs() <= 1e-6,
             "{score:?}: aux {aux} vs host {want_aux}"
         );
         let z = r.z_loss(&WgpuLogits::Host(logits), 1e-3).expect("z");
-        let want_z = moe_router_core::stats::z_loss(&logits, 1e-3).expect("host z");
+        let want_z = moe_router::stats::z_loss(&logits, 1e-3).expect("host z");
         assert!(
             ((z - want_z) / want_z).abs() <= 1e-6,
             "{score:?}: z-loss {z} vs host {want_z}"

@@ -29,9 +29,9 @@ use crate::CliError;
 use crate::backend::{AnyRouter, BackendKind};
 use crate::model::{Accumulation, ForwardNumerics, ModelSpec, Precision, Rng, SyntheticModel};
 use crate::route::NumericsArg;
-use moe_router_core::policy::{MissingRoutes, Record, Replay, ReplayFromFile};
-use moe_router_core::trace::{RowConvention, TraceFile, TraceHeader, WriterOptions};
-use moe_router_core::{Numerics, Replayed, RouteError, RouterConfig, SeqId};
+use moe_router::policy::{MissingRoutes, Record, Replay, ReplayFromFile};
+use moe_router::trace::{RowConvention, TraceFile, TraceHeader, WriterOptions};
+use moe_router::{Numerics, Replayed, RouteError, RouterConfig, SeqId};
 use phases::{micro_batches, progress, rollout, train};
 use report::{plot_mismatch, write_summary};
 use std::path::{Path, PathBuf};
@@ -95,10 +95,10 @@ pub struct DemoArgs {
     #[arg(long, default_value = "deepseek-v3", value_name = "NAME")]
     pub preset: String,
     /// Backend of the rollout's routers.
-    #[arg(long, value_enum, default_value = "cpu")]
+    #[arg(long, value_parser = crate::backend::backend_parser(), default_value = "cpu")]
     pub backend: BackendKind,
     /// Backend of the trainer's routers (default: --backend).
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = crate::backend::backend_parser())]
     pub train_backend: Option<BackendKind>,
     /// Router numerics of the rollout (inference engines use fast intrinsics).
     #[arg(long, value_enum, default_value = "native")]
@@ -166,18 +166,18 @@ fn numerics_name(n: Numerics) -> &'static str {
     }
 }
 
-fn cfg_err(context: &str) -> impl Fn(moe_router_core::ConfigError) -> CliError + '_ {
+fn cfg_err(context: &str) -> impl Fn(moe_router::ConfigError) -> CliError + '_ {
     move |e| CliError::Config {
         context: context.to_string(),
         source: e,
     }
 }
 
-fn trace_err(path: &Path) -> impl Fn(moe_router_core::trace::TraceError) -> CliError + '_ {
+fn trace_err(path: &Path) -> impl Fn(moe_router::trace::TraceError) -> CliError + '_ {
     move |e| CliError::Input(format!("{}: {e}", path.display()))
 }
 
-fn replay_err(e: moe_router_core::ReplayError) -> CliError {
+fn replay_err(e: moe_router::ReplayError) -> CliError {
     CliError::Route(RouteError::from(e))
 }
 
@@ -218,7 +218,7 @@ pub fn run(a: &DemoArgs) -> Result<u8, CliError> {
 /// Runs the demo and writes its files; returns the summary (also in `OUT/summary.json`).
 pub fn run_demo(a: &DemoArgs) -> Result<DemoSummary, CliError> {
     check_args(a)?;
-    let rule = moe_router_core::preset(&a.preset).map_err(cfg_err("--preset"))?;
+    let rule = moe_router::preset(&a.preset).map_err(cfg_err("--preset"))?;
     let spec = ModelSpec {
         vocab: a.vocab,
         hidden: a.hidden,
@@ -246,7 +246,7 @@ pub fn run_demo(a: &DemoArgs) -> Result<DemoSummary, CliError> {
     };
     let routers = |kind: BackendKind, n: NumericsArg| -> Result<Vec<AnyRouter>, CliError> {
         (0..a.layers)
-            .map(|i| AnyRouter::new(kind, with_numerics(model.router_config(i), n)?))
+            .map(|i| Ok(AnyRouter::new(kind, with_numerics(model.router_config(i), n)?)?))
             .collect()
     };
     let train_kind = a.train_backend.unwrap_or(a.backend);

@@ -5,8 +5,8 @@ use super::{DemoArgs, numerics_name};
 use crate::CliError;
 use crate::model::{Accumulation, ModelSpec, Precision, SyntheticModel};
 use crate::plot::{LayerSeries, plot_mismatch_per_layer};
-use moe_router_core::Numerics;
-use moe_router_core::metrics::{Comparison, PolicyCounts};
+use moe_router::Numerics;
+use moe_router::metrics::{Comparison, PolicyCounts};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 

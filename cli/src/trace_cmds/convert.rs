@@ -2,8 +2,8 @@
 
 use super::{FORMATS, FormatArg, Progress, import_options, input_format, load, parse_layers, trace_err};
 use crate::{CliError, EXIT_OK, EXIT_USAGE};
-use moe_router_core::interop::{self, ExportOptions, Format, IntDtype};
-use moe_router_core::trace::{Trace, TraceWriter, WriterOptions};
+use moe_router::interop::{self, ExportOptions, Format, IntDtype};
+use moe_router::trace::{Trace, TraceWriter, WriterOptions};
 use std::path::{Path, PathBuf};
 
 /// Arguments of `convert`.

@@ -2,8 +2,8 @@
 
 use super::{Loaded, Progress, detect, import_options, load};
 use crate::{CliError, EXIT_OK};
-use moe_router_core::interop::ImportOptions;
-use moe_router_core::metrics::compare;
+use moe_router::interop::ImportOptions;
+use moe_router::metrics::compare;
 use std::path::{Path, PathBuf};
 
 /// Arguments of `diff`.

@@ -2,9 +2,9 @@
 
 use super::{Progress, detect, file_json, import_options, load, trace_err};
 use crate::{CliError, EXIT_OK};
-use moe_router_core::interop::Format;
-use moe_router_core::metrics::load_stats;
-use moe_router_core::trace::{OpenOptions, Trace, TraceFile, Verify};
+use moe_router::interop::Format;
+use moe_router::metrics::load_stats;
+use moe_router::trace::{OpenOptions, Trace, TraceFile, Verify};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 
@@ -35,12 +35,12 @@ pub struct InspectArgs {
     pub top_k: Option<usize>,
 }
 
-fn header_json(trace_header: &moe_router_core::trace::TraceHeader) -> Value {
+fn header_json(trace_header: &moe_router::trace::TraceHeader) -> Value {
     let h = trace_header;
     json!({
         "num_experts": h.num_experts(),
         "top_k": h.top_k(),
-        "id_width": match h.id_width() { moe_router_core::trace::IdWidth::U8 => "u8", moe_router_core::trace::IdWidth::U16 => "u16" },
+        "id_width": match h.id_width() { moe_router::trace::IdWidth::U8 => "u8", moe_router::trace::IdWidth::U16 => "u16" },
         "layers": h.layer_ids(),
         "row_convention": h.row_convention(),
         "fingerprint": format!("{:016x}", h.fingerprint()),

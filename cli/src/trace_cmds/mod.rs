@@ -1,14 +1,14 @@
 //! Trace commands: `convert`, `inspect`, `validate` and `diff`.
 //!
-//! Inputs are any format of [`moe_router_core::interop`] (`mrt`, `npy`, `safetensors`, `sglang`,
+//! Inputs are any format of [`moe_router::interop`] (`mrt`, `npy`, `safetensors`, `sglang`,
 //! `nrlre1`, `r3v1`, `prime-rl`). The format is taken from `--from` / `--to`, else from the
 //! extension where it is unambiguous (`.mrt`, `.npy`, `.safetensors`, `.msgpack` → prime-rl);
 //! `inspect`, `validate` and `diff` (which have no `--from`) also recognise the content.
 
 use crate::CliError;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use moe_router_core::interop::{self, Format, ImportOptions, IntDtype, InteropError};
-use moe_router_core::trace::{RecoveryReport, Trace, TraceError, TraceFile};
+use moe_router::interop::{self, Format, ImportOptions, IntDtype, InteropError};
+use moe_router::trace::{RecoveryReport, Trace, TraceError, TraceFile};
 use serde_json::{Value, json};
 use std::io::IsTerminal;
 use std::path::Path;
@@ -117,7 +117,7 @@ pub fn parse_layers(s: &str) -> Result<Vec<u32>, CliError> {
         if let Some((a, b)) = p.split_once('-') {
             let a: u32 = a.trim().parse().map_err(|_| bad(p))?;
             let b: u32 = b.trim().parse().map_err(|_| bad(p))?;
-            if b < a || (b - a) as usize >= moe_router_core::trace::MAX_LAYERS {
+            if b < a || (b - a) as usize >= moe_router::trace::MAX_LAYERS {
                 return Err(bad(p));
             }
             v.extend(a..=b);

@@ -2,8 +2,8 @@
 
 use super::{detect, file_json, import_options, read_bytes, trace_err};
 use crate::{CliError, EXIT_INVALID, EXIT_OK};
-use moe_router_core::interop::{self, Format, InteropError};
-use moe_router_core::trace::{IndexState, OpenOptions, Trace, TraceError, TraceFile, ValidationIssue, Verify};
+use moe_router::interop::{self, Format, InteropError};
+use moe_router::trace::{IndexState, OpenOptions, Trace, TraceError, TraceFile, ValidationIssue, Verify};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 

@@ -5,8 +5,8 @@
 //! order is ignored). Its **overlap** is `|A ∩ B| / K`. Only routers recorded in both inputs are
 //! compared; rows present in only one input are counted separately.
 
-use crate::layout::{BatchLayout, LayerId, RowAddr, SeqId};
 use crate::trace::{MISSING_ID, RouteSource, Trace, TraceError};
+use moe_router_core::layout::{BatchLayout, LayerId, RowAddr, SeqId};
 use ndarray::{Array2, ArrayView2};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};

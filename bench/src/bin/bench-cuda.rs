@@ -14,11 +14,11 @@
 
 #![allow(unsafe_code)]
 
-use moe_router_core::{CallSite, GroupScore, Normalization, Numerics, Router, RouterConfig, ScoreFunction};
-use moe_router_cuda::cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
-use moe_router_cuda::cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use moe_router_cuda::kernels::{LogitDtype, Part, RouterVariant, ScoreKind, TILE_KMAX};
-use moe_router_cuda::{CudaRouter, DeviceLogits, KernelChoice, LogitsView, RouteError};
+use moe_router::cuda::cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use moe_router::cuda::cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use moe_router::cuda::kernels::{LogitDtype, Part, RouterVariant, ScoreKind, TILE_KMAX};
+use moe_router::cuda::{CudaRouter, DeviceLogits, KernelChoice, LogitsView, RouteError};
+use moe_router::{CallSite, GroupScore, Normalization, Numerics, Router, RouterConfig, ScoreFunction};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -99,12 +99,10 @@ struct Pool {
 }
 
 fn pool(stream: &Arc<CudaStream>, n: usize) -> Result<Pool, RouteError> {
-    let dev = |e: moe_router_cuda::cudarc::driver::DriverError| RouteError::Device {
-        backend: "cuda",
-        message: format!("{e:?}"),
-    };
+    let dev =
+        |e: moe_router::cuda::cudarc::driver::DriverError| RouteError::device_with_source("cuda", format!("{e:?}"), e);
     let ptx =
-        moe_router_cuda::cudarc::nvrtc::compile_ptx(FILL).map_err(|e| RouteError::Unsupported(format!("{e:?}")))?;
+        moe_router::cuda::cudarc::nvrtc::compile_ptx(FILL).map_err(|e| RouteError::device("cuda", format!("{e:?}")))?;
     let m = stream.context().load_module(ptx).map_err(dev)?;
     let f = m.load_function("fill").map_err(dev)?;
     // SAFETY: written by the fill kernel below before any read.
@@ -139,10 +137,8 @@ fn time_calls(
     iters: usize,
     mut f: impl FnMut(usize) -> Result<(), RouteError>,
 ) -> Result<f64, RouteError> {
-    let dev = |e: moe_router_cuda::cudarc::driver::DriverError| RouteError::Device {
-        backend: "cuda",
-        message: format!("{e:?}"),
-    };
+    let dev =
+        |e: moe_router::cuda::cudarc::driver::DriverError| RouteError::device_with_source("cuda", format!("{e:?}"), e);
     for i in 0..3 {
         f(i)?;
     }
@@ -165,14 +161,12 @@ fn time_calls(
 
 fn main() -> Result<(), RouteError> {
     let quick = std::env::args().any(|a| a == "--quick");
-    moe_router_cuda::probe()?;
+    moe_router::cuda::probe()?;
     let t0 = Instant::now();
     let probe_router = CudaRouter::new(RouterConfig::builder(8, 2).build().expect("valid"))?;
     let stream = probe_router.stream().clone();
-    let dev = |e: moe_router_cuda::cudarc::driver::DriverError| RouteError::Device {
-        backend: "cuda",
-        message: format!("{e:?}"),
-    };
+    let dev =
+        |e: moe_router::cuda::cudarc::driver::DriverError| RouteError::device_with_source("cuda", format!("{e:?}"), e);
     println!("# CUDA router benchmark on {}", probe_router.device_name());
     // Every kernel variant the rules need, compiled in parallel.
     let mut variants = Vec::new();
@@ -197,7 +191,7 @@ fn main() -> Result<(), RouteError> {
         }
     }
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4);
-    moe_router_cuda::precompile(0, &variants, threads)?;
+    moe_router::cuda::precompile(0, &variants, threads)?;
     eprintln!("kernels compiled in {:.1} s", t0.elapsed().as_secs_f64());
     // Pool: the largest input (T = 262144, E = 512) twice, at least 256 MB.
     let tmax = 262_144usize;

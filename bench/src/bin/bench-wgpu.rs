@@ -15,9 +15,10 @@
 //! `enqueue_replay`, N launches then one stream synchronisation, the same wall-clock method) on
 //! the same logits in the same run, and prints the throughput ratio wgpu / CUDA.
 
-use moe_router_core::import::presets::preset_expects_expert_bias;
-use moe_router_core::{Numerics, RouterConfig, preset};
-use moe_router_wgpu::{AdapterOptions, DeviceLogits, LogitsDtype, WgpuContext, WgpuRouter};
+use moe_router::import::presets::preset_expects_expert_bias;
+use moe_router::wgpu::wgpu;
+use moe_router::wgpu::{AdapterOptions, DeviceLogits, LogitsDtype, WgpuContext, WgpuRouter};
+use moe_router::{Numerics, RouterConfig, preset};
 use std::io::Write;
 use std::time::Instant;
 
@@ -454,9 +455,9 @@ fn main() {
 #[cfg(feature = "cuda")]
 mod cuda {
     //! The CUDA backend timed the same way (launches, then one synchronisation, wall clock).
-    use moe_router_core::{LogitsRef, RouterConfig};
-    use moe_router_cuda::{CudaRouter, LogitsBuffer, RouteBuffers};
-    use moe_router_wgpu::LogitsDtype;
+    use moe_router::cuda::{CudaRouter, LogitsBuffer, RouteBuffers};
+    use moe_router::wgpu::LogitsDtype;
+    use moe_router::{LogitsRef, RouterConfig};
     use ndarray::Array2;
     use std::time::Instant;
 
@@ -526,7 +527,7 @@ mod cuda {
         fn run(&self, n: usize, t: usize, op: &str, out: &mut RouteBuffers, src: &RouteBuffers) -> Option<f64> {
             let slots = (self.rows / t.max(1)).clamp(1, 64);
             let view = self.logits.view();
-            let k = moe_router_core::Router::config(&self.router).top_k();
+            let k = moe_router::Router::config(&self.router).top_k();
             let t0 = Instant::now();
             for i in 0..n {
                 let s = (i % slots) * t;

@@ -8,10 +8,11 @@
 //! given. Deterministic for a seed.
 
 use super::{Trace, TraceError, TraceHeader};
-use crate::config::RouterConfig;
-use crate::layout::{LayerId, SeqId};
-use crate::logits::LogitsRef;
-use crate::reference::ReferenceRouter;
+use moe_router_core::Router;
+use moe_router_core::config::RouterConfig;
+use moe_router_core::layout::{LayerId, SeqId};
+use moe_router_core::logits::LogitsRef;
+use moe_router_core::reference::ReferenceRouter;
 use ndarray::Array2;
 
 /// Parameters of a synthetic trace.

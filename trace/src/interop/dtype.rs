@@ -6,8 +6,8 @@ use crate::trace::MISSING_ID;
 use ndarray::Array3;
 use std::fmt;
 
-/// The largest id any trace can hold (E ≤ [`crate::MAX_EXPERTS`]).
-const MAX_ID: i128 = crate::MAX_EXPERTS as i128 - 1;
+/// The largest id any trace can hold (E ≤ [`moe_router_core::MAX_EXPERTS`]).
+const MAX_ID: i128 = moe_router_core::MAX_EXPERTS as i128 - 1;
 
 /// Integer element types of the interchange formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -168,7 +168,7 @@ pub(crate) fn decode_ints(
                     format,
                     at,
                     value: v,
-                    num_experts: num_experts.unwrap_or(crate::MAX_EXPERTS),
+                    num_experts: num_experts.unwrap_or(moe_router_core::MAX_EXPERTS),
                 }
             });
         }

@@ -3,11 +3,11 @@
 //! open.
 
 use super::{Backing, BlockLoc, Cache, ChunkMeta, LayerCount, TraceFile};
-use crate::layout::{LayerId, SeqId};
 use crate::trace::TraceError;
 use crate::trace::codec::RowCodec;
 use crate::trace::format::{self, ChunkHead, FrameProbe, IndexEntry};
 use crate::trace::model::Trace;
+use moe_router_core::layout::{LayerId, SeqId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::File;

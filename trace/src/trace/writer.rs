@@ -5,7 +5,7 @@ use super::codec::RowCodec;
 use super::file::TraceFile;
 use super::format::{self, ChunkEntry, IndexEntry};
 use super::{TraceError, TraceHeader};
-use crate::layout::{LayerId, SeqId};
+use moe_router_core::layout::{LayerId, SeqId};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};

@@ -2,9 +2,9 @@
 //! every row), decoding its payload, and the cache of decompressed payloads.
 
 use super::{CACHE_CHUNKS, TraceFile};
-use crate::layout::SeqId;
 use crate::trace::TraceError;
 use crate::trace::format::{self, Block, FrameProbe};
+use moe_router_core::layout::SeqId;
 use std::sync::Arc;
 
 impl TraceFile {

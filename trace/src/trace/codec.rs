@@ -2,7 +2,7 @@
 
 use super::kernels;
 use super::{IdWidth, MISSING_ID, TraceError, TraceHeader};
-use crate::layout::{LayerId, SeqId};
+use moe_router_core::layout::{LayerId, SeqId};
 use ndarray::{ArrayView2, ArrayViewMut1};
 
 /// Rows checked together by the whole-group kernels (a group with a missing or bad row is

@@ -78,16 +78,16 @@ pub(crate) fn element_count(format: Format, dims: &[u64], limit: u64, reason: &s
 }
 
 /// Refuses an L or K no trace can hold (L ≤ [`crate::trace::MAX_LAYERS`], K ≤
-/// [`crate::MAX_EXPERTS`]), even when T = 0 makes the array empty: later steps allocate per
+/// [`moe_router_core::MAX_EXPERTS`]), even when T = 0 makes the array empty: later steps allocate per
 /// layer and per slot.
 pub(crate) fn check_lk(format: Format, l: usize, k: usize) -> Result<(), InteropError> {
-    if l > crate::trace::MAX_LAYERS || k > crate::MAX_EXPERTS {
+    if l > crate::trace::MAX_LAYERS || k > moe_router_core::MAX_EXPERTS {
         return Err(InteropError::Shape {
             format,
             reason: format!(
                 "L = {l}, K = {k}: a trace holds at most {} layers and K ≤ {}",
                 crate::trace::MAX_LAYERS,
-                crate::MAX_EXPERTS
+                moe_router_core::MAX_EXPERTS
             ),
         });
     }

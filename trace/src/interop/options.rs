@@ -1,7 +1,7 @@
 //! What the caller supplies for importing ([`ImportOptions`]) and exporting ([`ExportOptions`]).
 
 use super::IntDtype;
-use crate::layout::SeqId;
+use moe_router_core::layout::SeqId;
 
 /// Default bound on the elements (`T × L × K`) one import or export may hold in memory (2³⁰:
 /// 4 GiB of `u32` ids).

@@ -2,8 +2,8 @@
 //! ([`DenseRoutes`]), its checks, and its conversions to and from a [`Trace`].
 
 use super::{Format, ImportOptions, IntDtype, InteropError, check_lk, element_at, element_count};
-use crate::layout::{LayerId, SeqId};
 use crate::trace::{MISSING_ID, Trace, TraceHeader};
+use moe_router_core::layout::{LayerId, SeqId};
 use ndarray::{Array3, s};
 
 /// One sequence of routes as a `[T, L, K]` array: the common form of every interchange format.

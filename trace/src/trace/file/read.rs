@@ -2,9 +2,9 @@
 //! [`Trace`], its sequences and summary, and the [`RouteSource`] the replay policies read from.
 
 use super::TraceFile;
-use crate::layout::{LayerId, SeqId};
 use crate::trace::model::{Trace, TraceSummary};
 use crate::trace::{ALL_ZERO_MIN_ROWS, MISSING_ID, RouteSource, TraceError, TraceHeader};
+use moe_router_core::layout::{LayerId, SeqId};
 use ndarray::ArrayViewMut2;
 
 impl TraceFile {

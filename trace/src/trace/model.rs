@@ -3,7 +3,7 @@
 
 use super::codec::RowCodec;
 use super::{ALL_ZERO_MIN_ROWS, MISSING_ID, RouteSource, TraceError, TraceHeader};
-use crate::layout::{LayerId, SeqId};
+use moe_router_core::layout::{LayerId, SeqId};
 use ndarray::{Array2, Array3, ArrayView2, ArrayViewMut2, s};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

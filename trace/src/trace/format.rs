@@ -3,7 +3,7 @@
 
 use super::kernels;
 use super::{IdWidth, RowConvention, TraceError, TraceHeader};
-use crate::layout::LayerId;
+use moe_router_core::layout::LayerId;
 
 /// File magic: `\x89MRT\r\n\x1a\n` (the PNG trick: detects 7-bit and newline mangling).
 pub(crate) const MAGIC: [u8; 8] = [0x89, b'M', b'R', b'T', b'\r', b'\n', 0x1A, b'\n'];

@@ -7,11 +7,11 @@ mod read;
 
 pub use open::{IndexState, OpenOptions, RecoveryReport, TailDamage, Verify};
 
-use crate::layout::{LayerId, SeqId};
 use crate::trace::codec::RowCodec;
 use crate::trace::format::{self, ChunkEntry, ChunkHead, IndexEntry};
 use crate::trace::model::Trace;
 use crate::trace::{TraceError, TraceHeader};
+use moe_router_core::layout::{LayerId, SeqId};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -45,9 +45,9 @@ pub use manifest::{Manifest, ManifestShard, ShardedTrace};
 pub use model::{AppendStats, LaneRef, LayerSummary, RunRef, Trace, TraceSummary, ValidationIssue};
 pub use writer::{Compression, TraceWriter, WriterOptions, WriterStats};
 
-use crate::config::RouterConfig;
-use crate::error::ReplayError;
-use crate::layout::{LayerId, SeqId};
+use moe_router_core::config::RouterConfig;
+use moe_router_core::error::ReplayError;
+use moe_router_core::layout::{LayerId, SeqId};
 use ndarray::ArrayViewMut2;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -97,11 +97,11 @@ impl IdWidth {
 
     /// The largest E this width stores with K slots: 256 / 65 536 when K ≥ 2 (a valid row holds
     /// distinct ids, so it is never all-sentinel), 255 / 65 535 when K = 1. Capped by
-    /// [`crate::MAX_EXPERTS`].
+    /// [`moe_router_core::MAX_EXPERTS`].
     pub fn max_experts(self, top_k: usize) -> usize {
         let all = self.sentinel() as usize + 1;
         let cap = if top_k >= 2 { all } else { all - 1 };
-        cap.min(crate::MAX_EXPERTS)
+        cap.min(moe_router_core::MAX_EXPERTS)
     }
 
     /// The code in the file header (1 or 2: bytes per id).
@@ -173,10 +173,10 @@ impl TraceHeader {
     /// least one). The id width is the narrowest that fits ([`IdWidth::for_shape`]). Row
     /// convention [`RowConvention::AllTokens`], fingerprint 0, no weight version, empty producer.
     pub fn new(num_experts: usize, top_k: usize, layers: &[u32]) -> Result<Self, TraceError> {
-        if num_experts == 0 || num_experts > crate::MAX_EXPERTS {
+        if num_experts == 0 || num_experts > moe_router_core::MAX_EXPERTS {
             return Err(TraceError::InvalidHeader(format!(
                 "num_experts = {num_experts} (must be 1..={})",
-                crate::MAX_EXPERTS
+                moe_router_core::MAX_EXPERTS
             )));
         }
         if top_k == 0 || top_k > num_experts || top_k > usize::from(u16::MAX) {
@@ -578,7 +578,7 @@ impl From<TraceError> for ReplayError {
                 ReplayError::InvalidRoute(e.to_string())
             }
             TraceError::AllZeroLayer { .. } => ReplayError::InvalidRoute(e.to_string()),
-            other => ReplayError::Trace(other.to_string()),
+            other => ReplayError::Trace(moe_router_core::ErrorSource::new(other)),
         }
     }
 }

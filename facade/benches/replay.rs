@@ -21,13 +21,13 @@
 #![allow(missing_docs)]
 
 use criterion::{Criterion, Throughput};
-use moe_router_core::policy::{Record, Replay, ReplayFromFile};
-use moe_router_core::trace::{TraceFile, TraceHeader, WriterOptions};
-use moe_router_core::{
+use moe_router::cpu::CpuRouter;
+use moe_router::policy::{Record, Replay, ReplayFromFile};
+use moe_router::trace::{TraceFile, TraceHeader, WriterOptions};
+use moe_router::{
     BatchLayout, CallSite, GroupScore, LogitsRef, Normalization, Numerics, Replayed, Router, RouterConfig,
     ScoreFunction, SeqId, SoftmaxPosition,
 };
-use moe_router_cpu::CpuRouter;
 use ndarray::Array2;
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -325,7 +325,7 @@ fn bench_case(c: &mut Criterion<Clock>, case: &Case, clock: Clock) {
     });
     // The recording work alone: the host copy of the ids that `Router::record_ids` makes, and
     // that copy handed to the `Record` sink (in memory / to a file), one layer walk as above.
-    let shape = moe_router_core::RouteShape {
+    let shape = moe_router::RouteShape {
         rows,
         num_experts: case.cfg.num_experts(),
         top_k: case.cfg.top_k(),
@@ -338,7 +338,7 @@ fn bench_case(c: &mut Criterion<Clock>, case: &Case, clock: Clock) {
             iters,
             |p| p,
             |s| {
-                let sink = moe_router_core::ReplayPolicy::recorder(rec, s, shape)
+                let sink = moe_router::ReplayPolicy::recorder(rec, s, shape)
                     .expect("recorder")
                     .expect("sink");
                 sink(ids.clone());
@@ -367,7 +367,7 @@ fn bench_case(c: &mut Criterion<Clock>, case: &Case, clock: Clock) {
         })
     });
     g.bench_function("part_plan_from_file", |b| {
-        b.iter(|| black_box(moe_router_core::ReplayPolicy::plan(&replay, &site, shape).expect("plan")))
+        b.iter(|| black_box(moe_router::ReplayPolicy::plan(&replay, &site, shape).expect("plan")))
     });
     g.finish();
 }
@@ -378,19 +378,19 @@ fn bench_case(c: &mut Criterion<Clock>, case: &Case, clock: Clock) {
 #[derive(Debug, Clone, Copy)]
 struct DiscardIds;
 
-impl moe_router_core::ReplayPolicy for DiscardIds {
+impl moe_router::ReplayPolicy for DiscardIds {
     fn plan(
         &self,
         _site: &CallSite<'_>,
-        _shape: moe_router_core::RouteShape,
-    ) -> Result<moe_router_core::Plan, moe_router_core::ReplayError> {
-        Ok(moe_router_core::Plan::Route)
+        _shape: moe_router::RouteShape,
+    ) -> Result<moe_router::Plan, moe_router::ReplayError> {
+        Ok(moe_router::Plan::Route)
     }
     fn recorder(
         &self,
         _site: &CallSite<'_>,
-        _shape: moe_router_core::RouteShape,
-    ) -> Result<Option<moe_router_core::IdsSink>, moe_router_core::ReplayError> {
+        _shape: moe_router::RouteShape,
+    ) -> Result<Option<moe_router::IdsSink>, moe_router::ReplayError> {
         Ok(Some(Box::new(|ids| drop(black_box(ids)))))
     }
 }

@@ -3,7 +3,7 @@
 use super::file::{OpenOptions, TraceFile};
 use super::model::Trace;
 use super::{MISSING_ID, RouteSource, TraceError, TraceHeader};
-use crate::layout::{LayerId, SeqId};
+use moe_router_core::layout::{LayerId, SeqId};
 use ndarray::{Array2, ArrayViewMut2, Zip};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

@@ -27,10 +27,10 @@
 #![allow(missing_docs)]
 
 use criterion::{Criterion, Throughput};
-use moe_router_core::policy::Record;
-use moe_router_core::trace::synthetic::SyntheticRoutes;
-use moe_router_core::trace::{Compression, Trace, TraceFile, TraceHeader, TraceWriter, WriterOptions};
 use moe_router_core::{BatchLayout, CallSite, LayerId, ReplayPolicy, RouteShape, RouterConfig, SeqId};
+use moe_router_trace::policy::Record;
+use moe_router_trace::trace::synthetic::SyntheticRoutes;
+use moe_router_trace::trace::{Compression, Trace, TraceFile, TraceHeader, TraceWriter, WriterOptions};
 use ndarray::{Array2, s};
 use std::hint::black_box;
 use std::path::Path;

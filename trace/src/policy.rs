@@ -17,15 +17,15 @@
 //! by the router itself and counted per layer in [`MissingRoutes::Fallback`] mode. Padding rows
 //! are always routed by the router and never counted.
 
-use crate::error::ReplayError;
-use crate::layout::{BatchLayout, LayerId, Segment, SeqId};
 use crate::metrics::{LayerPolicyCounts, PolicyCounts};
-use crate::replay::{ForcedIds, Plan, ReplayPolicy, RouteShape};
-use crate::router::{CallSite, IdsSink, Pass};
 use crate::trace::{
     AppendStats, MISSING_ID, OpenOptions, RouteSource, ShardedTrace, Trace, TraceFile, TraceHeader, TraceWriter,
     WriterOptions, WriterStats,
 };
+use moe_router_core::error::ReplayError;
+use moe_router_core::layout::{BatchLayout, LayerId, Segment, SeqId};
+use moe_router_core::replay::{ForcedIds, Plan, ReplayPolicy, RouteShape};
+use moe_router_core::router::{CallSite, IdsSink, Pass};
 use ndarray::{Array2, s};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -160,8 +160,8 @@ pub struct ReplaySummary {
 /// Replays recorded ids from a [`RouteSource`]; see the module docs.
 ///
 /// ```
-/// use moe_router_core::policy::Replay;
-/// use moe_router_core::trace::{Trace, TraceHeader};
+/// use moe_router_trace::policy::Replay;
+/// use moe_router_trace::trace::{Trace, TraceHeader};
 /// use moe_router_core::{BatchLayout, CallSite, LayerId, LogitsRef, ReferenceRouter, Replayed, Router, RouterConfig, SeqId};
 /// use ndarray::array;
 ///
