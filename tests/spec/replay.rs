@@ -208,6 +208,80 @@ fn expect_each_key_reports_keys_replayed_more_or_fewer_times() {
     assert_eq!((s.keys, s.calls), (0, 0));
 }
 
+/// Routes `layout` at every layer, forward then recompute, through `router`.
+fn forward_and_recompute<P: ReplayPolicy>(
+    router: &Replayed<ReferenceRouter, P>,
+    g: &SyntheticRoutes,
+    layout: &BatchLayout,
+) {
+    for (li, &layer) in LAYERS.iter().enumerate() {
+        let l = batch_logits(g, layout, li);
+        let site = CallSite::layer(layer).with_layout(layout);
+        router.route(&LogitsRef::F32(l.view()), &site).unwrap();
+        router
+            .route(&LogitsRef::F32(l.view()), &site.with_pass(Pass::Recompute))
+            .unwrap();
+    }
+}
+
+#[test]
+fn padding_only_micro_batches_are_not_replay_keys_and_pass_the_forward_plus_recompute_count() {
+    let g = routes(1, 8);
+    let trace = record(&g, &[(SeqId(0), 8)]);
+    let policy = Replay::new(trace, &LAYERS).unwrap().expect_each_key(2);
+    let router = Replayed::new(ReferenceRouter::new(cfg()), &policy);
+    let tokens = BatchLayout::single(SeqId(0), 8);
+    let padding = BatchLayout::new(vec![Segment::Padding { len: 8 }]).unwrap();
+    forward_and_recompute(&router, &g, &tokens);
+    // Two micro-batches of padding only (a padded tail of a step), each forward + recompute:
+    // their rows carry no route, so they are no key (they used to share one key, counted 4 times).
+    forward_and_recompute(&router, &g, &padding);
+    forward_and_recompute(&router, &g, &padding);
+    let s = policy.finish().unwrap();
+    assert_eq!(
+        s.keys,
+        LAYERS.len() as u64,
+        "only the token layout is a key, once per layer"
+    );
+    assert_eq!(s.calls, 6 * LAYERS.len() as u64, "every call is answered and counted");
+    assert!(s.layers_never_replayed.is_empty());
+    // The check still applies to token layouts next to padding-only ones.
+    forward_and_recompute(&router, &g, &padding);
+    let l = batch_logits(&g, &tokens, 0);
+    router
+        .route(&LogitsRef::F32(l.view()), &CallSite::layer(1).with_layout(&tokens))
+        .unwrap();
+    let e = policy.finish().unwrap_err();
+    assert!(
+        matches!(&e, ReplayError::CountMismatch(m) if m.starts_with("1 key(s)") && m.contains("8 rows")),
+        "{e}"
+    );
+}
+
+#[test]
+fn an_empty_context_parallel_rank_is_not_a_replay_key() {
+    let g = routes(2, 8);
+    let trace = record(&g, &[(SeqId(0), 8), (SeqId(1), 8)]);
+    let policy = Replay::new(trace, &LAYERS).unwrap().expect_each_key(2);
+    let router = Replayed::new(ReferenceRouter::new(cfg()), &policy);
+    // Two sequences of 8 tokens split zigzag over 8 ranks: shorter than 2·cp, each is cut into
+    // 15 empty chunks and a last one holding all 8 tokens, so rank 0 gets every token and ranks
+    // 1..=7 none. Every rank routes its batch (empty or not), forward + recompute, in one step.
+    let lens = [(SeqId(0), 8), (SeqId(1), 8)];
+    let ranks: Vec<BatchLayout> = (0..8).map(|r| BatchLayout::zigzag_rank(&lens, 8, r).unwrap()).collect();
+    let empty = ranks.iter().filter(|l| l.rows() == 0).count();
+    assert!(
+        empty >= 2,
+        "the split leaves at least two ranks without tokens ({empty})"
+    );
+    for layout in &ranks {
+        forward_and_recompute(&router, &g, layout);
+    }
+    let s = policy.finish().unwrap();
+    assert_eq!(s.keys, (8 - empty as u64) * LAYERS.len() as u64);
+    assert_eq!(s.calls, 2 * 8 * LAYERS.len() as u64);
+}
+
 #[test]
 fn the_record_policy_replays_its_forward_ids_on_recompute() {
     let rec = Record::in_memory(TraceHeader::for_config(&cfg(), &LAYERS).unwrap());

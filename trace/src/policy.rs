@@ -146,7 +146,8 @@ fn layout_hash(layout: &BatchLayout) -> u64 {
 /// Summary returned by [`Replay::finish`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplaySummary {
-    /// Distinct (layer, batch layout) keys replayed since the last `finish`/`reset`.
+    /// Distinct (layer, batch layout) keys replayed since the last `finish`/`reset`, counted
+    /// under [`Replay::expect_each_key`] (0 without it). Layouts without token rows are not keys.
     pub keys: u64,
     /// Calls answered since then (forward and recompute).
     pub calls: u64,
@@ -227,6 +228,11 @@ impl<S: RouteSource> Replay<S> {
     }
     /// Strict count check: [`Replay::finish`] errors unless every key that was replayed was
     /// replayed exactly `n` times (e.g. 2 = forward + recompute).
+    ///
+    /// A key is a (layer, batch layout) whose layout holds at least one token row. A layout
+    /// without token rows (padding only, or empty: a context-parallel rank that received no
+    /// tokens) carries no route, so calls with it are answered and counted in
+    /// [`ReplaySummary::calls`] but are not keys: any number of them passes the check.
     pub fn expect_each_key(mut self, n: u64) -> Self {
         self.expect = Some(n);
         self
@@ -327,8 +333,15 @@ impl<S: RouteSource> Replay<S> {
 
     fn count_key(&self, layer: LayerId, layout: &BatchLayout) {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        if self.expect.is_none() {
-            // Still track distinct keys per layer for `layers_never_replayed`, cheaply.
+        let has_tokens = layout
+            .segments()
+            .iter()
+            .any(|s| matches!(s, Segment::Tokens { len, .. } if *len > 0));
+        if self.expect.is_none() || !has_tokens {
+            // The layer was called (for `layers_never_replayed`): an entry with no layouts marks
+            // it without making a key. Without the count check keys are not tracked; a layout
+            // without token rows is never a key (padding carries no route, and every such
+            // layout of a layer would otherwise share one key).
             let mut keys = lock(&self.keys);
             keys.entry((layer.0, 0)).or_default();
             return;
