@@ -104,6 +104,8 @@ __device__ __forceinline__ float unpack_key(u64 p) {
     return __uint_as_float(b);
 }
 __device__ __forceinline__ int unpack_id(u64 p) { return (int)(0xffffffffu - (u32)p); }
+// The high word of pack_key(-inf, id): packed keys above it hold a finite key (0 is empty).
+#define NEG_INF_ORDERED 0x007fffffull
 
 // Error keys: class (0 replay ids, 1 logits) | row | phase (0 non-finite, 1 all masked) |
 // expert | 1 for +inf.
@@ -609,6 +611,27 @@ __device__ void tile_route_impl(const Params& p) {
                 int gk = unpack_id(gbest[i]);
 #pragma unroll
                 for (int j = 0; j < KMAX; j++) insert_top<KMAX>(top, glist[(gk * KMAX + j) * 32 + lane]);
+            }
+        }
+        // Fewer than K finite keys in the kept groups: the reference fills the remaining slots
+        // with the lowest ids among every expert whose key is -inf, the dropped groups' experts
+        // included (DESIGN §2 steps 3-4), not only the kept groups' -inf experts. Rare; the
+        // lane walks the ids once. (Registers are indexed by unrolled loops only.)
+        int finite = 0;
+#pragma unroll
+        for (int j = 0; j < KMAX; j++)
+            if (j < p.K && (top[j] >> 32) > NEG_INF_ORDERED) finite++;
+        if (finite < p.K) {
+            int slot = finite;
+            for (int e = 0; e < E && slot < p.K; e++) {
+                bool taken = false;
+#pragma unroll
+                for (int j = 0; j < KMAX; j++) taken = taken || (j < finite && unpack_id(top[j]) == e);
+                if (taken) continue;
+#pragma unroll
+                for (int j = 0; j < KMAX; j++)
+                    if (j == slot) top[j] = pack_key(F32_NEG_INF, e);
+                slot++;
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Device discovery, contexts and the per-device module cache.
 
-use crate::kernels::{self, LogitDtype, Part, RouterVariant};
+use crate::kernels::{self, LogitsDtype, Part, RouterVariant};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use moe_router_core::RouteError;
@@ -107,7 +107,7 @@ pub(crate) struct Device {
     pub sms: usize,
     pub smem_optin: usize,
     routers: Mutex<HashMap<RouterVariant, Arc<RouterKernels>>>,
-    stats: Mutex<HashMap<LogitDtype, Arc<StatsKernels>>>,
+    stats: Mutex<HashMap<LogitsDtype, Arc<StatsKernels>>>,
 }
 
 fn arch_of(major: i32, minor: i32) -> Result<&'static str, RouteError> {
@@ -247,7 +247,7 @@ impl Device {
     }
 
     /// The statistics kernels of `dtype`, compiled and loaded on first use.
-    pub fn stats_kernels(&self, dtype: LogitDtype) -> Result<Arc<StatsKernels>, RouteError> {
+    pub fn stats_kernels(&self, dtype: LogitsDtype) -> Result<Arc<StatsKernels>, RouteError> {
         let mut map = self.stats.lock().map_err(|_| unavailable("module cache poisoned"))?;
         if let Some(k) = map.get(&dtype) {
             return Ok(k.clone());

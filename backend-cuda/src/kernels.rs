@@ -12,42 +12,15 @@ pub const ROUTER_CU: &str = include_str!("../kernels/router.cu");
 /// Statistics kernels.
 pub const STATS_CU: &str = include_str!("../kernels/stats.cu");
 
-/// Element type of device logits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LogitDtype {
-    /// f32.
-    F32,
-    /// bfloat16 (stored as its 16 bits).
-    Bf16,
-    /// IEEE half (stored as its 16 bits).
-    F16,
-}
+pub use moe_router_core::LogitsDtype;
 
-impl LogitDtype {
-    /// Bytes per element.
-    pub fn bytes(self) -> usize {
-        match self {
-            LogitDtype::F32 => 4,
-            LogitDtype::Bf16 | LogitDtype::F16 => 2,
-        }
+/// The `LOGIT_KIND` the kernels are compiled for.
+fn dtype_kind(d: LogitsDtype) -> u32 {
+    match d {
+        LogitsDtype::F32 => 0,
+        LogitsDtype::Bf16 => 1,
+        LogitsDtype::F16 => 2,
     }
-    /// Name, as in `LogitsRef::dtype_name`.
-    pub fn name(self) -> &'static str {
-        match self {
-            LogitDtype::F32 => "f32",
-            LogitDtype::Bf16 => "bf16",
-            LogitDtype::F16 => "f16",
-        }
-    }
-    fn kind(self) -> u32 {
-        match self {
-            LogitDtype::F32 => 0,
-            LogitDtype::Bf16 => 1,
-            LogitDtype::F16 => 2,
-        }
-    }
-    /// Every dtype.
-    pub const ALL: [LogitDtype; 3] = [LogitDtype::F32, LogitDtype::Bf16, LogitDtype::F16];
 }
 
 /// How the score function is compiled into the routing kernels.
@@ -103,7 +76,7 @@ pub enum Part {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RouterVariant {
     /// Logits element type.
-    pub dtype: LogitDtype,
+    pub dtype: LogitsDtype,
     /// Numerics mode: true for portable.
     pub portable: bool,
     /// Score function.
@@ -128,7 +101,7 @@ impl RouterVariant {
     pub fn source(&self) -> String {
         format!(
             "#define LOGIT_KIND {}\n#define PORTABLE {}\n#define SCORE {}\n{}\n{}\n{}",
-            self.dtype.kind(),
+            dtype_kind(self.dtype),
             u32::from(self.portable),
             self.score.code(),
             match self.part {
@@ -162,7 +135,7 @@ impl RouterVariant {
     /// Every variant.
     pub fn all() -> Vec<RouterVariant> {
         let mut v = Vec::new();
-        for dtype in LogitDtype::ALL {
+        for dtype in LogitsDtype::ALL {
             for portable in [true, false] {
                 for score in ScoreKind::ALL {
                     v.push(RouterVariant {
@@ -187,12 +160,12 @@ impl RouterVariant {
 }
 
 /// Full NVRTC source of the statistics module for a dtype.
-pub fn stats_source(dtype: LogitDtype) -> String {
-    format!("#define LOGIT_KIND {}\n{}", dtype.kind(), STATS_CU)
+pub fn stats_source(dtype: LogitsDtype) -> String {
+    format!("#define LOGIT_KIND {}\n{}", dtype_kind(dtype), STATS_CU)
 }
 
 /// NVRTC options of the statistics module.
-pub fn stats_options(dtype: LogitDtype, arch: &'static str) -> CompileOptions {
+pub fn stats_options(dtype: LogitsDtype, arch: &'static str) -> CompileOptions {
     CompileOptions {
         fmad: Some(false),
         arch: Some(arch),
@@ -385,44 +358,20 @@ pub fn decode_status(
     top_k: usize,
     ids_row: impl FnOnce(usize) -> Option<Vec<u32>>,
 ) -> Result<(), moe_router_core::RouteError> {
-    use moe_router_core::{ReplayError, RouteError, validate_ids};
+    use moe_router_core::RouteError;
     if word == 0 {
         return Ok(());
     }
     let key = !word;
     let row = ((key >> 22) & ((1u64 << 40) - 1)) as usize;
     if key >> 62 == 0 {
-        let invalid = || {
-            RouteError::Replay(ReplayError::InvalidRoute(format!(
-                "replay row {row} has an out-of-range or duplicate id"
-            )))
-        };
-        let Some(v) = ids_row(row) else { return Err(invalid()) };
-        let Ok(a) = ndarray::Array2::from_shape_vec((1, top_k), v) else {
-            return Err(invalid());
-        };
-        return match validate_ids(a.view(), 1, num_experts, top_k, &[]) {
-            Err(RouteError::IdOutOfRange {
-                slot, id, num_experts, ..
-            }) => Err(RouteError::IdOutOfRange {
-                row,
-                slot,
-                id,
-                num_experts,
-            }),
-            Err(RouteError::DuplicateId {
-                id,
-                first_slot,
-                second_slot,
-                ..
-            }) => Err(RouteError::DuplicateId {
-                row,
-                id,
-                first_slot,
-                second_slot,
-            }),
-            _ => Err(invalid()),
-        };
+        return Err(match ids_row(row) {
+            Some(v) if v.len() == top_k => moe_router_core::backend::flagged_ids_error("cuda", &v, row, num_experts),
+            _ => RouteError::device(
+                "cuda",
+                format!("replay row {row} was flagged but its ids could not be read back"),
+            ),
+        });
     }
     if (key >> 20) & 3 == 1 {
         return Err(RouteError::AllMasked { row });

@@ -20,18 +20,17 @@
 
 #![allow(unsafe_code)]
 
+mod buffers;
 mod device;
 pub mod kernels;
 mod record;
 mod router;
 mod stats;
 
+pub use buffers::{DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, LogitsView, RouteBuffers};
 pub use device::{precompile, probe, probe_nvrtc};
-pub use kernels::LogitDtype;
-pub use router::{
-    CudaRouter, DeviceIds, DeviceLogits, DeviceWeights, KernelChoice, LogitsBuffer, LogitsView, MAX_EXPERTS, MAX_TOP_K,
-    RouteBuffers,
-};
+pub use kernels::LogitsDtype;
+pub use router::{CudaRouter, KernelChoice, MAX_EXPERTS, MAX_TOP_K};
 pub use stats::AuxBatchStats;
 
 pub use cudarc;

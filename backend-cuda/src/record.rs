@@ -2,8 +2,8 @@
 //! waits on an event of the routing stream; a worker thread waits for the copy, hands a host
 //! array to the sink and recycles the pinned buffer. The routing stream never waits.
 
+use crate::buffers::DeviceIds;
 use crate::device::{Device, dev_err};
-use crate::router::DeviceIds;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use moe_router_core::{IdsSink, RouteError};
 use ndarray::Array2;

@@ -1,8 +1,9 @@
 //! [`CudaRouter`]: the [`Router`] on device logits.
 
+use crate::buffers::{DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, OwnedLogits, RouteBuffers};
 use crate::device::{BACKEND, Device, dev_err};
 use crate::kernels::{
-    LogitDtype, Params, Part, ROW_KCAP, RouterVariant, ScoreKind, TILE_KMAX, TILE_WARPS, decode_status, row_launch,
+    LogitsDtype, Params, Part, ROW_KCAP, RouterVariant, ScoreKind, TILE_KMAX, TILE_WARPS, decode_status, row_launch,
     tile_slot, tile_smem,
 };
 use crate::record::Recorder;
@@ -23,198 +24,6 @@ pub const MAX_TOP_K: usize = ROW_KCAP;
 const TILE_MIN_ROWS: usize = 2048;
 /// With at most this many experts the tile kernels win at every T (measured on an H100).
 const TILE_MAX_SMALL_E: usize = 32;
-
-/// Borrowed device logits of one element type. 16-bit types are passed as their raw bits
-/// (`u16`), since cudarc is built without its `f16` feature.
-#[derive(Debug)]
-pub enum LogitsView<'a> {
-    /// f32 logits.
-    F32(CudaView<'a, f32>),
-    /// bfloat16 logits, as bits.
-    Bf16(CudaView<'a, u16>),
-    /// IEEE half logits, as bits.
-    F16(CudaView<'a, u16>),
-}
-
-/// Device logits `[T, E]` (row stride `ld >= E` elements), borrowed from a device buffer.
-#[derive(Debug)]
-pub struct DeviceLogits<'a> {
-    view: LogitsView<'a>,
-    rows: usize,
-    cols: usize,
-    ld: usize,
-}
-
-fn shape_err(what: &str) -> RouteError {
-    RouteError::BufferTooSmall {
-        buffer: "logits view",
-        detail: what.to_string(),
-    }
-}
-
-impl<'a> DeviceLogits<'a> {
-    /// Wraps a view of `rows * cols` (or more) elements as dense `[rows, cols]` logits.
-    pub fn new(view: LogitsView<'a>, rows: usize, cols: usize) -> Result<Self, RouteError> {
-        Self::with_row_stride(view, rows, cols, cols)
-    }
-    /// Wraps a view as `[rows, cols]` logits whose rows start `ld` elements apart.
-    pub fn with_row_stride(view: LogitsView<'a>, rows: usize, cols: usize, ld: usize) -> Result<Self, RouteError> {
-        let len = match &view {
-            LogitsView::F32(v) => v.len(),
-            LogitsView::Bf16(v) | LogitsView::F16(v) => v.len(),
-        };
-        if ld < cols {
-            return Err(RouteError::RowRange {
-                start: 0,
-                end: rows,
-                rows,
-                stride: ld,
-                cols,
-            });
-        }
-        let need = if rows == 0 { 0 } else { (rows - 1) * ld + cols };
-        if len < need {
-            return Err(shape_err(&format!(
-                "[{rows}, {cols}] with stride {ld} needs {need} elements, view has {len}"
-            )));
-        }
-        Ok(DeviceLogits { view, rows, cols, ld })
-    }
-    /// f32 logits `[rows, cols]`.
-    pub fn f32(view: CudaView<'a, f32>, rows: usize, cols: usize) -> Result<Self, RouteError> {
-        Self::new(LogitsView::F32(view), rows, cols)
-    }
-    /// bfloat16 logits `[rows, cols]` given as their bits.
-    pub fn bf16_bits(view: CudaView<'a, u16>, rows: usize, cols: usize) -> Result<Self, RouteError> {
-        Self::new(LogitsView::Bf16(view), rows, cols)
-    }
-    /// IEEE half logits `[rows, cols]` given as their bits.
-    pub fn f16_bits(view: CudaView<'a, u16>, rows: usize, cols: usize) -> Result<Self, RouteError> {
-        Self::new(LogitsView::F16(view), rows, cols)
-    }
-    /// `(T, E)`.
-    pub fn dim(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-    /// Element type.
-    pub fn dtype(&self) -> LogitDtype {
-        match self.view {
-            LogitsView::F32(_) => LogitDtype::F32,
-            LogitsView::Bf16(_) => LogitDtype::Bf16,
-            LogitsView::F16(_) => LogitDtype::F16,
-        }
-    }
-    /// Rows `start..end` as a new view.
-    pub fn slice_rows(&self, start: usize, end: usize) -> Result<DeviceLogits<'_>, RouteError> {
-        if start > end || end > self.rows {
-            return Err(RouteError::RowRange {
-                start,
-                end,
-                rows: self.rows,
-                stride: self.ld,
-                cols: self.cols,
-            });
-        }
-        let a = start * self.ld;
-        let b = if end == start {
-            a
-        } else {
-            (end - 1) * self.ld + self.cols
-        };
-        let view = match &self.view {
-            LogitsView::F32(v) => LogitsView::F32(v.slice(a..b)),
-            LogitsView::Bf16(v) => LogitsView::Bf16(v.slice(a..b)),
-            LogitsView::F16(v) => LogitsView::F16(v.slice(a..b)),
-        };
-        Ok(DeviceLogits {
-            view,
-            rows: end - start,
-            cols: self.cols,
-            ld: self.ld,
-        })
-    }
-    /// Row stride in elements.
-    pub fn row_stride(&self) -> usize {
-        self.ld
-    }
-    /// Raw device pointer (with the guard that orders the access on `stream`).
-    pub(crate) fn raw_ptr<'s>(&'s self, stream: &'s CudaStream) -> (u64, cudarc::driver::SyncOnDrop<'s>) {
-        match &self.view {
-            LogitsView::F32(v) => v.device_ptr(stream),
-            LogitsView::Bf16(v) | LogitsView::F16(v) => v.device_ptr(stream),
-        }
-    }
-}
-
-/// Logits uploaded from the host by [`CudaRouter::upload_logits`].
-#[derive(Debug)]
-pub struct LogitsBuffer {
-    data: OwnedLogits,
-    rows: usize,
-    cols: usize,
-}
-
-#[derive(Debug)]
-enum OwnedLogits {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
-    F16(CudaSlice<u16>),
-}
-
-impl LogitsBuffer {
-    /// The buffer as device logits.
-    pub fn view(&self) -> DeviceLogits<'_> {
-        let view = match &self.data {
-            OwnedLogits::F32(s) => LogitsView::F32(s.as_view()),
-            OwnedLogits::Bf16(s) => LogitsView::Bf16(s.as_view()),
-            OwnedLogits::F16(s) => LogitsView::F16(s.as_view()),
-        };
-        DeviceLogits {
-            view,
-            rows: self.rows,
-            cols: self.cols,
-            ld: self.cols,
-        }
-    }
-}
-
-/// Expert ids `[T, K]` on the device (u32, row-major). Cheap to clone (shared buffer).
-#[derive(Debug, Clone)]
-pub struct DeviceIds {
-    pub(crate) buf: Arc<CudaSlice<u32>>,
-    pub(crate) rows: usize,
-    pub(crate) k: usize,
-}
-
-impl DeviceIds {
-    /// `(T, K)`.
-    pub fn dim(&self) -> (usize, usize) {
-        (self.rows, self.k)
-    }
-    /// The device buffer (at least `T * K` elements).
-    pub fn buffer(&self) -> &CudaSlice<u32> {
-        &self.buf
-    }
-}
-
-/// Weights `[T, K]` on the device (f32, row-major).
-#[derive(Debug)]
-pub struct DeviceWeights {
-    pub(crate) buf: CudaSlice<f32>,
-    pub(crate) rows: usize,
-    pub(crate) k: usize,
-}
-
-impl DeviceWeights {
-    /// `(T, K)`.
-    pub fn dim(&self) -> (usize, usize) {
-        (self.rows, self.k)
-    }
-    /// The device buffer (at least `T * K` elements).
-    pub fn buffer(&self) -> &CudaSlice<f32> {
-        &self.buf
-    }
-}
 
 /// What one launch does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,42 +57,6 @@ pub enum KernelChoice {
     Row,
     /// Thread-per-token tile kernels whenever the config and alignment allow.
     Tile,
-}
-
-/// Preallocated outputs for launch-only routing ([`CudaRouter::enqueue_route`]): no allocation
-/// and no synchronisation per call, so the calls can be captured into a CUDA graph. Errors are
-/// latched in a device status word and read by [`CudaRouter::take_status`]. With `layers > 0`
-/// the route kernel also writes every layer's ids into a record buffer `[max_tokens, layers, K]`
-/// (Megatron-style static recording).
-#[derive(Debug)]
-pub struct RouteBuffers {
-    ids: CudaSlice<u32>,
-    weights: CudaSlice<f32>,
-    status: CudaSlice<u64>,
-    record: Option<CudaSlice<u32>>,
-    max_tokens: usize,
-    layers: usize,
-    k: usize,
-    rows: usize,
-}
-
-impl RouteBuffers {
-    /// Ids `[max_tokens, K]` (rows `0..T` of the last call are valid).
-    pub fn ids(&self) -> &CudaSlice<u32> {
-        &self.ids
-    }
-    /// Weights `[max_tokens, K]`.
-    pub fn weights(&self) -> &CudaSlice<f32> {
-        &self.weights
-    }
-    /// The record buffer `[max_tokens, layers, K]`, if recording was asked for.
-    pub fn record(&self) -> Option<&CudaSlice<u32>> {
-        self.record.as_ref()
-    }
-    /// Rows of the last enqueued call.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
 }
 
 /// The CUDA router. Create it with [`CudaRouter::new`]; it routes [`DeviceLogits`] on its own
@@ -378,13 +151,13 @@ impl CudaRouter {
     /// Compiles (or fetches from the cache) the kernels for every logits dtype, so that the
     /// first routing call does not pay NVRTC's compile time.
     pub fn warm_up(&self) -> Result<(), RouteError> {
-        for d in LogitDtype::ALL {
+        for d in LogitsDtype::ALL {
             self.dev.router_kernels(self.variant(d, Part::Row))?;
         }
         Ok(())
     }
 
-    fn variant(&self, dtype: LogitDtype, part: Part) -> RouterVariant {
+    fn variant(&self, dtype: LogitsDtype, part: Part) -> RouterVariant {
         RouterVariant {
             part,
             dtype,
@@ -436,7 +209,7 @@ impl CudaRouter {
 
     fn plan(&self, logits: &DeviceLogits<'_>, ptr: u64, op: Op) -> Plan {
         let choice = self.choice.lock().map(|c| *c).unwrap_or_default();
-        let lb = logits.dtype().bytes() as u64;
+        let lb = logits.dtype().size() as u64;
         let aligned = ptr.is_multiple_of(16)
             && (logits.cols as u64 * lb).is_multiple_of(16)
             && (logits.ld as u64 * lb).is_multiple_of(16);
@@ -468,7 +241,7 @@ impl CudaRouter {
     }
 
     /// Enqueues the route or replay kernel for `p` on the router's stream.
-    fn launch(&self, p: Params, rows: usize, plan: &Plan, op: Op, dtype: LogitDtype) -> Result<(), RouteError> {
+    fn launch(&self, p: Params, rows: usize, plan: &Plan, op: Op, dtype: LogitsDtype) -> Result<(), RouteError> {
         if rows == 0 {
             return Ok(());
         }
@@ -786,13 +559,20 @@ impl Router for CudaRouter {
     ) -> Result<Routed<DeviceIds, DeviceWeights>, RouteError> {
         // Fallback rows carry ROUTER_SELECTS (the caller's convention, enforced here): the
         // kernel selects them and writes their ids in place, in the same launch.
-        let mut forced = ids.to_owned();
-        for &r in router_rows {
-            if r < forced.nrows() {
-                forced.row_mut(r).fill(ROUTER_SELECTS);
+        let marked = router_rows
+            .iter()
+            .all(|&r| r >= ids.nrows() || ids.row(r).iter().all(|&i| i == ROUTER_SELECTS));
+        let dev = if marked {
+            self.ids_from_host(ids)?
+        } else {
+            let mut forced = ids.to_owned();
+            for &r in router_rows {
+                if r < forced.nrows() {
+                    forced.row_mut(r).fill(ROUTER_SELECTS);
+                }
             }
-        }
-        let dev = self.ids_from_host(forced.view())?;
+            self.ids_from_host(forced.view())?
+        };
         let op = if router_rows.is_empty() {
             Op::Replay
         } else {
@@ -812,11 +592,17 @@ impl Router for CudaRouter {
                 cols: k,
             });
         }
-        let mut v: Vec<u32> = ids.iter().copied().collect();
-        if v.is_empty() {
-            v.push(0);
+        let buf = match ids.as_slice() {
+            Some(s) if !s.is_empty() => self.dev.stream.clone_htod(s),
+            _ => {
+                let mut v: Vec<u32> = ids.iter().copied().collect();
+                if v.is_empty() {
+                    v.push(0);
+                }
+                self.dev.stream.clone_htod(&v)
+            }
         }
-        let buf = self.dev.stream.clone_htod(&v).map_err(dev_err)?;
+        .map_err(dev_err)?;
         Ok(DeviceIds {
             buf: Arc::new(buf),
             rows,

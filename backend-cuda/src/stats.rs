@@ -1,9 +1,10 @@
 //! Routing statistics on the device: tokens per expert, Megatron's aux losses and the z-loss,
 //! matching `moe_router_core::stats` (counts exactly, losses within 1e-6 relative).
 
+use crate::buffers::{DeviceIds, DeviceLogits};
 use crate::device::dev_err;
 use crate::kernels::StatParams;
-use crate::router::{CudaRouter, DeviceIds, DeviceLogits};
+use crate::router::CudaRouter;
 use cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
 use moe_router_core::{RouteError, Router, ScoreFunction};
 
@@ -41,7 +42,7 @@ impl CudaRouter {
         let (rows, k) = ids.dim();
         let n = (rows * k) as i64;
         if n > 0 {
-            let kern = dev.stats_kernels(crate::LogitDtype::F32)?;
+            let kern = dev.stats_kernels(crate::LogitsDtype::F32)?;
             let blocks = ((n as usize).div_ceil(256)).clamp(1, dev.sms * 4);
             let cfg = LaunchConfig {
                 grid_dim: (blocks as u32, 1, 1),

@@ -1,7 +1,7 @@
 //! Adapter selection and the per-device context (device, queue, limits, pipeline cache).
 
-use crate::kernels::{KernelSet, KernelSpec};
 use moe_router_core::RouteError;
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -117,8 +117,9 @@ pub struct WgpuContext {
     pub(crate) queue: wgpu::Queue,
     pub(crate) limits: wgpu::Limits,
     desc: AdapterDescription,
-    kernels: Mutex<HashMap<KernelSpec, Arc<KernelSet>>>,
-    stats: Mutex<HashMap<KernelSpec, Arc<crate::stats::StatsKernels>>>,
+    /// Compiled pipelines shared by every router on this context: keyed by the pipelines' type
+    /// and the `Debug` text of the spec they were compiled for (which determines them).
+    pipelines: Mutex<HashMap<(TypeId, String), Arc<dyn Any + Send + Sync>>>,
     pub(crate) layout: wgpu::BindGroupLayout,
     pub(crate) count_layout: wgpu::BindGroupLayout,
 }
@@ -258,8 +259,7 @@ impl WgpuContext {
             queue,
             limits,
             desc: describe(&info),
-            kernels: Mutex::new(HashMap::new()),
-            stats: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
             layout,
             count_layout,
         })
@@ -285,26 +285,36 @@ impl WgpuContext {
         &self.limits
     }
 
-    /// The compiled kernels for `spec`, built once per context.
-    pub(crate) fn kernels(&self, spec: &KernelSpec) -> Result<Arc<KernelSet>, RouteError> {
-        let mut map = self.kernels.lock().map_err(|_| device_err("kernel cache poisoned"))?;
-        if let Some(k) = map.get(spec) {
-            return Ok(k.clone());
+    /// The pipelines of type `T` for `spec`, built by `build` once per context and shared by
+    /// every router on it.
+    pub(crate) fn cached<T: Any + Send + Sync, S: std::fmt::Debug>(
+        &self,
+        spec: &S,
+        build: impl FnOnce(&Self) -> Result<T, RouteError>,
+    ) -> Result<Arc<T>, RouteError> {
+        let key = (TypeId::of::<T>(), format!("{spec:?}"));
+        if let Some(k) = self
+            .pipelines
+            .lock()
+            .map_err(|_| device_err("pipeline cache poisoned"))?
+            .get(&key)
+            .cloned()
+        {
+            return k
+                .downcast::<T>()
+                .map_err(|_| device_err("pipeline cache holds a wrong type"));
         }
-        let k = Arc::new(KernelSet::build(self, spec)?);
-        map.insert(spec.clone(), k.clone());
-        Ok(k)
-    }
-
-    /// The compiled statistics kernels for `spec`, built once per context.
-    pub(crate) fn stats_kernels(&self, spec: &KernelSpec) -> Result<Arc<crate::stats::StatsKernels>, RouteError> {
-        let mut map = self.stats.lock().map_err(|_| device_err("kernel cache poisoned"))?;
-        if let Some(k) = map.get(spec) {
-            return Ok(k.clone());
-        }
-        let k = Arc::new(crate::stats::StatsKernels::build(self, spec)?);
-        map.insert(spec.clone(), k.clone());
-        Ok(k)
+        // Compile outside the lock (compilation can take a while); the first insert wins.
+        let built: Arc<dyn Any + Send + Sync> = Arc::new(build(self)?);
+        let mut map = self
+            .pipelines
+            .lock()
+            .map_err(|_| device_err("pipeline cache poisoned"))?;
+        map.entry(key)
+            .or_insert(built)
+            .clone()
+            .downcast::<T>()
+            .map_err(|_| device_err("pipeline cache holds a wrong type"))
     }
 
     /// Blocks until all submitted work is done.

@@ -44,34 +44,7 @@ pub const LOAD_HALF_WGSL: &str = include_str!("../shaders/load_half.wgsl");
 /// Invocations per workgroup (one token each).
 pub(crate) const WG: u32 = 64;
 
-/// Element type of logits on the device.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LogitsDtype {
-    /// IEEE f32.
-    F32,
-    /// bfloat16 (widened exactly from its bits).
-    Bf16,
-    /// IEEE half (widened exactly by integer unpacking; no SHADER_F16 needed).
-    F16,
-}
-
-impl LogitsDtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            LogitsDtype::F32 => 4,
-            LogitsDtype::Bf16 | LogitsDtype::F16 => 2,
-        }
-    }
-    /// Name as in [`moe_router_core::LogitsRef::dtype_name`].
-    pub fn name(self) -> &'static str {
-        match self {
-            LogitsDtype::F32 => "f32",
-            LogitsDtype::Bf16 => "bf16",
-            LogitsDtype::F16 => "f16",
-        }
-    }
-}
+pub use moe_router_core::LogitsDtype;
 
 /// Everything the generated header depends on.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

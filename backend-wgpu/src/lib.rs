@@ -5,9 +5,14 @@
 //! rasterisers used in CI).
 //!
 //! - [`WgpuRouter`] implements [`moe_router_core::Router`] for logits on the device
-//!   ([`WgpuLogits::Device`]) or on the host ([`WgpuLogits::Host`]), returning ids and weights
-//!   in device buffers ([`WgpuIds`], [`WgpuWeights`]); [`Router::route_host`](moe_router_core::Router::route_host) and
-//!   [`Router::weights_host`](moe_router_core::Router::weights_host) are host-in, host-out conveniences.
+//!   ([`DeviceLogits`], a view of your buffer or of a [`LogitsBuffer`] uploaded by
+//!   [`WgpuRouter::upload_logits`]), returning ids and weights in device buffers
+//!   ([`DeviceIds`], [`DeviceWeights`]);
+//!   [`Router::route_host`](moe_router_core::Router::route_host) and
+//!   [`Router::weights_host`](moe_router_core::Router::weights_host) are host-in, host-out
+//!   conveniences. Launch-only routing into preallocated [`RouteBuffers`]:
+//!   [`WgpuRouter::enqueue_route`], [`WgpuRouter::enqueue_replay`], then
+//!   [`WgpuRouter::take_status`]. The names are the CUDA backend's.
 //! - **Portable numerics** (the default) are bit-identical to the reference router (ids and
 //!   weight bits), also on drivers that fuse `a·b + c` into FMA: the WGSL mirror of
 //!   `moe_router_core::math` passes every product that feeds an add through an XOR with an
@@ -20,15 +25,17 @@
 //! - Adapter choice: the best available (discrete GPU first), overridable by [`ENV_BACKEND`] /
 //!   [`ENV_ADAPTER`] or [`AdapterOptions`]. No adapter → [`moe_router_core::RouteError::Unavailable`].
 
+mod buffers;
 mod context;
 mod kernels;
 mod router;
 pub mod selftest;
 pub mod stats;
 
+pub use buffers::{DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, RouteBuffers};
 pub use context::{AdapterDescription, AdapterOptions, ENV_ADAPTER, ENV_BACKEND, WgpuContext};
-pub use kernels::LogitsDtype;
-pub use router::{DeviceLogits, RouteTargets, WgpuIds, WgpuLogits, WgpuRouter, WgpuWeights};
+pub use moe_router_core::LogitsDtype;
+pub use router::WgpuRouter;
 
 /// The `wgpu` crate this backend is built on (for callers that build their own buffers and
 /// command encoders).

@@ -1,13 +1,14 @@
 //! [`WgpuRouter`]: the [`Router`] on a wgpu device.
 
-use crate::context::{AdapterOptions, WgpuContext, device_err};
-use crate::kernels::{KernelSet, KernelSpec, LogitsDtype, WG};
+use crate::buffers::{DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, RouteBuffers, STORAGE_OUT};
+use crate::context::{AdapterOptions, BACKEND, WgpuContext, device_err};
+use crate::kernels::{KernelSet, KernelSpec, WG};
 use bytemuck::{Pod, Zeroable};
-use moe_router_core::math::{NativeF32, Portable};
-use moe_router_core::reference::widen_checked;
+use moe_router_core::LogitsDtype;
+use moe_router_core::backend::{flagged_ids_error, flagged_logits_error_from_bytes};
 use moe_router_core::{
     CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, Normalization, Numerics, ROUTER_SELECTS, RouteError,
-    Routed, Router, RouterConfig, validate_ids,
+    Routed, Router, RouterConfig,
 };
 use ndarray::{Array2, ArrayView2};
 use std::collections::HashMap;
@@ -50,175 +51,6 @@ impl Params {
         }
     }
 }
-
-/// Logits on the device: a buffer holding `[rows, cols]` elements of `dtype`, row-major, from
-/// `offset` (a multiple of the device's `min_storage_buffer_offset_alignment`).
-///
-/// The buffer must belong to the router's device ([`WgpuRouter::context`]) and have usage
-/// `STORAGE | COPY_SRC`. Make one with [`WgpuRouter::upload`] or wrap your own with
-/// [`DeviceLogits::from_buffer`].
-#[derive(Debug, Clone)]
-pub struct DeviceLogits {
-    buffer: wgpu::Buffer,
-    offset: u64,
-    rows: usize,
-    cols: usize,
-    dtype: LogitsDtype,
-}
-
-impl DeviceLogits {
-    /// Wraps an existing buffer. Fails when the buffer is too small for the shape or lacks the
-    /// `STORAGE | COPY_SRC` usages.
-    pub fn from_buffer(
-        buffer: wgpu::Buffer,
-        offset: u64,
-        rows: usize,
-        cols: usize,
-        dtype: LogitsDtype,
-    ) -> Result<DeviceLogits, RouteError> {
-        let need = offset + (rows * cols * dtype.size()) as u64;
-        if buffer.size() < need {
-            return Err(RouteError::BufferTooSmall {
-                buffer: "logits buffer",
-                detail: format!(
-                    "{} bytes cannot hold [{rows}, {cols}] {} at offset {offset}",
-                    buffer.size(),
-                    dtype.name()
-                ),
-            });
-        }
-        let usage = buffer.usage();
-        if !usage.contains(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC) {
-            return Err(RouteError::BufferTooSmall {
-                buffer: "logits buffer",
-                detail: format!("its usage {usage:?} lacks STORAGE | COPY_SRC"),
-            });
-        }
-        Ok(DeviceLogits {
-            buffer,
-            offset,
-            rows,
-            cols,
-            dtype,
-        })
-    }
-    /// `(rows, cols)`.
-    pub fn dim(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-    /// Element type.
-    pub fn dtype(&self) -> LogitsDtype {
-        self.dtype
-    }
-    /// The underlying buffer.
-    pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
-    }
-    /// Byte offset of row 0 in the buffer.
-    pub fn offset(&self) -> u64 {
-        self.offset
-    }
-}
-
-/// What [`WgpuRouter`] routes: host logits (uploaded per call into reused buffers) or logits
-/// already on the device (no copy).
-#[derive(Debug, Clone, Copy)]
-pub enum WgpuLogits<'a> {
-    /// Host logits of any dtype (f64 is rounded to f32 on the host, as the f32 compute does).
-    Host(LogitsRef<'a>),
-    /// Logits in a device buffer.
-    Device(&'a DeviceLogits),
-}
-
-impl<'a> From<LogitsRef<'a>> for WgpuLogits<'a> {
-    fn from(l: LogitsRef<'a>) -> Self {
-        WgpuLogits::Host(l)
-    }
-}
-
-impl<'a> From<&'a DeviceLogits> for WgpuLogits<'a> {
-    fn from(l: &'a DeviceLogits) -> Self {
-        WgpuLogits::Device(l)
-    }
-}
-
-impl WgpuLogits<'_> {
-    /// `(rows, cols)`.
-    pub fn dim(&self) -> (usize, usize) {
-        match self {
-            WgpuLogits::Host(l) => l.dim(),
-            WgpuLogits::Device(d) => d.dim(),
-        }
-    }
-}
-
-/// Expert ids `[rows, K]` (u32) in a device buffer.
-#[derive(Debug, Clone)]
-pub struct WgpuIds {
-    buffer: wgpu::Buffer,
-    rows: usize,
-    k: usize,
-}
-
-impl WgpuIds {
-    /// The buffer (`rows · K` u32, row-major; usage `STORAGE | COPY_SRC | COPY_DST`).
-    pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
-    }
-    /// `(rows, K)`.
-    pub fn dim(&self) -> (usize, usize) {
-        (self.rows, self.k)
-    }
-}
-
-/// Weights `[rows, K]` (f32) in a device buffer.
-#[derive(Debug, Clone)]
-pub struct WgpuWeights {
-    buffer: wgpu::Buffer,
-    rows: usize,
-    k: usize,
-}
-
-impl WgpuWeights {
-    /// The buffer (`rows · K` f32, row-major).
-    pub fn buffer(&self) -> &wgpu::Buffer {
-        &self.buffer
-    }
-    /// `(rows, K)`.
-    pub fn dim(&self) -> (usize, usize) {
-        (self.rows, self.k)
-    }
-}
-
-/// Preallocated outputs (ids, weights), params and error flags for the no-synchronisation
-/// entry points [`WgpuRouter::encode_route`] and [`WgpuRouter::encode_replay`].
-#[derive(Debug)]
-pub struct RouteTargets {
-    ids: WgpuIds,
-    weights: WgpuWeights,
-    params: wgpu::Buffer,
-    err: wgpu::Buffer,
-    dtype: LogitsDtype,
-}
-
-impl RouteTargets {
-    /// The ids (output of route, input of replay).
-    pub fn ids(&self) -> &WgpuIds {
-        &self.ids
-    }
-    /// The weights.
-    pub fn weights(&self) -> &WgpuWeights {
-        &self.weights
-    }
-    /// Clears the error flags (record before the dispatches whose errors you want to see).
-    pub fn clear_errors(&self, enc: &mut wgpu::CommandEncoder) {
-        enc.clear_buffer(&self.err, 0, None);
-    }
-}
-
-const STORAGE_OUT: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
-    .union(wgpu::BufferUsages::COPY_SRC)
-    .union(wgpu::BufferUsages::COPY_DST);
 
 /// Host data of one logits batch, as bytes the kernels read.
 enum HostBytes<'a> {
@@ -392,7 +224,8 @@ impl WgpuRouter {
         if let Some(k) = map.get(&dtype) {
             return Ok(k.clone());
         }
-        let k = self.ctx.kernels(&KernelSpec::new(&self.cfg, dtype, self.prune))?;
+        let spec = KernelSpec::new(&self.cfg, dtype, self.prune);
+        let k = self.ctx.cached(&spec, |ctx| KernelSet::build(ctx, &spec))?;
         map.insert(dtype, k.clone());
         Ok(k)
     }
@@ -559,8 +392,9 @@ impl WgpuRouter {
         }
     }
 
-    /// Copies logits to a new device buffer (for [`WgpuLogits::Device`]).
-    pub fn upload(&self, logits: &LogitsRef<'_>) -> Result<DeviceLogits, RouteError> {
+    /// Copies host logits to a new device buffer (f64 is rounded to f32, as the f32 compute
+    /// does); route it through [`LogitsBuffer::view`].
+    pub fn upload_logits(&self, logits: &LogitsRef<'_>) -> Result<LogitsBuffer, RouteError> {
         let (rows, cols) = logits.dim();
         let (bytes, dtype) = host_bytes(logits);
         let b = bytes.bytes();
@@ -574,9 +408,8 @@ impl WgpuRouter {
         let mut v = b.to_vec();
         v.resize(size as usize, 0);
         self.ctx.queue.write_buffer(&buffer, 0, &v);
-        Ok(DeviceLogits {
+        Ok(LogitsBuffer {
             buffer,
-            offset: 0,
             rows,
             cols,
             dtype,
@@ -599,7 +432,7 @@ impl WgpuRouter {
         &self,
         enc: &mut wgpu::CommandEncoder,
         kind_replay: bool,
-        logits: &DeviceLogits,
+        logits: &DeviceLogits<'_>,
         ids: &wgpu::Buffer,
         w: &wgpu::Buffer,
         params: &wgpu::Buffer,
@@ -617,7 +450,7 @@ impl WgpuRouter {
             params,
             0,
             err,
-            &logits.buffer,
+            logits.buffer,
             |c| logits.offset + c.r0 as u64 * row_bytes,
             ids,
             w,
@@ -641,17 +474,17 @@ impl WgpuRouter {
         params
     }
 
-    /// Preallocated outputs for [`WgpuRouter::encode_route`] / [`WgpuRouter::encode_replay`]:
+    /// Preallocated outputs for [`WgpuRouter::enqueue_route`] / [`WgpuRouter::enqueue_replay`]:
     /// batches of `rows` rows of `dtype`.
-    pub fn targets(&self, rows: usize, dtype: LogitsDtype) -> RouteTargets {
+    pub fn alloc_buffers(&self, rows: usize, dtype: LogitsDtype) -> RouteBuffers {
         let k = self.cfg.top_k();
-        RouteTargets {
-            ids: WgpuIds {
+        RouteBuffers {
+            ids: DeviceIds {
                 buffer: self.out_buffer(rows, "moe-router ids"),
                 rows,
                 k,
             },
-            weights: WgpuWeights {
+            weights: DeviceWeights {
                 buffer: self.out_buffer(rows, "moe-router weights"),
                 rows,
                 k,
@@ -662,10 +495,10 @@ impl WgpuRouter {
         }
     }
 
-    fn check_targets(&self, logits: &DeviceLogits, t: &RouteTargets) -> Result<(), RouteError> {
+    fn check_buffers(&self, logits: &DeviceLogits<'_>, t: &RouteBuffers) -> Result<(), RouteError> {
         if t.ids.rows != logits.rows || t.dtype != logits.dtype {
             return Err(RouteError::BufferTooSmall {
-                buffer: "route targets",
+                buffer: "route buffers",
                 detail: format!(
                     "they were made for {} rows of {} and are used with {} rows of {}",
                     t.ids.rows,
@@ -680,42 +513,64 @@ impl WgpuRouter {
 
     /// Records the routing of device `logits` into `enc` without any synchronisation: ids and
     /// weights land in `t`. Errors (NaN/+inf, all-masked rows) are only flagged in `t`; read
-    /// them with [`WgpuRouter::check_targets_errors`] after the submission. For embedding routing
+    /// them with [`WgpuRouter::take_status`] after the submission. For embedding routing
     /// in a larger command stream and for benchmarks.
-    pub fn encode_route(
+    pub fn enqueue_route(
         &self,
         enc: &mut wgpu::CommandEncoder,
-        logits: &DeviceLogits,
-        t: &RouteTargets,
+        logits: &DeviceLogits<'_>,
+        t: &RouteBuffers,
     ) -> Result<(), RouteError> {
-        self.check_targets(logits, t)?;
+        self.check_buffers(logits, t)?;
         self.encode_device(enc, false, logits, &t.ids.buffer, &t.weights.buffer, &t.params, &t.err)
     }
 
     /// Records the replay (weights of the ids already in `t.ids()`) of device `logits` into
-    /// `enc`, like [`WgpuRouter::encode_route`].
-    pub fn encode_replay(
+    /// `enc`, like [`WgpuRouter::enqueue_route`].
+    pub fn enqueue_replay(
         &self,
         enc: &mut wgpu::CommandEncoder,
-        logits: &DeviceLogits,
-        t: &RouteTargets,
+        logits: &DeviceLogits<'_>,
+        t: &RouteBuffers,
     ) -> Result<(), RouteError> {
-        self.check_targets(logits, t)?;
+        self.check_buffers(logits, t)?;
         self.encode_device(enc, true, logits, &t.ids.buffer, &t.weights.buffer, &t.params, &t.err)
     }
 
-    /// Reads the error flags of `t` (blocking) and returns the first flagged row's kind: the row
-    /// index and whether it was a NaN/+inf (true) or an all-masked softmax (false).
-    pub fn check_targets_errors(&self, t: &RouteTargets) -> Result<Option<(usize, bool)>, RouteError> {
-        let e = self.ctx.read_bytes(&t.err, 0, 16)?;
+    /// Waits for the queue, returns the first error latched in `out` since the last call (in
+    /// the reference router's order: invalid replay ids, then rows in order) and clears it.
+    /// `logits` are the logits of the flagged dispatches: the flagged row is read back from them
+    /// to name the expert and value, as the reference does.
+    pub fn take_status(&self, out: &RouteBuffers, logits: &DeviceLogits<'_>) -> Result<(), RouteError> {
+        let e = self.ctx.read_bytes(&out.err, 0, 16)?;
+        self.ctx.queue.write_buffer(&out.err, 0, &[0u8; 16]);
         let err: [u32; 4] = bytemuck::pod_read_unaligned(&e);
-        let nf = (err[0] != 0).then(|| !err[0] as usize);
-        let ms = (err[1] != 0).then(|| !err[1] as usize);
-        Ok(match (nf, ms) {
-            (Some(a), Some(b)) => Some(if a <= b { (a, true) } else { (b, false) }),
-            (Some(a), None) => Some((a, true)),
-            (None, Some(b)) => Some((b, false)),
-            (None, None) => None,
+        self.decode_flags(err, logits, &out.ids.buffer)
+    }
+
+    /// Turns the error flags of a dispatch into the reference's error.
+    fn decode_flags(&self, err: [u32; 4], logits: &DeviceLogits<'_>, ids: &wgpu::Buffer) -> Result<(), RouteError> {
+        if err[2] != 0 {
+            let row = !err[2] as usize;
+            let k = self.cfg.top_k();
+            let b = self.ctx.read_bytes(ids, (row * k * 4) as u64, (k * 4) as u64)?;
+            let v: Vec<u32> = bytemuck::pod_collect_to_vec(&b);
+            return Err(flagged_ids_error(BACKEND, &v, row, self.cfg.num_experts()));
+        }
+        self.check_err(err, |row| {
+            let rb = logits.cols * logits.dtype.size();
+            let off = logits.offset + (row * rb) as u64;
+            // Read an aligned window around the row.
+            let start = off / 4 * 4;
+            let end = (off + rb as u64).div_ceil(4) * 4;
+            let bytes = self.ctx.read_bytes(logits.buffer, start, end - start)?;
+            let s = (off - start) as usize;
+            Ok(flagged_logits_error_from_bytes(
+                &self.cfg,
+                logits.dtype,
+                &bytes[s..s + rb],
+                row,
+            ))
         })
     }
 
@@ -730,9 +585,9 @@ impl WgpuRouter {
 
     fn run_device(
         &self,
-        logits: &DeviceLogits,
-        replay: Option<&WgpuIds>,
-    ) -> Result<Routed<WgpuIds, WgpuWeights>, RouteError> {
+        logits: &DeviceLogits<'_>,
+        replay: Option<&DeviceIds>,
+    ) -> Result<Routed<DeviceIds, DeviceWeights>, RouteError> {
         let (t, _) = logits.dim();
         let ids = match replay {
             Some(r) => r.buffer.clone(),
@@ -750,112 +605,31 @@ impl WgpuRouter {
             self.ctx.queue.submit([enc.finish()]);
             let e = self.ctx.read_bytes(&err, 0, 16)?;
             let err: [u32; 4] = bytemuck::pod_read_unaligned(&e);
-            if err[2] != 0 {
-                let row = !err[2] as usize;
-                let k = self.cfg.top_k();
-                let b = self.ctx.read_bytes(&ids, (row * k * 4) as u64, (k * 4) as u64)?;
-                let v: Vec<u32> = bytemuck::pod_collect_to_vec(&b);
-                let a = Array2::from_shape_vec((1, k), v).map_err(|e| device_err(e.to_string()))?;
-                return Err(match validate_ids(a.view(), 1, self.cfg.num_experts(), k, &[]) {
-                    Err(RouteError::IdOutOfRange {
-                        slot, id, num_experts, ..
-                    }) => RouteError::IdOutOfRange {
-                        row,
-                        slot,
-                        id,
-                        num_experts,
-                    },
-                    Err(RouteError::DuplicateId {
-                        id,
-                        first_slot,
-                        second_slot,
-                        ..
-                    }) => RouteError::DuplicateId {
-                        row,
-                        id,
-                        first_slot,
-                        second_slot,
-                    },
-                    other => device_err(format!("device flagged replay ids of row {row}, host check: {other:?}")),
-                });
-            }
-            self.check_err(err, |row| {
-                let rb = logits.cols * logits.dtype.size();
-                let off = logits.offset + (row * rb) as u64;
-                // Read an aligned window around the row.
-                let start = off / 4 * 4;
-                let end = (off + rb as u64).div_ceil(4) * 4;
-                let bytes = self.ctx.read_bytes(&logits.buffer, start, end - start)?;
-                let s = (off - start) as usize;
-                let rowb = &bytes[s..s + rb];
-                Ok(device_row_err(&self.cfg, rowb, logits.dtype, logits.cols, row))
-            })?;
+            self.decode_flags(err, logits, &ids)?;
         }
         let k = self.cfg.top_k();
         Ok(Routed {
-            ids: WgpuIds {
+            ids: DeviceIds {
                 buffer: ids,
                 rows: t,
                 k,
             },
-            weights: WgpuWeights { buffer: w, rows: t, k },
+            weights: DeviceWeights { buffer: w, rows: t, k },
         })
     }
 
-    fn device_logits<'a>(&self, logits: &'a WgpuLogits<'_>) -> Result<std::borrow::Cow<'a, DeviceLogits>, RouteError> {
-        match logits {
-            WgpuLogits::Device(d) => Ok(std::borrow::Cow::Borrowed(*d)),
-            WgpuLogits::Host(l) => Ok(std::borrow::Cow::Owned(self.upload(l)?)),
-        }
-    }
-
     /// Reads a device ids buffer into a host array.
-    fn ids_host(&self, ids: &WgpuIds) -> Result<Array2<u32>, RouteError> {
+    fn ids_host(&self, ids: &DeviceIds) -> Result<Array2<u32>, RouteError> {
         let b = self.ctx.read_bytes(&ids.buffer, 0, (ids.rows * ids.k * 4) as u64)?;
         Array2::from_shape_vec((ids.rows, ids.k), bytemuck::pod_collect_to_vec(&b))
             .map_err(|e| device_err(e.to_string()))
     }
 }
 
-/// The reference's error for host row `row` of `l` (a one-row view of it).
-fn host_row_err(cfg: &RouterConfig, l: &LogitsRef<'_>, row: usize) -> RouteError {
-    let mut z32 = Vec::new();
-    let r = match cfg.numerics() {
-        Numerics::Portable => widen_checked::<Portable>(l, 0, &mut z32),
-        Numerics::Native => widen_checked::<NativeF32>(l, 0, &mut z32),
-    };
-    match r {
-        Err(RouteError::NonFiniteLogit { expert, value, .. }) => RouteError::NonFiniteLogit { row, expert, value },
-        _ => RouteError::AllMasked { row },
-    }
-}
-
-fn device_row_err(cfg: &RouterConfig, bytes: &[u8], dtype: LogitsDtype, cols: usize, row: usize) -> RouteError {
-    match dtype {
-        LogitsDtype::F32 => {
-            let v: Vec<f32> = bytemuck::pod_collect_to_vec(bytes);
-            let a = Array2::from_shape_vec((1, cols), v).unwrap_or_else(|_| Array2::zeros((1, cols)));
-            host_row_err(cfg, &LogitsRef::F32(a.view()), row)
-        }
-        LogitsDtype::Bf16 => {
-            let v: Vec<half::bf16> = bytemuck::pod_collect_to_vec(bytes);
-            let a =
-                Array2::from_shape_vec((1, cols), v).unwrap_or_else(|_| Array2::from_elem((1, cols), half::bf16::ZERO));
-            host_row_err(cfg, &LogitsRef::Bf16(a.view()), row)
-        }
-        LogitsDtype::F16 => {
-            let v: Vec<half::f16> = bytemuck::pod_collect_to_vec(bytes);
-            let a =
-                Array2::from_shape_vec((1, cols), v).unwrap_or_else(|_| Array2::from_elem((1, cols), half::f16::ZERO));
-            host_row_err(cfg, &LogitsRef::F16(a.view()), row)
-        }
-    }
-}
-
 impl Router for WgpuRouter {
-    type Logits<'a> = WgpuLogits<'a>;
-    type Ids = WgpuIds;
-    type Weights = WgpuWeights;
+    type Logits<'a> = DeviceLogits<'a>;
+    type Ids = DeviceIds;
+    type Weights = DeviceWeights;
 
     fn config(&self) -> &RouterConfig {
         &self.cfg
@@ -863,26 +637,24 @@ impl Router for WgpuRouter {
     fn backend_name(&self) -> &'static str {
         "wgpu"
     }
-    fn batch_rows(&self, logits: &WgpuLogits<'_>) -> usize {
+    fn batch_rows(&self, logits: &DeviceLogits<'_>) -> usize {
         logits.dim().0
     }
-    fn route(&self, logits: &WgpuLogits<'_>, _site: &CallSite<'_>) -> Result<Routed<WgpuIds, WgpuWeights>, RouteError> {
+    fn route(
+        &self,
+        logits: &DeviceLogits<'_>,
+        _site: &CallSite<'_>,
+    ) -> Result<Routed<DeviceIds, DeviceWeights>, RouteError> {
         let (t, e) = logits.dim();
         self.check_cols(t, e)?;
-        if let WgpuLogits::Host(l) = logits {
-            // Host logits: errors are reported with the host data at hand.
-            let d = self.upload(l)?;
-            return self.run_device(&d, None);
-        }
-        let d = self.device_logits(logits)?;
-        self.run_device(&d, None)
+        self.run_device(logits, None)
     }
     fn weights_for(
         &self,
-        logits: &WgpuLogits<'_>,
-        ids: &WgpuIds,
+        logits: &DeviceLogits<'_>,
+        ids: &DeviceIds,
         _site: &CallSite<'_>,
-    ) -> Result<WgpuWeights, RouteError> {
+    ) -> Result<DeviceWeights, RouteError> {
         let (t, e) = logits.dim();
         self.check_cols(t, e)?;
         if ids.rows != t || ids.k != self.cfg.top_k() {
@@ -893,10 +665,9 @@ impl Router for WgpuRouter {
                 cols: ids.k,
             });
         }
-        let d = self.device_logits(logits)?;
-        Ok(self.run_device(&d, Some(ids))?.weights)
+        Ok(self.run_device(logits, Some(ids))?.weights)
     }
-    fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<WgpuIds, RouteError> {
+    fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<DeviceIds, RouteError> {
         let (rows, k) = ids.dim();
         if k != self.cfg.top_k() {
             return Err(RouteError::IdsShape {
@@ -911,12 +682,12 @@ impl Router for WgpuRouter {
         if !v.is_empty() {
             self.ctx.queue.write_buffer(&buffer, 0, bytemuck::cast_slice(&v));
         }
-        Ok(WgpuIds { buffer, rows, k })
+        Ok(DeviceIds { buffer, rows, k })
     }
-    fn ids_to_host(&self, ids: &WgpuIds) -> Result<Array2<u32>, RouteError> {
+    fn ids_to_host(&self, ids: &DeviceIds) -> Result<Array2<u32>, RouteError> {
         self.ids_host(ids)
     }
-    fn weights_to_host(&self, weights: &WgpuWeights) -> Result<HostWeights, RouteError> {
+    fn weights_to_host(&self, weights: &DeviceWeights) -> Result<HostWeights, RouteError> {
         let b = self
             .ctx
             .read_bytes(&weights.buffer, 0, (weights.rows * weights.k * 4) as u64)?;
@@ -924,35 +695,43 @@ impl Router for WgpuRouter {
             .map_err(|e| device_err(e.to_string()))?;
         Ok(HostWeights::F32(a))
     }
-    fn record_ids(&self, ids: &WgpuIds, sink: IdsSink) -> Result<(), RouteError> {
+    fn record_ids(&self, ids: &DeviceIds, sink: IdsSink) -> Result<(), RouteError> {
         sink(self.ids_host(ids)?);
         Ok(())
     }
     fn with_host_logits<T, F>(&self, logits: &LogitsRef<'_>, f: F) -> Result<T, RouteError>
     where
-        F: for<'l> FnOnce(&WgpuLogits<'l>) -> Result<T, RouteError>,
+        F: for<'l> FnOnce(&DeviceLogits<'l>) -> Result<T, RouteError>,
     {
-        f(&WgpuLogits::Host(*logits))
+        let buf = self.upload_logits(logits)?;
+        f(&buf.view())
     }
-    fn tokens_per_expert(&self, ids: &WgpuIds) -> Result<Vec<u64>, RouteError> {
+    fn tokens_per_expert(&self, ids: &DeviceIds) -> Result<Vec<u64>, RouteError> {
         self.count_experts(ids)
     }
     fn replay_with_fallback(
         &self,
-        logits: &WgpuLogits<'_>,
+        logits: &DeviceLogits<'_>,
         ids: ArrayView2<'_, u32>,
         router_rows: &[usize],
         site: &CallSite<'_>,
-    ) -> Result<Routed<WgpuIds, WgpuWeights>, RouteError> {
+    ) -> Result<Routed<DeviceIds, DeviceWeights>, RouteError> {
         // Fallback rows carry ROUTER_SELECTS (the caller's convention, enforced here): the
         // replay kernel selects them and writes their ids in place, in the same dispatch.
-        let mut forced = ids.to_owned();
-        for &r in router_rows {
-            if r < forced.nrows() {
-                forced.row_mut(r).fill(ROUTER_SELECTS);
+        let marked = router_rows
+            .iter()
+            .all(|&r| r >= ids.nrows() || ids.row(r).iter().all(|&i| i == ROUTER_SELECTS));
+        let dev = if marked {
+            self.ids_from_host(ids)?
+        } else {
+            let mut forced = ids.to_owned();
+            for &r in router_rows {
+                if r < forced.nrows() {
+                    forced.row_mut(r).fill(ROUTER_SELECTS);
+                }
             }
-        }
-        let dev = self.ids_from_host(forced.view())?;
+            self.ids_from_host(forced.view())?
+        };
         let weights = self.weights_for(logits, &dev, site)?;
         Ok(Routed { ids: dev, weights })
     }

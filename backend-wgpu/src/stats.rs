@@ -12,9 +12,10 @@
 //!   saturates); they equal the f64 reference's counts except where distinct f32 logits collide
 //!   in f64 (sigmoid of logits beyond about ±23).
 
+use crate::buffers::{DeviceIds, DeviceLogits};
 use crate::context::{WgpuContext, device_err};
 use crate::kernels::{KernelSpec, MATH_WGSL, STATS_WGSL, WG, compile};
-use crate::router::{Params, WgpuIds, WgpuLogits, WgpuRouter};
+use crate::router::{Params, WgpuRouter};
 use moe_router_core::{RouteError, Router, ScoreFunction};
 use std::sync::Arc;
 
@@ -115,12 +116,12 @@ impl AuxParts {
 
 impl WgpuRouter {
     fn stats_kernels(&self, dtype: crate::LogitsDtype) -> Result<Arc<StatsKernels>, RouteError> {
-        self.context()
-            .stats_kernels(&KernelSpec::new(self.config(), dtype, false))
+        let spec = KernelSpec::new(self.config(), dtype, false);
+        self.context().cached(&spec, |ctx| StatsKernels::build(ctx, &spec))
     }
 
     /// Tokens per expert of device ids (ids ≥ E are ignored), computed by an atomic histogram.
-    pub(crate) fn count_experts(&self, ids: &WgpuIds) -> Result<Vec<u64>, RouteError> {
+    pub(crate) fn count_experts(&self, ids: &DeviceIds) -> Result<Vec<u64>, RouteError> {
         let ctx = self.context();
         let e = self.config().num_experts();
         let (rows, _) = ids.dim();
@@ -157,7 +158,7 @@ impl WgpuRouter {
     }
 
     /// Aux-loss and z-loss pieces of a batch of logits, computed on the device.
-    pub fn aux_parts(&self, logits: &WgpuLogits<'_>) -> Result<AuxParts, RouteError> {
+    pub fn aux_parts(&self, logits: &DeviceLogits<'_>) -> Result<AuxParts, RouteError> {
         let ctx = self.context();
         let cfg = self.config();
         let (t, e) = logits.dim();
@@ -177,10 +178,7 @@ impl WgpuRouter {
         if t == 0 {
             return Ok(parts);
         }
-        let d = match logits {
-            WgpuLogits::Device(d) => (*d).clone(),
-            WgpuLogits::Host(l) => self.upload(l)?,
-        };
+        let d = *logits;
         let ks = self.stats_kernels(d.dtype())?;
         let (sat_lo, sat_hi) = match cfg.score() {
             ScoreFunction::Softmax => (-745.1332, f32::MAX),
@@ -243,7 +241,7 @@ impl WgpuRouter {
                 let nf = (err[0] != 0).then(|| !err[0] as usize);
                 let ms = (err[1] != 0).then(|| !err[1] as usize);
                 let row = nf.into_iter().chain(ms).min().unwrap_or(0);
-                return Err(match self.route(&WgpuLogits::Device(&d), &Default::default()) {
+                return Err(match self.route(&d, &Default::default()) {
                     Err(e) => e,
                     Ok(_) => RouteError::AllMasked { row },
                 });
@@ -269,13 +267,13 @@ impl WgpuRouter {
     }
 
     /// Micro-batch load-balancing loss (`aux_loss`), as `moe_router_core::stats::aux_loss_micro_batch`.
-    pub fn aux_loss_micro_batch(&self, logits: &WgpuLogits<'_>, coeff: f64) -> Result<f64, RouteError> {
+    pub fn aux_loss_micro_batch(&self, logits: &DeviceLogits<'_>, coeff: f64) -> Result<f64, RouteError> {
         let p = self.aux_parts(logits)?;
         Ok(p.switch_loss(&p.counts.clone(), self.config().top_k(), coeff))
     }
 
     /// z-loss `coeff · mean_t logsumexp(z_t)²`, as `moe_router_core::stats::z_loss`.
-    pub fn z_loss(&self, logits: &WgpuLogits<'_>, coeff: f64) -> Result<f64, RouteError> {
+    pub fn z_loss(&self, logits: &DeviceLogits<'_>, coeff: f64) -> Result<f64, RouteError> {
         Ok(self.aux_parts(logits)?.z_loss(coeff))
     }
 

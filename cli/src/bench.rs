@@ -335,8 +335,9 @@ fn time_wgpu(
 ) -> Result<(f64, f64), String> {
     let es = |e: moe_router::RouteError| e.to_string();
     let ctx = r.context().clone();
-    let input = r.upload(lr).map_err(es)?;
-    let targets = r.targets(lr.rows(), input.dtype());
+    let upload = r.upload_logits(lr).map_err(es)?;
+    let input = upload.view();
+    let targets = r.alloc_buffers(lr.rows(), input.dtype());
     let submit =
         |n: usize, record: &mut dyn FnMut(&mut moe_router::wgpu::wgpu::CommandEncoder) -> Result<(), String>| {
             let mut enc = ctx
@@ -354,14 +355,9 @@ fn time_wgpu(
             Ok::<f64, String>(t0.elapsed().as_secs_f64())
         };
     let route = measure(budget, |n| {
-        submit(n, &mut |enc| r.encode_route(enc, &input, &targets).map_err(es))
+        submit(n, &mut |enc| r.enqueue_route(enc, &input, &targets).map_err(es))
     })?;
-    if let Some((row, nonfinite)) = r.check_targets_errors(&targets).map_err(es)? {
-        return Err(format!(
-            "the kernel flagged row {row} ({})",
-            if nonfinite { "NaN or +inf" } else { "all -inf" }
-        ));
-    }
+    r.take_status(&targets, &input).map_err(es)?;
     let size = (bytes.max(4) as u64).div_ceil(4) * 4;
     let mk = || {
         ctx.device().create_buffer(&moe_router::wgpu::wgpu::BufferDescriptor {

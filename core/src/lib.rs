@@ -17,6 +17,7 @@
 //! assert_eq!(out.ids.row(0).to_vec(), vec![1, 3]);
 //! ```
 
+pub mod backend;
 pub mod capacity;
 pub mod config;
 pub mod error;
@@ -29,6 +30,7 @@ pub mod replay;
 pub mod router;
 pub mod stats;
 
+pub use backend::LogitsDtype;
 pub use config::{
     AuxLoss, AuxLossKind, Capacity, ComputeDtype, DropPolicy, GroupLimit, GroupScore, Normalization, Numerics,
     RouterConfig, RouterConfigBuilder, ScoreFunction, SoftmaxPosition,

@@ -5,7 +5,8 @@
 //! replay decorator, statistics), the traces of [`moe_router_trace`] (as [`trace`], [`policy`],
 //! [`interop`], [`npy`], [`metrics`]), the CPU backend and those enabled by
 //! cargo features (`cuda`, `wgpu`), and [`backend`], which picks one of them at run time by name
-//! ([`AnyRouter`], [`BackendKind`]; `auto` = CUDA, then wgpu, then CPU).
+//! ([`AnyRouter`], [`BackendKind`]; `auto` = CUDA, then wgpu, then CPU). With the feature
+//! `conformance`, `conformance` is the suite every backend (a third-party one too) must pass.
 //!
 //! ```
 //! use moe_router::{AnyRouter, BackendKind, LogitsRef, Router, RouterConfig};
@@ -19,6 +20,8 @@
 //! ```
 
 pub mod backend;
+#[cfg(feature = "conformance")]
+pub mod conformance;
 
 pub use backend::{AnyRouter, BackendKind};
 pub use moe_router_core::*;

@@ -11,11 +11,10 @@ use moe_router::cuda::kernels::RouterVariant;
 use moe_router::cuda::{CudaRouter, KernelChoice};
 use moe_router::stats;
 use moe_router::{
-    AuxLossKind, CallSite, Capacity, DropPolicy, ForcedIds, HostWeights, IdsSink, LogitsRef, Normalization,
-    PassThrough, Plan, ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape, Router,
-    RouterConfig, ScoreFunction,
+    AuxLossKind, CallSite, Capacity, DropPolicy, ForcedIds, IdsSink, LogitsRef, Normalization, PassThrough, Plan,
+    ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape, Router, RouterConfig, ScoreFunction,
 };
-use ndarray::{Array2, ArrayView2};
+use ndarray::Array2;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Once};
 
@@ -50,7 +49,11 @@ pub struct Cuda {
     choice: KernelChoice,
 }
 
-impl Cuda {
+impl Backend for Cuda {
+    type Router = CudaRouter;
+    fn name(&self) -> String {
+        format!("cuda ({:?} kernels)", self.choice)
+    }
     fn router(&self, cfg: &RouterConfig) -> Result<CudaRouter, RouteError> {
         let r = CudaRouter::new(cfg.clone())?;
         r.set_kernel_choice(self.choice);
@@ -58,95 +61,34 @@ impl Cuda {
     }
 }
 
-impl Backend for Cuda {
-    fn name(&self) -> String {
-        format!("cuda ({:?} kernels)", self.choice)
-    }
-    fn route(&self, cfg: &RouterConfig, logits: LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
-        self.router(cfg)?.route_host(&logits)
-    }
-    fn weights_for(
-        &self,
-        cfg: &RouterConfig,
-        logits: LogitsRef<'_>,
-        ids: ArrayView2<'_, u32>,
-    ) -> Result<HostWeights, RouteError> {
-        self.router(cfg)?.weights_host(&logits, ids)
-    }
-    fn replay_fallback(
-        &self,
-        cfg: &RouterConfig,
-        logits: LogitsRef<'_>,
-        ids: ArrayView2<'_, u32>,
-        router_rows: &[usize],
-    ) -> Result<(Array2<u32>, HostWeights), RouteError> {
-        conformance::host_replay_fallback(&self.router(cfg)?, logits, ids, router_rows)
-    }
-}
-
 #[test]
-fn cuda_conformance_random() {
+fn cuda_passes_the_conformance_suite_with_every_kernel_shape() {
     if !available() {
         return;
     }
     let cases = env_usize("MOE_ROUTER_CUDA_CASES").unwrap_or(200) as u32;
-    conformance::check_random(
-        &Cuda {
-            choice: KernelChoice::Auto,
-        },
-        Size { cases, max_tokens: 300 },
-    );
-}
-
-#[test]
-fn cuda_conformance_random_tile_kernels() {
-    if !available() {
-        return;
-    }
-    let cases = env_usize("MOE_ROUTER_CUDA_CASES").unwrap_or(200) as u32;
-    conformance::check_random(
-        &Cuda {
-            choice: KernelChoice::Tile,
-        },
-        Size {
-            cases: cases / 2,
-            max_tokens: 200,
-        },
-    );
-}
-
-#[test]
-fn cuda_replay_selects_fallback_rows_in_the_replay_kernel_bit_identical_to_reference() {
-    if !available() {
-        return;
-    }
-    for choice in [KernelChoice::Row, KernelChoice::Tile] {
-        conformance::check_replay_fallback(
-            &Cuda { choice },
+    for (choice, size) in [
+        (KernelChoice::Auto, Size { cases, ..Size::GPU }),
+        (
+            KernelChoice::Tile,
             Size {
-                cases: 120,
-                max_tokens: 300,
+                cases: cases / 2,
+                max_tokens: 200,
+                large: false,
             },
-        );
+        ),
+        (
+            KernelChoice::Row,
+            Size {
+                cases: cases / 2,
+                max_tokens: 200,
+                large: true,
+            },
+        ),
+    ] {
+        let report = conformance::run_suite(&Cuda { choice }, size);
+        assert_eq!(report.skipped, None, "the device was probed as available");
     }
-}
-
-#[test]
-fn cuda_conformance_native_errors_large() {
-    if !available() {
-        return;
-    }
-    for choice in [KernelChoice::Row, KernelChoice::Tile, KernelChoice::Auto] {
-        let b = Cuda { choice };
-        conformance::check_native(&b);
-        conformance::check_errors(&b);
-    }
-    conformance::check_large(&Cuda {
-        choice: KernelChoice::Auto,
-    });
-    conformance::check_large(&Cuda {
-        choice: KernelChoice::Row,
-    });
 }
 
 #[test]

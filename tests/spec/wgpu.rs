@@ -8,14 +8,13 @@
 
 use crate::conformance::{self, Backend, Size};
 use moe_router::wgpu::selftest::{self, MathFn};
-use moe_router::wgpu::{AdapterOptions, WgpuContext, WgpuLogits, WgpuRouter};
+use moe_router::wgpu::{AdapterOptions, WgpuContext, WgpuRouter};
 use moe_router::{
-    AuxLossKind, CallSite, Capacity, DropPolicy, ForcedIds, GroupScore, HostWeights, IdsSink, LogitsRef, Normalization,
-    PassThrough, Plan, ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape, Router,
+    AuxLossKind, CallSite, Capacity, DropPolicy, GroupScore, LogitsRef, Normalization, RouteError, Router,
     RouterConfig, ScoreFunction,
 };
-use ndarray::{Array2, ArrayView2};
-use std::sync::{Arc, Mutex};
+use ndarray::Array2;
+use std::sync::Arc;
 
 fn context() -> Option<Arc<WgpuContext>> {
     match WgpuContext::shared(&AdapterOptions::from_env()) {
@@ -39,7 +38,11 @@ pub struct Wgpu {
     max_rows: Option<usize>,
 }
 
-impl Wgpu {
+impl Backend for Wgpu {
+    type Router = WgpuRouter;
+    fn name(&self) -> String {
+        format!("wgpu ({})", self.ctx.adapter().name)
+    }
     fn router(&self, cfg: &RouterConfig) -> Result<WgpuRouter, RouteError> {
         let r = WgpuRouter::with_context(cfg.clone(), self.ctx.clone())?;
         Ok(match self.max_rows {
@@ -49,77 +52,41 @@ impl Wgpu {
     }
 }
 
-impl Backend for Wgpu {
-    fn name(&self) -> String {
-        format!("wgpu ({})", self.ctx.adapter().name)
-    }
-    fn route(&self, cfg: &RouterConfig, logits: LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
-        self.router(cfg)?.route_host(&logits)
-    }
-    fn weights_for(
-        &self,
-        cfg: &RouterConfig,
-        logits: LogitsRef<'_>,
-        ids: ArrayView2<'_, u32>,
-    ) -> Result<HostWeights, RouteError> {
-        self.router(cfg)?.weights_host(&logits, ids)
-    }
-    fn replay_fallback(
-        &self,
-        cfg: &RouterConfig,
-        logits: LogitsRef<'_>,
-        ids: ArrayView2<'_, u32>,
-        router_rows: &[usize],
-    ) -> Result<(Array2<u32>, HostWeights), RouteError> {
-        conformance::host_replay_fallback(&self.router(cfg)?, logits, ids, router_rows)
-    }
-}
+/// The wgpu backend on the adapter the environment picks, or the reason there is none.
+struct WgpuFromEnv;
 
-/// The same backend driven through the `Router` trait with device buffers (upload, route,
-/// weights_for on device ids, copy back).
-pub struct WgpuDevicePath(Wgpu);
-
-impl Backend for WgpuDevicePath {
+impl Backend for WgpuFromEnv {
+    type Router = WgpuRouter;
     fn name(&self) -> String {
-        format!("wgpu device path ({})", self.0.ctx.adapter().name)
-    }
-    fn route(&self, cfg: &RouterConfig, logits: LogitsRef<'_>) -> Result<(Array2<u32>, HostWeights), RouteError> {
-        let r = self.0.router(cfg)?;
-        if logits.dim().1 != cfg.num_experts() {
-            return r.route_host(&logits);
+        match WgpuContext::shared(&AdapterOptions::from_env()) {
+            Ok(c) => format!("wgpu ({})", c.adapter().name),
+            Err(_) => "wgpu".into(),
         }
-        let d = r.upload(&logits)?;
-        let out = r.route(&WgpuLogits::Device(&d), &CallSite::default())?;
-        Ok((r.ids_to_host(&out.ids)?, r.weights_to_host(&out.weights)?))
     }
-    fn weights_for(
-        &self,
-        cfg: &RouterConfig,
-        logits: LogitsRef<'_>,
-        ids: ArrayView2<'_, u32>,
-    ) -> Result<HostWeights, RouteError> {
-        let r = self.0.router(cfg)?;
-        let d = r.upload(&logits)?;
-        let dev_ids = r.ids_from_host(ids)?;
-        let w = r.weights_for(&WgpuLogits::Device(&d), &dev_ids, &CallSite::default())?;
-        r.weights_to_host(&w)
-    }
-    fn replay_fallback(
-        &self,
-        cfg: &RouterConfig,
-        logits: LogitsRef<'_>,
-        ids: ArrayView2<'_, u32>,
-        router_rows: &[usize],
-    ) -> Result<(Array2<u32>, HostWeights), RouteError> {
-        let r = self.0.router(cfg)?;
-        let d = r.upload(&logits)?;
-        let out = r.replay_with_fallback(&WgpuLogits::Device(&d), ids, router_rows, &CallSite::default())?;
-        Ok((r.ids_to_host(&out.ids)?, r.weights_to_host(&out.weights)?))
+    fn router(&self, cfg: &RouterConfig) -> Result<WgpuRouter, RouteError> {
+        WgpuRouter::with_options(cfg.clone(), &AdapterOptions::from_env())
     }
 }
 
 fn backend() -> Option<Wgpu> {
     context().map(|ctx| Wgpu { ctx, max_rows: None })
+}
+
+#[test]
+fn wgpu_passes_the_conformance_suite() {
+    let cases = env_usize("MOE_ROUTER_WGPU_CASES").unwrap_or(Size::CI.cases as usize) as u32;
+    let large = std::env::var("MOE_ROUTER_WGPU_LARGE").is_ok();
+    let report = conformance::run_suite(
+        &WgpuFromEnv,
+        Size {
+            cases,
+            large,
+            ..Size::CI
+        },
+    );
+    if let Some(why) = &report.skipped {
+        println!("skipped: wgpu conformance: {why}");
+    }
 }
 
 #[test]
@@ -147,25 +114,6 @@ fn wgpu_portable_math_is_bit_identical_to_core_math() {
 }
 
 #[test]
-fn wgpu_is_bit_identical_to_reference_on_random_configs_and_dtypes() {
-    let Some(b) = backend() else { return };
-    let cases = env_usize("MOE_ROUTER_WGPU_CASES").unwrap_or(Size::CI.cases as usize) as u32;
-    conformance::check_random(&b, Size { cases, ..Size::CI });
-}
-
-#[test]
-fn wgpu_device_path_is_bit_identical_to_reference() {
-    let Some(b) = backend() else { return };
-    conformance::check_random(
-        &WgpuDevicePath(b),
-        Size {
-            cases: 12,
-            max_tokens: 40,
-        },
-    );
-}
-
-#[test]
 fn wgpu_split_batches_are_bit_identical_to_reference() {
     // Force several dispatches per batch (as the storage-binding limit does for large batches).
     let Some(b) = backend() else { return };
@@ -189,150 +137,6 @@ fn wgpu_split_batches_are_bit_identical_to_reference() {
     bad[[700, 3]] = f32::NAN;
     bad[[900, 1]] = f32::INFINITY;
     conformance::assert_same_as_reference(&b, &cfg, LogitsRef::F32(bad.view()), "split, NaN in the third chunk");
-    conformance::assert_same_as_reference(
-        &WgpuDevicePath(Wgpu {
-            ctx: b.ctx.clone(),
-            max_rows: Some(256),
-        }),
-        &cfg,
-        LogitsRef::F32(bad.view()),
-        "split device path, NaN in the third chunk",
-    );
-}
-
-#[test]
-fn wgpu_replay_selects_fallback_rows_in_the_replay_kernel_bit_identical_to_reference() {
-    let Some(b) = backend() else { return };
-    conformance::check_replay_fallback(&b, Size::CI);
-    let ctx = b.ctx.clone();
-    conformance::check_replay_fallback(&WgpuDevicePath(Wgpu { ctx, max_rows: None }), Size::CI);
-}
-
-#[test]
-fn wgpu_native_mode_matches_reference_within_tolerance() {
-    let Some(b) = backend() else { return };
-    conformance::check_native(&b);
-}
-
-#[test]
-fn wgpu_reports_bad_logits_and_bad_replay_ids_with_row() {
-    let Some(b) = backend() else { return };
-    conformance::check_errors(&b);
-    conformance::check_errors(&WgpuDevicePath(Wgpu {
-        ctx: b.ctx.clone(),
-        max_rows: None,
-    }));
-}
-
-#[test]
-fn wgpu_large_shapes_on_the_gpu_machine() {
-    let Some(b) = backend() else { return };
-    if std::env::var("MOE_ROUTER_WGPU_LARGE").is_err() {
-        println!("skipped: large shapes run with MOE_ROUTER_WGPU_LARGE=1 (GPU machine)");
-        return;
-    }
-    conformance::check_large(&b);
-}
-
-/// Records every routed batch; replays `replay` when set (with `router_rows` left to the router).
-#[derive(Default)]
-struct TinyRecorder {
-    recorded: Arc<Mutex<Vec<Array2<u32>>>>,
-    replay: Mutex<Option<(Array2<u32>, Vec<usize>)>>,
-}
-
-impl ReplayPolicy for TinyRecorder {
-    fn plan(&self, _site: &CallSite<'_>, _shape: RouteShape) -> Result<Plan, ReplayError> {
-        Ok(match &*self.replay.lock().expect("lock") {
-            Some((ids, rows)) => Plan::Replay(ForcedIds {
-                ids: ids.clone(),
-                router_rows: rows.clone(),
-            }),
-            None => Plan::Route,
-        })
-    }
-    fn recorder(&self, _site: &CallSite<'_>, _shape: RouteShape) -> Result<Option<IdsSink>, ReplayError> {
-        let rec = self.recorded.clone();
-        Ok(Some(Box::new(move |ids| rec.lock().expect("lock").push(ids))))
-    }
-}
-
-#[test]
-fn wgpu_record_and_replay_through_the_decorator() {
-    let Some(b) = backend() else { return };
-    let bias: Vec<f32> = (0..32).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.02).collect();
-    let cfg = RouterConfig::builder(32, 4)
-        .score(ScoreFunction::Sigmoid)
-        .expert_bias(bias)
-        .group_limit(8, 4, GroupScore::SumTopN(2))
-        .normalization(Normalization::Sum { eps: 1e-20 })
-        .scaling_factor(2.5)
-        .build()
-        .expect("valid");
-    let l = Array2::from_shape_fn((50, 32), |(t, e)| ((t * 31 + e * 17) % 53) as f32 * 0.07 - 1.8);
-    let logits = LogitsRef::F32(l.view());
-    let reference = ReferenceRouter::new(cfg.clone());
-    let want = reference.route_host(&logits).expect("reference routes");
-
-    // Pass-through: identical to the plain router.
-    let pt = Replayed::new(b.router(&cfg).expect("router"), PassThrough);
-    let out = pt
-        .route(&WgpuLogits::Host(logits), &CallSite::layer(3))
-        .expect("routes");
-    assert_eq!(pt.ids_to_host(&out.ids).expect("ids"), want.0);
-    assert_eq!(pt.weights_to_host(&out.weights).expect("weights"), want.1);
-
-    // Record, then replay the recorded ids reversed on perturbed logits: the weights are the
-    // reference's weights of those ids on the new logits, the ids are the forced ones.
-    let policy = Arc::new(TinyRecorder::default());
-    let r = Replayed::new(b.router(&cfg).expect("router"), policy.clone());
-    let out = r
-        .route(&WgpuLogits::Host(logits), &CallSite::layer(3))
-        .expect("records");
-    assert_eq!(r.ids_to_host(&out.ids).expect("ids"), want.0);
-    let recorded = policy.recorded.lock().expect("lock").clone();
-    assert_eq!(recorded, vec![want.0.clone()]);
-    let mut forced = want.0.clone();
-    for mut row in forced.rows_mut() {
-        let v: Vec<u32> = row.iter().rev().copied().collect();
-        row.assign(&ndarray::ArrayView1::from(&v[..]));
-    }
-    *policy.replay.lock().expect("lock") = Some((forced.clone(), vec![7]));
-    let l2 = l.mapv(|x| x * 0.9 + 0.05);
-    let logits2 = LogitsRef::F32(l2.view());
-    let out = r
-        .route(&WgpuLogits::Host(logits2), &CallSite::layer(3))
-        .expect("replays");
-    let got_ids = r.ids_to_host(&out.ids).expect("ids");
-    let own = reference.route_host(&logits2).expect("reference").0;
-    let mut expect_ids = forced.clone();
-    expect_ids.row_mut(7).assign(&own.row(7));
-    assert_eq!(got_ids, expect_ids, "forced ids kept, row 7 left to the router");
-    let want_w = reference
-        .weights_host(&logits2, expect_ids.view())
-        .expect("reference weights");
-    assert_eq!(r.weights_to_host(&out.weights).expect("weights"), want_w);
-    assert_eq!(policy.recorded.lock().expect("lock").last(), Some(&expect_ids));
-
-    // Invalid forced ids are a typed error naming the row.
-    let mut badids = forced.clone();
-    badids[[4, 2]] = 99;
-    *policy.replay.lock().expect("lock") = Some((badids, vec![]));
-    let e = r
-        .route(&WgpuLogits::Host(logits), &CallSite::layer(3))
-        .expect_err("bad ids");
-    assert!(
-        matches!(
-            e,
-            RouteError::IdOutOfRange {
-                row: 4,
-                slot: 2,
-                id: 99,
-                ..
-            }
-        ),
-        "{e:?}"
-    );
 }
 
 #[test]
@@ -363,7 +167,7 @@ fn wgpu_statistics_match_the_host() {
         let logits = LogitsRef::F32(l.view());
         let r = b.router(&cfg).expect("router");
         let out = r
-            .route(&WgpuLogits::Host(logits), &CallSite::default())
+            .with_host_logits(&logits, |l| r.route(l, &CallSite::default()))
             .expect("routes");
         let ids = r.ids_to_host(&out.ids).expect("ids");
         assert_eq!(
@@ -378,13 +182,15 @@ fn wgpu_statistics_match_the_host() {
         let want_cap =
             moe_router::capacity::apply_capacity(&cfg.capacity().expect("configured"), ids.view(), w.view(), 48);
         assert_eq!(cap, want_cap);
-        let aux = r.aux_loss_micro_batch(&WgpuLogits::Host(logits), 1e-2).expect("aux");
+        let aux = r
+            .with_host_logits(&logits, |l| r.aux_loss_micro_batch(l, 1e-2))
+            .expect("aux");
         let want_aux = moe_router::stats::aux_loss_micro_batch(&cfg, &logits, 1e-2).expect("host aux");
         assert!(
             ((aux - want_aux) / want_aux).abs() <= 1e-6,
             "{score:?}: aux {aux} vs host {want_aux}"
         );
-        let z = r.z_loss(&WgpuLogits::Host(logits), 1e-3).expect("z");
+        let z = r.with_host_logits(&logits, |l| r.z_loss(l, 1e-3)).expect("z");
         let want_z = moe_router::stats::z_loss(&logits, 1e-3).expect("host z");
         assert!(
             ((z - want_z) / want_z).abs() <= 1e-6,

@@ -6,7 +6,7 @@
 //! any kernel fails to compile, printing the compiler log.
 
 use moe_router_cuda::kernels::{
-    LogitDtype, RouterVariant, compile, compile_cubin, compile_cubin_with_log, option_strings, stats_options,
+    LogitsDtype, RouterVariant, compile, compile_cubin, compile_cubin_with_log, option_strings, stats_options,
     stats_source,
 };
 use std::process::ExitCode;
@@ -65,7 +65,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        for d in LogitDtype::ALL {
+        for d in LogitsDtype::ALL {
             count += 1;
             let opts = stats_options(d, arch);
             let res = if arch.starts_with("sm_") {

@@ -16,7 +16,7 @@
 
 use moe_router::cuda::cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use moe_router::cuda::cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use moe_router::cuda::kernels::{LogitDtype, Part, RouterVariant, ScoreKind, TILE_KMAX};
+use moe_router::cuda::kernels::{LogitsDtype, Part, RouterVariant, ScoreKind, TILE_KMAX};
 use moe_router::cuda::{CudaRouter, DeviceLogits, KernelChoice, LogitsView, RouteError};
 use moe_router::{CallSite, GroupScore, Normalization, Numerics, Router, RouterConfig, ScoreFunction};
 use std::sync::Arc;
@@ -170,7 +170,7 @@ fn main() -> Result<(), RouteError> {
     println!("# CUDA router benchmark on {}", probe_router.device_name());
     // Every kernel variant the rules need, compiled in parallel.
     let mut variants = Vec::new();
-    for dtype in [LogitDtype::F32, LogitDtype::Bf16] {
+    for dtype in [LogitsDtype::F32, LogitsDtype::Bf16] {
         for portable in [true, false] {
             for score in [ScoreKind::Sigmoid, ScoreKind::SoftmaxAfter] {
                 variants.push(RouterVariant {
@@ -228,17 +228,17 @@ fn main() -> Result<(), RouteError> {
             }
             let r = CudaRouter::new(rule.cfg.clone())?;
             let (e, k) = (rule.cfg.num_experts(), rule.cfg.top_k());
-            for dtype in [LogitDtype::F32, LogitDtype::Bf16] {
+            for dtype in [LogitsDtype::F32, LogitsDtype::Bf16] {
                 for &t in &ts {
                     let per = t * e;
                     // Rotate over windows of the pool: at least 2, and > 120 MB touched in all.
                     let windows = (pool.n / per)
                         .clamp(1, 64)
-                        .min((120usize << 20).div_ceil(per * dtype.bytes()).max(2));
+                        .min((120usize << 20).div_ceil(per * dtype.size()).max(2));
                     let view = |i: usize| -> Result<DeviceLogits<'_>, RouteError> {
                         let o = (i % windows) * per;
                         let v = match dtype {
-                            LogitDtype::F32 => LogitsView::F32(pool.f32.slice(o..o + per)),
+                            LogitsDtype::F32 => LogitsView::F32(pool.f32.slice(o..o + per)),
                             _ => LogitsView::Bf16(pool.bf16.slice(o..o + per)),
                         };
                         DeviceLogits::new(v, t, e)
@@ -276,7 +276,7 @@ fn main() -> Result<(), RouteError> {
                     let mut out3 = r.alloc_buffers(t, 1)?;
                     let rec_us = time_calls(&stream, iters, |i| r.enqueue_route(&view(i)?, 0, &mut out3))?;
                     r.take_status(&mut out3)?;
-                    let in_bytes = (per * dtype.bytes()) as f64;
+                    let in_bytes = (per * dtype.size()) as f64;
                     let route_gbs = (in_bytes + (t * k * 8) as f64) / route_us / 1e3;
                     let replay_gbs = (in_bytes + (t * k * 8) as f64) / replay_us / 1e3;
                     println!(
@@ -298,7 +298,7 @@ fn main() -> Result<(), RouteError> {
                         rec_us,
                         100.0 * (rec_us / route_us - 1.0)
                     );
-                    if t <= 64 && dtype == LogitDtype::Bf16 {
+                    if t <= 64 && dtype == LogitsDtype::Bf16 {
                         // Graph replay of 20 back-to-back calls.
                         stream
                             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)

@@ -333,10 +333,10 @@ fn main() {
                     // Rotate through input slots (256-byte aligned) spanning > L2.
                     let slot_bytes = ((t * row_bytes) as u64).div_ceil(256) * 256;
                     let nslots = ((total_rows * row_bytes) as u64 / slot_bytes).clamp(1, 64) as usize;
-                    let inputs: Vec<DeviceLogits> = (0..nslots)
-                        .filter_map(|i| DeviceLogits::from_buffer(buf.clone(), i as u64 * slot_bytes, t, e, dtype).ok())
+                    let inputs: Vec<DeviceLogits<'_>> = (0..nslots)
+                        .filter_map(|i| DeviceLogits::from_buffer(&buf, i as u64 * slot_bytes, t, e, dtype).ok())
                         .collect();
-                    let targets = router.targets(t, dtype);
+                    let targets = router.alloc_buffers(t, dtype);
                     let record_buf = ctx.device().create_buffer(&wgpu::BufferDescriptor {
                         label: Some("bench record"),
                         size: ((t * k * 4) as u64).div_ceil(16).max(1) * 16,
@@ -348,21 +348,20 @@ fn main() {
                         .device()
                         .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
                     targets.clear_errors(&mut enc);
-                    if let Err(err) = router.encode_route(&mut enc, &inputs[0], &targets) {
+                    if let Err(err) = router.enqueue_route(&mut enc, &inputs[0], &targets) {
                         println!("bench-wgpu: {rule}: {err}");
                         continue;
                     }
                     ctx.queue().submit([enc.finish()]);
-                    match router.check_targets_errors(&targets) {
-                        Ok(None) => {}
-                        other => println!("bench-wgpu: {rule} T={t}: unexpected error flags {other:?}"),
+                    if let Err(err) = router.take_status(&targets, &inputs[0]) {
+                        println!("bench-wgpu: {rule} T={t}: unexpected error: {err}");
                     }
                     for op in &args.ops {
                         let res = time_reps(&ctx, args.quick, |enc, i| {
                             let input = &inputs[i % inputs.len()];
                             let r = match op.as_str() {
-                                "replay" => router.encode_replay(enc, input, &targets),
-                                _ => router.encode_route(enc, input, &targets),
+                                "replay" => router.enqueue_replay(enc, input, &targets),
+                                _ => router.enqueue_route(enc, input, &targets),
                             };
                             if r.is_ok() && op == "record" && t > 0 {
                                 enc.copy_buffer_to_buffer(
