@@ -3,7 +3,7 @@
 //! named presets; every error is typed and names the key.
 
 use moe_router::Router;
-use moe_router::import::hf::{SUPPORTED_MODEL_TYPES, import_hf};
+use moe_router::import::hf::{SUPPORTED_MODEL_TYPES, hf_moe_layers, hf_moe_layers_value, import_hf};
 use moe_router::import::presets::{preset_expects_expert_bias, preset_hf_config};
 use moe_router::{
     AuxLoss, AuxLossKind, Capacity, ComputeDtype, ConfigError, DropPolicy, GroupLimit, GroupScore, Normalization,
@@ -563,6 +563,108 @@ fn unknown_preset_is_an_error_listing_every_preset() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// MoE layer ids from a Hugging Face config.json
+// ---------------------------------------------------------------------------------------------
+
+fn ids(r: std::ops::RangeInclusive<u32>) -> Vec<u32> {
+    r.collect()
+}
+
+#[test]
+fn moe_layer_ids_of_every_published_config_follow_the_family_rule() {
+    let cases: Vec<(&str, &str, Vec<u32>, Vec<u32>)> = vec![
+        // first_k_dense_replace dense layers first.
+        ("deepseek_v2", DEEPSEEK_V2, ids(1..=59), vec![]),
+        ("deepseek_v2_lite", DEEPSEEK_V2_LITE, ids(1..=26), vec![]),
+        // ... plus one MTP block after the 61 decoder layers.
+        ("deepseek_v3", DEEPSEEK_V3, ids(3..=60), vec![61]),
+        ("glm4_moe", GLM4_MOE, ids(3..=91), vec![92]),
+        ("kimi_k2", KIMI_K2, ids(1..=60), vec![]),
+        // Qwen3-30B-A3B: every one of its 48 layers is MoE, 0-47 (not 1-47).
+        ("qwen3_moe", QWEN3_MOE, ids(0..=47), vec![]),
+        ("qwen2_moe", QWEN2_MOE, ids(0..=23), vec![]),
+        ("qwen3_next", QWEN3_NEXT, ids(0..=47), vec![]),
+        ("mixtral", MIXTRAL, ids(0..=31), vec![]),
+        ("olmoe", OLMOE, ids(0..=15), vec![]),
+        ("gpt_oss", GPT_OSS, ids(0..=35), vec![]),
+        ("minimax_m2", MINIMAX_M2, ids(0..=61), vec![]),
+        ("llama4", LLAMA4, ids(0..=47), vec![]),
+    ];
+    for (name, json, layers, mtp) in cases {
+        let m = hf_moe_layers(json).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(m.layers, layers, "{name}");
+        assert_eq!(m.mtp_layers, mtp, "{name}");
+        assert_eq!(m.with_mtp(), [layers, mtp].concat(), "{name}");
+    }
+}
+
+#[test]
+fn moe_layer_ids_honour_sparse_steps_dense_lists_frequencies_and_interleaving() {
+    let m = |v: Value| hf_moe_layers_value(&v).unwrap().layers;
+    // Qwen: (i + 1) % decoder_sparse_step == 0 and i not in mlp_only_layers.
+    assert_eq!(
+        m(json!({"model_type": "qwen2_moe", "num_hidden_layers": 8, "decoder_sparse_step": 2, "mlp_only_layers": [3]})),
+        vec![1, 5, 7]
+    );
+    // DeepSeek: i >= first_k_dense_replace and i % moe_layer_freq == 0.
+    assert_eq!(
+        m(
+            json!({"model_type": "deepseek_v2", "num_hidden_layers": 7, "first_k_dense_replace": 1, "moe_layer_freq": 2})
+        ),
+        vec![2, 4, 6]
+    );
+    // Family defaults: DeepSeek-V3 keeps 3 dense layers, GLM-4.5 one, DeepSeek-V2 none.
+    assert_eq!(
+        m(json!({"model_type": "deepseek_v3", "num_hidden_layers": 5})),
+        vec![3, 4]
+    );
+    assert_eq!(m(json!({"model_type": "glm4_moe", "num_hidden_layers": 3})), vec![1, 2]);
+    assert_eq!(
+        m(json!({"model_type": "deepseek_v2", "num_hidden_layers": 2})),
+        vec![0, 1]
+    );
+    // Llama 4: every interleave_moe_layer_step-th layer, or the explicit moe_layers.
+    assert_eq!(
+        m(json!({"model_type": "llama4_text", "num_hidden_layers": 6, "interleave_moe_layer_step": 2})),
+        vec![1, 3, 5]
+    );
+    assert_eq!(
+        m(json!({"model_type": "llama4", "text_config": {"num_hidden_layers": 6, "moe_layers": [4, 0]}})),
+        vec![0, 4]
+    );
+}
+
+#[test]
+fn moe_layer_ids_refuse_configs_that_do_not_say_or_leave_no_moe_layer() {
+    let err = |v: Value| hf_moe_layers_value(&v).unwrap_err();
+    assert!(matches!(
+        err(json!({"model_type": "mixtral"})),
+        ConfigError::MissingKey { ref key, .. } if key == "num_hidden_layers"
+    ));
+    // Kimi-K2's remote class default (0) is not the model's: the key is required.
+    assert!(matches!(
+        err(json!({"model_type": "kimi_k2", "num_hidden_layers": 61})),
+        ConfigError::MissingKey { ref key, .. } if key == "first_k_dense_replace"
+    ));
+    let (key, _) = bad_key(Err(err(
+        json!({"model_type": "deepseek_v3", "num_hidden_layers": 3, "first_k_dense_replace": 3}),
+    )));
+    assert_eq!(key, "num_hidden_layers");
+    let (key, reason) = bad_key(Err(err(
+        json!({"model_type": "qwen3_moe", "num_hidden_layers": 4, "mlp_only_layers": [9]}),
+    )));
+    assert_eq!(key, "mlp_only_layers", "{reason}");
+    let (key, _) = bad_key(Err(err(
+        json!({"model_type": "qwen3_moe", "num_hidden_layers": 4, "mlp_only_layers": "none"}),
+    )));
+    assert_eq!(key, "mlp_only_layers");
+    assert!(matches!(
+        err(json!({"model_type": "ernie4_5_moe", "num_hidden_layers": 4})),
+        ConfigError::UnsupportedModelType { .. }
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Megatron
 // ---------------------------------------------------------------------------------------------
 
@@ -775,6 +877,66 @@ fn megatron_sinkhorn_is_rejected_as_unsupported() {
         let msg = err.to_string();
         assert!(msg.contains("sinkhorn") && msg.contains("not supported"), "{msg}");
     }
+}
+
+#[test]
+fn megatron_unknown_moe_key_is_refused_naming_it_and_the_nearest_known_key() {
+    for (typo, nearest) in [
+        ("moe_router_score_functon", "moe_router_score_function"),
+        ("moe_router_topK", "moe_router_topk"),
+        ("moe_aux_loss_coef", "moe_aux_loss_coeff"),
+        ("moe_router_enable_expert_biass", "moe_router_enable_expert_bias"),
+    ] {
+        let mut v = json!({"num_moe_experts": 64, "moe_router_topk": 4});
+        v[typo] = json!("sigmoid");
+        let (key, reason) = bad_key(meg(v));
+        assert_eq!(key, typo);
+        assert!(reason.contains(&format!("`{nearest}`")), "{typo}: {reason}");
+    }
+}
+
+#[test]
+fn megatron_moe_options_that_do_not_change_routing_are_accepted_and_ignored() {
+    let plain = json!({"num_moe_experts": 64, "moe_router_topk": 4});
+    let mut busy = plain.clone();
+    for (k, v) in [
+        ("moe_grouped_gemm", json!(true)),
+        ("moe_token_dispatcher_type", json!("alltoall")),
+        ("moe_ffn_hidden_size", json!(1408)),
+        ("moe_layer_freq", json!([0, 1, 1])),
+        ("moe_permute_fusion", json!(true)),
+        ("moe_enable_routing_replay", json!(true)),
+        ("num_layers", json!(27)),
+        ("not_a_moe_key_at_all", json!(1)),
+    ] {
+        busy[k] = v;
+    }
+    assert_eq!(meg(busy).unwrap(), meg(plain).unwrap());
+}
+
+#[test]
+fn megatron_bias_update_rate_follows_the_builders_rule_reported_under_its_key() {
+    for rate in [-1e-3, -1.0] {
+        let (key, reason) = bad_key(meg(json!({
+            "num_moe_experts": 64, "moe_router_topk": 4, "moe_router_score_function": "sigmoid",
+            "moe_router_enable_expert_bias": true, "moe_router_bias_update_rate": rate
+        })));
+        assert_eq!(key, "moe_router_bias_update_rate");
+        // The same rule (and words) as the builder's.
+        let builder = RouterConfig::builder(64, 4)
+            .bias_update_rate(rate as f32)
+            .build()
+            .unwrap_err();
+        match builder {
+            ConfigError::Invalid {
+                field: "bias_update_rate",
+                reason: r,
+            } => assert_eq!(reason, r),
+            other => panic!("{other:?}"),
+        }
+    }
+    let (key, _) = bad_key(meg(json!({"num_moe_experts": 64, "moe_router_force_biased": 0.01})));
+    assert_eq!(key, "moe_router_force_biased");
 }
 
 #[test]

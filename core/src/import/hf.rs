@@ -33,6 +33,23 @@
 //!   sigmoid saturates to 1.0 in f32; the Python code for Llama 4 selects on the logits.
 //! - GPT-OSS computes the K-way softmax in the logits' dtype (bf16 in practice); this crate
 //!   computes in f32 (or f64).
+//!
+//! **Which layers are MoE.** [`hf_moe_layers`] derives the model layer ids whose MLP is routed
+//! (the layer map of a trace, the `--layers` of the CLI) from the same file, with each family's
+//! rule (layer `i` is `model.layers.<i>`, 0-based):
+//!
+//! | `model_type` | MoE layers |
+//! |---|---|
+//! | `deepseek_v2`, `deepseek_v3`, `kimi_k2` | `i >= first_k_dense_replace` and `i % moe_layer_freq == 0` (defaults: 0 for V2, 3 for V3, required for Kimi-K2; `moe_layer_freq` 1) |
+//! | `glm4_moe` | `i >= first_k_dense_replace` (default 1) |
+//! | `qwen2_moe`, `qwen3_moe`, `qwen3_next` | `i` not in `mlp_only_layers` (default none) and `(i + 1) % decoder_sparse_step == 0` (default 1) |
+//! | `llama4` (`text_config`), `llama4_text` | `moe_layers` when given, else `interleave_moe_layer_step − 1, 2·step − 1, …` (default step 1) |
+//! | `mixtral`, `olmoe`, `gpt_oss`, `minimax_m2` | every layer |
+//!
+//! DeepSeek-V3, Kimi-K2 and GLM-4.5 append `num_nextn_predict_layers` multi-token-prediction
+//! blocks after the decoder (ids `num_hidden_layers..`), each with a routed MLP; they are listed
+//! apart ([`HfMoeLayers::mtp_layers`]) because engines capture them only when speculative decoding
+//! runs them.
 
 use crate::config::{GroupScore, Normalization, RouterConfig, RouterConfigBuilder, ScoreFunction, SoftmaxPosition};
 use crate::error::ConfigError;
@@ -222,6 +239,37 @@ impl<'a> Keys<'a> {
                     .map_err(|_| self.bad(key, format!("{n} is too large"))),
                 None => Err(self.bad(key, format!("expected a positive integer, found {v}"))),
             },
+        }
+    }
+    /// A non-negative integer (a layer index or a count that may be 0).
+    fn opt_index(&self, key: &str) -> Result<Option<usize>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) => usize::try_from(n)
+                    .map(Some)
+                    .map_err(|_| self.bad(key, format!("{n} is too large"))),
+                None => Err(self.bad(key, format!("expected a non-negative integer, found {v}"))),
+            },
+        }
+    }
+    fn index_or(&self, key: &str, default: usize) -> Result<usize, ConfigError> {
+        Ok(self.opt_index(key)?.unwrap_or(default))
+    }
+    /// A list of non-negative integers.
+    fn opt_index_list(&self, key: &str) -> Result<Option<Vec<usize>>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| self.bad(key, format!("expected a list of layer indices, found {x} in it")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(v) => Err(self.bad(key, format!("expected a list of layer indices, found {}", kind_of(v)))),
         }
     }
     fn count_or(&self, key: &str, default: usize) -> Result<usize, ConfigError> {
@@ -490,4 +538,146 @@ fn minimax_m2(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
         b = b.expect_expert_bias();
     }
     Ok((finish(b)?, bias))
+}
+
+/// The MoE layers of a Hugging Face model, by model layer id (see the module docs for each
+/// family's rule).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HfMoeLayers {
+    /// The top-level `model_type` of the file.
+    pub model_type: String,
+    /// `num_hidden_layers`: the decoder layers `0..num_hidden_layers`.
+    pub num_hidden_layers: usize,
+    /// Decoder layers whose MLP is routed, ascending (never empty).
+    pub layers: Vec<u32>,
+    /// Multi-token-prediction blocks with a routed MLP (`num_nextn_predict_layers` of them, ids
+    /// from `num_hidden_layers`), ascending; empty for families without MTP.
+    pub mtp_layers: Vec<u32>,
+}
+
+impl HfMoeLayers {
+    /// [`HfMoeLayers::layers`] followed by [`HfMoeLayers::mtp_layers`].
+    pub fn with_mtp(&self) -> Vec<u32> {
+        self.layers.iter().chain(&self.mtp_layers).copied().collect()
+    }
+}
+
+/// The MoE layer ids of a Hugging Face `config.json` given as text (see the module docs for the
+/// rules). Malformed JSON is [`ConfigError::Json`]; an unsupported `model_type`,
+/// [`ConfigError::UnsupportedModelType`]; a missing `num_hidden_layers`, [`ConfigError::MissingKey`];
+/// keys with impossible values (a dense prefix covering every layer, an `mlp_only_layers` entry
+/// beyond the model), [`ConfigError::BadKey`].
+///
+/// ```
+/// use moe_router_core::import::hf::hf_moe_layers;
+/// let m = hf_moe_layers(
+///     r#"{"model_type": "deepseek_v3", "num_hidden_layers": 61, "first_k_dense_replace": 3,
+///         "num_nextn_predict_layers": 1}"#,
+/// ).unwrap();
+/// assert_eq!((m.layers.first(), m.layers.last(), m.layers.len()), (Some(&3), Some(&60), 58));
+/// assert_eq!(m.mtp_layers, vec![61]);
+/// ```
+pub fn hf_moe_layers(json: &str) -> Result<HfMoeLayers, ConfigError> {
+    let v: Value = serde_json::from_str(json).map_err(|e| ConfigError::from_json(&e))?;
+    hf_moe_layers_value(&v)
+}
+
+/// [`hf_moe_layers`] on an already parsed `config.json`.
+pub fn hf_moe_layers_value(value: &Value) -> Result<HfMoeLayers, ConfigError> {
+    let obj = value.as_object().ok_or_else(|| ConfigError::BadKey {
+        key: "<root>".into(),
+        source_kind: SRC,
+        reason: format!("expected a JSON object, found {}", kind_of(value)),
+    })?;
+    let top = Keys { obj, prefix: "" };
+    let model_type = top.req_str("model_type")?;
+    let text;
+    let k = if model_type == "llama4" {
+        text = Keys {
+            obj: top.req_object("text_config")?,
+            prefix: "text_config.",
+        };
+        &text
+    } else {
+        &top
+    };
+    let n = k.req_count("num_hidden_layers")?;
+    if n > u32::MAX as usize {
+        return Err(k.bad("num_hidden_layers", format!("{n} is too large")));
+    }
+    let all = 0..n as u32;
+    let mut mtp = 0usize;
+    let layers: Vec<u32> = match model_type {
+        "deepseek_v2" | "deepseek_v3" | "kimi_k2" => {
+            let first = match model_type {
+                "deepseek_v2" => k.index_or("first_k_dense_replace", 0)?,
+                "deepseek_v3" => k.index_or("first_k_dense_replace", 3)?,
+                // Kimi-K2's remote configuration class defaults to 0, which is not the model.
+                _ => k
+                    .opt_index("first_k_dense_replace")?
+                    .ok_or_else(|| k.missing("first_k_dense_replace"))?,
+            };
+            let freq = k.count_or("moe_layer_freq", 1)?;
+            if model_type != "deepseek_v2" {
+                mtp = k.index_or("num_nextn_predict_layers", 0)?;
+            }
+            all.filter(|&i| i as usize >= first && (i as usize).is_multiple_of(freq))
+                .collect()
+        }
+        "glm4_moe" => {
+            let first = k.index_or("first_k_dense_replace", 1)?;
+            mtp = k.index_or("num_nextn_predict_layers", 0)?;
+            all.filter(|&i| i as usize >= first).collect()
+        }
+        "qwen2_moe" | "qwen3_moe" | "qwen3_next" => {
+            let step = k.count_or("decoder_sparse_step", 1)?;
+            let dense = k.opt_index_list("mlp_only_layers")?.unwrap_or_default();
+            if let Some(&bad) = dense.iter().find(|&&i| i >= n) {
+                return Err(k.bad(
+                    "mlp_only_layers",
+                    format!("layer {bad} is beyond num_hidden_layers = {n}"),
+                ));
+            }
+            all.filter(|&i| !dense.contains(&(i as usize)) && (i as usize + 1).is_multiple_of(step))
+                .collect()
+        }
+        "llama4" | "llama4_text" => match k.opt_index_list("moe_layers")? {
+            Some(given) => {
+                if let Some(&bad) = given.iter().find(|&&i| i >= n) {
+                    return Err(k.bad("moe_layers", format!("layer {bad} is beyond num_hidden_layers = {n}")));
+                }
+                let mut v: Vec<u32> = given.iter().map(|&i| i as u32).collect();
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+            None => {
+                let step = k.count_or("interleave_moe_layer_step", 1)?;
+                all.filter(|&i| (i as usize + 1).is_multiple_of(step)).collect()
+            }
+        },
+        "mixtral" | "olmoe" | "gpt_oss" | "minimax_m2" => all.collect(),
+        other => {
+            return Err(ConfigError::UnsupportedModelType {
+                found: other.to_string(),
+                supported: SUPPORTED_MODEL_TYPES.join(", "),
+            });
+        }
+    };
+    if layers.is_empty() {
+        return Err(k.bad(
+            "num_hidden_layers",
+            format!("{n} layers and this family's dense-layer keys leave no MoE layer"),
+        ));
+    }
+    let mtp_layers: Vec<u32> = (0..mtp)
+        .map(|j| u32::try_from(n + j))
+        .collect::<Result<_, _>>()
+        .map_err(|_| k.bad("num_nextn_predict_layers", format!("{mtp} is too large")))?;
+    Ok(HfMoeLayers {
+        model_type: model_type.to_string(),
+        num_hidden_layers: n,
+        layers,
+        mtp_layers,
+    })
 }

@@ -25,7 +25,15 @@
 //! - `moe_router_dtype`: `fp64` → f64 compute, `fp32` or `null` → f32 (`null` means the input
 //!   dtype in Megatron, usually bf16; this crate computes in f32 at least).
 //!
-//! Absent keys take Megatron's defaults; `null` counts as absent; other keys are ignored.
+//! Absent keys take Megatron's defaults; `null` counts as absent. Keys that do not start with
+//! `moe_` are ignored (the rest of `TransformerConfig`). A `moe_*` key must be one of Megatron's
+//! MoE options ([`MEGATRON_MOE_KEYS`]; those that do not change the routing rule, such as
+//! `moe_grouped_gemm` or `moe_token_dispatcher_type`, are accepted and ignored): a misspelt key
+//! (`moe_router_score_functon`) is [`ConfigError::BadKey`] naming it and the nearest known key,
+//! never a silently applied default.
+//!
+//! The expert-bias update rate follows the one rule of [`RouterConfig`]'s builder (finite and
+//! `>= 0`), reported under the Megatron key.
 
 use crate::config::{
     AuxLossKind, Capacity, ComputeDtype, DropPolicy, GroupScore, Normalization, RouterConfig, ScoreFunction,
@@ -35,6 +43,74 @@ use crate::error::ConfigError;
 use serde_json::{Map, Value};
 
 const SRC: &str = "Megatron";
+
+/// Every `moe_*` option of Megatron-Core's `TransformerConfig` (current and recently renamed or
+/// deprecated names). The importer reads the routing ones; the others (kernels, dispatchers,
+/// communication, recompute, logging) do not change which experts a token goes to and are
+/// accepted and ignored. Any other `moe_*` key is refused as a probable typo.
+pub const MEGATRON_MOE_KEYS: &[&str] = &[
+    // Read by the importer.
+    "moe_router_topk",
+    "moe_router_score_function",
+    "moe_router_pre_softmax",
+    "moe_router_num_groups",
+    "moe_router_group_topk",
+    "moe_router_topk_scaling_factor",
+    "moe_router_enable_expert_bias",
+    "moe_router_bias_update_rate",
+    "moe_router_load_balancing_type",
+    "moe_aux_loss_coeff",
+    "moe_z_loss_coeff",
+    "moe_expert_capacity_factor",
+    "moe_pad_expert_input_to_capacity",
+    "moe_token_drop_policy",
+    "moe_router_dtype",
+    "moe_router_topk_limited_devices",
+    "moe_router_force_load_balancing",
+    "moe_router_force_biased",
+    // Accepted and ignored: they do not change the routing rule.
+    "moe_shared_expert_intermediate_size",
+    "moe_shared_expert_gate",
+    "moe_shared_expert_overlap",
+    "moe_shared_expert_glu_interleave_size",
+    "moe_layer_freq",
+    "moe_ffn_hidden_size",
+    "moe_enable_routing_replay",
+    "moe_router_padding_for_quantization",
+    "moe_router_padding_for_fp8",
+    "moe_n_hash_layers",
+    "moe_grouped_gemm",
+    "moe_single_grouped_weight",
+    "moe_single_grouped_bias",
+    "moe_use_legacy_grouped_gemm",
+    "moe_input_jitter_eps",
+    "moe_token_dropping",
+    "moe_token_dispatcher_type",
+    "moe_enable_deepep",
+    "moe_flex_dispatcher_backend",
+    "moe_flex_dispatcher_num_sms",
+    "moe_permute_fusion_into_hybridep",
+    "moe_hybridep_pad_variable_tokens",
+    "moe_per_layer_logging",
+    "moe_expert_rank_capacity_factor",
+    "moe_pad_experts_for_cuda_graph_inference",
+    "moe_layer_recompute",
+    "moe_permute_fusion",
+    "moe_router_fusion",
+    "moe_apply_probs_on_input",
+    "moe_latent_size",
+    "moe_deepep_num_sms",
+    "moe_hybridep_num_sms",
+    "moe_hybridep_num_blocks_permute",
+    "moe_hybridep_num_blocks_unpermute",
+    "moe_hybridep_num_sms_preprocessing",
+    "moe_ncclep_static_shape",
+    "moe_ncclep_use_symm_mem",
+    "moe_mlp_glu_interleave_size",
+    "moe_extended_tp",
+    "moe_use_upcycling",
+    "moe_upcycling_granularity",
+];
 
 impl RouterConfig {
     /// Builds the routing rule of a Megatron-Core MoE layer from a JSON object of
@@ -118,7 +194,30 @@ impl<'a> Keys<'a> {
     }
 }
 
+/// Refuses a `moe_*` key that is not a Megatron MoE option, naming the nearest one.
+fn check_known_keys(k: &Keys<'_>) -> Result<(), ConfigError> {
+    let mut unknown: Vec<&str> = k
+        .obj
+        .keys()
+        .map(String::as_str)
+        .filter(|key| key.starts_with("moe_") && !MEGATRON_MOE_KEYS.contains(key))
+        .collect();
+    unknown.sort_unstable();
+    if let Some(key) = unknown.first() {
+        let nearest = super::nearest(key, MEGATRON_MOE_KEYS).unwrap_or("");
+        return Err(k.bad(
+            key,
+            format!(
+                "unknown Megatron MoE option (did you mean `{nearest}`?); a misspelt option would \
+                 otherwise silently take its default"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn import(k: &Keys<'_>) -> Result<RouterConfig, ConfigError> {
+    check_known_keys(k)?;
     let e = k.opt_count("num_moe_experts")?.ok_or_else(|| ConfigError::MissingKey {
         key: "num_moe_experts".into(),
         source_kind: SRC,
@@ -140,6 +239,15 @@ fn import(k: &Keys<'_>) -> Result<RouterConfig, ConfigError> {
         return Err(k.bad(
             "moe_router_force_load_balancing",
             "routes on random logits (a benchmarking mode), not a routing rule this crate reproduces",
+        ));
+    }
+    if let Some(std) = k.opt_num("moe_router_force_biased")? {
+        return Err(k.bad(
+            "moe_router_force_biased",
+            format!(
+                "{std}: adds a random expert bias (a benchmarking mode), not a routing rule this crate \
+                 reproduces; remove the key or set it to null"
+            ),
         ));
     }
 
@@ -246,10 +354,9 @@ fn import(k: &Keys<'_>) -> Result<RouterConfig, ConfigError> {
                 "the expert bias needs moe_router_score_function sigmoid or sqrtsoftplus",
             ));
         }
+        // Validated by the builder's rule (finite, >= 0), the same rule as the CLI's
+        // --bias-update-rate; its error is reported under the Megatron key below.
         let rate = k.opt_num("moe_router_bias_update_rate")?.unwrap_or(1e-3);
-        if rate < 0.0 {
-            return Err(k.bad("moe_router_bias_update_rate", format!("must be >= 0 (found {rate})")));
-        }
         b = b.expert_bias(vec![0.0; e]).bias_update_rate(rate as f32);
     }
 
@@ -310,7 +417,13 @@ fn import(k: &Keys<'_>) -> Result<RouterConfig, ConfigError> {
             ));
         }
     });
-    b.build()
+    b.build().map_err(|e| match e {
+        ConfigError::Invalid {
+            field: "bias_update_rate",
+            reason,
+        } => k.bad("moe_router_bias_update_rate", reason),
+        other => other,
+    })
 }
 
 /// `moe_router_load_balancing_type` × `moe_aux_loss_coeff` → (kind, coefficient > 0) pairs.
