@@ -851,8 +851,16 @@ fn prop_round_trip(format: Format, ids: &Array3<u32>, e: usize) -> Result<(), Te
     let layers: Vec<u32> = (0..l as u32).map(|x| x * 2 + 1).collect();
     let t = trace_of(ids, e, &layers);
     let out = interop::export(format, &t, &ExportOptions::default()).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let back = interop::import(format, &out, &shape_opts(l, k).with_num_experts(e).with_layers(layers))
-        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let imported = interop::import(format, &out, &shape_opts(l, k).with_num_experts(e).with_layers(layers));
+    if t.summary().rows == 0 {
+        // Nothing recorded: the export is an empty capture, which import refuses.
+        prop_assert!(
+            matches!(imported, Err(InteropError::Empty { .. })),
+            "{format}: {imported:?}"
+        );
+        return Ok(());
+    }
+    let back = imported.map_err(|e| TestCaseError::fail(e.to_string()))?;
     // Positions past the last recorded row are missing either way.
     let a = t.to_dense(SeqId(0));
     let b = back.to_dense(SeqId(0));
@@ -999,4 +1007,136 @@ fn trace_reader_does_not_allocate_by_a_claimed_block_count() {
         r.is_err(),
         "a chunk whose block count disagrees with its payload is an error"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Empty captures, sequence choice, layers of one input only, float tensors.
+
+#[test]
+fn an_empty_capture_is_refused_by_every_importer() {
+    let empty_npy = npy::to_bytes(&[0, 2, 2], NpyDtype::I32, &[]);
+    let all_missing = npy::to_bytes(&[2, 2, 2], NpyDtype::I32, &npy::i32_bytes(&[-1; 8]));
+    let empty_st = {
+        let t = trace_of(&block(2, 2, 2, 8), 8, &[0, 1]);
+        let d = DenseRoutes::from_trace(Format::Safetensors, &t, None, 1 << 20).unwrap();
+        let none = DenseRoutes {
+            ids: Array3::from_elem((0, 2, 2), M),
+            ..d
+        };
+        interop::safetensors::encode(&none, IntDtype::I32).unwrap()
+    };
+    let cases: Vec<(Format, Vec<u8>)> = vec![
+        (Format::Npy, empty_npy),
+        (Format::Npy, all_missing),
+        (Format::Safetensors, empty_st),
+        (Format::Sglang, Vec::new()),
+        (Format::Sglang, b"\n".to_vec()),
+        (Format::Nrlre1, b"nrlre1:int32:0x2x2:".to_vec()),
+        (
+            Format::Nrlre1,
+            format!("nrlre1:int8:2x1x2:{}", b64(&[0xff; 4])).into_bytes(),
+        ),
+    ];
+    for (format, bytes) in cases {
+        let err = interop::import(format, &bytes, &shape_opts(2, 2)).unwrap_err();
+        assert!(matches!(err, InteropError::Empty { .. }), "{format}: {err}");
+        assert!(err.to_string().contains("captured nothing"), "{err}");
+        // The decoder alone still gives the (empty) array, for reports.
+        let d = interop::decode(format, &bytes, &shape_opts(2, 2)).unwrap();
+        let (t, check) = d.to_trace_lossy(format, &shape_opts(2, 2), 4).unwrap();
+        assert_eq!((check.present_rows, t.summary().rows), (0, 0), "{format}");
+    }
+}
+
+#[test]
+fn exporting_one_of_several_sequences_needs_the_sequence_named() {
+    let mut t = Trace::new(TraceHeader::new(8, 2, &[0, 1]).unwrap());
+    t.append_dense(SeqId(3), 0, block(2, 2, 2, 8).view()).unwrap();
+    t.append_dense(SeqId(5), 0, block(3, 2, 2, 8).view()).unwrap();
+    let err = interop::export(Format::Npy, &t, &ExportOptions::default()).unwrap_err();
+    assert!(
+        matches!(err, InteropError::Unrepresentable { .. }) && err.to_string().contains("--seq"),
+        "{err}"
+    );
+    let out = interop::export(
+        Format::Npy,
+        &t,
+        &ExportOptions {
+            seq: Some(SeqId(5)),
+            ..ExportOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(npy::parse(&out).unwrap().shape, vec![3, 2, 2]);
+}
+
+#[test]
+fn compare_lists_layers_of_one_layer_map_only_with_their_rows() {
+    // An array imported with the default layers 0..L against the trace it came from (1..=L).
+    let a = block(4, 3, 2, 8);
+    let trace = trace_of(&a, 8, &[1, 2, 3]);
+    let bytes = export(Format::Npy, &trace);
+    let imported = interop::import(Format::Npy, &bytes, &opts().with_num_experts(8)).unwrap();
+    let c = moe_router::metrics::compare(&imported, &trace).unwrap();
+    let rows = |v: &[moe_router::metrics::LayerRows]| v.iter().map(|l| (l.layer, l.rows)).collect::<Vec<_>>();
+    assert_eq!(rows(&c.layers_only_in_a), vec![(0, 4)]);
+    assert_eq!(rows(&c.layers_only_in_b), vec![(3, 4)]);
+    // With the right layer ids nothing is left over, and nothing differs.
+    let right = interop::import(
+        Format::Npy,
+        &bytes,
+        &opts().with_num_experts(8).with_layers(vec![1, 2, 3]),
+    )
+    .unwrap();
+    let c = moe_router::metrics::compare(&right, &trace).unwrap();
+    assert!(c.layers_only_in_a.is_empty() && c.layers_only_in_b.is_empty());
+    assert_eq!((c.router_mismatch_fraction, c.routers_compared), (0.0, 12));
+}
+
+#[test]
+fn npy_reads_v2_as_bfloat16_and_writes_it_back() {
+    let vals = [1.0f32, -2.5, 0.15625, f32::NEG_INFINITY];
+    let bits: Vec<u8> = vals
+        .iter()
+        .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+        .collect();
+    let b = npy::to_bytes(&[2, 2], NpyDtype::Bf16, &bits);
+    assert!(String::from_utf8_lossy(&b).contains("'descr': '|V2'"));
+    let arr = npy::parse(&b).unwrap();
+    assert_eq!((arr.dtype, arr.shape.clone()), (NpyDtype::Bf16, vec![2, 2]));
+    assert_eq!(arr.to_f32("x").unwrap(), vals.to_vec(), "widened exactly");
+    // `<V2` (as some writers spell the void type) is the same type.
+    let at = b.windows(4).position(|w| w == b"'|V2").unwrap();
+    let mut lt = b.clone();
+    lt[at + 1] = b'<';
+    assert_eq!(npy::parse(&lt).unwrap().dtype, NpyDtype::Bf16);
+    // Not an id dtype.
+    let ids = npy::to_bytes(&[1, 1, 2], NpyDtype::Bf16, &bits[..4]);
+    assert!(matches!(
+        interop::import(Format::Npy, &ids, &opts()),
+        Err(InteropError::Dtype { .. })
+    ));
+}
+
+#[test]
+fn safetensors_float_tensors_are_read_by_name_or_as_the_only_tensor() {
+    let mut header = r#"{"logits":{"dtype":"BF16","shape":[1,2],"data_offsets":[0,4]},"w":{"dtype":"F64","shape":[1],"data_offsets":[4,12]}}"#.to_string();
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let mut b = (header.len() as u64).to_le_bytes().to_vec();
+    b.extend_from_slice(header.as_bytes());
+    b.extend_from_slice(&half::bf16::from_f32(1.5).to_bits().to_le_bytes());
+    b.extend_from_slice(&half::bf16::from_f32(-3.0).to_bits().to_le_bytes());
+    b.extend_from_slice(&0.25f64.to_le_bytes());
+    let l = interop::safetensors::read_tensor(&b, Some("logits")).unwrap();
+    assert_eq!((l.dtype, l.shape.clone()), (NpyDtype::Bf16, vec![1, 2]));
+    assert_eq!(l.to_f32("logits").unwrap(), vec![1.5, -3.0]);
+    let w = interop::safetensors::read_tensor(&b, Some("w")).unwrap();
+    assert_eq!(w.to_f64("w").unwrap(), vec![0.25]);
+    // Two tensors and no name, or a wrong name: an error listing them.
+    for name in [None, Some("nope")] {
+        let err = interop::safetensors::read_tensor(&b, name).unwrap_err().to_string();
+        assert!(err.contains("logits") && err.contains("\"w\""), "{err}");
+    }
 }

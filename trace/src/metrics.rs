@@ -3,7 +3,9 @@
 //!
 //! A *router* is one (token, layer) pair; it **mismatches** when the two id *sets* differ (slot
 //! order is ignored). Its **overlap** is `|A ∩ B| / K`. Only routers recorded in both inputs are
-//! compared; rows present in only one input are counted separately.
+//! compared; rows present in only one input are counted separately, and so are layers of one
+//! input's layer map that the other does not have ([`Comparison::layers_only_in_a`]): a layer-map
+//! mismatch shows instead of silently shrinking the comparison.
 
 use crate::trace::{MISSING_ID, RouteSource, Trace, TraceError};
 use moe_router_core::layout::{BatchLayout, LayerId, RowAddr, SeqId};
@@ -20,6 +22,15 @@ pub struct LayerMismatch {
     pub mismatch_fraction: f64,
     /// Mean `|A ∩ B| / K` over this layer's compared routers.
     pub mean_overlap: f64,
+}
+
+/// Recorded rows of one layer that the other input does not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRows {
+    /// Model layer id.
+    pub layer: u32,
+    /// Recorded (present) rows of this layer, over every sequence.
+    pub rows: u64,
 }
 
 /// The result of comparing two routings. JSON keys as in the CLI contract (`moe-router diff`).
@@ -43,6 +54,13 @@ pub struct Comparison {
     pub rows_only_in_a: u64,
     /// Routers recorded only in the second input.
     pub rows_only_in_b: u64,
+    /// Layers of the first input's layer map absent from the second's, with their recorded rows
+    /// (not compared, not in `rows_only_in_a`). Empty for live comparisons.
+    #[serde(default)]
+    pub layers_only_in_a: Vec<LayerRows>,
+    /// Layers of the second input's layer map absent from the first's, with their recorded rows.
+    #[serde(default)]
+    pub layers_only_in_b: Vec<LayerRows>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -189,6 +207,8 @@ impl Comparator {
             tokens_compared: self.tokens,
             rows_only_in_a: self.only_a,
             rows_only_in_b: self.only_b,
+            layers_only_in_a: Vec::new(),
+            layers_only_in_b: Vec::new(),
         }
     }
 }
@@ -197,8 +217,23 @@ fn ratio(a: f64, n: u64) -> f64 {
     if n == 0 { 0.0 } else { a / n as f64 }
 }
 
+/// Recorded rows per layer of `t` for the layers of its map that `other` does not have.
+fn layers_only_in(t: &Trace, other: &Trace) -> Vec<LayerRows> {
+    let rows: BTreeMap<u32, u64> = t.summary().layers.iter().map(|l| (l.layer, l.rows)).collect();
+    t.header()
+        .layers()
+        .iter()
+        .filter(|l| other.header().layer_index(**l).is_none())
+        .map(|l| LayerRows {
+            layer: l.0,
+            rows: rows.get(&l.0).copied().unwrap_or(0),
+        })
+        .collect()
+}
+
 /// Compares two traces over the layers they share (by layer id). K must agree. Every sequence
-/// of either trace is visited; positions recorded in only one trace count as `rows_only_in_*`.
+/// of either trace is visited; positions recorded in only one trace count as `rows_only_in_*`,
+/// layers of only one layer map as `layers_only_in_*` (with their rows).
 pub fn compare(a: &Trace, b: &Trace) -> Result<Comparison, TraceError> {
     let k = a.header().top_k();
     if b.header().top_k() != k {
@@ -246,7 +281,10 @@ pub fn compare(a: &Trace, b: &Trace) -> Result<Comparison, TraceError> {
             cmp.add_token(c, m);
         }
     }
-    Ok(cmp.finish())
+    let mut c = cmp.finish();
+    c.layers_only_in_a = layers_only_in(a, b);
+    c.layers_only_in_b = layers_only_in(b, a);
+    Ok(c)
 }
 
 /// Load of one layer.

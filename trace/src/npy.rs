@@ -1,8 +1,14 @@
 //! NumPy `.npy` reading and writing (format versions 1.0, 2.0 and 3.0), with typed errors that
 //! give the byte offset of what is wrong. Values that do not fit a target type are refused,
 //! never wrapped.
+//!
+//! **bfloat16.** NumPy has no bfloat16 type: `np.save` of an `ml_dtypes.bfloat16` array (as JAX
+//! and `ml_dtypes` users write it) stores the 2-byte opaque descr `|V2`, which this module reads
+//! as [`NpyDtype::Bf16`] and writes for it. torch cannot call `.numpy()` on a bf16 tensor; saving
+//! `t.view(torch.int16).numpy()` gives `<i2`, which holds bf16 bits only by the caller's word, so
+//! it stays [`NpyDtype::I16`] here (the CLI's `route --logits-dtype bf16` takes it as bf16).
 
-use half::f16;
+use half::{bf16, f16};
 use std::io::Write;
 use std::path::Path;
 
@@ -15,6 +21,9 @@ pub enum NpyDtype {
     F32,
     /// `f8`
     F64,
+    /// bfloat16, stored as NumPy's 2-byte opaque type `V2` (descr `|V2`, as `np.save` writes an
+    /// `ml_dtypes.bfloat16` array; `<V2` is read too).
+    Bf16,
     /// `i1`
     I8,
     /// `i2`
@@ -38,7 +47,7 @@ impl NpyDtype {
     pub fn size(self) -> usize {
         match self {
             NpyDtype::I8 | NpyDtype::U8 => 1,
-            NpyDtype::F16 | NpyDtype::I16 | NpyDtype::U16 => 2,
+            NpyDtype::F16 | NpyDtype::Bf16 | NpyDtype::I16 | NpyDtype::U16 => 2,
             NpyDtype::F32 | NpyDtype::I32 | NpyDtype::U32 => 4,
             NpyDtype::F64 | NpyDtype::I64 | NpyDtype::U64 => 8,
         }
@@ -49,6 +58,7 @@ impl NpyDtype {
             NpyDtype::F16 => "<f2",
             NpyDtype::F32 => "<f4",
             NpyDtype::F64 => "<f8",
+            NpyDtype::Bf16 => "|V2",
             NpyDtype::I8 => "|i1",
             NpyDtype::I16 => "<i2",
             NpyDtype::I32 => "<i4",
@@ -61,7 +71,24 @@ impl NpyDtype {
     }
     /// Whether this is an integer type.
     pub fn is_integer(self) -> bool {
-        !matches!(self, NpyDtype::F16 | NpyDtype::F32 | NpyDtype::F64)
+        !matches!(self, NpyDtype::F16 | NpyDtype::F32 | NpyDtype::F64 | NpyDtype::Bf16)
+    }
+    /// A readable name (`float32`, `bfloat16`, `int16`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            NpyDtype::F16 => "float16",
+            NpyDtype::F32 => "float32",
+            NpyDtype::F64 => "float64",
+            NpyDtype::Bf16 => "bfloat16",
+            NpyDtype::I8 => "int8",
+            NpyDtype::I16 => "int16",
+            NpyDtype::I32 => "int32",
+            NpyDtype::I64 => "int64",
+            NpyDtype::U8 => "uint8",
+            NpyDtype::U16 => "uint16",
+            NpyDtype::U32 => "uint32",
+            NpyDtype::U64 => "uint64",
+        }
     }
     /// Inclusive value range of an integer type.
     pub fn int_range(self) -> (i128, i128) {
@@ -199,6 +226,7 @@ fn parse_descr(d: &str) -> Result<(NpyDtype, bool), NpyError> {
         "u2" => NpyDtype::U16,
         "u4" => NpyDtype::U32,
         "u8" => NpyDtype::U64,
+        "V2" => NpyDtype::Bf16,
         _ => return Err(bad()),
     };
     Ok((t, big))
@@ -337,9 +365,10 @@ impl NpyArray {
         Ok(())
     }
 
-    /// Elements as f32 (from f16 or f32 exactly; f64 is refused to avoid silent rounding).
+    /// Elements as f32 (from f16, bf16 or f32 exactly; f64 is refused to avoid silent rounding).
     pub fn to_f32(&self, what: &str) -> Result<Vec<f32>, NpyError> {
         match self.dtype {
+            NpyDtype::Bf16 => Ok(self.to_bf16(what)?.into_iter().map(bf16::to_f32).collect()),
             NpyDtype::F32 => Ok(self
                 .data
                 .chunks_exact(4)
@@ -352,7 +381,39 @@ impl NpyArray {
                 .collect()),
             other => Err(NpyError::WrongDtype {
                 what: what.into(),
-                expected: "float32 or float16".into(),
+                expected: "float32, float16 or bfloat16".into(),
+                found: other.descr().into(),
+            }),
+        }
+    }
+
+    /// Elements as bf16 (bfloat16 only).
+    pub fn to_bf16(&self, what: &str) -> Result<Vec<bf16>, NpyError> {
+        match self.dtype {
+            NpyDtype::Bf16 => Ok(self
+                .data
+                .chunks_exact(2)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect()),
+            other => Err(NpyError::WrongDtype {
+                what: what.into(),
+                expected: "bfloat16 (descr |V2)".into(),
+                found: other.descr().into(),
+            }),
+        }
+    }
+
+    /// Elements as f64 (float64 only).
+    pub fn to_f64(&self, what: &str) -> Result<Vec<f64>, NpyError> {
+        match self.dtype {
+            NpyDtype::F64 => Ok(self
+                .data
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect()),
+            other => Err(NpyError::WrongDtype {
+                what: what.into(),
+                expected: "float64".into(),
                 found: other.descr().into(),
             }),
         }

@@ -224,8 +224,9 @@ impl DenseRoutes {
         }
     }
 
-    /// Builds a one-sequence [`Trace`] (strict: the first invalid row is an error). See the
-    /// module docs for the sequence, position, layer and E defaults.
+    /// Builds a one-sequence [`Trace`] (strict: the first invalid row is an error, and a capture
+    /// without any recorded row is [`InteropError::Empty`]). See the module docs for the sequence,
+    /// position, layer and E defaults.
     pub fn to_trace(&self, format: Format, opts: &ImportOptions) -> Result<Trace, InteropError> {
         self.to_trace_with_progress(format, opts, |_, _| {})
     }
@@ -239,6 +240,7 @@ impl DenseRoutes {
     ) -> Result<Trace, InteropError> {
         let e = self.resolve_num_experts(format, opts.num_experts)?;
         let mut first: Option<InteropError> = None;
+        let mut present = 0usize;
         self.scan(
             format,
             e,
@@ -247,16 +249,24 @@ impl DenseRoutes {
                     first = err;
                 }
             },
-            |_| {},
+            |p| present += usize::from(p),
         );
         if let Some(err) = first {
             return Err(err);
+        }
+        if present == 0 {
+            return Err(InteropError::Empty {
+                format,
+                rows: self.ids.dim().0 * self.ids.dim().1,
+            });
         }
         self.build(format, opts, e, &mut progress)
     }
 
     /// Builds a trace keeping the valid rows and storing invalid ones as missing (for
-    /// validation reports), with the [`DenseCheck`] of what was replaced.
+    /// validation reports), with the [`DenseCheck`] of what was replaced. An input without any
+    /// recorded row gives an empty trace here (`DenseCheck::present_rows == 0`): the caller
+    /// reports it.
     pub fn to_trace_lossy(
         &self,
         format: Format,
@@ -347,7 +357,8 @@ impl DenseRoutes {
                     return Err(InteropError::Unrepresentable {
                         format,
                         reason: format!(
-                            "the trace holds {} sequences ({}); {format} holds one: pick one, or keep the .mrt format",
+                            "the trace holds {} sequences ({}); {format} holds one: pick one \
+                             (ExportOptions::seq; CLI: --seq ID), or keep the .mrt format",
                             many.len(),
                             many.iter()
                                 .take(8)

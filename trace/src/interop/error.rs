@@ -173,6 +173,19 @@ pub enum InteropError {
         /// What cannot be expressed, and what to do.
         reason: String,
     },
+    /// The capture holds no route at all (T = 0 rows, or every row missing): an engine that
+    /// captured nothing (capture disabled, bound too late, an empty response) must not pass as
+    /// a valid, empty trace.
+    #[error(
+        "{format}: the input holds no routes ({rows} row(s), none recorded): the engine captured nothing \
+         (is routing capture enabled for this request?)"
+    )]
+    Empty {
+        /// The format.
+        format: Format,
+        /// Rows in the input (all missing).
+        rows: usize,
+    },
     /// E, K or the layer map are unusable.
     #[error("{format}: {reason}")]
     Header {

@@ -26,7 +26,7 @@
 //!   least K). A caller value that disagrees with the file's is an error, never silently picked.
 //!
 //! Exporting ([`DenseRoutes::from_trace`]) takes one sequence of a trace (a trace with several
-//! sequences must name one) over the trace's layer map. Formats without a start offset (npy,
+//! sequences must name one: [`ExportOptions::seq`]) over the trace's layer map. Formats without a start offset (npy,
 //! safetensors, SGLang, NeMo Gym) are written from position 0, earlier positions as missing rows.
 //!
 //! ## Validation
@@ -34,7 +34,9 @@
 //! Every id is checked: negative values other than `-1`, ids `≥ E` (or beyond any possible E),
 //! a row naming an expert twice (an all-zero row is the common case: zero padding), and rows that
 //! are only partly missing are typed errors ([`InteropError`]) with the element index (flat index
-//! into `[T, L, K]`, and token / layer / slot) — never routed to expert 0, never wrapped.
+//! into `[T, L, K]`, and token / layer / slot) — never routed to expert 0, never wrapped. A
+//! capture without a single recorded row (`T = 0`, a zero-length payload, every row `-1`) is
+//! [`InteropError::Empty`]: an engine that captured nothing must not pass as an empty trace.
 //! Structural errors carry the byte offset where they were found. Decoders bound their memory by
 //! [`ImportOptions::max_elements`] and by the input actually present, never by a length the input
 //! claims.

@@ -18,7 +18,7 @@ pub fn int_dtype(d: NpyDtype) -> Option<IntDtype> {
         NpyDtype::U16 => IntDtype::U16,
         NpyDtype::U32 => IntDtype::U32,
         NpyDtype::U64 => IntDtype::U64,
-        NpyDtype::F16 | NpyDtype::F32 | NpyDtype::F64 => return None,
+        NpyDtype::F16 | NpyDtype::F32 | NpyDtype::F64 | NpyDtype::Bf16 => return None,
     })
 }
 

@@ -163,6 +163,71 @@ pub fn decode(bytes: &[u8], opts: &ImportOptions) -> Result<DenseRoutes, Interop
     })
 }
 
+/// One tensor of a safetensors file as an [`NpyArray`](crate::npy::NpyArray) (shape, element type,
+/// little-endian bytes), for inputs other than routes (logits): `name`, or the file's only
+/// tensor. Element types: F64, F32, F16, BF16 and the integer types; others are
+/// [`InteropError::Dtype`]. A missing name, or several tensors and no name, is an error listing
+/// the tensors.
+pub fn read_tensor(bytes: &[u8], name: Option<&str>) -> Result<crate::npy::NpyArray, InteropError> {
+    use crate::npy::NpyDtype;
+    let (n, md) = SafeTensors::read_metadata(bytes).map_err(|e| st_error(bytes, e))?;
+    let mut names: Vec<String> = md.tensors().into_keys().collect();
+    names.sort();
+    let name = match (name, names.as_slice()) {
+        (Some(w), _) => w.to_string(),
+        (None, [only]) => only.clone(),
+        (None, _) => {
+            return Err(InteropError::Malformed {
+                format: F,
+                region: "header JSON",
+                offset: 8,
+                reason: format!("{} tensors ({names:?}): name the one to read", names.len()),
+            });
+        }
+    };
+    let info = md.info(&name).ok_or_else(|| InteropError::Malformed {
+        format: F,
+        region: "header JSON",
+        offset: 8,
+        reason: format!("no tensor named {name:?} (tensors: {names:?})"),
+    })?;
+    let dtype = match info.dtype {
+        Dtype::F64 => NpyDtype::F64,
+        Dtype::F32 => NpyDtype::F32,
+        Dtype::F16 => NpyDtype::F16,
+        Dtype::BF16 => NpyDtype::Bf16,
+        Dtype::I8 => NpyDtype::I8,
+        Dtype::I16 => NpyDtype::I16,
+        Dtype::I32 => NpyDtype::I32,
+        Dtype::I64 => NpyDtype::I64,
+        Dtype::U8 | Dtype::BOOL => NpyDtype::U8,
+        Dtype::U16 => NpyDtype::U16,
+        Dtype::U32 => NpyDtype::U32,
+        Dtype::U64 => NpyDtype::U64,
+        other => {
+            return Err(InteropError::Dtype {
+                format: F,
+                found: format!("{other:?} (tensor {name:?})"),
+                expected: "F64, F32, F16, BF16 or an integer type".into(),
+            });
+        }
+    };
+    let (b, e) = info.data_offsets;
+    let base = 8 + n;
+    let data = bytes.get(base + b..base + e).ok_or_else(|| InteropError::Truncated {
+        format: F,
+        region: "input",
+        offset: (base + b) as u64,
+        needed: (e - b) as u64,
+        available: bytes.len().saturating_sub(base + b) as u64,
+    })?;
+    Ok(crate::npy::NpyArray {
+        shape: info.shape.clone(),
+        dtype,
+        data: data.to_vec(),
+    })
+}
+
 /// Encodes `[T, L, K]` as a safetensors file with tensor `routed_experts` of `dtype` and the
 /// metadata above (missing rows as `-1`: needs a signed dtype when rows are missing). Rows are
 /// written from position 0.
