@@ -45,8 +45,9 @@ pub struct BenchArgs {
     /// Routing rule (preset name).
     #[arg(long, default_value = "deepseek-v3", value_name = "NAME")]
     pub preset: String,
-    /// Tokens per routing call.
-    #[arg(long, default_value_t = 16_384, value_name = "T")]
+    /// Tokens per routing call (at least 1).
+    #[arg(long, default_value_t = 16_384, value_name = "T",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub tokens: usize,
     /// Logits dtype.
     #[arg(long, value_enum, default_value = "f32")]
@@ -57,7 +58,9 @@ pub struct BenchArgs {
     /// Measuring time per backend, in seconds.
     #[arg(long, default_value_t = 0.5, value_name = "S")]
     pub seconds: f64,
-    /// Only these backends (repeatable; default: every backend compiled in).
+    /// Only these backends (repeatable; default: every backend compiled in). A backend named
+    /// here that cannot be measured (not compiled in, no device) makes the command fail (exit 1)
+    /// after the table.
     #[arg(long, value_parser = crate::backend::backend_parser(), value_name = "NAME")]
     pub backend: Vec<BackendKind>,
     /// Print one JSON object instead of the table.
@@ -173,13 +176,30 @@ pub fn run(a: &BenchArgs) -> Result<u8, CliError> {
     } else {
         print!("{}", table(&report));
     }
+    // A backend asked for by name that was not measured is a failure, not a footnote.
+    let missing: Vec<String> = report
+        .backends
+        .iter()
+        .filter(|b| a.backend.contains(&b.backend))
+        .filter_map(|b| b.skipped.as_ref().map(|why| format!("{}: {why}", b.backend.name())))
+        .collect();
+    if !missing.is_empty() {
+        crate::trace_cmds::emit(
+            format!(
+                "error: --backend asked for a backend that was not measured ({})",
+                missing.join("; ")
+            ),
+            true,
+        );
+        return Ok(crate::EXIT_FAILED);
+    }
     Ok(crate::EXIT_OK)
 }
 
 /// Measures every requested backend; returns the report.
 pub fn run_bench(a: &BenchArgs) -> Result<BenchReport, CliError> {
     if a.tokens == 0 || !(a.seconds.is_finite() && a.seconds > 0.0) {
-        return Err(CliError::Input(
+        return Err(CliError::Usage(
             "--tokens must be at least 1 and --seconds positive".into(),
         ));
     }

@@ -2,8 +2,9 @@
 //! command; the binary is a thin wrapper around it (and the spec tests drive it directly).
 //!
 //! Exit codes: 0 success; 1 the command failed (bad input, invalid data, I/O error — the message
-//! on stderr says what and where); 2 usage error (unknown flag, missing argument); 3 `validate`
-//! found the input invalid.
+//! on stderr says what and where); 2 usage error (unknown flag, missing or malformed argument,
+//! such as `--tokens 0`, `--layers 3-1` or an unknown `--preset`); 3 `validate` found the input
+//! invalid.
 
 use clap::{Parser, Subcommand};
 
@@ -47,6 +48,8 @@ enum Command {
     Validate(trace_cmds::ValidateArgs),
     /// Compare two traces: router and token mismatch fractions, per-layer mismatch and overlap.
     Diff(trace_cmds::DiffArgs),
+    /// Join per-sample or per-rank captures into one .mrt trace (conflicting routes are errors).
+    Merge(trace_cmds::MergeArgs),
     /// Play out rollout routing replay (R3) end to end on a small synthetic MoE model.
     #[command(long_about = demo::LONG_ABOUT)]
     Demo(demo::DemoArgs),
@@ -64,7 +67,7 @@ pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_INVALID: u8 = 3;
 
 /// Parses `args` (including the program name) and runs the command; returns the exit code.
-/// Errors are printed to stderr.
+/// Errors are printed to stderr (captured by [`trace_cmds::capture_output`]).
 pub fn run<I, T>(args: I) -> u8
 where
     I: IntoIterator<Item = T>,
@@ -73,7 +76,12 @@ where
     let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
         Err(e) => {
-            let _ = e.print();
+            if trace_cmds::capturing() {
+                let text = e.render().to_string();
+                trace_cmds::emit(text.trim_end().to_string(), e.use_stderr());
+            } else {
+                let _ = e.print();
+            }
             return if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
         }
     };
@@ -83,14 +91,15 @@ where
         Command::Inspect(a) => trace_cmds::inspect(&a),
         Command::Validate(a) => trace_cmds::validate(&a),
         Command::Diff(a) => trace_cmds::diff(&a),
+        Command::Merge(a) => trace_cmds::merge(&a),
         Command::Demo(a) => demo::run(&a),
         Command::Bench(a) => bench::run(&a),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e}");
-            EXIT_FAILED
+            trace_cmds::emit(format!("error: {e}"), true);
+            e.exit_code()
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use crate::CliError;
 use crate::backend::{AnyRouter, BackendKind};
-use half::f16;
+use half::{bf16, f16};
 use moe_router::capacity::{apply_capacity, dense_outputs};
 use moe_router::npy::{self, NpyDtype};
 use moe_router::stats::{self, GlobalAuxLoss, RoutingStats};
@@ -20,6 +20,14 @@ pub enum NumericsArg {
     Native,
 }
 
+/// `--logits-dtype`: how to read logits whose file type does not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogitsDtypeArg {
+    /// 2-byte integer elements (`.npy` `<i2`/`<u2`, safetensors I16/U16) are bfloat16 bits, as
+    /// `tensor.view(torch.int16).numpy()` saves a bf16 tensor.
+    Bf16,
+}
+
 /// Arguments of `route`.
 #[derive(Debug, clap::Args)]
 #[command(
@@ -28,12 +36,23 @@ pub enum NumericsArg {
 Writes DIR/ids.npy (int32 [T,K]), DIR/weights.npy (float32 [T,K]) and DIR/stats.json\n\
 (tokens_per_expert; aux_loss / z_loss when the rule sets their coefficients; updated_bias with\n\
 --bias and --bias-update-rate). --dense adds DIR/routing_map.npy (uint8 [T,E]) and DIR/probs.npy\n\
-(float32 [T,E]) after capacity dropping."
+(float32 [T,E]) after capacity dropping.\n\n\
+Logits: .npy float32, float16, float64 or bfloat16 (descr |V2, as np.save writes an\n\
+ml_dtypes.bfloat16 array), or .safetensors F32/F16/BF16/F64. A torch bf16 tensor saved as\n\
+`t.view(torch.int16).numpy()` is int16 on disk: add --logits-dtype bf16 to read those bits as\n\
+bfloat16. Other dtypes are refused with how to convert."
 )]
 pub struct RouteArgs {
-    /// Logits `.npy`, float32 or float16, shape [T, E].
+    /// Logits [T, E]: `.npy` of float32, float16, float64 or bfloat16 (descr `|V2`, as NumPy saves
+    /// ml_dtypes.bfloat16), or `.safetensors` (F32, F16, BF16, F64).
     #[arg(long, value_name = "L.npy")]
     pub logits: PathBuf,
+    /// The tensor of a `.safetensors` --logits file (default: its only tensor).
+    #[arg(long, value_name = "NAME")]
+    pub logits_tensor: Option<String>,
+    /// Read 2-byte integer logits (`<i2`/`<u2`, safetensors I16/U16) as bfloat16 bits.
+    #[arg(long, value_enum, value_name = "DTYPE")]
+    pub logits_dtype: Option<LogitsDtypeArg>,
     /// Selection-only expert bias `.npy`, float32 of length E (e.g. e_score_correction_bias).
     #[arg(long, value_name = "B.npy")]
     pub bias: Option<PathBuf>,
@@ -61,8 +80,9 @@ pub struct RouteArgs {
     /// Skip capacity dropping even when the rule configures it.
     #[arg(long)]
     pub no_capacity: bool,
-    /// Expert-bias update rate: with --bias, writes updated_bias to stats.json.
-    #[arg(long, value_name = "R")]
+    /// Expert-bias update rate (finite, >= 0; the rule of the config builder and the Megatron
+    /// importer): with --bias, writes updated_bias to stats.json.
+    #[arg(long, value_name = "R", requires = "bias", allow_hyphen_values = true)]
     pub bias_update_rate: Option<f32>,
     /// Output directory (created if missing).
     #[arg(long, value_name = "DIR")]
@@ -103,6 +123,17 @@ pub fn load_rule(a: &RouteArgs) -> Result<RouterConfig, CliError> {
         context: "--numerics".into(),
         source: e,
     })?;
+    if let Some(rate) = a.bias_update_rate {
+        cfg = cfg.to_builder().bias_update_rate(rate).build().map_err(|e| match e {
+            moe_router::ConfigError::Invalid { reason, .. } => {
+                CliError::Usage(format!("--bias-update-rate {rate}: {reason}"))
+            }
+            other => CliError::Config {
+                context: "--bias-update-rate".into(),
+                source: other,
+            },
+        })?;
+    }
     if let Some(p) = &a.bias {
         let arr = npy::read(p).map_err(|e| CliError::npy(p, e))?;
         if arr.shape.len() != 1 {
@@ -139,18 +170,16 @@ pub fn load_ids(p: &Path, rows: usize, cfg: &RouterConfig) -> Result<Array2<u32>
         ));
     }
     let k = cfg.top_k();
-    if arr.shape.len() != 2 || arr.shape[0] != rows || arr.shape[1] != k {
-        let (r, c) = match arr.shape.as_slice() {
-            [r, c] => (*r, *c),
-            _ => (arr.shape.first().copied().unwrap_or(0), 0),
-        };
-        return Err(RouteError::IdsShape {
-            expected_rows: rows,
-            expected_k: k,
-            rows: r,
-            cols: c,
-        }
-        .into());
+    if arr.shape != [rows, k] {
+        // The shape as found, whatever its rank (a 1-D array is `[8]`, not `[8, 0]`).
+        return Err(CliError::npy(
+            p,
+            npy::NpyError::WrongShape {
+                what: "replay ids".into(),
+                expected: format!("[{rows}, {k}] ([T, K]: T rows of the logits, K = {k} of the rule)"),
+                found: arr.shape.clone(),
+            },
+        ));
     }
     let vals = arr.to_ints("replay ids").map_err(|e| CliError::npy(p, e))?;
     let e = cfg.num_experts();
@@ -175,6 +204,8 @@ pub fn load_ids(p: &Path, rows: usize, cfg: &RouterConfig) -> Result<Array2<u32>
 enum Logits {
     F32(Array2<f32>),
     F16(Array2<f16>),
+    Bf16(Array2<bf16>),
+    F64(Array2<f64>),
 }
 
 impl Logits {
@@ -182,12 +213,67 @@ impl Logits {
         match self {
             Logits::F32(a) => LogitsRef::F32(a.view()),
             Logits::F16(a) => LogitsRef::F16(a.view()),
+            Logits::Bf16(a) => LogitsRef::Bf16(a.view()),
+            Logits::F64(a) => LogitsRef::F64(a.view()),
         }
     }
 }
 
-fn load_logits(p: &Path) -> Result<Logits, CliError> {
-    let arr = npy::read(p).map_err(|e| CliError::npy(p, e))?;
+/// How to get logits `route` reads from another dtype.
+const LOGITS_HOW_TO: &str = "route reads float32, float16, float64 and bfloat16 logits; convert with \
+`np.save(path, x.astype(np.float32))`, or from torch `np.save(path, t.float().numpy())` \
+(a bf16 tensor saved as `t.view(torch.int16).numpy()` is read with --logits-dtype bf16)";
+
+fn read_logits_array(a: &RouteArgs) -> Result<npy::NpyArray, CliError> {
+    let p = &a.logits;
+    let is_st = p
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if is_st {
+        let bytes = std::fs::read(p).map_err(|e| CliError::io(p, &e))?;
+        return moe_router::interop::safetensors::read_tensor(&bytes, a.logits_tensor.as_deref()).map_err(|e| {
+            CliError::Input(crate::error::at_path(
+                p,
+                format!(
+                    "{e}{}",
+                    if a.logits_tensor.is_none() {
+                        " (--logits-tensor NAME)"
+                    } else {
+                        ""
+                    }
+                ),
+            ))
+        });
+    }
+    if a.logits_tensor.is_some() {
+        return Err(CliError::Usage(format!(
+            "--logits-tensor names a tensor of a .safetensors file, but {} is not one",
+            p.display()
+        )));
+    }
+    npy::read(p).map_err(|e| CliError::npy(p, e))
+}
+
+fn load_logits(a: &RouteArgs) -> Result<Logits, CliError> {
+    let p = a.logits.as_path();
+    let mut arr = read_logits_array(a)?;
+    if a.logits_dtype == Some(LogitsDtypeArg::Bf16) {
+        match arr.dtype {
+            NpyDtype::I16 | NpyDtype::U16 | NpyDtype::Bf16 => arr.dtype = NpyDtype::Bf16,
+            other => {
+                return Err(CliError::Input(crate::error::at_path(
+                    p,
+                    format!(
+                        "--logits-dtype bf16 reads 2-byte integer elements as bfloat16 bits, but the logits are {} \
+                         ({}); drop the flag",
+                        other.name(),
+                        other.descr()
+                    ),
+                )));
+            }
+        }
+    }
     if arr.shape.len() != 2 {
         return Err(CliError::npy(
             p,
@@ -198,22 +284,28 @@ fn load_logits(p: &Path) -> Result<Logits, CliError> {
             },
         ));
     }
+    let shape = (arr.shape[0], arr.shape[1]);
+    let two_d = |e: ndarray::ShapeError| CliError::Input(crate::error::at_path(p, e));
+    let npy_err = |e| CliError::npy(p, e);
     match arr.dtype {
-        NpyDtype::F32 => Ok(Logits::F32(arr.to_f32_2d("logits").map_err(|e| CliError::npy(p, e))?)),
-        NpyDtype::F16 => {
-            let v = arr.to_f16("logits").map_err(|e| CliError::npy(p, e))?;
-            let a =
-                Array2::from_shape_vec((arr.shape[0], arr.shape[1]), v).map_err(|e| CliError::Input(e.to_string()))?;
-            Ok(Logits::F16(a))
-        }
-        other => Err(CliError::npy(
-            p,
-            npy::NpyError::WrongDtype {
-                what: "logits".into(),
-                expected: "float32 or float16".into(),
-                found: other.descr().into(),
-            },
+        NpyDtype::F32 => Ok(Logits::F32(arr.to_f32_2d("logits").map_err(npy_err)?)),
+        NpyDtype::F16 => Ok(Logits::F16(
+            Array2::from_shape_vec(shape, arr.to_f16("logits").map_err(npy_err)?).map_err(two_d)?,
         )),
+        NpyDtype::Bf16 => Ok(Logits::Bf16(
+            Array2::from_shape_vec(shape, arr.to_bf16("logits").map_err(npy_err)?).map_err(two_d)?,
+        )),
+        NpyDtype::F64 => Ok(Logits::F64(
+            Array2::from_shape_vec(shape, arr.to_f64("logits").map_err(npy_err)?).map_err(two_d)?,
+        )),
+        other => Err(CliError::Input(crate::error::at_path(
+            p,
+            format!(
+                "logits of dtype {} ({}) are not supported: {LOGITS_HOW_TO}",
+                other.name(),
+                other.descr()
+            ),
+        ))),
     }
 }
 
@@ -225,7 +317,7 @@ fn write_npy(dir: &Path, name: &str, shape: &[usize], dtype: NpyDtype, data: &[u
 /// Runs `route`.
 pub fn run(a: &RouteArgs) -> Result<u8, CliError> {
     let cfg = load_rule(a)?;
-    let logits = load_logits(&a.logits)?;
+    let logits = load_logits(a)?;
     let lv = logits.view();
     let (t, e) = lv.dim();
     if e != cfg.num_experts() {
@@ -290,14 +382,9 @@ pub fn run(a: &RouteArgs) -> Result<u8, CliError> {
     if cfg.z_loss_coeff() > 0.0 {
         st.z_loss = Some(stats::z_loss(&lv, cfg.z_loss_coeff())?);
     }
-    if let (Some(b), Some(rate)) = (cfg.expert_bias(), a.bias_update_rate) {
-        if a.bias.is_some() {
-            st.updated_bias = Some(stats::updated_bias(b, &st.tokens_per_expert, rate));
-        }
-    } else if a.bias_update_rate.is_some() && a.bias.is_none() {
-        return Err(CliError::Input(
-            "--bias-update-rate needs --bias (the bias to update)".into(),
-        ));
+    // `--bias-update-rate` requires `--bias` (clap) and was checked by the builder's rule.
+    if let (Some(b), Some(rate), true) = (cfg.expert_bias(), cfg.bias_update_rate(), a.bias_update_rate.is_some()) {
+        st.updated_bias = Some(stats::updated_bias(b, &st.tokens_per_expert, rate));
     }
     let sp = a.out.join("stats.json");
     let json = serde_json::to_string_pretty(&st).map_err(|e| CliError::Input(e.to_string()))?;

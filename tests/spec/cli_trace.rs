@@ -213,8 +213,8 @@ fn convert_refuses_bad_ids_and_missing_shape_facts_with_exit_1() {
     );
     assert_eq!(
         run(&["convert", &src, &d.path("a.mrt"), "--layers", "3,1"]).0,
-        1,
-        "not ascending"
+        2,
+        "not ascending: a malformed argument"
     );
     let text = d.path("a.sglang");
     std::fs::write(&text, "AAAAAAEAAAA=\n").unwrap();
@@ -448,4 +448,397 @@ fn diff_reports_the_contract_keys_over_any_importable_formats() {
     assert!(out.contains("router mismatch fraction"), "{out}");
     assert_eq!(run(&["diff", &pa]).0, 2);
     assert_eq!(run(&["diff", &pa, &d.path("none.npy")]).0, 1);
+}
+
+/// A one-sequence `.mrt` with `ids` `[T, L, K]` at model layers `layers`, E = `e`.
+fn mrt_of(p: &str, a: &Array3<u32>, e: usize, layers: &[u32], seq: u64) -> Trace {
+    let mut t = Trace::new(TraceHeader::new(e, a.dim().2, layers).unwrap());
+    t.append_dense(SeqId(seq), 0, a.view()).unwrap();
+    t.write_file(p, WriterOptions::default()).unwrap();
+    t
+}
+
+fn read_mrt(p: &str) -> Trace {
+    moe_router::trace::TraceFile::open(p).unwrap().to_trace().unwrap()
+}
+
+/// A minimal DeepSeek-V3 `config.json`: `n` decoder layers, the first `dense` dense, `mtp` MTP
+/// blocks.
+fn dsv3_config(d: &Dir, n: usize, dense: usize, mtp: usize) -> String {
+    let p = d.path("config.json");
+    std::fs::write(
+        &p,
+        format!(
+            r#"{{"model_type": "deepseek_v3", "num_hidden_layers": {n}, "first_k_dense_replace": {dense},
+                "num_nextn_predict_layers": {mtp}, "n_routed_experts": 64, "num_experts_per_tok": 4}}"#
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn diff_of_an_npy_against_its_own_mrt_export_matches_once_the_layer_ids_are_given() {
+    let d = Dir::new("diff-layers");
+    let a = ids(9, 3, 4, 64, 0);
+    let mrt = d.path("r.mrt");
+    mrt_of(&mrt, &a, 64, &[1, 2, 3], 0);
+    let npy_path = d.path("r.npy");
+    assert_eq!(run(&["convert", &mrt, &npy_path]).0, 0);
+    // Without the layer ids the npy is layers 0..3: layer 0 and layer 3 are in one input only,
+    // listed with their rows, never silently dropped.
+    let (code, j) = run_json(&["diff", &npy_path, &mrt, "--json"]);
+    assert_eq!(code, 0, "{j}");
+    assert_eq!(j["layers_only_in_a"], serde_json::json!([{"layer": 0, "rows": 8}]));
+    assert_eq!(j["layers_only_in_b"], serde_json::json!([{"layer": 3, "rows": 8}]));
+    let (_, out, _) = run(&["diff", &npy_path, &mrt]);
+    assert!(
+        out.contains("layers only in A: 1; only in B: 1")
+            && out.contains("only in A, not compared: layer 0 (8 rows)")
+            && out.contains("only in B, not compared: layer 3 (8 rows)")
+            && out.contains("--layers"),
+        "{out}"
+    );
+    // With the model's layer ids (given, or derived from the config) it is the same routing.
+    let cfg = dsv3_config(&d, 4, 1, 0);
+    for flags in [vec!["--layers", "1-3"], vec!["--layers-from", cfg.as_str()]] {
+        let mut args = vec!["diff", npy_path.as_str(), mrt.as_str(), "--json"];
+        args.extend(&flags);
+        let (code, j) = run_json(&args);
+        assert_eq!(code, 0, "{flags:?}: {j}");
+        assert_eq!(j["router_mismatch_fraction"].as_f64(), Some(0.0), "{flags:?}");
+        assert_eq!(j["routers_compared"].as_u64(), Some(8 * 3), "{flags:?}");
+        assert_eq!(j["layers_only_in_a"], serde_json::json!([]), "{flags:?}");
+        assert_eq!(j["layers_only_in_b"], serde_json::json!([]), "{flags:?}");
+    }
+}
+
+#[test]
+fn diff_and_validate_select_one_sequence_with_seq() {
+    let d = Dir::new("seq-select");
+    let multi = d.path("m.mrt");
+    let t = multi_chunk_mrt(&multi);
+    // Sequence 1 as a one-sequence array, compared with sequence 1 of the trace only.
+    let one = d.path("one.npy");
+    write_npy(&one, &t.to_dense(SeqId(1)), NpyDtype::I32);
+    let (code, j) = run_json(&["diff", &one, &multi, "--layers", "1,3,5", "--seq", "1", "--json"]);
+    assert_eq!(code, 0, "{j}");
+    assert_eq!(j["router_mismatch_fraction"].as_f64(), Some(0.0));
+    assert_eq!(
+        (j["tokens_compared"].as_u64(), j["rows_only_in_b"].as_u64()),
+        (Some(39), Some(0))
+    );
+    // Without --seq, the other sequences of the trace are rows only in B.
+    let (_, j) = run_json(&["diff", &one, &multi, "--layers", "1,3,5", "--json"]);
+    assert!(j["rows_only_in_b"].as_u64().unwrap() > 0, "{j}");
+    // validate --seq: coverage of that sequence only; an unknown sequence is invalid.
+    let (code, j) = run_json(&["validate", &multi, "--seq", "2", "--json"]);
+    assert_eq!(code, 0, "{j}");
+    assert_eq!(j["coverage"]["sequences"], 1);
+    let (code, j) = run_json(&["validate", &multi, "--seq", "9", "--json"]);
+    assert_eq!(code, 3, "{j}");
+    assert!(j["errors"].to_string().contains("no such sequence"), "{j}");
+}
+
+#[test]
+fn validate_checks_the_layer_map_against_the_models_layers() {
+    let d = Dir::new("validate-layers");
+    let mrt = d.path("r.mrt");
+    mrt_of(&mrt, &ids(5, 4, 4, 64, 0), 64, &[2, 3, 4, 5], 0);
+    let good = dsv3_config(&d, 6, 2, 1);
+    assert_eq!(run(&["validate", &mrt, "--layers-from", &good]).0, 0);
+    assert_eq!(run(&["validate", &mrt, "--layers", "2-5"]).0, 0);
+    // With the MTP block the model has 5 MoE layers: the trace's map is not the model's.
+    let (code, j) = run_json(&["validate", &mrt, "--layers-from", &good, "--mtp-layers", "--json"]);
+    assert_eq!(code, 3, "{j}");
+    assert_eq!(j["errors"][0]["kind"], "layer_map", "{j}");
+    let (code, _, _) = run(&["validate", &mrt, "--layers", "1-4"]);
+    assert_eq!(code, 3);
+    // An array input takes the ids for its L axis.
+    let n = d.path("a.npy");
+    write_npy(&n, &ids(5, 4, 4, 64, 0), NpyDtype::I32);
+    let (code, j) = run_json(&["validate", &n, "--layers-from", &good, "--json"]);
+    assert_eq!(code, 0, "{j}");
+    assert_eq!(j["coverage"]["per_layer"][0]["layer"], 2);
+}
+
+#[test]
+fn layers_from_derives_the_moe_layers_wherever_layers_is_accepted() {
+    let d = Dir::new("layers-from");
+    // Qwen3-30B-A3B: every one of its 48 layers is MoE, ids 0-47.
+    let qwen = format!("{}/fixtures/hf/qwen3_moe.json", env!("CARGO_MANIFEST_DIR"));
+    let src = d.path("q.npy");
+    write_npy(&src, &ids(3, 48, 8, 128, 0), NpyDtype::I32);
+    let out = d.path("q.mrt");
+    let (code, _, err) = run(&["convert", &src, &out, "--num-experts", "128", "--layers-from", &qwen]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(read_mrt(&out).header().layer_ids(), (0..48).collect::<Vec<u32>>());
+    // DeepSeek-style: 2 dense layers, then MoE; --mtp-layers appends the MTP block.
+    let cfg = dsv3_config(&d, 6, 2, 1);
+    let src = d.path("d.npy");
+    write_npy(&src, &ids(3, 5, 4, 64, 0), NpyDtype::I32);
+    let out = d.path("d.mrt");
+    assert_eq!(
+        run(&["convert", &src, &out, "--layers-from", &cfg, "--mtp-layers"]).0,
+        0
+    );
+    assert_eq!(read_mrt(&out).header().layer_ids(), vec![2, 3, 4, 5, 6]);
+    // Four layers without the MTP block: the array's five do not fit (exit 1, the shapes differ).
+    assert_eq!(run(&["convert", &src, &d.path("x.mrt"), "--layers-from", &cfg]).0, 1);
+    let merged = d.path("m.mrt");
+    assert_eq!(
+        run(&["merge", &src, "--out", &merged, "--layers-from", &cfg, "--mtp-layers"]).0,
+        0
+    );
+    assert_eq!(read_mrt(&merged).header().layer_ids(), vec![2, 3, 4, 5, 6]);
+    // A config the importer cannot read is an error naming the file and the key.
+    let bad = d.path("bad.json");
+    std::fs::write(&bad, r#"{"model_type": "mixtral"}"#).unwrap();
+    let (code, _, err) = run(&["convert", &src, &d.path("y.mrt"), "--layers-from", &bad]);
+    assert_eq!(code, 1);
+    assert!(err.contains("bad.json") && err.contains("num_hidden_layers"), "{err}");
+}
+
+#[test]
+fn an_empty_capture_neither_converts_nor_validates() {
+    let d = Dir::new("empty");
+    // A 0-byte SGLang response, a zero-length nrlre1 payload, an empty [0, L, K] .npy.
+    let sg = d.path("empty.b64");
+    std::fs::write(&sg, b"").unwrap();
+    let nr = d.path("empty.txt");
+    std::fs::write(&nr, b"nrlre1:int32:0x2x2:\n").unwrap();
+    let np = d.path("empty.npy");
+    npy::write(Path::new(&np), &[0, 2, 2], NpyDtype::I32, &[]).unwrap();
+    // Every row missing: nothing was captured either.
+    let missing = d.path("missing.npy");
+    npy::write(
+        Path::new(&missing),
+        &[3, 2, 2],
+        NpyDtype::I32,
+        &npy::i32_bytes(&[-1; 12]),
+    )
+    .unwrap();
+    let shape = ["--num-layers", "2", "--top-k", "2"];
+    for (p, from) in [(&sg, "sglang"), (&nr, "nrlre1"), (&np, "npy"), (&missing, "npy")] {
+        let mut args = vec!["convert", p.as_str(), "/nonexistent-dir/never.mrt", "--from", from];
+        args.extend(shape);
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 1, "{p}: {err}");
+        assert!(err.contains("no routes") || err.contains("empty"), "{p}: {err}");
+        let mut args = vec!["validate", p.as_str(), "--from", from, "--json"];
+        args.extend(shape);
+        let (code, j) = run_json(&args);
+        assert_eq!((code, j["valid"].as_bool()), (3, Some(false)), "{p}: {j}");
+        assert!(
+            j["errors"].as_array().unwrap().iter().any(|e| e["kind"] == "empty"),
+            "{p}: {j}"
+        );
+    }
+    // A 0-byte file is invalid without --from too, and an .mrt with no routes is invalid.
+    let (code, j) = run_json(&["validate", &sg, "--json"]);
+    assert_eq!((code, j["errors"][0]["kind"].as_str()), (3, Some("empty")), "{j}");
+    let mrt = d.path("empty.mrt");
+    Trace::new(TraceHeader::new(8, 2, &[0, 1]).unwrap())
+        .write_file(&mrt, WriterOptions::default())
+        .unwrap();
+    let (code, j) = run_json(&["validate", &mrt, "--json"]);
+    assert_eq!(code, 3, "{j}");
+    assert_eq!(run(&["convert", &mrt, &d.path("e.npy")]).0, 1);
+}
+
+#[test]
+fn validate_takes_from_like_convert() {
+    let d = Dir::new("validate-from");
+    let b = d.path("capture.bin");
+    write_npy(&b, &ids(4, 2, 2, 8, 0), NpyDtype::I32);
+    let (code, j) = run_json(&["validate", &b, "--from", "npy", "--num-experts", "8", "--json"]);
+    assert_eq!((code, j["format"].as_str()), (0, Some("npy")), "{j}");
+    // --from names the format even against the content: an npy read as SGLang text is invalid.
+    let (code, _, _) = run(&["validate", &b, "--from", "sglang", "--num-layers", "2", "--top-k", "2"]);
+    assert_ne!(code, 0);
+}
+
+#[test]
+fn malformed_arguments_of_the_trace_commands_exit_2() {
+    let d = Dir::new("usage2");
+    let src = d.path("a.npy");
+    write_npy(&src, &ids(3, 2, 2, 8, 0), NpyDtype::I32);
+    let out = d.path("a.mrt");
+    for args in [
+        vec!["convert", &src, &out, "--layers", "3-1"],
+        vec!["convert", &src, &out, "--layers", "0,x"],
+        vec!["convert", &src, &out, "--num-experts", "0"],
+        vec!["convert", &src, &out, "--layers", "0-1", "--layers-from", "c.json"],
+        vec!["convert", &src, &out, "--mtp-layers"],
+        vec!["validate", &src, "--num-experts", "0"],
+        vec!["validate", &src, "--top-k", "0"],
+        vec!["diff", &src, &src, "--num-layers", "0"],
+        vec!["merge", &src, "--out", &d.path("m.npy")],
+        vec!["merge", &src, "--out", &out, "--seq-ids", "1,2"],
+        vec!["merge", &src, "--out", &out, "--seq-ids", "5-2"],
+    ] {
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+    }
+    assert!(!Path::new(&out).exists(), "nothing is written on a usage error");
+}
+
+#[test]
+fn validate_text_lists_the_first_20_errors_and_says_how_many_more() {
+    let d = Dir::new("validate-more");
+    // 30 rows with a duplicate id each, then 5 good rows.
+    let n = d.path("dup.npy");
+    let v: Vec<i32> = (0..35)
+        .flat_map(|i| if i < 30 { [i % 8, i % 8] } else { [i % 8, (i + 1) % 8] })
+        .collect();
+    npy::write(Path::new(&n), &[35, 1, 2], NpyDtype::I32, &npy::i32_bytes(&v)).unwrap();
+    let (code, out, _) = run(&["validate", &n, "--num-experts", "8"]);
+    assert_eq!(code, 3);
+    assert_eq!(out.matches("  error [").count(), 20, "{out}");
+    assert!(out.contains("and 10 more error(s)"), "{out}");
+    let (_, j) = run_json(&["validate", &n, "--num-experts", "8", "--json"]);
+    assert_eq!(j["duplicates"], 30);
+    assert_eq!(
+        j["errors"].as_array().unwrap().len() as u64 + j["errors_not_listed"].as_u64().unwrap(),
+        30,
+        "every duplicate row, listed or counted: {j}"
+    );
+}
+
+#[test]
+fn convert_picks_one_sequence_of_many_with_seq_and_names_imported_ones() {
+    let d = Dir::new("convert-seq");
+    let multi = d.path("m.mrt");
+    let t = multi_chunk_mrt(&multi);
+    // The multi-sequence trace cannot be exported whole; the error names --seq.
+    let (code, _, err) = run(&["convert", &multi, &d.path("all.npy")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--seq"), "{err}");
+    let one = d.path("s2.npy");
+    let (code, _, err) = run(&["convert", &multi, &one, "--seq", "2"]);
+    assert_eq!(code, 0, "{err}");
+    let arr = npy::read(Path::new(&one)).unwrap();
+    let expect: Vec<i128> = t
+        .to_dense(SeqId(2))
+        .iter()
+        .map(|&x| if x == MISSING_ID { -1 } else { i128::from(x) })
+        .collect();
+    assert_eq!(arr.to_ints("ids").unwrap(), expect);
+    // mrt → mrt keeps only the sequence asked for; an unknown one is an error listing them.
+    let kept = d.path("s1.mrt");
+    assert_eq!(run(&["convert", &multi, &kept, "--seq", "1"]).0, 0);
+    assert_eq!(read_mrt(&kept).sequences(), vec![SeqId(1)]);
+    let (code, _, err) = run(&["convert", &multi, &d.path("s9.npy"), "--seq", "9"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("0, 1, 2"), "{err}");
+    // On import, an array's rows get the sequence id given.
+    let back = d.path("back.mrt");
+    assert_eq!(
+        run(&[
+            "convert",
+            &one,
+            &back,
+            "--num-experts",
+            "64",
+            "--layers",
+            "1,3,5",
+            "--seq",
+            "17"
+        ])
+        .0,
+        0
+    );
+    assert_eq!(read_mrt(&back).sequences(), vec![SeqId(17)]);
+}
+
+#[test]
+fn merge_joins_per_sample_and_per_rank_captures_and_refuses_conflicts() {
+    let d = Dir::new("merge");
+    let samples: Vec<Array3<u32>> = (0..3).map(|s| ids(6, 2, 2, 16, s)).collect();
+    let paths: Vec<String> = (0..3)
+        .map(|s| {
+            let p = d.path(&format!("s{s}.npy"));
+            write_npy(&p, &samples[s], NpyDtype::I32);
+            p
+        })
+        .collect();
+    // Per-sample arrays: sequence ids from --seq-ids (or their order).
+    let out = d.path("all.mrt");
+    let mut args = vec!["merge"];
+    args.extend(paths.iter().map(String::as_str));
+    args.extend([
+        "--out",
+        &out,
+        "--num-experts",
+        "16",
+        "--layers",
+        "1,3",
+        "--seq-ids",
+        "40-42",
+    ]);
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("-> sequence 41"), "each assignment is said: {err}");
+    let t = read_mrt(&out);
+    assert_eq!(t.sequences(), vec![SeqId(40), SeqId(41), SeqId(42)]);
+    assert_eq!(t.header().layer_ids(), vec![1, 3]);
+    for (s, a) in samples.iter().enumerate() {
+        assert_eq!(t.to_dense(SeqId(40 + s as u64)), *a);
+    }
+    // Per-rank traces: sequences are kept; the same routes twice are kept once.
+    let r0 = d.path("r0.mrt");
+    let r1 = d.path("r1.mrt");
+    mrt_of(&r0, &samples[0], 16, &[1, 3], 0);
+    mrt_of(&r1, &samples[1], 16, &[1, 3], 1);
+    let ranks = d.path("ranks.mrt");
+    assert_eq!(run(&["merge", &r0, &r1, &r0, "--out", &ranks]).0, 0);
+    assert_eq!(read_mrt(&ranks).sequences(), vec![SeqId(0), SeqId(1)]);
+    // A position recorded with other ids is a conflict, and nothing is written.
+    let clash = d.path("clash.mrt");
+    mrt_of(&clash, &samples[2], 16, &[1, 3], 0);
+    let bad = d.path("bad.mrt");
+    let (code, _, err) = run(&["merge", &r0, &clash, "--out", &bad]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("clash.mrt") && err.contains("sequence 0"), "{err}");
+    assert!(!Path::new(&bad).exists());
+    // Arrays without E take max id + 1 each: different E is an error saying what to pass.
+    let small = d.path("small.npy");
+    write_npy(&small, &ids(3, 2, 2, 4, 0), NpyDtype::I32);
+    let (code, _, err) = run(&["merge", &paths[0], &small, "--out", &bad, "--layers", "1,3"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--num-experts"), "{err}");
+    // Different layer maps are an error naming both inputs.
+    let other = d.path("other.mrt");
+    mrt_of(&other, &samples[1], 16, &[2, 3], 5);
+    let (code, _, err) = run(&["merge", &r0, &other, "--out", &bad]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("other.mrt") && err.contains("r0.mrt") && err.contains("layer map"),
+        "{err}"
+    );
+}
+
+#[test]
+fn trace_command_messages_name_a_path_once() {
+    let d = Dir::new("path-once");
+    let missing = d.path("missing.mrt");
+    let junk = d.path("junk.mrt");
+    std::fs::write(&junk, b"definitely not a trace file").unwrap();
+    let missing_npy = d.path("missing.npy");
+    let good = d.path("g.npy");
+    write_npy(&good, &ids(3, 1, 2, 8, 0), NpyDtype::I32);
+    for (args, path) in [
+        (vec!["convert", &missing, &d.path("x.npy")], &missing),
+        (vec!["convert", &junk, &d.path("x.npy")], &junk),
+        (vec!["convert", &missing_npy, &d.path("x.mrt")], &missing_npy),
+        (vec!["inspect", &missing], &missing),
+        (vec!["inspect", &junk], &junk),
+        (vec!["validate", &missing], &missing),
+        (vec!["diff", &good, &missing], &missing),
+        (vec!["merge", &good, &missing, "--out", &d.path("m.mrt")], &missing),
+    ] {
+        let (code, _, err) = run(&args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert_eq!(err.matches(path.as_str()).count(), 1, "{args:?}: {err}");
+    }
 }

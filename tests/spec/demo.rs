@@ -169,10 +169,11 @@ fn demo_cli_runs_and_rejects_bad_arguments() {
     args.extend(small);
     assert_eq!(run(args.clone()), 0);
     assert!(out.join("summary.json").is_file());
-    // Unknown preset, impossible sizes: the command fails (1) with a message; bad flags are usage errors (2).
+    // Impossible sizes: the command fails (1) with a message; bad flags and an unknown preset
+    // are usage errors (2).
     let mut bad = args.clone();
     bad.extend(["--preset", "gpt-5"]);
-    assert_eq!(run(bad), 1);
+    assert_eq!(run(bad), 2);
     assert_eq!(
         run(["moe-router", "demo", "--out", &o, "--seq-len", "3", "--prompt-len", "2"]),
         1
@@ -226,7 +227,7 @@ fn bench_measures_the_cpu_and_lists_missing_backends() {
         ]),
         0
     );
-    assert_eq!(run(["moe-router", "bench", "--tokens", "0"]), 1);
+    assert_eq!(run(["moe-router", "bench", "--tokens", "0"]), 2);
 }
 
 #[test]

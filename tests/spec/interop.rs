@@ -1121,7 +1121,7 @@ fn npy_reads_v2_as_bfloat16_and_writes_it_back() {
 #[test]
 fn safetensors_float_tensors_are_read_by_name_or_as_the_only_tensor() {
     let mut header = r#"{"logits":{"dtype":"BF16","shape":[1,2],"data_offsets":[0,4]},"w":{"dtype":"F64","shape":[1],"data_offsets":[4,12]}}"#.to_string();
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(' ');
     }
     let mut b = (header.len() as u64).to_le_bytes().to_vec();

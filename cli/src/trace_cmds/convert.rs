@@ -1,7 +1,10 @@
 //! `moe-router convert`.
 
-use super::{FORMATS, FormatArg, Progress, import_options, input_format, load, parse_layers, trace_err};
+use super::{
+    FORMATS, FormatArg, LayerArgs, Progress, import_options, input_format, load, positive, select_seq, trace_err,
+};
 use crate::{CliError, EXIT_OK, EXIT_USAGE};
+use moe_router::SeqId;
 use moe_router::interop::{self, ExportOptions, Format, IntDtype};
 use moe_router::trace::{Trace, TraceWriter, WriterOptions};
 use std::path::{Path, PathBuf};
@@ -9,17 +12,19 @@ use std::path::{Path, PathBuf};
 /// Arguments of `convert`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  \
-moe-router convert rollout.npy rollout.mrt --num-experts 128 --layers 1-47\n  \
-moe-router convert rollout.mrt routes.npy\n  \
+moe-router convert rollout.npy rollout.mrt --num-experts 128 --layers-from Qwen3-30B-A3B/config.json\n  \
+moe-router convert rollout.npy rollout.mrt --num-experts 256 --layers 3-60 --seq 17\n  \
+moe-router convert rollout.mrt seq17.npy --seq 17\n  \
 moe-router convert routes.b64 routes.mrt --from sglang --num-experts 128 --num-layers 48 --top-k 8\n  \
 moe-router convert routes.mrt routes.txt --to nrlre1\n\n\
 Formats: mrt, npy, safetensors, sglang, nrlre1, r3v1, prime-rl. The extensions .mrt, .npy,\n\
 .safetensors and .msgpack (prime-rl) name their format; anything else needs --from / --to.\n\
-A [T, L, K] array is one sequence (id 0) at positions 0..T (prime-rl and R3/v1 carry their own\n\
-start), layers 0..L unless --layers gives the model layer ids. Exporting to a one-sequence\n\
-format needs a one-sequence trace; .npy output is int32 [T, L, K] with -1 for missing rows\n\
-(an .npy input keeps its signed dtype). Ids >= E, duplicate ids in a row and values that do\n\
-not fit the output dtype are refused with their element index.")]
+A [T, L, K] array is one sequence (id 0, or --seq) at positions 0..T (prime-rl and R3/v1 carry\n\
+their own start), layers 0..L unless --layers or --layers-from gives the model layer ids.\n\
+Exporting to a one-sequence format takes the trace's only sequence, or --seq ID; .npy output\n\
+is int32 [T, L, K] with -1 for missing rows (an .npy input keeps its signed dtype). Ids >= E,\n\
+duplicate ids in a row and values that do not fit the output dtype are refused with their\n\
+element index; an input without any recorded row (the engine captured nothing) is refused.")]
 pub struct ConvertArgs {
     /// Input file.
     #[arg(value_name = "IN")]
@@ -34,17 +39,21 @@ pub struct ConvertArgs {
     #[arg(long, value_enum, value_name = "FMT")]
     pub to: Option<FormatArg>,
     /// E, the number of experts (formats that do not record it: default max id + 1).
-    #[arg(long, value_name = "E")]
+    #[arg(long, value_name = "E", value_parser = positive())]
     pub num_experts: Option<usize>,
     /// L, the number of MoE layers (sglang; r3v1 needs L or K).
-    #[arg(long, value_name = "L")]
+    #[arg(long, value_name = "L", value_parser = positive())]
     pub num_layers: Option<usize>,
     /// K, the ids per token and layer (sglang; r3v1 needs L or K).
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", value_parser = positive())]
     pub top_k: Option<usize>,
-    /// Model layer ids of the L axis, e.g. `0,1,3` or `1-47` (default 0..L).
-    #[arg(long, value_name = "IDS")]
-    pub layers: Option<String>,
+    /// Layer ids of the L axis.
+    #[command(flatten)]
+    pub layer: LayerArgs,
+    /// The sequence: an array input's rows get this id (default 0); from a trace of several
+    /// sequences only this one is kept (so that it can be exported to a one-sequence format).
+    #[arg(long, value_name = "ID")]
+    pub seq: Option<u64>,
 }
 
 /// `moe-router convert`.
@@ -66,13 +75,16 @@ pub fn convert(a: &ConvertArgs) -> Result<u8, CliError> {
             return Ok(EXIT_USAGE);
         }
     };
-    let layers = a.layers.as_deref().map(parse_layers).transpose()?;
-    let opts = import_options(a.num_experts, a.num_layers, a.top_k, layers);
+    let layers = a.layer.resolve()?;
+    let opts = import_options(a.num_experts, a.num_layers, a.top_k, layers, a.seq);
     let size = std::fs::metadata(&a.input)
         .map_err(|e| CliError::io(&a.input, &e))?
         .len();
     let progress = Progress::new(size);
-    let loaded = load(&a.input, from, None, &opts, &progress)?;
+    let mut loaded = load(&a.input, from, None, &opts, &progress)?;
+    if let Some(seq) = a.seq {
+        loaded.trace = select_seq(loaded.trace, seq, &a.input)?;
+    }
     let trace = &loaded.trace;
     if to == Format::Mrt {
         write_mrt(trace, &a.output, &progress)?;
@@ -84,10 +96,11 @@ pub fn convert(a: &ConvertArgs) -> Result<u8, CliError> {
         };
         let eo = ExportOptions {
             dtype,
+            seq: a.seq.map(SeqId),
             ..ExportOptions::default()
         };
         let mut out =
-            interop::export(to, trace, &eo).map_err(|e| CliError::Input(format!("{}: {e}", a.output.display())))?;
+            interop::export(to, trace, &eo).map_err(|e| CliError::Input(crate::error::at_path(&a.output, e)))?;
         if matches!(to, Format::Sglang | Format::Nrlre1 | Format::R3v1) {
             out.push(b'\n');
         }
@@ -110,7 +123,8 @@ pub fn convert(a: &ConvertArgs) -> Result<u8, CliError> {
     Ok(EXIT_OK)
 }
 
-fn write_mrt(trace: &Trace, path: &Path, progress: &Progress) -> Result<(), CliError> {
+/// Writes `trace` as an `.mrt` file.
+pub(super) fn write_mrt(trace: &Trace, path: &Path, progress: &Progress) -> Result<(), CliError> {
     let lanes: Vec<_> = trace.lanes().collect();
     progress.stage("writing", lanes.len() as u64);
     let w =

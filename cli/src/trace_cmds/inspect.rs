@@ -1,6 +1,6 @@
 //! `moe-router inspect`.
 
-use super::{Progress, detect, file_json, import_options, load, trace_err};
+use super::{FormatArg, Progress, detect, file_json, import_options, load, positive, trace_err};
 use crate::{CliError, EXIT_OK};
 use moe_router::interop::Format;
 use moe_router::metrics::load_stats;
@@ -28,11 +28,14 @@ pub struct InspectArgs {
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
     /// L, for an SGLang input (r3v1: L or K).
-    #[arg(long, value_name = "L")]
+    #[arg(long, value_name = "L", value_parser = positive())]
     pub num_layers: Option<usize>,
     /// K, for an SGLang input (r3v1: L or K).
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", value_parser = positive())]
     pub top_k: Option<usize>,
+    /// Input format (default: from the extension, else the content).
+    #[arg(long, value_enum, value_name = "FMT")]
+    pub from: Option<FormatArg>,
 }
 
 fn header_json(trace_header: &moe_router::trace::TraceHeader) -> Value {
@@ -92,7 +95,7 @@ fn summary_json(trace: &Trace) -> Value {
 /// `moe-router inspect`.
 pub fn inspect(a: &InspectArgs) -> Result<u8, CliError> {
     let path = &a.trace;
-    let (format, bytes) = detect(path)?;
+    let (format, bytes) = detect(path, a.from)?;
     let mut out = json!({ "path": path.display().to_string(), "format": format.name() });
     let trace = if format == Format::Mrt {
         let tf = TraceFile::open_with(
@@ -110,7 +113,7 @@ pub fn inspect(a: &InspectArgs) -> Result<u8, CliError> {
         out["chunk_table"] = serde_json::to_value(tf.chunk_infos()).unwrap_or(Value::Null);
         tf.to_trace().map_err(|e| trace_err(path, e))?
     } else {
-        let opts = import_options(None, a.num_layers, a.top_k, None);
+        let opts = import_options(None, a.num_layers, a.top_k, None, None);
         let t = load(path, format, bytes, &opts, &Progress(None))?.trace;
         out["header"] = header_json(t.header());
         out["file_bytes"] = json!(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0));

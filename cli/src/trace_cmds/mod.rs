@@ -1,25 +1,28 @@
-//! Trace commands: `convert`, `inspect`, `validate` and `diff`.
+//! Trace commands: `convert`, `inspect`, `validate`, `diff` and `merge`.
 //!
 //! Inputs are any format of [`moe_router::interop`] (`mrt`, `npy`, `safetensors`, `sglang`,
 //! `nrlre1`, `r3v1`, `prime-rl`). The format is taken from `--from` / `--to`, else from the
 //! extension where it is unambiguous (`.mrt`, `.npy`, `.safetensors`, `.msgpack` → prime-rl);
-//! `inspect`, `validate` and `diff` (which have no `--from`) also recognise the content.
+//! `inspect`, `validate`, `diff` and `merge` also recognise the content.
 
 use crate::CliError;
+use crate::error::at_path;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use moe_router::SeqId;
 use moe_router::interop::{self, Format, ImportOptions, IntDtype, InteropError};
 use moe_router::trace::{RecoveryReport, Trace, TraceError, TraceFile};
 use serde_json::{Value, json};
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 thread_local! {
     static CAPTURE: std::cell::RefCell<Option<(String, String)>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Runs `f` with what the trace commands print to standard output and standard error captured
-/// (for tests and embedding): returns `f`'s result, the output and the error text. Errors that
-/// [`crate::run`] itself prints are not captured.
+/// (for tests and embedding): returns `f`'s result, the output and the error text. The error
+/// messages and usage errors (and `--help`) that [`crate::run`] prints are captured too; the
+/// tables of `route`, `bench` and `demo` are not.
 pub fn capture_output<R>(f: impl FnOnce() -> R) -> (R, String, String) {
     let prev = CAPTURE.with(|c| c.replace(Some((String::new(), String::new()))));
     let r = f();
@@ -27,7 +30,14 @@ pub fn capture_output<R>(f: impl FnOnce() -> R) -> (R, String, String) {
     (r, out, err)
 }
 
-fn emit(line: String, to_err: bool) {
+/// Whether [`capture_output`] is capturing on this thread.
+pub(crate) fn capturing() -> bool {
+    CAPTURE.with(|c| c.borrow().is_some())
+}
+
+/// Prints one line to standard output or (`to_err`) standard error, or appends it to the
+/// capture of [`capture_output`].
+pub(crate) fn emit(line: String, to_err: bool) {
     let captured = CAPTURE.with(|c| {
         let mut c = c.borrow_mut();
         match c.as_mut() {
@@ -63,11 +73,13 @@ macro_rules! errln {
 mod convert;
 mod diff;
 mod inspect;
+mod merge;
 mod validate;
 
 pub use convert::{ConvertArgs, convert};
 pub use diff::{DiffArgs, diff};
 pub use inspect::{InspectArgs, inspect};
+pub use merge::{MergeArgs, merge};
 pub use validate::{ValidateArgs, validate};
 
 /// A format name on the command line.
@@ -105,11 +117,57 @@ impl From<FormatArg> for Format {
 
 const FORMATS: &str = "mrt, npy, safetensors, sglang, nrlre1, r3v1, prime-rl";
 
-/// Parses a layer list: comma-separated ids or inclusive ranges `a-b`.
+/// The value parser of counts that must be at least 1 (`--num-experts`, `--num-layers`,
+/// `--top-k`): 0 is a usage error (exit 2).
+pub fn positive() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
+/// The model layer ids of the L axis of array inputs: `--layers IDS`, or `--layers-from
+/// config.json` (the MoE layers of a Hugging Face config, see
+/// [`moe_router::import::hf::hf_moe_layers`]).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LayerArgs {
+    /// Model layer ids of the L axis of array inputs, e.g. `0-47` or `1,3,5` (default 0..L).
+    #[arg(long, value_name = "IDS", conflicts_with = "layers_from")]
+    pub layers: Option<String>,
+    /// Take the layer ids from a Hugging Face config.json: its MoE layers (dense layers, e.g.
+    /// DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers, are left out).
+    #[arg(long, value_name = "C.json")]
+    pub layers_from: Option<PathBuf>,
+    /// With --layers-from: append the multi-token-prediction layers (num_nextn_predict_layers).
+    #[arg(long, requires = "layers_from")]
+    pub mtp_layers: bool,
+}
+
+impl LayerArgs {
+    /// The layer ids given, if any.
+    pub fn resolve(&self) -> Result<Option<Vec<u32>>, CliError> {
+        if let Some(s) = &self.layers {
+            return parse_layers(s).map(Some);
+        }
+        let Some(p) = &self.layers_from else { return Ok(None) };
+        let text = std::fs::read_to_string(p).map_err(|e| CliError::io(p, &e))?;
+        let m = moe_router::import::hf::hf_moe_layers(&text).map_err(|e| CliError::Config {
+            context: format!("--layers-from {}", p.display()),
+            source: e,
+        })?;
+        Ok(Some(if self.mtp_layers { m.with_mtp() } else { m.layers }))
+    }
+}
+
+/// Parses a layer list: comma-separated ids or inclusive ranges `a-b`. A malformed list is a
+/// usage error (exit 2).
 pub fn parse_layers(s: &str) -> Result<Vec<u32>, CliError> {
+    parse_ids("--layers", s)
+}
+
+/// Parses a list of ids (`--layers`, `--seq-ids`): comma-separated ids or inclusive ranges
+/// `a-b`, strictly ascending. A malformed list is a usage error (exit 2).
+fn parse_ids(flag: &str, s: &str) -> Result<Vec<u32>, CliError> {
     let bad = |p: &str| {
-        CliError::Input(format!(
-            "--layers {s:?}: {p:?} is not a layer id or range; use e.g. `0,1,3` or `1-47`"
+        CliError::Usage(format!(
+            "{flag} {s:?}: {p:?} is not an id or an ascending range; use e.g. `0,1,3` or `0-47`"
         ))
     };
     let mut v = Vec::new();
@@ -129,8 +187,8 @@ pub fn parse_layers(s: &str) -> Result<Vec<u32>, CliError> {
         return Err(bad(s));
     }
     if let Some(w) = v.windows(2).find(|w| w[0] >= w[1]) {
-        return Err(CliError::Input(format!(
-            "--layers {s:?}: layer ids must be strictly ascending ({} then {})",
+        return Err(CliError::Usage(format!(
+            "{flag} {s:?}: ids must be strictly ascending ({} then {})",
             w[0], w[1]
         )));
     }
@@ -138,11 +196,11 @@ pub fn parse_layers(s: &str) -> Result<Vec<u32>, CliError> {
 }
 
 fn interop_err(path: &Path, e: InteropError) -> CliError {
-    CliError::Input(format!("{}: {e}", path.display()))
+    CliError::Input(at_path(path, e))
 }
 
 fn trace_err(path: &Path, e: TraceError) -> CliError {
-    CliError::Input(format!("{}: {e}", path.display()))
+    CliError::Input(at_path(path, e))
 }
 
 fn read_bytes(p: &Path) -> Result<Vec<u8>, CliError> {
@@ -158,12 +216,14 @@ fn input_format(path: &Path, given: Option<FormatArg>, bytes: Option<&[u8]>) -> 
         return Ok(f);
     }
     match bytes {
+        Some([]) => Err(format!(
+            "{}: the file is empty (0 bytes): the engine captured nothing, or the capture was not written",
+            path.display()
+        )),
         Some(b) => Format::sniff(b).ok_or_else(|| {
             format!(
-                "{}: cannot tell the format from the extension or the content; convert it first with \
-                 `moe-router convert {} OUT.mrt --from FMT` (FMT: {FORMATS})",
+                "{}: cannot tell the format from the extension or the content; pass --from FMT (FMT: {FORMATS})",
                 path.display(),
-                path.display()
             )
         }),
         None => Err(format!(
@@ -221,14 +281,43 @@ fn import_options(
     l: Option<usize>,
     k: Option<usize>,
     layers: Option<Vec<u32>>,
+    seq: Option<u64>,
 ) -> ImportOptions {
     ImportOptions {
         num_experts,
         num_layers: l,
         top_k: k,
         layers,
+        seq: SeqId(seq.unwrap_or(0)),
         ..ImportOptions::default()
     }
+}
+
+/// The routes of sequence `seq` only (an error naming the sequences there are when `seq` is not
+/// one of them).
+fn select_seq(trace: Trace, seq: u64, path: &Path) -> Result<Trace, CliError> {
+    let seqs = trace.sequences();
+    if seqs.len() == 1 && seqs[0] == SeqId(seq) {
+        return Ok(trace);
+    }
+    if !seqs.contains(&SeqId(seq)) {
+        let shown: Vec<String> = seqs.iter().take(16).map(|s| s.0.to_string()).collect();
+        return Err(CliError::Input(format!(
+            "{}: --seq {seq}: no such sequence (the input holds {}: {}{})",
+            path.display(),
+            seqs.len(),
+            shown.join(", "),
+            if seqs.len() > 16 { ", …" } else { "" }
+        )));
+    }
+    let mut out = Trace::new(trace.header().clone());
+    for lane in trace.lanes().filter(|l| l.seq == SeqId(seq)) {
+        for r in &lane.runs {
+            out.append_stored(lane.seq, lane.layer, r.start, r.bytes, true)
+                .map_err(|e| trace_err(path, e))?;
+        }
+    }
+    Ok(out)
 }
 
 /// Loads any input into a trace (strict).
@@ -263,6 +352,12 @@ fn load(
         }
         progress.stage("reading", 1);
         let trace = tf.to_trace().map_err(|e| trace_err(path, e))?;
+        if trace.summary().rows == 0 {
+            return Err(CliError::Input(format!(
+                "{}: the trace holds no routes (nothing was recorded)",
+                path.display()
+            )));
+        }
         return Ok(Loaded {
             trace,
             format,
@@ -288,10 +383,10 @@ fn load(
     })
 }
 
-/// The format of an input from its extension, else its content (then returned too, so it is
-/// read once; an `.mrt` file is memory-mapped instead).
-fn detect(path: &Path) -> Result<(Format, Option<Vec<u8>>), CliError> {
-    if let Some(f) = Format::from_path(path) {
+/// The format of an input from `--from`, its extension, else its content (then returned too, so
+/// it is read once; an `.mrt` file is memory-mapped instead).
+fn detect(path: &Path, given: Option<FormatArg>) -> Result<(Format, Option<Vec<u8>>), CliError> {
+    if let Some(f) = given.map(Format::from).or_else(|| Format::from_path(path)) {
         return Ok((f, None));
     }
     let bytes = read_bytes(path)?;
@@ -310,7 +405,8 @@ fn file_json(out: &mut Value, r: &RecoveryReport) {
     out["damaged"] = serde_json::to_value(&r.damaged).unwrap_or(Value::Null);
 }
 
-/// The long `--help` text of a trace subcommand (`convert`, `inspect`, `validate`, `diff`).
+/// The long `--help` text of a trace subcommand (`convert`, `inspect`, `validate`, `diff`,
+/// `merge`).
 pub fn long_help(subcommand: &str) -> Option<String> {
     use clap::Args as _;
     let mut c = match subcommand {
@@ -318,6 +414,7 @@ pub fn long_help(subcommand: &str) -> Option<String> {
         "inspect" => InspectArgs::augment_args(clap::Command::new("inspect")),
         "validate" => ValidateArgs::augment_args(clap::Command::new("validate")),
         "diff" => DiffArgs::augment_args(clap::Command::new("diff")),
+        "merge" => MergeArgs::augment_args(clap::Command::new("merge")),
         _ => return None,
     };
     Some(c.render_long_help().to_string())

@@ -1,6 +1,6 @@
 //! `moe-router validate`.
 
-use super::{detect, file_json, import_options, read_bytes, trace_err};
+use super::{FormatArg, LayerArgs, detect, file_json, import_options, positive, read_bytes, select_seq, trace_err};
 use crate::{CliError, EXIT_INVALID, EXIT_OK};
 use moe_router::interop::{self, Format, InteropError};
 use moe_router::trace::{IndexState, OpenOptions, Trace, TraceError, TraceFile, ValidationIssue, Verify};
@@ -10,34 +10,55 @@ use std::path::PathBuf;
 /// Arguments of `validate`.
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  moe-router validate rollout.mrt --num-experts 128\n  \
-moe-router validate routes.npy --num-experts 128 --json\n\n\
+moe-router validate routes.npy --num-experts 128 --layers-from config.json --json\n  \
+moe-router validate capture.b64 --from sglang --num-layers 48 --top-k 8 --num-experts 128\n\n\
 Exit codes: 0 valid; 3 invalid (checksum failures, truncated or damaged data, ids >= E,\n\
 duplicate ids in a row, rows missing in some slots only, all-zero layers, MoE layers without\n\
-routes, E different from --num-experts); 1 the input could not be read; 2 usage error.\n\
+routes, no routes at all (an empty capture), E different from --num-experts, a layer map\n\
+different from --layers / --layers-from); 1 the input could not be read; 2 usage error.\n\
 Coverage (rows present / missing per layer, sequences whose layers cover different rows) is\n\
-reported as well.")]
+reported as well. The text output lists the first 20 errors and says how many more there are;\n\
+--json lists up to 1000 (errors_not_listed counts the rest).")]
 pub struct ValidateArgs {
     /// Input (any importable format).
     #[arg(value_name = "IN")]
     pub input: PathBuf,
     /// E expected by the model: ids must be below it (and an .mrt header must say it).
-    #[arg(long, value_name = "E")]
+    #[arg(long, value_name = "E", value_parser = positive())]
     pub num_experts: Option<usize>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
     /// L, for an SGLang input (r3v1: L or K).
-    #[arg(long, value_name = "L")]
+    #[arg(long, value_name = "L", value_parser = positive())]
     pub num_layers: Option<usize>,
     /// K, for an SGLang input (r3v1: L or K).
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", value_parser = positive())]
     pub top_k: Option<usize>,
+    /// Input format (default: from the extension, else the content).
+    #[arg(long, value_enum, value_name = "FMT")]
+    pub from: Option<FormatArg>,
+    /// The model's MoE layer ids: the L axis of an array input, and what an .mrt header's layer
+    /// map must say.
+    #[command(flatten)]
+    pub layer: LayerArgs,
+    /// Validate only this sequence (file-level checks still cover the whole file; an array
+    /// input, which is one sequence, is taken as it).
+    #[arg(long, value_name = "ID")]
+    pub seq: Option<u64>,
 }
+
+/// Errors listed in the JSON output (the rest are counted in `errors_not_listed`).
+const MAX_LISTED: usize = 1000;
+/// Errors listed in the text output before "and N more".
+const TEXT_LISTED: usize = 20;
 
 /// Findings of `validate`.
 #[derive(Default)]
 struct Findings {
     errors: Vec<Value>,
+    /// Errors found but not listed in `errors`.
+    unlisted: u64,
     warnings: Vec<Value>,
     checksum_failures: u64,
     out_of_range: u64,
@@ -49,7 +70,11 @@ struct Findings {
 
 impl Findings {
     fn error(&mut self, kind: &str, message: String) {
-        self.errors.push(json!({ "kind": kind, "message": message }));
+        if self.errors.len() < MAX_LISTED {
+            self.errors.push(json!({ "kind": kind, "message": message }));
+        } else {
+            self.unlisted += 1;
+        }
     }
     fn warning(&mut self, kind: &str, message: String) {
         self.warnings.push(json!({ "kind": kind, "message": message }));
@@ -98,6 +123,7 @@ impl Findings {
             }
             InteropError::Negative { .. } => "negative",
             InteropError::Truncated { .. } => "truncated",
+            InteropError::Empty { .. } => "empty",
             _ => "malformed",
         };
         self.error(kind, e.to_string());
@@ -107,8 +133,18 @@ impl Findings {
 /// `moe-router validate`.
 pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
     let path = &a.input;
-    let (format, bytes) = detect(path)?;
+    let layers = a.layer.resolve()?;
+    let size = std::fs::metadata(path).map_err(|e| CliError::io(path, &e))?.len();
     let mut f = Findings::default();
+    if size == 0 {
+        let mut out = json!({ "input": path.display().to_string(), "format": a.from.map(|x| Format::from(x).name()) });
+        f.error(
+            "empty",
+            "the file is empty (0 bytes): the engine captured nothing, or the capture was not written".into(),
+        );
+        return Ok(report(a, &mut out, f));
+    }
+    let (format, bytes) = detect(path, a.from)?;
     let mut out = json!({ "input": path.display().to_string(), "format": format.name() });
     let mut trace: Option<Trace> = None;
     if format == Format::Mrt {
@@ -162,6 +198,17 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
                     }
                 }
                 let h = tf.header();
+                if let Some(l) = &layers
+                    && *l != h.layer_ids()
+                {
+                    f.error(
+                        "layer_map",
+                        format!(
+                            "the header's layer map is {:?}, the model's MoE layers (--layers / --layers-from) are {l:?}",
+                            h.layer_ids()
+                        ),
+                    );
+                }
                 if let Some(e) = a.num_experts
                     && e != h.num_experts()
                 {
@@ -185,7 +232,7 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
             }
         }
     } else {
-        let opts = import_options(a.num_experts, a.num_layers, a.top_k, None);
+        let opts = import_options(a.num_experts, a.num_layers, a.top_k, layers, a.seq);
         let bytes = match bytes {
             Some(b) => b,
             None => read_bytes(path)?,
@@ -204,7 +251,7 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
                         ),
                     );
                 }
-                match dense.to_trace_lossy(format, &opts, 20) {
+                match dense.to_trace_lossy(format, &opts, 100) {
                     Err(e) => f.interop_error(&e),
                     Ok((t, check)) => {
                         f.out_of_range += check.out_of_range_rows;
@@ -220,9 +267,7 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
                         }
                         let shown = check.examples.len() as u64;
                         let total = check.out_of_range_rows + check.duplicate_rows + check.partial_missing_rows;
-                        if total > shown {
-                            f.error("more", format!("{} more invalid row(s) not listed", total - shown));
-                        }
+                        f.unlisted += total.saturating_sub(shown);
                         out["num_experts"] = json!(check.num_experts);
                         trace = Some(t);
                     }
@@ -230,9 +275,17 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
             }
         }
     }
+    if let Some(seq) = a.seq
+        && let Some(t) = trace.take()
+    {
+        match select_seq(t, seq, path) {
+            Ok(t) => trace = Some(t),
+            Err(e) => f.error("no_such_sequence", e.to_string()),
+        }
+    }
     if let Some(t) = &trace {
         out["num_experts"] = json!(t.header().num_experts());
-        let nonempty = !t.is_empty();
+        let nonempty = t.summary().rows > 0;
         for issue in t.validation_issues() {
             match issue {
                 ValidationIssue::AllZeroLayer { layer, rows } => {
@@ -262,7 +315,11 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
             }
         }
         if !nonempty {
-            f.warning("empty", "the input holds no routes".into());
+            f.error(
+                "empty",
+                "the input holds no routes (no recorded row): the engine captured nothing, or the capture was not written"
+                    .into(),
+            );
         }
         let s = t.summary();
         let stored = s.rows + s.missing_rows;
@@ -275,7 +332,13 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
             "per_layer": s.layers,
         });
     }
-    let valid = f.errors.is_empty();
+    Ok(report(a, &mut out, f))
+}
+
+/// Fills the summary keys of `out`, prints it (JSON or text) and returns the exit code.
+fn report(a: &ValidateArgs, out: &mut Value, f: Findings) -> u8 {
+    let path = &a.input;
+    let valid = f.errors.is_empty() && f.unlisted == 0;
     out["valid"] = json!(valid);
     out["checksum_failures"] = json!(f.checksum_failures);
     out["out_of_range"] = json!(f.out_of_range);
@@ -284,17 +347,22 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
     out["all_zero_layers"] = json!(f.all_zero_layers);
     out["empty_layers"] = json!(f.empty_layers);
     out["errors"] = json!(f.errors);
+    out["errors_not_listed"] = json!(f.unlisted);
     out["warnings"] = json!(f.warnings);
     if a.json {
         outln!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
     } else {
         outln!("{}: {}", path.display(), if valid { "valid" } else { "INVALID" });
-        for e in &f.errors {
+        for e in f.errors.iter().take(TEXT_LISTED) {
             outln!(
                 "  error [{}]: {}",
                 e["kind"].as_str().unwrap_or(""),
                 e["message"].as_str().unwrap_or("")
             );
+        }
+        let more = f.errors.len().saturating_sub(TEXT_LISTED) as u64 + f.unlisted;
+        if more > 0 {
+            outln!("  and {more} more error(s) (counted above; --json lists up to {MAX_LISTED})");
         }
         for w in &f.warnings {
             outln!(
@@ -315,7 +383,7 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
             );
         }
     }
-    Ok(if valid { EXIT_OK } else { EXIT_INVALID })
+    if valid { EXIT_OK } else { EXIT_INVALID }
 }
 
 /// Reports rows of `t` with ids `≥ e` (when the model's E is below the header's).
@@ -333,7 +401,9 @@ fn check_range(t: &Trace, e: usize, f: &mut Findings) {
                 codec.decode_into(b, &mut row);
                 if let Some((slot, id)) = row.iter().enumerate().find(|(_, x)| **x as usize >= e) {
                     f.out_of_range += 1;
-                    if shown < 20 {
+                    if shown >= 100 {
+                        f.unlisted += 1;
+                    } else {
                         shown += 1;
                         f.error(
                             "out_of_range",
