@@ -474,17 +474,6 @@ impl CudaRouter {
         })
     }
 
-    /// Blocks until every recording handed to a sink so far has been delivered.
-    pub fn flush_records(&self) -> Result<(), RouteError> {
-        let guard = self.recorder.lock().map_err(|_| RouteError::Recorder {
-            reason: "its lock is poisoned (a thread panicked while recording)".into(),
-        })?;
-        match guard.as_ref() {
-            Some(r) => r.flush(),
-            None => Ok(()),
-        }
-    }
-
     pub(crate) fn device(&self) -> &Arc<Device> {
         &self.dev
     }
@@ -647,5 +636,14 @@ impl Router for CudaRouter {
     }
     fn tokens_per_expert(&self, ids: &DeviceIds) -> Result<Vec<u64>, RouteError> {
         self.count_experts(ids)
+    }
+    fn flush_records(&self) -> Result<(), RouteError> {
+        let guard = self.recorder.lock().map_err(|_| RouteError::Recorder {
+            reason: "its lock is poisoned (a thread panicked while recording)".into(),
+        })?;
+        match guard.as_ref() {
+            Some(r) => r.flush(),
+            None => Ok(()),
+        }
     }
 }

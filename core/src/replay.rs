@@ -198,6 +198,9 @@ impl<R: Router, P: ReplayPolicy> Router for Replayed<R, P> {
     fn record_ids(&self, ids: &Self::Ids, sink: IdsSink) -> Result<(), RouteError> {
         self.inner.record_ids(ids, sink)
     }
+    fn flush_records(&self) -> Result<(), RouteError> {
+        self.inner.flush_records()
+    }
     fn with_host_logits<T, F>(&self, logits: &LogitsRef<'_>, f: F) -> Result<T, RouteError>
     where
         F: for<'l> FnOnce(&Self::Logits<'l>) -> Result<T, RouteError>,

@@ -187,6 +187,13 @@ pub trait Router {
         Ok(Routed { ids: dev, weights })
     }
 
+    /// Blocks until every copy handed to a sink by [`Router::record_ids`] so far has been
+    /// delivered. Backends that record asynchronously (CUDA copies on a side stream) override
+    /// it; the default has nothing to wait for.
+    fn flush_records(&self) -> Result<(), RouteError> {
+        Ok(())
+    }
+
     /// Calls `f` with this backend's logits for the host `logits`: the view itself on host
     /// backends, an upload on device backends. This is the one place a backend says how host
     /// data reaches it; [`Router::route_host`] and [`Router::weights_host`] build on it.

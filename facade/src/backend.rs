@@ -274,6 +274,24 @@ impl Router for AnyRouter {
     {
         f(logits)
     }
+    fn flush_records(&self) -> Result<(), RouteError> {
+        each!(self, r => r.flush_records())
+    }
+    fn replay_with_fallback(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        router_rows: &[usize],
+        site: &CallSite<'_>,
+    ) -> Result<Routed<Array2<u32>, HostWeights>, RouteError> {
+        each!(self, r => r.with_host_logits(logits, |l| {
+            let out = r.replay_with_fallback(l, ids, router_rows, site)?;
+            Ok(Routed {
+                ids: r.ids_to_host(&out.ids)?,
+                weights: r.weights_to_host(&out.weights)?,
+            })
+        }))
+    }
 }
 
 /// The CPU model name from `/proc/cpuinfo` (or the architecture when unknown).

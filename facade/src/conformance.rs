@@ -552,6 +552,7 @@ pub fn check_replayed<B: Backend>(b: &B) {
     let policy = Arc::new(TinyRecorder::default());
     let r = Replayed::new(b.router(&cfg).expect("router"), policy.clone());
     let got = r.route_host_at(&logits, &site).expect("records");
+    r.flush_records().expect("recordings delivered");
     assert_eq!(got.0, want.0, "{name}: recorded routing");
     assert_eq!(
         *policy.recorded.lock().expect("lock"),
@@ -568,6 +569,7 @@ pub fn check_replayed<B: Backend>(b: &B) {
     let l2 = l.mapv(|x| x * 0.9 + 0.05);
     let logits2 = LogitsRef::F32(l2.view());
     let (ids, w) = r.route_host_at(&logits2, &site).expect("replays");
+    r.flush_records().expect("recordings delivered");
     let own = reference.route_host(&logits2).expect("reference").0;
     let mut expect_ids = forced.clone();
     expect_ids.row_mut(7).assign(&own.row(7));
