@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Without an argument, the example writes a small array itself first (as vLLM would return it
-//! for one request: `T − 1` rows, since the last generated token is never routed).
+//! for one request: `T − 1` rows, since the last generated token is never routed) to a temporary
+//! file, which it removes again, also when it fails.
 
 use moe_router::cpu::CpuRouter;
 use moe_router::interop::{self, Format, ImportOptions};
@@ -21,9 +22,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (e, k) = (cfg.num_experts(), cfg.top_k());
     // vLLM's layer axis here covers the MoE layers only; this model's are layers 1..=4.
     let moe_layers = vec![1u32, 2, 3, 4];
-    let path = match std::env::args().nth(1) {
-        Some(p) => PathBuf::from(p),
-        None => write_example(e, k, moe_layers.len())?,
+    // The example's own file is removed when `_own` drops, on success or error.
+    let (path, _own) = match std::env::args().nth(1) {
+        Some(p) => (PathBuf::from(p), None),
+        None => {
+            let p = write_example(e, k, moe_layers.len())?;
+            (p.clone(), Some(RemoveOnDrop(p)))
+        }
     };
 
     let bytes = std::fs::read(&path)?;
@@ -59,6 +64,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         c.total_replayed_rows, c.total_fallbacks
     );
     Ok(())
+}
+
+/// Removes a file when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Writes `[T, L, K]` int32 routes like vLLM returns them (distinct ids per row).
