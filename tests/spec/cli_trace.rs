@@ -82,11 +82,11 @@ fn multi_chunk_mrt(p: &str) -> Trace {
 
 #[test]
 fn every_trace_subcommand_has_help_with_an_example() {
-    for cmd in ["convert", "inspect", "validate", "diff"] {
+    for cmd in ["convert", "inspect", "validate", "diff", "merge"] {
         let (code, _, _) = run(&[cmd, "--help"]);
         assert_eq!(code, 0, "{cmd} --help");
     }
-    for cmd in ["convert", "inspect", "validate", "diff"] {
+    for cmd in ["convert", "inspect", "validate", "diff", "merge"] {
         let help = moe_router_cli::trace_cmds::long_help(cmd).unwrap();
         assert!(
             help.contains("moe-router ") && help.contains("Example"),
