@@ -681,6 +681,18 @@ fn sigmoid_pruned<M: Math>(
     Ok(true)
 }
 
+/// Every score function refuses a row whose logits are all −∞ (DESIGN §2, one rule): softmax
+/// finds it on its own, sigmoid and sqrt-softplus would route on the bias alone. The row is only
+/// scanned when the K chosen logits are −∞, which a row with a finite logit rarely gives.
+#[inline(always)]
+fn all_masked_row<M: Math>(z: &[M::F], ids: &[u32], row: usize) -> Result<(), RouteError> {
+    let ninf = M::F::neg_infinity();
+    if ids.iter().all(|&i| z[i as usize] == ninf) && z.iter().all(|&x| x == ninf) {
+        return Err(RouteError::AllMasked { row });
+    }
+    Ok(())
+}
+
 /// Weights for `ids` on widened row `z`; `scores` holds the precomputed unbiased scores when the
 /// caller has them (sigmoid, sqrt-softplus, softmax-before).
 #[inline(always)]
@@ -736,6 +748,7 @@ fn weigh_row<M: Math>(
             }
         }
         (ScoreFunction::Sigmoid, _) => {
+            all_masked_row::<M>(z, ids, row)?;
             for (x, &i) in w.iter_mut().zip(ids) {
                 *x = match scores {
                     Some(s) => s[i as usize],
@@ -744,6 +757,7 @@ fn weigh_row<M: Math>(
             }
         }
         (ScoreFunction::SqrtSoftplus, _) => {
+            all_masked_row::<M>(z, ids, row)?;
             for (x, &i) in w.iter_mut().zip(ids) {
                 *x = match scores {
                     Some(s) => s[i as usize],

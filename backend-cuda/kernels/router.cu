@@ -197,6 +197,28 @@ __device__ __forceinline__ bool weights_of(const Params& p, const float (&zs)[KC
     return true;
 }
 
+// One rule for every score function: a row whose logits are all -inf has no expert to score
+// (softmax finds it on its own; sigmoid and sqrt-softplus would route on the bias alone). The row
+// is only scanned (`load(e)`: its widened logit e) when the K chosen logits are -inf.
+template <int KCAP, class Load>
+__device__ __forceinline__ bool all_masked_row(const Params& p, const float (&zs)[KCAP], Load load) {
+#if SCORE == SIGMOID || SCORE == SQRT_SOFTPLUS
+    bool chosen = true;
+#pragma unroll (KCAP > 16 ? 1 : KCAP)
+    for (int j = 0; j < (KCAP > 16 ? p.K : KCAP); j++)
+        if (j < p.K && zs[j] != F32_NEG_INF) chosen = false;
+    if (!chosen) return false;
+    for (int e = 0; e < p.E; e++)
+        if (load(e) != F32_NEG_INF) return false;
+    return true;
+#else
+    (void)p;
+    (void)zs;
+    (void)load;
+    return false;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Row kernels: one block per token.
 #ifdef ROW_KERNELS
@@ -348,7 +370,8 @@ __device__ void row_route_one(const Params& p, long long row, RowSmem& s, int* s
     if (threadIdx.x == 0) {
         float zs[ROW_KCAP], w[ROW_KCAP];
         for (int j = 0; j < K; j++) zs[j] = s.z[s.sel[j]];
-        if (!weights_of<ROW_KCAP>(p, zs, m, S, w)) {
+        if (!weights_of<ROW_KCAP>(p, zs, m, S, w) ||
+            all_masked_row<ROW_KCAP>(p, zs, [&](int e) { return s.z[e]; })) {
             report(p, err_all_masked(row));
         } else {
             u32* ids = (u32*)p.ids + row * K;
@@ -408,7 +431,8 @@ extern "C" __global__ void row_replay(Params p) {
         if (threadIdx.x == 0) {
             float zs[ROW_KCAP], w[ROW_KCAP];
             for (int j = 0; j < K; j++) zs[j] = s.z[ids[j]];
-            if (!weights_of<ROW_KCAP>(p, zs, m, S, w)) {
+            if (!weights_of<ROW_KCAP>(p, zs, m, S, w) ||
+                all_masked_row<ROW_KCAP>(p, zs, [&](int e) { return s.z[e]; })) {
                 report(p, err_all_masked(row));
             } else {
                 float* wo = (float*)p.weights + row * K;
@@ -654,7 +678,7 @@ __device__ void tile_route_impl(const Params& p) {
     float zs[KMAX], w[KMAX];
 #pragma unroll
     for (int j = 0; j < KMAX; j++) zs[j] = (j < p.K) ? load_logit(lr, unpack_id(top[j])) : 0.0f;
-    if (!weights_of<KMAX>(p, zs, m, S, w)) {
+    if (!weights_of<KMAX>(p, zs, m, S, w) || all_masked_row<KMAX>(p, zs, [&](int e) { return load_logit(lr, e); })) {
         report(p, err_all_masked(row));
         return;
     }
@@ -736,7 +760,7 @@ __device__ void tile_weigh_given(const Params& p, long long row, int bad, float 
     float zs[KMAX], w[KMAX];
 #pragma unroll
     for (int j = 0; j < KMAX; j++) zs[j] = (j < p.K) ? load_logit(lr, id[j]) : 0.0f;
-    if (!weights_of<KMAX>(p, zs, m, S, w)) {
+    if (!weights_of<KMAX>(p, zs, m, S, w) || all_masked_row<KMAX>(p, zs, [&](int e) { return load_logit(lr, e); })) {
         report(p, err_all_masked(row));
         return;
     }

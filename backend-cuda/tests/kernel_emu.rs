@@ -100,7 +100,10 @@ struct Emu {
 
 impl Emu {
     fn new() -> Option<Emu> {
-        let dir = std::env::temp_dir().join(format!("moe-router-cuda-emu-{}", std::process::id()));
+        // One directory per emulator (tests of this binary run in parallel).
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("moe-router-cuda-emu-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
         Some(Emu {
             dir,

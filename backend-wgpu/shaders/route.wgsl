@@ -280,8 +280,27 @@ fn write_weights(base: u32, row: u32, sel: ptr<function, array<u32, K>>, m: f32,
             w[j] = m_div(w[j], sum);
         }
     } else {
+        var chosen_masked = true;
         for (var j = 0u; j < K; j++) {
-            w[j] = score_of(widen(load_elem(base + (*sel)[j])), m, s);
+            let z = widen(load_elem(base + (*sel)[j]));
+            chosen_masked = chosen_masked && z == NINF;
+            w[j] = score_of(z, m, s);
+        }
+        // One rule for every score function: a row whose logits are all -inf has no expert to
+        // score (softmax finds it on its own; sigmoid and sqrt-softplus would route on the bias
+        // alone). The row is only scanned when the K chosen logits are -inf.
+        if (SCORE >= SCORE_SIGMOID && chosen_masked) {
+            var all = true;
+            for (var e = 0u; e < E; e++) {
+                if (widen(load_elem(base + e)) != NINF) {
+                    all = false;
+                    break;
+                }
+            }
+            if (all) {
+                report(1u, row);
+                return false;
+            }
         }
     }
     if (NORM != NORM_NONE) {

@@ -149,8 +149,19 @@ pub fn weights_row<M: Math>(cfg: &RouterConfig, z: &[M::F], ids: &[u32], row: us
             }
             e.iter().map(|&x| M::div(x, s)).collect()
         }
-        (ScoreFunction::Sigmoid, _) => ids.iter().map(|&i| M::sigmoid(z[i as usize])).collect(),
-        (ScoreFunction::SqrtSoftplus, _) => ids.iter().map(|&i| M::sqrt_softplus(z[i as usize])).collect(),
+        (ScoreFunction::Sigmoid | ScoreFunction::SqrtSoftplus, _) => {
+            // One rule for every score function: a row whose logits are all −∞ has no expert to
+            // score (softmax finds it on its own; sigmoid and sqrt-softplus would route on the
+            // bias alone with all-zero weights).
+            if z.iter().all(|&x| x == M::F::neg_infinity()) {
+                return Err(RouteError::AllMasked { row });
+            }
+            if cfg.score() == ScoreFunction::Sigmoid {
+                ids.iter().map(|&i| M::sigmoid(z[i as usize])).collect()
+            } else {
+                ids.iter().map(|&i| M::sqrt_softplus(z[i as usize])).collect()
+            }
+        }
     };
     match cfg.normalization() {
         Normalization::None => {}

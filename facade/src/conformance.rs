@@ -421,6 +421,51 @@ pub fn check_errors<B: Backend>(b: &B) {
         "{}: duplicate id: {e:?}",
         b.name()
     );
+    // One rule for every score function: a row of −∞ only is AllMasked (routing and replay); a
+    // row with one finite logit is not, even when every chosen logit is −∞.
+    for score in [
+        ScoreFunction::Softmax,
+        ScoreFunction::Sigmoid,
+        ScoreFunction::SqrtSoftplus,
+    ] {
+        let bias: Vec<f32> = (0..8).map(|i| i as f32 * 0.1).collect();
+        let mut builder = RouterConfig::builder(8, 2).score(score);
+        if score != ScoreFunction::Softmax {
+            builder = builder.expert_bias(bias);
+        }
+        let cfg = builder.build().expect("valid");
+        let mut l = Array2::<f32>::from_elem((5, 8), 0.5);
+        l.row_mut(3).fill(f32::NEG_INFINITY);
+        l.row_mut(1).fill(f32::NEG_INFINITY);
+        l[[1, 0]] = -3.0;
+        let e = route(b, &cfg, LogitsRef::F32(l.view()));
+        assert!(
+            matches!(e, Err(RouteError::AllMasked { row: 3 })),
+            "{}: {score:?}: all -inf row: {e:?}",
+            b.name()
+        );
+        let mut ids = Array2::<u32>::zeros((5, 2));
+        for mut r in ids.rows_mut() {
+            r[0] = 7;
+            r[1] = 0;
+        }
+        let e = weights_for(b, &cfg, LogitsRef::F32(l.view()), ids.view());
+        assert!(
+            matches!(e, Err(RouteError::AllMasked { row: 3 })),
+            "{}: {score:?}: replay of an all -inf row: {e:?}",
+            b.name()
+        );
+        if score != ScoreFunction::Softmax {
+            ids.column_mut(1).fill(6);
+            let one = l.slice(ndarray::s![0..3, ..]).to_owned();
+            let got = weights_for(b, &cfg, LogitsRef::F32(one.view()), ids.slice(ndarray::s![0..3, ..]));
+            assert!(
+                got.is_ok(),
+                "{}: {score:?}: a row with one finite logit: {got:?}",
+                b.name()
+            );
+        }
+    }
 }
 
 /// Replay with fallback rows (missing routes the router selects itself): every row the backend

@@ -171,3 +171,39 @@ fn f64_compute_returns_f64_weights() {
         .unwrap();
     assert!(matches!(r.weights, HostWeights::F64(_)));
 }
+
+/// Issue 13, item 5: one rule for every score function — a row of −∞ only is `AllMasked`
+/// (routing and replay), never a bias-only route with all-zero weights; one finite logit is
+/// enough to route.
+#[test]
+fn a_row_of_minus_infinity_only_is_all_masked_under_every_score_function() {
+    use moe_router::{ReferenceRouter, RouteError, Router, RouterConfig, ScoreFunction};
+    for score in [
+        ScoreFunction::Softmax,
+        ScoreFunction::Sigmoid,
+        ScoreFunction::SqrtSoftplus,
+    ] {
+        let mut b = RouterConfig::builder(4, 2).score(score);
+        if score != ScoreFunction::Softmax {
+            b = b.expert_bias(vec![0.4, 0.3, 0.2, 0.1]);
+        }
+        let r = ReferenceRouter::new(b.build().expect("valid"));
+        let mut l = ndarray::Array2::<f32>::zeros((3, 4));
+        l.row_mut(2).fill(f32::NEG_INFINITY);
+        let lr = moe_router::LogitsRef::F32(l.view());
+        assert_eq!(
+            r.route_host(&lr).unwrap_err(),
+            RouteError::AllMasked { row: 2 },
+            "{score:?}"
+        );
+        let ids = ndarray::array![[0u32, 1], [0, 1], [0, 1]];
+        assert_eq!(
+            r.weights_host(&lr, ids.view()).unwrap_err(),
+            RouteError::AllMasked { row: 2 },
+            "{score:?} replay"
+        );
+        l[[2, 3]] = -5.0;
+        let lr = moe_router::LogitsRef::F32(l.view());
+        assert!(r.route_host(&lr).is_ok(), "{score:?}: one finite logit routes");
+    }
+}
