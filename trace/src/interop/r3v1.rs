@@ -417,9 +417,11 @@ pub fn encode(d: &DenseRoutes) -> Result<String, InteropError> {
     content.extend_from_slice(&h.encode());
     content.extend_from_slice(&selector);
     content.extend_from_slice(&matrices);
-    let frame = zstd::bulk::compress(&content, 3).map_err(|e| InteropError::Unrepresentable {
-        format: F,
-        reason: format!("zstd: {e}"),
-    })?;
+    let frame = zstd::bulk::Compressor::new(3)
+        .and_then(|mut c| c.include_checksum(true).and_then(|()| c.compress(&content)))
+        .map_err(|e| InteropError::Unrepresentable {
+            format: F,
+            reason: format!("zstd: {e}"),
+        })?;
     Ok(super::encode_base64(&frame))
 }
