@@ -417,16 +417,27 @@ fn header_damage_and_unknown_versions_are_typed_errors() {
         TraceFile::from_bytes(x, OpenOptions::default()),
         Err(TraceError::Checksum { offset: 0, .. })
     ));
-    // Version 2 with a valid checksum: refused by version, not by checksum.
+    // Files are written in format 2.0.
+    assert_eq!((b[8], b[9], b[10], b[11]), (2, 0, 0, 0));
+    // Version 3 with a valid checksum: refused by version, not by checksum.
     let mut x = b.clone();
-    x[8] = 2;
+    x[8] = 3;
     let hl = 16 + u32::from_le_bytes([x[12], x[13], x[14], x[15]]) as usize;
     let c = crc32c_of(&x[..hl]);
     x[hl..hl + 4].copy_from_slice(&c.to_le_bytes());
-    assert!(matches!(
-        TraceFile::from_bytes(x, OpenOptions::default()),
-        Err(TraceError::UnsupportedVersion { major: 2, .. })
-    ));
+    let e = TraceFile::from_bytes(x, OpenOptions::default()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TraceError::UnsupportedVersion {
+                major: 3,
+                supported: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("reads 1.x to 2.x"), "{e}");
     assert!(matches!(
         TraceFile::from_bytes(b"hello".to_vec(), OpenOptions::default()),
         Err(TraceError::BadMagic { .. })
@@ -597,7 +608,7 @@ fn raw_files_take_about_one_byte_per_id_and_ranked_zstd_under_0_6_on_correlated_
         assert_eq!(TraceFile::open(&p).unwrap().to_trace().unwrap(), t);
         std::fs::metadata(&p).unwrap().len() as f64 / ids
     };
-    let raw = size(WriterOptions::default());
+    let raw = size(WriterOptions::uncompressed());
     let ranked = size(WriterOptions {
         compression: Compression::ZstdRanked(19),
         ..WriterOptions::default()
@@ -680,4 +691,524 @@ fn summary_counts_sequences_tokens_rows_and_layers() {
     assert_eq!((s.sequences, s.tokens, s.rows, s.ids), (3, 30, 60, 120));
     assert_eq!(s.layers.len(), 2);
     assert!(t.validation_issues().is_empty());
+}
+
+/// Fills the ids of (sequence, layer index, position).
+type RowFn<'a> = dyn Fn(u64, usize, u64, &mut [u32]) + 'a;
+
+/// Records like an inference engine through the [`Record`] policy: a packed prefill of every
+/// sequence (prompt lengths differ), then decode steps of one token per sequence, each step a
+/// call per MoE layer with the batch padded to a multiple of 8 rows. `row(seq, layer index,
+/// position)` gives the ids. Returns (file bytes, ids recorded).
+fn record_engine_style(
+    path: &std::path::Path,
+    header: &TraceHeader,
+    opts: WriterOptions,
+    seqs: u64,
+    prompt: usize,
+    decode: usize,
+    row: &RowFn<'_>,
+) -> (u64, u64) {
+    use moe_router::policy::Record;
+    use moe_router::{BatchLayout, CallSite, ReplayPolicy, RouteShape, Segment};
+    let k = header.top_k();
+    let layers = header.layer_ids();
+    let rec = Record::create_file(path, header.clone(), opts).unwrap();
+    let call = |layout: &BatchLayout, li: usize| {
+        let mut ids = Array2::<u32>::zeros((layout.rows(), k));
+        for (r, addr) in layout.iter_rows().enumerate() {
+            if let moe_router::RowAddr::Token(seq, pos) = addr {
+                row(seq.0, li, pos, ids.row_mut(r).as_slice_mut().unwrap());
+            }
+        }
+        let site = CallSite::layer(layers[li]).with_layout(layout);
+        let shape = RouteShape {
+            rows: layout.rows(),
+            num_experts: header.num_experts(),
+            top_k: k,
+        };
+        rec.recorder(&site, shape).unwrap().unwrap()(ids);
+    };
+    let lens: Vec<(SeqId, usize)> = (0..seqs).map(|s| (SeqId(s), prompt + (s as usize * 37) % 64)).collect();
+    let prefill = BatchLayout::packed(&lens).unwrap();
+    for li in 0..layers.len() {
+        call(&prefill, li);
+    }
+    let mut ids = lens.iter().map(|&(_, l)| l as u64).sum::<u64>() * layers.len() as u64;
+    for step in 0..decode {
+        let mut segs: Vec<Segment> = lens
+            .iter()
+            .map(|&(seq, l)| Segment::Tokens {
+                seq,
+                start: (l + step) as u64,
+                len: 1,
+            })
+            .collect();
+        segs.push(Segment::Padding {
+            len: (8 - lens.len() % 8) % 8,
+        });
+        let layout = BatchLayout::new(segs).unwrap();
+        for li in 0..layers.len() {
+            call(&layout, li);
+        }
+        ids += seqs * layers.len() as u64;
+    }
+    rec.finish().unwrap();
+    (std::fs::metadata(path).unwrap().len(), ids * k as u64)
+}
+
+#[test]
+fn engine_style_recording_stores_at_most_1_02_bytes_per_id_raw() {
+    let d = TempDir::new("engine-raw");
+    let header = header(128, 8, &(0..48).collect::<Vec<_>>());
+    // No time budget: chunks close on the 1 MiB row budget only, so sizes are deterministic.
+    let raw = WriterOptions::uncompressed().with_chunk_max_age(None);
+    // Ids do not change a raw file's size: a cheap pattern of distinct ids.
+    let row = |s: u64, li: usize, p: u64, out: &mut [u32]| {
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = ((s * 7 + li as u64 * 3 + p / 5) as u32 + 15 * j as u32) % 128;
+        }
+    };
+    for (seqs, prompt, decode) in [(16u64, 256usize, 512usize), (64, 128, 256), (256, 64, 64)] {
+        let p = d.file(&format!("e-{seqs}.mrt"));
+        let (bytes, ids) = record_engine_style(&p, &header, raw, seqs, prompt, decode, &row);
+        let per_id = bytes as f64 / ids as f64;
+        println!("{seqs} sequences × 48 layers, prompt {prompt}, {decode} decode steps: raw {per_id:.4} B/id");
+        assert!(per_id <= 1.02, "{seqs} sequences: {per_id:.4} bytes per id");
+        let f = TraceFile::open(&p).unwrap();
+        let mut got = Array2::<u32>::zeros((1, 8));
+        let mut want = [0u32; 8];
+        f.read_rows(SeqId(seqs - 1), LayerId(47), prompt as u64 + 1, got.view_mut())
+            .unwrap();
+        row(seqs - 1, 47, prompt as u64 + 1, &mut want);
+        assert_eq!(got.as_slice().unwrap(), &want[..]);
+    }
+}
+
+#[test]
+fn record_and_the_default_writer_options_compress_with_zstd_where_it_is_smaller() {
+    let defaults = WriterOptions::default();
+    assert_eq!(defaults.compression, Compression::Zstd(3));
+    let cfg = RouterConfig::builder(128, 8).build().unwrap();
+    let layers: Vec<u32> = (0..8).collect();
+    let t = SyntheticRoutes::new(cfg, layers, 16, 64 + 64 + 192).generate().unwrap();
+    let row = |s: u64, li: usize, p: u64, out: &mut [u32]| {
+        let mut a = Array2::<u32>::zeros((1, 8));
+        t.read_rows(SeqId(s), LayerId(li as u32), p, a.view_mut()).unwrap();
+        out.copy_from_slice(a.as_slice().unwrap());
+    };
+    let d = TempDir::new("engine-zstd");
+    let mut per_id = Vec::new();
+    for (name, opts) in [
+        ("raw", WriterOptions::uncompressed()),
+        ("default", WriterOptions::default()),
+    ] {
+        let p = d.file(&format!("{name}.mrt"));
+        let (bytes, ids) = record_engine_style(&p, t.header(), opts.with_chunk_max_age(None), 16, 64, 192, &row);
+        per_id.push(bytes as f64 / ids as f64);
+        let f = TraceFile::open(&p).unwrap();
+        let codecs: Vec<String> = f.chunk_infos().into_iter().map(|c| c.codec).collect();
+        let want = if name == "raw" { "none" } else { "zstd" };
+        assert!(codecs.iter().all(|c| c == want), "{name}: {codecs:?}");
+        assert!(t.summary().rows > 0);
+        for lane in f.to_trace().unwrap().lanes() {
+            let mut a = Array2::<u32>::zeros((1, 8));
+            t.read_rows(lane.seq, lane.layer, lane.runs[0].start, a.view_mut())
+                .unwrap();
+            let mut b = Array2::<u32>::zeros((1, 8));
+            f.read_rows(lane.seq, lane.layer, lane.runs[0].start, b.view_mut())
+                .unwrap();
+            assert_eq!(a, b);
+        }
+    }
+    println!(
+        "engine-style routes: raw {:.4} B/id, default (zstd 3) {:.4} B/id",
+        per_id[0], per_id[1]
+    );
+    assert!(per_id[0] <= 1.02, "raw {}", per_id[0]);
+    assert!(per_id[1] <= 0.9, "zstd {}", per_id[1]);
+}
+
+/// The row of (sequence, layer, position) in the format 1.0 fixtures (`tests/fixtures/format-1.0.md`).
+fn format_1_0_fixture_row(e: u32, k: usize, s: u64, l: u32, p: u64) -> Vec<u32> {
+    if s == 1 && l == 3 && p == 5 {
+        // Written missing, then filled by a later block.
+        return (0..k as u32).map(|j| (3 * j + 1) % e).collect();
+    }
+    if p % 13 == 5 {
+        return vec![MISSING_ID; k];
+    }
+    let base = (s * 17 + u64::from(l) * 5 + p / 3) as u32;
+    let step = e / k as u32 - 1;
+    (0..k as u32).map(|j| (base + j * step) % e).collect()
+}
+
+/// Checks that `f` holds the fixture rows at positions `0..end` of every (sequence, layer) and
+/// nothing after.
+fn assert_fixture_rows(f: &TraceFile, e: u32, k: usize, end: u64) {
+    for s in 0..3u64 {
+        for l in [1u32, 3, 5] {
+            let mut got = Array2::<u32>::zeros((end as usize + 4, k));
+            f.read_rows(SeqId(s), LayerId(l), 0, got.view_mut()).unwrap();
+            for p in 0..end + 4 {
+                let want = if p < end {
+                    format_1_0_fixture_row(e, k, s, l, p)
+                } else {
+                    vec![MISSING_ID; k]
+                };
+                assert_eq!(got.row(p as usize).to_vec(), want, "seq {s} layer {l} position {p}");
+            }
+        }
+    }
+}
+
+#[test]
+fn format_1_0_files_still_open_read_and_append() {
+    let d = TempDir::new("v1");
+    for (name, e, k, codec) in [
+        ("format-1.0-raw.mrt", 128u32, 4usize, "none"),
+        ("format-1.0-rank-zstd.mrt", 256, 8, "zstd"),
+        ("format-1.0-zstd-u16.mrt", 384, 4, "zstd"),
+    ] {
+        let path = format!("{}/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+        let bytes = std::fs::read(&path).unwrap();
+        for verify in [Verify::Eager, Verify::Lazy] {
+            let f = TraceFile::from_bytes(
+                bytes.clone(),
+                OpenOptions {
+                    verify,
+                    ..OpenOptions::default()
+                },
+            )
+            .unwrap();
+            assert_eq!(f.format_version(), (1, 0), "{name}");
+            assert!(f.report().is_clean(), "{name}: {:?}", f.report());
+            assert_eq!(f.report().major_version, 1);
+            let h = f.header();
+            assert_eq!(
+                (h.num_experts(), h.top_k(), h.layer_ids()),
+                (e as usize, k, vec![1, 3, 5])
+            );
+            assert_eq!(h.row_convention(), RowConvention::TokensMinusOne);
+            assert_eq!((h.fingerprint(), h.weight_version()), (0x1122_3344_5566_7788, Some(7)));
+            assert_eq!(h.producer(), "moe-router format 1.0 fixture");
+            assert!(f.chunk_infos().len() >= 3 && f.chunk_infos().iter().all(|c| c.codec == codec));
+            assert_fixture_rows(&f, e, k, 40);
+        }
+        // Without its index (an unclosed 1.0 file) it is scanned, with the same rows.
+        let f = TraceFile::from_bytes(bytes.clone(), OpenOptions::default()).unwrap();
+        let cut = bytes[..f.data_end() as usize].to_vec();
+        let f = TraceFile::from_bytes(cut, OpenOptions::default()).unwrap();
+        assert_eq!(f.report().index, IndexState::Absent);
+        assert_fixture_rows(&f, e, k, 40);
+        // Appending keeps the file in format 1.0 (readable by 1.x readers) and every old row.
+        let p = d.file(name);
+        std::fs::write(&p, &bytes).unwrap();
+        let header = f.header().clone();
+        let w = TraceWriter::append_to(&p, &header, WriterOptions::default()).unwrap();
+        for s in 0..3u64 {
+            for l in [1u32, 3, 5] {
+                let rows: Vec<u32> = (40..48u64)
+                    .flat_map(|pos| format_1_0_fixture_row(e, k, s, l, pos))
+                    .collect();
+                let a = Array2::from_shape_vec((8, k), rows).unwrap();
+                w.append(SeqId(s), LayerId(l), 40, a.view()).unwrap();
+            }
+        }
+        w.finish().unwrap();
+        let f = TraceFile::open(&p).unwrap();
+        assert_eq!(f.format_version(), (1, 0), "{name}");
+        assert!(f.report().is_clean());
+        assert_fixture_rows(&f, e, k, 48);
+        assert_eq!(
+            &std::fs::read(&p).unwrap()[..f.report().recovered_bytes as usize][..bytes.len().min(64)],
+            &bytes[..bytes.len().min(64)]
+        );
+    }
+}
+
+#[test]
+fn new_files_are_format_2_0_and_group_the_layers_of_a_decode_step_into_one_block() {
+    let h = header(64, 4, &[1, 3, 5, 7]);
+    let d = TempDir::new("v2");
+    let p = d.file("t.mrt");
+    let w = TraceWriter::create(&p, h, WriterOptions::uncompressed()).unwrap();
+    // Two sequences, four layers, eight decode steps: one row per (sequence, layer) per call.
+    for pos in 0..8u64 {
+        for l in [1u32, 3, 5, 7] {
+            for s in 0..2u64 {
+                let a = Array2::from_shape_fn((1, 4), |(_, j)| {
+                    ((s * 3 + u64::from(l) + pos + 16 * j as u64) % 64) as u32
+                });
+                w.append(SeqId(s), LayerId(l), pos, a.view()).unwrap();
+            }
+        }
+    }
+    w.finish().unwrap();
+    let f = TraceFile::open(&p).unwrap();
+    assert_eq!(f.format_version(), (2, 0));
+    // One chunk: per sequence one block for the four layers' eight rows.
+    assert_eq!(f.chunk_infos().len(), 1);
+    assert_eq!(f.chunk_infos()[0].blocks, 2);
+    for s in 0..2u64 {
+        for l in [1u32, 3, 5, 7] {
+            let mut a = Array2::<u32>::zeros((8, 4));
+            f.read_rows(SeqId(s), LayerId(l), 0, a.view_mut()).unwrap();
+            for pos in 0..8u64 {
+                for j in 0..4 {
+                    assert_eq!(
+                        u64::from(a[[pos as usize, j]]),
+                        (s * 3 + u64::from(l) + pos + 16 * j as u64) % 64
+                    );
+                }
+            }
+        }
+    }
+    let b = std::fs::read(&p).unwrap();
+    for verify in [Verify::Eager, Verify::Lazy] {
+        let g = TraceFile::from_bytes(
+            b.clone(),
+            OpenOptions {
+                verify,
+                ..OpenOptions::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(g.to_trace().unwrap(), f.to_trace().unwrap());
+    }
+}
+
+/// Bytes of a file written so far, read as a crash would leave them (the writer still open).
+fn open_as_after_a_crash(p: &std::path::Path) -> TraceFile {
+    TraceFile::from_bytes(std::fs::read(p).unwrap(), OpenOptions::default()).unwrap()
+}
+
+#[test]
+fn a_chunk_closes_on_its_time_budget_so_a_crash_loses_at_most_that_much_time_of_rows() {
+    let defaults = WriterOptions::default();
+    assert_eq!(defaults.chunk_max_age, Some(std::time::Duration::from_secs(1)));
+    assert_eq!(defaults.chunk_id_bytes, 1 << 20);
+    let d = TempDir::new("age");
+    let h = header(64, 4, &[0, 1]);
+    let row = array![[1u32, 2, 3, 4]];
+    // A small rollout: far below the 1 MiB row budget.
+    let budget = std::time::Duration::from_millis(50);
+    let p = d.file("aged.mrt");
+    let w = TraceWriter::create(&p, h.clone(), WriterOptions::default().with_chunk_max_age(Some(budget))).unwrap();
+    w.append(SeqId(0), LayerId(0), 0, row.view()).unwrap();
+    // No further append: the background thread closes the chunk once it is older than the
+    // budget (a quarter of the budget late at most; the wait allows for a loaded machine).
+    let t0 = std::time::Instant::now();
+    let mut f = open_as_after_a_crash(&p);
+    while f.chunk_infos().is_empty() && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        f = open_as_after_a_crash(&p);
+    }
+    assert!(t0.elapsed() >= budget * 3 / 4, "closed before its budget");
+    assert_eq!(
+        f.chunk_infos().len(),
+        1,
+        "the aged chunk is on disk without flush or finish"
+    );
+    let mut a = Array2::<u32>::zeros((1, 4));
+    f.read_rows(SeqId(0), LayerId(0), 0, a.view_mut()).unwrap();
+    assert_eq!(a, row);
+    // The next append after the budget closes its chunk itself.
+    w.append(SeqId(0), LayerId(1), 0, row.view()).unwrap();
+    std::thread::sleep(budget * 2);
+    w.append(SeqId(0), LayerId(1), 1, row.view()).unwrap();
+    let t0 = std::time::Instant::now();
+    while open_as_after_a_crash(&p).chunk_infos().len() < 2 && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let f = open_as_after_a_crash(&p);
+    assert!(f.chunk_infos().len() >= 2);
+    f.read_rows(SeqId(0), LayerId(1), 0, a.view_mut()).unwrap();
+    assert_eq!(a, row);
+    drop(w);
+    // Without a time budget the rows wait for the row budget, flush or finish: a crash before
+    // then loses them.
+    let p = d.file("unaged.mrt");
+    let w = TraceWriter::create(&p, h, WriterOptions::default().with_chunk_max_age(None)).unwrap();
+    w.append(SeqId(0), LayerId(0), 0, row.view()).unwrap();
+    std::thread::sleep(budget * 4);
+    assert!(open_as_after_a_crash(&p).chunk_infos().is_empty());
+    w.flush().unwrap();
+    let t0 = std::time::Instant::now();
+    while open_as_after_a_crash(&p).chunk_infos().is_empty() && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert_eq!(
+        open_as_after_a_crash(&p).chunk_infos().len(),
+        1,
+        "flush writes the chunk at once"
+    );
+}
+
+#[test]
+fn rows_partly_holding_the_sentinel_value_are_present_rows_valid_only_for_256_experts() {
+    // E = 256, K = 8: one byte per id, and 0xFF is expert 255. A row holding 0xFF in some slots
+    // but not all is a present row with expert 255; only the all-0xFF row is missing.
+    let d = TempDir::new("sentinel");
+    let h = header(256, 8, &[0]);
+    assert_eq!(h.id_width(), IdWidth::U8);
+    let p = d.file("e256.mrt");
+    let w = TraceWriter::create(&p, h, WriterOptions::uncompressed()).unwrap();
+    w.append_stored(
+        SeqId(0),
+        LayerId(0),
+        0,
+        &[255, 0, 1, 2, 3, 4, 5, 6, 255, 255, 255, 255, 255, 255, 255, 255],
+    )
+    .unwrap();
+    // In the u32 API the marker is MISSING_ID, never 255: expert 255 is an id like any other.
+    w.append(SeqId(0), LayerId(0), 2, array![[7u32, 255, 1, 2, 3, 4, 5, 6]].view())
+        .unwrap();
+    w.finish().unwrap();
+    let f = TraceFile::open(&p).unwrap();
+    let mut a = Array2::<u32>::zeros((3, 8));
+    f.read_rows(SeqId(0), LayerId(0), 0, a.view_mut()).unwrap();
+    assert_eq!(a.row(0).to_vec(), vec![255, 0, 1, 2, 3, 4, 5, 6]);
+    assert_eq!(a.row(1).to_vec(), vec![MISSING_ID; 8]);
+    assert_eq!(a.row(2).to_vec(), vec![7, 255, 1, 2, 3, 4, 5, 6]);
+    // Two 0xFF slots in a present row are a duplicate of expert 255.
+    let w = TraceWriter::create(d.file("dup.mrt"), header(256, 8, &[0]), WriterOptions::uncompressed()).unwrap();
+    let e = w
+        .append_stored(SeqId(0), LayerId(0), 4, &[255, 255, 1, 2, 3, 4, 5, 6])
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            TraceError::DuplicateId {
+                id: 255,
+                position: 4,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Below 256 experts (and with two-byte ids) the sentinel is not an expert: such a row is out
+    // of range, naming the slot.
+    for (e_, k) in [(128usize, 2usize), (384, 2)] {
+        let h = header(e_, k, &[0]);
+        let sentinel = h.id_width().sentinel();
+        let w = TraceWriter::create(d.file("low.mrt"), h.clone(), WriterOptions::uncompressed()).unwrap();
+        let stored: Vec<u8> = match h.id_width() {
+            IdWidth::U8 => vec![3, 0xFF],
+            IdWidth::U16 => vec![3, 0, 0xFF, 0xFF],
+        };
+        let err = w.append_stored(SeqId(0), LayerId(0), 9, &stored).unwrap_err();
+        assert!(
+            matches!(err, TraceError::IdOutOfRange { slot: 1, id, position: 9, .. } if id == sentinel),
+            "E = {e_}: {err}"
+        );
+    }
+    // The u32 API refuses a row that is partly MISSING_ID, for every E.
+    let w = TraceWriter::create(
+        d.file("partial.mrt"),
+        header(256, 8, &[0]),
+        WriterOptions::uncompressed(),
+    )
+    .unwrap();
+    let e = w
+        .append(
+            SeqId(0),
+            LayerId(0),
+            0,
+            array![[MISSING_ID, 0, 1, 2, 3, 4, 5, 6]].view(),
+        )
+        .unwrap_err();
+    assert!(matches!(e, TraceError::PartialMissing { position: 0, .. }), "{e}");
+}
+
+/// Decodes standard base64 (test helper).
+fn base64_decode(text: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let mut out = Vec::new();
+    let (mut acc, mut bits) = (0u32, 0);
+    for c in text.bytes().filter(|&c| c != b'=' && !c.is_ascii_whitespace()) {
+        acc = (acc << 6) | u32::from(val(c));
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    out
+}
+
+#[test]
+fn r3v1_export_writes_zstd_frames_with_the_content_checksum() {
+    use moe_router::interop::{self, ExportOptions, Format, ImportOptions};
+    let t = synthetic(16, 2, &[0, 1], 1, 12);
+    let text = interop::export(Format::R3v1, &t, &ExportOptions::default()).unwrap();
+    let frame = base64_decode(std::str::from_utf8(&text).unwrap());
+    // A zstd frame: magic 28 B5 2F FD, then the frame header descriptor whose bit 2 is the
+    // Content_Checksum_flag (RFC 8878, 3.1.1.1.1): the frame then ends with the low 32 bits of
+    // the content's XXH64, which every decoder checks.
+    assert_eq!(&frame[..4], &[0x28, 0xB5, 0x2F, 0xFD]);
+    assert_ne!(frame[4] & 0b100, 0, "content checksum flag not set: {:08b}", frame[4]);
+    // The export still imports back to the same routes.
+    let opts = ImportOptions::default().with_shape(2, 2).with_num_experts(16);
+    let back = interop::import(Format::R3v1, &text, &opts).unwrap();
+    let got = back.to_dense(SeqId(0));
+    assert_eq!(got.slice(ndarray::s![..12, .., ..]), t.to_dense(SeqId(0)));
+}
+
+#[test]
+fn the_annotated_example_of_the_format_doc_is_what_the_writer_writes() {
+    // The bytes listed in docs/trace-format.md, "Annotated example": `OFFSET: BYTES  comment`.
+    let doc = include_str!("../../docs/trace-format.md");
+    let example = doc.split("## Annotated example").nth(1).unwrap();
+    let block = example.split("```").nth(1).unwrap();
+    let mut listed: Vec<u8> = Vec::new();
+    for line in block.lines().filter(|l| !l.trim().is_empty()) {
+        let (off, rest) = line.split_once(": ").unwrap();
+        assert_eq!(
+            usize::from_str_radix(off, 16).unwrap(),
+            listed.len(),
+            "offset of {line:?}"
+        );
+        for tok in rest.split_whitespace() {
+            if tok.len() != 2 || !tok.bytes().all(|c| c.is_ascii_hexdigit()) {
+                break;
+            }
+            listed.push(u8::from_str_radix(tok, 16).unwrap());
+        }
+    }
+    let h = TraceHeader::new(8, 2, &[1, 3])
+        .unwrap()
+        .with_fingerprint(0x1122_3344_5566_7788)
+        .with_producer("ex");
+    let d = TempDir::new("example");
+    let p = d.file("ex.mrt");
+    let w = TraceWriter::create(&p, h, WriterOptions::uncompressed().with_chunk_max_age(None)).unwrap();
+    w.append(SeqId(5), LayerId(1), 2, array![[4u32, 1], [0, 2]].view())
+        .unwrap();
+    w.append(
+        SeqId(5),
+        LayerId(3),
+        2,
+        array![[3u32, 7], [MISSING_ID, MISSING_ID]].view(),
+    )
+    .unwrap();
+    w.append(SeqId(2), LayerId(3), 0, array![[6u32, 5]].view()).unwrap();
+    w.finish().unwrap();
+    let written = std::fs::read(&p).unwrap();
+    assert_eq!(listed, written);
+    // Every CRC32C in it is the documented checksum.
+    assert_eq!(crc32c_of(b"123456789"), 0xE306_9283);
+    for (from, to) in [(0x00, 0x42), (0x46, 0x72), (0x76, 0xb4), (0xb8, 0xc8)] {
+        assert_eq!(
+            u32::from_le_bytes(written[to..to + 4].try_into().unwrap()),
+            crc32c_of(&written[from..to])
+        );
+    }
 }

@@ -17,17 +17,25 @@
 //! * `memory/*` — the same into an in-memory [`Trace`];
 //! * `read/*` — opening (eager verification of every chunk) and loading files.
 //!
+//! Before the timings, the bench prints the **size** of engine-style recordings (bytes per id of
+//! the whole file, for each codec): a packed prefill of every sequence, then decode steps of one
+//! token per sequence, each step one [`Record`] call per MoE layer — the pattern that interleaves
+//! many (sequence, layer) lanes in every chunk. Sizes are deterministic (no time budget).
+//!
 //! Time is the **process CPU time** (`CLOCK_PROCESS_CPUTIME_ID`: all threads, the writer's
 //! background thread included, also after it exits), so results hold on a shared, loaded machine
 //! — a rate is then "per core-second". `BENCH_CLOCK=wall` switches to wall time. The writer is
 //! created outside the timed region; appends and `finish` (last chunk, index) are timed.
 //!
-//! Run: `cargo bench -p moe-router-core --bench trace -- --quick`.
+//! Run: `cargo bench -p moe-router-trace --bench trace -- --quick` (`BENCH_SIZES_ONLY=1`: the
+//! size table only).
 
 #![allow(missing_docs)]
 
 use criterion::{Criterion, Throughput};
-use moe_router_core::{BatchLayout, CallSite, LayerId, ReplayPolicy, RouteShape, RouterConfig, SeqId};
+use moe_router_core::{
+    BatchLayout, CallSite, LayerId, ReplayPolicy, RouteShape, RouterConfig, RowAddr, Segment, SeqId,
+};
 use moe_router_trace::policy::Record;
 use moe_router_trace::trace::synthetic::SyntheticRoutes;
 use moe_router_trace::trace::{Compression, Trace, TraceFile, TraceHeader, TraceWriter, WriterOptions};
@@ -290,7 +298,7 @@ fn bench_write(c: &mut Criterion<Clock>, clock: Clock, shape: &Shape, dir: &Path
     }
     g.bench_function("append_stored/raw", |b| {
         b.iter_custom(|iters| {
-            time_writes(clock, &path, shape, WriterOptions::default(), iters, |w, _| {
+            time_writes(clock, &path, shape, WriterOptions::uncompressed(), iters, |w, _| {
                 for (l, layer) in shape.stored.iter().enumerate() {
                     for (s, a) in layer.iter().enumerate() {
                         w.append_stored(SeqId(s as u64), LayerId(l as u32), 0, a)
@@ -310,7 +318,8 @@ fn bench_write(c: &mut Criterion<Clock>, clock: Clock, shape: &Shape, dir: &Path
             let layout = shape.layout(0);
             let mut total = 0;
             for _ in 0..iters {
-                let rec = Record::create_file(&path, shape.header.clone(), WriterOptions::default()).expect("create");
+                let rec =
+                    Record::create_file(&path, shape.header.clone(), WriterOptions::uncompressed()).expect("create");
                 for (l, batch) in shape.batch.iter().enumerate() {
                     // The sink takes ownership of a host copy of the ids, made (untimed) right
                     // before, as `Router::record_ids` does.
@@ -408,10 +417,143 @@ fn bench_read(c: &mut Criterion<Clock>, clock: Clock, shape: &Shape, dir: &Path)
     g.finish();
 }
 
+/// Records `t` through [`Record`] like an inference engine: a packed prefill of every sequence
+/// (prompt lengths `prompt + (37·s mod 64)`), then `decode` steps of one token per sequence, each a
+/// call per MoE layer with the batch padded to a multiple of 8 rows. Returns (file bytes, ids).
+fn record_engine_style(
+    path: &Path,
+    t: &Trace,
+    opts: WriterOptions,
+    seqs: u64,
+    prompt: usize,
+    decode: usize,
+) -> (u64, u64) {
+    let header = t.header().clone();
+    let k = header.top_k();
+    let layers = header.layer_ids();
+    let rec = Record::create_file(path, header.clone(), opts).expect("create");
+    let call = |layout: &BatchLayout, li: usize| {
+        let mut ids = Array2::<u32>::zeros((layout.rows(), k));
+        for (r, addr) in layout.iter_rows().enumerate() {
+            if let RowAddr::Token(seq, pos) = addr {
+                t.read_rows(seq, LayerId(layers[li]), pos, ids.slice_mut(s![r..r + 1, ..]))
+                    .expect("rows");
+            }
+        }
+        let site = CallSite::layer(layers[li]).with_layout(layout);
+        let shape = RouteShape {
+            rows: layout.rows(),
+            num_experts: header.num_experts(),
+            top_k: k,
+        };
+        rec.recorder(&site, shape).expect("recorder").expect("sink")(ids);
+    };
+    let lens: Vec<(SeqId, usize)> = (0..seqs).map(|s| (SeqId(s), prompt + (s as usize * 37) % 64)).collect();
+    let prefill = BatchLayout::packed(&lens).expect("layout");
+    for li in 0..layers.len() {
+        call(&prefill, li);
+    }
+    let mut ids = lens.iter().map(|&(_, l)| l as u64).sum::<u64>() * layers.len() as u64;
+    for step in 0..decode {
+        let mut segs: Vec<Segment> = lens
+            .iter()
+            .map(|&(seq, l)| Segment::Tokens {
+                seq,
+                start: (l + step) as u64,
+                len: 1,
+            })
+            .collect();
+        segs.push(Segment::Padding {
+            len: (8 - lens.len() % 8) % 8,
+        });
+        let layout = BatchLayout::new(segs).expect("layout");
+        for li in 0..layers.len() {
+            call(&layout, li);
+        }
+        ids += seqs * layers.len() as u64;
+    }
+    rec.finish().expect("finish");
+    (std::fs::metadata(path).expect("size").len(), ids * k as u64)
+}
+
+/// Prints bytes per id of engine-style recordings (E = 128, K = 8, 48 MoE layers, synthetic
+/// routes with ρ = 0.9) for each codec.
+fn print_engine_sizes(dir: &Path) {
+    let cfg = RouterConfig::builder(128, 8).build().expect("config");
+    println!("engine-style recording, E = 128, K = 8, 48 layers: bytes per id (whole file)");
+    println!("| sequences | prompt | decode steps | raw | zstd 3 | rank+zstd 3 |");
+    println!("|---|---|---|---|---|---|");
+    for (seqs, prompt, decode) in [(16u64, 256usize, 512usize), (64, 128, 256), (256, 64, 64)] {
+        let t = SyntheticRoutes::new(cfg.clone(), (0..48).collect(), seqs, prompt + 64 + decode)
+            .generate()
+            .expect("synthetic");
+        let mut line = format!("| {seqs} | {prompt}–{} | {decode} |", prompt + 63);
+        for c in [Compression::None, Compression::Zstd(3), Compression::ZstdRanked(3)] {
+            let opts = WriterOptions {
+                compression: c,
+                chunk_max_age: None,
+                ..WriterOptions::default()
+            };
+            let (bytes, ids) = record_engine_style(&dir.join("sizes.mrt"), &t, opts, seqs, prompt, decode);
+            line += &format!(" {:.4} |", bytes as f64 / ids as f64);
+        }
+        println!("{line}");
+    }
+}
+
+/// Prints bytes per id of whole traces written lane by lane ([`Trace::write_file`]: 8 layers × 4
+/// sequences × 1024 tokens, E = 128, K = 8, synthetic routes) for each correlation ρ and codec,
+/// with the mean overlap `|ids(t) ∩ ids(t+1)| / K` of consecutive tokens.
+fn print_rho_sizes(dir: &Path) {
+    let cfg = RouterConfig::builder(128, 8).build().expect("config");
+    println!("8 layers × 4 sequences × 1024 tokens, E = 128, K = 8: bytes per id (whole file)");
+    println!("| ρ | overlap | raw | zstd 3 | zstd 19 | rank+zstd 3 | rank+zstd 19 |");
+    println!("|---|---|---|---|---|---|---|");
+    for rho in [0.0, 0.5, 0.8, 0.9, 0.95] {
+        let mut g = SyntheticRoutes::new(cfg.clone(), (0..8).collect(), 4, 1024);
+        g.rho = rho;
+        let t = g.generate().expect("synthetic");
+        let (mut shared, mut pairs) = (0usize, 0usize);
+        for lane in t.lanes() {
+            for r in lane.runs {
+                for w in r.bytes.chunks_exact(K).collect::<Vec<_>>().windows(2) {
+                    shared += w[1].iter().filter(|x| w[0].contains(x)).count();
+                    pairs += 1;
+                }
+            }
+        }
+        let ids = t.summary().ids as f64;
+        let mut line = format!("| {rho} | {:.2} |", shared as f64 / (pairs * K) as f64);
+        for c in [
+            Compression::None,
+            Compression::Zstd(3),
+            Compression::Zstd(19),
+            Compression::ZstdRanked(3),
+            Compression::ZstdRanked(19),
+        ] {
+            let p = dir.join("rho.mrt");
+            let opts = WriterOptions {
+                compression: c,
+                chunk_max_age: None,
+                ..WriterOptions::default()
+            };
+            t.write_file(&p, opts).expect("write");
+            line += &format!(" {:.3} |", std::fs::metadata(&p).expect("size").len() as f64 / ids);
+        }
+        println!("{line}");
+    }
+}
+
 fn main() {
     let clock = Clock::from_env();
     let dir = std::env::temp_dir().join(format!("moe-router-bench-trace-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
+    print_engine_sizes(&dir);
+    print_rho_sizes(&dir);
+    if std::env::var("BENCH_SIZES_ONLY").is_ok_and(|v| v == "1") {
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
     let mut c = Criterion::default().with_measurement(clock).configure_from_args();
     for e in [128usize, 256, 384] {
         let shape = Shape::new(e);

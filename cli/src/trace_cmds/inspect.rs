@@ -108,7 +108,7 @@ pub fn inspect(a: &InspectArgs) -> Result<u8, CliError> {
         .map_err(|e| trace_err(path, e))?;
         let r = tf.report().clone();
         out["header"] = header_json(tf.header());
-        out["format_version"] = json!(format!("1.{}", r.minor_version));
+        out["format_version"] = json!(format!("{}.{}", r.major_version, r.minor_version));
         file_json(&mut out, &r);
         out["chunk_table"] = serde_json::to_value(tf.chunk_infos()).unwrap_or(Value::Null);
         tf.to_trace().map_err(|e| trace_err(path, e))?

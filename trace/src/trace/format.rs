@@ -7,8 +7,11 @@ use moe_router_core::layout::LayerId;
 
 /// File magic: `\x89MRT\r\n\x1a\n` (the PNG trick: detects 7-bit and newline mangling).
 pub(crate) const MAGIC: [u8; 8] = [0x89, b'M', b'R', b'T', b'\r', b'\n', 0x1A, b'\n'];
-/// Major version this code writes and reads.
-pub(crate) const VERSION_MAJOR: u16 = 1;
+/// Major version this code writes (new files); it reads this one and [`VERSION_1`].
+pub(crate) const VERSION_MAJOR: u16 = 2;
+/// Format 1: one layer per block and 32-byte index entries. Still read, and still written when
+/// appending to a 1.x file (so that the file stays readable by 1.x readers).
+pub(crate) const VERSION_1: u16 = 1;
 /// Minor version this code writes.
 pub(crate) const VERSION_MINOR: u16 = 0;
 /// Fixed part of the file header before the body.
@@ -24,12 +27,18 @@ pub(crate) const CHUNK_TAG: [u8; 4] = *b"MRTC";
 pub(crate) const CHUNK_HEADER: usize = 24;
 /// Index frame tag.
 pub(crate) const INDEX_TAG: [u8; 4] = *b"MRTI";
-/// Index frame header bytes.
-pub(crate) const INDEX_HEADER: usize = 24;
-/// Bytes per chunk-table entry in the index.
-pub(crate) const INDEX_CHUNK_ENTRY: usize = 16;
-/// Bytes per block entry in the index.
-pub(crate) const INDEX_BLOCK_ENTRY: usize = 32;
+/// Index frame header bytes, format 1.
+pub(crate) const INDEX_HEADER_V1: usize = 24;
+/// Bytes per chunk-table entry in the index, format 1.
+pub(crate) const INDEX_CHUNK_ENTRY_V1: usize = 16;
+/// Bytes per block entry in the index, format 1.
+pub(crate) const INDEX_BLOCK_ENTRY_V1: usize = 32;
+/// Index frame header bytes, format 2 (the format 1 fields and the byte length of the entries).
+pub(crate) const INDEX_HEADER_V2: usize = 32;
+/// Bytes per chunk-table entry in the index, format 2 (format 1's and the block count).
+pub(crate) const INDEX_CHUNK_ENTRY_V2: usize = 20;
+/// Fewest bytes of a format 2 block entry (five one-byte varints).
+pub(crate) const INDEX_BLOCK_ENTRY_V2_MIN: usize = 5;
 /// Footer tag (the file's last 4 bytes when closed cleanly).
 pub(crate) const FOOTER_TAG: [u8; 4] = *b"MRTE";
 /// Footer bytes.
@@ -89,6 +98,21 @@ pub(crate) fn u64_at(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(a)
 }
 
+/// Bytes of the minimal unsigned LEB128 encoding of `v` (1..=10).
+pub(crate) fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Zigzag code of a difference modulo 2⁶⁴ read as a two's-complement `i64`.
+pub(crate) fn zigzag(d: u64) -> u64 {
+    (d << 1) ^ (((d as i64) >> 63) as u64)
+}
+
+/// Inverse of [`zigzag`].
+pub(crate) fn unzigzag(z: u64) -> u64 {
+    (z >> 1) ^ (z & 1).wrapping_neg()
+}
+
 /// Appends an unsigned LEB128 varint.
 pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
@@ -96,6 +120,17 @@ pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
         v >>= 7;
     }
     out.push(v as u8);
+}
+
+/// Reads a varint at `*pos` as [`get_varint`] does; with `minimal`, a varint longer than its
+/// minimal encoding (a last byte of 0 after other bytes) is refused too (format 2).
+pub(crate) fn get_varint_checked(b: &[u8], pos: &mut usize, minimal: bool) -> Option<u64> {
+    let p0 = *pos;
+    let v = get_varint(b, pos)?;
+    if minimal && *pos - p0 != varint_len(v) {
+        return None;
+    }
+    Some(v)
 }
 
 /// Reads an unsigned LEB128 varint at `*pos` (at most 10 bytes, no overflow).
@@ -144,8 +179,15 @@ pub(crate) fn encode_header(h: &TraceHeader) -> Vec<u8> {
     out
 }
 
-/// Decodes the file header; returns it, the minor version and the header's total length.
-pub(crate) fn decode_header(b: &[u8]) -> Result<(TraceHeader, u16, usize), TraceError> {
+/// The version of a file: major and minor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Version {
+    pub major: u16,
+    pub minor: u16,
+}
+
+/// Decodes the file header; returns it, the version and the header's total length.
+pub(crate) fn decode_header(b: &[u8]) -> Result<(TraceHeader, Version, usize), TraceError> {
     let avail = b.len() as u64;
     let trunc = |needed: u64| TraceError::Truncated {
         what: "file header".into(),
@@ -189,7 +231,7 @@ pub(crate) fn decode_header(b: &[u8]) -> Result<(TraceHeader, u16, usize), Trace
             computed,
         });
     }
-    if major != VERSION_MAJOR {
+    if major != VERSION_MAJOR && major != VERSION_1 {
         return Err(TraceError::UnsupportedVersion {
             major,
             minor,
@@ -244,48 +286,85 @@ pub(crate) fn decode_header(b: &[u8]) -> Result<(TraceHeader, u16, usize), Trace
         .to_string();
     let h =
         TraceHeader::from_parts(e, k, width, layers, conv, fp, wv, producer).map_err(|err| bad(0, err.to_string()))?;
-    Ok((h, minor, total))
+    Ok((h, Version { major, minor }, total))
 }
 
-/// One block of a decoded chunk payload.
+/// One block of a decoded chunk payload: `rows` positions from `start` of sequence `seq` at
+/// `layers` consecutive layers of the map from `layer_index` (always one layer in format 1). The
+/// ids are layer-major: the rows of the first layer, then those of the next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Block {
     pub seq: u64,
     pub layer_index: u32,
+    pub layers: u32,
     pub start: u64,
     pub rows: u32,
     /// Offset of the ids within the raw payload.
     pub data_off: u32,
 }
 
-/// Appends one block to a raw payload.
-pub(crate) fn put_block(out: &mut Vec<u8>, seq: u64, layer_index: u32, start: u64, data: &[u8], rows: usize) {
-    put_varint(out, seq);
-    put_varint(out, u64::from(layer_index));
-    put_varint(out, start);
-    put_varint(out, rows as u64);
-    out.extend_from_slice(data);
+impl Block {
+    /// Payload offset of the rows of the `j`-th layer of the block.
+    pub(crate) fn layer_data_off(&self, j: u32, row_bytes: usize) -> usize {
+        self.data_off as usize + j as usize * self.rows as usize * row_bytes
+    }
 }
 
-/// Parses the blocks of a raw payload (`row_bytes` per row, `layers` in the map). Errors carry
-/// the offset within the payload.
+/// Appends one block header (format `major`; format 1 has no layer count, `layers` is then 1).
+pub(crate) fn put_block_header(out: &mut Vec<u8>, major: u16, b: &Block) {
+    put_varint(out, b.seq);
+    put_varint(out, u64::from(b.layer_index));
+    if major >= VERSION_MAJOR {
+        put_varint(out, u64::from(b.layers));
+    }
+    put_varint(out, b.start);
+    put_varint(out, u64::from(b.rows));
+}
+
+/// Bytes of a block header as [`put_block_header`] writes it.
+pub(crate) fn block_header_len(major: u16, b: &Block) -> usize {
+    varint_len(b.seq)
+        + varint_len(u64::from(b.layer_index))
+        + if major >= VERSION_MAJOR {
+            varint_len(u64::from(b.layers))
+        } else {
+            0
+        }
+        + varint_len(b.start)
+        + varint_len(u64::from(b.rows))
+}
+
+/// Parses the blocks of a raw payload of format `major` (`row_bytes` per row, `layers` in the
+/// map). Errors carry the offset within the payload.
 pub(crate) fn parse_blocks(
     raw: &[u8],
     expected: u32,
     row_bytes: usize,
     layers: usize,
+    major: u16,
 ) -> Result<Vec<Block>, (usize, String)> {
     let mut pos = 0usize;
+    let v2 = major >= VERSION_MAJOR;
+    let what = if v2 { " (or not minimal)" } else { "" };
     // Every block takes at least one payload byte: never reserve by a count the input claims.
     let mut out = Vec::with_capacity((expected as usize).min(raw.len()));
     while pos < raw.len() {
         let at = pos;
-        let seq = get_varint(raw, &mut pos).ok_or((at, "bad sequence varint".to_string()))?;
-        let li = get_varint(raw, &mut pos).ok_or((at, "bad layer varint".to_string()))?;
-        let start = get_varint(raw, &mut pos).ok_or((at, "bad start varint".to_string()))?;
-        let rows = get_varint(raw, &mut pos).ok_or((at, "bad row-count varint".to_string()))?;
+        let mut field =
+            |name: &str| get_varint_checked(raw, &mut pos, v2).ok_or((at, format!("bad {name} varint{what}")));
+        let seq = field("sequence")?;
+        let li = field("layer")?;
+        let nl = if v2 { field("layer-count")? } else { 1 };
+        let start = field("start")?;
+        let rows = field("row-count")?;
         if li >= layers as u64 {
             return Err((at, format!("layer index {li} but the layer map has {layers} layers")));
+        }
+        if nl == 0 || nl > layers as u64 - li {
+            return Err((
+                at,
+                format!("block of {nl} layers from layer index {li}, but the layer map has {layers} layers"),
+            ));
         }
         if rows == 0 || rows > u64::from(u32::MAX) {
             return Err((at, format!("block row count {rows}")));
@@ -294,12 +373,17 @@ pub(crate) fn parse_blocks(
             return Err((at, format!("positions {start}+{rows} overflow")));
         }
         let len = (rows as usize)
-            .checked_mul(row_bytes)
+            .checked_mul(nl as usize)
+            .and_then(|n| n.checked_mul(row_bytes))
             .filter(|&l| l <= raw.len() - pos)
-            .ok_or((at, format!("block of {rows} rows runs past the payload end")))?;
+            .ok_or((
+                at,
+                format!("block of {nl} layer(s) × {rows} rows runs past the payload end"),
+            ))?;
         out.push(Block {
             seq,
             layer_index: li as u32,
+            layers: nl as u32,
             start,
             rows: rows as u32,
             data_off: pos as u32,
@@ -364,16 +448,16 @@ impl ChunkHead {
 pub(crate) enum FrameProbe {
     /// A complete chunk frame whose checksum matches.
     Chunk(ChunkHead),
-    /// A complete index frame whose checksum matches: (chunks, entries, frame length).
-    Index(u64, u64, u64),
+    /// A complete index frame whose checksum matches, with its length.
+    Index(u64),
     /// Fewer bytes than the frame needs (or than a frame header): a torn tail.
     Short,
     /// Anything else (bad tag, bad fields, checksum mismatch), with a reason.
     Bad(String),
 }
 
-/// Examines the bytes at `off`.
-pub(crate) fn probe_frame(b: &[u8], off: usize) -> FrameProbe {
+/// Examines the bytes at `off` of a file of format `major`.
+pub(crate) fn probe_frame(b: &[u8], off: usize, major: u16) -> FrameProbe {
     let rest = &b[off.min(b.len())..];
     if rest.len() < 4 {
         return if FOOTER_TAG.starts_with(rest) || CHUNK_TAG.starts_with(rest) || INDEX_TAG.starts_with(rest) {
@@ -420,19 +504,25 @@ pub(crate) fn probe_frame(b: &[u8], off: usize) -> FrameProbe {
         return FrameProbe::Chunk(head);
     }
     if tag == INDEX_TAG {
-        if rest.len() < INDEX_HEADER {
+        let v2 = major >= VERSION_MAJOR;
+        let head = if v2 { INDEX_HEADER_V2 } else { INDEX_HEADER_V1 };
+        if rest.len() < head {
             return FrameProbe::Short;
         }
         let chunks = u64_at(rest, 8);
-        let entries = u64_at(rest, 16);
-        let len = chunks
-            .checked_mul(INDEX_CHUNK_ENTRY as u64)
-            .and_then(|a| {
-                entries
-                    .checked_mul(INDEX_BLOCK_ENTRY as u64)
+        let len = if v2 {
+            // Chunk table, then the block entries (their byte length at offset 24).
+            chunks
+                .checked_mul(INDEX_CHUNK_ENTRY_V2 as u64)
+                .and_then(|a| a.checked_add(u64_at(rest, 24)))
+        } else {
+            chunks.checked_mul(INDEX_CHUNK_ENTRY_V1 as u64).and_then(|a| {
+                u64_at(rest, 16)
+                    .checked_mul(INDEX_BLOCK_ENTRY_V1 as u64)
                     .and_then(|b| a.checked_add(b))
             })
-            .and_then(|x| x.checked_add((INDEX_HEADER + 4) as u64));
+        }
+        .and_then(|x| x.checked_add((head + 4) as u64));
         let Some(len) = len else {
             return FrameProbe::Bad("index counts overflow".into());
         };
@@ -447,7 +537,7 @@ pub(crate) fn probe_frame(b: &[u8], off: usize) -> FrameProbe {
                 "index checksum mismatch: stored {stored:#010x}, computed {computed:#010x}"
             ));
         }
-        return FrameProbe::Index(chunks, entries, len);
+        return FrameProbe::Index(len);
     }
     if tag == FOOTER_TAG {
         return FrameProbe::Bad("footer tag where a frame was expected".into());
@@ -461,6 +551,8 @@ pub(crate) struct ChunkEntry {
     pub offset: u64,
     pub frame_len: u32,
     pub raw_len: u32,
+    /// Blocks in the chunk (stored in the format 2 index; in format 1 taken from the frame).
+    pub blocks: u32,
 }
 
 /// A block entry of the index.
@@ -469,32 +561,88 @@ pub(crate) struct IndexEntry {
     pub seq: u64,
     pub start: u64,
     pub layer_index: u32,
+    /// Consecutive layers of the block (1 in format 1).
+    pub layers: u32,
     pub rows: u32,
     pub chunk: u32,
     pub data_off: u32,
 }
 
-/// Encodes the index frame and the footer (`index_offset` = where the index frame starts).
-pub(crate) fn encode_index(chunks: &[ChunkEntry], entries: &[IndexEntry], index_offset: u64) -> Vec<u8> {
+impl IndexEntry {
+    /// The entry of block `b` of chunk `chunk`.
+    pub(crate) fn of_block(b: &Block, chunk: u32) -> Self {
+        IndexEntry {
+            seq: b.seq,
+            start: b.start,
+            layer_index: b.layer_index,
+            layers: b.layers,
+            rows: b.rows,
+            chunk,
+            data_off: b.data_off,
+        }
+    }
+    /// The block this entry describes.
+    pub(crate) fn block(&self) -> Block {
+        Block {
+            seq: self.seq,
+            layer_index: self.layer_index,
+            layers: self.layers,
+            start: self.start,
+            rows: self.rows,
+            data_off: self.data_off,
+        }
+    }
+}
+
+/// Encodes the index frame of format `major` and the footer (`index_offset` = where the index
+/// frame starts). Entries are in chunk order, each chunk's in payload order.
+pub(crate) fn encode_index(chunks: &[ChunkEntry], entries: &[IndexEntry], index_offset: u64, major: u16) -> Vec<u8> {
+    let v2 = major >= VERSION_MAJOR;
     let mut out = Vec::with_capacity(
-        INDEX_HEADER + chunks.len() * INDEX_CHUNK_ENTRY + entries.len() * INDEX_BLOCK_ENTRY + 4 + FOOTER_LEN,
+        INDEX_HEADER_V2
+            + chunks.len() * INDEX_CHUNK_ENTRY_V2
+            + entries.len() * if v2 { 8 } else { INDEX_BLOCK_ENTRY_V1 }
+            + 4
+            + FOOTER_LEN,
     );
     out.extend_from_slice(&INDEX_TAG);
     out.extend_from_slice(&[0u8; 4]);
     out.extend_from_slice(&(chunks.len() as u64).to_le_bytes());
     out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    if v2 {
+        // Byte length of the entries, filled in below.
+        out.extend_from_slice(&[0u8; 8]);
+    }
     for c in chunks {
         out.extend_from_slice(&c.offset.to_le_bytes());
         out.extend_from_slice(&c.frame_len.to_le_bytes());
         out.extend_from_slice(&c.raw_len.to_le_bytes());
+        if v2 {
+            out.extend_from_slice(&c.blocks.to_le_bytes());
+        }
     }
+    let e0 = out.len();
+    let (mut seq, mut start) = (0u64, 0u64);
     for e in entries {
-        out.extend_from_slice(&e.seq.to_le_bytes());
-        out.extend_from_slice(&e.start.to_le_bytes());
-        out.extend_from_slice(&e.layer_index.to_le_bytes());
-        out.extend_from_slice(&e.rows.to_le_bytes());
-        out.extend_from_slice(&e.chunk.to_le_bytes());
-        out.extend_from_slice(&e.data_off.to_le_bytes());
+        if v2 {
+            put_varint(&mut out, zigzag(e.seq.wrapping_sub(seq)));
+            put_varint(&mut out, u64::from(e.layer_index));
+            put_varint(&mut out, u64::from(e.layers));
+            put_varint(&mut out, zigzag(e.start.wrapping_sub(start)));
+            put_varint(&mut out, u64::from(e.rows));
+            (seq, start) = (e.seq, e.start);
+        } else {
+            out.extend_from_slice(&e.seq.to_le_bytes());
+            out.extend_from_slice(&e.start.to_le_bytes());
+            out.extend_from_slice(&e.layer_index.to_le_bytes());
+            out.extend_from_slice(&e.rows.to_le_bytes());
+            out.extend_from_slice(&e.chunk.to_le_bytes());
+            out.extend_from_slice(&e.data_off.to_le_bytes());
+        }
+    }
+    if v2 {
+        let n = (out.len() - e0) as u64;
+        out[24..32].copy_from_slice(&n.to_le_bytes());
     }
     let c = crc(&out);
     out.extend_from_slice(&c.to_le_bytes());
@@ -508,31 +656,115 @@ pub(crate) fn encode_index(chunks: &[ChunkEntry], entries: &[IndexEntry], index_
     out
 }
 
-/// Decodes a verified index frame.
-pub(crate) fn decode_index(frame: &[u8], chunks: u64, entries: u64) -> (Vec<ChunkEntry>, Vec<IndexEntry>) {
-    let mut p = INDEX_HEADER;
+/// Decodes an index frame of format `major` whose checksum was verified (`frame` is the whole
+/// frame, CRC included). Errors say what is inconsistent. In format 1 the chunk-table block
+/// counts are 0 (the caller takes them from the frames); in format 2 the blocks' data offsets
+/// follow from their minimal-varint headers (`row_bytes` per row).
+pub(crate) fn decode_index(
+    frame: &[u8],
+    major: u16,
+    row_bytes: usize,
+) -> Result<(Vec<ChunkEntry>, Vec<IndexEntry>), String> {
+    let v2 = major >= VERSION_MAJOR;
+    let chunks = u64_at(frame, 8);
+    let entries = u64_at(frame, 16);
+    let (mut p, ce) = if v2 {
+        (INDEX_HEADER_V2, INDEX_CHUNK_ENTRY_V2)
+    } else {
+        (INDEX_HEADER_V1, INDEX_CHUNK_ENTRY_V1)
+    };
+    let body_end = frame.len() - 4;
+    // The frame length was computed from these counts and checked, so the tables fit.
     let mut cs = Vec::with_capacity(chunks as usize);
     for _ in 0..chunks {
         cs.push(ChunkEntry {
             offset: u64_at(frame, p),
             frame_len: u32_at(frame, p + 8),
             raw_len: u32_at(frame, p + 12),
+            blocks: if v2 { u32_at(frame, p + 16) } else { 0 },
         });
-        p += INDEX_CHUNK_ENTRY;
+        p += ce;
     }
-    let mut es = Vec::with_capacity(entries as usize);
-    for _ in 0..entries {
-        es.push(IndexEntry {
-            seq: u64_at(frame, p),
-            start: u64_at(frame, p + 8),
-            layer_index: u32_at(frame, p + 16),
-            rows: u32_at(frame, p + 20),
-            chunk: u32_at(frame, p + 24),
-            data_off: u32_at(frame, p + 28),
-        });
-        p += INDEX_BLOCK_ENTRY;
+    if !v2 {
+        let mut es = Vec::with_capacity(entries as usize);
+        for _ in 0..entries {
+            es.push(IndexEntry {
+                seq: u64_at(frame, p),
+                start: u64_at(frame, p + 8),
+                layer_index: u32_at(frame, p + 16),
+                layers: 1,
+                rows: u32_at(frame, p + 20),
+                chunk: u32_at(frame, p + 24),
+                data_off: u32_at(frame, p + 28),
+            });
+            p += INDEX_BLOCK_ENTRY_V1;
+        }
+        return Ok((cs, es));
     }
-    (cs, es)
+    let total: u64 = cs.iter().map(|c| u64::from(c.blocks)).sum();
+    if total != entries {
+        return Err(format!(
+            "the chunk table counts {total} blocks, the index header {entries}"
+        ));
+    }
+    // Never reserve by a claimed count: every entry takes at least 5 bytes.
+    let mut es = Vec::with_capacity((entries as usize).min((body_end - p) / INDEX_BLOCK_ENTRY_V2_MIN));
+    let (mut seq, mut start) = (0u64, 0u64);
+    for (ci, c) in cs.iter().enumerate() {
+        let mut off = 0u64;
+        for bi in 0..c.blocks {
+            let at = p;
+            let bad = || format!("block entry {bi} of chunk {ci} at index byte {at}: bad varint");
+            let mut field = || {
+                if p >= body_end {
+                    return None;
+                }
+                get_varint_checked(&frame[..body_end], &mut p, true)
+            };
+            let dseq = field().ok_or_else(bad)?;
+            let li = field().ok_or_else(bad)?;
+            let nl = field().ok_or_else(bad)?;
+            let dstart = field().ok_or_else(bad)?;
+            let rows = field().ok_or_else(bad)?;
+            seq = seq.wrapping_add(unzigzag(dseq));
+            start = start.wrapping_add(unzigzag(dstart));
+            if li > u64::from(u32::MAX)
+                || nl == 0
+                || nl > u64::from(u32::MAX)
+                || rows == 0
+                || rows > u64::from(u32::MAX)
+            {
+                return Err(format!(
+                    "block entry {bi} of chunk {ci}: layer index {li}, {nl} layers, {rows} rows"
+                ));
+            }
+            let mut b = Block {
+                seq,
+                layer_index: li as u32,
+                layers: nl as u32,
+                start,
+                rows: rows as u32,
+                data_off: 0,
+            };
+            off += block_header_len(major, &b) as u64;
+            if off > u64::from(c.raw_len) {
+                return Err(format!("block entry {bi} of chunk {ci} runs past the chunk's payload"));
+            }
+            b.data_off = off as u32;
+            off = off.saturating_add(nl.saturating_mul(rows).saturating_mul(row_bytes as u64));
+            es.push(IndexEntry::of_block(&b, ci as u32));
+        }
+        if off != u64::from(c.raw_len) {
+            return Err(format!(
+                "the block entries of chunk {ci} cover {off} payload bytes, the chunk holds {}",
+                c.raw_len
+            ));
+        }
+    }
+    if p != body_end {
+        return Err(format!("{} bytes after the last block entry", body_end - p));
+    }
+    Ok((cs, es))
 }
 
 /// Reads the footer at the end of `b`: `Ok(Some((index_offset, index_len)))` when present and

@@ -43,7 +43,10 @@ pub use codec::RowCodec;
 pub use file::{ChunkInfo, IndexState, OpenOptions, RecoveryReport, TailDamage, TraceFile, Verify};
 pub use manifest::{Manifest, ManifestShard, ShardedTrace};
 pub use model::{AppendStats, LaneRef, LayerSummary, RunRef, Trace, TraceSummary, ValidationIssue};
-pub use writer::{Compression, TraceWriter, WriterOptions, WriterStats};
+pub use writer::{
+    Compression, DEFAULT_CHUNK_ID_BYTES, DEFAULT_CHUNK_MAX_AGE, DEFAULT_COMPRESSION, TraceWriter, WriterOptions,
+    WriterStats,
+};
 
 use moe_router_core::config::RouterConfig;
 use moe_router_core::error::ReplayError;
@@ -387,13 +390,13 @@ pub enum TraceError {
         found: Vec<u8>,
     },
     /// The file's major version is not supported.
-    #[error("unsupported trace format version {major}.{minor} (this reader supports {supported}.x)")]
+    #[error("unsupported trace format version {major}.{minor} (this reader reads 1.x to {supported}.x)")]
     UnsupportedVersion {
         /// Major version found.
         major: u16,
         /// Minor version found.
         minor: u16,
-        /// Supported major.
+        /// The newest major version this reader reads (it reads every one from 1).
         supported: u16,
     },
     /// A checksum does not match: the bytes were corrupted (bit flip, torn write).

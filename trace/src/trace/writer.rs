@@ -1,33 +1,40 @@
 //! The streaming `.mrt` writer: appends are copied into per-lane buffers under a short lock;
-//! full chunks are compressed, checksummed and written by a background thread.
+//! full (or old enough) chunks are compressed, checksummed and written by a background thread.
 
 use super::codec::RowCodec;
 use super::file::TraceFile;
-use super::format::{self, ChunkEntry, IndexEntry};
+use super::format::{self, Block, ChunkEntry, IndexEntry};
 use super::{TraceError, TraceHeader};
 use moe_router_core::layout::{LayerId, SeqId};
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{BufWriter, IoSlice, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError, Weak};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Default limit of id bytes per chunk (1 MiB).
 pub const DEFAULT_CHUNK_ID_BYTES: usize = 1 << 20;
 
+/// Default age after which a chunk is closed even when it is not full (1 s).
+pub const DEFAULT_CHUNK_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// Default compression: [`Compression::Zstd`] at level 3.
+pub const DEFAULT_COMPRESSION: Compression = Compression::Zstd(3);
+
 /// Per-chunk compression.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Compression {
     /// Chunks are stored as is.
-    #[default]
     None,
-    /// Each chunk is one zstd frame at this level (1–22; 3 is a good default). A chunk that does
-    /// not shrink is stored uncompressed.
+    /// Each chunk is one zstd frame at this level (1–22; 3, the default
+    /// [`DEFAULT_COMPRESSION`], is a good trade-off). A chunk that does not shrink is stored
+    /// uncompressed.
     Zstd(i32),
     /// The row-rank transform (ids that repeat the previous row's experts become small numbers;
     /// see `docs/trace-format.md`) then zstd at this level: 25–35% smaller than plain zstd on
@@ -35,13 +42,33 @@ pub enum Compression {
     ZstdRanked(i32),
 }
 
+impl Default for Compression {
+    /// [`DEFAULT_COMPRESSION`]: zstd at level 3.
+    fn default() -> Self {
+        DEFAULT_COMPRESSION
+    }
+}
+
 /// Writer settings.
+///
+/// Rows wait in memory until their chunk is closed and handed to the background thread, which
+/// writes it (and hands it to the operating system) at once. A chunk is closed when the first
+/// of two budgets is spent: [`WriterOptions::chunk_id_bytes`] of ids (a row budget: rows × K ×
+/// id width) or [`WriterOptions::chunk_max_age`] since its first row. With the defaults, a
+/// process crash loses at most the last ~1 s or 1 MiB of ids, whichever is less, plus chunks
+/// still queued behind a disk or compressor that falls behind (at most 4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WriterOptions {
-    /// Most id bytes per chunk (default 1 MiB). A crash loses at most the chunk being written.
-    /// Raised to one row when smaller.
+    /// Most id bytes per chunk (default 1 MiB): the row budget of a chunk. Raised to one row
+    /// when smaller.
     pub chunk_id_bytes: usize,
-    /// Per-chunk compression.
+    /// Time budget of a chunk (default [`DEFAULT_CHUNK_MAX_AGE`], 1 s): a chunk whose first row
+    /// was appended this long ago is closed by the next append or, when none comes, by the
+    /// background thread within a quarter of this time. `None`: chunks close on the row budget,
+    /// [`TraceWriter::flush`] and [`TraceWriter::finish`] only.
+    pub chunk_max_age: Option<Duration>,
+    /// Per-chunk compression (default zstd level 3; a chunk that compression does not make
+    /// smaller is stored uncompressed).
     pub compression: Compression,
     /// Call `fsync` when the writer finishes.
     pub sync_on_finish: bool,
@@ -51,7 +78,8 @@ impl Default for WriterOptions {
     fn default() -> Self {
         WriterOptions {
             chunk_id_bytes: DEFAULT_CHUNK_ID_BYTES,
-            compression: Compression::None,
+            chunk_max_age: Some(DEFAULT_CHUNK_MAX_AGE),
+            compression: DEFAULT_COMPRESSION,
             sync_on_finish: false,
         }
     }
@@ -65,9 +93,21 @@ impl WriterOptions {
             ..WriterOptions::default()
         }
     }
+    /// Default options without compression (every chunk stored as is: one byte or two per id).
+    pub fn uncompressed() -> Self {
+        WriterOptions {
+            compression: Compression::None,
+            ..WriterOptions::default()
+        }
+    }
     /// Sets the chunk limit in id bytes.
     pub fn with_chunk_id_bytes(mut self, n: usize) -> Self {
         self.chunk_id_bytes = n;
+        self
+    }
+    /// Sets the time budget of a chunk (`None`: no time budget).
+    pub fn with_chunk_max_age(mut self, age: Option<Duration>) -> Self {
+        self.chunk_max_age = age;
         self
     }
 }
@@ -158,6 +198,8 @@ enum Job {
 struct State {
     pending: Pending,
     pending_bytes: usize,
+    /// When the first pending row was queued (`None` while nothing is pending).
+    oldest: Option<Instant>,
     next_chunk: u32,
     coverage: HashMap<(SeqId, LayerId), Coverage>,
     stats: WriterStats,
@@ -166,10 +208,40 @@ struct State {
     closed: bool,
 }
 
+impl State {
+    /// Closes the pending chunk: takes its rows and gives it the next chunk index (`None` when
+    /// nothing is pending).
+    fn close_chunk(&mut self) -> Result<Option<(u32, Pending)>, TraceError> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let index = self.next_chunk;
+        self.next_chunk = self
+            .next_chunk
+            .checked_add(1)
+            .ok_or_else(|| TraceError::WriterClosed("more than 2^32 chunks".into()))?;
+        let pending = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        self.oldest = None;
+        self.stats.chunks += 1;
+        Ok(Some((index, pending)))
+    }
+
+    /// True when the pending chunk is older than `age`.
+    fn aged(&self, age: Option<Duration>) -> bool {
+        matches!((age, self.oldest), (Some(a), Some(t0)) if t0.elapsed() >= a)
+    }
+}
+
 /// Streams a trace into a `.mrt` file. Thread-safe: several threads (layers) may append to one
-/// writer; each append validates and copies its rows under a short lock, and full chunks are
-/// compressed, checksummed and written by a background thread (bounded queue: a slow disk makes
-/// appends wait instead of growing memory).
+/// writer; each append validates and copies its rows under a short lock, and closed chunks (full,
+/// or older than [`WriterOptions::chunk_max_age`]) are compressed, checksummed and written by a
+/// background thread (bounded queue: a slow disk makes appends wait instead of growing memory).
+///
+/// New files are written in format 2.0: the rows of one sequence at consecutive layers with the
+/// same positions share one block, so decode-style recording (many sequences × layers, a few
+/// rows each per chunk) stays near one byte per id uncompressed. Appending to a 1.x file
+/// ([`TraceWriter::append_to`]) keeps writing format 1.0, so that the file stays one version.
 ///
 /// Overlaps follow the trace rule with *first write wins*: rows at positions this writer already
 /// wrote are dropped and counted ([`WriterStats::overlap_rows_dropped`]) — never duplicated,
@@ -183,7 +255,7 @@ pub struct TraceWriter {
     opts: WriterOptions,
     limit: usize,
     path: PathBuf,
-    state: Mutex<State>,
+    state: Arc<Mutex<State>>,
     error: Arc<Mutex<Option<TraceError>>>,
     pool: Arc<BufferPool>,
 }
@@ -211,21 +283,26 @@ impl TraceWriter {
             f,
             header,
             opts,
-            h.len() as u64,
-            0,
-            Vec::new(),
-            Vec::new(),
-            HashMap::new(),
+            Resume {
+                major: format::VERSION_MAJOR,
+                offset: h.len() as u64,
+                next_chunk: 0,
+                chunks: Vec::new(),
+                entries: Vec::new(),
+                coverage: HashMap::new(),
+            },
         ))
     }
 
     /// Opens an existing trace file to append more rows (multi-turn, partial-rollout resume, or
     /// after a crash). The file is recovered as by [`TraceFile::open`] (a torn tail is cut off,
     /// the old index is removed and rewritten on finish); `header` must match the file's up to
-    /// the producer. Positions already in the file count as written (first write wins).
+    /// the producer. Positions already in the file count as written (first write wins). The file
+    /// keeps its format version: new chunks and the index of a 1.x file are written in format
+    /// 1.0.
     pub fn append_to(path: impl AsRef<Path>, header: &TraceHeader, opts: WriterOptions) -> Result<Self, TraceError> {
         let path = path.as_ref().to_path_buf();
-        let (hdr, chunks, entries, end, coverage) = {
+        let (hdr, major, chunks, entries, end, coverage) = {
             let tf = TraceFile::open(&path)?;
             tf.header().check_compatible(header)?;
             let trace = tf.to_trace()?;
@@ -244,7 +321,8 @@ impl TraceWriter {
                 }
             }
             let (chunks, entries) = tf.index_tables();
-            (tf.header().clone(), chunks, entries, tf.data_end(), cov)
+            let major = tf.format_version().0;
+            (tf.header().clone(), major, chunks, entries, tf.data_end(), cov)
         };
         let mut f = std::fs::OpenOptions::new()
             .read(true)
@@ -254,31 +332,52 @@ impl TraceWriter {
         f.set_len(end)
             .and_then(|_| f.seek(SeekFrom::Start(end)))
             .map_err(|e| TraceError::io(format!("truncating {} to {end} bytes", path.display()), &e))?;
-        let next = chunks.len() as u32;
-        let mut w = Self::start(path, f, hdr, opts, end, next, chunks, entries, coverage);
+        let resume = Resume {
+            major,
+            offset: end,
+            next_chunk: chunks.len() as u32,
+            chunks,
+            entries,
+            coverage,
+        };
+        let mut w = Self::start(path, f, hdr, opts, resume);
         w.header = header.clone().with_producer(header.producer());
         Ok(w)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        path: PathBuf,
-        f: File,
-        header: TraceHeader,
-        opts: WriterOptions,
-        offset: u64,
-        next_chunk: u32,
-        chunks: Vec<ChunkEntry>,
-        entries: Vec<IndexEntry>,
-        coverage: HashMap<(SeqId, LayerId), Coverage>,
-    ) -> Self {
+    fn start(path: PathBuf, f: File, header: TraceHeader, opts: WriterOptions, resume: Resume) -> Self {
+        let Resume {
+            major,
+            offset,
+            next_chunk,
+            chunks,
+            entries,
+            coverage,
+        } = resume;
         let codec = RowCodec::new(&header);
         let limit = opts.chunk_id_bytes.max(codec.row_bytes());
         let error = Arc::new(Mutex::new(None));
         let pool = Arc::new(BufferPool::default());
-        let (tx, rx) = sync_channel::<Job>(4);
+        let (tx, rx) = sync_channel::<Job>(QUEUED_CHUNKS);
+        let mut stats = WriterStats {
+            chunks: u64::from(next_chunk),
+            ..WriterStats::default()
+        };
+        stats.file_bytes = 0;
+        let state = Arc::new(Mutex::new(State {
+            pending: BTreeMap::new(),
+            pending_bytes: 0,
+            oldest: None,
+            next_chunk,
+            coverage,
+            stats,
+            tx: None,
+            thread: None,
+            closed: false,
+        }));
         let ctx = WriterThread {
             file: BufWriter::with_capacity(1 << 20, f),
+            major,
             offset,
             chunks,
             entries,
@@ -295,32 +394,26 @@ impl TraceWriter {
             ranked: Vec::new(),
             packed: Vec::new(),
             zstd: None,
+            state: Arc::downgrade(&state),
+            max_age: opts.chunk_max_age,
+            backlog: VecDeque::new(),
         };
         let thread = std::thread::Builder::new()
             .name("mrt-writer".into())
             .spawn(move || ctx.run(rx))
             .ok();
-        let mut stats = WriterStats {
-            chunks: u64::from(next_chunk),
-            ..WriterStats::default()
-        };
-        stats.file_bytes = 0;
+        {
+            let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+            st.tx = thread.as_ref().map(|_| tx);
+            st.thread = thread;
+        }
         TraceWriter {
             header,
             codec,
             opts,
             limit,
             path,
-            state: Mutex::new(State {
-                pending: BTreeMap::new(),
-                pending_bytes: 0,
-                next_chunk,
-                coverage,
-                stats,
-                tx: thread.as_ref().map(|_| tx),
-                thread,
-                closed: false,
-            }),
+            state,
             error,
             pool,
         }
@@ -490,6 +583,9 @@ impl TraceWriter {
                     continue;
                 }
                 let take = room.min(bytes.len() - off);
+                if st.oldest.is_none() {
+                    st.oldest = Some(Instant::now());
+                }
                 let lane = st.pending.entry((seq.0, li)).or_default();
                 match lane.last_mut() {
                     Some((s, b)) if *s + (b.len() / rb) as u64 == p0 => b.extend_from_slice(&bytes[off..off + take]),
@@ -516,21 +612,16 @@ impl TraceWriter {
                 }
             }
         }
+        if st.aged(self.opts.chunk_max_age) {
+            self.flush_locked(&mut st)?;
+        }
         Ok(st.stats)
     }
 
     fn flush_locked(&self, st: &mut State) -> Result<(), TraceError> {
-        if st.pending.is_empty() {
+        let Some((index, pending)) = st.close_chunk()? else {
             return Ok(());
-        }
-        let pending = std::mem::take(&mut st.pending);
-        st.pending_bytes = 0;
-        let index = st.next_chunk;
-        st.next_chunk = st
-            .next_chunk
-            .checked_add(1)
-            .ok_or_else(|| TraceError::WriterClosed("more than 2^32 chunks".into()))?;
-        st.stats.chunks += 1;
+        };
         let tx = st
             .tx
             .as_ref()
@@ -587,8 +678,25 @@ impl Drop for TraceWriter {
     }
 }
 
+/// Where a writer starts: a new file, or the recovered state of an existing one.
+struct Resume {
+    /// Format major version to write (the file's, when appending).
+    major: u16,
+    /// Where the next chunk goes.
+    offset: u64,
+    next_chunk: u32,
+    chunks: Vec<ChunkEntry>,
+    entries: Vec<IndexEntry>,
+    coverage: HashMap<(SeqId, LayerId), Coverage>,
+}
+
+/// Closed chunks queued for the background thread at most (appends wait beyond that).
+const QUEUED_CHUNKS: usize = 4;
+
 struct WriterThread {
     file: BufWriter<File>,
+    /// Format major version written (blocks and index).
+    major: u16,
     offset: u64,
     chunks: Vec<ChunkEntry>,
     entries: Vec<IndexEntry>,
@@ -606,6 +714,12 @@ struct WriterThread {
     ranked: Vec<u8>,
     packed: Vec<u8>,
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+    /// The writer's state, to close a chunk that grew older than `max_age` while no append
+    /// came (a `Weak`: the thread never keeps a dropped writer alive).
+    state: Weak<Mutex<State>>,
+    max_age: Option<Duration>,
+    /// Jobs taken from the queue when closing an aged chunk, to be done before it (in order).
+    backlog: VecDeque<Job>,
 }
 
 /// Row buffers handed back by the background thread once written, reused by appends (no
@@ -662,7 +776,27 @@ fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::
 
 impl WriterThread {
     fn run(mut self, rx: Receiver<Job>) {
-        while let Ok(job) = rx.recv() {
+        // The pending chunk is checked four times per time budget: it is closed at most a
+        // quarter of the budget late when no append comes to close it.
+        let tick = self.max_age.map(|a| (a / 4).max(Duration::from_millis(1)));
+        loop {
+            let job = match self.backlog.pop_front() {
+                Some(j) => j,
+                None => match tick {
+                    None => match rx.recv() {
+                        Ok(j) => j,
+                        Err(_) => break,
+                    },
+                    Some(t) => match rx.recv_timeout(t) {
+                        Ok(j) => j,
+                        Err(RecvTimeoutError::Timeout) => {
+                            self.close_aged_chunk(&rx);
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    },
+                },
+            };
             match job {
                 Job::Chunk { index, pending } => {
                     if self.failed() {
@@ -687,6 +821,35 @@ impl WriterThread {
         let _ = self.file.flush();
     }
 
+    /// Closes the writer's pending chunk when it is older than the time budget and no append
+    /// came to close it. The chunk gets the next index under the writer's lock, so every chunk
+    /// queued before it (taken from the queue here, while the lock keeps appends from queueing
+    /// more) is written first. Skipped when the lock is busy: an append holds it and checks
+    /// the age itself.
+    fn close_aged_chunk(&mut self, rx: &Receiver<Job>) {
+        let Some(state) = self.state.upgrade() else {
+            return;
+        };
+        let mut st = match state.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return,
+        };
+        if st.closed || !st.aged(self.max_age) {
+            return;
+        }
+        let closed = st.close_chunk();
+        while let Ok(j) = rx.try_recv() {
+            self.backlog.push_back(j);
+        }
+        drop(st);
+        match closed {
+            Ok(Some((index, pending))) => self.backlog.push_back(Job::Chunk { index, pending }),
+            Ok(None) => {}
+            Err(e) => self.fail(e),
+        }
+    }
+
     fn failed(&self) -> bool {
         self.error.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
@@ -698,55 +861,91 @@ impl WriterThread {
         }
     }
 
-    fn write_chunk(&mut self, index: u32, pending: Pending) -> Result<(), TraceError> {
-        // Block headers (varints), their ends in `heads`, and the runs, in payload order.
-        let nruns: usize = pending.values().map(Vec::len).sum();
-        let mut heads: Vec<u8> = Vec::with_capacity(16 * nruns);
-        let mut head_ends: Vec<usize> = Vec::with_capacity(nruns);
-        let mut runs: Vec<Vec<u8>> = Vec::with_capacity(nruns);
-        let mut entries = Vec::with_capacity(nruns);
-        let mut raw_len = 0usize;
+    /// Groups the pending rows of a chunk into blocks, in payload order: each (sequence, layer)
+    /// run is a block, and in format 2 the single runs of one sequence at consecutive layers
+    /// with the same positions share one block (decode steps, packed prefill). Returns the
+    /// blocks (data offsets not yet set) and, per block, its runs in layer order.
+    fn group_blocks(&self, pending: Pending) -> Vec<(Block, Vec<Vec<u8>>)> {
+        let group = self.major >= format::VERSION_MAJOR;
+        let mut blocks: Vec<(Block, Vec<Vec<u8>>)> = Vec::new();
+        // Whether the last block may take the next layer's run.
+        let mut open = false;
         for ((seq, li), lane) in pending {
+            let single = lane.len() == 1;
             for (start, bytes) in lane {
-                let rows = bytes.len() / self.row_bytes;
-                let h0 = heads.len();
-                format::put_block(&mut heads, seq, li, start, &[], rows);
-                raw_len += heads.len() - h0;
-                entries.push(IndexEntry {
+                let rows = (bytes.len() / self.row_bytes) as u32;
+                if let Some((b, runs)) = blocks.last_mut()
+                    && group
+                    && open
+                    && single
+                    && b.seq == seq
+                    && b.layer_index + b.layers == li
+                    && b.start == start
+                    && b.rows == rows
+                {
+                    b.layers += 1;
+                    runs.push(bytes);
+                    continue;
+                }
+                let b = Block {
                     seq,
-                    start,
                     layer_index: li,
-                    rows: rows as u32,
-                    chunk: index,
-                    data_off: raw_len as u32,
-                });
-                raw_len += bytes.len();
-                head_ends.push(heads.len());
-                runs.push(bytes);
+                    layers: 1,
+                    start,
+                    rows,
+                    data_off: 0,
+                };
+                blocks.push((b, vec![bytes]));
             }
+            open = single;
         }
-        let blocks = runs.len() as u32;
-        let ctx = |e: std::io::Error| TraceError::io(format!("writing chunk {index} to {}", self.path.display()), &e);
-        let stored_len = if self.compression == Compression::None && runs.len() <= MAX_GATHER_RUNS {
+        blocks
+    }
+
+    fn write_chunk(&mut self, index: u32, pending: Pending) -> Result<(), TraceError> {
+        // Block headers (varints), their ends in `heads`, and the blocks' runs, in payload order.
+        let blocks = self.group_blocks(pending);
+        let mut heads: Vec<u8> = Vec::with_capacity(16 * blocks.len());
+        let mut head_ends: Vec<usize> = Vec::with_capacity(blocks.len());
+        let mut entries = Vec::with_capacity(blocks.len());
+        let mut block_runs: Vec<Vec<Vec<u8>>> = Vec::with_capacity(blocks.len());
+        let mut raw_len = 0usize;
+        for (mut b, runs) in blocks {
+            let h0 = heads.len();
+            format::put_block_header(&mut heads, self.major, &b);
+            raw_len += heads.len() - h0;
+            b.data_off = raw_len as u32;
+            entries.push(IndexEntry::of_block(&b, index));
+            raw_len += runs.iter().map(Vec::len).sum::<usize>();
+            head_ends.push(heads.len());
+            block_runs.push(runs);
+        }
+        let nblocks = block_runs.len() as u32;
+        let nruns: usize = block_runs.iter().map(Vec::len).sum();
+        let path = self.path.clone();
+        let ctx = |e: std::io::Error| TraceError::io(format!("writing chunk {index} to {}", path.display()), &e);
+        let stored_len = if self.compression == Compression::None && nruns <= MAX_GATHER_RUNS {
             // Uncompressed: the frame is gathered from the runs as they are (one `writev`, no
             // payload copy); the CRC32C runs over the same pieces.
-            let head = format::chunk_header(index, format::CODEC_NONE, blocks, raw_len as u32, raw_len as u32);
+            let head = format::chunk_header(index, format::CODEC_NONE, nblocks, raw_len as u32, raw_len as u32);
             let mut crc = crc32c::crc32c(&head);
-            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(2 * runs.len() + 2);
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(block_runs.len() + nruns + 2);
             slices.push(IoSlice::new(&head));
             let mut h0 = 0;
-            for (run, &h1) in runs.iter().zip(&head_ends) {
+            for (runs, &h1) in block_runs.iter().zip(&head_ends) {
                 crc = crc32c::crc32c_append(crc, &heads[h0..h1]);
-                crc = crc32c::crc32c_append(crc, run);
                 slices.push(IoSlice::new(&heads[h0..h1]));
-                slices.push(IoSlice::new(run));
+                for run in runs {
+                    crc = crc32c::crc32c_append(crc, run);
+                    slices.push(IoSlice::new(run));
+                }
                 h0 = h1;
             }
             let tail = crc.to_le_bytes();
             slices.push(IoSlice::new(&tail));
             write_all_vectored(&mut self.file, &mut slices).map_err(ctx)?;
             drop(slices);
-            self.pool.put(runs);
+            self.pool.put(block_runs.into_iter().flatten());
             raw_len
         } else {
             // Assemble the raw payload (buffer kept between chunks).
@@ -754,21 +953,27 @@ impl WriterThread {
             raw.clear();
             raw.reserve(raw_len);
             let mut h0 = 0;
-            for (run, &h1) in runs.iter().zip(&head_ends) {
+            for (runs, &h1) in block_runs.iter().zip(&head_ends) {
                 raw.extend_from_slice(&heads[h0..h1]);
-                raw.extend_from_slice(run);
+                for run in runs {
+                    raw.extend_from_slice(run);
+                }
                 h0 = h1;
             }
-            self.pool.put(runs);
-            let r = self.write_assembled(index, blocks, &raw, &entries);
+            self.pool.put(block_runs.into_iter().flatten());
+            let r = self.write_assembled(index, nblocks, &raw, &entries);
             self.raw = raw;
             r?
         };
+        // Hand the chunk to the operating system now: a process crash then loses only the
+        // chunks not yet closed or still queued.
+        self.file.flush().map_err(ctx)?;
         let frame_len = format::CHUNK_HEADER + stored_len + 4;
         self.chunks.push(ChunkEntry {
             offset: self.offset,
             frame_len: frame_len as u32,
             raw_len: raw_len as u32,
+            blocks: nblocks,
         });
         self.entries.extend(entries);
         self.offset += frame_len as u64;
@@ -805,9 +1010,13 @@ impl WriterThread {
                 t.extend_from_slice(raw);
                 let (k, e) = (self.top_k, self.num_experts);
                 if self.ranked_ok {
+                    // The transform restarts for the rows of each layer of each block.
                     for en in entries {
-                        let a = en.data_off as usize;
-                        format::rank_encode(&mut t[a..a + en.rows as usize * self.row_bytes], k, e);
+                        let b = en.block();
+                        for j in 0..b.layers {
+                            let a = b.layer_data_off(j, self.row_bytes);
+                            format::rank_encode(&mut t[a..a + b.rows as usize * self.row_bytes], k, e);
+                        }
                     }
                 }
                 let r = self.compress(index, level, &t, &mut packed);
@@ -856,7 +1065,7 @@ impl WriterThread {
     }
 
     fn write_index(&mut self) -> Result<(u64, u64), TraceError> {
-        let bytes = format::encode_index(&self.chunks, &self.entries, self.offset);
+        let bytes = format::encode_index(&self.chunks, &self.entries, self.offset, self.major);
         let ctx = |e: std::io::Error| TraceError::io(format!("writing index of {}", self.path.display()), &e);
         self.file.write_all(&bytes).map_err(ctx)?;
         self.file.flush().map_err(ctx)?;

@@ -18,73 +18,74 @@ impl TraceFile {
             source: Box::new(e),
         };
         let b = self.backing.bytes();
-        match format::probe_frame(b, c.offset as usize) {
+        match format::probe_frame(b, c.offset as usize, self.version.major) {
             FrameProbe::Chunk(h) if h == c.head => {}
-            FrameProbe::Chunk(_) => {
-                return Err(TraceError::Malformed {
-                    what: format!("chunk {i}"),
-                    offset: c.offset,
-                    reason: "chunk header differs from the index".into(),
-                });
-            }
-            FrameProbe::Bad(reason) if reason.contains("checksum") => {
+            other => {
+                // Not the frame the index (or the scan) describes. Over the extent known for
+                // it, a checksum mismatch means the bytes were corrupted (a flipped tag or
+                // length included).
                 let fl = c.head.frame_len() as usize;
                 let o = c.offset as usize;
-                let (stored, computed) = if o + fl <= b.len() {
-                    (format::u32_at(b, o + fl - 4), format::crc(&b[o..o + fl - 4]))
-                } else {
-                    (0, 0)
-                };
-                return Err(TraceError::Checksum {
-                    what: format!("chunk {i}"),
-                    offset: c.offset,
-                    stored,
-                    computed,
-                });
-            }
-            FrameProbe::Bad(reason) => {
-                return Err(TraceError::Malformed {
-                    what: format!("chunk {i}"),
-                    offset: c.offset,
-                    reason,
-                });
-            }
-            _ => {
-                return Err(TraceError::Truncated {
-                    what: format!("chunk {i}"),
-                    offset: c.offset,
-                    needed: c.head.frame_len(),
-                    available: (b.len() as u64).saturating_sub(c.offset),
+                if o + fl <= b.len() {
+                    let (stored, computed) = (format::u32_at(b, o + fl - 4), format::crc(&b[o..o + fl - 4]));
+                    if stored != computed {
+                        return Err(TraceError::Checksum {
+                            what: format!("chunk {i}"),
+                            offset: c.offset,
+                            stored,
+                            computed,
+                        });
+                    }
+                }
+                return Err(match other {
+                    FrameProbe::Chunk(_) => TraceError::Malformed {
+                        what: format!("chunk {i}"),
+                        offset: c.offset,
+                        reason: "chunk header differs from the index".into(),
+                    },
+                    FrameProbe::Bad(reason) => TraceError::Malformed {
+                        what: format!("chunk {i}"),
+                        offset: c.offset,
+                        reason,
+                    },
+                    _ => TraceError::Truncated {
+                        what: format!("chunk {i}"),
+                        offset: c.offset,
+                        needed: c.head.frame_len(),
+                        available: (b.len() as u64).saturating_sub(c.offset),
+                    },
                 });
             }
         }
         let raw = self.decode_payload(i)?;
         let rb = self.codec.row_bytes();
-        let blocks =
-            format::parse_blocks(&raw, c.head.blocks, rb, self.header.layers().len()).map_err(|(at, reason)| {
-                TraceError::Malformed {
-                    what: format!("chunk {i} payload"),
-                    offset: c.offset + format::CHUNK_HEADER as u64,
-                    reason: format!("at payload byte {at}: {reason}"),
-                }
+        let blocks = format::parse_blocks(&raw, c.head.blocks, rb, self.header.layers().len(), self.version.major)
+            .map_err(|(at, reason)| TraceError::Malformed {
+                what: format!("chunk {i} payload"),
+                offset: c.offset + format::CHUNK_HEADER as u64,
+                reason: format!("at payload byte {at}: {reason}"),
             })?;
         let mut counts: Vec<(u64, bool)> = vec![(0, false); self.header.layers().len()];
         for bl in &blocks {
-            let layer = self.header.layers()[bl.layer_index as usize];
-            let data = &raw[bl.data_off as usize..bl.data_off as usize + bl.rows as usize * rb];
-            let cnt = &mut counts[bl.layer_index as usize];
-            match self.codec.check_stored_rows(data) {
-                Ok((present, nonzero)) => {
-                    cnt.0 += present;
-                    cnt.1 |= nonzero;
-                }
-                Err((r, f)) => {
-                    return Err(wrap(f.locate(
-                        SeqId(bl.seq),
-                        layer,
-                        bl.start + r as u64,
-                        self.header.num_experts(),
-                    )));
+            for j in 0..bl.layers {
+                let li = (bl.layer_index + j) as usize;
+                let layer = self.header.layers()[li];
+                let a = bl.layer_data_off(j, rb);
+                let data = &raw[a..a + bl.rows as usize * rb];
+                let cnt = &mut counts[li];
+                match self.codec.check_stored_rows(data) {
+                    Ok((present, nonzero)) => {
+                        cnt.0 += present;
+                        cnt.1 |= nonzero;
+                    }
+                    Err((r, f)) => {
+                        return Err(wrap(f.locate(
+                            SeqId(bl.seq),
+                            layer,
+                            bl.start + r as u64,
+                            self.header.num_experts(),
+                        )));
+                    }
                 }
             }
         }
@@ -129,16 +130,26 @@ impl TraceFile {
                         return Err(bad("row-rank codec on a trace with two-byte ids".into()));
                     }
                     let rb = self.codec.row_bytes();
-                    let blocks = format::parse_blocks(&raw, c.head.blocks, rb, self.header.layers().len())
-                        .map_err(|(at, r)| bad(format!("at payload byte {at}: {r}")))?;
+                    let blocks =
+                        format::parse_blocks(&raw, c.head.blocks, rb, self.header.layers().len(), self.version.major)
+                            .map_err(|(at, r)| bad(format!("at payload byte {at}: {r}")))?;
+                    // The transform restarts for the rows of each layer of each block.
                     for bl in blocks {
-                        let a = bl.data_off as usize;
-                        format::rank_decode(
-                            &mut raw[a..a + bl.rows as usize * rb],
-                            self.header.top_k(),
-                            self.header.num_experts(),
-                        )
-                        .map_err(bad)?;
+                        for j in 0..bl.layers {
+                            let a = bl.layer_data_off(j, rb);
+                            format::rank_decode(
+                                &mut raw[a..a + bl.rows as usize * rb],
+                                self.header.top_k(),
+                                self.header.num_experts(),
+                            )
+                            .map_err(|r| {
+                                bad(format!(
+                                    "block of sequence {} at layer {}: {r}",
+                                    bl.seq,
+                                    self.header.layers()[(bl.layer_index + j) as usize].0
+                                ))
+                            })?;
+                        }
                     }
                 }
                 Ok(raw.into())
@@ -152,14 +163,9 @@ impl TraceFile {
             .get_or_init(|| {
                 let blocks = self.parse_chunk(i)?;
                 let (a, z) = self.entry_ranges[i];
-                let mut from_index: Vec<(u64, u32, u64, u32, u32)> = self.entries[a..z]
-                    .iter()
-                    .map(|e| (e.seq, e.layer_index, e.start, e.rows, e.data_off))
-                    .collect();
-                let mut parsed: Vec<(u64, u32, u64, u32, u32)> = blocks
-                    .iter()
-                    .map(|e| (e.seq, e.layer_index, e.start, e.rows, e.data_off))
-                    .collect();
+                let key = |b: &format::Block| (b.data_off, b.seq, b.layer_index, b.layers, b.start, b.rows);
+                let mut from_index: Vec<_> = self.entries[a..z].iter().map(|e| key(&e.block())).collect();
+                let mut parsed: Vec<_> = blocks.iter().map(key).collect();
                 from_index.sort_unstable();
                 parsed.sort_unstable();
                 if from_index != parsed {

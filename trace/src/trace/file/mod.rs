@@ -8,7 +8,7 @@ mod read;
 pub use open::{IndexState, OpenOptions, RecoveryReport, TailDamage, Verify};
 
 use crate::trace::codec::RowCodec;
-use crate::trace::format::{self, ChunkEntry, ChunkHead, IndexEntry};
+use crate::trace::format::{self, ChunkEntry, ChunkHead, IndexEntry, Version};
 use crate::trace::model::Trace;
 use crate::trace::{TraceError, TraceHeader};
 use moe_router_core::layout::{LayerId, SeqId};
@@ -86,6 +86,7 @@ const CACHE_CHUNKS: usize = 32;
 pub struct TraceFile {
     backing: Backing,
     header: TraceHeader,
+    version: Version,
     codec: RowCodec,
     chunks: Vec<ChunkMeta>,
     /// Index entries in chunk order, and for each chunk its range in `entries`.
@@ -109,6 +110,12 @@ impl TraceFile {
     /// What opening found and recovered.
     pub fn report(&self) -> &RecoveryReport {
         &self.report
+    }
+
+    /// The file's format version (major, minor): 2.0 for files written by this version, 1.x
+    /// for older files (still read, and kept at 1.x when appended to).
+    pub fn format_version(&self) -> (u16, u16) {
+        (self.version.major, self.version.minor)
     }
 
     /// Offset just past the last recovered chunk (where an appending writer continues).
@@ -145,6 +152,7 @@ impl TraceFile {
                 offset: c.offset,
                 frame_len: c.head.frame_len() as u32,
                 raw_len: c.head.raw_len,
+                blocks: c.head.blocks,
             })
             .collect();
         (cs, self.entries.clone())

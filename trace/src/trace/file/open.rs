@@ -82,6 +82,8 @@ pub struct DamagedRange {
 pub struct RecoveryReport {
     /// File size.
     pub file_bytes: u64,
+    /// Major format version of the file (1 or 2).
+    pub major_version: u16,
     /// Minor format version of the file.
     pub minor_version: u16,
     /// Index state.
@@ -146,19 +148,20 @@ impl TraceFile {
 
     fn from_backing(backing: Backing, opts: OpenOptions) -> Result<Self, TraceError> {
         let b = backing.bytes();
-        let (header, minor, body_start) = format::decode_header(b)?;
+        let (header, version, body_start) = format::decode_header(b)?;
         let codec = RowCodec::new(&header);
         let file_bytes = b.len() as u64;
         let mut report = RecoveryReport {
             file_bytes,
-            minor_version: minor,
+            major_version: version.major,
+            minor_version: version.minor,
             index: IndexState::Present,
             chunks: 0,
             recovered_bytes: body_start as u64,
             tail: None,
             damaged: Vec::new(),
         };
-        let from_index = match Self::load_index(b, body_start) {
+        let from_index = match Self::load_index(b, body_start, version.major, codec.row_bytes()) {
             Ok(Some(x)) => Some(x),
             Ok(None) => {
                 report.index = IndexState::Absent;
@@ -172,7 +175,7 @@ impl TraceFile {
         let (chunks, index_entries, data_end) = match from_index {
             Some((cs, es, end)) => (cs, Some(es), end),
             None => {
-                let (cs, end) = Self::scan(b, body_start, opts.salvage, &mut report)?;
+                let (cs, end) = Self::scan(b, body_start, version.major, opts.salvage, &mut report)?;
                 (cs, None, end)
             }
         };
@@ -183,6 +186,7 @@ impl TraceFile {
             backing,
             overlay: Trace::new(header.clone()),
             header,
+            version,
             codec,
             chunks,
             entries: Vec::new(),
@@ -209,14 +213,7 @@ impl TraceFile {
                         Ok(blocks) => {
                             keep.push(tf.chunks[i]);
                             let ci = (keep.len() - 1) as u32;
-                            es.extend(blocks.into_iter().map(|bl| IndexEntry {
-                                seq: bl.seq,
-                                start: bl.start,
-                                layer_index: bl.layer_index,
-                                rows: bl.rows,
-                                chunk: ci,
-                                data_off: bl.data_off,
-                            }));
+                            es.extend(blocks.iter().map(|bl| IndexEntry::of_block(bl, ci)));
                         }
                         Err(e) if opts.salvage => {
                             damaged_any = true;
@@ -250,7 +247,7 @@ impl TraceFile {
     /// blocks overlap.
     fn set_entries(&mut self, mut es: Vec<IndexEntry>) -> Result<(), TraceError> {
         let rb = self.codec.row_bytes() as u64;
-        let nl = self.header.layers().len() as u32;
+        let nl = u64::from(self.header.layers().len() as u32);
         es.sort_by_key(|e| e.chunk);
         for (i, e) in es.iter().enumerate() {
             let bad = |reason: String| TraceError::Malformed {
@@ -261,10 +258,13 @@ impl TraceFile {
             let Some(c) = self.chunks.get(e.chunk as usize) else {
                 return Err(bad(format!("chunk {} does not exist", e.chunk)));
             };
-            if e.layer_index >= nl || e.rows == 0 {
-                return Err(bad(format!("layer index {} / rows {}", e.layer_index, e.rows)));
+            if e.layers == 0 || u64::from(e.layer_index) + u64::from(e.layers) > nl || e.rows == 0 {
+                return Err(bad(format!(
+                    "layer index {} / {} layer(s) / rows {}",
+                    e.layer_index, e.layers, e.rows
+                )));
             }
-            if u64::from(e.data_off) + u64::from(e.rows) * rb > u64::from(c.head.raw_len) {
+            if u64::from(e.data_off) + u64::from(e.layers) * u64::from(e.rows) * rb > u64::from(c.head.raw_len) {
                 return Err(bad("block runs past its chunk's payload".into()));
             }
             if e.start.checked_add(u64::from(e.rows)).is_none() {
@@ -280,14 +280,18 @@ impl TraceFile {
             i = j;
         }
         let mut lanes: HashMap<(SeqId, LayerId), Vec<BlockLoc>> = HashMap::new();
+        let rbu = self.codec.row_bytes();
         for e in &es {
-            let layer = self.header.layers()[e.layer_index as usize];
-            lanes.entry((SeqId(e.seq), layer)).or_default().push(BlockLoc {
-                start: e.start,
-                rows: e.rows,
-                chunk: e.chunk,
-                data_off: e.data_off,
-            });
+            let b = e.block();
+            for j in 0..e.layers {
+                let layer = self.header.layers()[(e.layer_index + j) as usize];
+                lanes.entry((SeqId(e.seq), layer)).or_default().push(BlockLoc {
+                    start: e.start,
+                    rows: e.rows,
+                    chunk: e.chunk,
+                    data_off: b.layer_data_off(j, rbu) as u32,
+                });
+            }
         }
         self.entries = es;
         self.entry_ranges = ranges;
@@ -329,9 +333,15 @@ impl TraceFile {
         Ok(())
     }
 
-    /// Reads the index through the footer. `Ok(None)`: no footer; `Err`: footer or index damaged.
+    /// Reads the index of a file of format `major` through the footer. `Ok(None)`: no footer;
+    /// `Err`: footer or index damaged.
     #[allow(clippy::type_complexity)]
-    fn load_index(b: &[u8], body_start: usize) -> Result<Option<(Vec<ChunkMeta>, Vec<IndexEntry>, u64)>, String> {
+    fn load_index(
+        b: &[u8],
+        body_start: usize,
+        major: u16,
+        row_bytes: usize,
+    ) -> Result<Option<(Vec<ChunkMeta>, Vec<IndexEntry>, u64)>, String> {
         let Some((ioff, ilen)) = format::read_footer(b, body_start)? else {
             return Ok(None);
         };
@@ -339,14 +349,15 @@ impl TraceFile {
         if ioff < body_start as u64 || ioff.checked_add(ilen) != Some(flen - format::FOOTER_LEN as u64) {
             return Err(format!("footer points to an index at {ioff}+{ilen} outside the file"));
         }
-        let (nc, ne) = match format::probe_frame(&b[..(flen - format::FOOTER_LEN as u64) as usize], ioff as usize) {
-            FrameProbe::Index(nc, ne, len) if len == ilen => (nc, ne),
+        match format::probe_frame(&b[..(flen - format::FOOTER_LEN as u64) as usize], ioff as usize, major) {
+            FrameProbe::Index(len) if len == ilen => {}
             FrameProbe::Index(..) => return Err("index length disagrees with the footer".into()),
             FrameProbe::Bad(r) => return Err(format!("index at offset {ioff}: {r}")),
             _ => return Err(format!("no index frame at offset {ioff}")),
         };
         let frame = &b[ioff as usize..(ioff + ilen) as usize];
-        let (cs, es) = format::decode_index(frame, nc, ne);
+        let (cs, es) =
+            format::decode_index(frame, major, row_bytes).map_err(|r| format!("index at offset {ioff}: {r}"))?;
         let mut metas = Vec::with_capacity(cs.len());
         let mut expect = body_start as u64;
         for (i, c) in cs.iter().enumerate() {
@@ -358,19 +369,39 @@ impl TraceFile {
             }
             // Parse the chunk header (not yet verified) to know its layout.
             let o = c.offset as usize;
-            if o + format::CHUNK_HEADER > b.len() || b[o..o + 4] != format::CHUNK_TAG {
-                return Err(format!("index chunk {i}: no chunk frame at offset {o}"));
-            }
-            let head = ChunkHead {
+            let stored_len = c
+                .frame_len
+                .checked_sub((format::CHUNK_HEADER + 4) as u32)
+                .ok_or_else(|| format!("index chunk {i}: frame length {} is too short", c.frame_len))?;
+            let framed = (o + format::CHUNK_HEADER <= b.len() && b[o..o + 4] == format::CHUNK_TAG).then(|| ChunkHead {
                 index: format::u32_at(b, o + 4),
                 codec: b[o + 8],
                 blocks: format::u32_at(b, o + 12),
                 raw_len: format::u32_at(b, o + 16),
                 stored_len: format::u32_at(b, o + 20),
+            });
+            let v2 = major >= format::VERSION_MAJOR;
+            let head = match framed {
+                Some(h)
+                    if h.frame_len() == u64::from(c.frame_len)
+                        && h.raw_len == c.raw_len
+                        && h.index == i as u32
+                        && (!v2 || h.blocks == c.blocks) =>
+                {
+                    h
+                }
+                // The index is intact (its checksum matched) but the frame it points to is not
+                // what it describes: the frame is damaged. The index's description is kept, and
+                // verifying the chunk reports the damage (its checksum fails over the extent the
+                // index gives), as for damage inside the payload.
+                _ => ChunkHead {
+                    index: i as u32,
+                    codec: framed.map_or(format::CODEC_NONE, |h| h.codec),
+                    blocks: if v2 { c.blocks } else { framed.map_or(0, |h| h.blocks) },
+                    raw_len: c.raw_len,
+                    stored_len,
+                },
             };
-            if head.frame_len() != u64::from(c.frame_len) || head.raw_len != c.raw_len || head.index != i as u32 {
-                return Err(format!("index chunk {i} disagrees with the chunk frame at offset {o}"));
-            }
             expect += head.frame_len();
             metas.push(ChunkMeta { offset: c.offset, head });
         }
@@ -384,6 +415,7 @@ impl TraceFile {
     fn scan(
         b: &[u8],
         body_start: usize,
+        major: u16,
         salvage: bool,
         report: &mut RecoveryReport,
     ) -> Result<(Vec<ChunkMeta>, u64), TraceError> {
@@ -392,7 +424,7 @@ impl TraceFile {
         let mut end = body_start as u64;
         let mut next_index = 0u64;
         while off < b.len() {
-            match format::probe_frame(b, off) {
+            match format::probe_frame(b, off, major) {
                 FrameProbe::Chunk(head) => {
                     // Chunk indices count up by one; in salvage mode a gap left by skipped damage
                     // is allowed.
@@ -427,7 +459,7 @@ impl TraceFile {
                     off += head.frame_len() as usize;
                     end = off as u64;
                 }
-                FrameProbe::Index(_, _, len) => {
+                FrameProbe::Index(len) => {
                     // A complete index (its footer is missing or damaged): nothing after it but
                     // the footer.
                     let after = off + len as usize;
@@ -451,7 +483,7 @@ impl TraceFile {
                 }
                 FrameProbe::Bad(reason) => {
                     // Damage in the middle (a later intact chunk exists) or a torn tail.
-                    match Self::resync(b, off + 1, chunks.len()) {
+                    match Self::resync(b, off + 1, major) {
                         Some(next) => {
                             if !salvage {
                                 return Err(TraceError::Malformed {
@@ -482,13 +514,16 @@ impl TraceFile {
         Ok((chunks, end))
     }
 
-    /// Offset of the next intact chunk or index frame at or after `from`.
-    fn resync(b: &[u8], from: usize, _expected_index: usize) -> Option<usize> {
+    /// Offset of the next intact chunk or index frame at or after `from` (format `major`).
+    fn resync(b: &[u8], from: usize, major: u16) -> Option<usize> {
         let mut i = from;
         while i + 4 <= b.len() {
             let t = &b[i..i + 4];
             if (t == format::CHUNK_TAG || t == format::INDEX_TAG)
-                && matches!(format::probe_frame(b, i), FrameProbe::Chunk(_) | FrameProbe::Index(..))
+                && matches!(
+                    format::probe_frame(b, i, major),
+                    FrameProbe::Chunk(_) | FrameProbe::Index(..)
+                )
             {
                 return Some(i);
             }
