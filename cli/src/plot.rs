@@ -130,6 +130,25 @@ const PALETTE: [RGBColor; 4] = [
     RGBColor(148, 103, 189),
 ];
 
+/// Pixels the mismatch chart spends outside its plot area vertically (margins, caption, x labels).
+const BARS_CHROME_PX: f64 = 16.0 * 2.0 + 40.0 + 48.0;
+/// Pixels of the legend box: one row per series, padding and the gap to the plot's top edge.
+fn legend_px(series: usize) -> f64 {
+    22.0 * series.max(1) as f64 + 30.0
+}
+
+/// The top of the y axis (percent) for bars up to `max` percent: high enough that the legend box
+/// (upper right, `legend_px` tall) sits above the tallest bar in a chart `height` pixels tall, so
+/// that the legend never covers the last layers' bars, however many layers there are.
+fn y_top(max: f64, series: usize, height: u32) -> f64 {
+    if max <= 0.0 {
+        return 1.0;
+    }
+    let plot = (f64::from(height) - BARS_CHROME_PX).max(120.0);
+    let free = (1.0 - legend_px(series) / plot - 0.03).max(0.25);
+    max / free
+}
+
 struct MismatchBars<'a> {
     title: &'a str,
     layers: &'a [u32],
@@ -146,7 +165,8 @@ impl DrawFn for MismatchBars<'_> {
             .flat_map(|s| s.values.iter().copied())
             .fold(0.0f64, f64::max)
             * 100.0;
-        let top = if max <= 0.0 { 1.0 } else { max * 1.25 };
+        let (_, height) = root.dim_in_pixel();
+        let top = y_top(max, self.series.len(), height);
         let mut chart = ChartBuilder::on(root)
             .caption(self.title, ("sans-serif", 24))
             .margin(16)
@@ -398,4 +418,28 @@ pub fn plot_comparison(path: &Path, c: &moe_router::metrics::Comparison, a: &str
         values: c.per_layer.iter().map(|l| l.mismatch_fraction).collect(),
     }];
     plot_mismatch_per_layer(path, &format!("Routers that differ: {a} vs {b}"), &layers, &series)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 13: at 48 layers the legend covered the last layers' bars (the y axis only had 25%
+    /// headroom); the axis now leaves the legend's height free above the tallest bar.
+    #[test]
+    fn the_legend_band_stays_clear_of_the_tallest_bar() {
+        for series in 1..=4 {
+            for max in [0.5, 12.0, 60.0, 100.0] {
+                let top = y_top(max, series, 480);
+                let plot = 480.0 - BARS_CHROME_PX;
+                let bar_px = max / top * plot;
+                assert!(
+                    bar_px + legend_px(series) <= plot,
+                    "{series} series, max {max}%: bar {bar_px:.0} px + legend {} px > plot {plot} px",
+                    legend_px(series)
+                );
+            }
+        }
+        assert_eq!(y_top(0.0, 2, 480), 1.0);
+    }
 }
