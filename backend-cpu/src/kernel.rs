@@ -1,5 +1,6 @@
 //! The CPU router and its per-row kernels.
 
+use moe_router_core::backend::with_router_rows_marked;
 use moe_router_core::math::{Math, NativeF32, NativeF64, Portable};
 use moe_router_core::reference::{select_row, weights_row};
 use moe_router_core::{
@@ -77,20 +78,20 @@ impl CpuRouter {
             self.cfg.top_k(),
             router_rows,
         )?;
-        let mut forced = ids.to_owned();
-        for &r in router_rows {
-            forced.row_mut(r).fill(ROUTER_SELECTS);
-        }
-        let given = Some(forced.view());
-        match (self.cfg.compute_dtype(), self.cfg.numerics()) {
-            (ComputeDtype::F64, _) => run::<NativeF64>(&self.cfg, logits, given).map(|(i, w)| (i, HostWeights::F64(w))),
-            (ComputeDtype::F32, Numerics::Portable) => {
-                run::<Portable>(&self.cfg, logits, given).map(|(i, w)| (i, HostWeights::F32(w)))
+        with_router_rows_marked(ids, router_rows, |forced| {
+            let given = Some(forced);
+            match (self.cfg.compute_dtype(), self.cfg.numerics()) {
+                (ComputeDtype::F64, _) => {
+                    run::<NativeF64>(&self.cfg, logits, given).map(|(i, w)| (i, HostWeights::F64(w)))
+                }
+                (ComputeDtype::F32, Numerics::Portable) => {
+                    run::<Portable>(&self.cfg, logits, given).map(|(i, w)| (i, HostWeights::F32(w)))
+                }
+                (ComputeDtype::F32, Numerics::Native) => {
+                    run::<NativeF32>(&self.cfg, logits, given).map(|(i, w)| (i, HostWeights::F32(w)))
+                }
             }
-            (ComputeDtype::F32, Numerics::Native) => {
-                run::<NativeF32>(&self.cfg, logits, given).map(|(i, w)| (i, HostWeights::F32(w)))
-            }
-        }
+        })
     }
 
     fn check(&self, logits: &LogitsRef<'_>) -> Result<(), RouteError> {

@@ -8,8 +8,9 @@ use crate::kernels::{
 };
 use crate::record::Recorder;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
+use moe_router_core::backend::with_router_rows_marked;
 use moe_router_core::{
-    CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, ROUTER_SELECTS, RouteError, Routed, Router, RouterConfig,
+    CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, RouteError, Routed, Router, RouterConfig,
 };
 use ndarray::{Array2, Array3, ArrayView2};
 use std::sync::{Arc, Mutex};
@@ -441,7 +442,7 @@ impl CudaRouter {
     }
 
     /// Weighs `ids` (replay), or with [`Op::ReplayFallback`] also selects the rows marked
-    /// [`ROUTER_SELECTS`], writing their ids into `ids`.
+    /// `ROUTER_SELECTS`, writing their ids into `ids`.
     fn weigh(&self, logits: &DeviceLogits<'_>, ids: &DeviceIds, op: Op) -> Result<DeviceWeights, RouteError> {
         let (t, e) = logits.dim();
         self.check_logits_shape(t, e)?;
@@ -548,20 +549,7 @@ impl Router for CudaRouter {
     ) -> Result<Routed<DeviceIds, DeviceWeights>, RouteError> {
         // Fallback rows carry ROUTER_SELECTS (the caller's convention, enforced here): the
         // kernel selects them and writes their ids in place, in the same launch.
-        let marked = router_rows
-            .iter()
-            .all(|&r| r >= ids.nrows() || ids.row(r).iter().all(|&i| i == ROUTER_SELECTS));
-        let dev = if marked {
-            self.ids_from_host(ids)?
-        } else {
-            let mut forced = ids.to_owned();
-            for &r in router_rows {
-                if r < forced.nrows() {
-                    forced.row_mut(r).fill(ROUTER_SELECTS);
-                }
-            }
-            self.ids_from_host(forced.view())?
-        };
+        let dev = with_router_rows_marked(ids, router_rows, |ids| self.ids_from_host(ids))?;
         let op = if router_rows.is_empty() {
             Op::Replay
         } else {

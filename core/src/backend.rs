@@ -12,7 +12,7 @@ use crate::error::RouteError;
 use crate::logits::LogitsRef;
 use crate::math::{NativeF32, Portable};
 use crate::reference::widen_checked;
-use crate::router::validate_ids;
+use crate::router::{ROUTER_SELECTS, validate_ids};
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayView2};
 
@@ -57,6 +57,29 @@ impl LogitsDtype {
             LogitsRef::F64(_) => None,
         }
     }
+}
+
+/// Calls `f` with `ids` whose `router_rows` hold [`ROUTER_SELECTS`] in every slot (the marking
+/// the fallback-replay kernels read): `ids` itself when they already do (the way
+/// [`crate::Replayed`] passes them), else a marked copy. Rows past the end are ignored.
+pub fn with_router_rows_marked<T>(
+    ids: ArrayView2<'_, u32>,
+    router_rows: &[usize],
+    f: impl FnOnce(ArrayView2<'_, u32>) -> T,
+) -> T {
+    let marked = router_rows
+        .iter()
+        .all(|&r| r >= ids.nrows() || ids.row(r).iter().all(|&i| i == ROUTER_SELECTS));
+    if marked {
+        return f(ids);
+    }
+    let mut forced = ids.to_owned();
+    for &r in router_rows {
+        if r < forced.nrows() {
+            forced.row_mut(r).fill(ROUTER_SELECTS);
+        }
+    }
+    f(forced.view())
 }
 
 /// The error for replay row `row` whose ids a kernel flagged: the row's ids are checked again on

@@ -11,9 +11,10 @@ use crate::context::{AdapterOptions, WgpuContext, device_err};
 use crate::kernels::{KernelSet, KernelSpec};
 use bytemuck::Pod;
 use moe_router_core::LogitsDtype;
+use moe_router_core::backend::with_router_rows_marked;
 use moe_router_core::{
-    CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, Normalization, Numerics, ROUTER_SELECTS, RouteError,
-    Routed, Router, RouterConfig,
+    CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, Normalization, Numerics, RouteError, Routed, Router,
+    RouterConfig,
 };
 use ndarray::{Array2, ArrayView2};
 use std::collections::HashMap;
@@ -392,20 +393,7 @@ impl Router for WgpuRouter {
     ) -> Result<Routed<DeviceIds, DeviceWeights>, RouteError> {
         // Fallback rows carry ROUTER_SELECTS (the caller's convention, enforced here): the
         // replay kernel selects them and writes their ids in place, in the same dispatch.
-        let marked = router_rows
-            .iter()
-            .all(|&r| r >= ids.nrows() || ids.row(r).iter().all(|&i| i == ROUTER_SELECTS));
-        let dev = if marked {
-            self.ids_from_host(ids)?
-        } else {
-            let mut forced = ids.to_owned();
-            for &r in router_rows {
-                if r < forced.nrows() {
-                    forced.row_mut(r).fill(ROUTER_SELECTS);
-                }
-            }
-            self.ids_from_host(forced.view())?
-        };
+        let dev = with_router_rows_marked(ids, router_rows, |ids| self.ids_from_host(ids))?;
         let weights = self.weights_for(logits, &dev, site)?;
         Ok(Routed { ids: dev, weights })
     }
