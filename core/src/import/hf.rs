@@ -59,17 +59,53 @@ use serde_json::{Map, Value};
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "deepseek_v2",
     "deepseek_v3",
+    "deepseek_v32",
     "kimi_k2",
     "glm4_moe",
+    "glm4v_moe",
+    "glm4v_moe_text",
+    "dots1",
     "qwen2_moe",
     "qwen3_moe",
     "qwen3_next",
+    "qwen3_vl_moe",
+    "qwen3_vl_moe_text",
+    "olmoe",
+    "flex_olmo",
+    "jamba",
     "mixtral",
+    "hunyuan_v1_moe",
+    "dbrx",
     "gpt_oss",
+    "granitemoe",
+    "granitemoeshared",
+    "granitemoehybrid",
+    "jetmoe",
     "llama4",
     "llama4_text",
     "minimax_m2",
-    "olmoe",
+    "lfm2_moe",
+];
+
+/// MoE families of Hugging Face transformers whose router this crate cannot reproduce exactly,
+/// with the reason. Importing one is [`ConfigError::BadKey`] on `model_type` naming the reason
+/// (never a guess, and not the generic "unsupported" of an unknown type).
+pub const REFUSED_MODEL_TYPES: &[(&str, &str)] = &[
+    (
+        "phimoe",
+        "PhiMoE routes with SparseMixer, not a top-K over its gate: the first expert is the arg-max, \
+         its weight a softmax over the logits left after a relative-threshold mask \
+         (router_jitter_noise), and the second expert is chosen and weighted the same way with the \
+         first masked out; no top-K rule reproduces those weights",
+    ),
+    (
+        "ernie4_5_moe",
+        "ERNIE-4.5-MoE selects on softmax probabilities plus the checkpoint bias \
+         `moe_statics.e_score_correction_bias` and normalises with a clamp minimum (moe_norm_min); \
+         RouterConfig accepts a selection bias only with sigmoid or sqrt-softplus scores and stores \
+         renormalised softmax as softmax over the K selected logits, so the biased selection cannot \
+         be expressed without a change to core/src/config.rs",
+    ),
 ];
 
 /// Name of the checkpoint tensor that holds the selection bias of the families that use one.
@@ -132,45 +168,115 @@ pub fn import_hf_value(value: &Value) -> Result<HfImport, ConfigError> {
     })?;
     let top = Keys { obj, prefix: "" };
     let model_type = top.req_str("model_type")?;
+    let text;
+    let k = match nested_text(&top, model_type)? {
+        Some(t) => {
+            text = t;
+            &text
+        }
+        None => &top,
+    };
     let (config, expects_expert_bias) = match model_type {
-        "deepseek_v2" => deepseek_v2(&top)?,
-        "deepseek_v3" => v3_family(&top, V3Family::DeepSeekV3)?,
-        "kimi_k2" => v3_family(&top, V3Family::KimiK2)?,
-        "glm4_moe" => v3_family(&top, V3Family::Glm4Moe)?,
-        "qwen2_moe" | "qwen3_moe" | "olmoe" => softmax_topk(&top, &["num_experts", "num_local_experts"], false)?,
-        "qwen3_next" => softmax_topk(&top, &["num_experts", "num_local_experts"], true)?,
-        "mixtral" => mixtral(&top)?,
-        "gpt_oss" => gpt_oss(&top)?,
-        "llama4" => {
-            let text = top.req_object("text_config")?;
-            let keys = Keys {
-                obj: text,
-                prefix: "text_config.",
-            };
-            if let Some(mt) = keys.opt_str("model_type")?
-                && mt != "llama4_text"
-            {
-                return Err(keys.bad(
-                    "model_type",
-                    format!("expected \"llama4_text\" inside llama4, found {mt:?}"),
+        "deepseek_v2" => deepseek_v2(k)?,
+        "deepseek_v3" => v3_family(k, V3Family::DeepSeekV3)?,
+        "deepseek_v32" => v3_family(k, V3Family::DeepSeekV32)?,
+        "kimi_k2" => v3_family(k, V3Family::KimiK2)?,
+        "glm4_moe" => v3_family(k, V3Family::Glm4Moe)?,
+        "glm4v_moe" | "glm4v_moe_text" => v3_family(k, V3Family::Glm4vMoe)?,
+        "dots1" => v3_family(k, V3Family::Dots1)?,
+        "qwen2_moe" | "qwen3_moe" | "olmoe" | "flex_olmo" => {
+            softmax_topk(k, &["num_experts", "num_local_experts"], false)?
+        }
+        "qwen3_next" => softmax_topk(k, &["num_experts", "num_local_experts"], true)?,
+        "qwen3_vl_moe" | "qwen3_vl_moe_text" => softmax_fixed(k, &["num_experts", "num_local_experts"], true)?,
+        "jamba" => softmax_fixed(k, &["num_experts"], false)?,
+        "mixtral" => softmax_fixed(k, &["num_local_experts", "num_experts"], true)?,
+        "hunyuan_v1_moe" => hunyuan_v1_moe(k)?,
+        "dbrx" => dbrx(k)?,
+        "gpt_oss" | "granitemoe" | "granitemoeshared" | "jetmoe" => topk_then_softmax(k)?,
+        "granitemoehybrid" => {
+            if k.get("num_local_experts").and_then(Value::as_u64) == Some(0) {
+                return Err(k.bad(
+                    "num_local_experts",
+                    "0: this Granite-4.0 checkpoint is dense (no routed MLP, nothing to route)",
                 ));
             }
-            llama4_text(&keys)?
+            topk_then_softmax(k)?
         }
-        "llama4_text" => llama4_text(&top)?,
-        "minimax_m2" => minimax_m2(&top)?,
-        other => {
-            return Err(ConfigError::UnsupportedModelType {
-                found: other.to_string(),
-                supported: SUPPORTED_MODEL_TYPES.join(", "),
-            });
-        }
+        "llama4" | "llama4_text" => llama4_text(k)?,
+        "minimax_m2" => minimax_m2(k)?,
+        "lfm2_moe" => lfm2_moe(k)?,
+        other => return Err(unsupported(&top, other)),
     };
     Ok(HfImport {
         model_type: model_type.to_string(),
         config,
         expects_expert_bias,
     })
+}
+
+/// Vision-language wrappers keep the text model's config under a nested key: (wrapper
+/// `model_type`, key, the text model's own `model_type`).
+const NESTED_TEXT: &[(&str, &str, &str)] = &[
+    ("llama4", "text_config", "llama4_text"),
+    ("qwen3_vl_moe", "text_config", "qwen3_vl_moe_text"),
+    ("glm4v_moe", "text_config", "glm4v_moe_text"),
+];
+
+/// The nested text config of a wrapper `model_type` (see [`NESTED_TEXT`]), checked to be the
+/// expected text model when it names its own `model_type`; `None` for a flat config.
+fn nested_text<'a>(top: &Keys<'a>, model_type: &str) -> Result<Option<Keys<'a>>, ConfigError> {
+    let Some(&(_, key, inner)) = NESTED_TEXT.iter().find(|(outer, _, _)| *outer == model_type) else {
+        return Ok(None);
+    };
+    let keys = Keys {
+        obj: top.req_object(key)?,
+        prefix: match key {
+            "text_config" => "text_config.",
+            _ => "",
+        },
+    };
+    if let Some(mt) = keys.opt_str("model_type")?
+        && mt != inner
+    {
+        return Err(keys.bad(
+            "model_type",
+            format!("expected {inner:?} inside {model_type}, found {mt:?}"),
+        ));
+    }
+    Ok(Some(keys))
+}
+
+/// The error for a `model_type` this crate does not route: a known-but-refused family names its
+/// reason ([`REFUSED_MODEL_TYPES`]); anything else lists the supported types.
+fn unsupported(top: &Keys<'_>, model_type: &str) -> ConfigError {
+    match REFUSED_MODEL_TYPES.iter().find(|(mt, _)| *mt == model_type) {
+        Some((_, why)) => top.bad(
+            "model_type",
+            format!(
+                "{model_type:?} is refused: {why}. Supported model types: {}",
+                SUPPORTED_MODEL_TYPES.join(", ")
+            ),
+        ),
+        None => ConfigError::UnsupportedModelType {
+            found: model_type.to_string(),
+            supported: SUPPORTED_MODEL_TYPES.join(", "),
+        },
+    }
+}
+
+impl HfImport {
+    /// The name of the per-layer checkpoint tensor that holds the selection bias, when
+    /// [`HfImport::expects_expert_bias`] is set: [`BIAS_TENSOR`] for the DeepSeek-V3 rule and
+    /// MiniMax-M2 (`…mlp.gate.e_score_correction_bias`), `expert_bias` for LFM2-MoE
+    /// (`…feed_forward.expert_bias`).
+    pub fn bias_tensor(&self) -> Option<&'static str> {
+        match (self.expects_expert_bias, self.model_type.as_str()) {
+            (false, _) => None,
+            (true, "lfm2_moe") => Some("expert_bias"),
+            (true, _) => Some(BIAS_TENSOR),
+        }
+    }
 }
 
 fn kind_of(v: &Value) -> &'static str {
@@ -332,11 +438,13 @@ impl<'a> Keys<'a> {
 fn experts_and_k(k: &Keys<'_>, expert_keys: &[&'static str]) -> Result<(usize, usize), ConfigError> {
     let (e, _) = k.req_count_any(expert_keys)?;
     let top_k = k.req_count("num_experts_per_tok")?;
+    checked_k(k, "num_experts_per_tok", e, top_k)
+}
+
+/// `top_k <= e`, or an error on `k_key`.
+fn checked_k(k: &Keys<'_>, k_key: &str, e: usize, top_k: usize) -> Result<(usize, usize), ConfigError> {
     if top_k > e {
-        return Err(k.bad(
-            "num_experts_per_tok",
-            format!("{top_k} exceeds the number of experts {e}"),
-        ));
+        return Err(k.bad(k_key, format!("{top_k} exceeds the number of experts {e}")));
     }
     Ok((e, top_k))
 }
@@ -400,8 +508,11 @@ fn deepseek_v2(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum V3Family {
     DeepSeekV3,
+    DeepSeekV32,
     KimiK2,
     Glm4Moe,
+    Glm4vMoe,
+    Dots1,
 }
 
 /// DeepSeek-V3/R1 (`DeepseekV3MoE.route_tokens_to_experts`), GLM-4.5 (`Glm4MoeMoE`, the same
@@ -411,15 +522,20 @@ enum V3Family {
 /// multiplied by `routed_scaling_factor`.
 fn v3_family(k: &Keys<'_>, fam: V3Family) -> Result<(RouterConfig, bool), ConfigError> {
     let expert_keys: &[&'static str] = match fam {
-        V3Family::DeepSeekV3 | V3Family::KimiK2 => &["n_routed_experts", "num_local_experts"],
+        V3Family::DeepSeekV3 | V3Family::DeepSeekV32 | V3Family::KimiK2 => &["n_routed_experts", "num_local_experts"],
         V3Family::Glm4Moe => &["n_routed_experts", "num_experts"],
+        V3Family::Glm4vMoe | V3Family::Dots1 => &["n_routed_experts", "num_local_experts"],
     };
     let (e, top_k) = experts_and_k(k, expert_keys)?;
-    k.check_str("scoring_func", &["sigmoid"])?;
-    k.check_str("topk_method", &["noaux_tc"])?;
+    // dots1 and GLM-4.5V configs carry no such keys that their (DeepSeek-V3) router reads.
+    if !matches!(fam, V3Family::Dots1 | V3Family::Glm4vMoe) {
+        k.check_str("scoring_func", &["sigmoid"])?;
+        k.check_str("topk_method", &["noaux_tc"])?;
+    }
     let (n_group, topk_group, norm, scale) = match fam {
-        // Defaults of transformers' DeepseekV3Config.
-        V3Family::DeepSeekV3 => (
+        // Defaults of transformers' DeepseekV3Config (DeepSeek-V3.2 changes attention only; its
+        // MoE gate is V3's).
+        V3Family::DeepSeekV3 | V3Family::DeepSeekV32 => (
             k.count_or("n_group", 8)?,
             k.count_or("topk_group", 4)?,
             k.bool_or("norm_topk_prob", true)?,
@@ -434,11 +550,18 @@ fn v3_family(k: &Keys<'_>, fam: V3Family) -> Result<(RouterConfig, bool), Config
             k.opt_scale("routed_scaling_factor")?
                 .ok_or_else(|| k.missing("routed_scaling_factor"))?,
         ),
-        // Defaults of transformers' Glm4MoeConfig.
-        V3Family::Glm4Moe => (
+        // Defaults of transformers' Glm4MoeConfig, Glm4vMoeTextConfig (GLM-4.5V's `text_config`)
+        // and Dots1Config.
+        V3Family::Glm4Moe | V3Family::Glm4vMoe => (
             k.count_or("n_group", 1)?,
             k.count_or("topk_group", 1)?,
             k.bool_or("norm_topk_prob", true)?,
+            k.opt_scale("routed_scaling_factor")?.unwrap_or(1.0),
+        ),
+        V3Family::Dots1 => (
+            k.count_or("n_group", 1)?,
+            k.count_or("topk_group", 1)?,
+            k.bool_or("norm_topk_prob", false)?,
             k.opt_scale("routed_scaling_factor")?.unwrap_or(1.0),
         ),
     };
@@ -485,9 +608,67 @@ fn softmax_topk(
     Ok((finish(b)?, false))
 }
 
-/// Mixtral (`MixtralSparseMoeBlock`): softmax over E in f32, top-k, always `w / Σw`.
-fn mixtral(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
+/// Softmax over E in f32, top-k, and `w / Σw` (no epsilon) always (`norm`) or never: Mixtral
+/// (`MixtralSparseMoeBlock`), Qwen3-VL-MoE (`Qwen3VLMoeTextTopKRouter`, which renormalises whatever
+/// `norm_topk_prob` says), Jamba (`JambaSparseMoeBlock`, never).
+fn softmax_fixed(k: &Keys<'_>, expert_keys: &[&'static str], norm: bool) -> Result<(RouterConfig, bool), ConfigError> {
+    let (e, top_k) = experts_and_k(k, expert_keys)?;
+    let mut b = RouterConfig::builder(e, top_k)
+        .score(ScoreFunction::Softmax)
+        .softmax_position(SoftmaxPosition::BeforeTopK);
+    if norm {
+        b = b.normalization(Normalization::Sum { eps: 0.0 });
+    }
+    Ok((finish(b)?, false))
+}
+
+/// Top-k on the logits, then softmax over the K selected values: GPT-OSS (`GptOssTopKRouter`; the
+/// router's linear bias is part of the logits), Granite-MoE and its shared and hybrid variants
+/// (`GraniteMoeTopKGating`) and JetMoE (`JetMoeTopKGating`, both in f32).
+fn topk_then_softmax(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
     let (e, top_k) = experts_and_k(k, &["num_local_experts", "num_experts"])?;
+    let b = RouterConfig::builder(e, top_k)
+        .score(ScoreFunction::Softmax)
+        .softmax_position(SoftmaxPosition::AfterTopK);
+    Ok((finish(b)?, false))
+}
+
+/// A count that is either one positive integer or a per-layer list of them (Hunyuan's
+/// `num_experts` / `moe_topk`). A list must hold one value: a [`RouterConfig`] has one E and K.
+fn uniform_count(k: &Keys<'_>, key: &str) -> Result<usize, ConfigError> {
+    match k.get(key) {
+        Some(Value::Array(a)) => {
+            let mut vals = a.iter().map(|x| {
+                x.as_u64()
+                    .filter(|&n| n > 0)
+                    .and_then(|n| usize::try_from(n).ok())
+                    .ok_or_else(|| k.bad(key, format!("expected positive integers, found {x} in the list")))
+            });
+            let first = vals.next().ok_or_else(|| k.bad(key, "empty per-layer list"))??;
+            for v in vals {
+                let v = v?;
+                if v != first {
+                    return Err(k.bad(
+                        key,
+                        format!(
+                            "per-layer values differ ({first} and {v}); one router config holds one value, \
+                             import a single-valued copy per layer"
+                        ),
+                    ));
+                }
+            }
+            Ok(first)
+        }
+        _ => k.req_count(key),
+    }
+}
+
+/// Hunyuan-MoE (`HunYuanMoEV1Moe.route_tokens_to_experts`): softmax over E in f32, top-k,
+/// always `w / Σw`. E is `num_experts`, K `moe_topk` (an int, or a per-layer list of one value).
+fn hunyuan_v1_moe(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
+    let e = uniform_count(k, "num_experts")?;
+    let top_k = uniform_count(k, "moe_topk")?;
+    let (e, top_k) = checked_k(k, "moe_topk", e, top_k)?;
     let b = RouterConfig::builder(e, top_k)
         .score(ScoreFunction::Softmax)
         .softmax_position(SoftmaxPosition::BeforeTopK)
@@ -495,14 +676,58 @@ fn mixtral(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
     Ok((finish(b)?, false))
 }
 
-/// GPT-OSS (`GptOssTopKRouter`): top-k on the logits (the router's linear bias is part of the
-/// logits), then softmax over the K selected values.
-fn gpt_oss(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
-    let (e, top_k) = experts_and_k(k, &["num_local_experts", "num_experts"])?;
-    let b = RouterConfig::builder(e, top_k)
+/// DBRX (`DbrxFFN.route_tokens_to_experts`): softmax over E, top-k on the probabilities, then
+/// divided by their p-norm with p = `ffn_config.moe_normalize_expert_weights` (default 1; the
+/// weights are positive, so p = 1 is `w / Σw`); `null` there means no normalisation. Any other p
+/// is refused: this crate normalises by the sum only.
+fn dbrx(top: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
+    let k = Keys {
+        obj: top.req_object("ffn_config")?,
+        prefix: "ffn_config.",
+    };
+    let e = k.req_count("moe_num_experts")?;
+    let top_k = k.req_count("moe_top_k")?;
+    let (e, top_k) = checked_k(&k, "moe_top_k", e, top_k)?;
+    let key = "moe_normalize_expert_weights";
+    let norm = match k.obj.get(key) {
+        None => true,
+        Some(Value::Null) => false,
+        Some(v) => match v.as_f64() {
+            Some(p) if p == 1.0 => true,
+            Some(p) => {
+                return Err(k.bad(
+                    key,
+                    format!("{p}: a p-norm with p != 1 is not a sum normalisation; only 1 (or null) is supported"),
+                ));
+            }
+            None => return Err(k.bad(key, format!("expected a number or null, found {v}"))),
+        },
+    };
+    let mut b = RouterConfig::builder(e, top_k)
         .score(ScoreFunction::Softmax)
-        .softmax_position(SoftmaxPosition::AfterTopK);
+        .softmax_position(SoftmaxPosition::BeforeTopK);
+    if norm {
+        b = b.normalization(Normalization::Sum { eps: 0.0 });
+    }
     Ok((finish(b)?, false))
+}
+
+/// LFM2-MoE (`Lfm2MoeSparseMoeBlock.route_tokens_to_experts`): sigmoid scores; selection on
+/// `sigmoid + expert_bias` when `use_expert_bias` (default true; the tensor is the checkpoint's
+/// `feed_forward.expert_bias`); weights = unbiased sigmoid, `/ (Σw + 1e-6)` when `norm_topk_prob`
+/// (default true), then `· routed_scaling_factor` (default 1).
+fn lfm2_moe(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
+    let (e, top_k) = experts_and_k(k, &["num_experts", "num_local_experts"])?;
+    let bias = k.bool_or("use_expert_bias", true)?;
+    let mut b = RouterConfig::builder(e, top_k).score(ScoreFunction::Sigmoid);
+    if k.bool_or("norm_topk_prob", true)? {
+        b = b.normalization(Normalization::Sum { eps: 1e-6 });
+    }
+    b = b.scaling_factor(k.opt_scale("routed_scaling_factor")?.unwrap_or(1.0));
+    if bias {
+        b = b.expect_expert_bias();
+    }
+    Ok((finish(b)?, bias))
 }
 
 /// Llama 4 (`Llama4Router`): top-k on the logits, weight = `sigmoid(logit)`, no normalisation
@@ -592,26 +817,32 @@ pub fn hf_moe_layers_value(value: &Value) -> Result<HfMoeLayers, ConfigError> {
     let top = Keys { obj, prefix: "" };
     let model_type = top.req_str("model_type")?;
     let text;
-    let k = if model_type == "llama4" {
-        text = Keys {
-            obj: top.req_object("text_config")?,
-            prefix: "text_config.",
-        };
-        &text
-    } else {
-        &top
+    let k = match nested_text(&top, model_type)? {
+        Some(t) => {
+            text = t;
+            &text
+        }
+        None => &top,
     };
-    let n = k.req_count("num_hidden_layers")?;
+    if !SUPPORTED_MODEL_TYPES.contains(&model_type) {
+        return Err(unsupported(&top, model_type));
+    }
+    // DBRX names the layer count `n_layers` (its config class maps `num_hidden_layers` onto it).
+    let (n, n_key) = if model_type == "dbrx" {
+        k.req_count_any(&["n_layers", "num_hidden_layers"])?
+    } else {
+        (k.req_count("num_hidden_layers")?, "num_hidden_layers")
+    };
     if n > u32::MAX as usize {
-        return Err(k.bad("num_hidden_layers", format!("{n} is too large")));
+        return Err(k.bad(n_key, format!("{n} is too large")));
     }
     let all = 0..n as u32;
     let mut mtp = 0usize;
     let layers: Vec<u32> = match model_type {
-        "deepseek_v2" | "deepseek_v3" | "kimi_k2" => {
+        "deepseek_v2" | "deepseek_v3" | "deepseek_v32" | "kimi_k2" => {
             let first = match model_type {
                 "deepseek_v2" => k.index_or("first_k_dense_replace", 0)?,
-                "deepseek_v3" => k.index_or("first_k_dense_replace", 3)?,
+                "deepseek_v3" | "deepseek_v32" => k.index_or("first_k_dense_replace", 3)?,
                 // Kimi-K2's remote configuration class defaults to 0, which is not the model.
                 _ => k
                     .opt_index("first_k_dense_replace")?
@@ -629,7 +860,43 @@ pub fn hf_moe_layers_value(value: &Value) -> Result<HfMoeLayers, ConfigError> {
             mtp = k.index_or("num_nextn_predict_layers", 0)?;
             all.filter(|&i| i as usize >= first).collect()
         }
-        "qwen2_moe" | "qwen3_moe" | "qwen3_next" => {
+        // GLM-4.5V's text model (Glm4vMoeTextConfig): the GLM-4.5 rule, no MTP key.
+        "glm4v_moe" | "glm4v_moe_text" => {
+            let first = k.index_or("first_k_dense_replace", 1)?;
+            all.filter(|&i| i as usize >= first).collect()
+        }
+        // dots1 (DeepseekV3DecoderLayer): dense below first_k_dense_replace (default 0).
+        "dots1" => {
+            let first = k.index_or("first_k_dense_replace", 0)?;
+            all.filter(|&i| i as usize >= first).collect()
+        }
+        "lfm2_moe" => {
+            let first = k.index_or("num_dense_layers", 2)?;
+            all.filter(|&i| i as usize >= first).collect()
+        }
+        // Jamba: layer i has `num_experts` experts when i % expert_layer_period ==
+        // expert_layer_offset (defaults 2 and 1), else a dense MLP; one expert is a dense MLP too.
+        "jamba" => {
+            let period = k.count_or("expert_layer_period", 2)?;
+            let offset = k.index_or("expert_layer_offset", 1)?;
+            if offset >= period {
+                return Err(k.bad(
+                    "expert_layer_offset",
+                    format!("{offset} is not below expert_layer_period = {period}: no layer is MoE"),
+                ));
+            }
+            if k.count_or("num_experts", 16)? < 2 {
+                return Err(k.bad("num_experts", "1: every feed-forward is a dense MLP, no layer is MoE"));
+            }
+            all.filter(|&i| i as usize % period == offset).collect()
+        }
+        "granitemoehybrid" if k.get("num_local_experts").and_then(Value::as_u64) == Some(0) => {
+            return Err(k.bad(
+                "num_local_experts",
+                "0: this Granite-4.0 checkpoint is dense (no routed MLP, nothing to route)",
+            ));
+        }
+        "qwen2_moe" | "qwen3_moe" | "qwen3_next" | "qwen3_vl_moe" | "qwen3_vl_moe_text" => {
             let step = k.count_or("decoder_sparse_step", 1)?;
             let dense = k.opt_index_list("mlp_only_layers")?.unwrap_or_default();
             if let Some(&bad) = dense.iter().find(|&&i| i >= n) {
@@ -656,17 +923,13 @@ pub fn hf_moe_layers_value(value: &Value) -> Result<HfMoeLayers, ConfigError> {
                 all.filter(|&i| (i as usize + 1).is_multiple_of(step)).collect()
             }
         },
-        "mixtral" | "olmoe" | "gpt_oss" | "minimax_m2" => all.collect(),
-        other => {
-            return Err(ConfigError::UnsupportedModelType {
-                found: other.to_string(),
-                supported: SUPPORTED_MODEL_TYPES.join(", "),
-            });
-        }
+        "mixtral" | "olmoe" | "flex_olmo" | "gpt_oss" | "minimax_m2" | "hunyuan_v1_moe" | "dbrx" | "granitemoe"
+        | "granitemoeshared" | "granitemoehybrid" | "jetmoe" => all.collect(),
+        other => return Err(unsupported(&top, other)),
     };
     if layers.is_empty() {
         return Err(k.bad(
-            "num_hidden_layers",
+            n_key,
             format!("{n} layers and this family's dense-layer keys leave no MoE layer"),
         ));
     }
