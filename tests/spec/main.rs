@@ -12,6 +12,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod demo;
+mod families;
 mod golden;
 mod import;
 mod interop;
