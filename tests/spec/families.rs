@@ -33,6 +33,8 @@ const JETMOE: &str = include_str!("../fixtures/hf/jetmoe.json");
 const LFM2_MOE: &str = include_str!("../fixtures/hf/lfm2_moe.json");
 const PHIMOE: &str = include_str!("../fixtures/hf/phimoe.json");
 const ERNIE4_5_MOE: &str = include_str!("../fixtures/hf/ernie4_5_moe.json");
+const MINIMAX: &str = include_str!("../fixtures/hf/minimax.json");
+const LONGCAT_FLASH: &str = include_str!("../fixtures/hf/longcat_flash.json");
 
 fn base(i: usize) -> f32 {
     -3.0 + ((i * 37) % 23) as f32 / 16.0
@@ -311,6 +313,18 @@ fn qwen3_vl_moe_reads_text_config_and_always_renormalises_its_top8_softmax() {
                 ],
             ),
         ],
+    );
+}
+
+#[test]
+fn minimax_text_01_renormalises_its_top2_softmax_like_mixtral() {
+    // w = 1 / (1 + e^(−0.25 − 0.5)) = sigmoid(0.75) = 0.67917869…
+    let cfg = hf(MINIMAX);
+    assert_eq!((cfg.num_experts(), cfg.top_k()), (32, 2));
+    check(
+        cfg,
+        &[row(32, &[(20, 0.5), (4, -0.25)])],
+        &[(&[20, 4], &[0.679178699175393, 0.320821300824607])],
     );
 }
 
@@ -715,6 +729,18 @@ fn ernie_4_5_moe_is_refused_because_it_selects_on_softmax_plus_a_checkpoint_bias
 }
 
 #[test]
+fn longcat_flash_is_refused_because_it_selects_on_softmax_plus_a_bias_over_zero_experts() {
+    match RouterConfig::from_hf_config(LONGCAT_FLASH) {
+        Err(ConfigError::BadKey { key, reason, .. }) => {
+            assert_eq!(key, "model_type");
+            assert!(reason.contains("zero_expert_num"), "{reason}");
+            assert!(reason.contains("e_score_correction_bias"), "{reason}");
+        }
+        other => panic!("expected BadKey, got {other:?}"),
+    }
+}
+
+#[test]
 fn refused_families_are_not_in_the_supported_list_and_unknown_types_list_the_new_ones() {
     for (mt, why) in REFUSED_MODEL_TYPES {
         assert!(!SUPPORTED_MODEL_TYPES.contains(mt), "{mt}");
@@ -731,6 +757,7 @@ fn refused_families_are_not_in_the_supported_list_and_unknown_types_list_the_new
         "flex_olmo",
         "jamba",
         "hunyuan_v1_moe",
+        "minimax",
         "dbrx",
         "granitemoe",
         "granitemoeshared",
@@ -767,6 +794,7 @@ fn moe_layer_ids_of_the_new_families_follow_each_familys_rule() {
         ("hunyuan_v1_moe", HUNYUAN_V1_MOE, ids(0..=31), vec![]),
         // DBRX counts its blocks in n_layers.
         ("dbrx", DBRX, ids(0..=39), vec![]),
+        ("minimax", MINIMAX, ids(0..=79), vec![]),
         ("granitemoe", GRANITEMOE, ids(0..=31), vec![]),
         ("granitemoeshared", GRANITEMOESHARED, ids(0..=23), vec![]),
         ("granitemoehybrid", GRANITEMOEHYBRID, ids(0..=39), vec![]),

@@ -74,6 +74,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "flex_olmo",
     "jamba",
     "mixtral",
+    "minimax",
     "hunyuan_v1_moe",
     "dbrx",
     "gpt_oss",
@@ -105,6 +106,14 @@ pub const REFUSED_MODEL_TYPES: &[(&str, &str)] = &[
          RouterConfig accepts a selection bias only with sigmoid or sqrt-softplus scores and stores \
          renormalised softmax as softmax over the K selected logits, so the biased selection cannot \
          be expressed without a change to core/src/config.rs",
+    ),
+    (
+        "longcat_flash",
+        "LongCat-Flash selects on softmax probabilities plus `e_score_correction_bias` over its \
+         routed experts and `zero_expert_num` zero-computation (identity) experts, then scales by \
+         routed_scaling_factor; RouterConfig accepts a selection bias only with sigmoid or \
+         sqrt-softplus scores, so the biased selection cannot be expressed without a change to \
+         core/src/config.rs",
     ),
 ];
 
@@ -190,7 +199,7 @@ pub fn import_hf_value(value: &Value) -> Result<HfImport, ConfigError> {
         "qwen3_next" => softmax_topk(k, &["num_experts", "num_local_experts"], true)?,
         "qwen3_vl_moe" | "qwen3_vl_moe_text" => softmax_fixed(k, &["num_experts", "num_local_experts"], true)?,
         "jamba" => softmax_fixed(k, &["num_experts"], false)?,
-        "mixtral" => softmax_fixed(k, &["num_local_experts", "num_experts"], true)?,
+        "mixtral" | "minimax" => softmax_fixed(k, &["num_local_experts", "num_experts"], true)?,
         "hunyuan_v1_moe" => hunyuan_v1_moe(k)?,
         "dbrx" => dbrx(k)?,
         "gpt_oss" | "granitemoe" | "granitemoeshared" | "jetmoe" => topk_then_softmax(k)?,
@@ -609,7 +618,7 @@ fn softmax_topk(
 }
 
 /// Softmax over E in f32, top-k, and `w / Σw` (no epsilon) always (`norm`) or never: Mixtral
-/// (`MixtralSparseMoeBlock`), Qwen3-VL-MoE (`Qwen3VLMoeTextTopKRouter`, which renormalises whatever
+/// (`MixtralSparseMoeBlock`), MiniMax-Text-01 (`MiniMaxSparseMoeBlock`, Mixtral's), Qwen3-VL-MoE (`Qwen3VLMoeTextTopKRouter`, which renormalises whatever
 /// `norm_topk_prob` says), Jamba (`JambaSparseMoeBlock`, never).
 fn softmax_fixed(k: &Keys<'_>, expert_keys: &[&'static str], norm: bool) -> Result<(RouterConfig, bool), ConfigError> {
     let (e, top_k) = experts_and_k(k, expert_keys)?;
@@ -923,8 +932,8 @@ pub fn hf_moe_layers_value(value: &Value) -> Result<HfMoeLayers, ConfigError> {
                 all.filter(|&i| (i as usize + 1).is_multiple_of(step)).collect()
             }
         },
-        "mixtral" | "olmoe" | "flex_olmo" | "gpt_oss" | "minimax_m2" | "hunyuan_v1_moe" | "dbrx" | "granitemoe"
-        | "granitemoeshared" | "granitemoehybrid" | "jetmoe" => all.collect(),
+        "mixtral" | "minimax" | "olmoe" | "flex_olmo" | "gpt_oss" | "minimax_m2" | "hunyuan_v1_moe" | "dbrx"
+        | "granitemoe" | "granitemoeshared" | "granitemoehybrid" | "jetmoe" => all.collect(),
         other => return Err(unsupported(&top, other)),
     };
     if layers.is_empty() {
