@@ -4,7 +4,7 @@ use moe_router_core::backend::with_router_rows_marked;
 use moe_router_core::math::{Math, NativeF32, NativeF64, Portable};
 use moe_router_core::reference::{select_row, weights_row};
 use moe_router_core::{
-    CallSite, ComputeDtype, GroupScore, HostWeights, LogitsRef, Normalization, Numerics, ROUTER_SELECTS, RouteError,
+    CallSite, ComputeDtype, GroupScore, HostGrad, HostMatrix, HostWeights, LossGrads, LogitsRef, Normalization, Numerics, ROUTER_SELECTS, RouteError,
     Routed, Router, RouterConfig, ScoreFunction, SoftmaxPosition, validate_ids,
 };
 use ndarray::{Array2, ArrayView2, Axis};
@@ -112,12 +112,67 @@ impl Router for CpuRouter {
     type Logits<'a> = LogitsRef<'a>;
     type Ids = Array2<u32>;
     type Weights = HostWeights;
+    type LogitsGrad = HostGrad;
 
     fn config(&self) -> &RouterConfig {
         &self.cfg
     }
     fn backend_name(&self) -> &'static str {
         "cpu"
+    }
+    fn weights_vjp(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: &Array2<u32>,
+        grad: &HostWeights,
+        losses: &LossGrads<'_>,
+        _site: &CallSite<'_>,
+    ) -> Result<HostGrad, RouteError> {
+        self.check(logits)?;
+        let (t, e) = logits.dim();
+        let k = self.cfg.top_k();
+        validate_ids(ids.view(), t, e, k, &[])?;
+        if grad.dim() != (t, k) {
+            return Err(RouteError::GradShape {
+                expected_rows: t,
+                expected_k: k,
+                rows: grad.dim().0,
+                cols: grad.dim().1,
+            });
+        }
+        let cfg = &self.cfg;
+        match (cfg.compute_dtype(), cfg.numerics(), grad) {
+            (ComputeDtype::F64, _, HostMatrix::F64(g)) => {
+                crate::backward::vjp::<NativeF64>(cfg, logits, ids.view(), g.view(), losses).map(HostMatrix::F64)
+            }
+            (ComputeDtype::F64, _, HostMatrix::F32(g)) => {
+                crate::backward::vjp::<NativeF64>(cfg, logits, ids.view(), g.mapv(f64::from).view(), losses)
+                    .map(HostMatrix::F64)
+            }
+            (ComputeDtype::F32, Numerics::Portable, g) => {
+                let g = g.to_f32().mapv(moe_router_core::math::ftz);
+                crate::backward::vjp::<Portable>(cfg, logits, ids.view(), g.view(), losses).map(HostMatrix::F32)
+            }
+            (ComputeDtype::F32, Numerics::Native, HostMatrix::F32(g)) => {
+                crate::backward::vjp::<NativeF32>(cfg, logits, ids.view(), g.view(), losses).map(HostMatrix::F32)
+            }
+            (ComputeDtype::F32, Numerics::Native, g) => {
+                crate::backward::vjp::<NativeF32>(cfg, logits, ids.view(), g.to_f32().view(), losses)
+                    .map(HostMatrix::F32)
+            }
+        }
+    }
+    fn weights_from_host(&self, weights: &HostMatrix) -> Result<HostWeights, RouteError> {
+        Ok(moe_router_core::reference::host_in_compute_precision(&self.cfg, weights))
+    }
+    fn logits_grad_to_host(&self, grad: &HostGrad) -> Result<HostGrad, RouteError> {
+        Ok(grad.clone())
+    }
+    fn first_differing_row(&self, a: &Array2<u32>, b: &Array2<u32>) -> Result<Option<usize>, RouteError> {
+        if a.dim() != b.dim() {
+            return Ok(Some(0));
+        }
+        Ok(a.outer_iter().zip(b.outer_iter()).position(|(x, y)| x != y))
     }
     fn batch_rows(&self, logits: &LogitsRef<'_>) -> usize {
         logits.rows()

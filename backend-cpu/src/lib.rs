@@ -21,6 +21,7 @@
 //! assert_eq!(out.ids.dim(), (4, 8));
 //! ```
 
+mod backward;
 mod kernel;
 
 pub use kernel::CpuRouter;

@@ -484,9 +484,32 @@ impl Router for CudaRouter {
     type Logits<'a> = DeviceLogits<'a>;
     type Ids = DeviceIds;
     type Weights = DeviceWeights;
+    type LogitsGrad = moe_router_core::HostGrad;
 
     fn config(&self) -> &RouterConfig {
         &self.cfg
+    }
+    fn weights_vjp(
+        &self,
+        _logits: &DeviceLogits<'_>,
+        _ids: &DeviceIds,
+        _grad: &DeviceWeights,
+        _losses: &moe_router_core::LossGrads<'_>,
+        _site: &CallSite<'_>,
+    ) -> Result<moe_router_core::HostGrad, RouteError> {
+        Err(RouteError::Unsupported {
+            backend: BACKEND,
+            reason: "the backward kernel is not built yet".into(),
+        })
+    }
+    fn weights_from_host(&self, _weights: &moe_router_core::HostMatrix) -> Result<DeviceWeights, RouteError> {
+        Err(RouteError::Unsupported {
+            backend: BACKEND,
+            reason: "the backward kernel is not built yet".into(),
+        })
+    }
+    fn logits_grad_to_host(&self, grad: &moe_router_core::HostGrad) -> Result<moe_router_core::HostGrad, RouteError> {
+        Ok(grad.clone())
     }
     fn backend_name(&self) -> &'static str {
         BACKEND

@@ -23,6 +23,31 @@ pub struct CapacityOutcome {
     pub dropped: u64,
 }
 
+impl CapacityOutcome {
+    /// Zeroes the upstream gradient `[T, K]` of the dropped slots, so that they pass no gradient
+    /// through [`crate::Router::weights_vjp`] (DESIGN §2b). Shapes must match (`[T, K]` of the
+    /// selection); a mismatch is [`crate::RouteError::GradShape`].
+    pub fn zero_dropped<F: num_traits::Zero + Copy>(
+        &self,
+        grad: &mut ndarray::Array2<F>,
+    ) -> Result<(), crate::RouteError> {
+        if grad.dim() != self.kept.dim() {
+            return Err(crate::RouteError::GradShape {
+                expected_rows: self.kept.nrows(),
+                expected_k: self.kept.ncols(),
+                rows: grad.nrows(),
+                cols: grad.ncols(),
+            });
+        }
+        ndarray::Zip::from(grad).and(&self.kept).for_each(|g, &k| {
+            if !k {
+                *g = F::zero();
+            }
+        });
+        Ok(())
+    }
+}
+
 /// `C = ceil(T·K/E · factor)`, at least `min_capacity`.
 pub fn capacity_for(cap: &Capacity, tokens: usize, top_k: usize, num_experts: usize) -> usize {
     let c = ((tokens as f64 * top_k as f64) / num_experts as f64 * cap.factor).ceil();

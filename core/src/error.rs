@@ -214,6 +214,48 @@ pub enum RouteError {
         #[source]
         source: ndarray::ShapeError,
     },
+    /// The upstream gradient of a backward call does not have the shape `[T, K]` of its ids.
+    #[error("grad_weights has shape [{rows}, {cols}], expected [{expected_rows}, {expected_k}] (the ids' [T, K])")]
+    GradShape {
+        /// Rows T of the ids.
+        expected_rows: usize,
+        /// K.
+        expected_k: usize,
+        /// Rows of the gradient given.
+        rows: usize,
+        /// Columns of the gradient given.
+        cols: usize,
+    },
+    /// An input of a backward call other than the tensors is invalid (a non-finite scalar, aux
+    /// counts of the wrong length).
+    #[error("backward input `{what}` is invalid: {detail}")]
+    BackwardInput {
+        /// Which input.
+        what: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A backward call through [`crate::Replayed`] at a layer (and batch layout) that no forward
+    /// through the same router has routed, or whose tape entry a backward already consumed.
+    #[error(
+        "backward at layer {layer}: no forward through this replayed router routed this layer and batch \
+         (each forward is matched by exactly one backward; call the inner router to differentiate other ids)"
+    )]
+    BackwardWithoutForward {
+        /// Model layer id.
+        layer: u32,
+    },
+    /// The ids of a backward (or of an activation recompute) differ from those the forward at
+    /// the same layer and batch used.
+    #[error("{pass} at layer {layer}: ids of row {row} differ from those of the forward")]
+    IdsDifferFromForward {
+        /// "backward" or "recompute".
+        pass: &'static str,
+        /// Model layer id.
+        layer: u32,
+        /// The first row that differs.
+        row: usize,
+    },
     /// The backend has no usable device.
     #[error("backend {backend} unavailable: {reason}")]
     Unavailable {

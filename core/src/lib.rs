@@ -18,6 +18,7 @@
 //! ```
 
 pub mod backend;
+pub mod backward;
 pub mod capacity;
 pub mod config;
 pub mod error;
@@ -31,6 +32,7 @@ pub mod router;
 pub mod stats;
 
 pub use backend::LogitsDtype;
+pub use backward::LossGrads;
 pub use config::{
     AuxLoss, AuxLossKind, Capacity, ComputeDtype, DropPolicy, GroupLimit, GroupScore, Normalization, Numerics,
     RouterConfig, RouterConfigBuilder, ScoreFunction, SoftmaxPosition,
@@ -41,7 +43,7 @@ pub use layout::{BatchLayout, LayerId, LayoutError, RowAddr, Segment, SeqId};
 pub use logits::LogitsRef;
 pub use reference::ReferenceRouter;
 pub use replay::{ForcedIds, PassThrough, Plan, ReplayPolicy, Replayed, RouteShape};
-pub use router::{CallSite, HostWeights, IdsSink, Pass, ROUTER_SELECTS, Routed, Router, validate_ids};
+pub use router::{CallSite, HostGrad, HostMatrix, HostWeights, IdsSink, Pass, ROUTER_SELECTS, Routed, Router, validate_ids};
 
 /// Largest E supported by every backend (ids are stored in u16 traces with one sentinel).
 pub const MAX_EXPERTS: usize = 65_535;

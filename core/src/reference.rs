@@ -196,7 +196,8 @@ pub fn weights_row<M: Math>(cfg: &RouterConfig, z: &[M::F], ids: &[u32], row: us
 
 use crate::config::{ComputeDtype, Numerics};
 use crate::math::{NativeF32, NativeF64, Portable};
-use crate::router::{CallSite, HostWeights, Routed, Router, validate_ids};
+use crate::backward::{BackwardPlan, LossGrads, vjp_rows};
+use crate::router::{CallSite, HostGrad, HostMatrix, HostWeights, Routed, Router, validate_ids};
 use ndarray::{Array2, ArrayView2};
 
 fn check_shape(cfg: &RouterConfig, logits: &LogitsRef<'_>) -> Result<(), RouteError> {
@@ -253,6 +254,42 @@ fn weights_all<M: Math>(
     Ok(w)
 }
 
+fn vjp_all<M: Math>(
+    cfg: &RouterConfig,
+    logits: &LogitsRef<'_>,
+    ids: ArrayView2<'_, u32>,
+    grad: ArrayView2<'_, M::F>,
+    losses: &LossGrads<'_>,
+) -> Result<Array2<M::F>, RouteError> {
+    check_shape(cfg, logits)?;
+    let (t, e) = logits.dim();
+    let k = cfg.top_k();
+    validate_ids(ids, t, e, k, &[])?;
+    if grad.dim() != (t, k) {
+        return Err(RouteError::GradShape {
+            expected_rows: t,
+            expected_k: k,
+            rows: grad.nrows(),
+            cols: grad.ncols(),
+        });
+    }
+    let plan = BackwardPlan::new(cfg, logits, losses)?;
+    let mut out = Array2::<M::F>::from_elem((t, e), M::F::zero());
+    vjp_rows::<M>(cfg, logits, ids, grad, &plan, 0, out.view_mut())?;
+    Ok(out)
+}
+
+/// A host matrix in the compute precision of `cfg` (f64 for f64 compute, f32 otherwise): what
+/// host routers use for [`Router::weights_from_host`].
+pub fn host_in_compute_precision(cfg: &RouterConfig, m: &HostMatrix) -> HostMatrix {
+    match (cfg.compute_dtype(), m) {
+        (ComputeDtype::F64, HostMatrix::F64(a)) => HostMatrix::F64(a.clone()),
+        (ComputeDtype::F64, HostMatrix::F32(a)) => HostMatrix::F64(a.mapv(f64::from)),
+        (ComputeDtype::F32, HostMatrix::F32(a)) => HostMatrix::F32(a.clone()),
+        (ComputeDtype::F32, HostMatrix::F64(a)) => HostMatrix::F32(a.mapv(|x| x as f32)),
+    }
+}
+
 /// The reference router as a [`Router`] on host logits: slow, simple, the oracle.
 #[derive(Debug, Clone)]
 pub struct ReferenceRouter {
@@ -296,12 +333,41 @@ impl Router for ReferenceRouter {
     type Logits<'a> = LogitsRef<'a>;
     type Ids = Array2<u32>;
     type Weights = HostWeights;
+    type LogitsGrad = HostGrad;
 
     fn config(&self) -> &RouterConfig {
         &self.cfg
     }
     fn backend_name(&self) -> &'static str {
         "reference"
+    }
+    fn weights_vjp(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: &Array2<u32>,
+        grad: &HostWeights,
+        losses: &LossGrads<'_>,
+        _site: &CallSite<'_>,
+    ) -> Result<HostGrad, RouteError> {
+        let cfg = &self.cfg;
+        match (cfg.compute_dtype(), cfg.numerics()) {
+            (ComputeDtype::F64, _) => {
+                vjp_all::<NativeF64>(cfg, logits, ids.view(), grad.to_f64().view(), losses).map(HostMatrix::F64)
+            }
+            (ComputeDtype::F32, Numerics::Portable) => {
+                vjp_all::<Portable>(cfg, logits, ids.view(), grad.to_f32().mapv(crate::math::ftz).view(), losses)
+                    .map(HostMatrix::F32)
+            }
+            (ComputeDtype::F32, Numerics::Native) => {
+                vjp_all::<NativeF32>(cfg, logits, ids.view(), grad.to_f32().view(), losses).map(HostMatrix::F32)
+            }
+        }
+    }
+    fn weights_from_host(&self, weights: &HostMatrix) -> Result<HostWeights, RouteError> {
+        Ok(host_in_compute_precision(&self.cfg, weights))
+    }
+    fn logits_grad_to_host(&self, grad: &HostGrad) -> Result<HostGrad, RouteError> {
+        Ok(grad.clone())
     }
     fn batch_rows(&self, logits: &LogitsRef<'_>) -> usize {
         logits.rows()

@@ -1,5 +1,6 @@
 //! The [`Router`] trait: logits on a backend's device in, K ids and K weights per token out.
 
+use crate::backward::LossGrads;
 use crate::capacity::{CapacityOutcome, apply_capacity};
 use crate::config::RouterConfig;
 use crate::error::RouteError;
@@ -60,35 +61,42 @@ pub struct Routed<I, W> {
     pub weights: W,
 }
 
-/// Host weights `[T, K]` in the compute precision.
+/// A host matrix in the compute precision: weights `[T, K]` ([`HostWeights`]) or a gradient on
+/// the logits `[T, E]` ([`HostGrad`]).
 #[derive(Debug, Clone, PartialEq)]
-pub enum HostWeights {
-    /// f32 weights.
+pub enum HostMatrix {
+    /// f32 values.
     F32(Array2<f32>),
-    /// f64 weights (CPU, f64 compute).
+    /// f64 values (CPU, f64 compute).
     F64(Array2<f64>),
 }
 
-impl HostWeights {
-    /// The weights as f32 (f64 weights are rounded).
+/// Host weights `[T, K]` in the compute precision.
+pub type HostWeights = HostMatrix;
+
+/// A host gradient on the logits `[T, E]` in the compute precision.
+pub type HostGrad = HostMatrix;
+
+impl HostMatrix {
+    /// The values as f32 (f64 values are rounded).
     pub fn to_f32(&self) -> Array2<f32> {
         match self {
-            HostWeights::F32(a) => a.clone(),
-            HostWeights::F64(a) => a.mapv(|x| x as f32),
+            HostMatrix::F32(a) => a.clone(),
+            HostMatrix::F64(a) => a.mapv(|x| x as f32),
         }
     }
-    /// The weights as f64 (exact).
+    /// The values as f64 (exact).
     pub fn to_f64(&self) -> Array2<f64> {
         match self {
-            HostWeights::F32(a) => a.mapv(f64::from),
-            HostWeights::F64(a) => a.clone(),
+            HostMatrix::F32(a) => a.mapv(f64::from),
+            HostMatrix::F64(a) => a.clone(),
         }
     }
-    /// `(T, K)`.
+    /// `(rows, cols)`.
     pub fn dim(&self) -> (usize, usize) {
         match self {
-            HostWeights::F32(a) => a.dim(),
-            HostWeights::F64(a) => a.dim(),
+            HostMatrix::F32(a) => a.dim(),
+            HostMatrix::F64(a) => a.dim(),
         }
     }
 }
@@ -111,8 +119,10 @@ pub trait Router {
     type Logits<'a>;
     /// The backend's ids `[T, K]`.
     type Ids;
-    /// The backend's weights `[T, K]`.
+    /// The backend's weights `[T, K]` (also the upstream gradient of [`Router::weights_vjp`]).
     type Weights;
+    /// The backend's gradient on the logits `[T, E]` ([`Router::weights_vjp`]).
+    type LogitsGrad;
 
     /// The routing rule.
     fn config(&self) -> &RouterConfig;
@@ -137,6 +147,45 @@ pub trait Router {
         ids: &Self::Ids,
         site: &CallSite<'_>,
     ) -> Result<Self::Weights, RouteError>;
+
+    /// The backward pass (DESIGN §2b): the gradient on the logits `[T, E]` of
+    /// `Σ grad∘w + a·aux_loss + c·z_loss`, where `w` are the weights of `ids` on `logits` (what
+    /// [`Router::weights_for`] returns, and what [`Router::route`] returned with these ids), and
+    /// `a`, `c` and the aux-loss inputs come from `losses`. `grad` is the upstream gradient
+    /// `[T, K]` in slot order ([`Router::weights_from_host`] moves a host one to the backend).
+    ///
+    /// Selection passes no gradient; the result stays on the backend's device. Capacity
+    /// dropping is not part of the weights: a dropped slot passes no gradient when its upstream
+    /// gradient is zero ([`crate::capacity::CapacityOutcome::zero_dropped`]). Ids must be
+    /// valid (as for `weights_for`); a row of `−∞` logits only is
+    /// [`RouteError::AllMasked`], NaN or `+∞` is [`RouteError::NonFiniteLogit`].
+    fn weights_vjp(
+        &self,
+        logits: &Self::Logits<'_>,
+        ids: &Self::Ids,
+        grad: &Self::Weights,
+        losses: &LossGrads<'_>,
+        site: &CallSite<'_>,
+    ) -> Result<Self::LogitsGrad, RouteError>;
+
+    /// Moves a host matrix `[T, K]` (weights, or the upstream gradient of
+    /// [`Router::weights_vjp`]) to the backend, converting to the compute precision.
+    fn weights_from_host(&self, weights: &HostMatrix) -> Result<Self::Weights, RouteError>;
+
+    /// Copies a gradient on the logits to the host.
+    fn logits_grad_to_host(&self, grad: &Self::LogitsGrad) -> Result<HostGrad, RouteError>;
+
+    /// The first row in which two id tensors differ (`None`: equal). Used by
+    /// [`crate::Replayed`] to hold the backward to the forward's ids. The default compares host
+    /// copies; device backends answer at once for two handles of the same buffer.
+    fn first_differing_row(&self, a: &Self::Ids, b: &Self::Ids) -> Result<Option<usize>, RouteError> {
+        let a = self.ids_to_host(a)?;
+        let b = self.ids_to_host(b)?;
+        if a.dim() != b.dim() {
+            return Ok(Some(0));
+        }
+        Ok(a.outer_iter().zip(b.outer_iter()).position(|(x, y)| x != y))
+    }
 
     /// Moves host ids `[T, K]` to the backend (no validation beyond shape).
     fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<Self::Ids, RouteError>;
@@ -200,6 +249,45 @@ pub trait Router {
     fn with_host_logits<T, F>(&self, logits: &LogitsRef<'_>, f: F) -> Result<T, RouteError>
     where
         F: for<'l> FnOnce(&Self::Logits<'l>) -> Result<T, RouteError>;
+
+    /// The backward on host data ([`Router::weights_vjp`]): logits `[T, E]`, the forward's ids
+    /// `[T, K]` (validated: range, duplicates) and the upstream gradient `[T, K]`, at `site`.
+    /// Shapes are checked first; the error names both shapes.
+    fn weights_vjp_host_at(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        grad: &HostMatrix,
+        losses: &LossGrads<'_>,
+        site: &CallSite<'_>,
+    ) -> Result<HostGrad, RouteError> {
+        let cfg = self.config();
+        let (t, e) = logits.dim();
+        if e != cfg.num_experts() {
+            return Err(RouteError::LogitsShape {
+                expected_experts: cfg.num_experts(),
+                rows: t,
+                cols: e,
+            });
+        }
+        validate_ids(ids, t, e, cfg.top_k(), &[])?;
+        let (gr, gc) = grad.dim();
+        if (gr, gc) != (t, cfg.top_k()) {
+            return Err(RouteError::GradShape {
+                expected_rows: t,
+                expected_k: cfg.top_k(),
+                rows: gr,
+                cols: gc,
+            });
+        }
+        losses.check(t, e)?;
+        self.with_host_logits(logits, |l| {
+            let d = self.ids_from_host(ids)?;
+            let g = self.weights_from_host(grad)?;
+            let dz = self.weights_vjp(l, &d, &g, losses, site)?;
+            self.logits_grad_to_host(&dz)
+        })
+    }
 
     /// Routes host logits at `site` and copies ids and weights back to the host. Through a
     /// [`crate::Replayed`] router the policy plans, records and replays as for device data.

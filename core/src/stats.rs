@@ -64,7 +64,9 @@ pub fn aux_scores(cfg: &RouterConfig, logits: &LogitsRef<'_>) -> Result<Array2<f
 }
 
 /// Plain top-k counts over aux scores (ties → lower id): Megatron's `routing_map.sum(0)` for the
-/// aux loss, which ignores groups, bias and replay.
+/// aux loss, which ignores groups, bias and replay. The losses of this module count by the
+/// logits instead ([`crate::backward::aux_counts`]), which selects the same experts (every aux
+/// score is monotone in the logit) without the ties that rounding of saturated scores creates.
 pub fn aux_counts(scores: ArrayView2<'_, f64>, top_k: usize) -> Vec<f64> {
     let (_, e) = scores.dim();
     let mut c = vec![0f64; e];
@@ -93,11 +95,24 @@ pub fn switch_loss(scores: ArrayView2<'_, f64>, counts: &[f64], top_k: usize, co
     total * (e as f64 * coeff) / (top_k as f64 * t as f64 * t as f64)
 }
 
+/// Counts of the aux loss per sequence: the K largest logits of every row
+/// ([`crate::backward::aux_topk_row`], the order of every aux score; ties → lower id), as f64.
+fn aux_counts_by_logits(
+    logits: &LogitsRef<'_>,
+    top_k: usize,
+    seq_lens: Option<&[usize]>,
+) -> Result<Vec<Vec<f64>>, RouteError> {
+    Ok(crate::backward::aux_counts(logits, top_k, seq_lens)?
+        .into_iter()
+        .map(|c| c.into_iter().map(|x| x as f64).collect())
+        .collect())
+}
+
 /// Micro-batch aux loss (`aux_loss`).
 pub fn aux_loss_micro_batch(cfg: &RouterConfig, logits: &LogitsRef<'_>, coeff: f64) -> Result<f64, RouteError> {
     let s = aux_scores(cfg, logits)?;
-    let c = aux_counts(s.view(), cfg.top_k());
-    Ok(switch_loss(s.view(), &c, cfg.top_k(), coeff))
+    let c = aux_counts_by_logits(logits, cfg.top_k(), None)?;
+    Ok(switch_loss(s.view(), &c[0], cfg.top_k(), coeff))
 }
 
 /// Per-sequence aux loss (`seq_aux_loss`): the loss of each sequence (consecutive rows of the
@@ -119,12 +134,12 @@ pub fn aux_loss_per_sequence(
     if seq_lens.is_empty() {
         return Ok(0.0);
     }
+    let counts = aux_counts_by_logits(logits, cfg.top_k(), Some(seq_lens))?;
     let mut acc = 0.0;
     let mut start = 0;
-    for &l in seq_lens {
+    for (&l, c) in seq_lens.iter().zip(&counts) {
         let part = s.slice(ndarray::s![start..start + l, ..]);
-        let c = aux_counts(part, cfg.top_k());
-        acc += switch_loss(part, &c, cfg.top_k(), coeff);
+        acc += switch_loss(part, c, cfg.top_k(), coeff);
         start += l;
     }
     Ok(acc / seq_lens.len() as f64)
@@ -143,6 +158,12 @@ impl GlobalAuxLoss {
     pub fn new() -> Self {
         Self::default()
     }
+    /// The running mean of the counts over the micro-batches so far (what the last
+    /// [`GlobalAuxLoss::step`] used; empty before the first step): the
+    /// [`crate::LossGrads::global_counts`] of the backward of that micro-batch.
+    pub fn counts(&self) -> Vec<f64> {
+        self.counts.iter().map(|&x| x / self.steps.max(1) as f64).collect()
+    }
     /// Clears the accumulated counts.
     pub fn reset(&mut self) {
         self.counts.clear();
@@ -151,7 +172,7 @@ impl GlobalAuxLoss {
     /// Adds one micro-batch and returns its loss, computed with the running mean of the counts.
     pub fn step(&mut self, cfg: &RouterConfig, logits: &LogitsRef<'_>, coeff: f64) -> Result<f64, RouteError> {
         let s = aux_scores(cfg, logits)?;
-        let c = aux_counts(s.view(), cfg.top_k());
+        let c = aux_counts_by_logits(logits, cfg.top_k(), None)?.remove(0);
         if self.counts.len() != c.len() {
             self.counts = vec![0.0; c.len()];
             self.steps = 0;
@@ -230,4 +251,17 @@ pub struct RoutingStats {
     /// Bias after one update step (when a bias and a rate are given).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub updated_bias: Option<Vec<f32>>,
+    /// Replay: forced (non-sentinel) slots of the replay ids
+    /// ([`crate::replay_slots::SlotCounts::replayed_slots`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replayed_slots: Option<u64>,
+    /// Replay: slots given as `-1` ("take the router's choice"), filled from the router's top-K.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel_slots: Option<u64>,
+    /// Threshold replay: replayed slots the threshold dropped and refilled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_slots: Option<u64>,
+    /// Threshold replay: replaced slots / replayed slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_rate: Option<f64>,
 }

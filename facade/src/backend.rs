@@ -5,7 +5,9 @@
 //! absent, is a [`RouteError::Unavailable`] that says what to do; [`AnyRouter::auto`] takes the
 //! first that works: CUDA, then wgpu, then the CPU.
 
-use moe_router_core::{CallSite, HostWeights, LogitsRef, RouteError, Routed, Router, RouterConfig};
+use moe_router_core::{
+    CallSite, HostGrad, HostMatrix, HostWeights, LogitsRef, LossGrads, RouteError, Routed, Router, RouterConfig,
+};
 use ndarray::{Array2, ArrayView2};
 use std::fmt;
 use std::str::FromStr;
@@ -233,6 +235,7 @@ impl Router for AnyRouter {
     type Logits<'a> = LogitsRef<'a>;
     type Ids = Array2<u32>;
     type Weights = HostWeights;
+    type LogitsGrad = HostGrad;
 
     fn config(&self) -> &RouterConfig {
         each!(self, r => r.config())
@@ -258,6 +261,28 @@ impl Router for AnyRouter {
         site: &CallSite<'_>,
     ) -> Result<HostWeights, RouteError> {
         each!(self, r => r.weights_host_at(logits, ids.view(), site))
+    }
+    fn weights_vjp(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: &Array2<u32>,
+        grad: &HostWeights,
+        losses: &LossGrads<'_>,
+        site: &CallSite<'_>,
+    ) -> Result<HostGrad, RouteError> {
+        each!(self, r => r.weights_vjp_host_at(logits, ids.view(), grad, losses, site))
+    }
+    fn weights_from_host(&self, weights: &HostMatrix) -> Result<HostWeights, RouteError> {
+        Ok(moe_router_core::reference::host_in_compute_precision(self.config(), weights))
+    }
+    fn logits_grad_to_host(&self, grad: &HostGrad) -> Result<HostGrad, RouteError> {
+        Ok(grad.clone())
+    }
+    fn first_differing_row(&self, a: &Array2<u32>, b: &Array2<u32>) -> Result<Option<usize>, RouteError> {
+        if a.dim() != b.dim() {
+            return Ok(Some(0));
+        }
+        Ok(a.outer_iter().zip(b.outer_iter()).position(|(x, y)| x != y))
     }
     fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<Array2<u32>, RouteError> {
         Ok(ids.to_owned())
