@@ -17,6 +17,54 @@ impl fmt::Display for LayerId {
     }
 }
 
+/// What kind of model layer a layer id names. Layer ids are unique across kinds: an MTP layer or
+/// a hash-routed layer has its own id (Hugging Face numbering: MTP blocks follow the decoder
+/// stack, `num_hidden_layers + i`), never the id of a decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerKind {
+    /// A decoder layer whose MLP is routed by scores (top-K of the router's logits).
+    #[default]
+    Decoder,
+    /// A multi-token-prediction block with a routed MLP (DeepSeek-V3's `num_nextn_predict_layers`).
+    Mtp,
+    /// A hash-routed layer: its ids come from a `[vocab, K]` table indexed by the token id
+    /// (DeepSeek-V4's first layers); the weights still come from the live scores.
+    Hash,
+}
+
+impl LayerKind {
+    /// Every kind, in code order.
+    pub const ALL: [LayerKind; 3] = [LayerKind::Decoder, LayerKind::Mtp, LayerKind::Hash];
+
+    /// The one-byte code of the trace header's layer-kind record: 0 decoder, 1 MTP, 2 hash.
+    pub fn code(self) -> u8 {
+        match self {
+            LayerKind::Decoder => 0,
+            LayerKind::Mtp => 1,
+            LayerKind::Hash => 2,
+        }
+    }
+    /// Parses [`LayerKind::code`] (`None` for an unknown code).
+    pub fn from_code(code: u8) -> Option<Self> {
+        LayerKind::ALL.into_iter().find(|k| k.code() == code)
+    }
+    /// The name used in JSON and messages: `decoder`, `mtp`, `hash`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LayerKind::Decoder => "decoder",
+            LayerKind::Mtp => "mtp",
+            LayerKind::Hash => "hash",
+        }
+    }
+}
+
+impl fmt::Display for LayerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A sequence id (a rollout sample, a conversation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SeqId(pub u64);
@@ -69,10 +117,20 @@ pub enum RowAddr {
 }
 
 /// The rows of a batch, in order, as segments.
+///
+/// A layout may also say, per sequence, at which position its recorded routes **start**
+/// ([`BatchLayout::with_route_start`]): the routes of a turn that began after a cached prefix
+/// (SGLang's `routed_experts_start_len`, vLLM's prefix-cached positions, a delta replay) cover
+/// only positions `start..`. Rows of that sequence before it are *uncovered*: replay leaves them
+/// to the router (they are neither replayed, nor missing routes, nor errors in strict mode) and
+/// counts them apart.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct BatchLayout {
     segments: Vec<Segment>,
     rows: usize,
+    /// Per sequence (ascending by id, one entry each): the first position its routes cover.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    route_starts: Vec<(SeqId, u64)>,
 }
 
 /// An invalid batch layout.
@@ -126,7 +184,59 @@ impl BatchLayout {
             }
         }
         let rows = segments.iter().map(Segment::len).sum();
-        Ok(BatchLayout { segments, rows })
+        Ok(BatchLayout {
+            segments,
+            rows,
+            route_starts: Vec::new(),
+        })
+    }
+
+    /// Says that the recorded routes of `seq` start at position `start` (a turn after a cached
+    /// prefix): rows of `seq` at positions below it are uncovered (see the type docs). Setting it
+    /// again replaces the earlier value; `start = 0` removes it.
+    pub fn with_route_start(mut self, seq: SeqId, start: u64) -> Self {
+        match self.route_starts.binary_search_by_key(&seq, |&(s, _)| s) {
+            Ok(i) if start == 0 => {
+                self.route_starts.remove(i);
+            }
+            Ok(i) => self.route_starts[i].1 = start,
+            Err(_) if start == 0 => {}
+            Err(i) => self.route_starts.insert(i, (seq, start)),
+        }
+        self
+    }
+
+    /// [`BatchLayout::with_route_start`] for several sequences.
+    pub fn with_route_starts(self, starts: &[(SeqId, u64)]) -> Self {
+        starts.iter().fold(self, |l, &(seq, start)| l.with_route_start(seq, start))
+    }
+
+    /// Whole sequences packed back to back, each `(seq, len, route_start)`: positions `0..len`,
+    /// whose recorded routes cover positions `route_start..` only.
+    pub fn packed_with_route_starts(seqs: &[(SeqId, usize, u64)]) -> Result<Self, LayoutError> {
+        let l = BatchLayout::packed(&seqs.iter().map(|&(s, len, _)| (s, len)).collect::<Vec<_>>())?;
+        Ok(l.with_route_starts(&seqs.iter().map(|&(s, _, p)| (s, p)).collect::<Vec<_>>()))
+    }
+
+    /// The first position the routes of `seq` cover (0 unless set).
+    pub fn route_start(&self, seq: SeqId) -> u64 {
+        self.route_starts
+            .binary_search_by_key(&seq, |&(s, _)| s)
+            .map_or(0, |i| self.route_starts[i].1)
+    }
+
+    /// Every route start set, ascending by sequence id.
+    pub fn route_starts(&self) -> &[(SeqId, u64)] {
+        &self.route_starts
+    }
+
+    /// True when `addr` is a token at or after its sequence's route start (padding is never
+    /// covered).
+    pub fn is_covered(&self, addr: RowAddr) -> bool {
+        match addr {
+            RowAddr::Token(seq, pos) => pos >= self.route_start(seq),
+            RowAddr::Padding => false,
+        }
     }
 
     /// One sequence `seq`, positions `0..len`.
@@ -177,7 +287,7 @@ impl BatchLayout {
     }
 
     /// Splits the layout into consecutive micro-batches of at most `rows` rows each (segments are
-    /// cut where needed).
+    /// cut where needed). Each micro-batch keeps the route starts.
     pub fn micro_batches(&self, rows: usize) -> Vec<BatchLayout> {
         let rows = rows.max(1);
         let mut out = Vec::new();
@@ -206,6 +316,7 @@ impl BatchLayout {
                     out.push(BatchLayout {
                         segments: std::mem::take(&mut cur),
                         rows: cur_rows,
+                        route_starts: self.route_starts.clone(),
                     });
                     cur_rows = 0;
                 }
@@ -215,6 +326,7 @@ impl BatchLayout {
             out.push(BatchLayout {
                 segments: cur,
                 rows: cur_rows,
+                route_starts: self.route_starts.clone(),
             });
         }
         out

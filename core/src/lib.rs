@@ -27,7 +27,9 @@ pub mod layout;
 pub mod logits;
 pub mod math;
 pub mod reference;
+pub mod hash_routing;
 pub mod replay;
+pub mod replay_slots;
 pub mod router;
 pub mod stats;
 
@@ -39,10 +41,12 @@ pub use config::{
 };
 pub use error::{ConfigError, ErrorSource, ReplayError, RouteError};
 pub use import::presets::{preset, preset_names};
-pub use layout::{BatchLayout, LayerId, LayoutError, RowAddr, Segment, SeqId};
+pub use hash_routing::{HashLayers, HashRouteError, HashTable, HashTableError};
+pub use layout::{BatchLayout, LayerId, LayerKind, LayoutError, RowAddr, Segment, SeqId};
 pub use logits::LogitsRef;
 pub use reference::ReferenceRouter;
 pub use replay::{ForcedIds, PassThrough, Plan, ReplayPolicy, Replayed, RouteShape};
+pub use replay_slots::{ROUTER_SLOT, ReplayThreshold, SlotCounts, SlotReplay};
 pub use router::{CallSite, HostGrad, HostMatrix, HostWeights, IdsSink, Pass, ROUTER_SELECTS, Routed, Router, validate_ids};
 
 /// Largest E supported by every backend (ids are stored in u16 traces with one sentinel).

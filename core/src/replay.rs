@@ -4,7 +4,7 @@
 use crate::config::RouterConfig;
 use crate::error::{ReplayError, RouteError};
 use crate::logits::LogitsRef;
-use crate::router::{CallSite, HostWeights, IdsSink, ROUTER_SELECTS, Routed, Router, validate_ids};
+use crate::router::{CallSite, HostWeights, IdsSink, Routed, Router};
 use ndarray::{Array2, ArrayView2};
 
 /// The shape of one routing call.
@@ -50,7 +50,21 @@ pub trait ReplayPolicy: Send + Sync {
         let _ = (site, shape);
         Ok(None)
     }
+
+    /// Threshold replay at this call site ([`crate::replay_slots`]): `Some` makes the decorator
+    /// keep a forced id only when the live score clears the threshold. The default is `None`.
+    fn threshold(&self, site: &CallSite<'_>) -> Option<crate::replay_slots::ReplayThreshold> {
+        let _ = site;
+        None
+    }
+
+    /// Told, after a [`Plan::Replay`], what happened to the slots: replayed, replaced by the
+    /// threshold, taken from the router (sentinel slots, router rows). The default ignores it.
+    fn slots_resolved(&self, site: &CallSite<'_>, counts: &crate::replay_slots::SlotCounts) {
+        let _ = (site, counts);
+    }
 }
+
 
 /// The pass-through policy: the router always selects, nothing is recorded.
 #[derive(Debug, Clone, Copy, Default)]
@@ -69,6 +83,12 @@ impl<P: ReplayPolicy + ?Sized> ReplayPolicy for &P {
     fn recorder(&self, site: &CallSite<'_>, shape: RouteShape) -> Result<Option<IdsSink>, ReplayError> {
         (**self).recorder(site, shape)
     }
+    fn threshold(&self, site: &CallSite<'_>) -> Option<crate::replay_slots::ReplayThreshold> {
+        (**self).threshold(site)
+    }
+    fn slots_resolved(&self, site: &CallSite<'_>, counts: &crate::replay_slots::SlotCounts) {
+        (**self).slots_resolved(site, counts)
+    }
 }
 
 impl<P: ReplayPolicy + ?Sized> ReplayPolicy for std::sync::Arc<P> {
@@ -77,6 +97,12 @@ impl<P: ReplayPolicy + ?Sized> ReplayPolicy for std::sync::Arc<P> {
     }
     fn recorder(&self, site: &CallSite<'_>, shape: RouteShape) -> Result<Option<IdsSink>, ReplayError> {
         (**self).recorder(site, shape)
+    }
+    fn threshold(&self, site: &CallSite<'_>) -> Option<crate::replay_slots::ReplayThreshold> {
+        (**self).threshold(site)
+    }
+    fn slots_resolved(&self, site: &CallSite<'_>, counts: &crate::replay_slots::SlotCounts) {
+        (**self).slots_resolved(site, counts)
     }
 }
 
@@ -164,14 +190,8 @@ impl<R: Router, P: ReplayPolicy> Router for Replayed<R, P> {
                 Ok(r)
             }
             Plan::Replay(forced) => {
-                let ForcedIds { mut ids, router_rows } = forced;
-                validate_ids(ids.view(), shape.rows, shape.num_experts, shape.top_k, &router_rows)?;
-                for &r in &router_rows {
-                    ids.row_mut(r).fill(ROUTER_SELECTS);
-                }
-                let out = self
-                    .inner
-                    .replay_with_fallback(logits, ids.view(), &router_rows, site)?;
+                // Whole router rows, per-slot sentinels and threshold replay (replay_slots).
+                let out = crate::replay_slots::resolve_forced(&self.inner, &self.policy, logits, forced, site, shape)?;
                 self.record(&out.ids, site, shape)?;
                 Ok(out)
             }
@@ -206,6 +226,21 @@ impl<R: Router, P: ReplayPolicy> Router for Replayed<R, P> {
         F: for<'l> FnOnce(&Self::Logits<'l>) -> Result<T, RouteError>,
     {
         self.inner.with_host_logits(logits, f)
+    }
+    /// As the provided method; when the policy asks for threshold replay at `site`, the host
+    /// logits are also kept for the threshold's scores ([`crate::replay_slots`]).
+    fn route_host_at(
+        &self,
+        logits: &LogitsRef<'_>,
+        site: &CallSite<'_>,
+    ) -> Result<(Array2<u32>, HostWeights), RouteError> {
+        let threshold = self.policy.threshold(site).is_some();
+        crate::replay_slots::with_threshold_logits(threshold, logits, || {
+            self.with_host_logits(logits, |l| {
+                let r = self.route(l, site)?;
+                Ok((self.ids_to_host(&r.ids)?, self.weights_to_host(&r.weights)?))
+            })
+        })
     }
     fn replay_with_fallback(
         &self,

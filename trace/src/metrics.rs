@@ -359,6 +359,25 @@ pub struct LayerPolicyCounts {
     pub fallbacks: u64,
     /// Token rows whose recorded ids were replayed.
     pub replayed_rows: u64,
+    /// Token rows before their sequence's route start (a cached prefix), left to the router.
+    #[serde(default)]
+    pub uncovered_rows: u64,
+    /// Replayed (non-sentinel) slots the decorator resolved.
+    #[serde(default)]
+    pub replayed_slots: u64,
+    /// Of those, slots a threshold replaced with the trainer's own choice.
+    #[serde(default)]
+    pub replaced_slots: u64,
+    /// Slot sentinels ("take the router's choice") filled by the router.
+    #[serde(default)]
+    pub sentinel_slots: u64,
+}
+
+impl LayerPolicyCounts {
+    /// Replaced slots / replayed slots (0 when no slot was replayed).
+    pub fn replace_rate(&self) -> f64 {
+        ratio(self.replaced_slots as f64, self.replayed_slots)
+    }
 }
 
 /// Fallback and replay counts of a policy ([`crate::policy::Replay::counts`]).
@@ -380,6 +399,18 @@ impl PolicyCounts {
             total_replayed_rows: per_layer.iter().map(|l| l.replayed_rows).sum(),
             per_layer,
         }
+    }
+    /// Replaced slots / replayed slots over every layer (threshold replay), 0 when none.
+    pub fn replace_rate(&self) -> f64 {
+        let (rep, all) = self
+            .per_layer
+            .iter()
+            .fold((0u64, 0u64), |(a, b), l| (a + l.replaced_slots, b + l.replayed_slots));
+        ratio(rep as f64, all)
+    }
+    /// Sentinel slots over every layer.
+    pub fn sentinel_slots(&self) -> u64 {
+        self.per_layer.iter().map(|l| l.sentinel_slots).sum()
     }
     /// Fallbacks / (fallbacks + replayed rows), 0 when nothing was asked.
     pub fn fallback_fraction(&self) -> f64 {

@@ -25,6 +25,7 @@ use crate::trace::{
 use moe_router_core::error::ReplayError;
 use moe_router_core::layout::{BatchLayout, LayerId, Segment, SeqId};
 use moe_router_core::replay::{ForcedIds, Plan, ReplayPolicy, RouteShape};
+use moe_router_core::replay_slots::{ReplayThreshold, SlotCounts};
 use moe_router_core::router::{CallSite, IdsSink, Pass};
 use ndarray::{Array2, s};
 use serde::{Deserialize, Serialize};
@@ -71,18 +72,30 @@ fn check_site<'a>(
     Ok((li, layout))
 }
 
-/// Reads the rows of `layout` at `layer` from `source`. Padding rows and (when `strict` is
-/// false) missing rows are returned in `router_rows`; the missing ones are counted separately.
+/// What [`gather`] found besides the ids.
+#[derive(Debug, Clone, Copy, Default)]
+struct Gathered {
+    /// Token rows whose route was missing (fallback mode).
+    missing: u64,
+    /// Token rows before their sequence's route start ([`BatchLayout::route_start`]).
+    uncovered: u64,
+}
+
+/// Reads the rows of `layout` at `layer` from `source`. Padding rows, rows before their
+/// sequence's route start and (when `strict` is false) missing rows are returned in
+/// `router_rows`; the missing and the uncovered ones are counted separately. A row is missing
+/// when every slot is [`MISSING_ID`]; a row with the sentinel in some slots only (a trace with
+/// slot sentinels) is replayed, its sentinel slots left to the router.
 fn gather<S: RouteSource + ?Sized>(
     source: &S,
     layer: LayerId,
     layout: &BatchLayout,
     strict: bool,
-) -> Result<(ForcedIds, u64), ReplayError> {
+) -> Result<(ForcedIds, Gathered), ReplayError> {
     let k = source.header().top_k();
     let mut ids = Array2::<u32>::zeros((layout.rows(), k));
     let mut router_rows = Vec::new();
-    let mut missing = 0u64;
+    let mut g = Gathered::default();
     let mut row = 0usize;
     for seg in layout.segments() {
         match *seg {
@@ -91,45 +104,36 @@ fn gather<S: RouteSource + ?Sized>(
                 row += len;
             }
             Segment::Tokens { seq, start, len } => {
-                let mut view = ids.slice_mut(s![row..row + len, ..]);
-                source.read_rows(seq, layer, start, view.view_mut())?;
-                // A missing row holds MISSING_ID in every slot (a present one never in slot 0).
-                let mut on_missing = |i: usize, r: &mut [u32]| {
-                    if strict {
-                        return Err(ReplayError::MissingRoute {
-                            layer: layer.0,
-                            sequence: seq.0,
-                            position: start + i as u64,
-                        });
-                    }
-                    r.fill(0);
-                    router_rows.push(row + i);
-                    missing += 1;
-                    Ok(())
-                };
-                match view.as_slice_mut() {
-                    Some(flat) if k > 0 => {
-                        for (i, r) in flat.chunks_exact_mut(k).enumerate() {
-                            if r[0] == MISSING_ID {
-                                on_missing(i, r)?;
-                            }
+                // Rows before the route start are the router's, not read.
+                let first = layout.route_start(seq);
+                let skip = (first.saturating_sub(start)).min(len as u64) as usize;
+                if skip > 0 {
+                    router_rows.extend(row..row + skip);
+                    g.uncovered += skip as u64;
+                }
+                let (row0, start0, len0) = (row + skip, start + skip as u64, len - skip);
+                let mut view = ids.slice_mut(s![row0..row0 + len0, ..]);
+                source.read_rows(seq, layer, start0, view.view_mut())?;
+                for (i, mut r) in view.outer_iter_mut().enumerate() {
+                    if k > 0 && r.iter().all(|&x| x == MISSING_ID) {
+                        if strict {
+                            return Err(ReplayError::MissingRoute {
+                                layer: layer.0,
+                                sequence: seq.0,
+                                position: start0 + i as u64,
+                            });
                         }
-                    }
-                    _ => {
-                        for (i, mut r) in view.outer_iter_mut().enumerate() {
-                            if r[0] == MISSING_ID {
-                                let mut tmp = r.to_vec();
-                                on_missing(i, &mut tmp)?;
-                                r.fill(0);
-                            }
-                        }
+                        r.fill(0);
+                        router_rows.push(row0 + i);
+                        g.missing += 1;
                     }
                 }
                 row += len;
             }
         }
     }
-    Ok((ForcedIds { ids, router_rows }, missing))
+    router_rows.sort_unstable();
+    Ok((ForcedIds { ids, router_rows }, g))
 }
 
 fn layout_hash(layout: &BatchLayout) -> u64 {
@@ -181,10 +185,14 @@ pub struct Replay<S = Trace> {
     source: S,
     missing: MissingRoutes,
     expect: Option<u64>,
+    threshold: Option<ReplayThreshold>,
     keys: Mutex<KeyCounts>,
     calls: AtomicU64,
     fallbacks: Vec<AtomicU64>,
     replayed: Vec<AtomicU64>,
+    uncovered: Vec<AtomicU64>,
+    /// Per layer: replayed slots, replaced slots, sentinel slots.
+    slots: Vec<[AtomicU64; 3]>,
 }
 
 /// Per (layer, layout hash): the layouts seen and how often.
@@ -206,11 +214,28 @@ impl<S: RouteSource> Replay<S> {
             source,
             missing: MissingRoutes::Strict,
             expect: None,
+            threshold: None,
             keys: Mutex::new(HashMap::new()),
             calls: AtomicU64::new(0),
             fallbacks: (0..n).map(|_| AtomicU64::new(0)).collect(),
             replayed: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            uncovered: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            slots: (0..n).map(|_| Default::default()).collect(),
         })
+    }
+
+    /// Threshold replay (prime-rl; [`moe_router_core::replay_slots`]): the decorator keeps a
+    /// replayed id only when the trainer's live score of it is at least `threshold.ratio()` ×
+    /// the trainer's weakest top-K score, and refills the others from the trainer's top-K. It
+    /// needs host logits (`Router::route_host_at`). The replace rate per layer is in
+    /// [`Replay::counts`] ([`LayerPolicyCounts::replace_rate`]).
+    pub fn with_threshold(mut self, threshold: ReplayThreshold) -> Self {
+        self.threshold = Some(threshold);
+        self
+    }
+    /// The threshold, if any.
+    pub fn threshold(&self) -> Option<ReplayThreshold> {
+        self.threshold
     }
 
     /// Sets the missing-route mode.
@@ -259,6 +284,10 @@ impl<S: RouteSource> Replay<S> {
                 layer: l.0,
                 fallbacks: self.fallbacks[i].load(Ordering::Relaxed),
                 replayed_rows: self.replayed[i].load(Ordering::Relaxed),
+                uncovered_rows: self.uncovered[i].load(Ordering::Relaxed),
+                replayed_slots: self.slots[i][0].load(Ordering::Relaxed),
+                replaced_slots: self.slots[i][1].load(Ordering::Relaxed),
+                sentinel_slots: self.slots[i][2].load(Ordering::Relaxed),
             })
             .collect();
         PolicyCounts::from_layers(per_layer)
@@ -379,12 +408,26 @@ impl<S: RouteSource> ReplayPolicy for Replay<S> {
         let header = self.source.header();
         let (li, layout) = check_site(header, site, shape)?;
         let strict = self.missing == MissingRoutes::Strict;
-        let (forced, missing) = gather(&self.source, site.layer, layout, strict)?;
-        let pads = forced.router_rows.len() as u64 - missing;
-        self.fallbacks[li].fetch_add(missing, Ordering::Relaxed);
-        self.replayed[li].fetch_add(layout.rows() as u64 - pads - missing, Ordering::Relaxed);
+        let (forced, g) = gather(&self.source, site.layer, layout, strict)?;
+        let router = forced.router_rows.len() as u64;
+        self.fallbacks[li].fetch_add(g.missing, Ordering::Relaxed);
+        self.uncovered[li].fetch_add(g.uncovered, Ordering::Relaxed);
+        self.replayed[li].fetch_add(layout.rows() as u64 - router, Ordering::Relaxed);
         self.count_key(site.layer, layout);
         Ok(Plan::Replay(forced))
+    }
+
+    fn threshold(&self, _site: &CallSite<'_>) -> Option<ReplayThreshold> {
+        self.threshold
+    }
+
+    fn slots_resolved(&self, site: &CallSite<'_>, counts: &SlotCounts) {
+        if let Some(li) = self.source.header().layer_index(site.layer) {
+            let c = &self.slots[li];
+            c[0].fetch_add(counts.replayed_slots, Ordering::Relaxed);
+            c[1].fetch_add(counts.replaced_slots, Ordering::Relaxed);
+            c[2].fetch_add(counts.sentinel_slots, Ordering::Relaxed);
+        }
     }
 }
 

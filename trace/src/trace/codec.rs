@@ -54,6 +54,8 @@ pub struct RowCodec {
     num_experts: u32,
     top_k: usize,
     width: IdWidth,
+    /// Present rows may hold the width's maximum in some slots (slot sentinels).
+    slots: bool,
 }
 
 impl RowCodec {
@@ -63,7 +65,12 @@ impl RowCodec {
             num_experts: h.num_experts() as u32,
             top_k: h.top_k(),
             width: h.id_width(),
+            slots: h.slot_sentinels(),
         }
+    }
+    /// Whether present rows may hold slot sentinels ([`TraceHeader::slot_sentinels`]).
+    pub fn slot_sentinels(&self) -> bool {
+        self.slots
     }
     /// K.
     pub fn top_k(&self) -> usize {
@@ -100,6 +107,23 @@ impl RowCodec {
     pub(crate) fn check_stored(&self, bytes: &[u8]) -> Result<bool, RowFault> {
         if self.is_missing(bytes) {
             return Ok(false);
+        }
+        if self.slots {
+            // Slot sentinels: the width's maximum (never a valid id here) in some slots.
+            let sent = self.width.sentinel();
+            for j in 0..self.top_k {
+                let id = self.get(bytes, j);
+                if id == sent {
+                    continue;
+                }
+                if id >= self.num_experts {
+                    return Err(RowFault::OutOfRange { slot: j, id });
+                }
+                if (0..j).any(|jj| self.get(bytes, jj) == id) {
+                    return Err(RowFault::Duplicate { id });
+                }
+            }
+            return Ok(true);
         }
         if self.width == IdWidth::U8 {
             // One-byte ids: range check and a 256-bit seen-set.
@@ -149,23 +173,24 @@ impl RowCodec {
             out.fill(0xFF);
             return Ok(false);
         }
-        if row.contains(&MISSING_ID) {
+        if row.contains(&MISSING_ID) && !self.slots {
             return Err(RowFault::PartialMissing);
         }
         for (j, &id) in row.iter().enumerate() {
-            if id >= self.num_experts {
+            if id >= self.num_experts && !(self.slots && id == MISSING_ID) {
                 return Err(RowFault::OutOfRange { slot: j, id });
             }
         }
         match self.width {
             IdWidth::U8 => {
                 for (o, &id) in out.iter_mut().zip(row) {
-                    *o = id as u8;
+                    *o = if id == MISSING_ID { 0xFF } else { id as u8 };
                 }
             }
             IdWidth::U16 => {
                 for (o, &id) in out.chunks_exact_mut(2).zip(row) {
-                    o.copy_from_slice(&(id as u16).to_le_bytes());
+                    let v = if id == MISSING_ID { 0xFFFF } else { id as u16 };
+                    o.copy_from_slice(&v.to_le_bytes());
                 }
             }
         }
@@ -296,6 +321,9 @@ impl RowCodec {
         }
         for (j, o) in out.iter_mut().enumerate() {
             *o = self.get(bytes, j);
+            if self.slots && *o == self.width.sentinel() {
+                *o = MISSING_ID;
+            }
         }
     }
 
@@ -318,6 +346,12 @@ impl RowCodec {
                 }
             }
         }
+        if self.slots {
+            let sent = self.width.sentinel();
+            for o in out.iter_mut().filter(|o| **o == sent) {
+                *o = MISSING_ID;
+            }
+        }
     }
 
     /// Decodes whole stored rows into `out` (`rows × K`, row-major): one widening pass, then
@@ -328,7 +362,12 @@ impl RowCodec {
             IdWidth::U8 => kernels::widen_u8(bytes, out),
             IdWidth::U16 => kernels::widen_u16(bytes, out),
         };
-        if max == self.width.sentinel() {
+        if max == self.width.sentinel() && self.slots {
+            let sent = self.width.sentinel();
+            for o in out.iter_mut().filter(|o| **o == sent) {
+                *o = MISSING_ID;
+            }
+        } else if max == self.width.sentinel() {
             let k = self.top_k;
             for (row, o) in bytes.chunks_exact(self.row_bytes()).zip(out.chunks_exact_mut(k)) {
                 if self.is_missing(row) {

@@ -3,7 +3,7 @@
 
 use super::kernels;
 use super::{IdWidth, RowConvention, TraceError, TraceHeader};
-use moe_router_core::layout::LayerId;
+use moe_router_core::layout::{LayerId, LayerKind};
 
 /// File magic: `\x89MRT\r\n\x1a\n` (the PNG trick: detects 7-bit and newline mangling).
 pub(crate) const MAGIC: [u8; 8] = [0x89, b'M', b'R', b'T', b'\r', b'\n', 0x1A, b'\n'];
@@ -12,8 +12,17 @@ pub(crate) const VERSION_MAJOR: u16 = 2;
 /// Format 1: one layer per block and 32-byte index entries. Still read, and still written when
 /// appending to a 1.x file (so that the file stays readable by 1.x readers).
 pub(crate) const VERSION_1: u16 = 1;
-/// Minor version this code writes.
+/// Minor version this code writes for a header without the 2.1 additions (so such files stay
+/// byte for byte what a 2.0 writer wrote).
 pub(crate) const VERSION_MINOR: u16 = 0;
+/// Minor version of a header with layer kinds or slot sentinels (format 2.1).
+pub(crate) const VERSION_MINOR_KINDS: u16 = 1;
+/// Header flag bit 0: a weight version is present.
+pub(crate) const FLAG_WEIGHT_VERSION: u8 = 1;
+/// Header flag bit 1 (2.1): present rows may hold slot sentinels.
+pub(crate) const FLAG_SLOT_SENTINELS: u8 = 2;
+/// Header extension record (2.1): one layer-kind code per layer of the map.
+pub(crate) const RECORD_LAYER_KINDS: u8 = 1;
 /// Fixed part of the file header before the body.
 pub(crate) const HEADER_PREFIX: usize = 16;
 /// Largest header body accepted.
@@ -159,7 +168,14 @@ pub(crate) fn encode_header(h: &TraceHeader) -> Vec<u8> {
     body.push(h.id_width().code());
     body.push(h.row_convention().code());
     body.extend_from_slice(&h.fingerprint().to_le_bytes());
-    body.push(u8::from(h.weight_version().is_some()));
+    let mut flags = 0u8;
+    if h.weight_version().is_some() {
+        flags |= FLAG_WEIGHT_VERSION;
+    }
+    if h.slot_sentinels() {
+        flags |= FLAG_SLOT_SENTINELS;
+    }
+    body.push(flags);
     body.extend_from_slice(&[0u8; 7]);
     body.extend_from_slice(&h.weight_version().unwrap_or(0).to_le_bytes());
     body.extend_from_slice(&(h.layers().len() as u32).to_le_bytes());
@@ -168,10 +184,20 @@ pub(crate) fn encode_header(h: &TraceHeader) -> Vec<u8> {
     }
     body.extend_from_slice(&(h.producer().len() as u32).to_le_bytes());
     body.extend_from_slice(h.producer().as_bytes());
+    if h.has_layer_kinds() {
+        body.push(RECORD_LAYER_KINDS);
+        body.extend_from_slice(&(h.layers().len() as u32).to_le_bytes());
+        body.extend(h.layer_kinds().iter().map(|k| k.code()));
+    }
+    let minor = if h.has_layer_kinds() || h.slot_sentinels() {
+        VERSION_MINOR_KINDS
+    } else {
+        VERSION_MINOR
+    };
     let mut out = Vec::with_capacity(HEADER_PREFIX + body.len() + 4);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION_MAJOR.to_le_bytes());
-    out.extend_from_slice(&VERSION_MINOR.to_le_bytes());
+    out.extend_from_slice(&minor.to_le_bytes());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&body);
     let c = crc(&out);
@@ -256,10 +282,10 @@ pub(crate) fn decode_header(b: &[u8]) -> Result<(TraceHeader, Version, usize), T
     let conv = RowConvention::from_code(body[7]).ok_or_else(|| bad(7, format!("row convention code {}", body[7])))?;
     let fp = u64_at(body, 8);
     let flags = body[16];
-    if flags & !1 != 0 {
+    if flags & !(FLAG_WEIGHT_VERSION | FLAG_SLOT_SENTINELS) != 0 {
         return Err(bad(16, format!("unknown flags {flags:#04x}")));
     }
-    let wv = (flags & 1 != 0).then(|| u64_at(body, 24));
+    let wv = (flags & FLAG_WEIGHT_VERSION != 0).then(|| u64_at(body, 24));
     let nl = u32_at(body, 32) as usize;
     let layers_end = HEADER_BODY_FIXED
         .checked_add(
@@ -284,8 +310,43 @@ pub(crate) fn decode_header(b: &[u8]) -> Result<(TraceHeader, Version, usize), T
     let producer = std::str::from_utf8(&body[layers_end + 4..prod_end])
         .map_err(|_| bad(layers_end + 4, "producer is not UTF-8".into()))?
         .to_string();
-    let h =
+    let nlayers = layers.len();
+    let mut h =
         TraceHeader::from_parts(e, k, width, layers, conv, fp, wv, producer).map_err(|err| bad(0, err.to_string()))?;
+    if flags & FLAG_SLOT_SENTINELS != 0 {
+        h = h.with_slot_sentinels(true).map_err(|err| bad(16, err.to_string()))?;
+    }
+    // Extension records (2.1): `tag u8, length u32, length bytes` up to the end of the body;
+    // unknown tags are skipped.
+    let mut pos = prod_end;
+    while pos < body.len() {
+        if body.len() - pos < 5 {
+            return Err(bad(pos, format!("{} stray bytes after the producer", body.len() - pos)));
+        }
+        let tag = body[pos];
+        let len = u32_at(body, pos + 1) as usize;
+        let data = pos + 5;
+        if body.len() - data < len {
+            return Err(bad(
+                pos,
+                format!("header record {tag} of {len} bytes does not fit in the header body"),
+            ));
+        }
+        if tag == RECORD_LAYER_KINDS {
+            if len != nlayers {
+                return Err(bad(
+                    pos + 1,
+                    format!("layer-kind record of {len} bytes for {nlayers} layers"),
+                ));
+            }
+            let mut kinds = Vec::with_capacity(len);
+            for (i, &c) in body[data..data + len].iter().enumerate() {
+                kinds.push(LayerKind::from_code(c).ok_or_else(|| bad(data + i, format!("unknown layer kind code {c}")))?);
+            }
+            h = h.with_kind_list(&kinds).map_err(|err| bad(data, err.to_string()))?;
+        }
+        pos = data + len;
+    }
     Ok((h, Version { major, minor }, total))
 }
 

@@ -50,7 +50,7 @@ pub use writer::{
 
 use moe_router_core::config::RouterConfig;
 use moe_router_core::error::ReplayError;
-use moe_router_core::layout::{LayerId, SeqId};
+use moe_router_core::layout::{LayerId, LayerKind, SeqId};
 use ndarray::ArrayViewMut2;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -164,6 +164,12 @@ pub struct TraceHeader {
     fingerprint: u64,
     weight_version: Option<u64>,
     producer: String,
+    /// The layers of the map that are not decoder layers, ascending by id (format 2.1 record 1).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    layer_kinds: Vec<(LayerId, LayerKind)>,
+    /// Present rows may hold the sentinel in some slots ("take the router's choice"; flag bit 1).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    slot_sentinels: bool,
 }
 
 /// Longest producer string stored in a header (bytes).
@@ -202,6 +208,8 @@ impl TraceHeader {
             fingerprint: 0,
             weight_version: None,
             producer: String::new(),
+            layer_kinds: Vec::new(),
+            slot_sentinels: false,
         })
     }
 
@@ -242,7 +250,9 @@ impl TraceHeader {
     /// Forces a wider id width than needed (u16 for a small E, e.g. to match a consumer).
     /// Narrowing below what E needs is an error.
     pub fn with_id_width(mut self, w: IdWidth) -> Result<Self, TraceError> {
-        if self.num_experts() > w.max_experts(self.top_k()) {
+        if self.num_experts() > w.max_experts(self.top_k())
+            || (self.slot_sentinels && self.num_experts() > w.sentinel() as usize)
+        {
             return Err(TraceError::InvalidHeader(format!(
                 "id width {w:?} cannot hold num_experts = {} with top_k = {}",
                 self.num_experts, self.top_k
@@ -250,6 +260,81 @@ impl TraceHeader {
         }
         self.id_width = w;
         Ok(self)
+    }
+
+    /// Marks `layer` (a layer of the map) as a layer of `kind`; [`LayerKind::Decoder`] is the
+    /// default of every layer. An MTP layer follows the decoder stack, so its id must be greater
+    /// than every decoder and hash layer id of the map (an MTP layer numbered like a decoder
+    /// layer, as Megatron numbers them from 1, would alias it): otherwise, and for a layer not in
+    /// the map, [`TraceError::InvalidHeader`].
+    pub fn with_layer_kind(mut self, layer: u32, kind: LayerKind) -> Result<Self, TraceError> {
+        if self.layer_index(LayerId(layer)).is_none() {
+            return Err(TraceError::InvalidHeader(format!(
+                "layer {layer} is not in the layer map {:?}, so it has no kind",
+                self.layer_ids()
+            )));
+        }
+        self.layer_kinds.retain(|(l, _)| l.0 != layer);
+        if kind != LayerKind::Decoder {
+            self.layer_kinds.push((LayerId(layer), kind));
+            self.layer_kinds.sort_unstable();
+        }
+        check_kinds(&self.layers, &self.layer_kinds)?;
+        Ok(self)
+    }
+    /// [`TraceHeader::with_layer_kind`] for each of `layers`.
+    pub fn with_layers_of_kind(self, layers: &[u32], kind: LayerKind) -> Result<Self, TraceError> {
+        layers.iter().try_fold(self, |h, &l| h.with_layer_kind(l, kind))
+    }
+    /// The kind of `layer` (`None` when it is not in the map).
+    pub fn layer_kind(&self, layer: LayerId) -> Option<LayerKind> {
+        self.layer_index(layer)?;
+        Some(
+            self.layer_kinds
+                .iter()
+                .find(|(l, _)| *l == layer)
+                .map_or(LayerKind::Decoder, |&(_, k)| k),
+        )
+    }
+    /// The kind of every layer of the map, in map order.
+    pub fn layer_kinds(&self) -> Vec<LayerKind> {
+        self.layers
+            .iter()
+            .map(|&l| self.layer_kind(l).unwrap_or_default())
+            .collect()
+    }
+    /// The layer ids of one kind, ascending.
+    pub fn layers_of_kind(&self, kind: LayerKind) -> Vec<u32> {
+        self.layers
+            .iter()
+            .filter(|&&l| self.layer_kind(l) == Some(kind))
+            .map(|l| l.0)
+            .collect()
+    }
+    /// True when some layer of the map is not a decoder layer.
+    pub fn has_layer_kinds(&self) -> bool {
+        !self.layer_kinds.is_empty()
+    }
+    /// Allows (`true`) the slot sentinel in present rows: a slot holding [`MISSING_ID`] (stored as
+    /// the width's maximum) in a row that is not missing means "don't replay this slot: take the
+    /// router's choice" ([`moe_router_core::ROUTER_SLOT`]). The sentinel must not be a valid id:
+    /// E must be below the width's maximum (E ≤ 255 with one-byte ids: widen E = 256 to two-byte
+    /// ids with [`TraceHeader::with_id_width`] first), otherwise [`TraceError::InvalidHeader`].
+    /// Written as flag bit 1, which format 2.0 readers refuse.
+    pub fn with_slot_sentinels(mut self, on: bool) -> Result<Self, TraceError> {
+        if on && self.num_experts() > self.id_width.sentinel() as usize {
+            return Err(TraceError::InvalidHeader(format!(
+                "slot sentinels need E below the id width's maximum {} (E = {}): use two-byte ids",
+                self.id_width.sentinel(),
+                self.num_experts
+            )));
+        }
+        self.slot_sentinels = on;
+        Ok(self)
+    }
+    /// Whether present rows may hold slot sentinels.
+    pub fn slot_sentinels(&self) -> bool {
+        self.slot_sentinels
     }
 
     /// E.
@@ -353,6 +438,36 @@ impl TraceHeader {
             ..h
         })
     }
+
+    /// Sets every layer's kind from a list in map order (file decoder; checked).
+    pub(crate) fn with_kind_list(mut self, kinds: &[LayerKind]) -> Result<Self, TraceError> {
+        self.layer_kinds = self
+            .layers
+            .iter()
+            .zip(kinds)
+            .filter(|(_, k)| **k != LayerKind::Decoder)
+            .map(|(&l, &k)| (l, k))
+            .collect();
+        check_kinds(&self.layers, &self.layer_kinds)?;
+        Ok(self)
+    }
+}
+
+fn check_kinds(layers: &[LayerId], kinds: &[(LayerId, LayerKind)]) -> Result<(), TraceError> {
+    let first_mtp = kinds.iter().find(|(_, k)| *k == LayerKind::Mtp).map(|(l, _)| *l);
+    if let Some(m) = first_mtp
+        && let Some(&d) = layers
+            .iter()
+            .rev()
+            .find(|&&l| l > m && !kinds.iter().any(|&(x, k)| x == l && k == LayerKind::Mtp))
+    {
+        return Err(TraceError::InvalidHeader(format!(
+            "MTP layer {m} comes before {} layer {d}: MTP layers follow the decoder stack (ids from \
+             num_hidden_layers), an MTP id below a decoder id would alias a decoder layer",
+            kinds.iter().find(|(l, _)| *l == d).map_or(LayerKind::Decoder, |&(_, k)| k)
+        )));
+    }
+    Ok(())
 }
 
 fn check_layers(layers: &[u32]) -> Result<(), TraceError> {

@@ -386,7 +386,7 @@ impl TraceWriter {
             row_bytes: codec.row_bytes(),
             top_k: header.top_k(),
             num_experts: header.num_experts(),
-            ranked_ok: header.id_width() == super::IdWidth::U8,
+            ranked_ok: header.id_width() == super::IdWidth::U8 && !header.slot_sentinels(),
             error: error.clone(),
             pool: pool.clone(),
             path: path.clone(),
