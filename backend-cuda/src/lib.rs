@@ -22,6 +22,7 @@
 
 mod buffers;
 mod device;
+pub mod external;
 pub mod kernels;
 mod record;
 mod router;

@@ -1,0 +1,409 @@
+//! `moe_router._native.Router`: routing of host (NumPy) logits on any backend, with the GIL
+//! released.
+
+use crate::config::{PyRouterConfig, parse_numerics};
+use crate::{Error, detached, guarded};
+use half::{bf16, f16};
+use moe_router::capacity::apply_capacity;
+use moe_router::stats::{self, GlobalAuxLoss, RoutingStats};
+use moe_router::{
+    AnyRouter, AuxLossKind, BackendKind, CallSite, HostMatrix, HostWeights, LogitsRef, LossGrads, RouteError, Router,
+    RouterConfig, validate_ids,
+};
+use ndarray::{Array2, ArrayView2};
+use numpy::{PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
+use pyo3::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Host logits borrowed from a NumPy array (f32, f64, f16, or bf16 given as its u16 bits).
+enum HostLogits<'py> {
+    F32(PyReadonlyArray2<'py, f32>),
+    F64(PyReadonlyArray2<'py, f64>),
+    F16(PyReadonlyArray2<'py, f16>),
+    Bf16(PyReadonlyArray2<'py, u16>),
+}
+
+impl<'py> HostLogits<'py> {
+    /// Borrows `obj`, a 2-D NumPy array of float32, float64, float16, or (with `bf16_bits`)
+    /// uint16/int16 holding bfloat16 bits.
+    fn extract(obj: &Bound<'py, PyAny>, bf16_bits: bool) -> PyResult<Self> {
+        if bf16_bits {
+            if let Ok(a) = obj.cast::<PyArray2<u16>>() {
+                return Ok(HostLogits::Bf16(a.readonly()));
+            }
+            if let Ok(a) = obj.cast::<PyArray2<i16>>() {
+                let u = a.call_method1("view", ("uint16",))?;
+                let u = u.cast::<PyArray2<u16>>()?;
+                return Ok(HostLogits::Bf16(u.readonly()));
+            }
+        } else if let Ok(a) = obj.cast::<PyArray2<f32>>() {
+            return Ok(HostLogits::F32(a.readonly()));
+        } else if let Ok(a) = obj.cast::<PyArray2<f64>>() {
+            return Ok(HostLogits::F64(a.readonly()));
+        } else if let Ok(a) = obj.cast::<PyArray2<f16>>() {
+            return Ok(HostLogits::F16(a.readonly()));
+        }
+        let desc = describe(obj);
+        Err(Error::Route(format!(
+            "logits must be a 2-D [T, E] array of float32, float16, bfloat16 or float64; got {desc}"
+        ))
+        .into())
+    }
+
+    /// Calls `f` with the logits as a [`LogitsRef`] (bf16 bits are reinterpreted in place when
+    /// contiguous, else copied).
+    fn with_view<R>(&self, f: impl FnOnce(LogitsRef<'_>) -> R) -> R {
+        match self {
+            HostLogits::F32(a) => f(LogitsRef::F32(a.as_array())),
+            HostLogits::F64(a) => f(LogitsRef::F64(a.as_array())),
+            HostLogits::F16(a) => f(LogitsRef::F16(a.as_array())),
+            HostLogits::Bf16(a) => {
+                let v = a.as_array();
+                let view = v.as_slice().and_then(|s| {
+                    let b: &[bf16] = half::slice::HalfBitsSliceExt::reinterpret_cast(s);
+                    ArrayView2::from_shape(v.dim(), b).ok()
+                });
+                match view {
+                    Some(view) => f(LogitsRef::Bf16(view)),
+                    None => {
+                        let owned = v.mapv(bf16::from_bits);
+                        f(LogitsRef::Bf16(owned.view()))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `ndarray(shape=(..), dtype=..)` or the type name.
+fn describe(obj: &Bound<'_, PyAny>) -> String {
+    let shape = obj.getattr("shape").ok().map(|s| s.to_string());
+    let dtype = obj.getattr("dtype").ok().map(|s| s.to_string());
+    match (shape, dtype) {
+        (Some(s), Some(d)) => format!("an array of shape {s} and dtype {d}"),
+        _ => obj
+            .get_type()
+            .name()
+            .map(|n| format!("a {n}"))
+            .unwrap_or_else(|_| "an object".into()),
+    }
+}
+
+/// Replay ids `[T, K]` from a NumPy int32, int64 or uint32 array: negative or too large ids are
+/// [`RouteError::IdOutOfRange`], duplicates [`RouteError::DuplicateId`], a wrong shape
+/// [`RouteError::IdsShape`], all naming the row and slot.
+pub(crate) fn extract_ids(obj: &Bound<'_, PyAny>, rows: usize, cfg: &RouterConfig) -> PyResult<Array2<u32>> {
+    let e = cfg.num_experts();
+    let k = cfg.top_k();
+    fn conv<T: Copy + Into<i64> + numpy::Element>(
+        a: &Bound<'_, PyArray2<T>>,
+        rows: usize,
+        e: usize,
+        k: usize,
+    ) -> Result<Array2<u32>, Error> {
+        let r = a.readonly();
+        let v = r.as_array();
+        let (t, c) = v.dim();
+        if t != rows || c != k {
+            return Err(RouteError::IdsShape {
+                expected_rows: rows,
+                expected_k: k,
+                rows: t,
+                cols: c,
+            }
+            .into());
+        }
+        let mut out = Array2::<u32>::zeros((t, c));
+        for ((i, j), &x) in v.indexed_iter() {
+            let x: i64 = x.into();
+            if x < 0 || x >= e as i64 {
+                return Err(RouteError::IdOutOfRange {
+                    row: i,
+                    slot: j,
+                    id: x,
+                    num_experts: e,
+                }
+                .into());
+            }
+            out[(i, j)] = x as u32;
+        }
+        Ok(out)
+    }
+    let ids = if let Ok(a) = obj.cast::<PyArray2<i32>>() {
+        guarded(|| conv(a, rows, e, k))?
+    } else if let Ok(a) = obj.cast::<PyArray2<i64>>() {
+        guarded(|| conv(a, rows, e, k))?
+    } else if let Ok(a) = obj.cast::<PyArray2<u32>>() {
+        guarded(|| conv(a, rows, e, k))?
+    } else {
+        return Err(Error::Route(format!(
+            "ids must be a 2-D [T, K] array of int32, int64 or uint32; got {}",
+            describe(obj)
+        ))
+        .into());
+    };
+    guarded(|| Ok(validate_ids(ids.view(), rows, e, k, &[])?))?;
+    Ok(ids)
+}
+
+fn ids_i32(ids: &Array2<u32>) -> Array2<i32> {
+    ids.mapv(|x| x as i32)
+}
+
+fn weights_f32(w: HostWeights) -> Array2<f32> {
+    match w {
+        HostWeights::F32(a) => a,
+        HostWeights::F64(a) => a.mapv(|x| x as f32),
+    }
+}
+
+/// Routing statistics of `ids` on `logits`, as the CLI's `route` writes them to `stats.json`.
+pub(crate) fn routing_stats(
+    router: &AnyRouter,
+    logits: &LogitsRef<'_>,
+    ids: &Array2<u32>,
+) -> Result<RoutingStats, Error> {
+    let cfg = router.config();
+    let (t, e) = logits.dim();
+    let mut st = RoutingStats::default();
+    let before = stats::tokens_per_expert(ids.view(), e);
+    let outcome = match cfg.capacity() {
+        Some(cap) => {
+            let w = router.weights_host(logits, ids.view())?;
+            Some(apply_capacity(&cap, ids.view(), w.to_f64().view(), e))
+        }
+        None => None,
+    };
+    if let Some(o) = &outcome {
+        st.tokens_per_expert = o.tokens_per_expert.clone();
+        st.tokens_per_expert_before_drop = Some(before);
+        st.capacity = Some(o.capacity);
+        st.dropped = Some(o.dropped);
+    } else {
+        st.tokens_per_expert = before;
+    }
+    let mut aux_total = 0.0;
+    let mut any_aux = false;
+    for al in cfg.aux_losses() {
+        if al.coeff > 0.0 {
+            any_aux = true;
+            aux_total += match al.kind {
+                AuxLossKind::MicroBatch => stats::aux_loss_micro_batch(cfg, logits, al.coeff)?,
+                AuxLossKind::PerSequence => stats::aux_loss_per_sequence(cfg, logits, &[t], al.coeff)?,
+                AuxLossKind::Global => GlobalAuxLoss::new().step(cfg, logits, al.coeff)?,
+            };
+        }
+    }
+    if any_aux {
+        st.aux_loss = Some(aux_total);
+    }
+    if cfg.z_loss_coeff() > 0.0 {
+        st.z_loss = Some(stats::z_loss(logits, cfg.z_loss_coeff())?);
+    }
+    Ok(st)
+}
+
+/// A router on one backend (the native half of :class:`moe_router.Router`).
+#[pyclass(name = "Router", module = "moe_router._native", frozen)]
+pub struct PyRouter {
+    pub(crate) router: Arc<AnyRouter>,
+    /// The router of the last per-call bias, reused while the bias is the same.
+    biased: Mutex<Option<(Vec<f32>, Arc<AnyRouter>)>>,
+}
+
+impl PyRouter {
+    /// The router for a per-call `bias` (this router when `None`).
+    pub(crate) fn with_bias(&self, bias: Option<&[f32]>) -> Result<Arc<AnyRouter>, Error> {
+        let Some(b) = bias else {
+            return Ok(self.router.clone());
+        };
+        let mut cache = self
+            .biased
+            .lock()
+            .map_err(|_| Error::Route("bias cache poisoned by an earlier panic".into()))?;
+        if let Some((cb, r)) = cache.as_ref()
+            && cb.as_slice() == b
+        {
+            return Ok(r.clone());
+        }
+        let mut cfg = self.router.config().clone();
+        cfg.set_expert_bias(b.to_vec())?;
+        let r = Arc::new(AnyRouter::new(self.router.kind(), cfg)?);
+        *cache = Some((b.to_vec(), r.clone()));
+        Ok(r)
+    }
+}
+
+#[pymethods]
+impl PyRouter {
+    /// A router for `config` on `backend` (``"cpu"``, ``"cuda"``, ``"wgpu"`` or ``"auto"``) with
+    /// `numerics` (``"portable"``, ``"native"``, or None for the config's).
+    #[new]
+    #[pyo3(signature = (config, backend = "auto", numerics = None))]
+    fn new(py: Python<'_>, config: &PyRouterConfig, backend: &str, numerics: Option<&str>) -> PyResult<Self> {
+        let mut cfg = config.cfg.clone();
+        if let Some(n) = numerics {
+            let n = parse_numerics(n)?;
+            cfg = guarded(|| Ok(cfg.to_builder().numerics(n).build()?))?;
+        }
+        let backend = backend.to_string();
+        let router = detached(py, move || Ok(AnyRouter::from_name(&backend, cfg)?))?;
+        Ok(PyRouter {
+            router: Arc::new(router),
+            biased: Mutex::new(None),
+        })
+    }
+
+    /// The backend's name: ``"cpu"``, ``"cuda"`` or ``"wgpu"``.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.router.kind().name()
+    }
+
+    /// The backend and device, e.g. ``"cpu: AMD EPYC 7B13 (2 threads)"``.
+    #[getter]
+    fn device(&self) -> String {
+        self.router.describe()
+    }
+
+    /// The routing rule.
+    #[getter]
+    fn config(&self) -> PyRouterConfig {
+        PyRouterConfig::new(self.router.config().clone())
+    }
+
+    /// Routes NumPy logits ``[T, E]``: returns ``(ids int32 [T, K], weights float32 [T, K])``.
+    #[allow(clippy::type_complexity)]
+    #[pyo3(signature = (logits, bias = None, bf16 = false))]
+    fn route<'py>(
+        &self,
+        py: Python<'py>,
+        logits: &Bound<'py, PyAny>,
+        bias: Option<PyReadonlyArray1<'py, f32>>,
+        bf16: bool,
+    ) -> PyResult<(Bound<'py, PyArray2<i32>>, Bound<'py, PyArray2<f32>>)> {
+        let h = HostLogits::extract(logits, bf16)?;
+        let bias_v = bias.as_ref().map(|b| b.as_array().to_vec());
+        let (ids, w) = h.with_view(|lv| {
+            detached(py, || {
+                let r = self.with_bias(bias_v.as_deref())?;
+                let (ids, w) = r.route_host(&lv)?;
+                Ok((ids_i32(&ids), weights_f32(w)))
+            })
+        })?;
+        Ok((PyArray2::from_owned_array(py, ids), PyArray2::from_owned_array(py, w)))
+    }
+
+    /// The weights of given ids (slot order kept) on NumPy logits: replay.
+    #[pyo3(signature = (logits, ids, bf16 = false))]
+    fn weights_for<'py>(
+        &self,
+        py: Python<'py>,
+        logits: &Bound<'py, PyAny>,
+        ids: &Bound<'py, PyAny>,
+        bf16: bool,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let h = HostLogits::extract(logits, bf16)?;
+        let w = h.with_view(|lv| {
+            let ids = extract_ids(ids, lv.rows(), self.router.config())?;
+            detached(py, || Ok(weights_f32(self.router.weights_host(&lv, ids.view())?)))
+        })?;
+        Ok(PyArray2::from_owned_array(py, w))
+    }
+
+    /// Routing statistics of ids on NumPy logits, as JSON text (the CLI's ``stats.json``).
+    #[pyo3(signature = (logits, ids, bf16 = false))]
+    fn stats_json(
+        &self,
+        py: Python<'_>,
+        logits: &Bound<'_, PyAny>,
+        ids: &Bound<'_, PyAny>,
+        bf16: bool,
+    ) -> PyResult<String> {
+        let h = HostLogits::extract(logits, bf16)?;
+        h.with_view(|lv| {
+            let (t, e) = lv.dim();
+            let cfg = self.router.config();
+            if e != cfg.num_experts() {
+                return Err(Error::from(RouteError::LogitsShape {
+                    expected_experts: cfg.num_experts(),
+                    rows: t,
+                    cols: e,
+                })
+                .into());
+            }
+            let ids = extract_ids(ids, t, cfg)?;
+            detached(py, || {
+                let st = routing_stats(&self.router, &lv, &ids)?;
+                serde_json::to_string(&st).map_err(|e| Error::Route(e.to_string()))
+            })
+        })
+    }
+
+    /// The gradient on NumPy logits ``[T, E]`` of ``Σ grad_weights∘w + grad_aux_loss·aux +
+    /// grad_z_loss·zloss``, where ``w`` are the weights of ``ids`` (DESIGN §2b). Returns float32
+    /// ``[T, E]`` (float64 when the rule computes in f64). A backend without a backward kernel
+    /// (CUDA, wgpu, for now) computes it with the CPU backend, bit-identical in portable mode.
+    #[pyo3(signature = (logits, ids, grad_weights, grad_aux_loss = 0.0, grad_z_loss = 0.0, bf16 = false, seq_lens = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn backward<'py>(
+        &self,
+        py: Python<'py>,
+        logits: &Bound<'py, PyAny>,
+        ids: &Bound<'py, PyAny>,
+        grad_weights: &Bound<'py, PyAny>,
+        grad_aux_loss: f64,
+        grad_z_loss: f64,
+        bf16: bool,
+        seq_lens: Option<Vec<usize>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let h = HostLogits::extract(logits, bf16)?;
+        let grad = if let Ok(g) = grad_weights.cast::<PyArray2<f32>>() {
+            HostMatrix::F32(g.readonly().as_array().to_owned())
+        } else if let Ok(g) = grad_weights.cast::<PyArray2<f64>>() {
+            HostMatrix::F64(g.readonly().as_array().to_owned())
+        } else {
+            return Err(Error::Route(format!(
+                "grad_weights must be a 2-D [T, K] array of float32 or float64; got {}",
+                describe(grad_weights)
+            ))
+            .into());
+        };
+        let dz = h.with_view(|lv| {
+            let ids = extract_ids(ids, lv.rows(), self.router.config())?;
+            detached(py, || {
+                let mut losses = LossGrads::default().aux_loss(grad_aux_loss).z_loss(grad_z_loss);
+                if let Some(l) = seq_lens.as_deref() {
+                    losses = losses.seq_lens(l);
+                }
+                let site = CallSite::default();
+                match self.router.weights_vjp_host_at(&lv, ids.view(), &grad, &losses, &site) {
+                    Err(RouteError::Unsupported { .. }) if self.router.kind() != BackendKind::Cpu => {
+                        let cpu = AnyRouter::new(BackendKind::Cpu, self.router.config().clone())?;
+                        Ok(cpu.weights_vjp_host_at(&lv, ids.view(), &grad, &losses, &site)?)
+                    }
+                    r => Ok(r?),
+                }
+            })
+        })?;
+        Ok(match dz {
+            HostMatrix::F32(a) => PyArray2::from_owned_array(py, a).into_any(),
+            HostMatrix::F64(a) => PyArray2::from_owned_array(py, a).into_any(),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Router(backend={:?}, num_experts={}, top_k={}, device={:?})",
+            self.router.kind().name(),
+            self.router.config().num_experts(),
+            self.router.config().top_k(),
+            self.router.device_name()
+        )
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyRouter>()?;
+    Ok(())
+}
