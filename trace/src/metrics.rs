@@ -8,10 +8,13 @@
 //! mismatch shows instead of silently shrinking the comparison.
 
 use crate::trace::{MISSING_ID, RouteSource, Trace, TraceError};
-use moe_router_core::layout::{BatchLayout, LayerId, RowAddr, SeqId};
+use moe_router_core::layout::{BatchLayout, LayerId, LayerKind, RowAddr, SeqId};
 use ndarray::{Array2, ArrayView2};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+
+#[path = "explain.rs"]
+pub mod explain;
 
 /// Mismatch figures of one layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +64,25 @@ pub struct Comparison {
     /// Layers of the second input's layer map absent from the first's, with their recorded rows.
     #[serde(default)]
     pub layers_only_in_b: Vec<LayerRows>,
+    /// Layer ids that are an MTP (or hash) layer in one input and another kind in the other:
+    /// the MTP rows would land on a decoder layer. Not compared.
+    #[serde(default)]
+    pub mtp_collisions: Vec<KindConflict>,
+}
+
+/// A layer id whose kind differs between two traces ([`Comparison::mtp_collisions`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindConflict {
+    /// Model layer id.
+    pub layer: u32,
+    /// Its kind in the first input.
+    pub kind_a: LayerKind,
+    /// Its kind in the second input.
+    pub kind_b: LayerKind,
+    /// Recorded rows of the layer in the first input.
+    pub rows_a: u64,
+    /// Recorded rows of the layer in the second input.
+    pub rows_b: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -209,6 +231,7 @@ impl Comparator {
             rows_only_in_b: self.only_b,
             layers_only_in_a: Vec::new(),
             layers_only_in_b: Vec::new(),
+            mtp_collisions: Vec::new(),
         }
     }
 }
@@ -242,14 +265,15 @@ pub fn compare(a: &Trace, b: &Trace) -> Result<Comparison, TraceError> {
             b.header().top_k()
         )));
     }
+    let conflicts = kind_conflicts(a, b);
     let layers: Vec<LayerId> = a
         .header()
         .layers()
         .iter()
         .copied()
-        .filter(|l| b.header().layer_index(*l).is_some())
+        .filter(|l| b.header().layer_index(*l).is_some() && !conflicts.iter().any(|c| c.layer == l.0))
         .collect();
-    if layers.is_empty() {
+    if layers.is_empty() && conflicts.is_empty() {
         return Err(TraceError::HeaderMismatch(format!(
             "the traces share no layer ({:?} vs {:?})",
             a.header().layer_ids(),
@@ -284,7 +308,30 @@ pub fn compare(a: &Trace, b: &Trace) -> Result<Comparison, TraceError> {
     let mut c = cmp.finish();
     c.layers_only_in_a = layers_only_in(a, b);
     c.layers_only_in_b = layers_only_in(b, a);
+    c.mtp_collisions = conflicts;
     Ok(c)
+}
+
+/// Layer ids of both traces whose kinds differ (an MTP layer of one is a decoder layer of the
+/// other), with their recorded rows.
+pub fn kind_conflicts(a: &Trace, b: &Trace) -> Vec<KindConflict> {
+    let rows = |t: &Trace| -> BTreeMap<u32, u64> { t.summary().layers.iter().map(|l| (l.layer, l.rows)).collect() };
+    let (ra, rb) = (rows(a), rows(b));
+    a.header()
+        .layers()
+        .iter()
+        .filter_map(|&l| {
+            let ka = a.header().layer_kind(l)?;
+            let kb = b.header().layer_kind(l)?;
+            (ka != kb).then(|| KindConflict {
+                layer: l.0,
+                kind_a: ka,
+                kind_b: kb,
+                rows_a: ra.get(&l.0).copied().unwrap_or(0),
+                rows_b: rb.get(&l.0).copied().unwrap_or(0),
+            })
+        })
+        .collect()
 }
 
 /// Load of one layer.

@@ -16,7 +16,10 @@ moe-router convert rollout.npy rollout.mrt --num-experts 128 --layers-from Qwen3
 moe-router convert rollout.npy rollout.mrt --num-experts 256 --layers 3-60 --seq 17\n  \
 moe-router convert rollout.mrt seq17.npy --seq 17\n  \
 moe-router convert routes.b64 routes.mrt --from sglang --num-experts 128 --num-layers 48 --top-k 8\n  \
-moe-router convert routes.mrt routes.txt --to nrlre1\n\n\
+moe-router convert routes.mrt routes.txt --to nrlre1\n  \
+moe-router convert turn2.b64 turn2.mrt --from sglang --num-layers 48 --top-k 8 --start 512\n  \
+moe-router convert meta_info.json turn2.mrt --from sglang --num-layers 48 --top-k 8   (start_len applied)\n  \
+moe-router convert routes.npy routes.mrt --layers-from config.json --mtp-layers   (MTP layers marked as such)\n\n\
 Formats: mrt, npy, safetensors, sglang, nrlre1, r3v1, prime-rl. The extensions .mrt, .npy,\n\
 .safetensors and .msgpack (prime-rl) name their format; anything else needs --from / --to.\n\
 A [T, L, K] array is one sequence (id 0, or --seq) at positions 0..T (prime-rl and R3/v1 carry\n\
@@ -54,6 +57,10 @@ pub struct ConvertArgs {
     /// sequences only this one is kept (so that it can be exported to a one-sequence format).
     #[arg(long, value_name = "ID")]
     pub seq: Option<u64>,
+    /// Position of the first row of an array input: routes that begin after a cached prefix
+    /// (SGLang's routed_experts_start_len; a JSON meta_info input carries it itself).
+    #[arg(long, value_name = "POS")]
+    pub start: Option<u64>,
 }
 
 /// `moe-router convert`.
@@ -75,8 +82,10 @@ pub fn convert(a: &ConvertArgs) -> Result<u8, CliError> {
             return Ok(EXIT_USAGE);
         }
     };
-    let layers = a.layer.resolve()?;
-    let opts = import_options(a.num_experts, a.num_layers, a.top_k, layers, a.seq);
+    let resolved = a.layer.resolve_full()?;
+    let mut opts = import_options(a.num_experts, a.num_layers, a.top_k, resolved.layers, a.seq);
+    opts.layer_kinds = resolved.kinds;
+    opts.start = a.start;
     let size = std::fs::metadata(&a.input)
         .map_err(|e| CliError::io(&a.input, &e))?
         .len();

@@ -18,7 +18,10 @@ layers of one input only are listed with their rows, never silently dropped. JSO
 router_mismatch_fraction, token_any_layer_mismatch_fraction, mean_mismatched_layers_per_token,\n\
 per_layer (list of {layer, mismatch_fraction, mean_overlap}), mean_overlap, routers_compared,\n\
 tokens_compared, rows_only_in_a, rows_only_in_b, layers_only_in_a, layers_only_in_b (lists of\n\
-{layer, rows}).")]
+{layer, rows}), mtp_collisions (list of {layer, kind_a, kind_b, rows_a, rows_b}: a layer id that is\n\
+an MTP layer in one input and a decoder layer in the other, so MTP rows would land on a decoder\n\
+layer; not compared).\n\n\
+  moe-router diff rollout.mrt trainer.mrt   # MTP layer 61 vs decoder layer 61: reported, not compared")]
 pub struct DiffArgs {
     /// First input (any importable format).
     #[arg(value_name = "A")]
@@ -60,8 +63,9 @@ fn layer_list(v: &[LayerRows]) -> String {
 
 /// `moe-router diff`.
 pub fn diff(a: &DiffArgs) -> Result<u8, CliError> {
-    let layers = a.layer.resolve()?;
-    let opts = import_options(a.num_experts, a.num_layers, a.top_k, layers, a.seq);
+    let resolved = a.layer.resolve_full()?;
+    let mut opts = import_options(a.num_experts, a.num_layers, a.top_k, resolved.layers, a.seq);
+    opts.layer_kinds = resolved.kinds;
     let mut ta = load_any(&a.a, &opts)?.trace;
     let mut tb = load_any(&a.b, &opts)?.trace;
     if let Some(seq) = a.seq {
@@ -102,6 +106,16 @@ pub fn diff(a: &DiffArgs) -> Result<u8, CliError> {
             if !v.is_empty() {
                 outln!("    only in {side}, not compared: layer {}", layer_list(v));
             }
+        }
+        for m in &c.mtp_collisions {
+            outln!(
+                "  MTP collision: layer {} is {} in A ({} rows) and {} in B ({} rows): MTP rows would land on a decoder layer; not compared",
+                m.layer,
+                m.kind_a,
+                m.rows_a,
+                m.kind_b,
+                m.rows_b
+            );
         }
         if !(c.layers_only_in_a.is_empty() && c.layers_only_in_b.is_empty()) {
             outln!(

@@ -156,6 +156,55 @@ impl LayerArgs {
     }
 }
 
+/// What `--layers` / `--layers-from [--mtp-layers]` say about the model.
+#[derive(Debug, Clone, Default)]
+pub struct ResolvedLayers {
+    /// The layer ids of the L axis, if given.
+    pub layers: Option<Vec<u32>>,
+    /// Layers of those that are MTP blocks (from `--layers-from` with `--mtp-layers`).
+    pub kinds: Vec<(u32, moe_router::LayerKind)>,
+    /// The model's layers (from `--layers-from`).
+    pub model: Option<moe_router::metrics::explain::ModelLayers>,
+}
+
+impl LayerArgs {
+    /// [`LayerArgs::resolve`] with the MTP kinds and the model's layers.
+    pub fn resolve_full(&self) -> Result<ResolvedLayers, CliError> {
+        if let Some(s) = &self.layers {
+            return Ok(ResolvedLayers {
+                layers: Some(parse_layers(s)?),
+                ..ResolvedLayers::default()
+            });
+        }
+        let Some(p) = &self.layers_from else {
+            return Ok(ResolvedLayers::default());
+        };
+        let text = std::fs::read_to_string(p).map_err(|e| CliError::io(p, &e))?;
+        let m = moe_router::import::hf::hf_moe_layers(&text).map_err(|e| CliError::Config {
+            context: format!("--layers-from {}", p.display()),
+            source: e,
+        })?;
+        let model = moe_router::metrics::explain::ModelLayers {
+            num_hidden_layers: Some(m.num_hidden_layers),
+            moe_layers: m.layers.clone(),
+            mtp_layers: m.mtp_layers.clone(),
+        };
+        Ok(if self.mtp_layers {
+            ResolvedLayers {
+                layers: Some(m.with_mtp()),
+                kinds: m.mtp_layers.iter().map(|&l| (l, moe_router::LayerKind::Mtp)).collect(),
+                model: Some(model),
+            }
+        } else {
+            ResolvedLayers {
+                layers: Some(m.layers),
+                kinds: Vec::new(),
+                model: Some(model),
+            }
+        })
+    }
+}
+
 /// Parses a layer list: comma-separated ids or inclusive ranges `a-b`. A malformed list is a
 /// usage error (exit 2).
 pub fn parse_layers(s: &str) -> Result<Vec<u32>, CliError> {

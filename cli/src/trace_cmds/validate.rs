@@ -3,6 +3,7 @@
 use super::{FormatArg, LayerArgs, detect, file_json, import_options, positive, read_bytes, select_seq, trace_err};
 use crate::{CliError, EXIT_INVALID, EXIT_OK};
 use moe_router::interop::{self, Format, InteropError};
+use moe_router::metrics::explain;
 use moe_router::trace::{IndexState, OpenOptions, Trace, TraceError, TraceFile, ValidationIssue, Verify};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -11,7 +12,16 @@ use std::path::PathBuf;
 #[derive(Debug, clap::Args)]
 #[command(after_help = "Examples:\n  moe-router validate rollout.mrt --num-experts 128\n  \
 moe-router validate routes.npy --num-experts 128 --layers-from config.json --json\n  \
-moe-router validate capture.b64 --from sglang --num-layers 48 --top-k 8 --num-experts 128\n\n\
+moe-router validate capture.b64 --from sglang --num-layers 48 --top-k 8 --num-experts 128\n  \
+moe-router validate meta_info.json --from sglang --num-layers 48 --top-k 8   (applies routed_experts_start_len)\n  \
+moe-router validate rollout.mrt --explain --layers-from config.json --mtp-layers --weight-version 12\n  \
+moe-router validate rollout.mrt --explain --against trainer.mrt\n\n\
+--explain looks for the silent failures that pass the row checks, each named with its evidence\n\
+(JSON key `explain`: list of {class, message, evidence}): orphaned_layer (a layer never replayed),\n\
+mtp_collision (MTP rows that would land on a decoder layer), row_shift (a constant row offset\n\
+against --against: padding or THD misalignment; the best-aligning shift), garbage_rows (one constant\n\
+row over many positions: placeholder prompt rows), weight_version (differs from --weight-version or\n\
+from --against). Each finding is an error (exit 3).\n\n\
 Exit codes: 0 valid; 3 invalid (checksum failures, truncated or damaged data, ids >= E,\n\
 duplicate ids in a row, rows missing in some slots only, all-zero layers, MoE layers without\n\
 routes, no routes at all (an empty capture), E different from --num-experts, a layer map\n\
@@ -46,6 +56,20 @@ pub struct ValidateArgs {
     /// input, which is one sequence, is taken as it).
     #[arg(long, value_name = "ID")]
     pub seq: Option<u64>,
+    /// Position of the first row of an array input (routes after a cached prefix, e.g. SGLang's
+    /// routed_experts_start_len).
+    #[arg(long, value_name = "POS")]
+    pub start: Option<u64>,
+    /// Look for the silent-failure classes (see below) against --layers-from, --against and
+    /// --weight-version.
+    #[arg(long)]
+    pub explain: bool,
+    /// A second trace to explain against (the trainer's own routes, another capture).
+    #[arg(long, value_name = "B", requires = "explain")]
+    pub against: Option<PathBuf>,
+    /// The weight version the routes must have been recorded with.
+    #[arg(long, value_name = "N", requires = "explain")]
+    pub weight_version: Option<u64>,
 }
 
 /// Errors listed in the JSON output (the rest are counted in `errors_not_listed`).
@@ -133,7 +157,8 @@ impl Findings {
 /// `moe-router validate`.
 pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
     let path = &a.input;
-    let layers = a.layer.resolve()?;
+    let resolved = a.layer.resolve_full()?;
+    let layers = resolved.layers.clone();
     let size = std::fs::metadata(path).map_err(|e| CliError::io(path, &e))?.len();
     let mut f = Findings::default();
     if size == 0 {
@@ -232,7 +257,9 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
             }
         }
     } else {
-        let opts = import_options(a.num_experts, a.num_layers, a.top_k, layers, a.seq);
+        let mut opts = import_options(a.num_experts, a.num_layers, a.top_k, layers, a.seq);
+        opts.start = a.start;
+        opts.layer_kinds = resolved.kinds.clone();
         let bytes = match bytes {
             Some(b) => b,
             None => read_bytes(path)?,
@@ -323,6 +350,33 @@ pub fn validate(a: &ValidateArgs) -> Result<u8, CliError> {
         }
         let s = t.summary();
         let stored = s.rows + s.missing_rows;
+        if a.explain {
+            let other = match &a.against {
+                Some(p) => {
+                    let (fmt, bytes) = detect(p, None)?;
+                    let mut o = import_options(a.num_experts, a.num_layers, a.top_k, resolved.layers.clone(), None);
+                    o.layer_kinds = resolved.kinds.clone();
+                    if fmt == Format::Mrt {
+                        o.layers = None;
+                    }
+                    Some(super::load(p, fmt, bytes, &o, &super::Progress(None))?.trace)
+                }
+                None => None,
+            };
+            let findings = explain::explain(
+                t,
+                &explain::Against {
+                    model: resolved.model.clone(),
+                    other: other.as_ref(),
+                    weight_version: a.weight_version,
+                    max_shift: 0,
+                },
+            );
+            for fd in &findings {
+                f.error(fd.class.name(), fd.message.clone());
+            }
+            out["explain"] = serde_json::to_value(&findings).unwrap_or(Value::Null);
+        }
         out["coverage"] = json!({
             "sequences": s.sequences,
             "tokens": s.tokens,

@@ -306,6 +306,21 @@ impl DenseRoutes {
         Ok((d.build(format, opts, e, &mut |_, _| {})?, check))
     }
 
+    /// The position of row 0: `given` ([`ImportOptions::start`]) or the format's own start; a
+    /// nonzero start of the format that differs from `given` is [`InteropError::Conflict`].
+    pub fn resolve_start(&self, format: Format, given: Option<u64>) -> Result<u64, InteropError> {
+        match given {
+            None => Ok(self.start),
+            Some(g) if self.start == 0 || self.start == g => Ok(g),
+            Some(g) => Err(InteropError::Conflict {
+                format,
+                what: "the start position of the first row",
+                in_file: self.start.to_string(),
+                given: g.to_string(),
+            }),
+        }
+    }
+
     fn build(
         &self,
         format: Format,
@@ -322,17 +337,24 @@ impl DenseRoutes {
                 reason: format!("[T, L, K] = [{t}, {l}, {k}] with num_experts = {e}: {err}"),
             })?
             .with_producer(format!("moe-router interop: imported from {format}"));
+        let header = opts.layer_kinds.iter().try_fold(header, |h, &(layer, kind)| {
+            h.with_layer_kind(layer, kind).map_err(|err| InteropError::Header {
+                format,
+                reason: format!("layer {layer} as {kind}: {err}"),
+            })
+        })?;
+        let start = self.resolve_start(format, opts.start)?;
         let mut trace = Trace::new(header);
-        if self.start.checked_add(t as u64).is_none() {
+        if start.checked_add(t as u64).is_none() {
             return Err(InteropError::Shape {
                 format,
-                reason: format!("start {} + {t} rows overflows the position range", self.start),
+                reason: format!("start {start} + {t} rows overflows the position range"),
             });
         }
         for (li, &layer) in layers.iter().enumerate() {
             progress(li, l);
             if t > 0 {
-                trace.append(opts.seq, LayerId(layer), self.start, self.ids.slice(s![.., li, ..]))?;
+                trace.append(opts.seq, LayerId(layer), start, self.ids.slice(s![.., li, ..]))?;
             }
         }
         progress(l, l);

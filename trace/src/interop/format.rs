@@ -92,6 +92,10 @@ impl Format {
         if text.starts_with(b"nrlre1:") {
             return Some(Format::Nrlre1);
         }
+        // An SGLang response / meta_info object.
+        if text.starts_with(b"{") && text.windows(16).any(|w| w == b"\"routed_experts\"") {
+            return Some(Format::Sglang);
+        }
         // A msgpack fixmap / map16 / map32 holding a "data" key.
         if matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)) && bytes.windows(5).any(|w| w == b"\xa4data") {
             return Some(Format::PrimeRl);

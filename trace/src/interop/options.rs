@@ -1,7 +1,7 @@
 //! What the caller supplies for importing ([`ImportOptions`]) and exporting ([`ExportOptions`]).
 
 use super::IntDtype;
-use moe_router_core::layout::SeqId;
+use moe_router_core::layout::{LayerKind, SeqId};
 
 /// Default bound on the elements (`T × L × K`) one import or export may hold in memory (2³⁰:
 /// 4 GiB of `u32` ids).
@@ -22,6 +22,14 @@ pub struct ImportOptions {
     pub seq: SeqId,
     /// Bound on `T × L × K` held in memory (default [`DEFAULT_MAX_ELEMENTS`]).
     pub max_elements: u64,
+    /// The position of row 0: the routes begin after a cached prefix of this many tokens (SGLang's
+    /// `routed_experts_start_len`, a delta turn). Default: the format's own start (prime-rl
+    /// `start`, an R3/v1 suffix, safetensors metadata), else 0. A format whose own nonzero start
+    /// differs is [`super::InteropError::Conflict`].
+    pub start: Option<u64>,
+    /// Kinds of layers of the L axis that are not decoder layers (MTP blocks, hash-routed
+    /// layers), written into the trace header ([`crate::trace::TraceHeader::with_layer_kind`]).
+    pub layer_kinds: Vec<(u32, LayerKind)>,
 }
 
 impl Default for ImportOptions {
@@ -33,6 +41,8 @@ impl Default for ImportOptions {
             layers: None,
             seq: SeqId(0),
             max_elements: DEFAULT_MAX_ELEMENTS,
+            start: None,
+            layer_kinds: Vec::new(),
         }
     }
 }
@@ -52,6 +62,16 @@ impl ImportOptions {
     /// Sets the layer ids of the L axis.
     pub fn with_layers(mut self, layers: Vec<u32>) -> Self {
         self.layers = Some(layers);
+        self
+    }
+    /// Sets the position of row 0 (routes after a cached prefix; see [`ImportOptions::start`]).
+    pub fn with_start(mut self, start: u64) -> Self {
+        self.start = Some(start);
+        self
+    }
+    /// Marks layers of the L axis as MTP or hash-routed layers.
+    pub fn with_layer_kinds(mut self, layers: &[u32], kind: LayerKind) -> Self {
+        self.layer_kinds.extend(layers.iter().map(|&l| (l, kind)));
         self
     }
     /// Sets the memory bound.
