@@ -1,0 +1,142 @@
+"""CUDA tensors in and out without a copy.
+
+The router's kernels run on torch's memory and on torch's current stream of the tensor's
+device: the outputs are allocated by torch (its caching allocator, on that stream), the
+addresses and the stream handle go to the native launcher, and the launch is ordered after the
+work torch queued before it and before the work queued after it. Nothing is copied and nothing
+waits for the GPU. Errors in the data are latched in a per-device status word (int64) and raised
+by :meth:`moe_router.Router.check` (or at once with ``check=True``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import _native
+from ._native import RouteError
+
+_DTYPES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+
+try:  # the raw handle without building a torch.cuda.Stream object (fast path)
+    _raw_stream = torch._C._cuda_getCurrentRawStream  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - older torch
+    _raw_stream = None
+
+
+def _stream(index: int) -> int:
+    if _raw_stream is not None:
+        return int(_raw_stream(index))
+    return int(torch.cuda.current_stream(index).cuda_stream)
+
+
+class _Device:
+    """The launcher and status word of one (router, device, bias)."""
+
+    __slots__ = ("launch", "status", "index")
+
+    def __init__(self, config: Any, index: int, bias: Optional[list]) -> None:
+        self.launch = _native.CudaLaunch(config, index, bias)
+        self.index = index
+        with torch.cuda.device(index):
+            self.status = torch.zeros(1, dtype=torch.int64, device=f"cuda:{index}")
+
+
+class CudaState:
+    """Per-router CUDA state: one launcher per device (and per selection bias)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.devices: Dict[Tuple[int, Optional[bytes]], _Device] = {}
+
+    def get(self, index: int, bias: Optional[np.ndarray]) -> _Device:
+        key = (index, None if bias is None else bias.tobytes())
+        d = self.devices.get(key)
+        if d is None:
+            d = _Device(self.config, index, None if bias is None else bias.tolist())
+            self.devices[key] = d
+        return d
+
+    def check(self) -> None:
+        for d in list(self.devices.values()):
+            d.launch.read_status(d.status.data_ptr(), _stream(d.index))
+
+
+def _state(router: Any) -> CudaState:
+    st = router._cuda
+    if st is None:
+        st = router._cuda = CudaState(router.config)
+    return st
+
+
+def _prepare(logits: "torch.Tensor") -> Tuple["torch.Tensor", str, int, int, int]:
+    x = logits.detach()
+    if x.dim() != 2:
+        raise RouteError(f"logits must be [T, E], got shape {tuple(x.shape)}")
+    dt = _DTYPES.get(x.dtype)
+    if dt is None:
+        if x.dtype == torch.float64:
+            x, dt = x.float(), "float32"
+        else:
+            raise RouteError(f"CUDA logits must be float32, bfloat16, float16 or float64, got {x.dtype}")
+    t, e = x.shape
+    if x.stride(1) != 1 or (t > 1 and x.stride(0) < e):
+        x = x.contiguous()
+    ld = x.stride(0) if t > 1 else e
+    return x, dt, t, e, ld
+
+
+def _bias(bias: Any) -> Optional[np.ndarray]:
+    if bias is None:
+        return None
+    if isinstance(bias, torch.Tensor):
+        bias = bias.detach().float().cpu().numpy()
+    return np.ascontiguousarray(bias, dtype=np.float32)
+
+
+def route(router: Any, logits: "torch.Tensor", bias: Any, check: bool):
+    """``(ids int32, weights float32)`` on the logits' device, enqueued on torch's stream."""
+    x, dt, t, e, ld = _prepare(logits)
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    d = _state(router).get(index, _bias(bias))
+    k = router.top_k
+    ids = torch.empty((t, k), dtype=torch.int32, device=x.device)
+    w = torch.empty((t, k), dtype=torch.float32, device=x.device)
+    s = _stream(index)
+    d.launch.enqueue("route", x.data_ptr(), dt, t, e, ld, ids.data_ptr(), w.data_ptr(), d.status.data_ptr(), s)
+    if check:
+        d.launch.read_status(d.status.data_ptr(), s)
+    return ids, w
+
+
+def weights_for(router: Any, logits: "torch.Tensor", ids: Any, check: bool):
+    """Replay: weights float32 ``[T, K]`` of ``ids`` on the logits' device."""
+    x, dt, t, e, ld = _prepare(logits)
+    k = router.top_k
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.as_tensor(np.asarray(ids))
+    if ids.dim() != 2 or ids.shape[0] != t or ids.shape[1] != k:
+        raise RouteError(
+            f"replay ids shape mismatch: expected [{t}, {k}] but got {list(ids.shape)}"
+        )
+    if ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+        raise RouteError(f"ids must be integers, got {ids.dtype}")
+    if ids.dtype == torch.int64:
+        # Values outside int32 would wrap: clamp them to -1, which the kernel refuses as out of
+        # range (it reads u32 0xffffffff >= E).
+        ids = torch.where((ids < 0) | (ids > 0x7FFFFFFF), torch.full_like(ids, -1), ids)
+    ids = ids.to(device=x.device, dtype=torch.int32).contiguous()
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    d = _state(router).get(index, None)
+    w = torch.empty((t, k), dtype=torch.float32, device=x.device)
+    s = _stream(index)
+    d.launch.enqueue("replay", x.data_ptr(), dt, t, e, ld, ids.data_ptr(), w.data_ptr(), d.status.data_ptr(), s)
+    if check:
+        d.launch.read_status(d.status.data_ptr(), s, ids.data_ptr())
+    return w
