@@ -6,23 +6,30 @@
 //! Keys the router does not need (attention sizes, `auto_map`, quantisation, ...) are ignored;
 //! optional routing keys that are absent take the family's default from its Hugging Face config
 //! class. The expert count and top-k are always required: a file without them is not a MoE
-//! checkpoint config, and a default would be a guess. Any other `model_type` is
-//! [`ConfigError::UnsupportedModelType`].
+//! checkpoint config, and a default would be a guess. Families whose router cannot be expressed
+//! exactly are refused with their reason ([`REFUSED_MODEL_TYPES`]); any other `model_type` is
+//! [`ConfigError::UnsupportedModelType`]. Vision-language wrappers (`llama4`, `qwen3_vl_moe`,
+//! `glm4v_moe`) are read from their `text_config`; the bare text `model_type` gives the same rule.
+//! `docs/families.md` has the full table with the keys each family reads.
 //!
 //! | `model_type` | rule |
 //! |---|---|
 //! | `deepseek_v2` | softmax over E → top-k on probabilities (`topk_method` `greedy`, or `group_limited_greedy`: keep `topk_group` of `n_group` groups by their max probability); if `norm_topk_prob` and K > 1: `w / (Σw + 1e-20)`, else `w · routed_scaling_factor` |
-//! | `deepseek_v3`, `kimi_k2`, `glm4_moe` | sigmoid; selection on `sigmoid + e_score_correction_bias`; groups scored by the sum of their top-2 biased scores, keep `topk_group` of `n_group`; weights = unbiased sigmoid; if `norm_topk_prob`: `w / (Σw + 1e-20)`; then `· routed_scaling_factor` |
-//! | `qwen2_moe`, `qwen3_moe`, `qwen3_next`, `olmoe` | softmax over E → top-k; if `norm_topk_prob`: `w / Σw` |
-//! | `mixtral` | softmax over E → top-k → `w / Σw` (always) |
-//! | `gpt_oss` | top-k on logits → softmax over the K selected logits |
+//! | `deepseek_v3`, `deepseek_v32`, `kimi_k2`, `glm4_moe`, `glm4v_moe`, `dots1` | sigmoid; selection on `sigmoid + e_score_correction_bias`; groups scored by the sum of their top-2 biased scores, keep `topk_group` of `n_group`; weights = unbiased sigmoid; if `norm_topk_prob`: `w / (Σw + 1e-20)`; then `· routed_scaling_factor` |
+//! | `qwen2_moe`, `qwen3_moe`, `qwen3_next`, `olmoe`, `flex_olmo` | softmax over E → top-k; if `norm_topk_prob`: `w / Σw` |
+//! | `mixtral`, `minimax`, `qwen3_vl_moe`, `hunyuan_v1_moe` | softmax over E → top-k → `w / Σw` (always) |
+//! | `jamba` | softmax over E → top-k, never normalised |
+//! | `dbrx` | softmax over E → top-k → `w / Σw` (`ffn_config.moe_normalize_expert_weights` = 1; `null`: none) |
+//! | `gpt_oss`, `granitemoe`, `granitemoeshared`, `granitemoehybrid`, `jetmoe` | top-k on logits → softmax over the K selected logits |
 //! | `llama4` (`text_config`), `llama4_text` | top-k on logits → `sigmoid(logit)`, no normalisation |
 //! | `minimax_m2` | sigmoid; selection on `sigmoid + e_score_correction_bias` (when `use_routing_bias`); weights = unbiased sigmoid `/ Σw` |
+//! | `lfm2_moe` | sigmoid; selection on `sigmoid + expert_bias` (when `use_expert_bias`); weights = unbiased sigmoid, `/ (Σw + 1e-6)` if `norm_topk_prob`; `· routed_scaling_factor` |
 //!
-//! **Selection bias.** `e_score_correction_bias` is a checkpoint tensor, not part of
-//! `config.json`. For the families that use it the imported [`RouterConfig`] has *no* bias, and
-//! [`HfImport::expects_expert_bias`] is `true`: load the tensor of each MoE layer and install it
-//! with [`RouterConfig::set_expert_bias`] before routing, or the selection ignores the bias.
+//! **Selection bias.** `e_score_correction_bias` (LFM2-MoE: `expert_bias`) is a checkpoint
+//! tensor, not part of `config.json`. For the families that use it the imported [`RouterConfig`]
+//! has *no* bias, and [`HfImport::expects_expert_bias`] is `true` ([`HfImport::bias_tensor`] names
+//! the tensor): load the tensor of each MoE layer and install it with
+//! [`RouterConfig::set_expert_bias`] before routing, or the selection ignores the bias.
 //!
 //! **Known deviations from the Python code**, all outside normal operation:
 //! - DeepSeek-V3/GLM-4.5/MiniMax fill the experts of dropped groups with `0.0` where this crate
@@ -31,8 +38,8 @@
 //! - Ties: torch's top-k order is unspecified; this crate breaks ties by the lower expert id.
 //! - Selection on sigmoid scores (Llama 4, sigmoid families) can tie where the logits do not when
 //!   sigmoid saturates to 1.0 in f32; the Python code for Llama 4 selects on the logits.
-//! - GPT-OSS computes the K-way softmax in the logits' dtype (bf16 in practice); this crate
-//!   computes in f32 (or f64).
+//! - GPT-OSS computes the K-way softmax, DBRX the full softmax, in the logits' dtype (bf16 in
+//!   practice); this crate computes in f32 (or f64).
 //!
 //! **Which layers are MoE.** [`hf_moe_layers`] derives the model layer ids whose MLP is routed
 //! (the layer map of a trace, the `--layers` of the CLI) from the same file, with each family's
@@ -40,13 +47,17 @@
 //!
 //! | `model_type` | MoE layers |
 //! |---|---|
-//! | `deepseek_v2`, `deepseek_v3`, `kimi_k2` | `i >= first_k_dense_replace` and `i % moe_layer_freq == 0` (defaults: 0 for V2, 3 for V3, required for Kimi-K2; `moe_layer_freq` 1) |
-//! | `glm4_moe` | `i >= first_k_dense_replace` (default 1) |
-//! | `qwen2_moe`, `qwen3_moe`, `qwen3_next` | `i` not in `mlp_only_layers` (default none) and `(i + 1) % decoder_sparse_step == 0` (default 1) |
+//! | `deepseek_v2`, `deepseek_v3`, `deepseek_v32`, `kimi_k2` | `i >= first_k_dense_replace` and `i % moe_layer_freq == 0` (defaults: 0 for V2, 3 for V3 and V3.2, required for Kimi-K2; `moe_layer_freq` 1) |
+//! | `glm4_moe`, `glm4v_moe` (`text_config`) | `i >= first_k_dense_replace` (default 1) |
+//! | `dots1` | `i >= first_k_dense_replace` (default 0) |
+//! | `lfm2_moe` | `i >= num_dense_layers` (default 2) |
+//! | `qwen2_moe`, `qwen3_moe`, `qwen3_next`, `qwen3_vl_moe` (`text_config`) | `i` not in `mlp_only_layers` (default none) and `(i + 1) % decoder_sparse_step == 0` (default 1) |
+//! | `jamba` | `i % expert_layer_period == expert_layer_offset` (defaults 2 and 1), when `num_experts > 1` |
 //! | `llama4` (`text_config`), `llama4_text` | `moe_layers` when given, else `interleave_moe_layer_step − 1, 2·step − 1, …` (default step 1) |
-//! | `mixtral`, `olmoe`, `gpt_oss`, `minimax_m2` | every layer |
+//! | `mixtral`, `minimax`, `olmoe`, `flex_olmo`, `gpt_oss`, `minimax_m2`, `hunyuan_v1_moe`, `granitemoe`, `granitemoeshared`, `granitemoehybrid`, `jetmoe` | every layer |
+//! | `dbrx` | every layer (the count is `n_layers`) |
 //!
-//! DeepSeek-V3, Kimi-K2 and GLM-4.5 append `num_nextn_predict_layers` multi-token-prediction
+//! DeepSeek-V3, V3.2, Kimi-K2 and GLM-4.5 append `num_nextn_predict_layers` multi-token-prediction
 //! blocks after the decoder (ids `num_hidden_layers..`), each with a routed MLP; they are listed
 //! apart ([`HfMoeLayers::mtp_layers`]) because engines capture them only when speculative decoding
 //! runs them.
@@ -702,7 +713,7 @@ fn dbrx(top: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
         None => true,
         Some(Value::Null) => false,
         Some(v) => match v.as_f64() {
-            Some(p) if p == 1.0 => true,
+            Some(1.0) => true,
             Some(p) => {
                 return Err(k.bad(
                     key,
