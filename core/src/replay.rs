@@ -4,8 +4,11 @@
 use crate::config::RouterConfig;
 use crate::error::{ReplayError, RouteError};
 use crate::logits::LogitsRef;
-use crate::router::{CallSite, HostWeights, IdsSink, Routed, Router};
+use crate::backward::LossGrads;
+use crate::router::{CallSite, HostGrad, HostMatrix, HostWeights, IdsSink, Pass, Routed, Router};
 use ndarray::{Array2, ArrayView2};
+use std::collections::VecDeque;
+use std::sync::Mutex;
 
 /// The shape of one routing call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,7 +68,6 @@ pub trait ReplayPolicy: Send + Sync {
     }
 }
 
-
 /// The pass-through policy: the router always selects, nothing is recorded.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PassThrough;
@@ -112,16 +114,86 @@ impl<P: ReplayPolicy + ?Sized> ReplayPolicy for std::sync::Arc<P> {
 /// validated (range, duplicates, shape), moved to the device and weighed by
 /// [`Router::weights_for`]. Rows the policy leaves to the router (padding, fallbacks) are
 /// selected by the inner router. The final ids are then offered to the policy's recorder.
-#[derive(Debug, Clone)]
-pub struct Replayed<R, P> {
+///
+/// **Backward tape.** Every forward keeps a handle to its final ids (per layer and batch
+/// layout, the last [`Replayed::DEFAULT_TAPE_DEPTH`] per layer, first in first out), so that
+/// [`Router::weights_vjp`] differentiates exactly the ids of its forward: a backward with other
+/// ids is [`RouteError::IdsDifferFromForward`], one without a forward
+/// [`RouteError::BackwardWithoutForward`]; an activation recompute ([`Pass::Recompute`]) must
+/// reproduce the forward's ids too. Each backward consumes its entry. Inference-only users
+/// turn the tape off with [`Replayed::with_tape_depth`]`(0)` (the backward then checks nothing).
+pub struct Replayed<R: Router, P> {
     inner: R,
     policy: P,
+    tape: Mutex<VecDeque<(TapeKey, R::Ids)>>,
+    tape_depth: usize,
+}
+
+/// Where a taped forward ran: layer, a digest of the batch layout, rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TapeKey {
+    layer: u32,
+    layout: u64,
+    rows: usize,
+}
+
+impl TapeKey {
+    fn of(site: &CallSite<'_>, rows: usize) -> Self {
+        use std::hash::{Hash, Hasher};
+        let layout = site.layout.map_or(0, |l| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            format!("{:?}", l.segments()).hash(&mut h);
+            h.finish() | 1
+        });
+        TapeKey {
+            layer: site.layer.0,
+            layout,
+            rows,
+        }
+    }
+}
+
+impl<R: Router + std::fmt::Debug, P: std::fmt::Debug> std::fmt::Debug for Replayed<R, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replayed")
+            .field("inner", &self.inner)
+            .field("policy", &self.policy)
+            .field("tape_depth", &self.tape_depth)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Router + Clone, P: Clone> Clone for Replayed<R, P> {
+    /// A copy of router and policy with an empty tape.
+    fn clone(&self) -> Self {
+        Replayed {
+            inner: self.inner.clone(),
+            policy: self.policy.clone(),
+            tape: Mutex::new(VecDeque::new()),
+            tape_depth: self.tape_depth,
+        }
+    }
 }
 
 impl<R: Router, P: ReplayPolicy> Replayed<R, P> {
-    /// Composes `router` with `policy`.
+    /// Forwards kept per layer for the backward by default: enough for the micro-batches a
+    /// pipeline schedule has in flight.
+    pub const DEFAULT_TAPE_DEPTH: usize = 8;
+
+    /// Composes `router` with `policy` (backward tape on, [`Replayed::DEFAULT_TAPE_DEPTH`]).
     pub fn new(router: R, policy: P) -> Self {
-        Replayed { inner: router, policy }
+        Replayed {
+            inner: router,
+            policy,
+            tape: Mutex::new(VecDeque::new()),
+            tape_depth: Self::DEFAULT_TAPE_DEPTH,
+        }
+    }
+    /// Sets how many forwards per layer the backward tape keeps (0: no tape, the backward
+    /// checks nothing — for inference, where no backward follows).
+    pub fn with_tape_depth(mut self, depth: usize) -> Self {
+        self.tape_depth = depth;
+        self
     }
     /// The inner router.
     pub fn inner(&self) -> &R {
@@ -134,6 +206,41 @@ impl<R: Router, P: ReplayPolicy> Replayed<R, P> {
     /// Splits into router and policy.
     pub fn into_parts(self) -> (R, P) {
         (self.inner, self.policy)
+    }
+
+    fn tape_lock(&self) -> Result<std::sync::MutexGuard<'_, VecDeque<(TapeKey, R::Ids)>>, RouteError> {
+        self.tape.lock().map_err(|_| RouteError::Recorder {
+            reason: "the backward tape's lock is poisoned (a thread panicked while routing)".into(),
+        })
+    }
+
+    /// Keeps the final ids of a forward; a recompute must match the oldest forward of its key.
+    fn tape_forward(&self, ids: &R::Ids, site: &CallSite<'_>, rows: usize) -> Result<(), RouteError> {
+        if self.tape_depth == 0 {
+            return Ok(());
+        }
+        let key = TapeKey::of(site, rows);
+        let mut tape = self.tape_lock()?;
+        if site.pass == Pass::Recompute
+            && let Some((_, fwd)) = tape.iter().find(|(k, _)| *k == key)
+            && let Some(row) = self.inner.first_differing_row(fwd, ids)?
+        {
+            return Err(RouteError::IdsDifferFromForward {
+                pass: "recompute",
+                layer: key.layer,
+                row,
+            });
+        }
+        if site.pass == Pass::Recompute && tape.iter().any(|(k, _)| *k == key) {
+            return Ok(());
+        }
+        if tape.iter().filter(|(k, _)| k.layer == key.layer).count() >= self.tape_depth
+            && let Some(pos) = tape.iter().position(|(k, _)| k.layer == key.layer)
+        {
+            tape.remove(pos);
+        }
+        tape.push_back((key, ids.clone()));
+        Ok(())
     }
 
     fn shape(&self, logits: &R::Logits<'_>, site: &CallSite<'_>) -> Result<RouteShape, RouteError> {
@@ -166,6 +273,7 @@ impl<R: Router, P: ReplayPolicy> Router for Replayed<R, P> {
     type Logits<'a> = R::Logits<'a>;
     type Ids = R::Ids;
     type Weights = R::Weights;
+    type LogitsGrad = R::LogitsGrad;
 
     fn config(&self) -> &RouterConfig {
         self.inner.config()
@@ -186,12 +294,14 @@ impl<R: Router, P: ReplayPolicy> Router for Replayed<R, P> {
         match self.policy.plan(site, shape)? {
             Plan::Route => {
                 let r = self.inner.route(logits, site)?;
+                self.tape_forward(&r.ids, site, shape.rows)?;
                 self.record(&r.ids, site, shape)?;
                 Ok(r)
             }
             Plan::Replay(forced) => {
                 // Whole router rows, per-slot sentinels and threshold replay (replay_slots).
                 let out = crate::replay_slots::resolve_forced(&self.inner, &self.policy, logits, forced, site, shape)?;
+                self.tape_forward(&out.ids, site, shape.rows)?;
                 self.record(&out.ids, site, shape)?;
                 Ok(out)
             }
@@ -205,6 +315,43 @@ impl<R: Router, P: ReplayPolicy> Router for Replayed<R, P> {
         site: &CallSite<'_>,
     ) -> Result<Self::Weights, RouteError> {
         self.inner.weights_for(logits, ids, site)
+    }
+    /// The inner router's backward on the ids of the forward at the same layer and batch
+    /// (see the backward tape above): other ids, or no forward, are an error.
+    fn weights_vjp(
+        &self,
+        logits: &Self::Logits<'_>,
+        ids: &Self::Ids,
+        grad: &Self::Weights,
+        losses: &LossGrads<'_>,
+        site: &CallSite<'_>,
+    ) -> Result<Self::LogitsGrad, RouteError> {
+        if self.tape_depth > 0 {
+            let key = TapeKey::of(site, self.inner.batch_rows(logits));
+            let mut tape = self.tape_lock()?;
+            let pos = tape
+                .iter()
+                .position(|(k, _)| *k == key)
+                .ok_or(RouteError::BackwardWithoutForward { layer: key.layer })?;
+            if let Some(row) = self.inner.first_differing_row(&tape[pos].1, ids)? {
+                return Err(RouteError::IdsDifferFromForward {
+                    pass: "backward",
+                    layer: key.layer,
+                    row,
+                });
+            }
+            tape.remove(pos);
+        }
+        self.inner.weights_vjp(logits, ids, grad, losses, site)
+    }
+    fn weights_from_host(&self, weights: &HostMatrix) -> Result<Self::Weights, RouteError> {
+        self.inner.weights_from_host(weights)
+    }
+    fn logits_grad_to_host(&self, grad: &Self::LogitsGrad) -> Result<HostGrad, RouteError> {
+        self.inner.logits_grad_to_host(grad)
+    }
+    fn first_differing_row(&self, a: &Self::Ids, b: &Self::Ids) -> Result<Option<usize>, RouteError> {
+        self.inner.first_differing_row(a, b)
     }
     fn ids_from_host(&self, ids: ArrayView2<'_, u32>) -> Result<Self::Ids, RouteError> {
         self.inner.ids_from_host(ids)

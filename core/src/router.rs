@@ -117,8 +117,8 @@ pub type IdsSink = Box<dyn FnOnce(Array2<u32>) + Send>;
 pub trait Router {
     /// The backend's logits `[T, E]` (a host view, a device buffer, ...).
     type Logits<'a>;
-    /// The backend's ids `[T, K]`.
-    type Ids;
+    /// The backend's ids `[T, K]` (cloning is cheap on device backends: a shared buffer).
+    type Ids: Clone;
     /// The backend's weights `[T, K]` (also the upstream gradient of [`Router::weights_vjp`]).
     type Weights;
     /// The backend's gradient on the logits `[T, E]` ([`Router::weights_vjp`]).

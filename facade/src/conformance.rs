@@ -8,7 +8,9 @@
 //! the weight **bits** must be identical, on random configs and shapes (proptest, failures
 //! persisted and replayed first) and on the hard cases (ties, −∞, saturated sigmoid, bf16
 //! collisions, every dtype), for routing, replay of given ids in their slot order, replay with
-//! fallback rows, record/replay through [`Replayed`], statistics and errors.
+//! fallback rows, record/replay through [`Replayed`], statistics, errors, and the backward
+//! pass (gradient bits on random configs with the aux losses and the z-loss, its errors, the
+//! backward tape of [`Replayed`]).
 //!
 //! ```no_run
 //! use moe_router::conformance::{Backend, Size, run_suite};
@@ -32,7 +34,8 @@
 //! silent pass: [`run_suite`] prints one `skipped: <backend>: <reason>` line and reports it.
 
 use crate::{
-    CallSite, ComputeDtype, ForcedIds, GroupScore, HostWeights, IdsSink, LogitsRef, Normalization, Numerics,
+    CallSite, ComputeDtype, ForcedIds, GroupScore, HostMatrix, HostWeights, IdsSink, LogitsRef, LossGrads,
+    Normalization, Numerics,
     PassThrough, Plan, ROUTER_SELECTS, ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape,
     Router, RouterConfig, ScoreFunction, SoftmaxPosition,
 };
@@ -123,6 +126,10 @@ pub fn run_suite<B: Backend>(b: &B, size: Size) -> Report {
     passed.push("record and replay through Replayed");
     check_statistics(b);
     passed.push("statistics");
+    check_backward_random(b, size);
+    passed.push("backward: random configs, every dtype, aux and z-loss, bit-identical");
+    check_backward_contract(b);
+    passed.push("backward: errors, native, Replayed tape");
     if size.large {
         check_large(b);
         passed.push("large shapes");
@@ -751,4 +758,270 @@ pub fn check_large<B: Backend>(b: &B) {
             &format!("large E={e} K={k} T={t}"),
         );
     }
+}
+
+/// The backward on the backend against the reference on host data: same error, or the same
+/// gradient bits (portable) / within `tol` relative to the row's largest magnitude (native).
+pub fn assert_backward_same_as_reference<B: Backend>(
+    b: &B,
+    cfg: &RouterConfig,
+    logits: LogitsRef<'_>,
+    ids: ArrayView2<'_, u32>,
+    grad: &Array2<f32>,
+    losses: &LossGrads<'_>,
+    what: &str,
+) {
+    if !b.supports(cfg, logits.dtype_name()) {
+        return;
+    }
+    let name = b.name();
+    let g = HostMatrix::F32(grad.clone());
+    let want = ReferenceRouter::new(cfg.clone()).weights_vjp_host_at(&logits, ids, &g, losses, &CallSite::default());
+    let got = b
+        .router(cfg)
+        .and_then(|r| r.weights_vjp_host_at(&logits, ids, &g, losses, &CallSite::default()));
+    match (want, got) {
+        (Err(w), Err(g)) => assert_eq!(w, g, "{name}: {what}: backward errors differ"),
+        (Ok(w), Ok(g)) => {
+            assert_eq!(w.dim(), g.dim(), "{name}: {what}: gradient shape");
+            let e = w.dim().1.max(1);
+            if cfg.numerics() == Numerics::Portable {
+                let (wb, gb) = (bits(&w), bits(&g));
+                if let Some(i) = (0..wb.len()).find(|&i| wb[i] != gb[i]) {
+                    panic!(
+                        "{name}: {what}: gradient bits differ at row {}, expert {}: reference {:?} backend {:?}\nconfig {cfg:?}",
+                        i / e,
+                        i % e,
+                        w.to_f64()[[i / e, i % e]],
+                        g.to_f64()[[i / e, i % e]]
+                    );
+                }
+            } else {
+                let (w, g) = (w.to_f64(), g.to_f64());
+                for (t, (wr, gr)) in w.outer_iter().zip(g.outer_iter()).enumerate() {
+                    let scale = wr.iter().fold(1e-30f64, |a, &x| a.max(x.abs()));
+                    for (x, (&a, &c)) in wr.iter().zip(gr.iter()).enumerate() {
+                        assert!(
+                            (a - c).abs() <= 2e-6 * scale,
+                            "{name}: {what}: native gradient at row {t}, expert {x}: reference {a} backend {c}"
+                        );
+                    }
+                }
+            }
+        }
+        (w, g) => panic!("{name}: {what}: reference {w:?}, backend {g:?}\nconfig {cfg:?}"),
+    }
+}
+
+/// A deterministic upstream gradient `[T, K]` in [−1, 1] with some exact zeros.
+pub fn upstream_grad(t: usize, k: usize, seed: u64) -> Array2<f32> {
+    let mut s = seed | 1;
+    Array2::from_shape_fn((t, k), |_| {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let x = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+        if (s >> 20) % 11 == 0 { 0.0 } else { x }
+    })
+}
+
+/// The backward (DESIGN §2b) on random configs and shapes, f32/bf16/f16 logits, portable: the
+/// gradient bits equal the reference's for the routed ids and for replayed ids (reversed slot
+/// order), with the aux-loss variants (one sequence, several sequences, given global counts) and
+/// the z-loss switched on and off.
+pub fn check_backward_random<B: Backend>(b: &B, size: Size) {
+    let mut runner = TestRunner::new(PtConfig {
+        cases: size.cases,
+        failure_persistence: persistence(),
+        ..PtConfig::default()
+    });
+    let strat = (config_strategy(), 0u8..4, 0u8..3, any::<u64>()).prop_flat_map(move |(cfg, aux, zl, seed)| {
+        let e = cfg.num_experts();
+        (Just((cfg, aux, zl, seed)), logits_strategy(e, size.max_tokens))
+    });
+    runner
+        .run(&strat, |((cfg, aux, zl, seed), logits)| {
+            let (t, e) = logits.dim();
+            let k = cfg.top_k();
+            let mut bld = cfg.to_builder();
+            if aux > 0 {
+                bld = bld.aux_loss(crate::AuxLossKind::MicroBatch, 1e-2);
+            }
+            if aux > 1 {
+                bld = bld.aux_loss(crate::AuxLossKind::PerSequence, 3e-3);
+            }
+            if aux > 2 {
+                bld = bld.aux_loss(crate::AuxLossKind::Global, 5e-3);
+            }
+            if zl > 0 {
+                bld = bld.z_loss_coeff(1e-3);
+            }
+            let cfg = bld.build().expect("valid");
+            let lens: Vec<usize> = if t > 2 { vec![t / 3, t - t / 3] } else { vec![t] };
+            let global: Vec<f64> = (0..e).map(|x| ((x * 7 + seed as usize) % 5) as f64 * 0.5).collect();
+            let mut losses = LossGrads::default().aux_loss(if aux > 0 { 0.7 } else { 0.0 });
+            if zl > 0 {
+                losses = losses.z_loss(if zl == 1 { 1.0 } else { -2.5 });
+            }
+            if aux > 1 {
+                losses = losses.seq_lens(&lens);
+            }
+            if aux > 2 && seed % 2 == 0 {
+                losses = losses.global_counts(&global);
+            }
+            let reference = ReferenceRouter::new(cfg.clone());
+            let grad = upstream_grad(t, k, seed);
+            for (lr, dtype) in [
+                (LogitsRef::F32(logits.view()), "f32"),
+                (LogitsRef::Bf16(logits.mapv(bf16::from_f32).view()), "bf16"),
+                (LogitsRef::F16(logits.mapv(f16::from_f32).view()), "f16"),
+            ] {
+                let Ok(routed) = reference.route_host(&lr) else {
+                    // Rows the forward refuses (all −∞) are refused by the backward too: check
+                    // that with any valid ids.
+                    let ids = Array2::from_shape_fn((t, k), |(_, j)| j as u32);
+                    assert_backward_same_as_reference(b, &cfg, lr, ids.view(), &grad, &losses, dtype);
+                    continue;
+                };
+                let ids = routed.0;
+                assert_backward_same_as_reference(b, &cfg, lr, ids.view(), &grad, &losses, &format!("{dtype} routed"));
+                let mut rev = ids.clone();
+                for mut row in rev.rows_mut() {
+                    let v: Vec<u32> = row.iter().rev().copied().collect();
+                    row.assign(&ndarray::ArrayView1::from(&v[..]));
+                }
+                assert_backward_same_as_reference(b, &cfg, lr, rev.view(), &grad, &losses, &format!("{dtype} replayed"));
+            }
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{}: {e}", b.name()));
+}
+
+/// The backward's errors and contracts: a gradient of the wrong shape names both shapes,
+/// invalid ids name row and slot, an all-−∞ row is `AllMasked`, NaN names row and expert; native
+/// numerics stay within 2e-6 of the row's scale; through [`Replayed`] the backward must use the
+/// forward's ids (others, or no forward, are errors; a recompute that reproduces them passes).
+pub fn check_backward_contract<B: Backend>(b: &B) {
+    let name = b.name();
+    let cfg = RouterConfig::builder(32, 4)
+        .score(ScoreFunction::Sigmoid)
+        .group_limit(8, 4, GroupScore::SumTopN(2))
+        .normalization(Normalization::Sum { eps: 1e-20 })
+        .scaling_factor(2.5)
+        .aux_loss(crate::AuxLossKind::MicroBatch, 1e-2)
+        .z_loss_coeff(1e-3)
+        .build()
+        .expect("valid");
+    let l = Array2::from_shape_fn((50, 32), |(t, e)| ((t * 31 + e * 17) % 53) as f32 * 0.07 - 1.8);
+    let logits = LogitsRef::F32(l.view());
+    let r = b.router(&cfg).expect("router");
+    let ids = ReferenceRouter::new(cfg.clone()).route_host(&logits).expect("routes").0;
+    let losses = LossGrads::default().aux_loss(1.0).z_loss(1.0);
+    let site = CallSite::default();
+
+    let bad = HostMatrix::F32(Array2::zeros((50, 3)));
+    let e = r.weights_vjp_host_at(&logits, ids.view(), &bad, &losses, &site);
+    assert!(
+        matches!(
+            e,
+            Err(RouteError::GradShape {
+                expected_rows: 50,
+                expected_k: 4,
+                rows: 50,
+                cols: 3
+            })
+        ),
+        "{name}: gradient shape: {e:?}"
+    );
+    let g = upstream_grad(50, 4, 9);
+    let mut dup = ids.clone();
+    dup[[6, 3]] = dup[[6, 0]];
+    let e = r.weights_vjp_host_at(&logits, dup.view(), &HostMatrix::F32(g.clone()), &losses, &site);
+    assert!(
+        matches!(e, Err(RouteError::DuplicateId { row: 6, .. })),
+        "{name}: duplicate id: {e:?}"
+    );
+    for (row, value, want_masked) in [(11usize, f32::NEG_INFINITY, true), (12, f32::NAN, false)] {
+        let mut l2 = l.clone();
+        l2.row_mut(row).fill(value);
+        let e = r.weights_vjp_host_at(
+            &LogitsRef::F32(l2.view()),
+            ids.view(),
+            &HostMatrix::F32(g.clone()),
+            &losses,
+            &site,
+        );
+        if want_masked {
+            assert!(matches!(e, Err(RouteError::AllMasked { row: 11 })), "{name}: all −∞: {e:?}");
+        } else {
+            assert!(
+                matches!(e, Err(RouteError::NonFiniteLogit { row: 12, expert: 0, .. })),
+                "{name}: NaN: {e:?}"
+            );
+        }
+    }
+    // −∞ logits among finite ones get gradient 0.
+    let mut l3 = l.clone();
+    l3[[2, 5]] = f32::NEG_INFINITY;
+    let ids3 = ReferenceRouter::new(cfg.clone())
+        .route_host(&LogitsRef::F32(l3.view()))
+        .expect("routes")
+        .0;
+    assert_backward_same_as_reference(b, &cfg, LogitsRef::F32(l3.view()), ids3.view(), &g, &losses, "−∞ logit");
+
+    // Native numerics within tolerance of the reference's native mode.
+    for score in [ScoreFunction::Softmax, ScoreFunction::Sigmoid, ScoreFunction::SqrtSoftplus] {
+        let native = cfg.to_builder().score(score).numerics(Numerics::Native).build().expect("valid");
+        let ids = ReferenceRouter::new(native.clone()).route_host(&logits).expect("routes").0;
+        assert_backward_same_as_reference(b, &native, logits, ids.view(), &g, &losses, "native");
+    }
+
+    // Replayed: the backward differentiates the forward's ids, and only those.
+    let rp = Replayed::new(b.router(&cfg).expect("router"), PassThrough);
+    let site3 = CallSite::layer(3);
+    let e = rp.with_host_logits(&logits, |d| {
+        let ids_dev = rp.ids_from_host(ids.view())?;
+        let gd = rp.weights_from_host(&HostMatrix::F32(g.clone()))?;
+        rp.weights_vjp(d, &ids_dev, &gd, &losses, &site3).map(|_| ())
+    });
+    assert!(
+        matches!(e, Err(RouteError::BackwardWithoutForward { layer: 3 })),
+        "{name}: backward without forward: {e:?}"
+    );
+    let want = ReferenceRouter::new(cfg.clone())
+        .weights_vjp_host_at(&logits, ids.view(), &HostMatrix::F32(g.clone()), &losses, &site)
+        .expect("reference backward");
+    rp.with_host_logits(&logits, |d| {
+        let fwd = rp.route(d, &site3)?;
+        let again = rp.route(d, &site3.with_pass(crate::Pass::Recompute))?;
+        let mut other = rp.ids_to_host(&again.ids)?;
+        let (a, c) = (other[[20, 0]], other[[20, 1]]);
+        other[[20, 0]] = c;
+        other[[20, 1]] = a;
+        let other = rp.ids_from_host(other.view())?;
+        let gd = rp.weights_from_host(&HostMatrix::F32(g.clone()))?;
+        let e = rp.weights_vjp(d, &other, &gd, &losses, &site3).map(|_| ());
+        assert!(
+            matches!(
+                e,
+                Err(RouteError::IdsDifferFromForward {
+                    pass: "backward",
+                    layer: 3,
+                    row: 20
+                })
+            ),
+            "{name}: backward with other ids: {e:?}"
+        );
+        let dz = rp.weights_vjp(d, &fwd.ids, &gd, &losses, &site3)?;
+        assert_eq!(
+            bits(&rp.logits_grad_to_host(&dz)?),
+            bits(&want),
+            "{name}: backward through Replayed"
+        );
+        let e = rp.weights_vjp(d, &fwd.ids, &gd, &losses, &site3).map(|_| ());
+        assert!(
+            matches!(e, Err(RouteError::BackwardWithoutForward { layer: 3 })),
+            "{name}: a second backward of one forward: {e:?}"
+        );
+        Ok(())
+    })
+    .expect("Replayed backward");
 }
