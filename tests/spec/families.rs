@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 const DEEPSEEK_V32: &str = include_str!("../fixtures/hf/deepseek_v32.json");
 const GLM4V_MOE: &str = include_str!("../fixtures/hf/glm4v_moe.json");
 const QWEN3_VL_MOE: &str = include_str!("../fixtures/hf/qwen3_vl_moe.json");
+const QWEN3_OMNI_MOE: &str = include_str!("../fixtures/hf/qwen3_omni_moe.json");
 const DOTS1: &str = include_str!("../fixtures/hf/dots1.json");
 const FLEX_OLMO: &str = include_str!("../fixtures/hf/flex_olmo.json");
 const JAMBA: &str = include_str!("../fixtures/hf/jamba.json");
@@ -73,6 +74,11 @@ fn edited(json: &str, path: &[&str], edit: impl FnOnce(&mut serde_json::Map<Stri
     }
     edit(o.as_object_mut().unwrap());
     v
+}
+
+/// Qwen3-Omni's thinker text config, on its own.
+fn flat_omni(json: &str) -> Value {
+    serde_json::from_str::<Value>(json).unwrap()["thinker_config"]["text_config"].clone()
 }
 
 fn bad_key(r: Result<RouterConfig, ConfigError>) -> (String, String) {
@@ -325,6 +331,49 @@ fn minimax_text_01_renormalises_its_top2_softmax_like_mixtral() {
         cfg,
         &[row(32, &[(20, 0.5), (4, -0.25)])],
         &[(&[20, 4], &[0.679178699175393, 0.320821300824607])],
+    );
+}
+
+#[test]
+fn qwen3_omni_moe_reads_the_thinkers_text_config_and_renormalises_its_top8_softmax() {
+    // The thinker (thinker_config.text_config) is the text model; the talker's MoE (top-6, not
+    // renormalised in the fixture) is not what the import reads.
+    let cfg = hf(QWEN3_OMNI_MOE);
+    assert_eq!((cfg.num_experts(), cfg.top_k()), (128, 8));
+    // Qwen3OmniMoeTextConfig's norm_topk_prob default is true.
+    let default = hf_value(edited(QWEN3_OMNI_MOE, &["thinker_config", "text_config"], |m| {
+        m.remove("norm_topk_prob");
+    }))
+    .unwrap();
+    assert_eq!(default, cfg);
+    check(
+        cfg,
+        &[row(
+            128,
+            &[
+                (127, 1.5),
+                (0, 1.25),
+                (64, 1.0),
+                (32, 0.875),
+                (96, 0.75),
+                (16, 0.5),
+                (48, 0.25),
+                (80, 0.125),
+            ],
+        )],
+        &[(
+            &[127, 0, 64, 32, 96, 16, 48, 80],
+            &[
+                0.23254822876848835,
+                0.1811087426667669,
+                0.14104763060995562,
+                0.12447409713018202,
+                0.1098480051693997,
+                0.08554971244476021,
+                0.06662618304351275,
+                0.05879740016693431,
+            ],
+        )],
     );
 }
 
@@ -669,6 +718,32 @@ fn nested_text_configs_are_resolved_and_their_errors_name_the_nested_key() {
         m.insert("num_experts_per_tok".into(), json!(129));
     })));
     assert_eq!(key, "text_config.num_experts_per_tok");
+    // Two levels down: Qwen3-Omni's thinker.
+    assert!(matches!(
+        hf_value(json!({"model_type": "qwen3_omni_moe", "thinker_config": {}})),
+        Err(ConfigError::MissingKey { ref key, .. }) if key == "thinker_config.text_config"
+    ));
+    assert!(matches!(
+        hf_value(json!({"model_type": "qwen3_omni_moe"})),
+        Err(ConfigError::MissingKey { ref key, .. }) if key == "thinker_config"
+    ));
+    let (key, _) = bad_key(hf_value(edited(
+        QWEN3_OMNI_MOE,
+        &["thinker_config", "text_config"],
+        |m| {
+            m.insert("num_experts".into(), json!("many"));
+        },
+    )));
+    assert_eq!(key, "thinker_config.text_config.num_experts");
+    let (key, _) = bad_key(hf_value(edited(
+        QWEN3_OMNI_MOE,
+        &["thinker_config", "text_config"],
+        |m| {
+            m.insert("model_type".into(), json!("qwen3_omni_moe_talker_text"));
+        },
+    )));
+    assert_eq!(key, "thinker_config.text_config.model_type");
+    assert_eq!(hf_value(flat_omni(QWEN3_OMNI_MOE)).unwrap(), hf(QWEN3_OMNI_MOE));
 }
 
 #[test]
@@ -753,6 +828,7 @@ fn refused_families_are_not_in_the_supported_list_and_unknown_types_list_the_new
         "deepseek_v32",
         "glm4v_moe",
         "qwen3_vl_moe",
+        "qwen3_omni_moe",
         "dots1",
         "flex_olmo",
         "jamba",
@@ -787,6 +863,8 @@ fn moe_layer_ids_of_the_new_families_follow_each_familys_rule() {
         ("glm4v_moe", GLM4V_MOE, ids(1..=45), vec![]),
         // text_config: Qwen rule, every layer.
         ("qwen3_vl_moe", QWEN3_VL_MOE, ids(0..=47), vec![]),
+        // thinker_config.text_config: 48 layers (the talker's 20 are not counted).
+        ("qwen3_omni_moe", QWEN3_OMNI_MOE, ids(0..=47), vec![]),
         ("dots1", DOTS1, ids(1..=61), vec![]),
         ("flex_olmo", FLEX_OLMO, ids(0..=31), vec![]),
         // Jamba: odd layers (period 2, offset 1).

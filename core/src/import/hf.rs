@@ -8,15 +8,16 @@
 //! class. The expert count and top-k are always required: a file without them is not a MoE
 //! checkpoint config, and a default would be a guess. Families whose router cannot be expressed
 //! exactly are refused with their reason ([`REFUSED_MODEL_TYPES`]); any other `model_type` is
-//! [`ConfigError::UnsupportedModelType`]. Vision-language wrappers (`llama4`, `qwen3_vl_moe`,
-//! `glm4v_moe`) are read from their `text_config`; the bare text `model_type` gives the same rule.
+//! [`ConfigError::UnsupportedModelType`]. Multimodal wrappers are read from their text model's
+//! config (`text_config` of `llama4`, `qwen3_vl_moe`, `glm4v_moe`; `thinker_config.text_config` of
+//! `qwen3_omni_moe`); the bare text `model_type` gives the same rule.
 //! `docs/families.md` has the full table with the keys each family reads.
 //!
 //! | `model_type` | rule |
 //! |---|---|
 //! | `deepseek_v2` | softmax over E → top-k on probabilities (`topk_method` `greedy`, or `group_limited_greedy`: keep `topk_group` of `n_group` groups by their max probability); if `norm_topk_prob` and K > 1: `w / (Σw + 1e-20)`, else `w · routed_scaling_factor` |
 //! | `deepseek_v3`, `deepseek_v32`, `kimi_k2`, `glm4_moe`, `glm4v_moe`, `dots1` | sigmoid; selection on `sigmoid + e_score_correction_bias`; groups scored by the sum of their top-2 biased scores, keep `topk_group` of `n_group`; weights = unbiased sigmoid; if `norm_topk_prob`: `w / (Σw + 1e-20)`; then `· routed_scaling_factor` |
-//! | `qwen2_moe`, `qwen3_moe`, `qwen3_next`, `olmoe`, `flex_olmo` | softmax over E → top-k; if `norm_topk_prob`: `w / Σw` |
+//! | `qwen2_moe`, `qwen3_moe`, `qwen3_next`, `qwen3_omni_moe`, `olmoe`, `flex_olmo` | softmax over E → top-k; if `norm_topk_prob`: `w / Σw` (default true for Qwen3-Next and Qwen3-Omni's thinker) |
 //! | `mixtral`, `minimax`, `qwen3_vl_moe`, `hunyuan_v1_moe` | softmax over E → top-k → `w / Σw` (always) |
 //! | `jamba` | softmax over E → top-k, never normalised |
 //! | `dbrx` | softmax over E → top-k → `w / Σw` (`ffn_config.moe_normalize_expert_weights` = 1; `null`: none) |
@@ -51,7 +52,7 @@
 //! | `glm4_moe`, `glm4v_moe` (`text_config`) | `i >= first_k_dense_replace` (default 1) |
 //! | `dots1` | `i >= first_k_dense_replace` (default 0) |
 //! | `lfm2_moe` | `i >= num_dense_layers` (default 2) |
-//! | `qwen2_moe`, `qwen3_moe`, `qwen3_next`, `qwen3_vl_moe` (`text_config`) | `i` not in `mlp_only_layers` (default none) and `(i + 1) % decoder_sparse_step == 0` (default 1) |
+//! | `qwen2_moe`, `qwen3_moe`, `qwen3_next`, `qwen3_vl_moe` (`text_config`), `qwen3_omni_moe` (`thinker_config.text_config`) | `i` not in `mlp_only_layers` (default none) and `(i + 1) % decoder_sparse_step == 0` (default 1) |
 //! | `jamba` | `i % expert_layer_period == expert_layer_offset` (defaults 2 and 1), when `num_experts > 1` |
 //! | `llama4` (`text_config`), `llama4_text` | `moe_layers` when given, else `interleave_moe_layer_step − 1, 2·step − 1, …` (default step 1) |
 //! | `mixtral`, `minimax`, `olmoe`, `flex_olmo`, `gpt_oss`, `minimax_m2`, `hunyuan_v1_moe`, `granitemoe`, `granitemoeshared`, `granitemoehybrid`, `jetmoe` | every layer |
@@ -81,6 +82,8 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "qwen3_next",
     "qwen3_vl_moe",
     "qwen3_vl_moe_text",
+    "qwen3_omni_moe",
+    "qwen3_omni_moe_text",
     "olmoe",
     "flex_olmo",
     "jamba",
@@ -207,7 +210,9 @@ pub fn import_hf_value(value: &Value) -> Result<HfImport, ConfigError> {
         "qwen2_moe" | "qwen3_moe" | "olmoe" | "flex_olmo" => {
             softmax_topk(k, &["num_experts", "num_local_experts"], false)?
         }
-        "qwen3_next" => softmax_topk(k, &["num_experts", "num_local_experts"], true)?,
+        "qwen3_next" | "qwen3_omni_moe" | "qwen3_omni_moe_text" => {
+            softmax_topk(k, &["num_experts", "num_local_experts"], true)?
+        }
         "qwen3_vl_moe" | "qwen3_vl_moe_text" => softmax_fixed(k, &["num_experts", "num_local_experts"], true)?,
         "jamba" => softmax_fixed(k, &["num_experts"], false)?,
         "mixtral" | "minimax" => softmax_fixed(k, &["num_local_experts", "num_experts"], true)?,
@@ -235,27 +240,41 @@ pub fn import_hf_value(value: &Value) -> Result<HfImport, ConfigError> {
     })
 }
 
-/// Vision-language wrappers keep the text model's config under a nested key: (wrapper
-/// `model_type`, key, the text model's own `model_type`).
-const NESTED_TEXT: &[(&str, &str, &str)] = &[
-    ("llama4", "text_config", "llama4_text"),
-    ("qwen3_vl_moe", "text_config", "qwen3_vl_moe_text"),
-    ("glm4v_moe", "text_config", "glm4v_moe_text"),
+/// Multimodal wrappers keep the text model's config nested: (wrapper `model_type`, path of keys,
+/// the dotted prefix errors use, the text model's own `model_type`).
+const NESTED_TEXT: &[(&str, &[&str], &str, &str)] = &[
+    ("llama4", &["text_config"], "text_config.", "llama4_text"),
+    ("qwen3_vl_moe", &["text_config"], "text_config.", "qwen3_vl_moe_text"),
+    ("glm4v_moe", &["text_config"], "text_config.", "glm4v_moe_text"),
+    // Qwen3-Omni's text model is the thinker's (`get_text_config`); the talker's MoE is not read.
+    (
+        "qwen3_omni_moe",
+        &["thinker_config", "text_config"],
+        "thinker_config.text_config.",
+        "qwen3_omni_moe_text",
+    ),
 ];
 
 /// The nested text config of a wrapper `model_type` (see [`NESTED_TEXT`]), checked to be the
 /// expected text model when it names its own `model_type`; `None` for a flat config.
 fn nested_text<'a>(top: &Keys<'a>, model_type: &str) -> Result<Option<Keys<'a>>, ConfigError> {
-    let Some(&(_, key, inner)) = NESTED_TEXT.iter().find(|(outer, _, _)| *outer == model_type) else {
+    let Some(&(_, path, prefix, inner)) = NESTED_TEXT.iter().find(|(outer, ..)| *outer == model_type) else {
         return Ok(None);
     };
-    let keys = Keys {
-        obj: top.req_object(key)?,
-        prefix: match key {
-            "text_config" => "text_config.",
-            _ => "",
-        },
+    let mut keys = Keys {
+        obj: top.obj,
+        prefix: "",
     };
+    let mut walked = 0;
+    for key in path {
+        let obj = keys.req_object(key)?;
+        walked += key.len() + 1;
+        // The prefix of the object just entered, for the errors of the next step.
+        keys = Keys {
+            obj,
+            prefix: &prefix[..walked],
+        };
+    }
     if let Some(mt) = keys.opt_str("model_type")?
         && mt != inner
     {
@@ -916,7 +935,13 @@ pub fn hf_moe_layers_value(value: &Value) -> Result<HfMoeLayers, ConfigError> {
                 "0: this Granite-4.0 checkpoint is dense (no routed MLP, nothing to route)",
             ));
         }
-        "qwen2_moe" | "qwen3_moe" | "qwen3_next" | "qwen3_vl_moe" | "qwen3_vl_moe_text" => {
+        "qwen2_moe"
+        | "qwen3_moe"
+        | "qwen3_next"
+        | "qwen3_vl_moe"
+        | "qwen3_vl_moe_text"
+        | "qwen3_omni_moe"
+        | "qwen3_omni_moe_text" => {
             let step = k.count_or("decoder_sparse_step", 1)?;
             let dense = k.opt_index_list("mlp_only_layers")?.unwrap_or_default();
             if let Some(&bad) = dense.iter().find(|&&i| i >= n) {
