@@ -244,10 +244,7 @@ pub fn fill_router_slots(row: &mut [u32], own: &[u32]) -> usize {
 /// Returns (forced slots judged, slots dropped). Fill the dropped slots with
 /// [`fill_router_slots`] afterwards.
 pub fn threshold_row(row: &mut [u32], scores: &[f64], own: &[u32], ratio: f64) -> (u64, u64) {
-    let weakest = own
-        .iter()
-        .map(|&i| scores[i as usize])
-        .fold(f64::INFINITY, f64::min);
+    let weakest = own.iter().map(|&i| scores[i as usize]).fold(f64::INFINITY, f64::min);
     let bar = ratio * weakest;
     let (mut judged, mut dropped) = (0, 0);
     for x in row.iter_mut() {
@@ -520,7 +517,12 @@ pub fn slot_ids_from_i64(ids: ArrayView2<'_, i64>, num_experts: usize) -> Result
 
 /// [`slot_ids_from_i64`] for a flat row-major list of `rows × k` values (as `npy`'s `to_ints`
 /// returns them); values outside i64 are out of range.
-pub fn slot_ids_from_ints(values: &[i128], rows: usize, k: usize, num_experts: usize) -> Result<Array2<u32>, RouteError> {
+pub fn slot_ids_from_ints(
+    values: &[i128],
+    rows: usize,
+    k: usize,
+    num_experts: usize,
+) -> Result<Array2<u32>, RouteError> {
     if values.len() != rows * k {
         return Err(RouteError::IdsShape {
             expected_rows: rows,

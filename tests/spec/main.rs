@@ -18,6 +18,7 @@ mod import;
 mod interop;
 mod math;
 mod replay;
+mod replay_features;
 mod routing;
 mod trace;
 #[cfg(feature = "wgpu")]

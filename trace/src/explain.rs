@@ -205,7 +205,9 @@ pub fn explain(trace: &Trace, against: &Against<'_>) -> Vec<Finding> {
         out.push(Finding {
             class: FindingClass::WeightVersion,
             message: match h.weight_version() {
-                Some(v) => format!("the trace was recorded with weight version {v}, the trainer expects {w}: stale routes"),
+                Some(v) => {
+                    format!("the trace was recorded with weight version {v}, the trainer expects {w}: stale routes")
+                }
                 None => format!("the trace records no weight version, the trainer expects {w}"),
             },
             evidence: json!({"trace": h.weight_version(), "expected": w}),

@@ -147,8 +147,8 @@ impl Trace {
         &self.header
     }
 
-    /// Replaces the producer, weight version or row convention (E, K, width and layers must not
-    /// change).
+    /// Replaces the producer, weight version, row convention or layer kinds (E, K, width, layers
+    /// and the slot-sentinel flag must not change).
     pub fn set_header(&mut self, header: TraceHeader) -> Result<(), TraceError> {
         let mut a = header.clone();
         a = a
@@ -156,9 +156,10 @@ impl Trace {
             .with_weight_version(self.header.weight_version())
             .with_fingerprint(self.header.fingerprint())
             .with_producer(self.header.producer());
+        a.layer_kinds = self.header.layer_kinds.clone();
         if a != self.header {
             return Err(TraceError::HeaderMismatch(
-                "set_header may change only producer, weight version, fingerprint and row convention".into(),
+                "set_header may change only producer, weight version, fingerprint, row convention and layer kinds".into(),
             ));
         }
         self.header = header;
