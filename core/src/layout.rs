@@ -208,7 +208,9 @@ impl BatchLayout {
 
     /// [`BatchLayout::with_route_start`] for several sequences.
     pub fn with_route_starts(self, starts: &[(SeqId, u64)]) -> Self {
-        starts.iter().fold(self, |l, &(seq, start)| l.with_route_start(seq, start))
+        starts
+            .iter()
+            .fold(self, |l, &(seq, start)| l.with_route_start(seq, start))
     }
 
     /// Whole sequences packed back to back, each `(seq, len, route_start)`: positions `0..len`,

@@ -3,7 +3,7 @@
 //! # The slot sentinel
 //!
 //! A replay row may hold [`ROUTER_SLOT`] (`u32::MAX`, the same value as
-//! [`ROUTER_SELECTS`](crate::ROUTER_SELECTS)) in some of its K slots: "don't replay this slot,
+//! [`ROUTER_SELECTS`]) in some of its K slots: "don't replay this slot,
 //! take the router's choice". The forced ids of the row stay where they are; the sentinel slots
 //! are filled, **left to right**, with the router's own top-K ids **in the router's slot order**
 //! (key descending, ties to the lower expert id), skipping ids the row already holds. A row that

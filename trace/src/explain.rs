@@ -117,7 +117,7 @@ pub fn explain(trace: &Trace, against: &Against<'_>) -> Vec<Finding> {
         for &l in h.layers() {
             let in_model = m.moe_layers.contains(&l.0) || m.mtp_layers.contains(&l.0);
             let decoder_id = m.num_hidden_layers.is_some_and(|n| (l.0 as usize) < n);
-            if !in_model && !(kind(l.0) == LayerKind::Mtp && decoder_id) {
+            if !(in_model || (kind(l.0) == LayerKind::Mtp && decoder_id)) {
                 out.push(Finding {
                     class: FindingClass::OrphanedLayer,
                     message: format!(

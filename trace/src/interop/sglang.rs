@@ -107,7 +107,10 @@ fn from_json(text: &[u8]) -> Result<(String, Option<u64>), InteropError> {
             offset: 0,
             reason: "no string `routed_experts` (at the top level or under `meta_info`)".into(),
         })?;
-    let start = match obj.get("routed_experts_start_len").or_else(|| v.get("routed_experts_start_len")) {
+    let start = match obj
+        .get("routed_experts_start_len")
+        .or_else(|| v.get("routed_experts_start_len"))
+    {
         None | Some(serde_json::Value::Null) => None,
         Some(x) => Some(x.as_u64().ok_or_else(|| InteropError::Malformed {
             format: F,

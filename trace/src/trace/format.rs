@@ -341,7 +341,9 @@ pub(crate) fn decode_header(b: &[u8]) -> Result<(TraceHeader, Version, usize), T
             }
             let mut kinds = Vec::with_capacity(len);
             for (i, &c) in body[data..data + len].iter().enumerate() {
-                kinds.push(LayerKind::from_code(c).ok_or_else(|| bad(data + i, format!("unknown layer kind code {c}")))?);
+                kinds.push(
+                    LayerKind::from_code(c).ok_or_else(|| bad(data + i, format!("unknown layer kind code {c}")))?,
+                );
             }
             h = h.with_kind_list(&kinds).map_err(|err| bad(data, err.to_string()))?;
         }

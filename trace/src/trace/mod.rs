@@ -464,7 +464,10 @@ fn check_kinds(layers: &[LayerId], kinds: &[(LayerId, LayerKind)]) -> Result<(),
         return Err(TraceError::InvalidHeader(format!(
             "MTP layer {m} comes before {} layer {d}: MTP layers follow the decoder stack (ids from \
              num_hidden_layers), an MTP id below a decoder id would alias a decoder layer",
-            kinds.iter().find(|(l, _)| *l == d).map_or(LayerKind::Decoder, |&(_, k)| k)
+            kinds
+                .iter()
+                .find(|(l, _)| *l == d)
+                .map_or(LayerKind::Decoder, |&(_, k)| k)
         )));
     }
     Ok(())

@@ -159,7 +159,8 @@ impl Trace {
         a.layer_kinds = self.header.layer_kinds.clone();
         if a != self.header {
             return Err(TraceError::HeaderMismatch(
-                "set_header may change only producer, weight version, fingerprint, row convention and layer kinds".into(),
+                "set_header may change only producer, weight version, fingerprint, row convention and layer kinds"
+                    .into(),
             ));
         }
         self.header = header;
