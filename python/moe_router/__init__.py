@@ -96,7 +96,9 @@ def _host_array(x: Any, what: str) -> np.ndarray:
 
 def _np_logits(a: np.ndarray) -> Tuple[np.ndarray, bool]:
     """Logits for the native call: bfloat16 (ml_dtypes) as its uint16 bits."""
-    if a.dtype.name == "bfloat16":
+    # dtype.kind is a C attribute (dtype.name is computed in Python, microseconds): bfloat16 from
+    # ml_dtypes is the only void-kind dtype taken.
+    if a.dtype.kind == "V" and a.dtype.name == "bfloat16":
         return a.view(np.uint16), True
     return a, False
 
@@ -197,6 +199,8 @@ class Router:
         errors at once (host inputs always raise at once).
         """
         if type(logits) is np.ndarray:
+            if logits.dtype.kind == "f":  # the fast path: float32 / float16 / float64
+                return self._r.route(logits, None if bias is None else _np_bias(bias), False)
             a, bf = _np_logits(logits)
             return self._r.route(a, None if bias is None else _np_bias(bias), bf)
         if _is_torch(logits):
@@ -206,6 +210,10 @@ class Router:
 
     def _route_torch(self, logits: Any, bias: Any, check: bool):
         torch = _torch()
+        if not logits.is_cuda and not logits.requires_grad and logits.dtype != torch.bfloat16:
+            # The fast path of CPU tensors (is_cuda and requires_grad are cheap attributes).
+            ids, w = self._r.route(logits.numpy(), None if bias is None else _np_bias(bias), False)
+            return torch.from_numpy(ids), torch.from_numpy(w)
         dev = logits.device
         if dev.type == "cuda":
             if self.backend == "cuda":

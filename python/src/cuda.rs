@@ -101,6 +101,48 @@ impl PyCudaLaunch {
         })
     }
 
+    /// Benchmark helper (python/benches): enqueues `op` `iters` times from Rust on `stream`, waits
+    /// for the stream, and returns the nanoseconds per launch (wall, launch and kernel).
+    #[allow(clippy::too_many_arguments)]
+    fn bench_ns(
+        &self,
+        py: Python<'_>,
+        op: &str,
+        logits: u64,
+        dtype: &str,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+        ids: u64,
+        weights: u64,
+        status: u64,
+        stream: u64,
+        iters: usize,
+    ) -> PyResult<f64> {
+        let op = match op {
+            "route" => ExternalOp::Route,
+            "replay" => ExternalOp::Replay,
+            other => return Err(Error::Value(format!("unknown op {other:?}")).into()),
+        };
+        let raw = RawLogits {
+            ptr: logits,
+            dtype: dtype_named(dtype)?,
+            rows,
+            cols,
+            ld,
+        };
+        detached(py, || {
+            let t0 = std::time::Instant::now();
+            for _ in 0..iters.max(1) {
+                // SAFETY: as in `enqueue`: live tensors of this device held by the caller.
+                unsafe { self.launch.enqueue(op, raw, ids, weights, status, stream)? };
+            }
+            // SAFETY: `status` is the caller's live status word; waits for the stream.
+            unsafe { self.launch.read_status(status, None, stream)? };
+            Ok(t0.elapsed().as_nanos() as f64 / iters.max(1) as f64)
+        })
+    }
+
     /// Waits for `stream`, then raises the first error latched in the status word since the
     /// last check (and clears it).
     #[pyo3(signature = (status, stream, ids = None))]

@@ -392,6 +392,36 @@ impl PyRouter {
         })
     }
 
+    /// Benchmark helper (python/benches): routes NumPy `logits` `iters` times inside Rust (no
+    /// Python in the loop, results copied to the host as `route` does) and returns the median
+    /// nanoseconds per call over `repeats` timed batches.
+    #[pyo3(signature = (logits, iters, repeats = 5, bf16 = false))]
+    fn bench_route_ns(
+        &self,
+        py: Python<'_>,
+        logits: &Bound<'_, PyAny>,
+        iters: usize,
+        repeats: usize,
+        bf16: bool,
+    ) -> PyResult<f64> {
+        let h = HostLogits::extract(logits, bf16)?;
+        h.with_view(|lv| {
+            detached(py, || {
+                let mut v = Vec::with_capacity(repeats.max(1));
+                for _ in 0..repeats.max(1) {
+                    let t0 = std::time::Instant::now();
+                    for _ in 0..iters.max(1) {
+                        let (ids, w) = self.router.route_host(&lv)?;
+                        std::hint::black_box((ids_i32(&ids), weights_f32(w)));
+                    }
+                    v.push(t0.elapsed().as_nanos() as f64 / iters.max(1) as f64);
+                }
+                v.sort_by(f64::total_cmp);
+                Ok(v[v.len() / 2])
+            })
+        })
+    }
+
     fn __repr__(&self) -> String {
         format!(
             "Router(backend={:?}, num_experts={}, top_k={}, device={:?})",

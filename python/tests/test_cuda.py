@@ -1,0 +1,194 @@
+"""CUDA tensors (GPU machine): in and out on the same device without a copy, bit-identical to
+the CPU backend in portable mode, ordered on torch's current stream, capturable in a CUDA graph
+(so no host synchronisation), autograd, latched errors. Skipped, with the reason, without torch,
+without a CUDA device or without the CUDA backend in this build."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import moe_router as m
+from conftest import spread_logits
+
+torch = pytest.importorskip("torch", reason="torch is not installed")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device visible to torch (GPU tests run on the GPU machine)", allow_module_level=True)
+if "cuda" not in m.compiled_backends():
+    pytest.skip("this moe_router build has no CUDA backend (cargo feature `cuda`)", allow_module_level=True)
+
+import moe_router.torch as mt  # noqa: E402
+
+DEV = torch.device("cuda", 0)
+
+
+def routers(name, **kw):
+    cfg = m.preset(name)
+    return m.Router(cfg, backend="cuda"), m.Router(cfg, backend="cpu")
+
+
+def bias_for(cfg, rng):
+    return rng.standard_normal(cfg.num_experts).astype(np.float32) * 0.1 if cfg.expects_expert_bias else None
+
+
+@pytest.mark.parametrize("preset", ["qwen3-moe", "deepseek-v3", "mixtral", "gpt-oss"])
+@pytest.mark.parametrize("t", [1, 7, 4099])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_in_cuda_out_bit_identical_to_cpu(preset, t, dtype):
+    rng = np.random.default_rng(t)
+    gpu, cpu = routers(preset)
+    cfg = gpu.config
+    bias = bias_for(cfg, rng)
+    x = torch.from_numpy(rng.standard_normal((t, cfg.num_experts), dtype=np.float32)).to(dtype)
+    xd = x.to(DEV)
+    ids, w = gpu.route(xd, bias=bias)
+    assert ids.device == DEV and w.device == DEV
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32 and ids.shape == (t, cfg.top_k)
+    gpu.check()
+    cids, cw = cpu.route(x, bias=bias)
+    assert torch.equal(ids.cpu(), cids)
+    assert w.cpu().numpy().tobytes() == cw.numpy().tobytes()
+    if bias is None:
+        w2 = gpu.weights_for(xd, ids)
+        gpu.check()
+        assert w2.cpu().numpy().tobytes() == cw.numpy().tobytes()
+
+
+def test_strided_rows_and_other_device_index():
+    rng = np.random.default_rng(3)
+    gpu, cpu = routers("qwen3-moe")
+    big = torch.from_numpy(rng.standard_normal((64, 160), dtype=np.float32)).to(DEV)
+    x = big[:, 16:144]  # row stride 160, not contiguous as a whole
+    ids, w = gpu.route(x)
+    cids, cw = cpu.route(x.cpu())
+    assert torch.equal(ids.cpu(), cids) and torch.equal(w.cpu(), cw)
+
+
+def test_stream_order_work_queued_before_the_call():
+    """Logits written by kernels still queued (behind a long sleep) when route is called."""
+    rng = np.random.default_rng(4)
+    gpu, cpu = routers("qwen3-moe")
+    new = torch.from_numpy(rng.standard_normal((2048, 128), dtype=np.float32)).to(DEV)
+    x = torch.zeros_like(new)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time queued before the copy
+        x.copy_(new)
+        ids, w = gpu.route(x)
+        ids2 = ids.clone()
+    side.synchronize()
+    cids, cw = cpu.route(new.cpu())
+    assert torch.equal(ids2.cpu(), cids) and torch.equal(w.cpu(), cw)
+    # And on the default stream, after a matmul that produces the logits.
+    a = torch.from_numpy(rng.standard_normal((2048, 512), dtype=np.float32)).to(DEV)
+    b = torch.from_numpy(rng.standard_normal((512, 128), dtype=np.float32)).to(DEV) * 0.05
+    torch.cuda._sleep(20_000_000)
+    logits = a @ b
+    ids, w = gpu.route(logits)
+    cids, cw = cpu.route(logits.cpu())
+    assert torch.equal(ids.cpu(), cids) and torch.equal(w.cpu(), cw)
+
+
+def test_no_host_sync_cuda_graph_capture():
+    """A route call can be captured into a CUDA graph: it neither copies to the host nor waits."""
+    rng = np.random.default_rng(5)
+    gpu, cpu = routers("qwen3-moe")
+    x = torch.from_numpy(rng.standard_normal((256, 128), dtype=np.float32)).to(DEV)
+    gpu.route(x)  # warm up: compile kernels, create the status word
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            ids, w = gpu.route(x)
+    torch.cuda.current_stream().wait_stream(s)
+    new = torch.from_numpy(rng.standard_normal((256, 128), dtype=np.float32)).to(DEV)
+    x.copy_(new)
+    g.replay()
+    torch.cuda.synchronize()
+    cids, cw = cpu.route(new.cpu())
+    assert torch.equal(ids.cpu(), cids) and torch.equal(w.cpu(), cw)
+
+
+def test_autograd_on_cuda_equals_cpu():
+    rng = np.random.default_rng(6)
+    cfg = m.RouterConfig.from_megatron({"num_moe_experts": 64, "moe_router_topk": 6})
+    gpu, cpu = m.Router(cfg, backend="cuda"), m.Router(cfg, backend="cpu")
+    x0 = torch.from_numpy(spread_logits(rng, 128, 64))
+    g = torch.randn(128, 6)
+    xd = x0.to(DEV).requires_grad_()
+    ids, w = mt.route(gpu, xd)
+    (w * g.to(DEV)).sum().backward()
+    xc = x0.clone().requires_grad_()
+    cids, cw = mt.route(cpu, xc)
+    (cw * g).sum().backward()
+    assert xd.grad.device == DEV
+    assert torch.equal(ids.cpu(), cids)
+    assert xd.grad.cpu().numpy().tobytes() == xc.grad.numpy().tobytes()
+    # Replay through the Function on CUDA.
+    x2 = x0.to(DEV).requires_grad_()
+    rids, rw = mt.route(gpu, x2, replay_ids=ids.long())
+    (rw * g.to(DEV)).sum().backward()
+    assert torch.equal(x2.grad, xd.grad)
+
+
+def test_errors_are_latched_and_raised_by_check():
+    gpu, _ = routers("qwen3-moe")
+    x = torch.randn(16, 128, device=DEV)
+    x[5, 9] = float("nan")
+    gpu.route(x)  # asynchronous: no error yet
+    with pytest.raises(m.RouteError, match="row 5, expert 9"):
+        gpu.check()
+    gpu.check()  # cleared
+    with pytest.raises(m.RouteError, match="row 5"):
+        gpu.route(x, check=True)
+    y = torch.randn(4, 128, device=DEV)
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]] * 4, device=DEV)
+    ids[2, 3] = 1
+    with pytest.raises(m.RouteError, match="row 2"):
+        gpu.weights_for(y, ids, check=True)
+    with pytest.raises(m.RouteError, match="shape"):
+        gpu.weights_for(y, ids[:2])
+
+
+def test_threads_on_one_cuda_router():
+    gpu, cpu = routers("qwen3-moe")
+    xs = [torch.randn(512, 128, device=DEV) for _ in range(4)]
+    want = [cpu.route(x.cpu())[0] for x in xs]
+    out = [None] * 4
+
+    def work(i):
+        for _ in range(10):
+            out[i] = gpu.route(xs[i])[0]
+        torch.cuda.current_stream().synchronize()
+
+    th = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    [t.start() for t in th]
+    [t.join() for t in th]
+    gpu.check()
+    assert all(torch.equal(o.cpu(), w) for o, w in zip(out, want))
+
+
+def test_numpy_on_cuda_router_and_cuda_tensor_on_cpu_router():
+    gpu, cpu = routers("mixtral")
+    x = np.random.default_rng(7).standard_normal((32, 8), dtype=np.float32)
+    ids, w = gpu.route(x)
+    assert isinstance(ids, np.ndarray)
+    assert (ids == cpu.route(x)[0]).all()
+    ids2, w2 = cpu.route(torch.from_numpy(x).to(DEV))
+    assert ids2.device == DEV and torch.equal(ids2.cpu(), torch.from_numpy(ids))
+
+
+def test_megatron_shim_on_cuda():
+    from moe_router.megatron import RouterReplay, RouterReplayAction
+
+    RouterReplay.clear_global_router_replay_instances()
+    rr = RouterReplay(num_experts=8)
+    rr.set_target_indices(torch.tensor([[0, 1], [2, 3]]))
+    rr.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+    scores = torch.randn(2, 8, device=DEV)
+    probs, idx = rr.get_replay_topk(scores, 2)
+    assert idx.device == DEV and torch.equal(probs, scores.gather(1, idx))
+    RouterReplay.clear_global_router_replay_instances()
