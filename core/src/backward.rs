@@ -142,9 +142,8 @@ pub fn aux_topk_row(z: &[f32], top_k: usize, out: &mut Vec<u32>) {
             if out.contains(&(e as u32)) {
                 continue;
             }
-            match best {
-                Some(b) if !(x > z[b]) => {}
-                _ => best = Some(e),
+            if best.is_none_or(|b| x > z[b]) {
+                best = Some(e);
             }
         }
         if let Some(b) = best {

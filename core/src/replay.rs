@@ -125,9 +125,12 @@ impl<P: ReplayPolicy + ?Sized> ReplayPolicy for std::sync::Arc<P> {
 pub struct Replayed<R: Router, P> {
     inner: R,
     policy: P,
-    tape: Mutex<VecDeque<(TapeKey, R::Ids)>>,
+    tape: Mutex<Tape<R::Ids>>,
     tape_depth: usize,
 }
+
+/// The backward tape: final ids of forwards, oldest first.
+type Tape<I> = VecDeque<(TapeKey, I)>;
 
 /// Where a taped forward ran: layer, a digest of the batch layout, rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,7 +211,7 @@ impl<R: Router, P: ReplayPolicy> Replayed<R, P> {
         (self.inner, self.policy)
     }
 
-    fn tape_lock(&self) -> Result<std::sync::MutexGuard<'_, VecDeque<(TapeKey, R::Ids)>>, RouteError> {
+    fn tape_lock(&self) -> Result<std::sync::MutexGuard<'_, Tape<R::Ids>>, RouteError> {
         self.tape.lock().map_err(|_| RouteError::Recorder {
             reason: "the backward tape's lock is poisoned (a thread panicked while routing)".into(),
         })

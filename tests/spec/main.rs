@@ -2,6 +2,7 @@
 
 #![allow(missing_docs)]
 
+mod backward;
 mod bad_input;
 mod capacity_stats;
 mod cli_route;
