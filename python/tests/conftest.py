@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def cli_path():
     """The moe-router CLI binary: $MOE_ROUTER_CLI, the workspace's target/{release,debug}, or PATH."""
     env = os.environ.get("MOE_ROUTER_CLI")
-    if env:
+    if env and os.path.isfile(env):
         return env
     for p in (REPO / "target" / "release" / "moe-router", REPO / "target" / "debug" / "moe-router"):
         if p.is_file():
