@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles every CUDA kernel variant through NVRTC (to sm_90 CUBIN, so ptxas runs too) without a
+# Compiles every CUDA kernel variant (routing, backward, statistics) through NVRTC (to sm_90 CUBIN, so ptxas runs too) without a
 # GPU: the NVRTC shared library comes from PyPI's nvidia-cuda-nvrtc wheel (CUDA 13.0, the version
 # of the GPU machine's driver). A kernel that fails to compile fails this script.
 # Usage: .ci/nvrtc-check.sh [ARCH...]   (default sm_90; compute_XX stops at PTX)

@@ -1,6 +1,7 @@
 //! The CUDA backend's device data: logits (borrowed [`DeviceLogits`] and uploaded
-//! [`LogitsBuffer`]), ids ([`DeviceIds`]), weights ([`DeviceWeights`]) and the preallocated
-//! [`RouteBuffers`] of launch-only routing. The same names, with the same ownership, as in the
+//! [`LogitsBuffer`]), ids ([`DeviceIds`]), weights ([`DeviceWeights`]), the gradient on the
+//! logits of the backward ([`DeviceGrad`]) and the preallocated [`RouteBuffers`] of launch-only
+//! routing. The same names, with the same ownership, as in the
 //! wgpu backend.
 
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr};
@@ -194,6 +195,28 @@ impl DeviceWeights {
         (self.rows, self.k)
     }
     /// The device buffer (at least `T * K` elements).
+    pub fn buffer(&self) -> &CudaSlice<f32> {
+        &self.buf
+    }
+}
+
+/// A gradient on the logits `[T, E]` on the device (f32, row-major, row stride E): what
+/// [`Router::weights_vjp`](moe_router_core::Router::weights_vjp) returns on the CUDA backend.
+/// Copy it to the host with
+/// [`Router::logits_grad_to_host`](moe_router_core::Router::logits_grad_to_host).
+#[derive(Debug)]
+pub struct DeviceGrad {
+    pub(crate) buf: CudaSlice<f32>,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+impl DeviceGrad {
+    /// `(T, E)`.
+    pub fn dim(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+    /// The device buffer (at least `T * E` elements).
     pub fn buffer(&self) -> &CudaSlice<f32> {
         &self.buf
     }

@@ -1,6 +1,6 @@
 //! Device discovery, contexts and the per-device module cache.
 
-use crate::kernels::{self, LogitsDtype, Part, RouterVariant};
+use crate::kernels::{self, BackwardVariant, LogitsDtype, Part, RouterVariant};
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use moe_router_core::RouteError;
@@ -96,6 +96,15 @@ pub(crate) struct StatsKernels {
     _module: Arc<CudaModule>,
 }
 
+/// The backward kernels of one variant, loaded on one device.
+#[derive(Debug)]
+pub(crate) struct BackwardKernels {
+    pub aux_counts: CudaFunction,
+    pub grad_sparse: CudaFunction,
+    pub grad_dense: CudaFunction,
+    _module: Arc<CudaModule>,
+}
+
 /// One device: its context, routing stream and loaded modules.
 #[derive(Debug)]
 pub(crate) struct Device {
@@ -108,6 +117,7 @@ pub(crate) struct Device {
     pub smem_optin: usize,
     routers: Mutex<HashMap<RouterVariant, Arc<RouterKernels>>>,
     stats: Mutex<HashMap<LogitsDtype, Arc<StatsKernels>>>,
+    backward: Mutex<HashMap<BackwardVariant, Arc<BackwardKernels>>>,
 }
 
 fn arch_of(major: i32, minor: i32) -> Result<&'static str, RouteError> {
@@ -191,6 +201,7 @@ impl Device {
             smem_optin,
             routers: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
+            backward: Mutex::new(HashMap::new()),
         });
         map.insert(ordinal, d.clone());
         Ok(d)
@@ -264,5 +275,32 @@ impl Device {
         });
         map.insert(dtype, k.clone());
         Ok(k)
+    }
+
+    /// The backward kernels of `v`, compiled and loaded on first use.
+    pub fn backward_kernels(&self, v: BackwardVariant) -> Result<Arc<BackwardKernels>, RouteError> {
+        if let Some(k) = self
+            .backward
+            .lock()
+            .map_err(|_| unavailable("module cache poisoned"))?
+            .get(&v)
+        {
+            return Ok(k.clone());
+        }
+        let module = self.load(&v.source(), v.options(self.arch))?;
+        let aux_counts = module.load_function("bwd_aux_counts").map_err(dev_err)?;
+        let grad_sparse = module.load_function("bwd_grad_sparse").map_err(dev_err)?;
+        let grad_dense = module.load_function("bwd_grad_dense").map_err(dev_err)?;
+        set_smem(&aux_counts, self.smem_optin)?;
+        set_smem(&grad_sparse, self.smem_optin)?;
+        set_smem(&grad_dense, self.smem_optin)?;
+        let k = Arc::new(BackwardKernels {
+            aux_counts,
+            grad_sparse,
+            grad_dense,
+            _module: module,
+        });
+        let mut map = self.backward.lock().map_err(|_| unavailable("module cache poisoned"))?;
+        Ok(map.entry(v).or_insert(k).clone())
     }
 }

@@ -11,6 +11,8 @@ pub const MATH_CU: &str = include_str!("../kernels/math.cu");
 pub const ROUTER_CU: &str = include_str!("../kernels/router.cu");
 /// Statistics kernels.
 pub const STATS_CU: &str = include_str!("../kernels/stats.cu");
+/// Backward kernels (the gradient on the logits, and the aux-loss counts).
+pub const BACKWARD_CU: &str = include_str!("../kernels/backward.cu");
 
 pub use moe_router_core::LogitsDtype;
 
@@ -157,6 +159,182 @@ impl RouterVariant {
         }
         v
     }
+}
+
+/// One compiled module of backward kernels (`kernels/backward.cu`: `bwd_aux_counts`,
+/// `bwd_grad_sparse`, `bwd_grad_dense`), compiled with the same options as the routing kernels
+/// of the same numerics mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BackwardVariant {
+    /// Logits element type.
+    pub dtype: LogitsDtype,
+    /// Numerics mode: true for portable.
+    pub portable: bool,
+    /// Score function.
+    pub score: ScoreKind,
+}
+
+impl BackwardVariant {
+    /// Full NVRTC source of this variant: the prelude, the portable math, the routing kernels'
+    /// helpers (`router.cu` without its kernels) and the backward kernels.
+    pub fn source(&self) -> String {
+        format!(
+            "#define LOGIT_KIND {}\n#define PORTABLE {}\n#define SCORE {}\n{}\n{}\n{}",
+            dtype_kind(self.dtype),
+            u32::from(self.portable),
+            self.score.code(),
+            MATH_CU,
+            ROUTER_CU,
+            BACKWARD_CU
+        )
+    }
+    /// NVRTC options: those of [`RouterVariant::options`] (portable mode: no contraction,
+    /// `--fmad=false`), under the backward module's name.
+    pub fn options(&self, arch: &'static str) -> CompileOptions {
+        let mut o = RouterVariant {
+            dtype: self.dtype,
+            portable: self.portable,
+            score: self.score,
+            part: Part::Row,
+        }
+        .options(arch);
+        o.name = Some(format!(
+            "moe_router_backward_{}_{}_{:?}.cu",
+            self.dtype.name(),
+            if self.portable { "portable" } else { "native" },
+            self.score
+        ));
+        o
+    }
+    /// Every variant.
+    pub fn all() -> Vec<BackwardVariant> {
+        let mut v = Vec::new();
+        for dtype in LogitsDtype::ALL {
+            for portable in [true, false] {
+                for score in ScoreKind::ALL {
+                    v.push(BackwardVariant { dtype, portable, score });
+                }
+            }
+        }
+        v
+    }
+}
+
+/// The backward kernels' parameter block (`struct BwdParams` in `kernels/backward.cu`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BwdParams {
+    /// Logits `[T, ld]` (device address).
+    pub logits: u64,
+    /// Ids `[T, K]` u32, slot order.
+    pub ids: u64,
+    /// Upstream gradient `[T, K]` f32.
+    pub grad: u64,
+    /// Aux coefficients `[S, E]` f32, or 0 (no aux term).
+    pub aux: u64,
+    /// Sequence of every row `[T]` u32, or 0 (every row in sequence 0).
+    pub row_seq: u64,
+    /// Output gradient `[T, E]` f32.
+    pub dz: u64,
+    /// Aux counts `[S, E]` u32 (counting kernel).
+    pub counts: u64,
+    /// The u64 error word.
+    pub status: u64,
+    /// Rows T.
+    pub t: i64,
+    /// Logits row stride (elements).
+    pub ld: i64,
+    /// E.
+    pub e: i32,
+    /// K.
+    pub k: i32,
+    /// Normalisation: 0 none, 1 sum + eps, 2 sum clamped below.
+    pub norm: i32,
+    /// eps or the clamp minimum.
+    pub norm_param: f32,
+    /// Scaling factor.
+    pub scale: f32,
+    /// z-loss factor ([`moe_router_core::BackwardPlan::z_factor_f32`]; 0: no z-loss term).
+    pub zf: f32,
+    /// 1 when logits rows are read in 16-byte pieces (aligned, `E * bytes % 16 == 0`).
+    pub vec: i32,
+    /// Shared memory per warp (floats).
+    pub warp_floats: i32,
+    /// Offset (floats) of the softmax array.
+    pub off_pr: i32,
+    /// Offset of the aux scores.
+    pub off_sc: i32,
+    /// Offset of the ordered sums' terms.
+    pub off_tm: i32,
+    /// Offset of the row of dz.
+    pub off_d: i32,
+    /// Offset of the slot arrays.
+    pub off_slot: i32,
+    /// Padding.
+    pub pad: i32,
+}
+
+// SAFETY: `repr(C)` plain old data laid out as `struct BwdParams` (eight u64, two i64, three
+// i32, three f32, eight i32: 136 bytes, 8-byte aligned).
+unsafe impl DeviceRepr for BwdParams {}
+
+/// Which backward kernel a call launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BwdKernel {
+    /// `bwd_aux_counts`.
+    AuxCounts,
+    /// `bwd_grad_sparse`: no softmax over E, no aux and no z-loss term.
+    Sparse,
+    /// `bwd_grad_dense`.
+    Dense,
+}
+
+/// Warps per block of the backward kernels (at most; fewer when a warp's shared memory is large).
+pub const BWD_WARPS: usize = 8;
+
+/// Sets the shared-memory layout of `p` (`e`, `k` set) for `kernel`; `softmax`: the dense
+/// kernel needs the softmax over E, `aux`: it has an aux term. Returns the bytes per warp.
+pub fn bwd_layout(p: &mut BwdParams, kernel: BwdKernel, softmax: bool, aux: bool) -> usize {
+    let ep = (p.e.max(1) as usize).next_multiple_of(4);
+    let kp = (p.k.max(1) as usize).next_multiple_of(4);
+    let mut off = ep;
+    let mut take = |yes: bool| -> usize {
+        if yes {
+            off += ep;
+            off - ep
+        } else {
+            0
+        }
+    };
+    let (pr, sc, tm, d) = match kernel {
+        BwdKernel::AuxCounts => {
+            // The packed keys (u64[E]) take z and the next array.
+            let _ = take(true);
+            (0, 0, 0, 0)
+        }
+        BwdKernel::Sparse => (0, 0, 0, take(true)),
+        BwdKernel::Dense => {
+            let pr = take(softmax);
+            let sc = take(aux);
+            let tm = take(aux);
+            (pr, sc, tm, take(true))
+        }
+    };
+    p.off_pr = pr as i32;
+    p.off_sc = sc as i32;
+    p.off_tm = tm as i32;
+    p.off_d = d as i32;
+    p.off_slot = off as i32;
+    let floats = off + 4 * kp;
+    p.warp_floats = floats as i32;
+    floats * 4
+}
+
+/// Warps per block and dynamic shared memory of a backward launch with `per_warp` bytes per
+/// warp (the device allows `optin` bytes per block); `None` when one warp does not fit.
+pub fn bwd_launch(per_warp: usize, optin: usize) -> Option<(usize, usize)> {
+    let w = (optin / per_warp.max(1)).min(BWD_WARPS);
+    (w >= 1).then_some((w, w * per_warp))
 }
 
 /// Full NVRTC source of the statistics module for a dtype.
@@ -419,11 +597,15 @@ mod tests {
     fn params_layout_matches_the_c_struct() {
         assert_eq!(std::mem::size_of::<Params>(), 112);
         assert_eq!(std::mem::size_of::<StatParams>(), 80);
+        assert_eq!(std::mem::size_of::<BwdParams>(), 136);
     }
 
     #[test]
     fn sources_have_no_includes_and_no_builtin_division_in_math() {
         for v in RouterVariant::all() {
+            assert!(!v.source().contains("#include"));
+        }
+        for v in BackwardVariant::all() {
             assert!(!v.source().contains("#include"));
         }
         // The portable math never uses the built-in transcendental functions or '/'.

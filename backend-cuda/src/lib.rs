@@ -12,6 +12,10 @@
 //!   side stream and hands them to the sink from a worker thread, without synchronising the
 //!   routing stream. [`RouteBuffers`] give a CUDA-graph-friendly mode with preallocated outputs
 //!   and a record buffer `[max_tokens, layers, K]` written by the route kernel itself.
+//! - The backward ([`moe_router_core::Router::weights_vjp`]): the gradient on the logits
+//!   ([`DeviceGrad`]) by one kernel (a warp per row), bit-identical to the reference in portable
+//!   mode; with an aux term, a counting kernel first (the aux table is built on the host from
+//!   the counts, as every backend does).
 //! - Statistics: tokens per expert, aux losses and z-loss on the device; capacity dropping as a
 //!   documented host step ([`Router::apply_capacity`](moe_router_core::Router::apply_capacity)).
 //!
@@ -20,6 +24,7 @@
 
 #![allow(unsafe_code)]
 
+mod backward;
 mod buffers;
 mod device;
 pub mod external;
@@ -28,7 +33,7 @@ mod record;
 mod router;
 mod stats;
 
-pub use buffers::{DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, LogitsView, RouteBuffers};
+pub use buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, LogitsView, RouteBuffers};
 pub use device::{precompile, probe, probe_nvrtc};
 pub use kernels::LogitsDtype;
 pub use router::{CudaRouter, KernelChoice, MAX_EXPERTS, MAX_TOP_K};

@@ -1,6 +1,6 @@
 //! [`CudaRouter`]: the [`Router`] on device logits.
 
-use crate::buffers::{DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, OwnedLogits, RouteBuffers};
+use crate::buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, OwnedLogits, RouteBuffers};
 use crate::device::{BACKEND, Device, dev_err};
 use crate::kernels::{
     LogitsDtype, Params, Part, ROW_KCAP, RouterVariant, ScoreKind, TILE_KMAX, TILE_WARPS, decode_status, row_launch,
@@ -10,7 +10,8 @@ use crate::record::Recorder;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
 use moe_router_core::backend::with_router_rows_marked;
 use moe_router_core::{
-    CallSite, ComputeDtype, HostWeights, IdsSink, LogitsRef, RouteError, Routed, Router, RouterConfig,
+    CallSite, ComputeDtype, HostGrad, HostMatrix, HostWeights, IdsSink, LogitsRef, RouteError, Routed, Router,
+    RouterConfig,
 };
 use ndarray::{Array2, Array3, ArrayView2};
 use std::sync::{Arc, Mutex};
@@ -484,32 +485,57 @@ impl Router for CudaRouter {
     type Logits<'a> = DeviceLogits<'a>;
     type Ids = DeviceIds;
     type Weights = DeviceWeights;
-    type LogitsGrad = moe_router_core::HostGrad;
+    type LogitsGrad = DeviceGrad;
 
     fn config(&self) -> &RouterConfig {
         &self.cfg
     }
     fn weights_vjp(
         &self,
-        _logits: &DeviceLogits<'_>,
-        _ids: &DeviceIds,
-        _grad: &DeviceWeights,
-        _losses: &moe_router_core::LossGrads<'_>,
+        logits: &DeviceLogits<'_>,
+        ids: &DeviceIds,
+        grad: &DeviceWeights,
+        losses: &moe_router_core::LossGrads<'_>,
         _site: &CallSite<'_>,
-    ) -> Result<moe_router_core::HostGrad, RouteError> {
-        Err(RouteError::Unsupported {
-            backend: BACKEND,
-            reason: "the backward kernel is not built yet".into(),
-        })
+    ) -> Result<DeviceGrad, RouteError> {
+        self.backward(logits, ids, grad, losses)
     }
-    fn weights_from_host(&self, _weights: &moe_router_core::HostMatrix) -> Result<DeviceWeights, RouteError> {
-        Err(RouteError::Unsupported {
-            backend: BACKEND,
-            reason: "the backward kernel is not built yet".into(),
-        })
+    fn weights_from_host(&self, weights: &HostMatrix) -> Result<DeviceWeights, RouteError> {
+        if self.cfg.compute_dtype() != ComputeDtype::F32 {
+            return Err(RouteError::unsupported(
+                BACKEND,
+                "f64 compute (the CUDA backend computes in f32)",
+            ));
+        }
+        // f64 values are rounded to f32, as the host routers do for f32 compute.
+        let a = weights.to_f32();
+        let (rows, k) = a.dim();
+        let mut v: Vec<f32> = a.iter().copied().collect();
+        if v.is_empty() {
+            v.push(0.0);
+        }
+        let buf = self.dev.stream.clone_htod(&v).map_err(dev_err)?;
+        Ok(DeviceWeights { buf, rows, k })
     }
-    fn logits_grad_to_host(&self, grad: &moe_router_core::HostGrad) -> Result<moe_router_core::HostGrad, RouteError> {
-        Ok(grad.clone())
+    fn logits_grad_to_host(&self, grad: &DeviceGrad) -> Result<HostGrad, RouteError> {
+        let (rows, cols) = grad.dim();
+        let mut v = self.dev.stream.clone_dtoh(&grad.buf).map_err(dev_err)?;
+        v.truncate(rows * cols);
+        Array2::from_shape_vec((rows, cols), v)
+            .map(HostGrad::F32)
+            .map_err(|e| RouteError::array_shape(&[rows, cols], e))
+    }
+    fn first_differing_row(&self, a: &DeviceIds, b: &DeviceIds) -> Result<Option<usize>, RouteError> {
+        // Two handles of one buffer (what a forward hands to its backward) are equal at once.
+        if Arc::ptr_eq(&a.buf, &b.buf) && a.dim() == b.dim() {
+            return Ok(None);
+        }
+        if a.dim() != b.dim() {
+            return Ok(Some(0));
+        }
+        let a = self.ids_to_host(a)?;
+        let b = self.ids_to_host(b)?;
+        Ok(a.outer_iter().zip(b.outer_iter()).position(|(x, y)| x != y))
     }
     fn backend_name(&self) -> &'static str {
         BACKEND

@@ -1,0 +1,506 @@
+// Backward kernels (DESIGN §2b): dz[T, E] = d(sum g*w + a*aux + c*zloss)/dz for the weights w
+// of given ids, one warp per row, mirroring `vjp_row` of core/src/backward.rs operation for
+// operation: every intermediate of the forward is recomputed with the forward's own operations,
+// every new result is flushed by the subnormal rule (M_FTZ), every sum runs in slot order (over
+// K) or expert order (over E). Elementwise values are computed by the lanes in parallel; an
+// ordered sum is taken by every lane redundantly from the warp's shared-memory arrays (broadcast
+// reads), in exactly the reference's order, so the result does not depend on the lane layout.
+//
+// Prepended by the Rust side: the prelude (LOGIT_KIND, PORTABLE, SCORE), math.cu, and router.cu
+// compiled without its kernels (widening, the bad-logit test, packed keys, error keys).
+//
+// Kernels (one warp per row, grid-stride over rows):
+// - bwd_aux_counts: the aux-loss token counts per sequence (`aux_topk_row`: the K largest logits
+//   of the row, ties to the lower id, -inf allowed; compared exactly, as packed keys of the
+//   unflushed logits), after the checks that precede them in the reference (ids, then NaN/+inf).
+// - bwd_grad_sparse: no dense term (softmax after top-K, sigmoid or sqrt-softplus, without aux
+//   and z-loss): dz is 0 except at the K ids.
+// - bwd_grad_dense: every other case (softmax before top-K, an aux term, the z-loss).
+// Errors are latched in the status word with the router kernels' keys (ids, then per row NaN /
+// +inf before all -inf), so the lowest key is the reference's error.
+//
+// Shared memory per warp (floats; offsets in BwdParams; every array padded to a multiple of 4):
+// z[E] (the widened row) | pr[E] (softmax) | sc[E] (aux scores) | tm[E] (terms of an ordered
+// sum) | d[E] (the row of dz before the aux and z terms) | slots: id[K] u[K] g[K] x[K].
+// The counting kernel keeps the row's packed keys (u64[E]) at offset 0 instead.
+
+#define BW_FULL 0xffffffffu
+#define BW_NO_BAD 0x7fffffff
+// Elements of one 16-byte piece of a logits row, and pieces in flight per lane.
+#define BW_PE (16 / LOGIT_BYTES)
+#define BW_NB 4
+// 1e-20 as f32 (the aux scores' normaliser, `M::from_f64(1e-20)`).
+#define BW_C_1E20 __uint_as_float(0x1e3ce508u)
+
+#if PORTABLE
+#define BW_LN(x) p_ln(x)
+#else
+#define BW_LN(x) logf(x)
+#endif
+
+// Kernel parameters (mirrored by `BwdParams` in src/kernels.rs).
+struct BwdParams {
+    u64 logits;   // logit_t [T, ld]
+    u64 ids;      // u32 [T, K], slot order
+    u64 grad;     // f32 [T, K], the upstream gradient
+    u64 aux;      // f32 [S, E] aux coefficients, or 0 (no aux term)
+    u64 row_seq;  // u32 [T] sequence of every row, or 0 (every row in sequence 0)
+    u64 dz;       // f32 [T, E] output
+    u64 counts;   // u32 [S, E] aux counts (bwd_aux_counts)
+    u64 status;   // u64 error word
+    long long T;
+    long long ld;
+    int E;
+    int K;
+    int norm;  // 0 none, 1 sum + eps, 2 sum clamped below
+    float norm_param;
+    float scale;
+    float zf;         // z-loss factor c*coeff*2/T (0: no z-loss term)
+    int vec;          // 1: logits rows are 16-byte aligned and E*bytes % 16 == 0
+    int warp_floats;  // shared memory per warp (floats)
+    int off_pr;
+    int off_sc;
+    int off_tm;
+    int off_d;
+    int off_slot;
+    int pad_;
+};
+
+__device__ __forceinline__ void bw_report(const BwdParams& p, u64 key) {
+    atomicMax((unsigned long long*)p.status, (unsigned long long)(~key));
+}
+
+__device__ __forceinline__ float bw_warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float w = __shfl_xor_sync(BW_FULL, v, o);
+        v = w > v ? w : v;
+    }
+    return v;
+}
+
+__device__ __forceinline__ int bw_warp_min(int v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        int w = __shfl_xor_sync(BW_FULL, v, o);
+        v = w < v ? w : v;
+    }
+    return v;
+}
+
+__device__ __forceinline__ u64 bw_warp_max_u64(u64 v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        u32 hi = __shfl_xor_sync(BW_FULL, (u32)(v >> 32), o);
+        u32 lo = __shfl_xor_sync(BW_FULL, (u32)v, o);
+        u64 w = ((u64)hi << 32) | (u64)lo;
+        v = w > v ? w : v;
+    }
+    return v;
+}
+
+// Widens one stored logit to f32 exactly, without the subnormal rule (the aux counts compare
+// the logits as the host's f32s).
+__device__ __forceinline__ float bw_widen_exact(u32 raw) {
+#if LOGIT_KIND == 0
+    return __uint_as_float(raw);
+#elif LOGIT_KIND == 1
+    return __uint_as_float(raw << 16);
+#else
+    return f16_bits_to_f32(raw);
+#endif
+}
+
+// Raw element j of a 16-byte piece.
+__device__ __forceinline__ u32 bw_piece_raw(const uint4& v, int j) {
+    u32 w = (j / (BW_PE / 4)) == 0 ? v.x : ((j / (BW_PE / 4)) == 1 ? v.y : ((j / (BW_PE / 4)) == 2 ? v.z : v.w));
+#if LOGIT_BYTES == 4
+    return w;
+#else
+    return (j & 1) ? (w >> 16) : (w & 0xffffu);
+#endif
+}
+
+// Calls f(e, raw) for every element of the row, each lane over its share in increasing e.
+// Rows of 16-byte pieces are read BW_NB pieces per lane at a time, all loads first.
+template <class F>
+__device__ __forceinline__ void bw_for_row(const BwdParams& p, long long row, int lane, F&& f) {
+    const logit_t* lr = (const logit_t*)p.logits + row * p.ld;
+    if (p.vec) {
+        const uint4* src = (const uint4*)lr;
+        const int n = p.E / BW_PE;
+        for (int i0 = lane; i0 < n; i0 += 32 * BW_NB) {
+            uint4 v[BW_NB];
+#pragma unroll
+            for (int b = 0; b < BW_NB; b++) {
+                int i = i0 + 32 * b;
+                if (i < n) v[b] = __ldg(src + i);
+            }
+#pragma unroll
+            for (int b = 0; b < BW_NB; b++) {
+                int i = i0 + 32 * b;
+                if (i < n) {
+#pragma unroll
+                    for (int j = 0; j < BW_PE; j++) f(i * BW_PE + j, bw_piece_raw(v[b], j));
+                }
+            }
+        }
+    } else {
+        for (int e = lane; e < p.E; e += 32) {
+#if LOGIT_KIND == 0
+            f(e, __float_as_uint(lr[e]));
+#else
+            f(e, (u32)lr[e]);
+#endif
+        }
+    }
+}
+
+// Reads and checks the row's ids into sid (the reference validates ids before anything else):
+// true (warp-uniform, after reporting) when an id is out of range or repeated.
+__device__ __forceinline__ bool bw_ids_bad(const BwdParams& p, long long row, int lane, int* sid) {
+    const u32* ids = (const u32*)p.ids + row * p.K;
+    bool bad = false;
+    for (int j = lane; j < p.K; j += 32) {
+        u32 id = ids[j];
+        sid[j] = (int)id;
+        bad = bad || id >= (u32)p.E;
+    }
+    __syncwarp();
+    for (int j = lane; j < p.K; j += 32)
+        for (int jj = 0; jj < j; jj++) bad = bad || sid[jj] == sid[j];
+    bool any = __any_sync(BW_FULL, bad);
+    if (any && lane == 0) bw_report(p, err_ids(row));
+    return any;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Aux counts
+
+extern "C" __global__ void __launch_bounds__(256) bwd_aux_counts(BwdParams p) {
+    DYN_SMEM(smem_raw);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int W = blockDim.x >> 5;
+    float* base = (float*)smem_raw + (long long)warp * p.warp_floats;
+    u64* pk = (u64*)base;
+    int* sid = (int*)(base + p.off_slot);
+    const int E = p.E;
+    for (long long row = (long long)blockIdx.x * W + warp; row < p.T; row += (long long)gridDim.x * W) {
+        __syncwarp();
+        if (bw_ids_bad(p, row, lane, sid)) continue;
+        int bad = BW_NO_BAD;
+        bw_for_row(p, row, lane, [&](int e, u32 raw) {
+            float x = bw_widen_exact(raw);
+            if (bad_logit(x) && bad == BW_NO_BAD) bad = bad_code(e, x);
+            pk[e] = pack_key(x, e);
+        });
+        bad = bw_warp_min(bad);
+        if (bad != BW_NO_BAD) {
+            if (lane == 0) bw_report(p, err_nonfinite(row, bad));
+            continue;
+        }
+        __syncwarp();
+        const long long s = p.row_seq != 0ull ? (long long)((const u32*)p.row_seq)[row] : 0ll;
+        u32* cnt = (u32*)p.counts + s * E;
+        for (int j = 0; j < p.K && j < E; j++) {
+            u64 best = 0ull;
+            for (int e = lane; e < E; e += 32) {
+                u64 v = pk[e];
+                best = v > best ? v : best;
+            }
+            best = bw_warp_max_u64(best);
+            int id = unpack_id(best);
+            if (lane == 0) {
+                atomicAdd(cnt + id, 1u);
+                pk[id] = 0ull;
+            }
+            __syncwarp();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gradient
+
+// Loads the row into z (widened, the mode's subnormal rule) and zeroes d. Returns the row's
+// lowest bad code (NaN / +inf, or BW_NO_BAD) and its maximum in mx, both warp-uniform.
+__device__ __forceinline__ int bw_load_row(const BwdParams& p, long long row, int lane, float* z, float* d,
+                                           float& mx) {
+    int bad = BW_NO_BAD;
+    float m = F32_NEG_INF;
+    if (p.vec) {
+        const uint4* src = (const uint4*)((const logit_t*)p.logits + row * p.ld);
+        const int n = p.E / BW_PE;
+        for (int i0 = lane; i0 < n; i0 += 32 * BW_NB) {
+            uint4 v[BW_NB];
+#pragma unroll
+            for (int b = 0; b < BW_NB; b++) {
+                int i = i0 + 32 * b;
+                if (i < n) v[b] = __ldg(src + i);
+            }
+#pragma unroll
+            for (int b = 0; b < BW_NB; b++) {
+                int i = i0 + 32 * b;
+                if (i < n) {
+                    float x[BW_PE];
+#pragma unroll
+                    for (int j = 0; j < BW_PE; j++) {
+                        x[j] = widen_bits(bw_piece_raw(v[b], j));
+                        if (bad_logit(x[j]) && bad == BW_NO_BAD) bad = bad_code(i * BW_PE + j, x[j]);
+                        if (x[j] > m) m = x[j];
+                    }
+#pragma unroll
+                    for (int j = 0; j < BW_PE; j += 4) {
+                        *(float4*)(z + i * BW_PE + j) = make_float4(x[j], x[j + 1], x[j + 2], x[j + 3]);
+                        *(float4*)(d + i * BW_PE + j) = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                    }
+                }
+            }
+        }
+    } else {
+        const logit_t* lr = (const logit_t*)p.logits + row * p.ld;
+        for (int e = lane; e < p.E; e += 32) {
+            float x = load_logit(lr, e);
+            if (bad_logit(x) && bad == BW_NO_BAD) bad = bad_code(e, x);
+            if (x > m) m = x;
+            z[e] = x;
+            d[e] = 0.0f;
+        }
+    }
+    mx = bw_warp_max(m);
+    return bw_warp_min(bad);
+}
+
+// One row of vjp_row. DENSE compiles the terms over all E (softmax before top-K, aux, z-loss).
+template <bool DENSE>
+__device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, int lane, float* base) {
+    const int E = p.E, K = p.K;
+    float* z = base;
+    float* pr = base + p.off_pr;
+    float* sc = base + p.off_sc;
+    float* tm = base + p.off_tm;
+    float* d = base + p.off_d;
+    const int kp = (K + 3) & ~3;
+    int* sid = (int*)(base + p.off_slot);
+    float* su = (float*)(sid + kp);
+    float* sg = su + kp;
+    float* sx = sg + kp;
+    (void)pr;
+    (void)sc;
+    (void)tm;
+
+    __syncwarp();  // every lane is done with the previous row's arrays
+    if (bw_ids_bad(p, row, lane, sid)) return;
+    float mx;
+    const int bad = bw_load_row(p, row, lane, z, d, mx);
+    if (bad != BW_NO_BAD) {
+        if (lane == 0) bw_report(p, err_nonfinite(row, bad));
+        return;
+    }
+    // An all -inf row is an error in every case (the softmax finds it; otherwise the scan).
+    if (mx == F32_NEG_INF) {
+        if (lane == 0) bw_report(p, err_all_masked(row));
+        return;
+    }
+    __syncwarp();
+    const bool has_aux = DENSE && p.aux != 0ull;
+    const bool has_z = DENSE && p.zf != 0.0f;
+
+    // The full softmax when some term needs it: exp(z - m) in parallel, the sum in expert order,
+    // one division per expert.
+    const float m = mx;
+    float S = 0.0f;
+    if (DENSE && (SCORE == SM_BEFORE || ((SCORE == SM_BEFORE || SCORE == SM_AFTER) && has_aux) || has_z)) {
+        for (int e = lane; e < E; e += 32) pr[e] = M_EXP(z[e] - m);
+        __syncwarp();
+        for (int e = 0; e < E; e++) S = S + pr[e];
+        __syncwarp();
+        for (int e = lane; e < E; e += 32) pr[e] = M_DIV(pr[e], S);
+        __syncwarp();
+    }
+
+    // Forward: unnormalised weights u (slot order); gs = g * scale.
+    const float scale = M_FTZ(p.scale);
+    for (int j = lane; j < K; j += 32) {
+        const int id = sid[j];
+        const float g = M_FTZ(((const float*)p.grad)[row * K + j]);
+        sg[j] = M_FTZ(g * scale);
+#if SCORE == SM_BEFORE
+        su[j] = pr[id];
+#elif SCORE == SM_AFTER
+        sx[j] = z[id];
+#elif SCORE == SIGMOID
+        su[j] = M_SIGMOID(z[id]);
+#else
+        su[j] = M_SQRT_SOFTPLUS(z[id]);
+#endif
+    }
+    __syncwarp();
+#if SCORE == SM_AFTER
+    {
+        float ms = F32_NEG_INF;
+        for (int j = 0; j < K; j++) {
+            float v = sx[j];
+            if (v > ms) ms = v;
+        }
+        if (ms == F32_NEG_INF) {
+            if (lane == 0) bw_report(p, err_all_masked(row));
+            return;
+        }
+        for (int j = lane; j < K; j += 32) su[j] = M_EXP(sx[j] - ms);
+        __syncwarp();
+        float s = 0.0f;
+        for (int j = 0; j < K; j++) s = s + su[j];
+        __syncwarp();
+        for (int j = lane; j < K; j += 32) su[j] = M_DIV(su[j], s);
+        __syncwarp();
+    }
+#endif
+
+    // Normalisation: gu = (gs - sum gs*wn) / S.
+    if (p.norm != 0) {
+        float s = 0.0f;
+        for (int j = 0; j < K; j++) s = s + su[j];
+        float dd;
+        bool varies = true;
+        if (p.norm == 1) {
+            dd = s + M_FTZ(p.norm_param);
+        } else {
+            const float mn = M_FTZ(p.norm_param);
+            if (s > mn) {
+                dd = s;
+            } else {
+                dd = mn;
+                varies = false;
+            }
+        }
+        float dot = 0.0f;
+        if (varies) {
+            for (int j = lane; j < K; j += 32) sx[j] = M_FTZ(sg[j] * M_DIV(su[j], dd));
+            __syncwarp();
+            for (int j = 0; j < K; j++) dot = M_FTZ(dot + sx[j]);
+        }
+        for (int j = lane; j < K; j += 32) sg[j] = M_DIV(M_FTZ(sg[j] - dot), dd);
+        __syncwarp();
+    }
+
+    // Score function: the slots' values into d (zeroed by the load).
+#if SCORE == SM_BEFORE
+    {
+        float t = 0.0f;
+        for (int j = 0; j < K; j++) t = M_FTZ(t + M_FTZ(sg[j] * su[j]));
+        const float nt = 0.0f - t;
+        for (int e = lane; e < E; e += 32) d[e] = M_FTZ(pr[e] * nt);
+        __syncwarp();
+        for (int j = lane; j < K; j += 32) {
+            const int id = sid[j];
+            d[id] = M_FTZ(pr[id] * M_FTZ(sg[j] - t));
+        }
+    }
+#elif SCORE == SM_AFTER
+    {
+        float r = 0.0f;
+        for (int j = 0; j < K; j++) r = M_FTZ(r + M_FTZ(sg[j] * su[j]));
+        for (int j = lane; j < K; j += 32) d[sid[j]] = M_FTZ(su[j] * M_FTZ(sg[j] - r));
+    }
+#elif SCORE == SIGMOID
+    for (int j = lane; j < K; j += 32) {
+        const float u = su[j];
+        d[sid[j]] = M_FTZ(sg[j] * M_FTZ(u * M_FTZ(1.0f - u)));
+    }
+#else
+    for (int j = lane; j < K; j += 32) {
+        const float u = su[j];
+        const int id = sid[j];
+        d[id] = u == 0.0f ? 0.0f : M_FTZ(sg[j] * M_DIV(M_SIGMOID(z[id]), u + u));
+    }
+#endif
+    __syncwarp();
+
+    // Aux term: the row's ordered sum r first (and for sigmoid / sqrt-softplus the scores and
+    // their normaliser ad); the elementwise part is added in the store pass.
+    const float* q = (const float*)p.aux;
+    float ar = 0.0f, ad = 0.0f;
+    if (has_aux) {
+        const long long s = p.row_seq != 0ull ? (long long)((const u32*)p.row_seq)[row] : 0ll;
+        q += s * E;
+#if SCORE == SM_BEFORE || SCORE == SM_AFTER
+        for (int e = lane; e < E; e += 32) tm[e] = M_FTZ(pr[e] * q[e]);
+        __syncwarp();
+        for (int e = 0; e < E; e++) ar = M_FTZ(ar + tm[e]);
+#else
+        for (int e = lane; e < E; e += 32) {
+#if SCORE == SIGMOID
+            sc[e] = M_SIGMOID(z[e]);
+#else
+            sc[e] = M_SQRT_SOFTPLUS(z[e]);
+#endif
+        }
+        __syncwarp();
+        float s2 = 0.0f;
+        for (int e = 0; e < E; e++) s2 = s2 + sc[e];
+        ad = s2 + BW_C_1E20;
+        for (int e = lane; e < E; e += 32) tm[e] = M_FTZ(M_DIV(sc[e], ad) * q[e]);
+        __syncwarp();
+        for (int e = 0; e < E; e++) ar = M_FTZ(ar + tm[e]);
+#endif
+    }
+    // z-loss term: c*coeff*2/T * lse * softmax.
+    float kz = 0.0f;
+    if (has_z) {
+        const float lse = M_FTZ(m + BW_LN(S));
+        kz = M_FTZ(p.zf * lse);
+    }
+
+    // Store pass: + aux, + z-loss, 0 where the logit is -inf.
+    auto fin = [&](int e, float v, float x) -> float {
+        if (has_aux) {
+#if SCORE == SM_BEFORE || SCORE == SM_AFTER
+            const float pe = pr[e];
+            v = M_FTZ(v + M_FTZ(pe * M_FTZ(q[e] - ar)));
+#else
+            const float sv = sc[e];
+            const float ds = M_DIV(M_FTZ(q[e] - ar), ad);
+#if SCORE == SIGMOID
+            const float deriv = M_FTZ(sv * M_FTZ(1.0f - sv));
+#else
+            const float deriv = sv == 0.0f ? 0.0f : M_DIV(M_SIGMOID(x), sv + sv);
+#endif
+            v = M_FTZ(v + M_FTZ(ds * deriv));
+#endif
+        }
+        if (has_z) v = M_FTZ(v + M_FTZ(kz * pr[e]));
+        return x == F32_NEG_INF ? 0.0f : v;
+    };
+    float* out = (float*)p.dz + row * E;
+    if ((E & 3) == 0) {
+        for (int i = lane; i < (E >> 2); i += 32) {
+            const float4 dv = *(const float4*)(d + 4 * i);
+            const float4 zv = *(const float4*)(z + 4 * i);
+            float4 o;
+            o.x = fin(4 * i, dv.x, zv.x);
+            o.y = fin(4 * i + 1, dv.y, zv.y);
+            o.z = fin(4 * i + 2, dv.z, zv.z);
+            o.w = fin(4 * i + 3, dv.w, zv.w);
+            *(float4*)(out + 4 * i) = o;
+        }
+    } else {
+        for (int e = lane; e < E; e += 32) out[e] = fin(e, d[e], z[e]);
+    }
+    (void)ad;
+    (void)kz;
+    (void)S;
+}
+
+template <bool DENSE>
+__device__ __forceinline__ void bw_grad(const BwdParams& p) {
+    DYN_SMEM(smem_raw);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int W = blockDim.x >> 5;
+    float* base = (float*)smem_raw + (long long)warp * p.warp_floats;
+    for (long long row = (long long)blockIdx.x * W + warp; row < p.T; row += (long long)gridDim.x * W)
+        bw_grad_row<DENSE>(p, row, lane, base);
+}
+
+extern "C" __global__ void __launch_bounds__(256) bwd_grad_sparse(BwdParams p) { bw_grad<false>(p); }
+extern "C" __global__ void __launch_bounds__(256) bwd_grad_dense(BwdParams p) { bw_grad<true>(p); }
