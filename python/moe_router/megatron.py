@@ -331,13 +331,20 @@ class RouterReplay:
         start: int = 0,
         num_tokens: Optional[int] = None,
         device: Any = None,
+        seq_ids: Any = None,
+        positions: Any = None,
         **import_options: Any,
     ) -> List[Any]:
-        """Reads per-layer indices ``[num_tokens, K]`` (positions ``start..``) of sequence ``seq``
-        from a trace (``.mrt`` or any importable format), one per registered layer in registry
-        order. A trace whose layer count differs from the registry's raises ``ValueError``; a
-        missing row in the range raises :class:`moe_router.RouteError`. Returns torch int64
-        tensors on ``device`` when torch is importable, else NumPy arrays."""
+        """Reads per-layer indices ``[num_tokens, K]`` from a trace (``.mrt`` or any importable
+        format), one per registered layer in registry order: positions ``start..`` of sequence
+        ``seq`` (which may be left out when the trace holds one), or, for a packed batch, row
+        ``t`` = sequence ``seq_ids[t]`` at position ``positions[t]`` (as
+        :meth:`save_recorded_data` takes them). A trace whose layer count differs from the
+        registry's raises ``ValueError``; a missing row raises :class:`moe_router.RouteError`
+        naming it. Returns torch int64 tensors (on ``device``) when torch is importable, else
+        NumPy arrays."""
+        if seq_ids is not None or positions is not None:
+            return RouterReplay._load_rows(path, seq_ids, positions, device, import_options)
         inst = RouterReplay.global_router_replay_instances
         tr = path if isinstance(path, Trace) else Trace.open(os.fspath(path), **import_options)
         if len(tr.layers) != len(inst):
@@ -362,11 +369,50 @@ class RouterReplay:
                     f"({miss.size} missing row(s) in positions {start}..{start + n})"
                 )
             out.append(a)
+        return RouterReplay._tensors(out, device)
+
+    @staticmethod
+    def _tensors(out: List[np.ndarray], device: Any) -> List[Any]:
         try:
             import torch
         except ImportError:  # pragma: no cover - the shim is for torch trainers
             return out
-        return [torch.from_numpy(a.astype(np.int64)).to(device) if device is not None else torch.from_numpy(a.astype(np.int64)) for a in out]
+        ts = [torch.from_numpy(a.astype(np.int64)) for a in out]
+        return [t.to(device) for t in ts] if device is not None else ts
+
+    @staticmethod
+    def _load_rows(path: Any, seq_ids: Any, positions: Any, device: Any, import_options: Any) -> List[Any]:
+        inst = RouterReplay.global_router_replay_instances
+        tr = path if isinstance(path, Trace) else Trace.open(os.fspath(path), **import_options)
+        if len(tr.layers) != len(inst):
+            raise ValueError(
+                f"layer-count mismatch: the trace has {len(tr.layers)} MoE layers {tr.layers}, "
+                f"{len(inst)} RouterReplay instances are registered"
+            )
+        if seq_ids is None or positions is None:
+            raise ValueError("seq_ids and positions go together (one entry per token row)")
+        s = np.asarray(_host(seq_ids), dtype=np.int64).reshape(-1)
+        p = np.asarray(_host(positions), dtype=np.int64).reshape(-1)
+        if s.shape != p.shape:
+            raise ValueError(f"seq_ids has {s.size} entries, positions {p.size}")
+        # Runs of rows with one sequence and consecutive positions, read at once.
+        brk = np.flatnonzero((s[1:] != s[:-1]) | (p[1:] != p[:-1] + 1)) + 1
+        starts = np.concatenate([[0], brk]).astype(np.int64)
+        ends = np.concatenate([brk, [s.size]]).astype(np.int64)
+        out = []
+        for lid in tr.layers:
+            a = np.empty((s.size, tr.top_k), dtype=np.int32)
+            for r0, r1 in zip(starts, ends):
+                a[r0:r1] = tr.read_rows(int(s[r0]), int(lid), int(p[r0]), int(r1 - r0))
+            miss = np.flatnonzero((a < 0).all(axis=1))
+            if miss.size:
+                t = int(miss[0])
+                raise RouteError(
+                    f"layer {lid}: no recorded route for sequence {int(s[t])}, position {int(p[t])} "
+                    f"(row {t}; {miss.size} missing row(s))"
+                )
+            out.append(a)
+        return RouterReplay._tensors(out, device)
 
     @staticmethod
     def set_replay_data_from_trace(path: Union[str, os.PathLike], **kw: Any) -> None:

@@ -188,3 +188,22 @@ def test_load_refuses_missing_rows(tmp_path):
         RouterReplay.load_replay_data(p)
     got = RouterReplay.load_replay_data(p, start=2, num_tokens=1)
     assert got[0].tolist() == [[2, 3]]
+
+
+def test_packed_rows_round_trip(tmp_path):
+    cfg = m.RouterConfig.from_megatron({"num_moe_experts": 8, "moe_router_topk": 2})
+    layers = [RouterReplay(num_experts=8) for _ in range(2)]
+    seq = torch.tensor([4, 4, 4, 9, 9])
+    pos = torch.tensor([0, 1, 2, 5, 6])
+    recs = [torch.topk(torch.randn(5, 8), 2).indices for _ in layers]
+    for rr, rec in zip(layers, recs):
+        rr.record_indices(rec)
+    p = tmp_path / "packed.mrt"
+    RouterReplay.save_recorded_data(p, cfg, seq_ids=seq, positions=pos)
+    got = RouterReplay.load_replay_data(p, seq_ids=seq, positions=pos)
+    assert all(torch.equal(a, b) for a, b in zip(got, recs))
+    # Another packing of the same tokens reads the same rows.
+    got2 = RouterReplay.load_replay_data(p, seq_ids=seq.flip(0), positions=pos.flip(0))
+    assert all(torch.equal(a, b.flip(0)) for a, b in zip(got2, recs))
+    with pytest.raises(m.RouteError, match="sequence 9, position 7"):
+        RouterReplay.load_replay_data(p, seq_ids=[9], positions=[7])
