@@ -322,3 +322,10 @@ fn m_sqrt_softplus(x: f32) -> f32 {
     }
     return p_sqrt_softplus(x);
 }
+
+fn m_ln(x: f32) -> f32 {
+    if (NATIVE) {
+        return log(x);
+    }
+    return p_ln(x);
+}

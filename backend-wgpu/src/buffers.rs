@@ -1,6 +1,6 @@
 //! The wgpu backend's device data: logits (borrowed [`DeviceLogits`] and uploaded
-//! [`LogitsBuffer`]), ids ([`DeviceIds`]), weights ([`DeviceWeights`]) and the preallocated
-//! [`RouteBuffers`] of launch-only routing. The same names, with the same ownership, as in the
+//! [`LogitsBuffer`]), ids ([`DeviceIds`]), weights ([`DeviceWeights`]), gradients on the logits
+//! ([`DeviceGrad`]) and the preallocated [`RouteBuffers`] of launch-only routing. The same names, with the same ownership, as in the
 //! CUDA backend.
 
 use moe_router_core::{LogitsDtype, RouteError};
@@ -146,6 +146,27 @@ impl DeviceWeights {
     /// `(rows, K)`.
     pub fn dim(&self) -> (usize, usize) {
         (self.rows, self.k)
+    }
+}
+
+/// A gradient on the logits `[rows, E]` (f32, row-major) in a device buffer: what
+/// [`crate::WgpuRouter`]'s backward returns (its `Router::LogitsGrad`). Copy it to the host with
+/// `Router::logits_grad_to_host`.
+#[derive(Debug, Clone)]
+pub struct DeviceGrad {
+    pub(crate) buffer: wgpu::Buffer,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+}
+
+impl DeviceGrad {
+    /// The buffer (`rows · E` f32, row-major; usage `STORAGE | COPY_SRC | COPY_DST`).
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    /// `(rows, E)`.
+    pub fn dim(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 }
 

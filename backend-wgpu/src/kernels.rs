@@ -19,6 +19,8 @@ use moe_router_core::{GroupScore, Normalization, Numerics, RouterConfig, ScoreFu
 pub const MATH_WGSL: &str = include_str!("../shaders/math.wgsl");
 /// The routing kernels (route, replay).
 pub const ROUTE_WGSL: &str = include_str!("../shaders/route.wgsl");
+/// The backward kernels (aux-loss counts, gradient on the logits).
+pub const BACKWARD_WGSL: &str = include_str!("../shaders/backward.wgsl");
 /// Statistics kernels (tokens per expert, aux-loss partial sums, z-loss partial sums).
 pub const STATS_WGSL: &str = include_str!("../shaders/stats.wgsl");
 /// Math self-test kernel (applies one portable function to a buffer).

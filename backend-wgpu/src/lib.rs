@@ -32,10 +32,10 @@ mod router;
 pub mod selftest;
 pub mod stats;
 
-pub use buffers::{DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, RouteBuffers};
+pub use buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, RouteBuffers};
 pub use context::{AdapterDescription, AdapterOptions, ENV_ADAPTER, ENV_BACKEND, WgpuContext};
 pub use moe_router_core::LogitsDtype;
-pub use router::WgpuRouter;
+pub use router::{BackwardBuffers, WgpuRouter};
 
 /// The `wgpu` crate this backend is built on (for callers that build their own buffers and
 /// command encoders).

@@ -2,11 +2,14 @@
 //! `Router` implementation. The dispatch machinery (chunking, params, bind groups, error
 //! flags) is in [`launch`].
 
+mod backward;
 mod launch;
+
+pub use backward::BackwardBuffers;
 
 pub(crate) use launch::Params;
 
-use crate::buffers::{DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, RouteBuffers};
+use crate::buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, RouteBuffers};
 use crate::context::{AdapterOptions, WgpuContext, device_err};
 use crate::kernels::{KernelSet, KernelSpec};
 use bytemuck::Pod;
@@ -305,32 +308,59 @@ impl Router for WgpuRouter {
     type Logits<'a> = DeviceLogits<'a>;
     type Ids = DeviceIds;
     type Weights = DeviceWeights;
-    type LogitsGrad = moe_router_core::HostGrad;
+    type LogitsGrad = DeviceGrad;
 
     fn config(&self) -> &RouterConfig {
         &self.cfg
     }
     fn weights_vjp(
         &self,
-        _logits: &DeviceLogits<'_>,
-        _ids: &DeviceIds,
-        _grad: &DeviceWeights,
-        _losses: &moe_router_core::LossGrads<'_>,
+        logits: &DeviceLogits<'_>,
+        ids: &DeviceIds,
+        grad: &DeviceWeights,
+        losses: &moe_router_core::LossGrads<'_>,
         _site: &CallSite<'_>,
-    ) -> Result<moe_router_core::HostGrad, RouteError> {
-        Err(RouteError::Unsupported {
-            backend: "wgpu",
-            reason: "the backward kernel is not built yet".into(),
-        })
+    ) -> Result<DeviceGrad, RouteError> {
+        self.vjp_device(logits, ids, grad, losses)
     }
-    fn weights_from_host(&self, _weights: &moe_router_core::HostMatrix) -> Result<DeviceWeights, RouteError> {
-        Err(RouteError::Unsupported {
-            backend: "wgpu",
-            reason: "the backward kernel is not built yet".into(),
-        })
+    fn weights_from_host(&self, weights: &moe_router_core::HostMatrix) -> Result<DeviceWeights, RouteError> {
+        if self.cfg.compute_dtype() != ComputeDtype::F32 {
+            return Err(RouteError::unsupported(
+                "wgpu",
+                "f64 compute (the wgpu backend computes in f32; f64 is CPU-only)",
+            ));
+        }
+        let a = weights.to_f32();
+        let (rows, k) = a.dim();
+        let v: Vec<f32> = a.iter().copied().collect();
+        let buffer = self.ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moe-router weights"),
+            size: ((rows * k * 4) as u64).max(16).div_ceil(16) * 16,
+            usage: crate::buffers::STORAGE_OUT,
+            mapped_at_creation: false,
+        });
+        if !v.is_empty() {
+            self.ctx.queue.write_buffer(&buffer, 0, bytemuck::cast_slice(&v));
+        }
+        Ok(DeviceWeights { buffer, rows, k })
     }
-    fn logits_grad_to_host(&self, grad: &moe_router_core::HostGrad) -> Result<moe_router_core::HostGrad, RouteError> {
-        Ok(grad.clone())
+    fn logits_grad_to_host(&self, grad: &DeviceGrad) -> Result<moe_router_core::HostGrad, RouteError> {
+        let b = self
+            .ctx
+            .read_bytes(&grad.buffer, 0, (grad.rows * grad.cols * 4) as u64)?;
+        let a = Array2::from_shape_vec((grad.rows, grad.cols), bytemuck::pod_collect_to_vec(&b))
+            .map_err(|e| device_err(e.to_string()))?;
+        Ok(moe_router_core::HostGrad::F32(a))
+    }
+    fn first_differing_row(&self, a: &DeviceIds, b: &DeviceIds) -> Result<Option<usize>, RouteError> {
+        if a.dim() != b.dim() {
+            return Ok(Some(0));
+        }
+        if a.buffer == b.buffer {
+            return Ok(None);
+        }
+        let (x, y) = (self.ids_host(a)?, self.ids_host(b)?);
+        Ok(x.outer_iter().zip(y.outer_iter()).position(|(p, q)| p != q))
     }
     fn backend_name(&self) -> &'static str {
         "wgpu"
