@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -321,7 +321,7 @@ class Router:
 from ._native import Trace  # noqa: E402
 
 
-def parse_layers(layers: Union[None, int, str, Iterable[int]]) -> Optional[list]:
+def parse_layers(layers: Union[None, int, str, Iterable[int]]) -> Optional[List[int]]:
     """Layer ids from ``None``, an int L (``0..L``), a list, or a string like ``"0-47"`` or
     ``"1,3,5-7"`` (as the CLI's ``--layers``)."""
     if layers is None:
@@ -329,7 +329,7 @@ def parse_layers(layers: Union[None, int, str, Iterable[int]]) -> Optional[list]
     if isinstance(layers, (int, np.integer)):
         return list(range(int(layers)))
     if isinstance(layers, str):
-        out = []
+        out: List[int] = []
         for part in (p.strip() for p in layers.split(",")):
             if not part:
                 continue
@@ -366,7 +366,9 @@ class TraceWriter:
     ) -> None:
         if isinstance(config, str):
             config = preset(config)
-        self._w = _native.TraceWriter(os.fspath(path), config, parse_layers(layers), producer, compression)
+        ids = parse_layers(layers)
+        assert ids is not None
+        self._w = _native.TraceWriter(os.fspath(path), config, ids, producer, compression)
 
     @property
     def layers(self) -> list:

@@ -10,7 +10,7 @@ by :meth:`moe_router.Router.check` (or at once with ``check=True``).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ _DTYPES = {
     torch.float16: "float16",
 }
 
+_raw_stream: Optional[Callable[[int], int]]
 try:  # the raw handle without building a torch.cuda.Stream object (fast path)
     _raw_stream = torch._C._cuda_getCurrentRawStream  # type: ignore[attr-defined]
 except AttributeError:  # pragma: no cover - older torch

@@ -291,8 +291,9 @@ class RouterReplay:
         inst = RouterReplay.global_router_replay_instances
         ids = parse_layers(layers)
         if ids is None:
-            if all(r.layer_number is not None for r in inst):
-                ids = [int(r.layer_number) for r in inst]
+            numbers = [r.layer_number for r in inst]
+            if all(n is not None for n in numbers):
+                ids = [int(n) for n in numbers if n is not None]
             else:
                 ids = list(range(len(inst)))
         if len(ids) != len(inst):
@@ -357,6 +358,7 @@ class RouterReplay:
             if len(seqs) != 1:
                 raise ValueError(f"the trace holds {len(seqs)} sequences; pass seq=")
             seq = seqs[0]
+        assert seq is not None
         out = []
         for lid, r in zip(tr.layers, inst):
             full = tr.ids(lid, seq)
