@@ -11,12 +11,13 @@
 
 use crate::device::{BACKEND, Device, dev_err};
 use crate::kernels::{
-    LogitsDtype, Params, Part, RouterVariant, ScoreKind, TILE_KMAX, TILE_WARPS, decode_status, row_launch, tile_slot,
-    tile_smem,
+    BackwardVariant, BwdKernel, BwdParams, LogitsDtype, Params, Part, RouterVariant, ScoreKind, TILE_KMAX, TILE_WARPS,
+    bwd_launch, bwd_layout, decode_status, row_launch, tile_slot, tile_smem,
 };
 use crate::router::CudaRouter;
 use cudarc::driver::{CudaSlice, DevicePtr, result, sys};
-use moe_router_core::{Numerics, RouteError, Router, RouterConfig};
+use moe_router_core::backward::{BackwardPlan, LossGrads};
+use moe_router_core::{Numerics, RouteError, Router, RouterConfig, ScoreFunction, SoftmaxPosition};
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -61,10 +62,10 @@ pub struct ExternalLaunch {
 
 impl ExternalLaunch {
     /// Launches for `router`'s config on `router`'s device. The selection bias (if any) is
-    /// uploaded once here (and waited for).
+    /// uploaded once here (and waited for); a rule that expects one and has none can still run
+    /// the backward ([`ExternalLaunch::enqueue_backward`]).
     pub fn new(router: &CudaRouter) -> Result<Self, RouteError> {
         let cfg = router.config().clone();
-        cfg.check_ready()?;
         let dev = router.device().clone();
         let bias = match cfg.expert_bias() {
             Some(b) => {
@@ -145,6 +146,9 @@ impl ExternalLaunch {
                 cols: logits.cols,
             });
         }
+        // As the other routers: a rule that expects a selection bias neither routes nor replays
+        // until it is installed (the backward does not use it).
+        self.cfg.check_ready()?;
         if logits.rows == 0 {
             return Ok(());
         }
@@ -211,6 +215,116 @@ impl ExternalLaunch {
                 f.cu_function(),
                 (grid as u32, 1, 1),
                 (block as u32, 1, 1),
+                smem as u32,
+                stream as sys::CUstream,
+                &mut args,
+            )
+        }
+        .map_err(dev_err)
+    }
+
+    /// Enqueues the backward (DESIGN §2b) on `stream`: the gradient `dz` (`[rows, E]` f32,
+    /// output, rows `E` elements apart) of `Σ grad∘w + grad_z_loss·zloss` for the weights `w` of
+    /// `ids` (`[rows, K]` u32 / int32) on `logits`, `grad` being `[rows, K]` f32. The aux-loss
+    /// term needs its token counts on the host first and is not taken here (use
+    /// [`Router::weights_vjp`]). Errors are latched into `status` as for [`ExternalLaunch::enqueue`].
+    ///
+    /// # Safety
+    ///
+    /// As for [`ExternalLaunch::enqueue`], with `grad` (`rows * K` f32) and `dz` (`rows * E` f32)
+    /// live device memory of this device until `stream` has passed the launch.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn enqueue_backward(
+        &self,
+        logits: RawLogits,
+        ids: u64,
+        grad: u64,
+        dz: u64,
+        status: u64,
+        grad_z_loss: f64,
+        stream: u64,
+    ) -> Result<(), RouteError> {
+        let cfg = &self.cfg;
+        let (t, e) = (logits.rows, logits.cols);
+        if e != cfg.num_experts() {
+            return Err(RouteError::LogitsShape {
+                expected_experts: cfg.num_experts(),
+                rows: t,
+                cols: e,
+            });
+        }
+        if logits.ld < e {
+            return Err(RouteError::RowRange {
+                start: 0,
+                end: t,
+                rows: t,
+                stride: logits.ld,
+                cols: e,
+            });
+        }
+        let losses = LossGrads::default().z_loss(grad_z_loss);
+        losses.check(t, e)?;
+        if t == 0 {
+            return Ok(());
+        }
+        let plan = BackwardPlan::from_counts(cfg, t, &losses, &[])?;
+        self.dev.ctx.bind_to_thread().map_err(dev_err)?;
+        let variant = BackwardVariant {
+            dtype: logits.dtype,
+            portable: cfg.numerics() == Numerics::Portable,
+            score: ScoreKind::of(cfg.score(), cfg.softmax_position()),
+        };
+        let kern = self.dev.backward_kernels(variant)?;
+        let lb = logits.dtype.size() as u64;
+        let vec = logits.ptr.is_multiple_of(16)
+            && (e as u64 * lb).is_multiple_of(16)
+            && (logits.ld as u64 * lb).is_multiple_of(16);
+        let mut p = BwdParams {
+            logits: logits.ptr,
+            ids,
+            grad,
+            dz,
+            status,
+            t: t as i64,
+            ld: logits.ld as i64,
+            e: e as i32,
+            k: cfg.top_k() as i32,
+            norm: self.base.norm,
+            norm_param: self.base.norm_param,
+            scale: self.base.scale,
+            vec: i32::from(vec),
+            zf: plan.z_factor_f32(),
+            ..BwdParams::default()
+        };
+        // As `CudaRouter`'s backward without the aux term: the dense kernel when the softmax
+        // covers every expert (softmax before top-K, or the z-loss), else the sparse one.
+        let before = cfg.score() == ScoreFunction::Softmax && cfg.softmax_position() == SoftmaxPosition::BeforeTopK;
+        let softmax = before || p.zf != 0.0;
+        let (f, kernel) = if softmax {
+            (&kern.grad_dense, BwdKernel::Dense)
+        } else {
+            (&kern.grad_sparse, BwdKernel::Sparse)
+        };
+        let per_warp = bwd_layout(&mut p, kernel, softmax, false);
+        let Some((warps, smem)) = bwd_launch(per_warp, self.dev.smem_optin) else {
+            return Err(RouteError::unsupported(
+                BACKEND,
+                format!(
+                    "the backward needs {per_warp} bytes of shared memory per warp, the device allows {} per block",
+                    self.dev.smem_optin
+                ),
+            ));
+        };
+        let mut args = [&mut p as *mut BwdParams as *mut c_void];
+        // SAFETY: the kernel takes one `BwdParams` by value (layout checked in kernels.rs); the
+        // caller guarantees logits, ids, grad, dz and status are live device memory of the sizes
+        // the kernel indexes until `stream` passes the launch; no aux table or row sequence is
+        // used (0). `stream` is the caller's valid stream of this (primary) context.
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                (t.div_ceil(warps).min(1 << 30) as u32, 1, 1),
+                ((warps * 32) as u32, 1, 1),
                 smem as u32,
                 stream as sys::CUstream,
                 &mut args,

@@ -274,9 +274,23 @@ class Router:
         """The gradient on the logits ``[T, E]`` of ``Σ grad_weights∘w + grad_aux_loss·aux_loss
         + grad_z_loss·z_loss``, ``w`` being the weights of ``ids`` on ``logits`` (DESIGN §2b):
         selection passes no gradient, the weights do. NumPy in gives float32 NumPy out; torch in
-        gives a float32 tensor on the logits' device (computed on the host for CUDA tensors
-        until the CUDA backward kernel exists; bit-identical in portable mode)."""
+        gives a float32 tensor on the logits' device. On the CUDA backend, CUDA tensors are
+        differentiated on the GPU on torch's stream without a copy (errors latched as for
+        :meth:`route`); with an aux-loss term (``grad_aux_loss != 0``) or ``seq_lens`` the
+        gradient is computed through the host (the aux term needs token counts there), the same
+        bits in portable mode."""
         torch_dev = logits.device if _is_torch(logits) else None
+        if (
+            torch_dev is not None
+            and torch_dev.type == "cuda"
+            and self.backend == "cuda"
+            and float(grad_aux_loss) == 0.0
+            and seq_lens is None
+        ):
+            # On the GPU, on torch's stream, no copy (the aux term needs host counts: below).
+            from . import _cuda
+
+            return _cuda.backward(self, logits, ids, grad_weights, float(grad_z_loss))
         a, bf = self._host_logits(logits)
         g = grad_weights
         if _is_torch(g):

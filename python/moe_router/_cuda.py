@@ -116,23 +116,49 @@ def route(router: Any, logits: "torch.Tensor", bias: Any, check: bool):
     return ids, w
 
 
+def _ids_i32(ids: Any, device: Any, t: int, k: int) -> "torch.Tensor":
+    """Ids ``[t, k]`` as contiguous int32 on ``device`` (what the kernels read as u32)."""
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.as_tensor(np.asarray(ids))
+    if ids.dim() != 2 or ids.shape[0] != t or ids.shape[1] != k:
+        raise RouteError(f"replay ids shape mismatch: expected [{t}, {k}] but got {list(ids.shape)}")
+    if ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+        raise RouteError(f"ids must be integers, got {ids.dtype}")
+    if ids.dtype == torch.int64:
+        # Values outside int32 would wrap: they become -1, which the kernels refuse as out of
+        # range (read as u32 0xffffffff >= E).
+        ids = torch.where((ids < 0) | (ids > 0x7FFFFFFF), torch.full_like(ids, -1), ids)
+    return ids.to(device=device, dtype=torch.int32).contiguous()
+
+
+def backward(router: Any, logits: "torch.Tensor", ids: Any, grad: Any, grad_z_loss: float, check: bool = False):
+    """The gradient float32 ``[T, E]`` on the logits' device (no aux-loss term), enqueued on
+    torch's stream like the forward."""
+    x, dt, t, e, ld = _prepare(logits)
+    k = router.top_k
+    ids = _ids_i32(ids, x.device, t, k)
+    if not isinstance(grad, torch.Tensor):
+        grad = torch.as_tensor(np.asarray(grad))
+    if grad.dim() != 2 or grad.shape[0] != t or grad.shape[1] != k:
+        raise RouteError(f"grad_weights shape mismatch: expected [{t}, {k}] but got {list(grad.shape)}")
+    g = grad.detach().to(device=x.device, dtype=torch.float32).contiguous()
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    d = _state(router).get(index, None)
+    dz = torch.empty((t, e), dtype=torch.float32, device=x.device)
+    s = _stream(index)
+    d.launch.enqueue_backward(
+        x.data_ptr(), dt, t, e, ld, ids.data_ptr(), g.data_ptr(), dz.data_ptr(), d.status.data_ptr(), float(grad_z_loss), s
+    )
+    if check:
+        d.launch.read_status(d.status.data_ptr(), s, ids.data_ptr())
+    return dz
+
+
 def weights_for(router: Any, logits: "torch.Tensor", ids: Any, check: bool):
     """Replay: weights float32 ``[T, K]`` of ``ids`` on the logits' device."""
     x, dt, t, e, ld = _prepare(logits)
     k = router.top_k
-    if not isinstance(ids, torch.Tensor):
-        ids = torch.as_tensor(np.asarray(ids))
-    if ids.dim() != 2 or ids.shape[0] != t or ids.shape[1] != k:
-        raise RouteError(
-            f"replay ids shape mismatch: expected [{t}, {k}] but got {list(ids.shape)}"
-        )
-    if ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
-        raise RouteError(f"ids must be integers, got {ids.dtype}")
-    if ids.dtype == torch.int64:
-        # Values outside int32 would wrap: clamp them to -1, which the kernel refuses as out of
-        # range (it reads u32 0xffffffff >= E).
-        ids = torch.where((ids < 0) | (ids > 0x7FFFFFFF), torch.full_like(ids, -1), ids)
-    ids = ids.to(device=x.device, dtype=torch.int32).contiguous()
+    ids = _ids_i32(ids, x.device, t, k)
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     d = _state(router).get(index, None)
     w = torch.empty((t, k), dtype=torch.float32, device=x.device)

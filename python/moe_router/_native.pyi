@@ -131,6 +131,20 @@ class CudaLaunch:
         status: int,
         stream: int,
     ) -> None: ...
+    def enqueue_backward(
+        self,
+        logits: int,
+        dtype: str,
+        rows: int,
+        cols: int,
+        ld: int,
+        ids: int,
+        grad: int,
+        dz: int,
+        status: int,
+        grad_z_loss: float,
+        stream: int,
+    ) -> None: ...
     def bench_ns(
         self,
         op: str,

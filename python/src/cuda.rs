@@ -101,6 +101,43 @@ impl PyCudaLaunch {
         })
     }
 
+    /// Enqueues the backward (no aux-loss term) on `stream`: `dz` `[rows, E]` f32 of
+    /// `Σ grad∘w + grad_z_loss·zloss`. Same contract on the addresses as `enqueue`.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_backward(
+        &self,
+        py: Python<'_>,
+        logits: u64,
+        dtype: &str,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+        ids: u64,
+        grad: u64,
+        dz: u64,
+        status: u64,
+        grad_z_loss: f64,
+        stream: u64,
+    ) -> PyResult<()> {
+        let raw = RawLogits {
+            ptr: logits,
+            dtype: dtype_named(dtype)?,
+            rows,
+            cols,
+            ld,
+        };
+        detached(py, || {
+            // SAFETY: as in `enqueue`: live torch tensors of this device (logits, int32 ids,
+            // float32 grad, float32 dz, the status word) held by the Python caller, allocated on
+            // `stream`, torch's current stream.
+            unsafe {
+                Ok(self
+                    .launch
+                    .enqueue_backward(raw, ids, grad, dz, status, grad_z_loss, stream)?)
+            }
+        })
+    }
+
     /// Benchmark helper (python/benches): enqueues `op` `iters` times from Rust on `stream`, waits
     /// for the stream, and returns the nanoseconds per launch (wall, launch and kernel).
     #[allow(clippy::too_many_arguments)]

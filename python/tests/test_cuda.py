@@ -192,3 +192,51 @@ def test_megatron_shim_on_cuda():
     probs, idx = rr.get_replay_topk(scores, 2)
     assert idx.device == DEV and torch.equal(probs, scores.gather(1, idx))
     RouterReplay.clear_global_router_replay_instances()
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"num_moe_experts": 64, "moe_router_topk": 6},
+        {"num_moe_experts": 64, "moe_router_topk": 6, "moe_router_pre_softmax": True},
+        {"num_moe_experts": 64, "moe_router_topk": 6, "moe_router_score_function": "sigmoid",
+         "moe_router_topk_scaling_factor": 2.5, "moe_z_loss_coeff": 0.01},
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_on_the_gpu_bit_identical_to_cpu(opts, dtype):
+    """Router.backward on CUDA tensors (the zero-copy kernel launch) against the CPU backend."""
+    rng = np.random.default_rng(8)
+    cfg = m.RouterConfig.from_megatron(opts)
+    gpu, cpu = m.Router(cfg, backend="cuda"), m.Router(cfg, backend="cpu")
+    x = torch.from_numpy(spread_logits(rng, 300, 64)).to(dtype)
+    ids, _ = cpu.route(x)
+    g = torch.from_numpy(rng.standard_normal((300, 6)).astype(np.float32))
+    zc = 0.5 if "moe_z_loss_coeff" in opts else 0.0
+    dz_gpu = gpu.backward(x.to(DEV), ids.to(DEV), g.to(DEV), grad_z_loss=zc)
+    gpu.check()
+    assert dz_gpu.device == DEV and dz_gpu.dtype == torch.float32
+    dz_cpu = cpu.backward(x, ids, g, grad_z_loss=zc)
+    assert dz_gpu.cpu().numpy().tobytes() == dz_cpu.numpy().tobytes()
+
+
+def test_backward_on_the_gpu_with_aux_term_goes_through_the_host():
+    rng = np.random.default_rng(9)
+    cfg = m.RouterConfig.from_megatron({"num_moe_experts": 16, "moe_router_topk": 2, "moe_aux_loss_coeff": 0.01,
+                                        "moe_router_load_balancing_type": "aux_loss"})
+    gpu, cpu = m.Router(cfg, backend="cuda"), m.Router(cfg, backend="cpu")
+    x = torch.from_numpy(spread_logits(rng, 64, 16))
+    ids, w = cpu.route(x)
+    a = gpu.backward(x.to(DEV), ids.to(DEV), torch.ones_like(w).to(DEV), grad_aux_loss=1.0)
+    b = cpu.backward(x, ids, torch.ones_like(w), grad_aux_loss=1.0)
+    assert a.device == DEV and a.cpu().numpy().tobytes() == b.numpy().tobytes()
+
+
+def test_backward_on_the_gpu_latches_bad_ids():
+    gpu, _ = routers("qwen3-moe")
+    x = torch.randn(4, 128, device=DEV)
+    ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]] * 4, device=DEV)
+    ids[3, 2] = 500
+    gpu.backward(x, ids, torch.ones(4, 8, device=DEV))
+    with pytest.raises(m.RouteError, match="row 3"):
+        gpu.check()
