@@ -156,6 +156,7 @@ class Router:
             raise ConfigError(f"unknown numerics {numerics!r}; use 'portable' or 'native'")
         self._r = _native.Router(config, backend, numerics)
         self._config = self._r.config
+        self._k = self._config.top_k
         self._cuda = None  # moe_router._cuda.CudaState, created on the first CUDA tensor
 
     # -- properties -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ by :meth:`moe_router.Router.check` (or at once with ``check=True``).
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
@@ -38,41 +39,74 @@ def _stream(index: int) -> int:
 
 
 class _Device:
-    """The launcher and status word of one (router, device, bias)."""
+    """A launcher of one (router, device, selection bias) and the device's status word."""
 
     __slots__ = ("launch", "status", "index")
 
-    def __init__(self, config: Any, index: int, bias: Optional[list]) -> None:
+    def __init__(self, config: Any, index: int, bias: Optional[list], status: "torch.Tensor") -> None:
         self.launch = _native.CudaLaunch(config, index, bias)
         self.index = index
-        with torch.cuda.device(index):
-            self.status = torch.zeros(1, dtype=torch.int64, device=f"cuda:{index}")
+        self.status = status
 
 
 class CudaState:
-    """Per-router CUDA state: one launcher per device (and per selection bias)."""
+    """Per-router CUDA state: per device one status word (int64, where every launch latches its
+    first error), the launcher without a bias and the launcher of the latest per-call bias (a
+    bias that changes every step, e.g. after expert-bias updates, replaces it)."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
-        self.devices: Dict[Tuple[int, Optional[bytes]], _Device] = {}
+        self.status: Dict[int, "torch.Tensor"] = {}
+        self.plain: Dict[int, _Device] = {}
+        self.biased: Dict[int, Tuple[bytes, _Device]] = {}
+        self.lock = threading.Lock()
+
+    def _status(self, index: int) -> "torch.Tensor":
+        st = self.status.get(index)
+        if st is None:
+            with torch.cuda.device(index):
+                st = torch.zeros(1, dtype=torch.int64, device=f"cuda:{index}")
+            self.status[index] = st
+        return st
 
     def get(self, index: int, bias: Optional[np.ndarray]) -> _Device:
-        key = (index, None if bias is None else bias.tobytes())
-        d = self.devices.get(key)
-        if d is None:
-            d = _Device(self.config, index, None if bias is None else bias.tolist())
-            self.devices[key] = d
+        if bias is None:
+            d = self.plain.get(index)  # the lock-free hit of the common case
+            if d is not None:
+                return d
+        with self.lock:
+            return self._get(index, bias)
+
+    def _get(self, index: int, bias: Optional[np.ndarray]) -> _Device:
+        if bias is None:
+            d = self.plain.get(index)
+            if d is None:
+                d = self.plain[index] = _Device(self.config, index, None, self._status(index))
+            return d
+        key = bias.tobytes()
+        hit = self.biased.get(index)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        d = _Device(self.config, index, bias.tolist(), self._status(index))
+        self.biased[index] = (key, d)
         return d
 
     def check(self) -> None:
-        for d in list(self.devices.values()):
-            d.launch.read_status(d.status.data_ptr(), _stream(d.index))
+        for index, st in list(self.status.items()):
+            d = self.plain.get(index) or self.biased[index][1]
+            d.launch.read_status(st.data_ptr(), _stream(index))
+
+
+_STATE_LOCK = threading.Lock()
 
 
 def _state(router: Any) -> CudaState:
     st = router._cuda
     if st is None:
-        st = router._cuda = CudaState(router.config)
+        with _STATE_LOCK:
+            st = router._cuda
+            if st is None:
+                st = router._cuda = CudaState(router.config)
     return st
 
 
@@ -104,9 +138,9 @@ def _bias(bias: Any) -> Optional[np.ndarray]:
 def route(router: Any, logits: "torch.Tensor", bias: Any, check: bool):
     """``(ids int32, weights float32)`` on the logits' device, enqueued on torch's stream."""
     x, dt, t, e, ld = _prepare(logits)
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    index = x.get_device()
     d = _state(router).get(index, _bias(bias))
-    k = router.top_k
+    k = router._k
     ids = torch.empty((t, k), dtype=torch.int32, device=x.device)
     w = torch.empty((t, k), dtype=torch.float32, device=x.device)
     s = _stream(index)
@@ -135,14 +169,14 @@ def backward(router: Any, logits: "torch.Tensor", ids: Any, grad: Any, grad_z_lo
     """The gradient float32 ``[T, E]`` on the logits' device (no aux-loss term), enqueued on
     torch's stream like the forward."""
     x, dt, t, e, ld = _prepare(logits)
-    k = router.top_k
+    k = router._k
     ids = _ids_i32(ids, x.device, t, k)
     if not isinstance(grad, torch.Tensor):
         grad = torch.as_tensor(np.asarray(grad))
     if grad.dim() != 2 or grad.shape[0] != t or grad.shape[1] != k:
         raise RouteError(f"grad_weights shape mismatch: expected [{t}, {k}] but got {list(grad.shape)}")
     g = grad.detach().to(device=x.device, dtype=torch.float32).contiguous()
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    index = x.get_device()
     d = _state(router).get(index, None)
     dz = torch.empty((t, e), dtype=torch.float32, device=x.device)
     s = _stream(index)
@@ -157,9 +191,9 @@ def backward(router: Any, logits: "torch.Tensor", ids: Any, grad: Any, grad_z_lo
 def weights_for(router: Any, logits: "torch.Tensor", ids: Any, check: bool):
     """Replay: weights float32 ``[T, K]`` of ``ids`` on the logits' device."""
     x, dt, t, e, ld = _prepare(logits)
-    k = router.top_k
+    k = router._k
     ids = _ids_i32(ids, x.device, t, k)
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    index = x.get_device()
     d = _state(router).get(index, None)
     w = torch.empty((t, k), dtype=torch.float32, device=x.device)
     s = _stream(index)
