@@ -35,7 +35,28 @@ inline bool __any_sync(unsigned, bool pred) {
     __syncwarp();
     return any;
 }
-struct uint4 { unsigned x, y, z, w; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
+inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
+template <class T>
+inline T __ldg(const T* p) { return *p; }
+// Warp shuffles: every lane of the warp must call them (warp-uniform control flow).
+inline std::vector<unsigned long long> g_warp_xchg;
+template <class T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+    static_assert(sizeof(T) <= 8, "shuffle of at most 8 bytes");
+    const unsigned w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &v, sizeof(T));
+    g_warp_xchg[threadIdx.x] = bits;
+    __syncwarp();
+    unsigned long long o = g_warp_xchg[w * 32 + (lane ^ (unsigned)mask)];
+    __syncwarp();
+    T r;
+    std::memcpy(&r, &o, sizeof(T));
+    return r;
+}
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
 static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
 static inline double __longlong_as_double(long long u) { double f; std::memcpy(&f, &u, 8); return f; }
@@ -63,6 +84,7 @@ void emu_launch(void (*k)(P), P p, unsigned grid, unsigned block, size_t smem) {
         g_warp_bars.clear();
         for (unsigned w = 0; w < (block + 31) / 32; w++) g_warp_bars.emplace_back(new std::barrier<>(32));
         g_warp_votes.assign(((block + 31) / 32) * 32, 0);
+        g_warp_xchg.assign(((block + 31) / 32) * 32, 0);
         std::vector<std::thread> ts;
         for (unsigned t = 0; t < block; t++)
             ts.emplace_back([=] {
