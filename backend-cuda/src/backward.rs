@@ -8,24 +8,25 @@
 //! it for the gradient kernel. Errors in the data (invalid ids, NaN / `+∞`, rows of `−∞` only)
 //! are latched in a status word and decoded into the reference's [`RouteError`].
 
-use crate::buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights};
-use crate::device::{BACKEND, dev_err};
+use crate::buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, GradBuffers};
+use crate::device::{BACKEND, BackwardKernels, dev_err};
 use crate::kernels::{BackwardVariant, BwdKernel, BwdParams, ScoreKind, bwd_launch, bwd_layout, decode_status};
 use crate::router::CudaRouter;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use moe_router_core::backward::{BackwardPlan, LossGrads, row_sequences};
 use moe_router_core::{Numerics, RouteError, Router, ScoreFunction, SoftmaxPosition};
+use std::sync::Arc;
 
 impl CudaRouter {
-    /// The backward of `weights_vjp`: checks shapes and inputs in the reference's order, then
-    /// counts (aux term only), builds the plan and launches the gradient kernel.
-    pub(crate) fn backward(
+    /// Checks the shapes and the loss inputs in the reference's order: logits, ids, gradient,
+    /// then [`LossGrads::check`]. Returns `(T, E, K)`.
+    fn backward_shapes(
         &self,
         logits: &DeviceLogits<'_>,
         ids: &DeviceIds,
         grad: &DeviceWeights,
         losses: &LossGrads<'_>,
-    ) -> Result<DeviceGrad, RouteError> {
+    ) -> Result<(usize, usize, usize), RouteError> {
         let cfg = self.config();
         let (t, e) = logits.dim();
         if e != cfg.num_experts() {
@@ -53,6 +54,81 @@ impl CudaRouter {
             });
         }
         losses.check(t, e)?;
+        Ok((t, e, k))
+    }
+
+    /// The kernels of this router's variant for `logits`.
+    fn backward_module(&self, logits: &DeviceLogits<'_>) -> Result<Arc<BackwardKernels>, RouteError> {
+        let cfg = self.config();
+        self.device().backward_kernels(BackwardVariant {
+            dtype: logits.dtype(),
+            portable: cfg.numerics() == Numerics::Portable,
+            score: ScoreKind::of(cfg.score(), cfg.softmax_position()),
+        })
+    }
+
+    /// The parameter block of a call (pointers to logits, ids, gradient, output and status; no
+    /// aux table, no z-loss factor yet).
+    fn backward_params(
+        &self,
+        logits: &DeviceLogits<'_>,
+        lptr: u64,
+        ids: &DeviceIds,
+        grad: &DeviceWeights,
+        dz: &CudaSlice<f32>,
+        status: &CudaSlice<u64>,
+    ) -> BwdParams {
+        let cfg = self.config();
+        let s = &self.device().stream;
+        let (t, e) = logits.dim();
+        let lb = logits.dtype().size() as u64;
+        let vec =
+            lptr.is_multiple_of(16) && (e as u64 * lb).is_multiple_of(16) && (logits.ld as u64 * lb).is_multiple_of(16);
+        let base = crate::kernels::config_params(cfg);
+        BwdParams {
+            logits: lptr,
+            ids: ids.buf.device_ptr(s).0,
+            grad: grad.buf.device_ptr(s).0,
+            dz: dz.device_ptr(s).0,
+            status: status.device_ptr(s).0,
+            t: t as i64,
+            ld: logits.ld as i64,
+            e: e as i32,
+            k: cfg.top_k() as i32,
+            norm: base.norm,
+            norm_param: base.norm_param,
+            scale: base.scale,
+            vec: i32::from(vec),
+            ..BwdParams::default()
+        }
+    }
+
+    /// Enqueues the gradient kernel for `p` (aux table and z-loss factor set): the dense kernel
+    /// when a term covers every expert (the softmax before top-K, a softmax aux loss, the
+    /// z-loss; or the aux scores), the sparse one otherwise.
+    fn launch_gradient(&self, kern: &BackwardKernels, p: BwdParams, rows: usize) -> Result<(), RouteError> {
+        let cfg = self.config();
+        let before = cfg.score() == ScoreFunction::Softmax && cfg.softmax_position() == SoftmaxPosition::BeforeTopK;
+        let aux = p.aux != 0;
+        let softmax = before || (aux && cfg.score() == ScoreFunction::Softmax) || p.zf != 0.0;
+        if softmax || aux {
+            self.launch_backward(&kern.grad_dense, p, BwdKernel::Dense, softmax, aux, rows)
+        } else {
+            self.launch_backward(&kern.grad_sparse, p, BwdKernel::Sparse, false, false, rows)
+        }
+    }
+
+    /// The backward of `weights_vjp`: checks shapes and inputs in the reference's order, then
+    /// counts (aux term only), builds the plan and launches the gradient kernel.
+    pub(crate) fn backward(
+        &self,
+        logits: &DeviceLogits<'_>,
+        ids: &DeviceIds,
+        grad: &DeviceWeights,
+        losses: &LossGrads<'_>,
+    ) -> Result<DeviceGrad, RouteError> {
+        let (t, e, _) = self.backward_shapes(logits, ids, grad, losses)?;
+        let cfg = self.config();
         let dev = self.device();
         let s = &dev.stream;
         // SAFETY: uninitialised device memory; every element of the T rows is written by the
@@ -65,34 +141,10 @@ impl CudaRouter {
                 cols: e,
             });
         }
-        let variant = BackwardVariant {
-            dtype: logits.dtype(),
-            portable: cfg.numerics() == Numerics::Portable,
-            score: ScoreKind::of(cfg.score(), cfg.softmax_position()),
-        };
-        let kern = dev.backward_kernels(variant)?;
+        let kern = self.backward_module(logits)?;
         let status = s.alloc_zeros::<u64>(1).map_err(dev_err)?;
         let (lptr, _g) = logits.raw_ptr(s);
-        let lb = logits.dtype().size() as u64;
-        let vec =
-            lptr.is_multiple_of(16) && (e as u64 * lb).is_multiple_of(16) && (logits.ld as u64 * lb).is_multiple_of(16);
-        let base = crate::kernels::config_params(cfg);
-        let mut p = BwdParams {
-            logits: lptr,
-            ids: ids.buf.device_ptr(s).0,
-            grad: grad.buf.device_ptr(s).0,
-            dz: dz.device_ptr(s).0,
-            status: status.device_ptr(s).0,
-            t: t as i64,
-            ld: logits.ld as i64,
-            e: e as i32,
-            k: k as i32,
-            norm: base.norm,
-            norm_param: base.norm_param,
-            scale: base.scale,
-            vec: i32::from(vec),
-            ..BwdParams::default()
-        };
+        let mut p = self.backward_params(logits, lptr, ids, grad, &dz, &status);
 
         // Aux counts on the device, the table on the host.
         let mut seq_buf: Option<CudaSlice<u32>> = None;
@@ -106,7 +158,7 @@ impl CudaRouter {
             pc.row_seq = seq_buf.as_ref().map_or(0, |b| b.device_ptr(s).0);
             pc.counts = counts.device_ptr(s).0;
             self.launch_backward(&kern.aux_counts, pc, BwdKernel::AuxCounts, false, false, t)?;
-            self.backward_status(&status, ids)?;
+            self.backward_status(&status, Some(ids))?;
             let c = s.clone_dtoh(&counts).map_err(dev_err)?;
             let counts: Vec<Vec<u64>> = (0..nseq)
                 .map(|i| c[i * e..(i + 1) * e].iter().map(|&x| u64::from(x)).collect())
@@ -124,24 +176,80 @@ impl CudaRouter {
             p.row_seq = seq_buf.as_ref().map_or(0, |b| b.device_ptr(s).0);
         }
         p.zf = plan.z_factor_f32();
-
-        // The dense kernel when a term covers every expert: the softmax (before top-K, a softmax
-        // aux loss, the z-loss) or the aux scores.
-        let before = cfg.score() == ScoreFunction::Softmax && cfg.softmax_position() == SoftmaxPosition::BeforeTopK;
-        let aux = aux_buf.is_some();
-        let softmax = before || (aux && cfg.score() == ScoreFunction::Softmax) || p.zf != 0.0;
-        if softmax || aux {
-            self.launch_backward(&kern.grad_dense, p, BwdKernel::Dense, softmax, aux, t)?;
-        } else {
-            self.launch_backward(&kern.grad_sparse, p, BwdKernel::Sparse, false, false, t)?;
-        }
-        self.backward_status(&status, ids)?;
+        self.launch_gradient(&kern, p, t)?;
+        self.backward_status(&status, Some(ids))?;
         drop((aux_buf, seq_buf));
         Ok(DeviceGrad {
             buf: dz,
             rows: t,
             cols: e,
         })
+    }
+
+    /// Allocates a gradient and status word for [`CudaRouter::enqueue_backward`] of up to
+    /// `max_tokens` rows.
+    pub fn alloc_grad_buffers(&self, max_tokens: usize) -> Result<GradBuffers, RouteError> {
+        let e = self.config().num_experts();
+        let s = &self.device().stream;
+        Ok(GradBuffers {
+            // SAFETY: rows 0..T are written by the kernel before they are meant to be read.
+            dz: unsafe { s.alloc::<f32>((max_tokens * e).max(1)) }.map_err(dev_err)?,
+            status: s.alloc_zeros::<u64>(1).map_err(dev_err)?,
+            max_tokens,
+            cols: e,
+            rows: 0,
+        })
+    }
+
+    /// Enqueues the backward ([`Router::weights_vjp`]) into `out` without allocating or
+    /// synchronising: safe to capture into a CUDA graph. The aux term needs its counts on the
+    /// host first, so a `losses` with an aux term is [`RouteError::Unsupported`] here (use
+    /// `weights_vjp`); the z-loss is taken. Errors in the data are latched in `out` and
+    /// returned by [`CudaRouter::take_backward_status`].
+    pub fn enqueue_backward(
+        &self,
+        logits: &DeviceLogits<'_>,
+        ids: &DeviceIds,
+        grad: &DeviceWeights,
+        losses: &LossGrads<'_>,
+        out: &mut GradBuffers,
+    ) -> Result<(), RouteError> {
+        let (t, e, _) = self.backward_shapes(logits, ids, grad, losses)?;
+        let cfg = self.config();
+        if losses.has_aux(cfg) {
+            return Err(RouteError::unsupported(
+                BACKEND,
+                "the launch-only backward takes no aux term (its counts go through the host): use weights_vjp",
+            ));
+        }
+        if t > out.max_tokens || out.cols != e {
+            return Err(RouteError::BufferTooSmall {
+                buffer: "gradient buffers",
+                detail: format!(
+                    "they hold {} rows of E = {}, the call needs {t} rows of E = {e}",
+                    out.max_tokens, out.cols
+                ),
+            });
+        }
+        out.rows = t;
+        if t == 0 {
+            return Ok(());
+        }
+        let kern = self.backward_module(logits)?;
+        let s = &self.device().stream;
+        let (lptr, _g) = logits.raw_ptr(s);
+        let mut p = self.backward_params(logits, lptr, ids, grad, &out.dz, &out.status);
+        p.zf = BackwardPlan::from_counts(cfg, t, losses, &[])?.z_factor_f32();
+        self.launch_gradient(&kern, p, t)
+    }
+
+    /// Waits for the router's stream, returns the first error latched in `out` since the last
+    /// call (in the reference's order) and clears it. `ids`: the ids of the call, to name the
+    /// slot of an invalid id.
+    pub fn take_backward_status(&self, out: &mut GradBuffers, ids: Option<&DeviceIds>) -> Result<(), RouteError> {
+        let r = self.backward_status(&out.status, ids);
+        self.device().stream.memset_zeros(&mut out.status).map_err(dev_err)?;
+        r
     }
 
     /// Enqueues one backward kernel over `rows` rows (a warp per row).
@@ -181,11 +289,12 @@ impl CudaRouter {
     }
 
     /// Waits for the stream and decodes the status word (ids errors name the row's ids).
-    fn backward_status(&self, status: &CudaSlice<u64>, ids: &DeviceIds) -> Result<(), RouteError> {
+    fn backward_status(&self, status: &CudaSlice<u64>, ids: Option<&DeviceIds>) -> Result<(), RouteError> {
         let s = &self.device().stream;
         let w = s.clone_dtoh(status).map_err(dev_err)?;
-        let k = ids.k;
+        let k = self.config().top_k();
         decode_status(w.first().copied().unwrap_or(0), self.config().num_experts(), k, |row| {
+            let ids = ids?;
             s.clone_dtoh(&ids.buf.slice(row * k..(row + 1) * k)).ok()
         })
     }

@@ -222,6 +222,35 @@ impl DeviceGrad {
     }
 }
 
+/// A preallocated gradient and status word for the launch-only backward
+/// ([`CudaRouter::enqueue_backward`](crate::CudaRouter::enqueue_backward)): no allocation and
+/// no synchronisation per call, so the calls can be captured into a CUDA graph. Errors are
+/// latched in the status word and read by
+/// [`CudaRouter::take_backward_status`](crate::CudaRouter::take_backward_status).
+#[derive(Debug)]
+pub struct GradBuffers {
+    pub(crate) dz: CudaSlice<f32>,
+    pub(crate) status: CudaSlice<u64>,
+    pub(crate) max_tokens: usize,
+    pub(crate) cols: usize,
+    pub(crate) rows: usize,
+}
+
+impl GradBuffers {
+    /// The gradient `[max_tokens, E]` (rows `0..T` of the last call are valid).
+    pub fn dz(&self) -> &CudaSlice<f32> {
+        &self.dz
+    }
+    /// Rows of the last enqueued call.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// E.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+}
+
 /// Preallocated outputs for launch-only routing ([`CudaRouter::enqueue_route`](crate::CudaRouter::enqueue_route)): no allocation
 /// and no synchronisation per call, so the calls can be captured into a CUDA graph. Errors are
 /// latched in a device status word and read by [`CudaRouter::take_status`](crate::CudaRouter::take_status). With `layers > 0`

@@ -51,10 +51,25 @@ pub fn probe() -> Result<usize, RouteError> {
         .clone()
 }
 
-/// Compiles and loads `variants` on device `ordinal` with `threads` parallel NVRTC compilations,
-/// so that later routing calls find their kernels cached (NVRTC takes 0.1–2 s per variant).
+/// Compiles and loads `variants` on device `ordinal`, and the backward kernels of the same
+/// dtypes, numerics and score functions, with `threads` parallel NVRTC compilations, so that
+/// later routing and backward calls find their kernels cached (NVRTC takes 0.1–2 s per
+/// variant).
 pub fn precompile(ordinal: usize, variants: &[RouterVariant], threads: usize) -> Result<(), RouteError> {
     let dev = Device::get(ordinal)?;
+    let mut backward: Vec<BackwardVariant> = Vec::new();
+    for v in variants {
+        let b = BackwardVariant {
+            dtype: v.dtype,
+            portable: v.portable,
+            score: v.score,
+        };
+        if !backward.contains(&b) {
+            backward.push(b);
+        }
+    }
+    // The backward modules first: they are the largest, and fewer.
+    let jobs = backward.len() + variants.len();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let first_err = Mutex::new(None);
     std::thread::scope(|s| {
@@ -62,8 +77,14 @@ pub fn precompile(ordinal: usize, variants: &[RouterVariant], threads: usize) ->
             s.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some(v) = variants.get(i) else { break };
-                    if let Err(e) = dev.router_kernels(*v)
+                    if i >= jobs {
+                        break;
+                    }
+                    let r = match backward.get(i) {
+                        Some(b) => dev.backward_kernels(*b).map(|_| ()),
+                        None => dev.router_kernels(variants[i - backward.len()]).map(|_| ()),
+                    };
+                    if let Err(e) = r
                         && let Ok(mut f) = first_err.lock()
                     {
                         f.get_or_insert(e);

@@ -33,7 +33,9 @@ mod record;
 mod router;
 mod stats;
 
-pub use buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, LogitsView, RouteBuffers};
+pub use buffers::{
+    DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, GradBuffers, LogitsBuffer, LogitsView, RouteBuffers,
+};
 pub use device::{precompile, probe, probe_nvrtc};
 pub use kernels::LogitsDtype;
 pub use router::{CudaRouter, KernelChoice, MAX_EXPERTS, MAX_TOP_K};

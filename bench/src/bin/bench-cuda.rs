@@ -9,8 +9,16 @@
 //! replay, and the host-side cost of asynchronous recording (side stream + pinned memory)
 //! through `Router::record_ids`.
 //!
-//! Usage: `bench-cuda [--quick]` prints a Markdown table. `BENCH_RULES=DeepSeek-V3,Qwen3` and
-//! `BENCH_TS=65536,262144` restrict the rules and batch sizes.
+//! Backward (`Router::weights_vjp`, launch-only `CudaRouter::enqueue_backward` into
+//! preallocated `GradBuffers`): DeepSeek-V3 and Qwen3, f32 and bf16 logits, portable and
+//! native, no aux loss and no z-loss (the sparse kernel), plus one line per rule with the
+//! z-loss (the dense kernel: softmax over E). Bytes counted: logits read + gradient written
+//! (T·E·4) + ids and upstream gradient read (T·K·8).
+//!
+//! Usage: `bench-cuda [--quick] [--backward]` prints Markdown tables (`--backward`: the
+//! backward table only). `BENCH_RULES=DeepSeek-V3,Qwen3` and `BENCH_TS=65536,262144` restrict
+//! the rules and batch sizes of the routing table; `BENCH_BACKWARD_TS` the batch sizes of the
+//! backward table (default 262144).
 
 #![allow(unsafe_code)]
 
@@ -18,7 +26,7 @@ use moe_router::cuda::cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_fl
 use moe_router::cuda::cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use moe_router::cuda::kernels::{LogitsDtype, Part, RouterVariant, ScoreKind, TILE_KMAX};
 use moe_router::cuda::{CudaRouter, DeviceLogits, KernelChoice, LogitsView, RouteError};
-use moe_router::{CallSite, GroupScore, Normalization, Numerics, Router, RouterConfig, ScoreFunction};
+use moe_router::{CallSite, GroupScore, LossGrads, Normalization, Numerics, Router, RouterConfig, ScoreFunction};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -161,6 +169,7 @@ fn time_calls(
 
 fn main() -> Result<(), RouteError> {
     let quick = std::env::args().any(|a| a == "--quick");
+    let backward_only = std::env::args().any(|a| a == "--backward");
     moe_router::cuda::probe()?;
     let t0 = Instant::now();
     let probe_router = CudaRouter::new(RouterConfig::builder(8, 2).build().expect("valid"))?;
@@ -223,7 +232,7 @@ fn main() -> Result<(), RouteError> {
     let mut small = Vec::new();
     for numerics in [Numerics::Portable, Numerics::Native] {
         for rule in rules(numerics) {
-            if only.as_ref().is_some_and(|o| !o.iter().any(|n| n == rule.name)) {
+            if backward_only || only.as_ref().is_some_and(|o| !o.iter().any(|n| n == rule.name)) {
                 continue;
             }
             let r = CudaRouter::new(rule.cfg.clone())?;
@@ -361,12 +370,98 @@ fn main() -> Result<(), RouteError> {
             }
         }
     }
-    println!("\nGraph replay (20 routes per graph) and asynchronous recording:\n");
-    println!("| rule | dtype | numerics / mode | T | µs per call |");
-    println!("|---|---|---|---:|---:|");
-    for s in small {
-        println!("{s}");
+    if !backward_only {
+        println!("\nGraph replay (20 routes per graph) and asynchronous recording:\n");
+        println!("| rule | dtype | numerics / mode | T | µs per call |");
+        println!("|---|---|---|---:|---:|");
+        for s in small {
+            println!("{s}");
+        }
     }
+    bench_backward(&stream, &pool, copy_us, copy_gbs, quick)?;
     eprintln!("bench finished in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The backward table: launch-only `enqueue_backward` on rotated logits, the ids and weights of
+/// one route as ids and upstream gradient.
+fn bench_backward(
+    stream: &Arc<CudaStream>,
+    pool: &Pool,
+    copy_us: f64,
+    copy_gbs: f64,
+    quick: bool,
+) -> Result<(), RouteError> {
+    let ts: Vec<usize> = if let Ok(v) = std::env::var("BENCH_BACKWARD_TS") {
+        v.split(',').filter_map(|x| x.trim().parse().ok()).collect()
+    } else if quick {
+        vec![65_536]
+    } else {
+        vec![262_144]
+    };
+    println!(
+        "\nBackward (weights_vjp, launch-only enqueue_backward), same-run copy {copy_us:.1} µs, {copy_gbs:.0} GB/s:\n"
+    );
+    println!("| rule | dtype | numerics | T | kernel | backward µs | GB/s | % copy |");
+    println!("|---|---|---|---:|---|---:|---:|---:|");
+    for numerics in [Numerics::Portable, Numerics::Native] {
+        for rule in rules(numerics) {
+            if rule.name != "DeepSeek-V3" && rule.name != "Qwen3" {
+                continue;
+            }
+            for zloss in [false, true] {
+                let cfg = if zloss {
+                    rule.cfg.to_builder().z_loss_coeff(1e-3).build().expect("valid")
+                } else {
+                    rule.cfg.clone()
+                };
+                let losses = if zloss {
+                    LossGrads::default().z_loss(1.0)
+                } else {
+                    LossGrads::default()
+                };
+                let r = CudaRouter::new(cfg.clone())?;
+                let (e, k) = (cfg.num_experts(), cfg.top_k());
+                for dtype in [LogitsDtype::F32, LogitsDtype::Bf16] {
+                    for &t in &ts {
+                        let per = t * e;
+                        let windows = (pool.n / per)
+                            .clamp(1, 64)
+                            .min((120usize << 20).div_ceil(per * dtype.size()).max(2));
+                        let view = |i: usize| -> Result<DeviceLogits<'_>, RouteError> {
+                            let o = (i % windows) * per;
+                            let v = match dtype {
+                                LogitsDtype::F32 => LogitsView::F32(pool.f32.slice(o..o + per)),
+                                _ => LogitsView::Bf16(pool.bf16.slice(o..o + per)),
+                            };
+                            DeviceLogits::new(v, t, e)
+                        };
+                        let routed = r.route(&view(0)?, &CallSite::default())?;
+                        let mut out = r.alloc_grad_buffers(t)?;
+                        let iters = (2_000_000 / (per + 20_000)).clamp(5, 200);
+                        let us = time_calls(stream, iters, |i| {
+                            r.enqueue_backward(&view(i)?, &routed.ids, &routed.weights, &losses, &mut out)
+                        })?;
+                        r.take_backward_status(&mut out, Some(&routed.ids))?;
+                        let bytes = (per * dtype.size() + per * 4 + t * k * 8) as f64;
+                        let gbs = bytes / us / 1e3;
+                        println!(
+                            "| {}{} | {} | {} | {t} | {} | {us:.2} | {gbs:.0} | {:.0}% |",
+                            rule.name,
+                            if zloss { " + z-loss" } else { "" },
+                            dtype.name(),
+                            if numerics == Numerics::Portable {
+                                "portable"
+                            } else {
+                                "native"
+                            },
+                            if zloss { "dense" } else { "sparse" },
+                            100.0 * gbs / copy_gbs
+                        );
+                    }
+                }
+            }
+        }
+    }
     Ok(())
 }
