@@ -254,7 +254,7 @@ pub struct BwdParams {
     pub norm_param: f32,
     /// Scaling factor.
     pub scale: f32,
-    /// z-loss factor ([`moe_router_core::BackwardPlan::z_factor_f32`]; 0: no z-loss term).
+    /// z-loss factor ([`moe_router_core::backward::BackwardPlan::z_factor_f32`]; 0: no z-loss term).
     pub zf: f32,
     /// 1 when logits rows are read in 16-byte pieces (aligned, `E * bytes % 16 == 0`).
     pub vec: i32,
