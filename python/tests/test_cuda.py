@@ -31,7 +31,7 @@ def bias_for(cfg, rng):
     return rng.standard_normal(cfg.num_experts).astype(np.float32) * 0.1 if cfg.expects_expert_bias else None
 
 
-@pytest.mark.parametrize("preset", ["qwen3-moe", "deepseek-v3", "mixtral", "gpt-oss"])
+@pytest.mark.parametrize("preset", ["qwen3-moe", "deepseek-v3", "mixtral", "gpt-oss-20b"])
 @pytest.mark.parametrize("t", [1, 7, 4099])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_in_cuda_out_bit_identical_to_cpu(preset, t, dtype):
