@@ -12,7 +12,7 @@
 #define __device__
 #define __global__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(x) alignas(x)
 #define __shared__ static
 struct EmuDim3 { unsigned x = 0, y = 0, z = 0; };
