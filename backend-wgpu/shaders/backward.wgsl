@@ -136,14 +136,16 @@ fn aux_count(@builtin(global_invocation_id) gid: vec3<u32>) {
                 report(0u, row);
                 return;
             }
-            // Experts come in ascending order: an equal key never displaces an earlier id.
+            // (key descending, id ascending); experts come in ascending order, so an equal key
+            // never enters the list at its end, but an entry it displaces beats equal keys of
+            // higher ids further down.
             var ck = order_key(x);
             var ci = e + i;
             if (ck > tk[K - 1u]) {
                 for (var j = 0u; j < K; j++) {
                     let ok = tk[j];
                     let oi = ti[j];
-                    let sw = ck > ok;
+                    let sw = ck > ok || (ck == ok && ci < oi);
                     tk[j] = select(ok, ck, sw);
                     ti[j] = select(oi, ci, sw);
                     ck = select(ck, ok, sw);

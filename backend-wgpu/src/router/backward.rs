@@ -589,6 +589,117 @@ impl WgpuRouter {
 #[cfg(test)]
 mod tests {
     use super::rows_per_workgroup;
+    use crate::{AdapterOptions, WgpuContext, WgpuRouter};
+    use moe_router_core::{
+        AuxLossKind, CallSite, GroupScore, HostMatrix, LogitsRef, LossGrads, Normalization, ReferenceRouter, Router,
+        RouterConfig, ScoreFunction, SoftmaxPosition,
+    };
+    use ndarray::Array2;
+
+    /// Deterministic values in [-scale, scale]; with `hard`, one in three is a hard case (ties,
+    /// −∞, saturated, subnormal, −0, near-ties).
+    fn det(t: usize, c: usize, seed: u64, scale: f32, hard: bool) -> Array2<f32> {
+        let mut s = seed | 1;
+        Array2::from_shape_fn((t, c), |_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let x = (((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale;
+            let pick = (s >> 20) % 24;
+            match pick {
+                _ if !hard => x,
+                0..=1 => 1.0,
+                2 => f32::NEG_INFINITY,
+                3 => 40.0,
+                4 => 90.0,
+                5 => -90.0,
+                6 => 1e-40,
+                7 => -0.0,
+                8 => 3.0 + ((s >> 8) % 64) as f32 * 1e-3,
+                _ => x,
+            }
+        })
+    }
+
+    /// The backward's bits against the reference on a few rules, with and without the aux
+    /// loss and the z-loss (the conformance suite covers the rest).
+    #[test]
+    fn backward_bits_match_reference() {
+        let Ok(ctx) = WgpuContext::shared(&AdapterOptions::from_env()) else {
+            println!("skipped: no wgpu adapter");
+            return;
+        };
+        let rules = [
+            (
+                ScoreFunction::Sigmoid,
+                SoftmaxPosition::BeforeTopK,
+                Normalization::SumClampMin { min: 0.5 },
+            ),
+            (
+                ScoreFunction::Softmax,
+                SoftmaxPosition::BeforeTopK,
+                Normalization::Sum { eps: 1e-20 },
+            ),
+            (ScoreFunction::Softmax, SoftmaxPosition::AfterTopK, Normalization::None),
+            (
+                ScoreFunction::SqrtSoftplus,
+                SoftmaxPosition::BeforeTopK,
+                Normalization::Sum { eps: 1e-20 },
+            ),
+        ];
+        let mut bad = Vec::new();
+        for (score, pos, norm) in rules {
+            for (aux, zl) in [(false, false), (true, false), (false, true), (true, true)] {
+                let mut b = RouterConfig::builder(64, 6)
+                    .score(score)
+                    .softmax_position(pos)
+                    .normalization(norm)
+                    .scaling_factor(2.5)
+                    .group_limit(8, 3, GroupScore::SumTopN(2));
+                if aux {
+                    b = b.aux_loss(AuxLossKind::MicroBatch, 1e-2);
+                }
+                if zl {
+                    b = b.z_loss_coeff(1e-3);
+                }
+                let cfg = b.build().unwrap();
+                let l = det(37, 64, 5, 8.0, true);
+                let g = det(37, 6, 9, 1.0, false);
+                let logits = LogitsRef::F32(l.view());
+                let rf = ReferenceRouter::new(cfg.clone());
+                let ids = rf.route_host(&logits).unwrap().0;
+                let losses = LossGrads::default().aux_loss(0.7).z_loss(-2.5);
+                let gm = HostMatrix::F32(g);
+                let site = CallSite::default();
+                let want = rf
+                    .weights_vjp_host_at(&logits, ids.view(), &gm, &losses, &site)
+                    .unwrap()
+                    .to_f32();
+                let r = WgpuRouter::with_context(cfg, ctx.clone()).unwrap();
+                let got = r
+                    .weights_vjp_host_at(&logits, ids.view(), &gm, &losses, &site)
+                    .unwrap()
+                    .to_f32();
+                if let Some(i) = want
+                    .iter()
+                    .zip(got.iter())
+                    .position(|(a, b)| a.to_bits() != b.to_bits())
+                {
+                    let n = want
+                        .iter()
+                        .zip(got.iter())
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                    bad.push(format!(
+                        "{score:?} {pos:?} {norm:?} aux {aux} z {zl}: {n} differ, first [{}, {}] reference {} wgpu {}",
+                        i / 64,
+                        i % 64,
+                        want.as_slice().unwrap()[i],
+                        got.as_slice().unwrap()[i]
+                    ));
+                }
+            }
+        }
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
 
     #[test]
     fn tile_fits_workgroup_memory() {

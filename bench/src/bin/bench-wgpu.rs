@@ -9,7 +9,15 @@
 //! measured in the same run. Results go to stdout (table) and, with `--json FILE`, to JSON lines.
 //!
 //! Usage: `bench-wgpu [--bench] [--quick] [--json FILE] [--rules a,b] [--tokens 1,64] [--dtypes f32,bf16]
-//! [--modes portable,native,portable-noprune] [--ops route,replay,record]`.
+//! [--modes portable,native,portable-noprune] [--ops route,replay,record,backward]`.
+//!
+//! `backward` times the backward pass (DESIGN §2b, issue 10) of the weights alone
+//! (`WgpuRouter::enqueue_backward`: the gradient kernel, one dispatch, on the routed ids and a
+//! fixed upstream gradient); its GB/s counts logits read + ids and upstream gradient read + the
+//! f32 gradient `[T, E]` written. `backward-aux` times the whole `Router::weights_vjp` call with
+//! the micro-batch aux loss and the z-loss (counting pass, read-back of the counts, table upload,
+//! gradient pass and the error check: two submissions and two synchronisations per call), with
+//! the same byte count. Only the backward: `--ops backward --rules deepseek-v3,qwen3-moe`.
 //! (`portable-noprune` = portable numerics without the bound-based skipping of exact keys.)
 //! Built with the `cuda` feature, it also times the CUDA backend (`CudaRouter::enqueue_route` /
 //! `enqueue_replay`, N launches then one stream synchronisation, the same wall-clock method) on
@@ -18,7 +26,7 @@
 use moe_router::import::presets::preset_expects_expert_bias;
 use moe_router::wgpu::wgpu;
 use moe_router::wgpu::{AdapterOptions, DeviceLogits, LogitsDtype, WgpuContext, WgpuRouter};
-use moe_router::{Numerics, RouterConfig, preset};
+use moe_router::{AuxLossKind, CallSite, HostMatrix, LossGrads, Numerics, Router, RouterConfig, preset};
 use std::io::Write;
 use std::time::Instant;
 
@@ -47,7 +55,7 @@ fn parse_args() -> Args {
         tokens: vec![1, 64, 4096, 65536, 262_144],
         dtypes: list("f32,bf16"),
         modes: list("portable,native"),
-        ops: list("route,replay,record"),
+        ops: list("route,replay,record,backward"),
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -81,6 +89,15 @@ fn config(rule: &str, native: bool) -> Result<RouterConfig, String> {
             .build()
             .map_err(|e| e.to_string())?;
     }
+    // The terms `backward-aux` differentiates (the routing does not depend on them).
+    let mut b = cfg.to_builder();
+    if cfg.aux_losses().is_empty() {
+        b = b.aux_loss(AuxLossKind::MicroBatch, 1e-3);
+    }
+    if cfg.z_loss_coeff() <= 0.0 {
+        b = b.z_loss_coeff(1e-3);
+    }
+    cfg = b.build().map_err(|e| e.to_string())?;
     Ok(cfg)
 }
 
@@ -142,6 +159,36 @@ fn time_reps(
         v.push(run(n, &mut record)? / n as f64);
     }
     Ok(median(&mut v))
+}
+
+/// Median seconds per call of `call` (each call synchronises on its own): wall time of `n` calls.
+fn time_calls(quick: bool, mut call: impl FnMut() -> Result<(), String>) -> Result<f64, String> {
+    let mut run = |n: usize| -> Result<f64, String> {
+        let t0 = Instant::now();
+        for _ in 0..n {
+            call()?;
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    run(1)?;
+    let one = run(2)? / 2.0;
+    let target = if quick { 0.008 } else { 0.025 };
+    let n = ((target / one.max(1e-7)) as usize).clamp(1, 2_000);
+    let reps = if quick { 3 } else { 5 };
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        v.push(run(n)? / n as f64);
+    }
+    Ok(median(&mut v))
+}
+
+/// A deterministic upstream gradient `[t, k]` in [-1, 1].
+fn upstream(t: usize, k: usize) -> ndarray::Array2<f32> {
+    let mut s = 0x9e37_79b9_7f4a_7c15u64;
+    ndarray::Array2::from_shape_fn((t, k), |_| {
+        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    })
 }
 
 const COPY_WGSL: &str = "
@@ -276,7 +323,7 @@ fn main() {
         );
     }
     println!(
-        "{:<12} {:<5} {:<9} {:<7} {:>7} {:>11} {:>9} {:>7} {:>11} {:>10}",
+        "{:<12} {:<5} {:<9} {:<12} {:>7} {:>11} {:>9} {:>7} {:>11} {:>10}",
         "rule", "dtype", "numerics", "op", "T", "us/call", "GB/s", "% copy", "cuda us", "wgpu/cuda"
     );
     let mut rows: Vec<Row> = Vec::new();
@@ -356,23 +403,70 @@ fn main() {
                     if let Err(err) = router.take_status(&targets, &inputs[0]) {
                         println!("bench-wgpu: {rule} T={t}: unexpected error: {err}");
                     }
-                    for op in &args.ops {
-                        let res = time_reps(&ctx, args.quick, |enc, i| {
-                            let input = &inputs[i % inputs.len()];
-                            let r = match op.as_str() {
-                                "replay" => router.enqueue_replay(enc, input, &targets),
-                                _ => router.enqueue_route(enc, input, &targets),
-                            };
-                            if r.is_ok() && op == "record" && t > 0 {
-                                enc.copy_buffer_to_buffer(
-                                    targets.ids().buffer(),
-                                    0,
-                                    &record_buf,
-                                    0,
-                                    ((t * k * 4) as u64).div_ceil(4) * 4,
-                                );
+                    let backward = args.ops.iter().any(|o| o.starts_with("backward"));
+                    let grad = if backward {
+                        match router.weights_from_host(&HostMatrix::F32(upstream(t, k))) {
+                            Ok(g) => Some(g),
+                            Err(err) => {
+                                println!("bench-wgpu: {rule} T={t}: {err}");
+                                None
                             }
-                        });
+                        }
+                    } else {
+                        None
+                    };
+                    let bwd = match (&grad, args.ops.iter().any(|o| o == "backward")) {
+                        (Some(_), true) => match router.alloc_backward_buffers(t, dtype) {
+                            Ok(b) => Some(b),
+                            Err(err) => {
+                                println!("bench-wgpu: {rule} T={t} backward: {err}");
+                                None
+                            }
+                        },
+                        _ => None,
+                    };
+                    for op in &args.ops {
+                        let res = match (op.as_str(), &grad, &bwd) {
+                            ("backward", Some(g), Some(b)) => time_reps(&ctx, args.quick, |enc, i| {
+                                let input = &inputs[i % inputs.len()];
+                                let _ = router.enqueue_backward(enc, input, targets.ids(), g, b);
+                            })
+                            .and_then(|s| {
+                                router
+                                    .take_backward_status(b, &inputs[0], targets.ids())
+                                    .map(|_| s)
+                                    .map_err(|e| format!("unexpected error: {e}"))
+                            }),
+                            ("backward-aux", Some(g), _) => {
+                                let losses = LossGrads::default().aux_loss(1.0).z_loss(1.0);
+                                let mut i = 0usize;
+                                time_calls(args.quick, || {
+                                    let input = &inputs[i % inputs.len()];
+                                    i += 1;
+                                    router
+                                        .weights_vjp(input, targets.ids(), g, &losses, &CallSite::default())
+                                        .map(|_| ())
+                                        .map_err(|e| e.to_string())
+                                })
+                            }
+                            ("backward" | "backward-aux", _, _) => continue,
+                            _ => time_reps(&ctx, args.quick, |enc, i| {
+                                let input = &inputs[i % inputs.len()];
+                                let r = match op.as_str() {
+                                    "replay" => router.enqueue_replay(enc, input, &targets),
+                                    _ => router.enqueue_route(enc, input, &targets),
+                                };
+                                if r.is_ok() && op == "record" && t > 0 {
+                                    enc.copy_buffer_to_buffer(
+                                        targets.ids().buffer(),
+                                        0,
+                                        &record_buf,
+                                        0,
+                                        ((t * k * 4) as u64).div_ceil(4) * 4,
+                                    );
+                                }
+                            }),
+                        };
                         let secs = match res {
                             Ok(s) => s,
                             Err(err) => {
@@ -380,10 +474,18 @@ fn main() {
                                 continue;
                             }
                         };
-                        let moved = (t * row_bytes + t * k * 8) as f64;
+                        let moved = if op.starts_with("backward") {
+                            (t * row_bytes + t * k * 8 + t * e * 4) as f64
+                        } else {
+                            (t * row_bytes + t * k * 8) as f64
+                        };
                         let gbs = moved / secs / 1e9;
                         #[cfg(feature = "cuda")]
-                        let cuda_us = cuda_bench.as_ref().and_then(|b| b.time(t, op)).map(|s| s * 1e6);
+                        let cuda_us = cuda_bench
+                            .as_ref()
+                            .filter(|_| !op.starts_with("backward"))
+                            .and_then(|b| b.time(t, op))
+                            .map(|s| s * 1e6);
                         #[cfg(not(feature = "cuda"))]
                         let cuda_us: Option<f64> = None;
                         let r = Row {
@@ -400,7 +502,7 @@ fn main() {
                             None => ("-".to_string(), "-".to_string()),
                         };
                         println!(
-                            "{:<12} {:<5} {:<9} {:<7} {:>7} {:>11.2} {:>9.1} {:>6.1}% {:>11} {:>10}",
+                            "{:<12} {:<5} {:<9} {:<12} {:>7} {:>11.2} {:>9.1} {:>6.1}% {:>11} {:>10}",
                             r.rule,
                             r.dtype,
                             r.mode,
