@@ -379,7 +379,7 @@ impl WgpuRouter {
         Ok(bytemuck::pod_read_unaligned(&b))
     }
 
-    /// The backward of device data ([`Router::weights_vjp`]).
+    /// The backward of device data ([`Router::weights_vjp`](moe_router_core::Router::weights_vjp)).
     pub(super) fn vjp_device(
         &self,
         logits: &DeviceLogits<'_>,
@@ -508,7 +508,7 @@ impl WgpuRouter {
     }
 
     /// Records the backward of the weights alone (`Σ grad∘w`, as
-    /// [`Router::weights_vjp`] with `LossGrads::default()`) of device `logits`, `ids` and the
+    /// [`Router::weights_vjp`](moe_router_core::Router::weights_vjp) with `LossGrads::default()`) of device `logits`, `ids` and the
     /// upstream gradient `grad` into `enc`, without any synchronisation: the gradient lands in
     /// `out.grad()`. Errors (invalid ids, NaN/+∞, all-−∞ rows) are only flagged in `out`; read
     /// them with [`WgpuRouter::take_backward_status`] after the submission. For embedding the
@@ -699,6 +699,55 @@ mod tests {
             }
         }
         assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
+
+    /// Batches split over several dispatches (row offsets of every binding, the aux counts of
+    /// several sequences across a split) give the same bits, for bf16 logits too.
+    #[test]
+    fn split_backward_with_sequences_matches_reference() {
+        let Ok(ctx) = WgpuContext::shared(&AdapterOptions::from_env()) else {
+            println!("skipped: no wgpu adapter");
+            return;
+        };
+        let cfg = RouterConfig::builder(40, 4)
+            .score(ScoreFunction::Softmax)
+            .normalization(Normalization::Sum { eps: 1e-20 })
+            .aux_loss(AuxLossKind::MicroBatch, 1e-2)
+            .aux_loss(AuxLossKind::PerSequence, 3e-3)
+            .aux_loss(AuxLossKind::Global, 5e-3)
+            .z_loss_coeff(1e-3)
+            .build()
+            .unwrap();
+        let t = 700;
+        let l = det(t, 40, 11, 8.0, true);
+        let g = HostMatrix::F32(det(t, 4, 3, 1.0, false));
+        let lens = [300usize, 1, 399];
+        let losses = LossGrads::default().aux_loss(0.7).z_loss(1.0).seq_lens(&lens);
+        let r = WgpuRouter::with_context(cfg.clone(), ctx)
+            .unwrap()
+            .with_max_rows_per_dispatch(256);
+        let rf = ReferenceRouter::new(cfg);
+        let lb = l.mapv(half::bf16::from_f32);
+        for logits in [LogitsRef::F32(l.view()), LogitsRef::Bf16(lb.view())] {
+            let Ok((ids, _)) = rf.route_host(&logits) else {
+                continue;
+            };
+            let site = CallSite::default();
+            let want = rf.weights_vjp_host_at(&logits, ids.view(), &g, &losses, &site);
+            let got = r.weights_vjp_host_at(&logits, ids.view(), &g, &losses, &site);
+            match (want, got) {
+                (Ok(w), Ok(x)) => {
+                    let (w, x) = (w.to_f32(), x.to_f32());
+                    let n = w
+                        .iter()
+                        .zip(x.iter())
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                    assert_eq!(n, 0, "{n} gradient values differ");
+                }
+                (w, x) => assert_eq!(w.map(|_| ()), x.map(|_| ())),
+            }
+        }
     }
 
     #[test]
