@@ -28,7 +28,7 @@
 #define BW_NO_BAD 0x7fffffff
 // Elements of one 16-byte piece of a logits row, and pieces in flight per lane.
 #define BW_PE (16 / LOGIT_BYTES)
-#define BW_NB 2
+#define BW_NB 4
 // 1e-20 as f32 (the aux scores' normaliser, `M::from_f64(1e-20)`).
 #define BW_C_1E20 __uint_as_float(0x1e3ce508u)
 
@@ -156,51 +156,22 @@ __device__ __forceinline__ void bw_for_row(const BwdParams& p, long long row, in
     }
 }
 
-// Checks the row's ids (the reference validates them before anything else), given lane j's id
-// of slot j (< 32) already loaded into id0; writes them into sid. True (warp-uniform, after
-// reporting) when an id is out of range or repeated.
-__device__ __forceinline__ bool bw_ids_bad(const BwdParams& p, long long row, int lane, int* sid, u32 id0) {
+// Reads and checks the row's ids into sid (the reference validates ids before anything else):
+// true (warp-uniform, after reporting) when an id is out of range or repeated.
+__device__ __forceinline__ bool bw_ids_bad(const BwdParams& p, long long row, int lane, int* sid) {
     const u32* ids = (const u32*)p.ids + row * p.K;
     bool bad = false;
     for (int j = lane; j < p.K; j += 32) {
-        u32 id = j < 32 ? id0 : ids[j];
+        u32 id = ids[j];
         sid[j] = (int)id;
         bad = bad || id >= (u32)p.E;
     }
     __syncwarp();
     for (int j = lane; j < p.K; j += 32)
-        #pragma unroll 8
         for (int jj = 0; jj < j; jj++) bad = bad || sid[jj] == sid[j];
     bool any = __any_sync(BW_FULL, bad);
     if (any && lane == 0) bw_report(p, err_ids(row));
     return any;
-}
-
-// Lane j's id of slot j (j < K, j < 32), or 0.
-__device__ __forceinline__ u32 bw_slot_id(const BwdParams& p, long long row, int lane) {
-    return lane < p.K ? ((const u32*)p.ids)[row * p.K + lane] : 0u;
-}
-
-// A row's global loads, issued one row ahead (while the warp computes the previous row): lane
-// j's id and upstream gradient of slot j, and the lane's first BW_NB pieces of the logits.
-struct BwFetch {
-    uint4 v[BW_NB];
-    u32 id0;
-    float g0;
-};
-
-__device__ __forceinline__ void bw_fetch(const BwdParams& p, long long row, int lane, BwFetch& f) {
-    f.id0 = bw_slot_id(p, row, lane);
-    f.g0 = lane < p.K ? ((const float*)p.grad)[row * p.K + lane] : 0.0f;
-    if (p.vec) {
-        const uint4* src = (const uint4*)((const logit_t*)p.logits + row * p.ld);
-        const int n = p.E / BW_PE;
-#pragma unroll
-        for (int b = 0; b < BW_NB; b++) {
-            int i = lane + 32 * b;
-            if (i < n) f.v[b] = __ldg(src + i);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -216,7 +187,7 @@ extern "C" __global__ void __launch_bounds__(256) bwd_aux_counts(BwdParams p) {
     const int E = p.E;
     for (long long row = (long long)blockIdx.x * W + warp; row < p.T; row += (long long)gridDim.x * W) {
         __syncwarp();
-        if (bw_ids_bad(p, row, lane, sid, bw_slot_id(p, row, lane))) continue;
+        if (bw_ids_bad(p, row, lane, sid)) continue;
         int bad = BW_NO_BAD;
         bw_for_row(p, row, lane, [&](int e, u32 raw) {
             float x = bw_widen_exact(raw);
@@ -254,7 +225,7 @@ extern "C" __global__ void __launch_bounds__(256) bwd_aux_counts(BwdParams p) {
 // Loads the row into z (widened, the mode's subnormal rule) and zeroes d. Returns the row's
 // lowest bad code (NaN / +inf, or BW_NO_BAD) and its maximum in mx, both warp-uniform.
 __device__ __forceinline__ int bw_load_row(const BwdParams& p, long long row, int lane, float* z, float* d,
-                                           float& mx, const BwFetch& f) {
+                                           float& mx) {
     int bad = BW_NO_BAD;
     float m = F32_NEG_INF;
     if (p.vec) {
@@ -265,11 +236,7 @@ __device__ __forceinline__ int bw_load_row(const BwdParams& p, long long row, in
 #pragma unroll
             for (int b = 0; b < BW_NB; b++) {
                 int i = i0 + 32 * b;
-                if (i0 == lane) {
-                    v[b] = f.v[b];
-                } else if (i < n) {
-                    v[b] = __ldg(src + i);
-                }
+                if (i < n) v[b] = __ldg(src + i);
             }
 #pragma unroll
             for (int b = 0; b < BW_NB; b++) {
@@ -306,8 +273,7 @@ __device__ __forceinline__ int bw_load_row(const BwdParams& p, long long row, in
 
 // One row of vjp_row. DENSE compiles the terms over all E (softmax before top-K, aux, z-loss).
 template <bool DENSE>
-__device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, int lane, float* base,
-                                            const BwFetch& f) {
+__device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, int lane, float* base) {
     const int E = p.E, K = p.K;
     float* z = base;
     float* pr = base + p.off_pr;
@@ -323,14 +289,10 @@ __device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, i
     (void)sc;
     (void)tm;
 
-    // The row's global loads were issued with the previous row (f): the slot's id and upstream
-    // gradient (lane j < 32: slot j), and the first pieces of the logits.
-    const u32 id0 = f.id0;
-    const float g0 = f.g0;
     __syncwarp();  // every lane is done with the previous row's arrays
+    if (bw_ids_bad(p, row, lane, sid)) return;
     float mx;
-    const int bad = bw_load_row(p, row, lane, z, d, mx, f);
-    if (bw_ids_bad(p, row, lane, sid, id0)) return;
+    const int bad = bw_load_row(p, row, lane, z, d, mx);
     if (bad != BW_NO_BAD) {
         if (lane == 0) bw_report(p, err_nonfinite(row, bad));
         return;
@@ -361,7 +323,7 @@ __device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, i
     const float scale = M_FTZ(p.scale);
     for (int j = lane; j < K; j += 32) {
         const int id = sid[j];
-        const float g = M_FTZ(j < 32 ? g0 : ((const float*)p.grad)[row * K + j]);
+        const float g = M_FTZ(((const float*)p.grad)[row * K + j]);
         sg[j] = M_FTZ(g * scale);
 #if SCORE == SM_BEFORE
         su[j] = pr[id];
@@ -377,7 +339,6 @@ __device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, i
 #if SCORE == SM_AFTER
     {
         float ms = F32_NEG_INF;
-        #pragma unroll 8
         for (int j = 0; j < K; j++) {
             float v = sx[j];
             if (v > ms) ms = v;
@@ -389,7 +350,6 @@ __device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, i
         for (int j = lane; j < K; j += 32) su[j] = M_EXP(sx[j] - ms);
         __syncwarp();
         float s = 0.0f;
-        #pragma unroll 8
         for (int j = 0; j < K; j++) s = s + su[j];
         __syncwarp();
         for (int j = lane; j < K; j += 32) su[j] = M_DIV(su[j], s);
@@ -400,7 +360,6 @@ __device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, i
     // Normalisation: gu = (gs - sum gs*wn) / S.
     if (p.norm != 0) {
         float s = 0.0f;
-        #pragma unroll 8
         for (int j = 0; j < K; j++) s = s + su[j];
         float dd;
         bool varies = true;
@@ -419,7 +378,6 @@ __device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, i
         if (varies) {
             for (int j = lane; j < K; j += 32) sx[j] = M_FTZ(sg[j] * M_DIV(su[j], dd));
             __syncwarp();
-            #pragma unroll 8
             for (int j = 0; j < K; j++) dot = M_FTZ(dot + sx[j]);
         }
         for (int j = lane; j < K; j += 32) sg[j] = M_DIV(M_FTZ(sg[j] - dot), dd);
@@ -430,7 +388,6 @@ __device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, i
 #if SCORE == SM_BEFORE
     {
         float t = 0.0f;
-        #pragma unroll 8
         for (int j = 0; j < K; j++) t = M_FTZ(t + M_FTZ(sg[j] * su[j]));
         const float nt = 0.0f - t;
         for (int e = lane; e < E; e += 32) d[e] = M_FTZ(pr[e] * nt);
@@ -443,7 +400,6 @@ __device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, i
 #elif SCORE == SM_AFTER
     {
         float r = 0.0f;
-        #pragma unroll 8
         for (int j = 0; j < K; j++) r = M_FTZ(r + M_FTZ(sg[j] * su[j]));
         for (int j = lane; j < K; j += 32) d[sid[j]] = M_FTZ(su[j] * M_FTZ(sg[j] - r));
     }
@@ -542,17 +498,9 @@ __device__ __forceinline__ void bw_grad(const BwdParams& p) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int W = blockDim.x >> 5;
     float* base = (float*)smem_raw + (long long)warp * p.warp_floats;
-    const long long stride = (long long)gridDim.x * W;
-    long long row = (long long)blockIdx.x * W + warp;
-    BwFetch cur;
-    if (row < p.T) bw_fetch(p, row, lane, cur);
-    for (; row < p.T; row += stride) {
-        BwFetch nxt = cur;
-        if (row + stride < p.T) bw_fetch(p, row + stride, lane, nxt);
-        bw_grad_row<DENSE>(p, row, lane, base, cur);
-        cur = nxt;
-    }
+    for (long long row = (long long)blockIdx.x * W + warp; row < p.T; row += (long long)gridDim.x * W)
+        bw_grad_row<DENSE>(p, row, lane, base);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 4) bwd_grad_sparse(BwdParams p) { bw_grad<false>(p); }
+extern "C" __global__ void __launch_bounds__(256) bwd_grad_sparse(BwdParams p) { bw_grad<false>(p); }
 extern "C" __global__ void __launch_bounds__(256) bwd_grad_dense(BwdParams p) { bw_grad<true>(p); }

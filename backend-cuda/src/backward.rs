@@ -273,14 +273,8 @@ impl CudaRouter {
                 ),
             ));
         };
-        // A persistent grid (every block resident at once), so that each warp walks several
-        // rows and fetches the next one while computing the current one.
-        let resident = f
-            .occupancy_max_active_blocks_per_multiprocessor((warps * 32) as u32, smem, None)
-            .map_or(1, |b| b.max(1) as usize)
-            * dev.sms;
         let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(warps).min(resident).min(1 << 30) as u32, 1, 1),
+            grid_dim: (rows.div_ceil(warps).min(1 << 30) as u32, 1, 1),
             block_dim: ((warps * 32) as u32, 1, 1),
             shared_mem_bytes: smem as u32,
         };
