@@ -156,13 +156,14 @@ __device__ __forceinline__ void bw_for_row(const BwdParams& p, long long row, in
     }
 }
 
-// Reads and checks the row's ids into sid (the reference validates ids before anything else):
-// true (warp-uniform, after reporting) when an id is out of range or repeated.
-__device__ __forceinline__ bool bw_ids_bad(const BwdParams& p, long long row, int lane, int* sid) {
+// Checks the row's ids (the reference validates them before anything else), given lane j's id
+// of slot j (< 32) already loaded into id0; writes them into sid. True (warp-uniform, after
+// reporting) when an id is out of range or repeated.
+__device__ __forceinline__ bool bw_ids_bad(const BwdParams& p, long long row, int lane, int* sid, u32 id0) {
     const u32* ids = (const u32*)p.ids + row * p.K;
     bool bad = false;
     for (int j = lane; j < p.K; j += 32) {
-        u32 id = ids[j];
+        u32 id = j < 32 ? id0 : ids[j];
         sid[j] = (int)id;
         bad = bad || id >= (u32)p.E;
     }
@@ -172,6 +173,11 @@ __device__ __forceinline__ bool bw_ids_bad(const BwdParams& p, long long row, in
     bool any = __any_sync(BW_FULL, bad);
     if (any && lane == 0) bw_report(p, err_ids(row));
     return any;
+}
+
+// Lane j's id of slot j (j < K, j < 32), or 0.
+__device__ __forceinline__ u32 bw_slot_id(const BwdParams& p, long long row, int lane) {
+    return lane < p.K ? ((const u32*)p.ids)[row * p.K + lane] : 0u;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -187,7 +193,7 @@ extern "C" __global__ void __launch_bounds__(256) bwd_aux_counts(BwdParams p) {
     const int E = p.E;
     for (long long row = (long long)blockIdx.x * W + warp; row < p.T; row += (long long)gridDim.x * W) {
         __syncwarp();
-        if (bw_ids_bad(p, row, lane, sid)) continue;
+        if (bw_ids_bad(p, row, lane, sid, bw_slot_id(p, row, lane))) continue;
         int bad = BW_NO_BAD;
         bw_for_row(p, row, lane, [&](int e, u32 raw) {
             float x = bw_widen_exact(raw);
@@ -289,10 +295,14 @@ __device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, i
     (void)sc;
     (void)tm;
 
+    // The row's global loads first, all in flight together: the slot's id and upstream
+    // gradient (lane j < 32: slot j), then the logits.
+    const u32 id0 = bw_slot_id(p, row, lane);
+    const float g0 = lane < K ? ((const float*)p.grad)[row * K + lane] : 0.0f;
     __syncwarp();  // every lane is done with the previous row's arrays
-    if (bw_ids_bad(p, row, lane, sid)) return;
     float mx;
     const int bad = bw_load_row(p, row, lane, z, d, mx);
+    if (bw_ids_bad(p, row, lane, sid, id0)) return;
     if (bad != BW_NO_BAD) {
         if (lane == 0) bw_report(p, err_nonfinite(row, bad));
         return;
@@ -323,7 +333,7 @@ __device__ __forceinline__ void bw_grad_row(const BwdParams& p, long long row, i
     const float scale = M_FTZ(p.scale);
     for (int j = lane; j < K; j += 32) {
         const int id = sid[j];
-        const float g = M_FTZ(((const float*)p.grad)[row * K + j]);
+        const float g = M_FTZ(j < 32 ? g0 : ((const float*)p.grad)[row * K + j]);
         sg[j] = M_FTZ(g * scale);
 #if SCORE == SM_BEFORE
         su[j] = pr[id];
@@ -502,5 +512,5 @@ __device__ __forceinline__ void bw_grad(const BwdParams& p) {
         bw_grad_row<DENSE>(p, row, lane, base);
 }
 
-extern "C" __global__ void __launch_bounds__(256) bwd_grad_sparse(BwdParams p) { bw_grad<false>(p); }
+extern "C" __global__ void __launch_bounds__(256, 5) bwd_grad_sparse(BwdParams p) { bw_grad<false>(p); }
 extern "C" __global__ void __launch_bounds__(256) bwd_grad_dense(BwdParams p) { bw_grad<true>(p); }
