@@ -4,8 +4,8 @@ use moe_router_core::backend::with_router_rows_marked;
 use moe_router_core::math::{Math, NativeF32, NativeF64, Portable};
 use moe_router_core::reference::{select_row, weights_row};
 use moe_router_core::{
-    CallSite, ComputeDtype, GroupScore, HostGrad, HostMatrix, HostWeights, LossGrads, LogitsRef, Normalization, Numerics, ROUTER_SELECTS, RouteError,
-    Routed, Router, RouterConfig, ScoreFunction, SoftmaxPosition, validate_ids,
+    CallSite, ComputeDtype, GroupScore, HostGrad, HostMatrix, HostWeights, LogitsRef, LossGrads, Normalization,
+    Numerics, ROUTER_SELECTS, RouteError, Routed, Router, RouterConfig, ScoreFunction, SoftmaxPosition, validate_ids,
 };
 use ndarray::{Array2, ArrayView2, Axis};
 use num_traits::{Float, One, Zero};
@@ -163,7 +163,9 @@ impl Router for CpuRouter {
         }
     }
     fn weights_from_host(&self, weights: &HostMatrix) -> Result<HostWeights, RouteError> {
-        Ok(moe_router_core::reference::host_in_compute_precision(&self.cfg, weights))
+        Ok(moe_router_core::reference::host_in_compute_precision(
+            &self.cfg, weights,
+        ))
     }
     fn logits_grad_to_host(&self, grad: &HostGrad) -> Result<HostGrad, RouteError> {
         Ok(grad.clone())

@@ -7,7 +7,7 @@ use half::{bf16, f16};
 use moe_router::capacity::{apply_capacity, dense_outputs};
 use moe_router::npy::{self, NpyDtype};
 use moe_router::stats::{self, GlobalAuxLoss, RoutingStats};
-use moe_router::{AuxLossKind, LogitsRef, Numerics, RouteError, Router, RouterConfig, validate_ids};
+use moe_router::{AuxLossKind, CallSite, HostMatrix, LogitsRef, LossGrads, Numerics, RouteError, Router, RouterConfig};
 use ndarray::Array2;
 use std::path::{Path, PathBuf};
 
@@ -37,6 +37,15 @@ Writes DIR/ids.npy (int32 [T,K]), DIR/weights.npy (float32 [T,K]) and DIR/stats.
 (tokens_per_expert; aux_loss / z_loss when the rule sets their coefficients; updated_bias with\n\
 --bias and --bias-update-rate). --dense adds DIR/routing_map.npy (uint8 [T,E]) and DIR/probs.npy\n\
 (float32 [T,E]) after capacity dropping.\n\n\
+Replay: --replay-ids I.npy (int32/int64 [T,K]) weighs these ids from the live logits; -1 in a slot\n\
+takes the router's choice for that slot. --replay-threshold R keeps a replayed id only when its\n\
+live score is >= R x the router's weakest top-K score (stats.json: replace_rate):\n\
+  moe-router route --logits l.npy --preset qwen3-moe --replay-ids ids.npy --replay-threshold 0.5 --out out/\n\n\
+Backward: --grad-weights G.npy (float32 [T,K], slot order of ids.npy) writes DIR/grad_logits.npy\n\
+(float32 [T,E]) = d(sum(G*weights) + A*aux_loss + Z*z_loss)/d logits for this call's weights,\n\
+aux_loss and z_loss (--grad-aux-loss A, --grad-z-loss Z; default 0). With capacity dropping, the\n\
+dropped slots pass no gradient (add --no-capacity to differentiate every slot of weights.npy):\n\
+  moe-router route --logits l.npy --preset deepseek-v3 --bias b.npy --grad-weights g.npy --out out/\n\n\
 Logits: .npy float32, float16, float64 or bfloat16 (descr |V2, as np.save writes an\n\
 ml_dtypes.bfloat16 array), or .safetensors F32/F16/BF16/F64. A torch bf16 tensor saved as\n\
 `t.view(torch.int16).numpy()` is int16 on disk: add --logits-dtype bf16 to read those bits as\n\
@@ -84,6 +93,22 @@ pub struct RouteArgs {
     /// importer): with --bias, writes updated_bias to stats.json.
     #[arg(long, value_name = "R", requires = "bias", allow_hyphen_values = true)]
     pub bias_update_rate: Option<f32>,
+    /// Threshold replay (prime-rl): with --replay-ids, keep a replayed id only when its live score
+    /// is >= R × the router's weakest top-K score; the other slots take the router's choice.
+    /// stats.json then reports replayed_slots, replaced_slots and replace_rate.
+    #[arg(long, value_name = "R", requires = "replay_ids")]
+    pub replay_threshold: Option<f64>,
+    /// Backward: the upstream gradient on the weights, float32 [T, K] in the slot order of ids.npy.
+    /// Writes DIR/grad_logits.npy (float32 [T, E]) = d(sum(G * weights) + A * aux_loss +
+    /// Z * z_loss) / d logits, with weights, aux_loss and z_loss those of this call.
+    #[arg(long, value_name = "G.npy")]
+    pub grad_weights: Option<PathBuf>,
+    /// Backward: the factor A of the aux loss (default 0).
+    #[arg(long, value_name = "A", requires = "grad_weights", allow_hyphen_values = true)]
+    pub grad_aux_loss: Option<f64>,
+    /// Backward: the factor Z of the z-loss (default 0).
+    #[arg(long, value_name = "Z", requires = "grad_weights", allow_hyphen_values = true)]
+    pub grad_z_loss: Option<f64>,
     /// Output directory (created if missing).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
@@ -155,8 +180,9 @@ pub fn load_rule(a: &RouteArgs) -> Result<RouterConfig, CliError> {
     Ok(cfg)
 }
 
-/// Reads replay ids `[T, K]` (int32 or int64), refusing negative, too large or duplicated ids
-/// with the row that holds them.
+/// Reads replay ids `[T, K]` (int32 or int64): `-1` is the per-slot sentinel "take the
+/// router's choice" ([`moe_router::ROUTER_SLOT`]); other negative, too large or duplicated ids are
+/// refused with the row and slot that hold them.
 pub fn load_ids(p: &Path, rows: usize, cfg: &RouterConfig) -> Result<Array2<u32>, CliError> {
     let arr = npy::read(p).map_err(|e| CliError::npy(p, e))?;
     if !matches!(arr.dtype, NpyDtype::I32 | NpyDtype::I64) {
@@ -182,23 +208,38 @@ pub fn load_ids(p: &Path, rows: usize, cfg: &RouterConfig) -> Result<Array2<u32>
         ));
     }
     let vals = arr.to_ints("replay ids").map_err(|e| CliError::npy(p, e))?;
-    let e = cfg.num_experts();
-    let mut out = Vec::with_capacity(vals.len());
-    for (i, &v) in vals.iter().enumerate() {
-        if v < 0 || v >= e as i128 {
-            return Err(RouteError::IdOutOfRange {
-                row: i / k,
-                slot: i % k,
-                id: v as i64,
-                num_experts: e,
-            }
-            .into());
-        }
-        out.push(v as u32);
+    Ok(moe_router::replay_slots::slot_ids_from_ints(
+        &vals,
+        rows,
+        k,
+        cfg.num_experts(),
+    )?)
+}
+
+/// Reads the upstream gradient of `--grad-weights`: float32 `[T, K]`, the shape of ids.npy.
+fn load_grad(p: &Path, rows: usize, k: usize) -> Result<Array2<f32>, CliError> {
+    let arr = npy::read(p).map_err(|e| CliError::npy(p, e))?;
+    if arr.dtype != NpyDtype::F32 {
+        return Err(CliError::npy(
+            p,
+            npy::NpyError::WrongDtype {
+                what: "grad weights".into(),
+                expected: format!("float32 (<f4) of shape [{rows}, {k}]"),
+                found: arr.dtype.descr().into(),
+            },
+        ));
     }
-    let ids = Array2::from_shape_vec((rows, k), out).map_err(|e| CliError::Input(e.to_string()))?;
-    validate_ids(ids.view(), rows, e, k, &[])?;
-    Ok(ids)
+    if arr.shape != [rows, k] {
+        return Err(CliError::npy(
+            p,
+            npy::NpyError::WrongShape {
+                what: "grad weights".into(),
+                expected: format!("[{rows}, {k}] (the shape of weights.npy: T rows of the logits, K = {k})"),
+                found: arr.shape.clone(),
+            },
+        ));
+    }
+    arr.to_f32_2d("grad weights").map_err(|e| CliError::npy(p, e))
 }
 
 enum Logits {
@@ -328,16 +369,33 @@ pub fn run(a: &RouteArgs) -> Result<u8, CliError> {
         }
         .into());
     }
+    let k = cfg.top_k();
+    // Inputs are read and checked before any work or output.
+    let grad = a.grad_weights.as_deref().map(|p| load_grad(p, t, k)).transpose()?;
+    let threshold = a
+        .replay_threshold
+        .map(|r| {
+            moe_router::ReplayThreshold::new(r).map_err(|e| CliError::Usage(format!("--replay-threshold {r}: {e}")))
+        })
+        .transpose()?;
     let router = AnyRouter::new(a.backend, cfg.clone())?;
+    let mut slot_counts = None;
     let (ids, weights) = match &a.replay_ids {
         Some(p) => {
             let ids = load_ids(p, t, &cfg)?;
-            let w = router.weights_host(&lv, ids.view())?;
-            (ids, w)
+            let out = moe_router::replay_slots::replay_slots_host(
+                &router,
+                &lv,
+                ids.view(),
+                &[],
+                threshold,
+                &moe_router::CallSite::default(),
+            )?;
+            slot_counts = Some(out.counts);
+            (out.ids, out.weights)
         }
         None => router.route_host(&lv)?,
     };
-    let k = cfg.top_k();
     let w32 = weights.to_f32();
     std::fs::create_dir_all(&a.out).map_err(|e| CliError::io(&a.out, &e))?;
     let ids_i32: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
@@ -382,6 +440,11 @@ pub fn run(a: &RouteArgs) -> Result<u8, CliError> {
     if cfg.z_loss_coeff() > 0.0 {
         st.z_loss = Some(stats::z_loss(&lv, cfg.z_loss_coeff())?);
     }
+    if let Some(c) = slot_counts
+        && (threshold.is_some() || c.sentinel_slots > 0 || c.router_rows > 0)
+    {
+        c.fill_stats(&mut st, threshold.is_some());
+    }
     // `--bias-update-rate` requires `--bias` (clap) and was checked by the builder's rule.
     if let (Some(b), Some(rate), true) = (cfg.expert_bias(), cfg.bias_update_rate(), a.bias_update_rate.is_some()) {
         st.updated_bias = Some(stats::updated_bias(b, &st.tokens_per_expert, rate));
@@ -390,6 +453,18 @@ pub fn run(a: &RouteArgs) -> Result<u8, CliError> {
     let json = serde_json::to_string_pretty(&st).map_err(|e| CliError::Input(e.to_string()))?;
     std::fs::write(&sp, json + "\n").map_err(|e| CliError::io(&sp, &e))?;
 
+    if let Some(mut g) = grad {
+        // Dropped slots are not part of the layer's output: they pass no gradient (DESIGN §2b).
+        if let Some(o) = &outcome {
+            o.zero_dropped(&mut g)?;
+        }
+        let losses = LossGrads::default()
+            .aux_loss(a.grad_aux_loss.unwrap_or(0.0))
+            .z_loss(a.grad_z_loss.unwrap_or(0.0));
+        let dz = router.weights_vjp_host_at(&lv, ids.view(), &HostMatrix::F32(g), &losses, &CallSite::default())?;
+        let dz: Vec<f32> = dz.to_f32().iter().copied().collect();
+        write_npy(&a.out, "grad_logits.npy", &[t, e], NpyDtype::F32, &npy::f32_bytes(&dz))?;
+    }
     if a.dense {
         let (map, probs) = dense_outputs(ids.view(), w32.view(), e, outcome.as_ref());
         write_npy(

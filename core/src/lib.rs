@@ -22,12 +22,12 @@ pub mod backward;
 pub mod capacity;
 pub mod config;
 pub mod error;
+pub mod hash_routing;
 pub mod import;
 pub mod layout;
 pub mod logits;
 pub mod math;
 pub mod reference;
-pub mod hash_routing;
 pub mod replay;
 pub mod replay_slots;
 pub mod router;
@@ -40,14 +40,16 @@ pub use config::{
     RouterConfig, RouterConfigBuilder, ScoreFunction, SoftmaxPosition,
 };
 pub use error::{ConfigError, ErrorSource, ReplayError, RouteError};
-pub use import::presets::{preset, preset_names};
 pub use hash_routing::{HashLayers, HashRouteError, HashTable, HashTableError};
+pub use import::presets::{preset, preset_names};
 pub use layout::{BatchLayout, LayerId, LayerKind, LayoutError, RowAddr, Segment, SeqId};
 pub use logits::LogitsRef;
 pub use reference::ReferenceRouter;
 pub use replay::{ForcedIds, PassThrough, Plan, ReplayPolicy, Replayed, RouteShape};
 pub use replay_slots::{ROUTER_SLOT, ReplayThreshold, SlotCounts, SlotReplay};
-pub use router::{CallSite, HostGrad, HostMatrix, HostWeights, IdsSink, Pass, ROUTER_SELECTS, Routed, Router, validate_ids};
+pub use router::{
+    CallSite, HostGrad, HostMatrix, HostWeights, IdsSink, Pass, ROUTER_SELECTS, Routed, Router, validate_ids,
+};
 
 /// Largest E supported by every backend (ids are stored in u16 traces with one sentinel).
 pub const MAX_EXPERTS: usize = 65_535;

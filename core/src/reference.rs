@@ -194,9 +194,9 @@ pub fn weights_row<M: Math>(cfg: &RouterConfig, z: &[M::F], ids: &[u32], row: us
     Ok(w)
 }
 
+use crate::backward::{BackwardPlan, LossGrads, vjp_rows};
 use crate::config::{ComputeDtype, Numerics};
 use crate::math::{NativeF32, NativeF64, Portable};
-use crate::backward::{BackwardPlan, LossGrads, vjp_rows};
 use crate::router::{CallSite, HostGrad, HostMatrix, HostWeights, Routed, Router, validate_ids};
 use ndarray::{Array2, ArrayView2};
 
@@ -354,10 +354,14 @@ impl Router for ReferenceRouter {
             (ComputeDtype::F64, _) => {
                 vjp_all::<NativeF64>(cfg, logits, ids.view(), grad.to_f64().view(), losses).map(HostMatrix::F64)
             }
-            (ComputeDtype::F32, Numerics::Portable) => {
-                vjp_all::<Portable>(cfg, logits, ids.view(), grad.to_f32().mapv(crate::math::ftz).view(), losses)
-                    .map(HostMatrix::F32)
-            }
+            (ComputeDtype::F32, Numerics::Portable) => vjp_all::<Portable>(
+                cfg,
+                logits,
+                ids.view(),
+                grad.to_f32().mapv(crate::math::ftz).view(),
+                losses,
+            )
+            .map(HostMatrix::F32),
             (ComputeDtype::F32, Numerics::Native) => {
                 vjp_all::<NativeF32>(cfg, logits, ids.view(), grad.to_f32().view(), losses).map(HostMatrix::F32)
             }

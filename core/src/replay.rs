@@ -1,10 +1,10 @@
 //! The [`ReplayPolicy`] trait and the [`Replayed`] decorator that composes a policy with any
 //! [`Router`].
 
+use crate::backward::LossGrads;
 use crate::config::RouterConfig;
 use crate::error::{ReplayError, RouteError};
 use crate::logits::LogitsRef;
-use crate::backward::LossGrads;
 use crate::router::{CallSite, HostGrad, HostMatrix, HostWeights, IdsSink, Pass, Routed, Router};
 use ndarray::{Array2, ArrayView2};
 use std::collections::VecDeque;

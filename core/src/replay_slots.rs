@@ -115,10 +115,12 @@ impl SlotCounts {
         }
     }
     /// Writes the counts into the optional replay fields of `stats.json`: `replayed_slots`,
-    /// `sentinel_slots` and, when a threshold was applied, `replaced_slots` and `replace_rate`.
+    /// `sentinel_slots`, `router_rows` and, when a threshold was applied, `replaced_slots` and
+    /// `replace_rate`.
     pub fn fill_stats(&self, stats: &mut RoutingStats, threshold: bool) {
         stats.replayed_slots = Some(self.replayed_slots);
         stats.sentinel_slots = Some(self.sentinel_slots);
+        stats.router_rows = Some(self.router_rows);
         if threshold {
             stats.replaced_slots = Some(self.replaced_slots);
             stats.replace_rate = Some(self.replace_rate());

@@ -255,9 +255,14 @@ pub struct RoutingStats {
     /// ([`crate::replay_slots::SlotCounts::replayed_slots`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replayed_slots: Option<u64>,
-    /// Replay: slots given as `-1` ("take the router's choice"), filled from the router's top-K.
+    /// Replay: slots given as `-1` ("take the router's choice") in rows that force other slots,
+    /// filled from the router's top-K ([`crate::replay_slots::SlotCounts::sentinel_slots`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sentinel_slots: Option<u64>,
+    /// Replay: rows the router selected entirely — every slot `-1`, padding, uncovered rows
+    /// ([`crate::replay_slots::SlotCounts::router_rows`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router_rows: Option<u64>,
     /// Threshold replay: replayed slots the threshold dropped and refilled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaced_slots: Option<u64>,

@@ -273,7 +273,10 @@ impl Router for AnyRouter {
         each!(self, r => r.weights_vjp_host_at(logits, ids.view(), grad, losses, site))
     }
     fn weights_from_host(&self, weights: &HostMatrix) -> Result<HostWeights, RouteError> {
-        Ok(moe_router_core::reference::host_in_compute_precision(self.config(), weights))
+        Ok(moe_router_core::reference::host_in_compute_precision(
+            self.config(),
+            weights,
+        ))
     }
     fn logits_grad_to_host(&self, grad: &HostGrad) -> Result<HostGrad, RouteError> {
         Ok(grad.clone())

@@ -35,9 +35,8 @@
 
 use crate::{
     CallSite, ComputeDtype, ForcedIds, GroupScore, HostMatrix, HostWeights, IdsSink, LogitsRef, LossGrads,
-    Normalization, Numerics,
-    PassThrough, Plan, ROUTER_SELECTS, ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape,
-    Router, RouterConfig, ScoreFunction, SoftmaxPosition,
+    Normalization, Numerics, PassThrough, Plan, ROUTER_SELECTS, ReferenceRouter, ReplayError, ReplayPolicy, Replayed,
+    RouteError, RouteShape, Router, RouterConfig, ScoreFunction, SoftmaxPosition,
 };
 use half::{bf16, f16};
 use ndarray::{Array2, ArrayView2};
@@ -819,7 +818,7 @@ pub fn upstream_grad(t: usize, k: usize, seed: u64) -> Array2<f32> {
     Array2::from_shape_fn((t, k), |_| {
         s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let x = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-        if (s >> 20) % 11 == 0 { 0.0 } else { x }
+        if (s >> 20).is_multiple_of(11) { 0.0 } else { x }
     })
 }
 
@@ -888,7 +887,15 @@ pub fn check_backward_random<B: Backend>(b: &B, size: Size) {
                     let v: Vec<u32> = row.iter().rev().copied().collect();
                     row.assign(&ndarray::ArrayView1::from(&v[..]));
                 }
-                assert_backward_same_as_reference(b, &cfg, lr, rev.view(), &grad, &losses, &format!("{dtype} replayed"));
+                assert_backward_same_as_reference(
+                    b,
+                    &cfg,
+                    lr,
+                    rev.view(),
+                    &grad,
+                    &losses,
+                    &format!("{dtype} replayed"),
+                );
             }
             Ok(())
         })
@@ -950,7 +957,10 @@ pub fn check_backward_contract<B: Backend>(b: &B) {
             &site,
         );
         if want_masked {
-            assert!(matches!(e, Err(RouteError::AllMasked { row: 11 })), "{name}: all −∞: {e:?}");
+            assert!(
+                matches!(e, Err(RouteError::AllMasked { row: 11 })),
+                "{name}: all −∞: {e:?}"
+            );
         } else {
             assert!(
                 matches!(e, Err(RouteError::NonFiniteLogit { row: 12, expert: 0, .. })),
@@ -968,9 +978,21 @@ pub fn check_backward_contract<B: Backend>(b: &B) {
     assert_backward_same_as_reference(b, &cfg, LogitsRef::F32(l3.view()), ids3.view(), &g, &losses, "−∞ logit");
 
     // Native numerics within tolerance of the reference's native mode.
-    for score in [ScoreFunction::Softmax, ScoreFunction::Sigmoid, ScoreFunction::SqrtSoftplus] {
-        let native = cfg.to_builder().score(score).numerics(Numerics::Native).build().expect("valid");
-        let ids = ReferenceRouter::new(native.clone()).route_host(&logits).expect("routes").0;
+    for score in [
+        ScoreFunction::Softmax,
+        ScoreFunction::Sigmoid,
+        ScoreFunction::SqrtSoftplus,
+    ] {
+        let native = cfg
+            .to_builder()
+            .score(score)
+            .numerics(Numerics::Native)
+            .build()
+            .expect("valid");
+        let ids = ReferenceRouter::new(native.clone())
+            .route_host(&logits)
+            .expect("routes")
+            .0;
         assert_backward_same_as_reference(b, &native, logits, ids.view(), &g, &losses, "native");
     }
 

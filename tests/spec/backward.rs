@@ -25,7 +25,13 @@ fn matrix_f64(v: &Value) -> Array2<f64> {
         .as_array()
         .expect("array")
         .iter()
-        .map(|r| r.as_array().expect("row").iter().map(|x| x.as_f64().expect("number")).collect())
+        .map(|r| {
+            r.as_array()
+                .expect("row")
+                .iter()
+                .map(|x| x.as_f64().expect("number"))
+                .collect()
+        })
         .collect();
     let (t, c) = (rows.len(), rows.first().map_or(0, Vec::len));
     Array2::from_shape_vec((t, c), rows.concat()).expect("rectangular")
@@ -97,7 +103,10 @@ fn assert_close(got: &Array2<f64>, want: &Array2<f64>, tol: f64, what: &str) {
 fn reference_backward_equals_torch_autograd_on_megatron_formulas() {
     let g = golden();
     let cases = g["cases"].as_array().expect("cases");
-    assert!(cases.len() >= 7, "every score function, normalisation, groups, aux and z-loss");
+    assert!(
+        cases.len() >= 7,
+        "every score function, normalisation, groups, aux and z-loss"
+    );
     for c in cases {
         let name = c["name"].as_str().expect("name");
         let rule = rule_of(&c["rule"]);
@@ -126,18 +135,37 @@ fn reference_backward_equals_torch_autograd_on_megatron_formulas() {
             let r = ReferenceRouter::new(cfg);
             let (ids, w) = r.route_host(&lr).expect("routes");
             assert_eq!(ids, want_ids, "{name}: ids");
-            assert_close(&w.to_f64(), &matrix_f64(&c["weights"]), tol, &format!("{name}: weights"));
+            assert_close(
+                &w.to_f64(),
+                &matrix_f64(&c["weights"]),
+                tol,
+                &format!("{name}: weights"),
+            );
             let dz = r
-                .weights_vjp_host_at(&lr, ids.view(), &HostMatrix::F64(grad.clone()), &losses, &CallSite::default())
+                .weights_vjp_host_at(
+                    &lr,
+                    ids.view(),
+                    &HostMatrix::F64(grad.clone()),
+                    &losses,
+                    &CallSite::default(),
+                )
                 .expect("backward");
-            assert_close(&dz.to_f64(), &want, tol, &format!("{name}: gradient ({compute:?} compute)"));
+            assert_close(
+                &dz.to_f64(),
+                &want,
+                tol,
+                &format!("{name}: gradient ({compute:?} compute)"),
+            );
         }
     }
 }
 
 /// `Σ g∘w(z)` with the ids fixed, in f64.
 fn weighted_sum(r: &ReferenceRouter, z: &Array2<f64>, ids: ArrayView2<'_, u32>, g: &Array2<f64>) -> f64 {
-    let w = r.weights_host(&LogitsRef::F64(z.view()), ids).expect("weights").to_f64();
+    let w = r
+        .weights_host(&LogitsRef::F64(z.view()), ids)
+        .expect("weights")
+        .to_f64();
     (&w * g).sum()
 }
 
@@ -176,8 +204,8 @@ fn aux_and_z(cfg: &RouterConfig, z: &Array2<f64>, counts: &[u64], a: f64, c: f64
     }
     let coeff = cfg.aux_losses()[0].coeff;
     let k = cfg.top_k() as f64;
-    let aux: f64 = colsum.iter().zip(counts).map(|(p, &n)| p * n as f64).sum::<f64>() * (e as f64 * coeff)
-        / (k * (t * t) as f64);
+    let aux: f64 =
+        colsum.iter().zip(counts).map(|(p, &n)| p * n as f64).sum::<f64>() * (e as f64 * coeff) / (k * (t * t) as f64);
     a * aux + c * cfg.z_loss_coeff() * zl / t as f64
 }
 
@@ -185,7 +213,9 @@ fn aux_and_z(cfg: &RouterConfig, z: &Array2<f64>, counts: &[u64], a: f64, c: f64
 fn reference_backward_equals_central_finite_differences_in_f64() {
     let mut runner = proptest::test_runner::TestRunner::new(PtConfig {
         cases: 40,
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct("proptest-regressions/backward.txt"))),
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/backward.txt",
+        ))),
         ..PtConfig::default()
     });
     let strat = (config_strategy(), 1usize..6, any::<u64>(), any::<bool>());
@@ -234,7 +264,12 @@ fn reference_backward_equals_central_finite_differences_in_f64() {
                 .to_f64();
             let h = 1e-6;
             let f = |zz: &Array2<f64>| {
-                weighted_sum(&r, zz, ids.view(), &g) + if with_losses { aux_and_z(&cfg, zz, &counts, a, c) } else { 0.0 }
+                weighted_sum(&r, zz, ids.view(), &g)
+                    + if with_losses {
+                        aux_and_z(&cfg, zz, &counts, a, c)
+                    } else {
+                        0.0
+                    }
             };
             for ti in 0..t {
                 for ei in 0..e {
@@ -260,7 +295,9 @@ fn reference_backward_equals_central_finite_differences_in_f64() {
 fn cpu_backward_is_bit_identical_to_the_reference_in_portable_mode_and_f64() {
     let cfg = moe_router::preset("deepseek-v3").expect("preset");
     let (t, e) = (700, cfg.num_experts());
-    let l = Array2::from_shape_fn((t, e), |(i, j)| (((i * 7919 + j * 104_729) % 2000) as f32 - 1000.0) * 0.004);
+    let l = Array2::from_shape_fn((t, e), |(i, j)| {
+        (((i * 7919 + j * 104_729) % 2000) as f32 - 1000.0) * 0.004
+    });
     let lr = LogitsRef::F32(l.view());
     for compute in [ComputeDtype::F32, ComputeDtype::F64] {
         let bias: Vec<f32> = (0..e).map(|x| ((x * 37 % 11) as f32 - 5.0) * 0.01).collect();
@@ -312,7 +349,13 @@ fn capacity_dropped_slots_pass_no_gradient_once_their_upstream_gradient_is_zeroe
     // A row whose every slot was dropped gets no gradient at all (sigmoid-free softmax after
     // normalisation aside, the weights' term is linear in g).
     let dz = r
-        .weights_vjp_host_at(&lr, ids.view(), &HostMatrix::F32(g.clone()), &LossGrads::default(), &CallSite::default())
+        .weights_vjp_host_at(
+            &lr,
+            ids.view(),
+            &HostMatrix::F32(g.clone()),
+            &LossGrads::default(),
+            &CallSite::default(),
+        )
         .expect("backward")
         .to_f64();
     for t in 0..16 {
@@ -323,7 +366,11 @@ fn capacity_dropped_slots_pass_no_gradient_once_their_upstream_gradient_is_zeroe
     let mut wrong = Array2::<f32>::ones((16, 3));
     assert!(matches!(
         outcome.zero_dropped(&mut wrong),
-        Err(moe_router::RouteError::GradShape { expected_k: 2, cols: 3, .. })
+        Err(moe_router::RouteError::GradShape {
+            expected_k: 2,
+            cols: 3,
+            ..
+        })
     ));
 }
 
@@ -349,25 +396,61 @@ fn the_aux_loss_counts_the_top_k_logits_and_equals_the_f64_restatement() {
 
 #[test]
 fn backward_inputs_are_checked_before_any_work() {
-    let cfg = RouterConfig::builder(8, 2).aux_loss(AuxLossKind::Global, 1e-2).build().expect("valid");
+    let cfg = RouterConfig::builder(8, 2)
+        .aux_loss(AuxLossKind::Global, 1e-2)
+        .build()
+        .expect("valid");
     let r = CpuRouter::new(cfg);
     let l = Array2::<f32>::zeros((4, 8));
     let lr = LogitsRef::F32(l.view());
     let ids = Array2::from_shape_fn((4, 2), |(_, j)| j as u32);
     let g = HostMatrix::F32(Array2::ones((4, 2)));
     let short = [1.0f64; 7];
-    let e = r.weights_vjp_host_at(&lr, ids.view(), &g, &LossGrads::default().aux_loss(1.0).global_counts(&short), &CallSite::default());
+    let e = r.weights_vjp_host_at(
+        &lr,
+        ids.view(),
+        &g,
+        &LossGrads::default().aux_loss(1.0).global_counts(&short),
+        &CallSite::default(),
+    );
     assert!(
         matches!(&e, Err(moe_router::RouteError::BackwardInput { what: "global_counts", detail }) if detail.contains("7 entries")),
         "{e:?}"
     );
     let lens = [1usize, 2];
-    let e = r.weights_vjp_host_at(&lr, ids.view(), &g, &LossGrads::default().seq_lens(&lens), &CallSite::default());
+    let e = r.weights_vjp_host_at(
+        &lr,
+        ids.view(),
+        &g,
+        &LossGrads::default().seq_lens(&lens),
+        &CallSite::default(),
+    );
     assert!(
-        matches!(e, Err(moe_router::RouteError::LayoutRows { layout_rows: 3, batch_rows: 4 })),
+        matches!(
+            e,
+            Err(moe_router::RouteError::LayoutRows {
+                layout_rows: 3,
+                batch_rows: 4
+            })
+        ),
         "{e:?}"
     );
-    let e = r.weights_vjp_host_at(&lr, ids.view(), &g, &LossGrads::default().z_loss(f64::NAN), &CallSite::default());
-    assert!(matches!(e, Err(moe_router::RouteError::BackwardInput { what: "grad_z_loss", .. })), "{e:?}");
+    let e = r.weights_vjp_host_at(
+        &lr,
+        ids.view(),
+        &g,
+        &LossGrads::default().z_loss(f64::NAN),
+        &CallSite::default(),
+    );
+    assert!(
+        matches!(
+            e,
+            Err(moe_router::RouteError::BackwardInput {
+                what: "grad_z_loss",
+                ..
+            })
+        ),
+        "{e:?}"
+    );
     let _ = Numerics::Portable;
 }

@@ -590,3 +590,380 @@ fn logits_of_another_dtype_are_refused_with_how_to_convert() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("float32"), "{err}");
 }
+
+// ---- backward: --grad-weights / --grad-aux-loss / --grad-z-loss -------------------------------
+
+fn f64_bytes(v: &[f64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn stats_of(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("stats.json")).unwrap()).unwrap()
+}
+
+/// Logits `[4, 8]` whose per-row values are ≥ 0.3 apart: a ±1e-3 step never changes a selection.
+fn spaced_logits() -> Vec<f64> {
+    let base = [1.3, 0.9, 0.5, 0.2, -0.1, -0.4, -0.8, -1.2];
+    (0..4)
+        .flat_map(|t| (0..8).map(move |e| base[(e * 3 + t) % 8] + 0.01 * (t as f64)))
+        .collect()
+}
+
+/// The scalar the contract differentiates, read back from what one `route` call wrote:
+/// Σ G∘weights + A·aux_loss + Z·z_loss.
+fn route_objective(tag: &str, cfg: &Path, logits: &[f64], g: &[f32], a: f64, z: f64) -> (f64, Vec<i128>) {
+    let dir = out_dir(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let lp = dir.join("l.npy");
+    npy::write(&lp, &[4, 8], NpyDtype::F64, &f64_bytes(logits)).unwrap();
+    let out = dir.join("out");
+    let (code, _, err) = run_captured(&[
+        "route",
+        "--logits",
+        lp.to_str().unwrap(),
+        "--megatron-config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let w = read(&out.join("weights.npy")).to_f32("w").unwrap();
+    let ids = read(&out.join("ids.npy")).to_ints("ids").unwrap();
+    let st = stats_of(&out);
+    let aux = st.get("aux_loss").and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let zl = st.get("z_loss").and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let dot: f64 = w.iter().zip(g).map(|(&w, &g)| f64::from(w) * f64::from(g)).sum();
+    (dot + a * aux + z * zl, ids)
+}
+
+/// `grad_logits.npy` against central finite differences of the call's own outputs.
+fn grad_logits_match_finite_differences(tag: &str, megatron: &str, a: f64, z: f64) {
+    let dir = out_dir(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("m.json");
+    std::fs::write(&cfg, megatron).unwrap();
+    let logits = spaced_logits();
+    let g: Vec<f32> = (0..8).map(|i| 0.5 - 0.27 * i as f32).collect();
+    let gp = dir.join("g.npy");
+    npy::write(&gp, &[4, 2], NpyDtype::F32, &npy::f32_bytes(&g)).unwrap();
+    let lp = dir.join("l.npy");
+    npy::write(&lp, &[4, 8], NpyDtype::F64, &f64_bytes(&logits)).unwrap();
+    let out = dir.join("out");
+    let (a_s, z_s) = (a.to_string(), z.to_string());
+    let (code, _, err) = run_captured(&[
+        "route",
+        "--logits",
+        lp.to_str().unwrap(),
+        "--megatron-config",
+        cfg.to_str().unwrap(),
+        "--grad-weights",
+        gp.to_str().unwrap(),
+        "--grad-aux-loss",
+        &a_s,
+        "--grad-z-loss",
+        &z_s,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let dz = read(&out.join("grad_logits.npy"));
+    assert_eq!((dz.dtype, dz.shape.clone()), (NpyDtype::F32, vec![4, 8]));
+    let dz = dz.to_f32("dz").unwrap();
+    let (_, ids0) = route_objective(&format!("{tag}-0"), &cfg, &logits, &g, a, z);
+    let h = 1e-3;
+    let mut worst = 0.0f64;
+    for i in 0..32 {
+        let mut up = logits.clone();
+        up[i] += h;
+        let mut dn = logits.clone();
+        dn[i] -= h;
+        let (fu, iu) = route_objective(&format!("{tag}-u"), &cfg, &up, &g, a, z);
+        let (fd, id) = route_objective(&format!("{tag}-d"), &cfg, &dn, &g, a, z);
+        assert!(iu == ids0 && id == ids0, "a step changed the selection at {i}");
+        let fdiff = (fu - fd) / (2.0 * h);
+        let err = (fdiff - f64::from(dz[i])).abs();
+        worst = worst.max(err);
+        assert!(
+            err < 2e-3,
+            "logit {i}: grad_logits {} vs finite difference {fdiff}",
+            dz[i]
+        );
+    }
+    assert!(
+        dz.iter().any(|&v| v.abs() > 1e-2),
+        "a gradient that is all ~0 checks nothing"
+    );
+    eprintln!("{tag}: worst |grad - fd| = {worst:.2e}");
+}
+
+#[test]
+fn grad_logits_is_the_derivative_of_the_weights_and_losses_the_same_call_writes_softmax_aux_z() {
+    grad_logits_match_finite_differences(
+        "grad-softmax",
+        r#"{"num_moe_experts": 8, "moe_router_topk": 2, "moe_router_score_function": "softmax",
+            "moe_router_load_balancing_type": "aux_loss", "moe_aux_loss_coeff": 0.05, "moe_z_loss_coeff": 0.01}"#,
+        0.7,
+        1.3,
+    );
+}
+
+#[test]
+fn grad_logits_is_the_derivative_for_normalised_sigmoid_with_scaling_and_per_sequence_aux() {
+    grad_logits_match_finite_differences(
+        "grad-sigmoid",
+        r#"{"num_moe_experts": 8, "moe_router_topk": 2, "moe_router_score_function": "sigmoid",
+            "moe_router_topk_scaling_factor": 2.5, "moe_router_load_balancing_type": "seq_aux_loss",
+            "moe_aux_loss_coeff": 0.05}"#,
+        1.0,
+        0.0,
+    );
+}
+
+#[test]
+fn grad_logits_of_replayed_ids_is_the_route_backward_of_those_ids() {
+    let out = out_dir("grad-replay");
+    let tmp = out_dir("grad-replay-in");
+    std::fs::create_dir_all(&tmp).unwrap();
+    // Replay ids that differ from the router's own choice in every row.
+    let ids: Vec<i32> = (0..64 * 8).map(|i| (i / 8 * 5 + (i % 8) * 16) % 128).collect();
+    let ip = tmp.join("ids.npy");
+    npy::write(&ip, &[64, 8], NpyDtype::I32, &npy::i32_bytes(&ids)).unwrap();
+    let g: Vec<f32> = (0..64 * 8).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+    let gp = tmp.join("g.npy");
+    npy::write(&gp, &[64, 8], NpyDtype::F32, &npy::f32_bytes(&g)).unwrap();
+    let o = out.to_str().unwrap();
+    let (code, _, err) = run_captured(&[
+        "route",
+        "--logits",
+        &data("logits_e128.npy"),
+        "--preset",
+        "qwen3-moe",
+        "--replay-ids",
+        ip.to_str().unwrap(),
+        "--grad-weights",
+        gp.to_str().unwrap(),
+        "--out",
+        o,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let dz = read(&out.join("grad_logits.npy")).to_f32("dz").unwrap();
+    // The library's backward of the same ids, through the reference router.
+    use moe_router::{CallSite, HostMatrix, LossGrads, Router};
+    let logits = read(Path::new(&data("logits_e128.npy"))).to_f32_2d("l").unwrap();
+    let cfg = moe_router::preset("qwen3-moe").unwrap();
+    let r = moe_router::ReferenceRouter::new(cfg);
+    let idv = ndarray::Array2::from_shape_vec((64, 8), ids.iter().map(|&i| i as u32).collect()).unwrap();
+    let gv = ndarray::Array2::from_shape_vec((64, 8), g).unwrap();
+    let want = r
+        .weights_vjp_host_at(
+            &moe_router::LogitsRef::F32(logits.view()),
+            idv.view(),
+            &HostMatrix::F32(gv),
+            &LossGrads::default(),
+            &CallSite::default(),
+        )
+        .unwrap()
+        .to_f32();
+    assert_eq!(dz.len(), 64 * 128);
+    for (i, (&a, &b)) in dz.iter().zip(want.iter()).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "element {i}");
+    }
+    // Experts outside a row's replayed ids get no gradient from the weights alone.
+    for t in 0..64 {
+        for e in 0..128 {
+            if !ids[t * 8..t * 8 + 8].contains(&(e as i32)) {
+                assert_eq!(dz[t * 128 + e], 0.0, "row {t} expert {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn grad_weights_of_the_wrong_shape_or_dtype_is_refused_naming_both() {
+    let tmp = out_dir("grad-bad");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let o = out_dir("grad-bad-out");
+    let gp = tmp.join("g.npy");
+    for (shape, dtype, bytes, want) in [
+        (vec![64usize, 4], NpyDtype::F32, npy::f32_bytes(&[0.0; 256]), "[64, 4]"),
+        (vec![32, 8], NpyDtype::F32, npy::f32_bytes(&[0.0; 256]), "[32, 8]"),
+        (vec![512], NpyDtype::F32, npy::f32_bytes(&[0.0; 512]), "[512]"),
+        (vec![64, 8], NpyDtype::F64, f64_bytes(&[0.0; 512]), "<f8"),
+        (vec![64, 8], NpyDtype::I32, npy::i32_bytes(&[0; 512]), "<i4"),
+    ] {
+        npy::write(&gp, &shape, dtype, &bytes).unwrap();
+        let (code, _, err) = run_captured(&[
+            "route",
+            "--logits",
+            &data("logits_e128.npy"),
+            "--preset",
+            "qwen3-moe",
+            "--grad-weights",
+            gp.to_str().unwrap(),
+            "--out",
+            o.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 1, "{shape:?} {dtype:?}: {err}");
+        assert!(
+            err.contains(want) && err.contains("64, 8"),
+            "{shape:?} {dtype:?}: {err}"
+        );
+        assert!(
+            !o.join("ids.npy").exists(),
+            "checked before any output is written: {err}"
+        );
+    }
+    // The loss factors need --grad-weights: a usage error.
+    let (code, _, err) = run_captured(&[
+        "route",
+        "--logits",
+        &data("logits_e128.npy"),
+        "--preset",
+        "qwen3-moe",
+        "--grad-z-loss",
+        "1",
+        "--out",
+        o.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+}
+
+// ---- replay features: threshold and the -1 slot sentinel ----------------------------------------
+
+#[test]
+fn replay_threshold_reports_the_replace_rate_in_stats_json() {
+    let tmp = out_dir("thr-in");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let own = out_dir("thr-own");
+    let logits = data("logits_e128.npy");
+    assert_eq!(
+        run(&[
+            "route",
+            "--logits",
+            &logits,
+            "--preset",
+            "qwen3-moe",
+            "--out",
+            own.to_str().unwrap()
+        ]),
+        0
+    );
+    let mut ids: Vec<i128> = read(&own.join("ids.npy")).to_ints("ids").unwrap();
+    // Rows 0..16: slot 7 replaced by an expert outside the router's top-K (a weak score).
+    for t in 0..16 {
+        let row = &ids[t * 8..t * 8 + 8];
+        let weak = (0..128).rev().find(|e| !row.contains(e)).unwrap();
+        ids[t * 8 + 7] = weak;
+    }
+    let v: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    let ip = tmp.join("ids.npy");
+    npy::write(&ip, &[64, 8], NpyDtype::I32, &npy::i32_bytes(&v)).unwrap();
+    let out = out_dir("thr-out");
+    let args = |r: &'static str| {
+        vec![
+            "route".to_string(),
+            "--logits".into(),
+            logits.clone(),
+            "--preset".into(),
+            "qwen3-moe".into(),
+            "--replay-ids".into(),
+            ip.to_str().unwrap().into(),
+            "--replay-threshold".into(),
+            r.into(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ]
+    };
+    // Ratio 0: every replayed id is kept.
+    let a0 = args("0");
+    assert_eq!(run(&a0.iter().map(String::as_str).collect::<Vec<_>>()), 0);
+    let st = stats_of(&out);
+    assert_eq!(st["replayed_slots"].as_u64(), Some(512));
+    assert_eq!(st["replace_rate"].as_f64(), Some(0.0));
+    assert_eq!(read(&out.join("ids.npy")).to_ints("ids").unwrap(), ids);
+    // Ratio 1: an id below the router's weakest top-K score is replaced; the router's own are kept.
+    let a1 = args("1");
+    assert_eq!(run(&a1.iter().map(String::as_str).collect::<Vec<_>>()), 0);
+    let st = stats_of(&out);
+    assert_eq!(st["replaced_slots"].as_u64(), Some(16), "{st}");
+    assert_eq!(st["replace_rate"].as_f64(), Some(16.0 / 512.0));
+    let got = read(&out.join("ids.npy")).to_ints("ids").unwrap();
+    let mine = read(&own.join("ids.npy")).to_ints("ids").unwrap();
+    for t in 0..64 {
+        let mut a = got[t * 8..t * 8 + 8].to_vec();
+        let mut b = mine[t * 8..t * 8 + 8].to_vec();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b, "row {t}: the refill is the router's own choice");
+    }
+    // A negative ratio is a usage error, before any output.
+    let bad = out_dir("thr-bad");
+    let mut an = args("-0.5");
+    an[10] = bad.to_str().unwrap().into();
+    let (code, _, err) = run_captured(&an.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_ne!(code, 0, "{err}");
+    assert!(!bad.join("ids.npy").exists());
+}
+
+#[test]
+fn minus_one_in_replay_ids_takes_the_routers_choice_for_that_slot_and_is_counted() {
+    let tmp = out_dir("sent-in");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let own = out_dir("sent-own");
+    let logits = data("logits_e128.npy");
+    assert_eq!(
+        run(&[
+            "route",
+            "--logits",
+            &logits,
+            "--preset",
+            "qwen3-moe",
+            "--out",
+            own.to_str().unwrap()
+        ]),
+        0
+    );
+    let mine: Vec<i128> = read(&own.join("ids.npy")).to_ints("ids").unwrap();
+    // Every row: all slots -1 (the router's selection); row 3 keeps slots 0..4 forced.
+    let mut v = vec![-1i32; 512];
+    for s in 0..4 {
+        v[3 * 8 + s] = mine[3 * 8 + s] as i32;
+    }
+    let ip = tmp.join("ids.npy");
+    npy::write(&ip, &[64, 8], NpyDtype::I32, &npy::i32_bytes(&v)).unwrap();
+    let out = out_dir("sent-out");
+    let code = run(&[
+        "route",
+        "--logits",
+        &logits,
+        "--preset",
+        "qwen3-moe",
+        "--replay-ids",
+        ip.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(read(&out.join("ids.npy")).to_ints("ids").unwrap(), mine);
+    let st = stats_of(&out);
+    assert_eq!(st["sentinel_slots"].as_u64(), Some(4), "row 3's four -1 slots: {st}");
+    assert_eq!(st["router_rows"].as_u64(), Some(63), "the all -1 rows: {st}");
+    assert_eq!(st["replayed_slots"].as_u64(), Some(4), "{st}");
+    assert!(st.get("replace_rate").is_none(), "no threshold, no replace rate: {st}");
+    // -2 is not the sentinel: refused with the row and slot.
+    v[5 * 8 + 2] = -2;
+    npy::write(&ip, &[64, 8], NpyDtype::I32, &npy::i32_bytes(&v)).unwrap();
+    let (code, _, err) = run_captured(&[
+        "route",
+        "--logits",
+        &logits,
+        "--preset",
+        "qwen3-moe",
+        "--replay-ids",
+        ip.to_str().unwrap(),
+        "--out",
+        out_dir("sent-bad").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("row 5") && err.contains("-2"), "{err}");
+}

@@ -317,14 +317,23 @@ pub fn row_shift(a: &Trace, b: &Trace, max_shift: usize) -> Option<Finding> {
     })
 }
 
+/// One sequence's constant-row runs: positions `start..end`, the layers, the first run's row and
+/// the longest run.
+struct GarbageSpan {
+    start: u64,
+    end: u64,
+    layers: Vec<u32>,
+    row: Vec<u32>,
+    longest: usize,
+}
+
 /// Runs of one constant present row over at least [`GARBAGE_MIN_RUN`] positions, one finding
 /// per sequence (the union of the runs' positions, the layers they occur in, the first run's row).
 pub fn garbage_rows(t: &Trace) -> Vec<Finding> {
     let k = t.header().top_k();
     let nlayers = t.header().layers().len();
     let codec = *t.codec();
-    // seq -> (min pos, max pos end, layers, example row, longest run)
-    let mut per_seq: BTreeMap<u64, (u64, u64, Vec<u32>, Vec<u32>, usize)> = BTreeMap::new();
+    let mut per_seq: BTreeMap<u64, GarbageSpan> = BTreeMap::new();
     let mut prev = vec![0u32; k];
     let mut cur = vec![0u32; k];
     for lane in t.lanes() {
@@ -333,15 +342,19 @@ pub fn garbage_rows(t: &Trace) -> Vec<Finding> {
         let mut next_pos = u64::MAX;
         let mut flush = |start: u64, len: usize, row: &[u32]| {
             if len >= GARBAGE_MIN_RUN {
-                let e = per_seq
-                    .entry(lane.seq.0)
-                    .or_insert((u64::MAX, 0, Vec::new(), row.to_vec(), 0));
-                e.0 = e.0.min(start);
-                e.1 = e.1.max(start + len as u64);
-                if !e.2.contains(&lane.layer.0) {
-                    e.2.push(lane.layer.0);
+                let e = per_seq.entry(lane.seq.0).or_insert_with(|| GarbageSpan {
+                    start: u64::MAX,
+                    end: 0,
+                    layers: Vec::new(),
+                    row: row.to_vec(),
+                    longest: 0,
+                });
+                e.start = e.start.min(start);
+                e.end = e.end.max(start + len as u64);
+                if !e.layers.contains(&lane.layer.0) {
+                    e.layers.push(lane.layer.0);
                 }
-                e.4 = e.4.max(len);
+                e.longest = e.longest.max(len);
             }
         };
         for r in &lane.runs {
@@ -369,7 +382,14 @@ pub fn garbage_rows(t: &Trace) -> Vec<Finding> {
     }
     per_seq
         .into_iter()
-        .map(|(seq, (a, b, mut layers, row, longest))| {
+        .map(|(seq, span)| {
+            let GarbageSpan {
+                start: a,
+                end: b,
+                mut layers,
+                row,
+                longest,
+            } = span;
             layers.sort_unstable();
             Finding {
                 class: FindingClass::GarbageRows,
