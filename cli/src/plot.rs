@@ -420,6 +420,163 @@ pub fn plot_comparison(path: &Path, c: &moe_router::metrics::Comparison, a: &str
     plot_mismatch_per_layer(path, &format!("Routers that differ: {a} vs {b}"), &layers, &series)
 }
 
+/// One named series of per-step values (one value per optimisation step).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepSeries {
+    /// Legend label.
+    pub label: String,
+    /// One value per step, step 0 first.
+    pub values: Vec<f64>,
+}
+
+/// How a panel's y axis shows its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepScale {
+    /// Linear, values as they are.
+    Linear,
+    /// Linear, fractions shown as percent.
+    Percent,
+    /// Logarithmic (values ≤ 0 are drawn at the axis floor).
+    Log,
+}
+
+/// One panel of [`plot_training_curves`]: a metric per step for several runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepPanel {
+    /// Panel caption (the metric).
+    pub title: String,
+    /// The y axis.
+    pub scale: StepScale,
+    /// The runs.
+    pub series: Vec<StepSeries>,
+}
+
+struct StepCurves<'a> {
+    title: &'a str,
+    panels: &'a [StepPanel],
+}
+
+/// The y range of a panel (in log10 units for [`StepScale::Log`]) and the floor values are
+/// clamped to.
+fn step_range(panel: &StepPanel) -> (f64, f64, f64) {
+    let vals = panel
+        .series
+        .iter()
+        .flat_map(|s| s.values.iter().copied())
+        .filter(|v| v.is_finite());
+    match panel.scale {
+        StepScale::Log => {
+            let pos: Vec<f64> = vals.filter(|&v| v > 0.0).collect();
+            let lo = pos.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = pos.iter().copied().fold(0.0f64, f64::max);
+            if pos.is_empty() {
+                return (-1.0, 0.0, 0.1);
+            }
+            let (a, b) = (lo.log10().floor(), hi.log10().ceil());
+            (a, if b > a { b } else { a + 1.0 }, 10f64.powf(a))
+        }
+        StepScale::Linear | StepScale::Percent => {
+            let m = vals.fold(0.0f64, f64::max);
+            let (m, cap) = if panel.scale == StepScale::Percent {
+                (m * 100.0, 100.0)
+            } else {
+                (m, f64::INFINITY)
+            };
+            (0.0, if m > 0.0 { (m * 1.15).min(cap).max(m) } else { 1.0 }, 0.0)
+        }
+    }
+}
+
+impl DrawFn for StepCurves<'_> {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<(), String> {
+        root.fill(&WHITE).map_err(s)?;
+        let root = root.titled(self.title, ("sans-serif", 24)).map_err(s)?;
+        let cols = if self.panels.len() > 1 { 2 } else { 1 };
+        let rows = self.panels.len().div_ceil(cols);
+        let areas = root.split_evenly((rows, cols));
+        for (panel, area) in self.panels.iter().zip(areas.iter()) {
+            let n = panel.series.iter().map(|s| s.values.len()).max().unwrap_or(0);
+            let (lo, hi, floor) = step_range(panel);
+            let x_hi = (n.max(2) - 1) as f64;
+            let mut chart = ChartBuilder::on(area)
+                .caption(panel.title.as_str(), ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(36)
+                .y_label_area_size(64)
+                .build_cartesian_2d(0f64..x_hi, lo..hi)
+                .map_err(s)?;
+            let scale = panel.scale;
+            chart
+                .configure_mesh()
+                .x_labels(n.clamp(2, 11))
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_labels(6)
+                .y_label_formatter(&|y| match scale {
+                    StepScale::Log => format!("{:.0e}", 10f64.powf(*y)),
+                    StepScale::Percent => format!("{y:.0}%"),
+                    StepScale::Linear => format!("{y:.2}"),
+                })
+                .x_desc("step")
+                .label_style(("sans-serif", 13))
+                .axis_desc_style(("sans-serif", 14))
+                .draw()
+                .map_err(s)?;
+            for (si, ser) in panel.series.iter().enumerate() {
+                let color = PALETTE[si % PALETTE.len()];
+                let y = |v: f64| match scale {
+                    StepScale::Log => v.max(floor).log10(),
+                    StepScale::Percent => v * 100.0,
+                    StepScale::Linear => v,
+                };
+                let pts: Vec<(f64, f64)> = ser
+                    .values
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(i, &v)| (i as f64, y(v)))
+                    .collect();
+                chart
+                    .draw_series(std::iter::once(PathElement::new(pts.clone(), color.stroke_width(2))))
+                    .map_err(s)?
+                    .label(ser.label.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                chart
+                    .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                    .map_err(s)?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.4))
+                .label_font(("sans-serif", 13))
+                .draw()
+                .map_err(s)?;
+        }
+        Ok(())
+    }
+}
+
+/// Draws per-step training curves, one panel per metric (two panels a row), each with one line
+/// per run, into `path` (`.png` or `.svg`). Every series of a panel must have at least one value.
+pub fn plot_training_curves(path: &Path, title: &str, panels: &[StepPanel]) -> Result<(), PlotError> {
+    let empty = |what: String| PlotError::Empty {
+        path: path.display().to_string(),
+        what,
+    };
+    if panels.is_empty() {
+        return Err(empty("no panel".into()));
+    }
+    if let Some(p) = panels
+        .iter()
+        .find(|p| p.series.is_empty() || p.series.iter().any(|s| s.values.is_empty()))
+    {
+        return Err(empty(format!("panel {:?} has no series or an empty one", p.title)));
+    }
+    let rows = panels.len().div_ceil(2) as u32;
+    draw_to(path, (1200, 80 + 380 * rows), StepCurves { title, panels })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

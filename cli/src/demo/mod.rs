@@ -22,8 +22,10 @@
 
 mod phases;
 mod report;
+mod train;
 
 pub use report::{DemoSummary, PhaseSettings, RunReport, story};
+pub use train::{TrainingReport, TrainingRun, TrainingStep};
 
 use crate::CliError;
 use crate::backend::{AnyRouter, BackendKind};
@@ -33,7 +35,7 @@ use moe_router::policy::{MissingRoutes, Record, Replay, ReplayFromFile};
 use moe_router::trace::{RowConvention, TraceFile, TraceHeader, WriterOptions};
 use moe_router::{Numerics, Replayed, RouteError, RouterConfig, SeqId};
 use phases::{micro_batches, progress, rollout, train};
-use report::{plot_mismatch, write_summary};
+use report::{plot_mismatch, plot_training, write_summary};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -124,6 +126,32 @@ pub struct DemoArgs {
     /// Print the JSON summary on stdout (the story goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Optimisation steps of the training section, each run (0 skips the section).
+    #[arg(long, default_value_t = 20, value_name = "N", help_heading = "Training",
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(train::MAX_STEPS)))]
+    pub train_steps: u32,
+    /// Sequences of the training section's rollout.
+    #[arg(long, default_value_t = 16, value_name = "N", help_heading = "Training")]
+    pub train_sequences: usize,
+    /// Response tokens per sequence of the training section (the tokens the loss is over).
+    #[arg(long, default_value_t = 24, value_name = "T", help_heading = "Training")]
+    pub train_len: usize,
+    /// MoE layers of the training section's model.
+    #[arg(long, default_value_t = 4, value_name = "N", help_heading = "Training")]
+    pub train_layers: usize,
+    /// Adam's learning rate on the gate weights.
+    #[arg(long, default_value_t = 1e-3, value_name = "LR", help_heading = "Training",
+          value_parser = positive_finite)]
+    pub learning_rate: f64,
+}
+
+/// A finite number > 0 (clap value parser).
+fn positive_finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        Ok(x) => Err(format!("must be a finite number > 0, got {x}")),
+        Err(e) => Err(format!("not a number: {e}")),
+    }
 }
 
 impl Default for DemoArgs {
@@ -148,6 +176,11 @@ impl Default for DemoArgs {
             cp: 2,
             out: PathBuf::from("out/demo"),
             json: false,
+            train_steps: 20,
+            train_sequences: 16,
+            train_len: 24,
+            train_layers: 4,
+            learning_rate: 1e-3,
         }
     }
 }
@@ -197,6 +230,21 @@ fn check_args(a: &DemoArgs) -> Result<(), CliError> {
     let tokens = a.sequences as u128 * a.seq_len as u128 * a.hidden as u128;
     if tokens > 1 << 31 {
         return bad("sequences × seq-len × hidden is too large for a demo (keep it under 2^31)".into());
+    }
+    if a.train_steps > 0 {
+        if a.train_sequences == 0 || a.train_len == 0 || a.train_layers == 0 {
+            return bad(format!(
+                "--train-sequences ({}), --train-len ({}) and --train-layers ({}) must be at least 1 \
+                 (or skip the training section with --train-steps 0)",
+                a.train_sequences, a.train_len, a.train_layers
+            ));
+        }
+        let rows = a.train_sequences as u128 * a.train_len as u128 * a.train_layers as u128;
+        if rows > 1 << 20 {
+            return bad(format!(
+                "--train-sequences × --train-len × --train-layers is {rows}: too large for a demo (keep it under 2^20)"
+            ));
+        }
     }
     Ok(())
 }
@@ -354,9 +402,15 @@ pub fn run_demo(a: &DemoArgs) -> Result<DemoSummary, CliError> {
         )));
     }
 
+    // ---- 4. Training the gates, without and with replay -------------------------------------
+    let training = train::training(a, &rule)?;
+
     // ---- Report -----------------------------------------------------------------------------
     let mut files = vec![trace_path.clone(), train_path.clone()];
     files.extend(plot_mismatch(a, &model, &layer_ids, &without, &with)?);
+    if let Some(t) = &training {
+        files.extend(plot_training(a, t)?);
+    }
     let summary_path = a.out.join("summary.json");
     files.push(summary_path.clone());
     let tokens: u64 = lens.iter().map(|&l| l as u64).sum();
@@ -376,7 +430,7 @@ pub fn run_demo(a: &DemoArgs) -> Result<DemoSummary, CliError> {
             accumulation: roll_num.accumulation,
             router_numerics: numerics(a.rollout_numerics),
         },
-        training: PhaseSettings {
+        trainer: PhaseSettings {
             backend: train_device,
             precision: a.train_precision,
             accumulation: train_num.accumulation,
@@ -387,6 +441,7 @@ pub fn run_demo(a: &DemoArgs) -> Result<DemoSummary, CliError> {
         rollout_seconds,
         without_replay: without,
         with_replay: with,
+        training,
         files: files.iter().map(|p| p.display().to_string()).collect(),
     };
     write_summary(&summary_path, &summary)?;

@@ -1,10 +1,11 @@
 //! The demo's report: the JSON summary (`OUT/summary.json`) and its types, the per-layer mismatch
 //! plot, and the story printed at the end with its table.
 
+use super::train::{TrainingReport, TrainingStep};
 use super::{DemoArgs, numerics_name};
 use crate::CliError;
 use crate::model::{Accumulation, ModelSpec, Precision, SyntheticModel};
-use crate::plot::{LayerSeries, plot_mismatch_per_layer};
+use crate::plot::{LayerSeries, StepPanel, StepScale, StepSeries, plot_mismatch_per_layer, plot_training_curves};
 use moe_router::Numerics;
 use moe_router::metrics::{Comparison, PolicyCounts};
 use serde::Serialize;
@@ -63,8 +64,8 @@ pub struct DemoSummary {
     pub routed_tokens: u64,
     /// Rollout settings.
     pub rollout: PhaseSettings,
-    /// Training settings.
-    pub training: PhaseSettings,
+    /// Trainer settings (the training runs above and the training section below).
+    pub trainer: PhaseSettings,
     /// Training micro-batches (each split over `cp` ranks).
     pub micro_batches: usize,
     /// Context-parallel ranks.
@@ -75,6 +76,10 @@ pub struct DemoSummary {
     pub without_replay: RunReport,
     /// Training with R3 replay, against the rollout.
     pub with_replay: RunReport,
+    /// The training section (`--train-steps`): the gates trained without and with replay, per
+    /// step. Absent with `--train-steps 0`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingReport>,
     /// Files written.
     pub files: Vec<String>,
 }
@@ -138,6 +143,62 @@ pub(super) fn plot_mismatch(
     Ok(files)
 }
 
+/// Draws the training section's per-step metrics for both runs to `OUT/training.png` and
+/// `OUT/training.svg`; returns the files written.
+pub(super) fn plot_training(a: &DemoArgs, t: &TrainingReport) -> Result<Vec<PathBuf>, CliError> {
+    let series = |f: &dyn Fn(&TrainingStep) -> f64| {
+        vec![
+            StepSeries {
+                label: "without replay".into(),
+                values: t.without_replay.steps.iter().map(f).collect(),
+            },
+            StepSeries {
+                label: "with R3 replay".into(),
+                values: t.with_replay.steps.iter().map(f).collect(),
+            },
+        ]
+    };
+    let panels = [
+        StepPanel {
+            title: "k3 KL(rollout || training)".into(),
+            scale: StepScale::Log,
+            series: series(&|s| s.k3_kl),
+        },
+        StepPanel {
+            title: format!(
+                "tokens with ratio outside [{}, {}]",
+                t.extreme_ratio_band[0], t.extreme_ratio_band[1]
+            ),
+            scale: StepScale::Percent,
+            series: series(&|s| s.extreme_fraction),
+        },
+        StepPanel {
+            title: "gate gradient norm".into(),
+            scale: StepScale::Linear,
+            series: series(&|s| s.grad_norm),
+        },
+        StepPanel {
+            title: "routers that differ from the rollout".into(),
+            scale: StepScale::Percent,
+            series: series(&|s| s.router_mismatch_fraction),
+        },
+    ];
+    let title = format!(
+        "Training the gates on one rollout ({}, {} layers, {} response tokens, Adam lr {})",
+        a.preset,
+        t.layers,
+        t.sequences * t.response_len,
+        t.learning_rate
+    );
+    let mut files = Vec::new();
+    for ext in ["png", "svg"] {
+        let p = a.out.join(format!("training.{ext}"));
+        plot_training_curves(&p, &title, &panels)?;
+        files.push(p);
+    }
+    Ok(files)
+}
+
 /// Writes `summary` to `path` as pretty-printed JSON with a final newline.
 pub(super) fn write_summary(path: &Path, summary: &DemoSummary) -> Result<(), CliError> {
     let json = serde_json::to_string_pretty(summary).map_err(|e| CliError::Input(e.to_string()))?;
@@ -192,9 +253,9 @@ pub fn story(s: &DemoSummary, a: &DemoArgs) -> String {
     let _ = writeln!(
         o,
         "  training  {} activations, {} router math, {}",
-        s.training.precision.name(),
-        numerics_name(s.training.router_numerics),
-        s.training.backend
+        s.trainer.precision.name(),
+        numerics_name(s.trainer.router_numerics),
+        s.trainer.backend
     );
     let _ = writeln!(
         o,
@@ -298,6 +359,94 @@ pub fn story(s: &DemoSummary, a: &DemoArgs) -> String {
         "never-routed last token of each sequence) fall back to the trainer's choice, and what is left of the"
     );
     let _ = writeln!(o, "gap is numerics, not routing.");
+    if let Some(t) = &s.training {
+        training_story(&mut o, s, t);
+    }
     let _ = writeln!(o, "Wrote {}", s.files.join(", "));
     o
+}
+
+/// The steps the table shows: all up to 24, else 20 evenly spaced ones and the last.
+fn shown_steps(n: usize) -> Vec<usize> {
+    if n <= 24 {
+        return (0..n).collect();
+    }
+    let mut v: Vec<usize> = (0..20).map(|i| i * (n - 1) / 20).collect();
+    v.push(n - 1);
+    v.dedup();
+    v
+}
+
+/// The training section of the story: the per-step table and what its last row says.
+fn training_story(o: &mut String, s: &DemoSummary, t: &TrainingReport) {
+    use std::fmt::Write as _;
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "Training the gates: {} layers (H={}, {} routing, E={}, K={}), {} sequences x {} response tokens",
+        t.layers, t.hidden, s.preset, s.num_experts, s.top_k, t.sequences, t.response_len
+    );
+    let _ = writeln!(
+        o,
+        "  one rollout ({} numerics), then {} steps of importance-weighted policy gradient (Adam, lr {}) on it,",
+        s.rollout.precision.name(),
+        t.steps,
+        t.learning_rate
+    );
+    let _ = writeln!(
+        o,
+        "  backward through Router::weights_vjp; ratio = pi_train / pi_rollout of the sampled token, per step:"
+    );
+    let _ = writeln!(o);
+    let band = format!("of [{}, {}]", t.extreme_ratio_band[0], t.extreme_ratio_band[1]);
+    let head = |a: &str, b: &str, c: &str, d: &str| format!("{a:>9}   {b:>11}  {c:>5}  {d:>8}");
+    let h1 = head("k3 KL", "ratio out", "grad", "routers");
+    let h2 = head("", &band, "norm", "differ");
+    let _ = writeln!(o, "       {:-^40}    {:-^40}", " without replay ", " with R3 replay ");
+    let _ = writeln!(o, "  step {h1}    {h1}");
+    let _ = writeln!(o, "{}", format!("       {h2}    {h2}").trim_end());
+    let cells = |x: &TrainingStep| {
+        format!(
+            "{:>9.2e}   {:>11}  {:>5.2}  {:>8}",
+            x.k3_kl,
+            pct(x.extreme_fraction),
+            x.grad_norm,
+            pct(x.router_mismatch_fraction)
+        )
+    };
+    let (w, r) = (&t.without_replay.steps, &t.with_replay.steps);
+    for i in shown_steps(w.len().min(r.len())) {
+        let _ = writeln!(o, "  {:>4} {}    {}", w[i].step, cells(&w[i]), cells(&r[i]));
+    }
+    let (Some(lw), Some(lr)) = (w.last(), r.last()) else {
+        return;
+    };
+    let _ = writeln!(o);
+    let _ = writeln!(
+        o,
+        "At step {} the trainer that routes itself sends {} of (token, layer) pairs to other experts than the",
+        lw.step,
+        pct(lw.router_mismatch_fraction)
+    );
+    let _ = writeln!(
+        o,
+        "rollout did ({} at step 0): {} of its ratios are outside [{}, {}] and the k3 KL is {:.2e}. Replaying the",
+        pct(w[0].router_mismatch_fraction),
+        pct(lw.extreme_fraction),
+        t.extreme_ratio_band[0],
+        t.extreme_ratio_band[1],
+        lw.k3_kl
+    );
+    let verdict = if lr.k3_kl < lw.k3_kl && lr.extreme_fraction <= lw.extreme_fraction {
+        "the ratios stay closer to 1"
+    } else {
+        "replay did not bring the ratios closer to 1 here"
+    };
+    let _ = writeln!(
+        o,
+        "rollout's routes: {} outside, k3 KL {:.2e} ({verdict}; what is left is the gates' own",
+        pct(lr.extreme_fraction),
+        lr.k3_kl
+    );
+    let _ = writeln!(o, "change through the routing weights, and numerics).");
 }
