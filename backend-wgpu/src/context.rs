@@ -117,6 +117,12 @@ pub struct WgpuContext {
     pub(crate) queue: wgpu::Queue,
     pub(crate) limits: wgpu::Limits,
     desc: AdapterDescription,
+    /// Features enabled on the device (the adapter's SUBGROUP, where it has it).
+    features: wgpu::Features,
+    /// The adapter's subgroup size range (min, max).
+    subgroup_sizes: (u32, u32),
+    /// Lanes of the subgroup row kernels once probed (`None`: they cannot run here).
+    subgroup_lanes: OnceLock<Option<u32>>,
     /// Compiled pipelines shared by every router on this context: keyed by the pipelines' type
     /// and the `Debug` text of the spec they were compiled for (which determines them).
     pipelines: Mutex<HashMap<(TypeId, String), Arc<dyn Any + Send + Sync>>>,
@@ -228,9 +234,11 @@ impl WgpuContext {
                 info.name, limits.max_storage_buffers_per_shader_stage
             )));
         }
+        // Subgroup operations are optional: the row kernels use them where the adapter has them.
+        let features = adapter.features() & wgpu::Features::SUBGROUP;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("moe-router"),
-            required_features: wgpu::Features::empty(),
+            required_features: features,
             required_limits: limits.clone(),
             ..Default::default()
         }))
@@ -259,6 +267,9 @@ impl WgpuContext {
             queue,
             limits,
             desc: describe(&info),
+            features,
+            subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+            subgroup_lanes: OnceLock::new(),
             pipelines: Mutex::new(HashMap::new()),
             layout,
             count_layout,
@@ -283,6 +294,82 @@ impl WgpuContext {
     /// The device limits in force.
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+
+    /// Lanes per row of the subgroup row kernels on this device (its subgroup size), or `None`
+    /// where they cannot run: the adapter lacks subgroup operations, its subgroup size is not one
+    /// fixed power of two in 4..=128, or a probe kernel found a subgroup layout other than the one
+    /// the kernels rely on (aligned blocks of consecutive invocations). Probed once per context.
+    pub fn subgroup_lanes(&self) -> Option<u32> {
+        *self.subgroup_lanes.get_or_init(|| self.probe_subgroups())
+    }
+
+    fn probe_subgroups(&self) -> Option<u32> {
+        let (lo, hi) = self.subgroup_sizes;
+        if !self.features.contains(wgpu::Features::SUBGROUP)
+            || lo != hi
+            || !lo.is_power_of_two()
+            || !(4..=128).contains(&lo)
+        {
+            return None;
+        }
+        let l = lo;
+        let rw = crate::kernels::subgroup_rows_invocations(l);
+        if rw > self.limits.max_compute_invocations_per_workgroup {
+            return None;
+        }
+        let groups = 4u32;
+        let n = u64::from(rw * groups);
+        let src = format!(
+            "const L: u32 = {l}u;\nconst RW: u32 = {rw}u;\n{}",
+            crate::kernels::PROBE_SUBGROUP_WGSL
+        );
+        let scope = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some("moe-router subgroup probe"),
+            source: wgpu::ShaderSource::Wgsl(src.into()),
+        });
+        let pipe = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some("moe-router subgroup probe"),
+            layout: None,
+            module: &module,
+            entry_point: Some("probe"),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let out = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("moe-router subgroup probe"),
+            size: n * 4,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipe.get_bind_group_layout(0),
+            entries: &[wgpu::BindGroupEntry {
+                binding: 0,
+                resource: out.as_entire_binding(),
+            }],
+        });
+        if pollster::block_on(scope.pop()).is_some() {
+            return None;
+        }
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("moe-router subgroup probe"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipe);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(groups, 1, 1);
+        }
+        self.queue.submit([enc.finish()]);
+        let bytes = self.read_bytes(&out, 0, n * 4).ok()?;
+        let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
+        words.iter().all(|&w| w == 1).then_some(l)
     }
 
     /// The pipelines of type `T` for `spec`, built by `build` once per context and shared by

@@ -17,8 +17,18 @@ use moe_router_core::{GroupScore, Normalization, Numerics, RouterConfig, ScoreFu
 
 /// The portable math, mirrored from `moe_router_core::math`.
 pub const MATH_WGSL: &str = include_str!("../shaders/math.wgsl");
-/// The routing kernels (route, replay).
+/// Parameters, bindings, keys and bounds shared by the routing kernels.
+pub const ROUTE_COMMON_WGSL: &str = include_str!("../shaders/route_common.wgsl");
+/// The one-invocation-per-token routing kernels (route, replay).
 pub const ROUTE_WGSL: &str = include_str!("../shaders/route.wgsl");
+/// The row routing kernels (route, replay): the lanes of a subgroup or workgroup route one row.
+pub const ROUTE_ROWS_WGSL: &str = include_str!("../shaders/route_rows.wgsl");
+/// Lane operations of the row kernels on subgroups.
+pub const LANES_SUBGROUP_WGSL: &str = include_str!("../shaders/lanes_subgroup.wgsl");
+/// Lane operations of the row kernels through workgroup memory (no subgroup operations).
+pub const LANES_WORKGROUP_WGSL: &str = include_str!("../shaders/lanes_workgroup.wgsl");
+/// Probe of the subgroup layout the subgroup row kernels rely on.
+pub const PROBE_SUBGROUP_WGSL: &str = include_str!("../shaders/probe_subgroup.wgsl");
 /// The backward kernels (aux-loss counts, gradient on the logits).
 pub const BACKWARD_WGSL: &str = include_str!("../shaders/backward.wgsl");
 /// Statistics kernels (tokens per expert, aux-loss partial sums, z-loss partial sums).
@@ -34,10 +44,14 @@ pub const H2F_BF16_WGSL: &str = include_str!("../shaders/h2f_bf16.wgsl");
 pub const H2F_F16_WGSL: &str = include_str!("../shaders/h2f_f16.wgsl");
 /// Logits binding and loads for f32 logits, STEP = 4 (`vec4<f32>` loads).
 pub const LOAD_F32_VEC4_WGSL: &str = include_str!("../shaders/load_f32_vec4.wgsl");
+/// Logits binding and loads for f32 logits, STEP = 2 (`vec2<f32>` loads).
+pub const LOAD_F32_VEC2_WGSL: &str = include_str!("../shaders/load_f32_vec2.wgsl");
 /// Logits binding and loads for f32 logits, STEP = 1 (scalar loads).
 pub const LOAD_F32_WGSL: &str = include_str!("../shaders/load_f32.wgsl");
 /// Logits binding and loads for 16-bit logits, STEP = 8 (`vec4<u32>` loads, through `h2f`).
 pub const LOAD_HALF_VEC8_WGSL: &str = include_str!("../shaders/load_half_vec8.wgsl");
+/// Logits binding and loads for 16-bit logits, STEP = 4 (`vec2<u32>` loads, through `h2f`).
+pub const LOAD_HALF_QUAD_WGSL: &str = include_str!("../shaders/load_half_quad.wgsl");
 /// Logits binding and loads for 16-bit logits, STEP = 2 (`u32` loads of two values, through `h2f`).
 pub const LOAD_HALF_PAIR_WGSL: &str = include_str!("../shaders/load_half_pair.wgsl");
 /// Logits binding and loads for 16-bit logits, STEP = 1 (one value per load, through `h2f`).
@@ -160,7 +174,13 @@ impl KernelSpec {
     }
 
     pub(crate) fn route_source(&self) -> String {
-        format!("{}\n{}\n{}", self.header(), MATH_WGSL, ROUTE_WGSL)
+        format!(
+            "{}\n{}\n{}\n{}",
+            self.header(),
+            MATH_WGSL,
+            ROUTE_COMMON_WGSL,
+            ROUTE_WGSL
+        )
     }
 }
 
@@ -295,8 +315,10 @@ fn loads(dtype: LogitsDtype, step: u32) -> String {
     };
     let load = match (dtype, step) {
         (LogitsDtype::F32, 4) => LOAD_F32_VEC4_WGSL,
+        (LogitsDtype::F32, 2) => LOAD_F32_VEC2_WGSL,
         (LogitsDtype::F32, _) => LOAD_F32_WGSL,
         (_, 8) => LOAD_HALF_VEC8_WGSL,
+        (_, 4) => LOAD_HALF_QUAD_WGSL,
         (_, 2) => LOAD_HALF_PAIR_WGSL,
         (_, _) => LOAD_HALF_WGSL,
     };
@@ -361,5 +383,155 @@ impl KernelSet {
         let replay = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
         let route = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
         Ok(KernelSet { route, replay })
+    }
+}
+
+/// How the lanes of a row kernel talk to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Lanes {
+    /// Subgroup operations (`lanes_subgroup.wgsl`): one row per subgroup of this many lanes.
+    Subgroup(u32),
+    /// Workgroup memory and barriers (`lanes_workgroup.wgsl`): one row per workgroup of this many
+    /// lanes.
+    Workgroup(u32),
+}
+
+impl Lanes {
+    pub(crate) fn count(self) -> u32 {
+        match self {
+            Lanes::Subgroup(l) | Lanes::Workgroup(l) => l,
+        }
+    }
+}
+
+/// Lanes per row of the workgroup-memory row kernels.
+pub(crate) const WORKGROUP_LANES: u32 = 32;
+/// Invocations per workgroup of the subgroup row kernels (several rows per workgroup).
+const SUBGROUP_ROWS_INVOCATIONS: u32 = 128;
+
+/// Invocations per workgroup of the subgroup row kernels for subgroups of `lanes` lanes.
+pub(crate) fn subgroup_rows_invocations(lanes: u32) -> u32 {
+    SUBGROUP_ROWS_INVOCATIONS.max(lanes)
+}
+/// Most values a lane of a row kernel keeps in registers; rules that need more use the
+/// one-invocation-per-token kernels.
+pub(crate) const MAX_LANE_VALUES: u32 = 64;
+
+/// Layout and source of the row kernels (`route_rows.wgsl`) for one rule, dtype and lane setup:
+/// see the shader's header comment for the meaning of each constant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct RowSpec {
+    /// The rule's spec, its `step` replaced by the row layout's load width.
+    pub base: KernelSpec,
+    pub lanes: Lanes,
+    pub rpw: u32,
+    pub lpg: u32,
+    pub gpp: u32,
+    pub np: u32,
+    pub nv: u32,
+    pub kp: u32,
+}
+
+impl RowSpec {
+    /// The row layout of `spec` on `lanes` (a power of two), or `None` when a lane would hold
+    /// more than [`MAX_LANE_VALUES`] values.
+    pub(crate) fn new(spec: &KernelSpec, lanes: Lanes) -> Option<RowSpec> {
+        let l = lanes.count();
+        let (lpg, gpp, np) = if spec.g == 1 {
+            (l, 1, 1)
+        } else if spec.g <= l {
+            let lpg = 1u32 << (l / spec.g).ilog2();
+            (lpg, l / lpg, 1)
+        } else {
+            (1, l, spec.g.div_ceil(l))
+        };
+        let nv = spec.per.div_ceil(lpg);
+        if np * nv > MAX_LANE_VALUES {
+            return None;
+        }
+        let widths: &[u32] = match spec.dtype {
+            LogitsDtype::F32 => &[4, 2, 1],
+            _ => &[8, 4, 2, 1],
+        };
+        let step = widths
+            .iter()
+            .copied()
+            .find(|w| spec.per.is_multiple_of(*w) && nv.is_multiple_of(*w))
+            .unwrap_or(1);
+        let rpw = match lanes {
+            Lanes::Subgroup(l) => subgroup_rows_invocations(l) / l,
+            Lanes::Workgroup(_) => 1,
+        };
+        Some(RowSpec {
+            base: KernelSpec { step, ..spec.clone() },
+            lanes,
+            rpw,
+            lpg,
+            gpp,
+            np,
+            nv,
+            kp: spec.k.div_ceil(l),
+        })
+    }
+
+    /// Invocations per workgroup.
+    pub(crate) fn invocations(&self) -> u32 {
+        self.rpw * self.lanes.count()
+    }
+
+    pub(crate) fn source(&self) -> String {
+        let mut h = self.base.header();
+        let c = |h: &mut String, name: &str, v: u32| h.push_str(&format!("const {name}: u32 = {v}u;\n"));
+        c(&mut h, "L", self.lanes.count());
+        c(&mut h, "RPW", self.rpw);
+        c(&mut h, "RW", self.invocations());
+        c(&mut h, "LPG", self.lpg);
+        c(&mut h, "GPP", self.gpp);
+        c(&mut h, "NP", self.np);
+        c(&mut h, "NV", self.nv);
+        c(&mut h, "NT", self.np * self.nv);
+        c(&mut h, "KP", self.kp);
+        h.push_str(&gtop_merge_lanes(self.base.gn));
+        let lanes = match self.lanes {
+            Lanes::Subgroup(_) => LANES_SUBGROUP_WGSL,
+            Lanes::Workgroup(_) => LANES_WORKGROUP_WGSL,
+        };
+        [h.as_str(), MATH_WGSL, ROUTE_COMMON_WGSL, lanes, ROUTE_ROWS_WGSL].join("\n")
+    }
+}
+
+/// `gtop_merge_lanes()`: merges the group top-GN lists (`gt*`) of the LPG lanes of a group
+/// (butterfly over lane distances 1, 2, .., LPG / 2; each lane takes its partner's list into its
+/// own), so that every lane of the group ends with the group's top-GN values.
+fn gtop_merge_lanes(gn: u32) -> String {
+    let mut s = String::from("fn gtop_merge_lanes() {\n    for (var o = 1u; o < LPG; o = o << 1u) {\n");
+    for j in 0..gn {
+        s.push_str(&format!("        let p{j} = l_xor_f32(gt{j}, o);\n"));
+    }
+    for j in 0..gn {
+        s.push_str(&format!("        gtop_consider(p{j});\n"));
+    }
+    s.push_str("    }\n}\n");
+    s
+}
+
+/// Compiled row kernels for one [`RowSpec`].
+pub(crate) struct RowKernels {
+    pub route: wgpu::ComputePipeline,
+    pub replay: wgpu::ComputePipeline,
+    /// Rows per workgroup.
+    pub rpw: u32,
+}
+
+impl RowKernels {
+    pub(crate) fn build(ctx: &WgpuContext, spec: &RowSpec) -> Result<RowKernels, RouteError> {
+        let mut p = compile(ctx, "moe-router rows", spec.source(), &ctx.layout, &["route", "replay"])?;
+        let replay = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
+        let route = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
+        Ok(RowKernels {
+            route,
+            replay,
+            rpw: spec.rpw,
+        })
     }
 }

@@ -18,10 +18,13 @@
 //!   `moe_router_core::math` passes every product that feeds an add through an XOR with an
 //!   opaque zero read from a uniform, so no compiler can fuse or regroup the arithmetic (see
 //!   `shaders/math.wgsl`).
-//! - Kernels: one invocation per token, no subgroup operations (no subgroup-size assumption),
-//!   specialised per routing rule by generated WGSL constants; pipelines are compiled once per
-//!   device ([`WgpuContext`]) and shared by routers; batches larger than the device's storage
-//!   binding limit are split.
+//! - Kernels ([`KernelPath`]), specialised per routing rule by generated WGSL constants: row
+//!   kernels, where the lanes of a subgroup (adapters with subgroup operations, feature-detected
+//!   and probed at run time: [`WgpuContext::subgroup_lanes`]) or of a workgroup (workgroup
+//!   memory and barriers) route one row together with coalesced loads and exact lane
+//!   reductions; and one invocation per token (no subgroup operations, no workgroup memory).
+//!   Every path gives the same bits. Pipelines are compiled once per device ([`WgpuContext`])
+//!   and shared by routers; batches larger than the device's storage binding limit are split.
 //! - Adapter choice: the best available (discrete GPU first), overridable by [`ENV_BACKEND`] /
 //!   [`ENV_ADAPTER`] or [`AdapterOptions`]. No adapter → [`moe_router_core::RouteError::Unavailable`].
 
@@ -35,7 +38,7 @@ pub mod stats;
 pub use buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, RouteBuffers};
 pub use context::{AdapterDescription, AdapterOptions, ENV_ADAPTER, ENV_BACKEND, WgpuContext};
 pub use moe_router_core::LogitsDtype;
-pub use router::{BackwardBuffers, WgpuRouter};
+pub use router::{BackwardBuffers, ENV_KERNEL, KernelPath, SMALL_BATCH_ROWS, WgpuRouter};
 
 /// The `wgpu` crate this backend is built on (for callers that build their own buffers and
 /// command encoders).

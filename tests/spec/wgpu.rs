@@ -8,7 +8,7 @@
 
 use crate::conformance::{self, Backend, Size};
 use moe_router::wgpu::selftest::{self, MathFn};
-use moe_router::wgpu::{AdapterOptions, WgpuContext, WgpuRouter};
+use moe_router::wgpu::{AdapterOptions, KernelPath, LogitsDtype, WgpuContext, WgpuRouter};
 use moe_router::{
     AuxLossKind, CallSite, Capacity, DropPolicy, GroupScore, LogitsRef, Normalization, RouteError, Router,
     RouterConfig, ScoreFunction,
@@ -262,4 +262,166 @@ fn wgpu_regression_row_where_a_driver_regrouped_the_division() {
         }
     });
     conformance::assert_same_as_reference(&b, &cfg, LogitsRef::F32(l.view()), "regression row");
+}
+
+/// The wgpu backend with its routing kernels forced onto one path.
+struct WgpuPath {
+    ctx: Arc<WgpuContext>,
+    path: KernelPath,
+}
+
+impl Backend for WgpuPath {
+    type Router = WgpuRouter;
+    fn name(&self) -> String {
+        format!("wgpu {:?} ({})", self.path, self.ctx.adapter().name)
+    }
+    fn router(&self, cfg: &RouterConfig) -> Result<WgpuRouter, RouteError> {
+        Ok(WgpuRouter::with_context(cfg.clone(), self.ctx.clone())?.with_kernel_path(self.path))
+    }
+}
+
+/// Every routing check of the suite that reaches the routing kernels, on one forced path, plus
+/// the split-batch and regression rows; first checks that the path is the one that runs.
+fn check_path(b: &WgpuPath) {
+    let probe = b
+        .router(&RouterConfig::builder(64, 4).build().expect("valid"))
+        .expect("router");
+    assert_eq!(
+        probe.kernels_for_batch(100, LogitsDtype::F32).expect("path"),
+        b.path,
+        "{}: the forced path runs",
+        b.name()
+    );
+    let cases = env_usize("MOE_ROUTER_WGPU_CASES").unwrap_or(Size::CI.cases as usize) as u32;
+    let size = Size { cases, ..Size::CI };
+    conformance::check_random(b, size);
+    conformance::check_native(b);
+    conformance::check_errors(b);
+    conformance::check_masked_groups(b);
+    conformance::check_replay_fallback(b, size);
+    conformance::check_replayed(b);
+    if std::env::var("MOE_ROUTER_WGPU_LARGE").is_ok() {
+        conformance::check_large(b);
+    }
+    let l = Array2::from_shape_fn((64, 300), |(t, e)| {
+        if t % 2 == 0 {
+            NVIDIA_FMA_ROW[e]
+        } else {
+            NVIDIA_FMA_ROW[(e + t) % 300]
+        }
+    });
+    let cfg = RouterConfig::builder(300, 8)
+        .score(ScoreFunction::Sigmoid)
+        .group_limit(10, 4, GroupScore::Max)
+        .normalization(Normalization::SumClampMin { min: 0.5 })
+        .scaling_factor(0.37)
+        .build()
+        .expect("valid");
+    conformance::assert_same_as_reference(b, &cfg, LogitsRef::F32(l.view()), "regression row");
+    // Rules shaped like the presets (groups of 32 with sum-top-2, one group of 384, 512 experts
+    // with K = 10), portable and pruned, with exact ties, -inf and saturated logits mixed in.
+    for (e, k, groups, score) in [
+        (256usize, 8usize, Some((8usize, 4usize, 2usize)), ScoreFunction::Sigmoid),
+        (384, 8, None, ScoreFunction::Sigmoid),
+        (512, 10, None, ScoreFunction::Softmax),
+        (128, 8, None, ScoreFunction::SqrtSoftplus),
+        (160, 6, Some((8, 3, 1)), ScoreFunction::Softmax),
+    ] {
+        let mut bld = RouterConfig::builder(e, k)
+            .score(score)
+            .normalization(Normalization::Sum { eps: 1e-20 })
+            .scaling_factor(2.5);
+        if let Some((g, sel, n)) = groups {
+            let rule = if n == 1 {
+                GroupScore::Max
+            } else {
+                GroupScore::SumTopN(n)
+            };
+            bld = bld.group_limit(g, sel, rule);
+        }
+        if score != ScoreFunction::Softmax {
+            bld = bld.expert_bias((0..e).map(|i| ((i * 7919 % 101) as f32 - 50.0) * 1e-3).collect());
+        }
+        let cfg = bld.build().expect("valid");
+        let l = Array2::from_shape_fn((300, e), |(t, j)| match (t * 31 + j * 17) % 23 {
+            0 => f32::NEG_INFINITY,
+            1 => 1.0,
+            2 => 40.0,
+            _ => (((t * 7919 + j * 104_729) % 2000) as f32 - 1000.0) * 0.004,
+        });
+        let what = format!("preset-like E={e} K={k}");
+        conformance::assert_same_as_reference(b, &cfg, LogitsRef::F32(l.view()), &what);
+        let lb = l.mapv(half::bf16::from_f32);
+        conformance::assert_same_as_reference(b, &cfg, LogitsRef::Bf16(lb.view()), &what);
+    }
+}
+
+#[test]
+fn wgpu_subgroup_row_kernels_are_bit_identical_to_reference() {
+    let Some(ctx) = context() else { return };
+    let Some(lanes) = ctx.subgroup_lanes() else {
+        println!(
+            "skipped: wgpu subgroup row kernels: adapter {:?} has no usable subgroups",
+            ctx.adapter().name
+        );
+        return;
+    };
+    eprintln!("subgroup row kernels: {lanes} lanes per row");
+    check_path(&WgpuPath {
+        ctx,
+        path: KernelPath::SubgroupRows,
+    });
+}
+
+#[test]
+fn wgpu_workgroup_row_kernels_are_bit_identical_to_reference() {
+    let Some(ctx) = context() else { return };
+    check_path(&WgpuPath {
+        ctx,
+        path: KernelPath::WorkgroupRows,
+    });
+}
+
+#[test]
+fn wgpu_per_token_kernels_are_bit_identical_to_reference() {
+    let Some(ctx) = context() else { return };
+    check_path(&WgpuPath {
+        ctx,
+        path: KernelPath::PerToken,
+    });
+}
+
+#[test]
+fn wgpu_kernel_paths_are_chosen_as_documented() {
+    let Some(ctx) = context() else { return };
+    let cfg = RouterConfig::builder(256, 8).build().expect("valid");
+    let r = WgpuRouter::with_context(cfg, ctx.clone())
+        .expect("router")
+        .with_kernel_path(KernelPath::Auto);
+    let small = r.kernels_for_batch(1, LogitsDtype::F32).expect("path");
+    let large = r.kernels_for_batch(1 << 20, LogitsDtype::Bf16).expect("path");
+    if ctx.subgroup_lanes().is_some() {
+        assert_eq!((small, large), (KernelPath::SubgroupRows, KernelPath::SubgroupRows));
+    } else {
+        assert_eq!((small, large), (KernelPath::WorkgroupRows, KernelPath::PerToken));
+    }
+    // Rows of more than 64 values per lane stay on the per-token kernels.
+    let wide = RouterConfig::builder(8192, 4).build().expect("valid");
+    let r = WgpuRouter::with_context(wide, ctx.clone())
+        .expect("router")
+        .with_kernel_path(KernelPath::WorkgroupRows);
+    assert_eq!(
+        r.kernels_for_batch(1, LogitsDtype::F32).expect("path"),
+        KernelPath::PerToken
+    );
+    // Forcing subgroups where there are none is a typed error, not a panic.
+    if ctx.subgroup_lanes().is_none() {
+        let cfg = RouterConfig::builder(64, 4).build().expect("valid");
+        let r = WgpuRouter::with_context(cfg, ctx)
+            .expect("router")
+            .with_kernel_path(KernelPath::SubgroupRows);
+        let l = Array2::<f32>::zeros((3, 64));
+        let e = r.route_host(&LogitsRef::F32(l.view()));
+        assert!(matches!(e, Err(RouteError::Unsupported { .. })), "{e:?}");
+    }
 }

@@ -5,10 +5,11 @@
 use super::WgpuRouter;
 use crate::buffers::{DeviceIds, DeviceLogits, DeviceWeights, STORAGE_OUT};
 use crate::context::BACKEND;
-use crate::kernels::{KernelSet, WG};
+use crate::kernels::{KernelSet, RowKernels, WG};
 use bytemuck::{Pod, Zeroable};
 use moe_router_core::backend::{flagged_ids_error, flagged_logits_error_from_bytes};
 use moe_router_core::{LogitsDtype, RouteError, Routed};
+use std::sync::Arc;
 
 /// Uniform parameters of one dispatch (layout shared with `shaders/route.wgsl`).
 #[repr(C)]
@@ -62,6 +63,37 @@ pub(super) enum Kind {
     Replay,
 }
 
+/// The compiled kernels a batch runs on.
+pub(super) enum Plan {
+    /// One invocation per token (`route.wgsl`), WG tokens per workgroup, a 1-D grid.
+    Token(Arc<KernelSet>),
+    /// Row kernels (`route_rows.wgsl`), `rpw` rows per workgroup, a 2-D grid.
+    Rows(Arc<RowKernels>),
+}
+
+impl Plan {
+    fn pipeline(&self, kind: Kind) -> &wgpu::ComputePipeline {
+        match (self, kind) {
+            (Plan::Token(k), Kind::Route) => &k.route,
+            (Plan::Token(k), Kind::Replay) => &k.replay,
+            (Plan::Rows(k), Kind::Route) => &k.route,
+            (Plan::Rows(k), Kind::Replay) => &k.replay,
+        }
+    }
+
+    /// The workgroup grid for `rows` rows (at most `max_dim` workgroups per dimension).
+    fn grid(&self, rows: u32, max_dim: u32) -> (u32, u32) {
+        match self {
+            Plan::Token(_) => (rows.div_ceil(WG), 1),
+            Plan::Rows(k) => {
+                let n = rows.div_ceil(k.rpw);
+                let x = n.min(max_dim.max(1));
+                (x, n.div_ceil(x))
+            }
+        }
+    }
+}
+
 impl WgpuRouter {
     /// Rows per dispatch: bounded by the storage-binding limit (inputs and outputs), by one
     /// dimension of workgroups, and a multiple of 256 so every chunk offset is aligned.
@@ -98,7 +130,7 @@ impl WgpuRouter {
     pub(super) fn encode(
         &self,
         enc: &mut wgpu::CommandEncoder,
-        ks: &KernelSet,
+        plan: &Plan,
         kind: Kind,
         params: &wgpu::Buffer,
         first_slot: usize,
@@ -114,10 +146,8 @@ impl WgpuRouter {
         let e = self.cfg.num_experts();
         let k = self.cfg.top_k() as u64;
         let stride = self.params_stride();
-        let pipeline = match kind {
-            Kind::Route => &ks.route,
-            Kind::Replay => &ks.replay,
-        };
+        let pipeline = plan.pipeline(kind);
+        let max_dim = self.ctx.limits.max_compute_workgroups_per_dimension;
         let groups: Vec<wgpu::BindGroup> = chunks
             .iter()
             .enumerate()
@@ -180,7 +210,8 @@ impl WgpuRouter {
         pass.set_pipeline(pipeline);
         for (ch, bg) in chunks.iter().zip(&groups) {
             pass.set_bind_group(0, bg, &[]);
-            pass.dispatch_workgroups((ch.rows as u32).div_ceil(WG), 1, 1);
+            let (x, y) = plan.grid(ch.rows as u32, max_dim);
+            pass.dispatch_workgroups(x, y, 1);
         }
     }
 
@@ -237,13 +268,13 @@ impl WgpuRouter {
         err: &wgpu::Buffer,
     ) -> Result<(), RouteError> {
         self.check_cols(logits.rows, logits.cols)?;
-        let ks = self.kernels_for(logits.dtype)?;
+        let plan = self.plan(logits.rows, logits.dtype)?;
         let chunks = self.chunks(logits.rows, logits.dtype);
         let row_bytes = (logits.cols * logits.dtype.size()) as u64;
         let kind = if kind_replay { Kind::Replay } else { Kind::Route };
         self.encode(
             enc,
-            &ks,
+            &plan,
             kind,
             params,
             0,

@@ -11,8 +11,9 @@ pub(crate) use launch::Params;
 
 use crate::buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, RouteBuffers};
 use crate::context::{AdapterOptions, WgpuContext, device_err};
-use crate::kernels::{KernelSet, KernelSpec};
+use crate::kernels::{KernelSet, KernelSpec, Lanes, RowKernels, RowSpec, WORKGROUP_LANES};
 use bytemuck::Pod;
+use launch::Plan;
 use moe_router_core::LogitsDtype;
 use moe_router_core::backend::with_router_rows_marked;
 use moe_router_core::{
@@ -56,6 +57,50 @@ fn host_bytes<'a>(l: &LogitsRef<'a>) -> (HostBytes<'a>, LogitsDtype) {
     }
 }
 
+/// Environment variable choosing the routing kernels ([`KernelPath`]): `auto`, `token`,
+/// `subgroup` or `workgroup` (case-insensitive; unset or empty = `auto`).
+pub const ENV_KERNEL: &str = "MOE_ROUTER_WGPU_KERNEL";
+
+/// Batches up to this many rows take the workgroup row kernels under [`KernelPath::Auto`] on
+/// adapters without usable subgroups (larger ones take the one-invocation-per-token kernels).
+pub const SMALL_BATCH_ROWS: usize = 4096;
+
+/// Which routing kernels a [`WgpuRouter`] dispatches. Every path gives the same ids and weight
+/// bits (portable mode: the reference's); only speed differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum KernelPath {
+    /// Subgroup row kernels where the adapter allows them
+    /// ([`WgpuContext::subgroup_lanes`]) and the rule has at least two experts per lane; otherwise
+    /// the workgroup row kernels for batches of up to [`SMALL_BATCH_ROWS`] rows (same expert
+    /// condition) and the one-invocation-per-token kernels for everything else.
+    #[default]
+    Auto,
+    /// One invocation per token: no subgroup operations, no workgroup memory (the kernels every
+    /// adapter runs; best for rules with few experts).
+    PerToken,
+    /// The lanes of one subgroup route one row: coalesced loads, exact lane reductions.
+    /// Routing fails with [`RouteError::Unsupported`] where [`WgpuContext::subgroup_lanes`] is
+    /// `None`.
+    SubgroupRows,
+    /// The lanes of one workgroup route one row through workgroup memory and barriers (no
+    /// subgroup operations): the same algorithm as [`KernelPath::SubgroupRows`].
+    WorkgroupRows,
+}
+
+impl KernelPath {
+    /// The path named by [`ENV_KERNEL`], or `None` when it is unset or names none.
+    pub fn from_env() -> Option<KernelPath> {
+        let v = std::env::var(ENV_KERNEL).ok()?;
+        match v.trim().to_ascii_lowercase().as_str() {
+            "auto" => Some(KernelPath::Auto),
+            "token" | "per-token" => Some(KernelPath::PerToken),
+            "subgroup" | "subgroup-rows" => Some(KernelPath::SubgroupRows),
+            "workgroup" | "workgroup-rows" => Some(KernelPath::WorkgroupRows),
+            _ => None,
+        }
+    }
+}
+
 /// The wgpu router: WGSL compute kernels for every [`RouterConfig`], bit-identical to the
 /// reference router in portable mode (ids and weight bits) on any adapter, GPU or software.
 ///
@@ -74,8 +119,10 @@ pub struct WgpuRouter {
     bias: wgpu::Buffer,
     base_params: Params,
     kernels: Mutex<HashMap<LogitsDtype, Arc<KernelSet>>>,
+    row_kernels: Mutex<HashMap<(LogitsDtype, Lanes), Arc<RowKernels>>>,
     max_rows: Option<usize>,
     prune: bool,
+    path: KernelPath,
 }
 
 impl std::fmt::Debug for WgpuRouter {
@@ -136,8 +183,10 @@ impl WgpuRouter {
             bias,
             base_params: base,
             kernels: Mutex::new(HashMap::new()),
+            row_kernels: Mutex::new(HashMap::new()),
             max_rows: None,
             prune: std::env::var_os("MOE_ROUTER_WGPU_NO_PRUNE").is_none(),
+            path: KernelPath::from_env().unwrap_or_default(),
         })
     }
 
@@ -157,7 +206,84 @@ impl WgpuRouter {
     pub fn with_pruning(mut self, on: bool) -> Self {
         self.prune = on;
         self.kernels = Mutex::new(HashMap::new());
+        self.row_kernels = Mutex::new(HashMap::new());
         self
+    }
+
+    /// Chooses the routing kernels (default: [`KernelPath::Auto`], or the path named by
+    /// [`ENV_KERNEL`]). Rules whose rows do not fit the row kernels' registers (more than
+    /// 64 values per lane) run on the per-token kernels under every path.
+    pub fn with_kernel_path(mut self, path: KernelPath) -> Self {
+        self.path = path;
+        self
+    }
+
+    /// The kernel path this router was given.
+    pub fn kernel_path(&self) -> KernelPath {
+        self.path
+    }
+
+    /// The kernels a batch of `rows` rows of `dtype` runs on: [`KernelPath::PerToken`],
+    /// [`KernelPath::SubgroupRows`] or [`KernelPath::WorkgroupRows`] (never `Auto`).
+    ///
+    /// Errors: [`RouteError::Unsupported`] for [`KernelPath::SubgroupRows`] on an adapter
+    /// without usable subgroups.
+    pub fn kernels_for_batch(&self, rows: usize, dtype: LogitsDtype) -> Result<KernelPath, RouteError> {
+        Ok(match self.choose(rows, dtype)? {
+            None => KernelPath::PerToken,
+            Some(s) => match s.lanes {
+                Lanes::Subgroup(_) => KernelPath::SubgroupRows,
+                Lanes::Workgroup(_) => KernelPath::WorkgroupRows,
+            },
+        })
+    }
+
+    /// The row layout a batch runs on, or `None` for the per-token kernels.
+    fn choose(&self, rows: usize, dtype: LogitsDtype) -> Result<Option<RowSpec>, RouteError> {
+        let spec = KernelSpec::new(&self.cfg, dtype, self.prune);
+        let rows_spec = |lanes: Lanes| RowSpec::new(&spec, lanes);
+        // Auto takes row kernels only where every lane holds at least two experts.
+        let wide = |l: u32| self.cfg.num_experts() >= 2 * l as usize;
+        Ok(match self.path {
+            KernelPath::PerToken => None,
+            KernelPath::WorkgroupRows => rows_spec(Lanes::Workgroup(WORKGROUP_LANES)),
+            KernelPath::SubgroupRows => match self.ctx.subgroup_lanes() {
+                Some(l) => rows_spec(Lanes::Subgroup(l)),
+                None => {
+                    return Err(RouteError::unsupported(
+                        "wgpu",
+                        format!(
+                            "subgroup row kernels on adapter {:?} (no subgroups of one fixed power-of-two size, \
+                             or a subgroup layout other than aligned blocks of invocations)",
+                            self.ctx.adapter().name
+                        ),
+                    ));
+                }
+            },
+            KernelPath::Auto => match self.ctx.subgroup_lanes() {
+                Some(l) if wide(l) => rows_spec(Lanes::Subgroup(l)),
+                Some(_) => None,
+                None if rows <= SMALL_BATCH_ROWS && wide(WORKGROUP_LANES) => {
+                    rows_spec(Lanes::Workgroup(WORKGROUP_LANES))
+                }
+                None => None,
+            },
+        })
+    }
+
+    /// The compiled kernels for a batch of `rows` rows of `dtype`.
+    fn plan(&self, rows: usize, dtype: LogitsDtype) -> Result<Plan, RouteError> {
+        let Some(spec) = self.choose(rows, dtype)? else {
+            return Ok(Plan::Token(self.kernels_for(dtype)?));
+        };
+        let key = (dtype, spec.lanes);
+        let mut map = self.row_kernels.lock().map_err(|_| device_err("kernel map poisoned"))?;
+        if let Some(k) = map.get(&key) {
+            return Ok(Plan::Rows(k.clone()));
+        }
+        let k = self.ctx.cached(&spec, |ctx| RowKernels::build(ctx, &spec))?;
+        map.insert(key, k.clone());
+        Ok(Plan::Rows(k))
     }
 
     /// Name of the adapter the router runs on (e.g. `"NVIDIA H100 80GB HBM3"`).
@@ -173,7 +299,9 @@ impl WgpuRouter {
     /// Compiles (or fetches from the context's cache) the kernels for `dtype` now, so that the
     /// first routing call does not pay for it.
     pub fn prepare(&self, dtype: LogitsDtype) -> Result<(), RouteError> {
-        self.kernels_for(dtype).map(|_| ())
+        self.kernels_for(dtype)?;
+        self.plan(1, dtype)?;
+        self.plan(usize::MAX, dtype).map(|_| ())
     }
 
     fn kernels_for(&self, dtype: LogitsDtype) -> Result<Arc<KernelSet>, RouteError> {
