@@ -137,9 +137,14 @@ pub enum Numerics {
 ///
 /// Canonical form: softmax with renormalisation is stored as softmax-after-top-k without
 /// normalisation (the full-row normaliser cancels in `s_i / Σ_K s_j`), so every backend computes
-/// K exponentials only. The one exception is softmax-before-top-k with a group score that sums
-/// probabilities ([`GroupScore::SumTopN`]): sums of probabilities do not order groups the way sums
-/// of logits do, so that combination keeps its literal form.
+/// K exponentials only. The combinations where the two are not the same rule keep their literal
+/// form (softmax before top-k, then the normalisation):
+/// - a group score that sums probabilities ([`GroupScore::SumTopN`]): sums of probabilities do not
+///   order groups the way sums of logits do;
+/// - a selection bias (ERNIE-4.5-MoE, LongCat-Flash): the key is `s + b`, so the top-k of the keys
+///   is not the top-k of the logits;
+/// - [`Normalization::SumClampMin`] with `min > 1/E`: the clamp can bind (the K selected
+///   probabilities always sum to at least `1/E`, so a smaller minimum never does).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RouterConfig {
     num_experts: usize,
@@ -278,7 +283,7 @@ impl RouterConfig {
     /// Replaces the selection bias (e.g. after an expert-bias update) after checking its length
     /// and values.
     pub fn set_expert_bias(&mut self, bias: Vec<f32>) -> Result<(), ConfigError> {
-        check_bias(&bias, self.num_experts, self.score)?;
+        check_bias(&bias, self.num_experts, self.score, self.softmax_position)?;
         self.expert_bias = Some(bias);
         Ok(())
     }
@@ -299,7 +304,7 @@ impl RouterConfig {
     }
 }
 
-fn check_bias(bias: &[f32], e: usize, score: ScoreFunction) -> Result<(), ConfigError> {
+fn check_bias(bias: &[f32], e: usize, score: ScoreFunction, pos: SoftmaxPosition) -> Result<(), ConfigError> {
     if bias.len() != e {
         return Err(ConfigError::invalid(
             "expert_bias",
@@ -312,10 +317,18 @@ fn check_bias(bias: &[f32], e: usize, score: ScoreFunction) -> Result<(), Config
             format!("entry {i} is {} (must be finite)", bias[i]),
         ));
     }
-    if score == ScoreFunction::Softmax {
+    check_bias_rule(score, pos)
+}
+
+/// A selection bias is added to scores: sigmoid, sqrt-softplus, or the probabilities of a softmax
+/// before top-k. Softmax after top-k selects on raw logits, where a bias has no published meaning.
+fn check_bias_rule(score: ScoreFunction, pos: SoftmaxPosition) -> Result<(), ConfigError> {
+    if score == ScoreFunction::Softmax && pos == SoftmaxPosition::AfterTopK {
         return Err(ConfigError::invalid(
             "expert_bias",
-            "a selection bias needs score function sigmoid or sqrt_softplus (as in Megatron)",
+            "a selection bias is added to scores: it needs softmax before top-k (the bias is added to the \
+             probabilities, as ERNIE-4.5-MoE and LongCat-Flash do), sigmoid or sqrt_softplus; softmax after \
+             top-k selects on the raw logits",
         ));
     }
     Ok(())
@@ -437,13 +450,10 @@ impl RouterConfigBuilder {
             return Err(ConfigError::invalid("top_k", format!("{k} exceeds num_experts = {e}")));
         }
         if let Some(b) = &c.expert_bias {
-            check_bias(b, e, c.score)?;
+            check_bias(b, e, c.score, c.softmax_position)?;
         }
-        if c.expects_bias && c.score == ScoreFunction::Softmax {
-            return Err(ConfigError::invalid(
-                "expert_bias",
-                "a selection bias needs score function sigmoid or sqrt_softplus (as in Megatron)",
-            ));
+        if c.expects_bias {
+            check_bias_rule(c.score, c.softmax_position)?;
         }
         if let Some(g) = c.group_limit {
             if g.num_groups == 0 {
@@ -541,7 +551,9 @@ impl RouterConfigBuilder {
                 format!("must be finite and >= 0 (got {r})"),
             ));
         }
-        // Canonical form: softmax + renormalisation == softmax over the K selected logits.
+        // Canonical form: softmax + renormalisation == softmax over the K selected logits, unless
+        // the groups are scored by sums of probabilities, a bias shifts the selection, or the
+        // clamp minimum can bind (the K largest of E probabilities sum to at least 1/E).
         let sums_scores = matches!(
             c.group_limit,
             Some(GroupLimit {
@@ -549,10 +561,13 @@ impl RouterConfigBuilder {
                 ..
             })
         );
-        if c.score == ScoreFunction::Softmax
-            && c.normalization != Normalization::None
-            && !(sums_scores && c.softmax_position == SoftmaxPosition::BeforeTopK)
-        {
+        let clamp_can_bind = match c.normalization {
+            Normalization::SumClampMin { min } => f64::from(min) * e as f64 > 1.0,
+            _ => false,
+        };
+        let literal =
+            c.softmax_position == SoftmaxPosition::BeforeTopK && (sums_scores || c.has_bias() || clamp_can_bind);
+        if c.score == ScoreFunction::Softmax && c.normalization != Normalization::None && !literal {
             c.softmax_position = SoftmaxPosition::AfterTopK;
             c.normalization = Normalization::None;
         }

@@ -243,7 +243,7 @@ pub fn assert_same_as_reference<B: Backend>(b: &B, cfg: &RouterConfig, logits: L
 }
 
 /// Strategy for valid configs (portable, f32) covering every score function, softmax position,
-/// group rule, normalisation, bias and scaling.
+/// group rule, normalisation, bias (softmax before top-k included) and scaling.
 pub fn config_strategy() -> impl Strategy<Value = RouterConfig> {
     let shape = prop_oneof![
         Just((8usize, 2usize, None)),
@@ -291,12 +291,21 @@ pub fn config_strategy() -> impl Strategy<Value = RouterConfig> {
                 };
                 b = b.group_limit(g, sel, rule);
             }
-            if bias && score != ScoreFunction::Softmax {
+            // A selection bias goes with every score function that selects on scores: sigmoid,
+            // sqrt-softplus and softmax before top-k (ERNIE-4.5, LongCat-Flash), whose
+            // probabilities get a bias of their own magnitude (about ±1/E) so that it moves some
+            // selections without deciding all of them.
+            if bias && (score != ScoreFunction::Softmax || before) {
+                let span = if score == ScoreFunction::Softmax {
+                    4.0 / e as f32
+                } else {
+                    0.2
+                };
                 let mut s = seed;
                 let v: Vec<f32> = (0..e)
                     .map(|_| {
                         s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+                        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * span
                     })
                     .collect();
                 b = b.expert_bias(v);

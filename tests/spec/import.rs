@@ -331,7 +331,7 @@ fn unknown_model_type_is_an_error_listing_every_supported_type() {
         assert!(msg.contains(mt), "{mt} missing from: {msg}");
     }
     // A MoE family this crate does not know is not guessed either.
-    let err = RouterConfig::from_hf_config(r#"{"model_type": "nllb-moe", "num_experts": 128}"#).unwrap_err();
+    let err = RouterConfig::from_hf_config(r#"{"model_type": "gptsan-japanese", "num_experts": 16}"#).unwrap_err();
     assert!(err.to_string().contains("unsupported model_type"));
 }
 
@@ -658,7 +658,7 @@ fn moe_layer_ids_refuse_configs_that_do_not_say_or_leave_no_moe_layer() {
     )));
     assert_eq!(key, "mlp_only_layers");
     assert!(matches!(
-        err(json!({"model_type": "nllb-moe", "num_hidden_layers": 4})),
+        err(json!({"model_type": "gptsan-japanese", "num_hidden_layers": 4})),
         ConfigError::UnsupportedModelType { .. }
     ));
 }

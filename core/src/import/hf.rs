@@ -9,8 +9,9 @@
 //! checkpoint config, and a default would be a guess. Families whose router cannot be expressed
 //! exactly are refused with their reason ([`REFUSED_MODEL_TYPES`]); any other `model_type` is
 //! [`ConfigError::UnsupportedModelType`]. Multimodal wrappers are read from their text model's
-//! config (`text_config` of `llama4`, `qwen3_vl_moe`, `glm4v_moe`; `thinker_config.text_config` of
-//! `qwen3_omni_moe`); the bare text `model_type` gives the same rule.
+//! config (`text_config` of `llama4`, `qwen3_vl_moe`, `glm4v_moe`, `aria`, `qwen3_5_moe`,
+//! `ernie4_5_vl_moe`; `thinker_config.text_config` of `qwen3_omni_moe`); the bare text
+//! `model_type` gives the same rule.
 //! `docs/families.md` has the full table with the keys each family reads.
 //!
 //! | `model_type` | rule |
@@ -25,9 +26,18 @@
 //! | `llama4` (`text_config`), `llama4_text` | top-k on logits → `sigmoid(logit)`, no normalisation |
 //! | `minimax_m2` | sigmoid; selection on `sigmoid + e_score_correction_bias` (when `use_routing_bias`); weights = unbiased sigmoid `/ Σw` |
 //! | `lfm2_moe` | sigmoid; selection on `sigmoid + expert_bias` (when `use_expert_bias`); weights = unbiased sigmoid, `/ (Σw + 1e-6)` if `norm_topk_prob`; `· routed_scaling_factor` |
+//! | `ernie4_5_moe`, `ernie4_5_vl_moe` (`text_config` or top level), `ernie4_5_vl_moe_text` | softmax over E; selection on `softmax + e_score_correction_bias`; weights = unbiased probabilities `/ max(Σw, moe_norm_min)` |
+//! | `longcat_flash` | softmax over `n_routed_experts + zero_expert_num`; selection on `softmax + e_score_correction_bias`; weights = unbiased probabilities `· routed_scaling_factor` |
+//! | `aria` (`text_config`), `aria_text` | top-k on logits → softmax over the K selected logits |
+//! | `afmoe` | sigmoid; selection on `sigmoid + expert_bias`; weights = unbiased sigmoid `/ (Σw + 1e-20) · route_scale` |
+//! | `nemotron_h`, `glm4_moe_lite`, `glm_moe_dsa`, `solar_open`, `exaone_moe` | the DeepSeek-V3 rule above, with each family's defaults |
+//! | `mistral4` | softmax over E; groups by the sum of their top-2 probabilities; top-k on probabilities; `w / (Σw + 1e-20)` if `norm_topk_prob`; `· routed_scaling_factor` |
+//! | `qwen3_5_moe` (`text_config`), `qwen3_5_moe_text` | softmax over E → top-k → `w / Σw` (always) |
+//! | `bailing_moe` (remote code) | softmax over E → top-k; `w / Σw` if K > 1 and `norm_topk_prob` |
+//! | `bailing_moe_v2` (remote code) | the DeepSeek-V3 rule on `expert_bias`; `w / (Σw + 1e-20)` when K > 1; `· routed_scaling_factor` |
 //!
-//! **Selection bias.** `e_score_correction_bias` (LFM2-MoE: `expert_bias`) is a checkpoint
-//! tensor, not part of `config.json`. For the families that use it the imported [`RouterConfig`]
+//! **Selection bias.** `e_score_correction_bias` (LFM2-MoE, AFMoE, Ling 2.0: `expert_bias`) is a
+//! checkpoint tensor, not part of `config.json`. For the families that use it the imported [`RouterConfig`]
 //! has *no* bias, and [`HfImport::expects_expert_bias`] is `true` ([`HfImport::bias_tensor`] names
 //! the tensor): load the tensor of each MoE layer and install it with
 //! [`RouterConfig::set_expert_bias`] before routing, or the selection ignores the bias.
@@ -57,15 +67,27 @@
 //! | `llama4` (`text_config`), `llama4_text` | `moe_layers` when given, else `interleave_moe_layer_step − 1, 2·step − 1, …` (default step 1) |
 //! | `mixtral`, `minimax`, `olmoe`, `flex_olmo`, `gpt_oss`, `minimax_m2`, `hunyuan_v1_moe`, `granitemoe`, `granitemoeshared`, `granitemoehybrid`, `jetmoe` | every layer |
 //! | `dbrx` | every layer (the count is `n_layers`) |
+//! | `ernie4_5_moe` | `(i + 1) % moe_layer_interval == 0` and `moe_layer_start_index <= i <= moe_layer_end_index` (defaults 1, 1, −1 = last) |
+//! | `ernie4_5_vl_moe`, `glm4_moe_lite` | `mlp_layer_types` (`"sparse"`), else every layer but the first; GLM-4.7-Flash: MTP as GLM-4.5 |
+//! | `glm_moe_dsa`, `exaone_moe` | `mlp_layer_types`, else `i >= first_k_dense_replace` (3, 1); GLM-5: MTP as GLM-4.5 |
+//! | `longcat_flash` | every layer of `num_layers` |
+//! | `aria`, `solar_open`, `qwen3_5_moe` | every layer |
+//! | `afmoe` | `i >= num_dense_layers` (default 1) |
+//! | `nemotron_h` | the `"moe"` blocks of `layers_block_type`, else the `E` of `hybrid_override_pattern` |
+//! | `mistral4`, `bailing_moe` | `i >= first_k_dense_replace` (default 0) |
+//! | `bailing_moe_v2` | `first_k_dense_replace <= i < num_hidden_layers − num_nextn_predict_layers`; the last `num_nextn_predict_layers` layers are MTP blocks |
 //!
-//! DeepSeek-V3, V3.2, Kimi-K2 and GLM-4.5 append `num_nextn_predict_layers` multi-token-prediction
-//! blocks after the decoder (ids `num_hidden_layers..`), each with a routed MLP; they are listed
-//! apart ([`HfMoeLayers::mtp_layers`]) because engines capture them only when speculative decoding
-//! runs them.
+//! DeepSeek-V3, V3.2, Kimi-K2, GLM-4.5, GLM-4.7-Flash and GLM-5 append `num_nextn_predict_layers`
+//! multi-token-prediction blocks after the decoder (ids `num_hidden_layers..`), each with a routed
+//! MLP; Ling 2.0 counts its MTP blocks in `num_hidden_layers` (they are its last layers). They are
+//! listed apart ([`HfMoeLayers::mtp_layers`]) because engines capture them only when speculative
+//! decoding runs them.
 
 use crate::config::{GroupScore, Normalization, RouterConfig, RouterConfigBuilder, ScoreFunction, SoftmaxPosition};
 use crate::error::ConfigError;
 use serde_json::{Map, Value};
+
+mod families;
 
 /// The `model_type` values [`import_hf`] understands.
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
@@ -100,6 +122,23 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "llama4_text",
     "minimax_m2",
     "lfm2_moe",
+    "ernie4_5_moe",
+    "ernie4_5_vl_moe",
+    "ernie4_5_vl_moe_text",
+    "longcat_flash",
+    "aria",
+    "aria_text",
+    "afmoe",
+    "nemotron_h",
+    "glm4_moe_lite",
+    "glm_moe_dsa",
+    "solar_open",
+    "exaone_moe",
+    "mistral4",
+    "qwen3_5_moe",
+    "qwen3_5_moe_text",
+    "bailing_moe",
+    "bailing_moe_v2",
 ];
 
 /// MoE families of Hugging Face transformers whose router this crate cannot reproduce exactly,
@@ -114,20 +153,25 @@ pub const REFUSED_MODEL_TYPES: &[(&str, &str)] = &[
          first masked out; no top-K rule reproduces those weights",
     ),
     (
-        "ernie4_5_moe",
-        "ERNIE-4.5-MoE selects on softmax probabilities plus the checkpoint bias \
-         `moe_statics.e_score_correction_bias` and normalises with a clamp minimum (moe_norm_min); \
-         RouterConfig accepts a selection bias only with sigmoid or sqrt-softplus scores and stores \
-         renormalised softmax as softmax over the K selected logits, so the biased selection cannot \
-         be expressed without a change to core/src/config.rs",
+        "switch_transformers",
+        "Switch Transformers drops tokens at an absolute capacity: each expert keeps the first \
+         `expert_capacity` tokens (a fixed count, default 64) of a forward call's flattened batch, which \
+         RouterConfig's capacity (ceil(T*K/E * factor), a fraction of the routed batch) does not express; \
+         and it is an encoder-decoder whose encoder and decoder MoE blocks (`encoder.block.<i>`, \
+         `decoder.block.<i>`) share layer indices, which one layer map cannot name",
     ),
     (
-        "longcat_flash",
-        "LongCat-Flash selects on softmax probabilities plus `e_score_correction_bias` over its \
-         routed experts and `zero_expert_num` zero-computation (identity) experts, then scales by \
-         routed_scaling_factor; RouterConfig accepts a selection bias only with sigmoid or \
-         sqrt-softplus scores, so the biased selection cannot be expressed without a change to \
-         core/src/config.rs",
+        "nllb-moe",
+        "NLLB-MoE's top-2 router is not a deterministic top-K rule: the second expert is drawn with Gumbel \
+         noise (second_expert_policy \"sampling\") or dropped at random (\"random\"); its capacity counts every \
+         token's first choice before any second choice (optionally ordered by router probability), the \
+         weights are renormalised after dropping, and expert outputs are scaled by 1 - moe_token_dropout at \
+         inference",
+    ),
+    (
+        "doge",
+        "Doge's cross-domain MoE routes by product keys: its gate emits 2 * sqrt(E) key scores and an \
+         expert's score is the sum of one score from each half; there is no row of E gate logits to route",
     ),
 ];
 
@@ -231,6 +275,22 @@ pub fn import_hf_value(value: &Value) -> Result<HfImport, ConfigError> {
         "llama4" | "llama4_text" => llama4_text(k)?,
         "minimax_m2" => minimax_m2(k)?,
         "lfm2_moe" => lfm2_moe(k)?,
+        "ernie4_5_moe" | "ernie4_5_vl_moe" | "ernie4_5_vl_moe_text" => families::ernie(k)?,
+        "longcat_flash" => families::longcat_flash(k)?,
+        "aria" | "aria_text" => families::aria(k)?,
+        "afmoe" => families::afmoe(k)?,
+        "nemotron_h" => {
+            families::nemotron_h_has_moe(k)?;
+            v3_family(k, V3Family::NemotronH)?
+        }
+        "glm4_moe_lite" => v3_family(k, V3Family::Glm4MoeLite)?,
+        "glm_moe_dsa" => v3_family(k, V3Family::GlmMoeDsa)?,
+        "solar_open" => v3_family(k, V3Family::SolarOpen)?,
+        "exaone_moe" => v3_family(k, V3Family::ExaoneMoe)?,
+        "mistral4" => families::mistral4(k)?,
+        "qwen3_5_moe" | "qwen3_5_moe_text" => softmax_fixed(k, &["num_experts", "num_local_experts"], true)?,
+        "bailing_moe" => families::bailing_moe(k)?,
+        "bailing_moe_v2" => families::bailing_moe_v2(k)?,
         other => return Err(unsupported(&top, other)),
     };
     Ok(HfImport {
@@ -241,26 +301,54 @@ pub fn import_hf_value(value: &Value) -> Result<HfImport, ConfigError> {
 }
 
 /// Multimodal wrappers keep the text model's config nested: (wrapper `model_type`, path of keys,
-/// the dotted prefix errors use, the text model's own `model_type`).
-const NESTED_TEXT: &[(&str, &[&str], &str, &str)] = &[
-    ("llama4", &["text_config"], "text_config.", "llama4_text"),
-    ("qwen3_vl_moe", &["text_config"], "text_config.", "qwen3_vl_moe_text"),
-    ("glm4v_moe", &["text_config"], "text_config.", "glm4v_moe_text"),
+/// the dotted prefix errors use, the text model's own `model_type`, whether a file without the
+/// nested object keeps the text keys at the top level).
+const NESTED_TEXT: &[(&str, &[&str], &str, &str, bool)] = &[
+    ("llama4", &["text_config"], "text_config.", "llama4_text", false),
+    (
+        "qwen3_vl_moe",
+        &["text_config"],
+        "text_config.",
+        "qwen3_vl_moe_text",
+        false,
+    ),
+    ("glm4v_moe", &["text_config"], "text_config.", "glm4v_moe_text", false),
     // Qwen3-Omni's text model is the thinker's (`get_text_config`); the talker's MoE is not read.
     (
         "qwen3_omni_moe",
         &["thinker_config", "text_config"],
         "thinker_config.text_config.",
         "qwen3_omni_moe_text",
+        false,
+    ),
+    ("aria", &["text_config"], "text_config.", "aria_text", false),
+    (
+        "qwen3_5_moe",
+        &["text_config"],
+        "text_config.",
+        "qwen3_5_moe_text",
+        false,
+    ),
+    // Ernie4_5_VLMoeConfig builds its text config from the top-level keys when `text_config` is
+    // absent.
+    (
+        "ernie4_5_vl_moe",
+        &["text_config"],
+        "text_config.",
+        "ernie4_5_vl_moe_text",
+        true,
     ),
 ];
 
 /// The nested text config of a wrapper `model_type` (see [`NESTED_TEXT`]), checked to be the
 /// expected text model when it names its own `model_type`; `None` for a flat config.
 fn nested_text<'a>(top: &Keys<'a>, model_type: &str) -> Result<Option<Keys<'a>>, ConfigError> {
-    let Some(&(_, path, prefix, inner)) = NESTED_TEXT.iter().find(|(outer, ..)| *outer == model_type) else {
+    let Some(&(_, path, prefix, inner, optional)) = NESTED_TEXT.iter().find(|(outer, ..)| *outer == model_type) else {
         return Ok(None);
     };
+    if optional && top.get(path[0]).is_none() {
+        return Ok(None);
+    }
     let mut keys = Keys {
         obj: top.obj,
         prefix: "",
@@ -307,12 +395,15 @@ fn unsupported(top: &Keys<'_>, model_type: &str) -> ConfigError {
 impl HfImport {
     /// The name of the per-layer checkpoint tensor that holds the selection bias, when
     /// [`HfImport::expects_expert_bias`] is set: [`BIAS_TENSOR`] for the DeepSeek-V3 rule and
-    /// MiniMax-M2 (`…mlp.gate.e_score_correction_bias`), `expert_bias` for LFM2-MoE
-    /// (`…feed_forward.expert_bias`).
+    /// MiniMax-M2 (`…mlp.gate.e_score_correction_bias`), ERNIE-4.5
+    /// (`…mlp.gate.moe_statics.e_score_correction_bias`) and LongCat-Flash
+    /// (`…mlp.router.e_score_correction_bias`); `expert_bias` for LFM2-MoE
+    /// (`…feed_forward.expert_bias`), AFMoE (`…mlp.expert_bias`) and Ling 2.0
+    /// (`…mlp.gate.expert_bias`).
     pub fn bias_tensor(&self) -> Option<&'static str> {
         match (self.expects_expert_bias, self.model_type.as_str()) {
             (false, _) => None,
-            (true, "lfm2_moe") => Some("expert_bias"),
+            (true, "lfm2_moe" | "afmoe" | "bailing_moe_v2") => Some("expert_bias"),
             (true, _) => Some(BIAS_TENSOR),
         }
     }
@@ -457,6 +548,46 @@ impl<'a> Keys<'a> {
             },
         }
     }
+    /// A signed integer (ERNIE's `moe_layer_end_index` is `-1` for "the last layer").
+    fn opt_int(&self, key: &str) -> Result<Option<i64>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| self.bad(key, format!("expected an integer, found {v}"))),
+        }
+    }
+    /// A list of strings (per-layer type lists such as `mlp_layer_types`).
+    fn opt_str_list(&self, key: &str) -> Result<Option<Vec<&'a str>>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .ok_or_else(|| self.bad(key, format!("expected a list of strings, found {x} in it")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(v) => Err(self.bad(key, format!("expected a list of strings, found {}", kind_of(v)))),
+        }
+    }
+    /// A positive minimum that is a normal f32 (the clamp minimum of a normalisation; a subnormal
+    /// one would be flushed to 0 by the portable arithmetic).
+    fn opt_clamp_min(&self, key: &str) -> Result<Option<f32>, ConfigError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if x.is_finite() && (x as f32).is_normal() && x > 0.0 => Ok(Some(x as f32)),
+                Some(x) => Err(self.bad(
+                    key,
+                    format!("must be a positive number within the normal f32 range (found {x})"),
+                )),
+                None => Err(self.bad(key, format!("expected a number, found {v}"))),
+            },
+        }
+    }
     /// A string key that, when present, must be one of `allowed` (the only values the family's
     /// modeling code implements).
     fn check_str(&self, key: &str, allowed: &[&str]) -> Result<Option<&'a str>, ConfigError> {
@@ -552,22 +683,39 @@ enum V3Family {
     Glm4Moe,
     Glm4vMoe,
     Dots1,
+    NemotronH,
+    Glm4MoeLite,
+    GlmMoeDsa,
+    SolarOpen,
+    ExaoneMoe,
 }
 
 /// DeepSeek-V3/R1 (`DeepseekV3MoE.route_tokens_to_experts`), GLM-4.5 (`Glm4MoeMoE`, the same
-/// rule) and Kimi-K2 (shipped as `kimi_k2` with DeepSeek's V3 remote code). Sigmoid scores; the
-/// selection key adds `e_score_correction_bias`; groups are scored by the sum of their two best
-/// keys; weights are the unbiased sigmoid, divided by `Σw + 1e-20` when `norm_topk_prob`, then
-/// multiplied by `routed_scaling_factor`.
+/// rule) and Kimi-K2 (shipped as `kimi_k2` with DeepSeek's V3 remote code), and the families that
+/// reuse the rule: Nemotron-H (`NemotronHTopkRouter`), GLM-4.7-Flash (`Glm4MoeLiteMoE`), GLM-5
+/// (`GlmMoeDsa`, DeepSeek-V3.2's MoE), Solar Open (`SolarOpenMoE` = `Glm4MoeMoE`) and K-EXAONE
+/// (`ExaoneMoeSparseMoEBlock` = `DeepseekV3MoE`). Sigmoid scores; the selection key adds
+/// `e_score_correction_bias`; groups are scored by the sum of their two best keys; weights are
+/// the unbiased sigmoid, divided by `Σw + 1e-20` when `norm_topk_prob`, then multiplied by
+/// `routed_scaling_factor`.
 fn v3_family(k: &Keys<'_>, fam: V3Family) -> Result<(RouterConfig, bool), ConfigError> {
     let expert_keys: &[&'static str] = match fam {
         V3Family::DeepSeekV3 | V3Family::DeepSeekV32 | V3Family::KimiK2 => &["n_routed_experts", "num_local_experts"],
-        V3Family::Glm4Moe => &["n_routed_experts", "num_experts"],
-        V3Family::Glm4vMoe | V3Family::Dots1 => &["n_routed_experts", "num_local_experts"],
+        V3Family::Glm4Moe | V3Family::SolarOpen => &["n_routed_experts", "num_experts"],
+        V3Family::Glm4vMoe | V3Family::Dots1 | V3Family::NemotronH | V3Family::Glm4MoeLite => {
+            &["n_routed_experts", "num_local_experts"]
+        }
+        // GlmMoeDsaConfig maps `num_experts` onto `n_routed_experts` for old files.
+        V3Family::GlmMoeDsa => &["n_routed_experts", "num_local_experts", "num_experts"],
+        V3Family::ExaoneMoe => &["num_experts"],
     };
     let (e, top_k) = experts_and_k(k, expert_keys)?;
-    // dots1 and GLM-4.5V configs carry no such keys that their (DeepSeek-V3) router reads.
-    if !matches!(fam, V3Family::Dots1 | V3Family::Glm4vMoe) {
+    // Only DeepSeek's, Kimi's and GLM-4.5's configs carry these keys; the other families' routers
+    // do not read them.
+    if matches!(
+        fam,
+        V3Family::DeepSeekV3 | V3Family::DeepSeekV32 | V3Family::KimiK2 | V3Family::Glm4Moe
+    ) {
         k.check_str("scoring_func", &["sigmoid"])?;
         k.check_str("topk_method", &["noaux_tc"])?;
     }
@@ -603,26 +751,31 @@ fn v3_family(k: &Keys<'_>, fam: V3Family) -> Result<(RouterConfig, bool), Config
             k.bool_or("norm_topk_prob", false)?,
             k.opt_scale("routed_scaling_factor")?.unwrap_or(1.0),
         ),
+        // Defaults of NemotronHConfig and SolarOpenConfig (Glm4MoeConfig's): one group,
+        // renormalised, scale 1.
+        V3Family::NemotronH | V3Family::SolarOpen => (
+            k.count_or("n_group", 1)?,
+            k.count_or("topk_group", 1)?,
+            k.bool_or("norm_topk_prob", true)?,
+            k.opt_scale("routed_scaling_factor")?.unwrap_or(1.0),
+        ),
+        V3Family::Glm4MoeLite => (
+            k.count_or("n_group", 1)?,
+            k.count_or("topk_group", 1)?,
+            k.bool_or("norm_topk_prob", true)?,
+            k.opt_scale("routed_scaling_factor")?.unwrap_or(1.8),
+        ),
+        V3Family::GlmMoeDsa | V3Family::ExaoneMoe => (
+            k.count_or("n_group", 1)?,
+            k.count_or("topk_group", 1)?,
+            k.bool_or("norm_topk_prob", true)?,
+            k.opt_scale("routed_scaling_factor")?.unwrap_or(2.5),
+        ),
     };
     let mut b = RouterConfig::builder(e, top_k)
         .score(ScoreFunction::Sigmoid)
         .expect_expert_bias();
-    if let Some((g, kept)) = groups(k, e, n_group, topk_group)? {
-        let per = e / g;
-        if per < 2 {
-            return Err(k.bad(
-                "n_group",
-                format!("groups of {per} expert cannot be scored by their top-2 (the model's group rule)"),
-            ));
-        }
-        if kept * per < top_k {
-            return Err(k.bad(
-                "topk_group",
-                format!("{kept} groups of {per} experts cannot hold num_experts_per_tok = {top_k}"),
-            ));
-        }
-        b = b.group_limit(g, kept, GroupScore::SumTopN(2));
-    }
+    b = families::top2_groups(k, b, e, top_k, n_group, topk_group)?;
     if norm {
         b = b.normalization(Normalization::Sum { eps: 1e-20 });
     }
@@ -810,12 +963,14 @@ fn minimax_m2(k: &Keys<'_>) -> Result<(RouterConfig, bool), ConfigError> {
 pub struct HfMoeLayers {
     /// The top-level `model_type` of the file.
     pub model_type: String,
-    /// `num_hidden_layers`: the decoder layers `0..num_hidden_layers`.
+    /// The decoder layers `0..num_hidden_layers`: the file's `num_hidden_layers` (DBRX: `n_layers`;
+    /// LongCat-Flash: `num_layers`; Nemotron-H: the length of its layer pattern; Ling 2.0: without
+    /// its trailing MTP blocks).
     pub num_hidden_layers: usize,
     /// Decoder layers whose MLP is routed, ascending (never empty).
     pub layers: Vec<u32>,
     /// Multi-token-prediction blocks with a routed MLP (`num_nextn_predict_layers` of them, ids
-    /// from `num_hidden_layers`), ascending; empty for families without MTP.
+    /// from [`HfMoeLayers::num_hidden_layers`]), ascending; empty for families without MTP.
     pub mtp_layers: Vec<u32>,
 }
 
@@ -865,6 +1020,9 @@ pub fn hf_moe_layers_value(value: &Value) -> Result<HfMoeLayers, ConfigError> {
     };
     if !SUPPORTED_MODEL_TYPES.contains(&model_type) {
         return Err(unsupported(&top, model_type));
+    }
+    if let Some((n, n_key, layers, mtp)) = families::moe_layers(model_type, k)? {
+        return layer_map(model_type, k, n, n_key, layers, mtp);
     }
     // DBRX names the layer count `n_layers` (its config class maps `num_hidden_layers` onto it).
     let (n, n_key) = if model_type == "dbrx" {
@@ -972,6 +1130,19 @@ pub fn hf_moe_layers_value(value: &Value) -> Result<HfMoeLayers, ConfigError> {
         | "granitemoe" | "granitemoeshared" | "granitemoehybrid" | "jetmoe" => all.collect(),
         other => return Err(unsupported(&top, other)),
     };
+    layer_map(model_type, k, n, n_key, layers, mtp)
+}
+
+/// The result of [`hf_moe_layers`] from a family's rule: `n` decoder layers (counted by `n_key`),
+/// the MoE ones, and `mtp` multi-token-prediction blocks after them. No MoE layer is an error.
+fn layer_map(
+    model_type: &str,
+    k: &Keys<'_>,
+    n: usize,
+    n_key: &str,
+    layers: Vec<u32>,
+    mtp: usize,
+) -> Result<HfMoeLayers, ConfigError> {
     if layers.is_empty() {
         return Err(k.bad(
             n_key,
