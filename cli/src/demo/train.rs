@@ -18,7 +18,8 @@
 //! each; every route is recorded (in memory, rows = tokens − 1) with the sampled tokens'
 //! log-probabilities `log π_rollout(a_t)`.
 //!
-//! **A step.** The trainer (trainer numerics, sums in blocks of 16) runs the response positions
+//! **A step.** The trainer (trainer numerics: `--train-precision`, `--train-numerics`, the gate
+//! as a GEMM, the other sums in blocks of 16) runs the response positions
 //! of every sequence as one packed batch: the forward (layer inputs kept as activation
 //! checkpoints), `ρ_t = π_θ(a_t) / π_rollout(a_t)`, the loss `−mean_t A_s·ρ_t` (`A_s`: the
 //! sequence's reward — its share of tokens in the first quarter of the vocabulary — minus the
@@ -614,81 +615,85 @@ impl Adam {
     }
 }
 
-/// One run of `steps` optimisation steps from the rollout's gates through `routers` (each a
-/// [`Replayed`] router: its backward tape checks forward, recompute and backward see the same
-/// ids). `end_step` is called after each step's backward (the replay policy's count check).
-fn run<R>(
-    a: &DemoArgs,
+/// The bounds every training router meets: host logits, ids, weights and gradients (the CLI's
+/// [`AnyRouter`], and a [`Replayed`] one).
+trait HostRouter:
+    for<'l> Router<Logits<'l> = LogitsRef<'l>, Ids = Array2<u32>, Weights = HostWeights, LogitsGrad = HostGrad>
+{
+}
+
+impl<R> HostRouter for R where
+    R: for<'l> Router<Logits<'l> = LogitsRef<'l>, Ids = Array2<u32>, Weights = HostWeights, LogitsGrad = HostGrad>
+{
+}
+
+/// One step at `gates`: the forward through `routers` (layer inputs kept as activation
+/// checkpoints), the loss and the per-step numbers, and with `backward` the gradient on every
+/// gate (recomputing each layer from its checkpoint, then [`Router::weights_vjp`]). Without
+/// `backward` the gradient is empty and `grad_norm` is 0.
+fn step<R: HostRouter>(
     b: &Batch<'_>,
     routers: &[R],
-    mut end_step: impl FnMut() -> Result<(), CliError>,
-    pb: &indicatif::ProgressBar,
-) -> Result<TrainingRun, CliError>
-where
-    R: for<'l> Router<Logits<'l> = LogitsRef<'l>, Ids = Array2<u32>, Weights = HostWeights, LogitsGrad = HostGrad>,
-{
-    let t0 = Instant::now();
+    gates: &[Vec<f32>],
+    index: u32,
+    backward: bool,
+) -> Result<(TrainingStep, Vec<Vec<f32>>), CliError> {
     let p = b.policy;
-    let (h, e) = (HIDDEN, p.e);
+    let (h, e, k) = (HIDDEN, p.e, p.k);
     let layer_ids = p.layer_ids();
     let rows = b.layout.rows();
-    let mut gates = p.gates0.clone();
-    let mut adam = Adam::new(a.learning_rate, &gates);
-    let mut steps = Vec::with_capacity(a.train_steps as usize);
-    // The weights' term only: no aux loss, no z-loss (LossGrads::default()).
-    let losses = LossGrads::default();
-    for step in 0..a.train_steps {
-        // ---- Forward (layer inputs kept as activation checkpoints) ----
-        let mut cmp = Comparator::new(p.k);
-        let (hf, inputs) = p.forward(b.x0.clone(), &gates, b.num, |l, logits| {
-            let site = CallSite::layer(layer_ids[l]).with_layout(&b.layout);
-            let view = logits.view();
-            let r = routers[l].route(&view, &site)?;
-            cmp.add_batch(&b.rollout.trace, LayerId(layer_ids[l]), &b.layout, r.ids.view())
-                .map_err(|e| CliError::Input(e.to_string()))?;
-            Ok((r.ids, host_f32(r.weights)))
-        })?;
+    let shape = |e: ndarray::ShapeError| CliError::Input(format!("training step: {e}"));
 
-        // ---- Loss, metrics and the gradient on the final hidden states ----
-        let n = rows as f64;
-        let per_row: Vec<(f64, Vec<f32>)> = hf
-            .par_chunks(h)
-            .zip(b.targets.par_iter())
-            .map(|(hr, &(tok, old, adv))| {
-                let lp = p.logprobs(hr, b.num);
-                let d = f64::from(lp[tok as usize]) - f64::from(old);
-                let rho = d.exp();
-                // L = −mean A·ρ: dL/dlog π(a) = −A·ρ/N; d log π(a)/dz = onehot(a) − softmax(z).
-                let c = (-(f64::from(adv)) * rho / n) as f32;
-                let dz: Vec<f32> = lp
-                    .iter()
-                    .enumerate()
-                    .map(|(v, &l)| c * (f32::from(u8::from(v == tok as usize)) - l.exp()))
-                    .collect();
-                let mut dxn = vec![0f32; h];
-                for (row, &g) in p.head.chunks_exact(h).zip(&dz) {
-                    for (d, &w) in dxn.iter_mut().zip(row) {
-                        *d += g * w;
-                    }
+    // ---- Forward ----
+    let mut cmp = Comparator::new(k);
+    let (hf, inputs) = p.forward(b.x0.clone(), gates, b.num, |l, logits| {
+        let site = CallSite::layer(layer_ids[l]).with_layout(&b.layout);
+        let r = routers[l].route(&logits.view(), &site)?;
+        cmp.add_batch(&b.rollout.trace, LayerId(layer_ids[l]), &b.layout, r.ids.view())
+            .map_err(|e| CliError::Input(e.to_string()))?;
+        Ok((r.ids, host_f32(r.weights)))
+    })?;
+
+    // ---- Loss, ratios and the gradient on the final hidden states ----
+    let n = rows as f64;
+    let per_row: Vec<(f64, Vec<f32>)> = hf
+        .par_chunks(h)
+        .zip(b.targets.par_iter())
+        .map(|(hr, &(tok, old, adv))| {
+            let lp = p.logprobs(hr, b.num);
+            let d = f64::from(lp[tok as usize]) - f64::from(old);
+            // L = −mean_t A·ρ_t: dL/dlog π(a) = −A·ρ/N; dlog π(a)/dz = onehot(a) − softmax(z).
+            let c = (-f64::from(adv) * d.exp() / n) as f32;
+            let mut dxn = vec![0f32; h];
+            for (v, (row, &l)) in p.head.chunks_exact(h).zip(&lp).enumerate() {
+                let g = c * (f32::from(u8::from(v == tok as usize)) - l.exp());
+                for (d, &w) in dxn.iter_mut().zip(row) {
+                    *d += g * w;
                 }
-                let mut dh = vec![0f32; h];
-                rmsnorm_backward(hr, &dxn, &mut dh);
-                (d, dh)
-            })
-            .collect();
-        let (mut k3, mut extreme, mut max_d, mut loss) = (0f64, 0u64, 0f64, 0f64);
-        let (lo, hi) = (RATIO_BAND[0].ln(), RATIO_BAND[1].ln());
-        for ((d, _), &(_, _, adv)) in per_row.iter().zip(&b.targets) {
-            k3 += d.exp() - 1.0 - d;
-            extreme += u64::from(*d < lo || *d > hi);
-            max_d = max_d.max(d.abs());
-            loss -= f64::from(adv) * d.exp() / n;
-        }
-        let mut dh: Vec<f32> = per_row.into_iter().flat_map(|(_, g)| g).collect();
+            }
+            let mut dh = vec![0f32; h];
+            rmsnorm_backward(hr, &dxn, &mut dh);
+            (d, dh)
+        })
+        .collect();
+    let (mut k3, mut extreme, mut max_d, mut loss) = (0f64, 0u64, 0f64, 0f64);
+    let (lo, hi) = (RATIO_BAND[0].ln(), RATIO_BAND[1].ln());
+    for ((d, _), &(_, _, adv)) in per_row.iter().zip(&b.targets) {
+        k3 += d.exp() - 1.0 - d;
+        extreme += u64::from(*d < lo || *d > hi);
+        max_d = max_d.max(d.abs());
+        loss -= f64::from(adv) * d.exp() / n;
+    }
+    let mut dh: Vec<f32> = per_row.into_iter().flat_map(|(_, g)| g).collect();
 
-        // ---- Backward, layer by layer from the top, recomputing each layer ----
-        let mut grads: Vec<Vec<f32>> = vec![Vec::new(); p.layers];
+    // ---- Backward, from the top layer down ----
+    let mut grads: Vec<Vec<f32>> = Vec::new();
+    if backward {
+        grads = vec![Vec::new(); p.layers];
+        // The weights' term only: no aux loss, no z-loss.
+        let losses = LossGrads::default();
         for l in (0..p.layers).rev() {
+            // Recompute the layer from its checkpoint: the router must give the forward's ids.
             let hin = &inputs[l];
             let xn = rmsnorm_rows(hin, h, b.num.precision);
             let logits = p.gate_logits(&gates[l], &xn, b.num)?;
@@ -697,7 +702,7 @@ where
             let again = routers[l].route(&view, &site.with_pass(Pass::Recompute))?;
             let ids: Vec<u32> = again.ids.iter().copied().collect();
             let w: Vec<f32> = host_f32(again.weights).iter().copied().collect();
-            let k = p.k;
+            // The upstream gradient on the routing weights, and the input's through the experts.
             let mut gw = vec![0f32; rows * k];
             let mut dxn = vec![0f32; rows * h];
             gw.par_chunks_mut(k)
@@ -707,11 +712,11 @@ where
                     let (x, d) = (&xn[t * h..(t + 1) * h], &dh[t * h..(t + 1) * h]);
                     p.expert_backward(l, x, &ids[t * k..(t + 1) * k], &w[t * k..(t + 1) * k], d, g, dx);
                 });
-            let gw = Array2::from_shape_vec((rows, k), gw).map_err(|e| CliError::Input(e.to_string()))?;
+            let gw = Array2::from_shape_vec((rows, k), gw).map_err(shape)?;
             let dz = host_f32(routers[l].weights_vjp(&view, &again.ids, &HostMatrix::F32(gw), &losses, &site)?);
-            let xa = ArrayView2::from_shape((rows, h), &xn).map_err(|e| CliError::Input(e.to_string()))?;
-            let wa = ArrayView2::from_shape((e, h), &gates[l]).map_err(|e| CliError::Input(e.to_string()))?;
             // The gate's gradient: dlogits^T · X. The input's: dlogits · W, then through the norm.
+            let xa = ArrayView2::from_shape((rows, h), &xn).map_err(shape)?;
+            let wa = ArrayView2::from_shape((e, h), &gates[l]).map_err(shape)?;
             grads[l] = dz.t().dot(&xa).iter().copied().collect();
             let dxg = dz.dot(&wa);
             dxn.par_chunks_mut(h)
@@ -727,24 +732,45 @@ where
                 .zip(dxn.par_chunks(h))
                 .for_each(|((d, x), dx)| rmsnorm_backward(x, dx, d));
         }
+    }
+    let grad_norm = grads
+        .iter()
+        .flatten()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt();
+    let numbers = TrainingStep {
+        step: index,
+        k3_kl: k3 / n,
+        extreme_fraction: extreme as f64 / n,
+        max_abs_log_ratio: max_d,
+        grad_norm,
+        loss,
+        router_mismatch_fraction: cmp.finish().router_mismatch_fraction,
+    };
+    Ok((numbers, grads))
+}
+
+/// One run of `--train-steps` optimisation steps from the rollout's gates through `routers`
+/// (each a [`Replayed`] router: its backward tape holds the backward to the ids of the forward,
+/// and the recompute to them too). `end_step` is called after each step's backward (the replay
+/// policy's count check).
+fn run<R: HostRouter>(
+    a: &DemoArgs,
+    b: &Batch<'_>,
+    routers: &[R],
+    mut end_step: impl FnMut() -> Result<(), CliError>,
+    pb: &indicatif::ProgressBar,
+) -> Result<TrainingRun, CliError> {
+    let t0 = Instant::now();
+    let mut gates = b.policy.gates0.clone();
+    let mut adam = Adam::new(a.learning_rate, &gates);
+    let mut steps = Vec::with_capacity(a.train_steps as usize);
+    for i in 0..a.train_steps {
+        let (numbers, grads) = step(b, routers, &gates, i, true)?;
         end_step()?;
-        let grad_norm = grads
-            .iter()
-            .flat_map(|g| g.iter())
-            .map(|&x| f64::from(x) * f64::from(x))
-            .sum::<f64>()
-            .sqrt();
         adam.step(&mut gates, &grads);
-        let c = cmp.finish();
-        steps.push(TrainingStep {
-            step,
-            k3_kl: k3 / n,
-            extreme_fraction: extreme as f64 / n,
-            max_abs_log_ratio: max_d,
-            grad_norm,
-            loss,
-            router_mismatch_fraction: c.router_mismatch_fraction,
-        });
+        steps.push(numbers);
         pb.inc(1);
     }
     Ok(TrainingRun {
@@ -752,6 +778,58 @@ where
         replayed_rows: None,
         seconds: t0.elapsed().as_secs_f64(),
     })
+}
+
+/// The trainer's batch for `rollout`: the response positions of every sequence, packed, with
+/// each row's target (sampled token, rollout log-probability, sequence advantage). Also returns
+/// the rollout's mean reward.
+fn batch<'a>(a: &DemoArgs, policy: &'a Policy, rollout: &'a Rollout) -> Result<(Batch<'a>, f64), CliError> {
+    let num = ForwardNumerics {
+        precision: a.train_precision,
+        accumulation: Accumulation::Blocks16,
+    };
+    let (s, r) = (a.train_sequences, a.train_len);
+    let first = PROMPT - 1;
+    let layout = BatchLayout::new(
+        (0..s)
+            .map(|i| Segment::Tokens {
+                seq: SeqId(i as u64),
+                start: first as u64,
+                len: r,
+            })
+            .collect(),
+    )
+    .map_err(layout_err)?;
+    let toks: Vec<u32> = rollout
+        .tokens
+        .iter()
+        .flat_map(|t| t[first..first + r].iter().copied())
+        .collect();
+    let pos: Vec<u64> = (0..s).flat_map(|_| first as u64..(first + r) as u64).collect();
+    // Reward: the share of response tokens in the first quarter of the vocabulary; advantage:
+    // reward minus the batch mean, over the standard deviation (GRPO-style, one group).
+    let rewards: Vec<f64> = rollout
+        .tokens
+        .iter()
+        .map(|t| t[PROMPT..].iter().filter(|&&x| (x as usize) < VOCAB / 4).count() as f64 / r as f64)
+        .collect();
+    let mean = rewards.iter().sum::<f64>() / s as f64;
+    let std = (rewards.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / s as f64).sqrt();
+    let targets: Vec<(u32, f32, f32)> = (0..s)
+        .flat_map(|i| {
+            let adv = ((rewards[i] - mean) / (std + 1e-6)) as f32;
+            (0..r).map(move |j| (rollout.tokens[i][PROMPT + j], rollout.logprob[i][j], adv))
+        })
+        .collect();
+    let batch = Batch {
+        policy,
+        rollout,
+        x0: policy.embed(&toks, &pos, num.precision),
+        layout,
+        targets,
+        num,
+    };
+    Ok((batch, mean))
 }
 
 /// Runs the training section: the rollout, then both runs. `None` when `--train-steps 0`.
@@ -765,57 +843,11 @@ pub(super) fn training(a: &DemoArgs, rule: &RouterConfig) -> Result<Option<Train
         precision: a.rollout_precision,
         accumulation: Accumulation::Lanes8,
     };
-    let num = ForwardNumerics {
-        precision: a.train_precision,
-        accumulation: Accumulation::Blocks16,
-    };
     let rollout = rollout(a, &policy, roll_num)?;
-
-    // The trainer's batch: the response positions of every sequence, packed.
-    let s = a.train_sequences;
-    let r = a.train_len;
-    let layout = BatchLayout::new(
-        (0..s)
-            .map(|i| Segment::Tokens {
-                seq: SeqId(i as u64),
-                start: (PROMPT - 1) as u64,
-                len: r,
-            })
-            .collect(),
-    )
-    .map_err(layout_err)?;
-    let toks: Vec<u32> = rollout
-        .tokens
-        .iter()
-        .flat_map(|t| t[PROMPT - 1..PROMPT - 1 + r].iter().copied())
-        .collect();
-    let pos: Vec<u64> = (0..s)
-        .flat_map(|_| (PROMPT as u64 - 1)..(PROMPT - 1 + r) as u64)
-        .collect();
-    let rewards: Vec<f64> = rollout
-        .tokens
-        .iter()
-        .map(|t| t[PROMPT..].iter().filter(|&&x| (x as usize) < VOCAB / 4).count() as f64 / r as f64)
-        .collect();
-    let mean = rewards.iter().sum::<f64>() / s as f64;
-    let std = (rewards.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / s as f64).sqrt();
-    let targets: Vec<(u32, f32, f32)> = (0..s)
-        .flat_map(|i| {
-            let adv = ((rewards[i] - mean) / (std + 1e-6)) as f32;
-            let rollout = &rollout;
-            (0..r).map(move |j| (rollout.tokens[i][PROMPT + j], rollout.logprob[i][j], adv))
-        })
-        .collect();
-    let batch = Batch {
-        policy: &policy,
-        rollout: &rollout,
-        x0: policy.embed(&toks, &pos, num.precision),
-        layout,
-        targets,
-        num,
-    };
+    let (batch, mean_reward) = batch(a, &policy, &rollout)?;
     let train_kind = a.train_backend.unwrap_or(a.backend);
 
+    // Without replay: the trainer's own routes (a pass-through policy keeps the backward tape).
     let pb = super::phases::progress(u64::from(a.train_steps), "training (no replay)");
     let plain: Vec<_> = routers(&policy, train_kind, a.train_numerics)?
         .into_iter()
@@ -824,6 +856,8 @@ pub(super) fn training(a: &DemoArgs, rule: &RouterConfig) -> Result<Option<Train
     let without = run(a, &batch, &plain, || Ok(()), &pb)?;
     pb.finish_and_clear();
 
+    // With R3: every route replayed from the rollout (strict: a missing one is an error), each
+    // (layer, batch) key asked exactly twice per step (forward and recompute).
     let pb = super::phases::progress(u64::from(a.train_steps), "training (R3 replay)");
     let policy_replay = Replay::new(rollout.trace.clone(), &layer_ids)
         .map_err(replay_err)?
@@ -844,18 +878,93 @@ pub(super) fn training(a: &DemoArgs, rule: &RouterConfig) -> Result<Option<Train
 
     Ok(Some(TrainingReport {
         steps: a.train_steps,
-        sequences: s,
+        sequences: a.train_sequences,
         prompt_len: PROMPT,
-        response_len: r,
+        response_len: a.train_len,
         layers: policy.layers,
         hidden: HIDDEN,
         expert_ffn: EXPERT_FFN,
         vocab: VOCAB,
         learning_rate: a.learning_rate,
         extreme_ratio_band: RATIO_BAND,
-        rollout_mean_reward: mean,
+        rollout_mean_reward: mean_reward,
         rollout_seconds: rollout.seconds,
         without_replay: without,
         with_replay: with,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small(preset: &str) -> DemoArgs {
+        DemoArgs {
+            preset: preset.into(),
+            train_sequences: 4,
+            train_len: 8,
+            train_layers: 3,
+            ..DemoArgs::default()
+        }
+    }
+
+    /// The gradient the step computes (experts, norms, the head by hand; the routing weights
+    /// through `Router::weights_vjp`; the gates as `dlogits^T · X`) is the derivative of the
+    /// loss it reports: under replay the routes are fixed and the loss is smooth in the gates,
+    /// so a central difference along a random direction must agree with `⟨grad, direction⟩`.
+    fn gradient_matches_finite_differences(preset: &str) {
+        let a = small(preset);
+        let rule = moe_router::preset(preset).unwrap();
+        let policy = Policy::new(&a, &rule).unwrap();
+        let roll = ForwardNumerics {
+            precision: Precision::Bf16,
+            accumulation: Accumulation::Lanes8,
+        };
+        let rollout = rollout(&a, &policy, roll).unwrap();
+        let (b, _) = batch(&a, &policy, &rollout).unwrap();
+        let replay = Replay::new(rollout.trace.clone(), &policy.layer_ids()).unwrap();
+        let routers: Vec<_> = routers(&policy, BackendKind::Cpu, a.train_numerics)
+            .unwrap()
+            .into_iter()
+            .map(|r| Replayed::new(r, &replay))
+            .collect();
+        let gates = policy.gates0.clone();
+        let (_, grads) = step(&b, &routers, &gates, 0, true).unwrap();
+        let mut rng = Rng::new(9, 9);
+        let dir: Vec<Vec<f32>> = gates
+            .iter()
+            .map(|g| g.iter().map(|_| rng.normal() as f32).collect())
+            .collect();
+        let along: f64 = grads
+            .iter()
+            .flatten()
+            .zip(dir.iter().flatten())
+            .map(|(&g, &d)| f64::from(g) * f64::from(d))
+            .sum();
+        let eps = 1e-3f32;
+        let loss_at = |sign: f32| {
+            let moved: Vec<Vec<f32>> = gates
+                .iter()
+                .zip(&dir)
+                .map(|(g, d)| g.iter().zip(d).map(|(&x, &y)| x + sign * eps * y).collect())
+                .collect();
+            step(&b, &routers, &moved, 0, false).unwrap().0.loss
+        };
+        let fd = (loss_at(1.0) - loss_at(-1.0)) / (2.0 * f64::from(eps));
+        assert!(along.abs() > 1e-4, "{preset}: a degenerate direction ({along})");
+        assert!(
+            (fd - along).abs() <= 0.005 * along.abs(),
+            "{preset}: finite difference {fd} vs gradient {along}"
+        );
+    }
+
+    #[test]
+    fn the_gate_gradient_is_the_derivative_of_the_loss_for_a_sigmoid_rule_with_groups_and_bias() {
+        gradient_matches_finite_differences("deepseek-v3");
+    }
+
+    #[test]
+    fn the_gate_gradient_is_the_derivative_of_the_loss_for_a_softmax_rule() {
+        gradient_matches_finite_differences("qwen3-moe");
+    }
 }
