@@ -1,10 +1,14 @@
 //! `moe-router demo`, `bench` and the plots: the R3 demo at a tiny size finishes, writes its
-//! files, shows routers that differ without replay and none with replay; the bench measures the
-//! CPU; plots are written as PNG and SVG.
+//! files, shows routers that differ without replay and none with replay; its training section
+//! shows the importance ratios drift without replay and stay near 1 with it; the bench measures
+//! the CPU; plots are written as PNG and SVG.
 
 use moe_router_cli::bench::{BenchArgs, BenchDtype, run_bench};
-use moe_router_cli::demo::{DemoArgs, run_demo};
-use moe_router_cli::plot::{LayerSeries, plot_expert_load_heatmap, plot_mismatch_per_layer};
+use moe_router_cli::demo::{DemoArgs, run_demo, story};
+use moe_router_cli::plot::{
+    LayerSeries, StepPanel, StepScale, StepSeries, plot_expert_load_heatmap, plot_mismatch_per_layer,
+    plot_training_curves,
+};
 use moe_router_cli::{backend::BackendKind, route::NumericsArg, run};
 use std::path::{Path, PathBuf};
 
@@ -25,6 +29,19 @@ fn tiny(out: &Path) -> DemoArgs {
         expert_ffn: 8,
         vocab: 64,
         micro_batch_tokens: 100,
+        out: out.to_path_buf(),
+        train_steps: 0,
+        ..DemoArgs::default()
+    }
+}
+
+/// The smallest first part, and the training section at its defaults (20 steps).
+fn training_defaults(out: &Path) -> DemoArgs {
+    DemoArgs {
+        sequences: 2,
+        seq_len: 20,
+        prompt_len: 4,
+        layers: 1,
         out: out.to_path_buf(),
         ..DemoArgs::default()
     }
@@ -118,6 +135,7 @@ fn demo_is_deterministic_for_a_seed() {
     let mut a = tiny(&o1);
     a.sequences = 3;
     a.layers = 2;
+    a.train_steps = 3;
     let s1 = run_demo(&a).unwrap();
     a.out = o2.clone();
     let s2 = run_demo(&a).unwrap();
@@ -125,6 +143,15 @@ fn demo_is_deterministic_for_a_seed() {
     assert_eq!(
         s1.without_replay.comparison.router_mismatch_fraction,
         s2.without_replay.comparison.router_mismatch_fraction
+    );
+    let json = |s: &moe_router_cli::demo::DemoSummary| {
+        let t = s.training.as_ref().unwrap();
+        serde_json::to_string(&(&t.without_replay.steps, &t.with_replay.steps)).unwrap()
+    };
+    assert_eq!(
+        json(&s1),
+        json(&s2),
+        "the training steps are the same numbers for a seed"
     );
     let _ = std::fs::remove_dir_all(&o1);
     let _ = std::fs::remove_dir_all(&o2);
@@ -165,10 +192,11 @@ fn demo_cli_runs_and_rejects_bad_arguments() {
         "--vocab",
         "32",
     ];
-    let mut args = vec!["moe-router", "demo", "--out", &o, "--json"];
+    let mut args = vec!["moe-router", "demo", "--out", &o, "--json", "--train-steps", "2"];
     args.extend(small);
     assert_eq!(run(args.clone()), 0);
     assert!(out.join("summary.json").is_file());
+    assert!(out.join("training.svg").is_file());
     // Impossible sizes: the command fails (1) with a message; bad flags and an unknown preset
     // are usage errors (2).
     let mut bad = args.clone();
@@ -187,6 +215,140 @@ fn demo_cli_runs_and_rejects_bad_arguments() {
         assert_eq!(run(b), 1);
     }
     assert_eq!(run(["moe-router", "demo", "--help"]), 0);
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn training_the_gates_drifts_the_ratios_without_replay_and_keeps_them_near_one_with_it() {
+    let out = scratch("train");
+    let a = training_defaults(&out);
+    let s = run_demo(&a).unwrap();
+    let t = s.training.as_ref().expect("the training section runs by default");
+    let (w, r) = (&t.without_replay.steps, &t.with_replay.steps);
+    assert_eq!((t.steps, w.len(), r.len()), (20, 20, 20));
+    assert_eq!(t.extreme_ratio_band, [0.5, 2.0]);
+
+    // Step 0, the rollout's own gates: the trainer's numerics already flip near-tie routes, so
+    // some ratios are off without replay; with replay only numerics is left.
+    assert!(w[0].router_mismatch_fraction > 0.0, "{:?}", w[0]);
+    assert!(w[0].k3_kl > 10.0 * r[0].k3_kl, "{:?} vs {:?}", w[0], r[0]);
+    assert_eq!(r[0].extreme_fraction, 0.0);
+    // Replay: every route of every step is the rollout's, in the forward and the recompute.
+    assert!(r.iter().all(|x| x.router_mismatch_fraction == 0.0));
+    let rows = (t.sequences * t.response_len) as u64;
+    assert_eq!(
+        t.with_replay.replayed_rows,
+        Some(20 * 2 * t.layers as u64 * rows),
+        "steps x (forward, recompute) x layers x rows"
+    );
+    assert_eq!(t.without_replay.replayed_rows, None);
+
+    // As the gates train, the trainer's own routes move away from the rollout's, and with them
+    // the ratios; replaying the rollout's routes keeps the ratios near 1.
+    let (wl, rl) = (w.last().unwrap(), r.last().unwrap());
+    assert!(
+        wl.router_mismatch_fraction > 3.0 * w[0].router_mismatch_fraction,
+        "{:?} vs {:?}",
+        w[0],
+        wl
+    );
+    assert!(
+        wl.k3_kl > 10.0 * rl.k3_kl,
+        "final k3 KL: {} without, {} with replay",
+        wl.k3_kl,
+        rl.k3_kl
+    );
+    assert!(
+        wl.extreme_fraction > rl.extreme_fraction + 0.25,
+        "final extreme fraction: {} without, {} with replay",
+        wl.extreme_fraction,
+        rl.extreme_fraction
+    );
+    assert!(rl.extreme_fraction < 0.05, "{rl:?}");
+    assert!(w.iter().chain(r).all(|x| x.grad_norm > 0.0 && x.grad_norm.is_finite()));
+
+    // The files and the documented keys.
+    assert!(is_png(&out.join("training.png")));
+    assert!(is_svg(&out.join("training.svg")));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let tj = &json["training"];
+    assert_eq!(tj["steps"], 20);
+    assert_eq!(tj["extreme_ratio_band"], serde_json::json!([0.5, 2.0]));
+    for run in ["without_replay", "with_replay"] {
+        let steps = tj[run]["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 20);
+        for key in [
+            "step",
+            "k3_kl",
+            "extreme_fraction",
+            "max_abs_log_ratio",
+            "grad_norm",
+            "loss",
+            "router_mismatch_fraction",
+        ] {
+            assert!(steps[19][key].is_number(), "{run}: {key} missing");
+        }
+    }
+    assert!(
+        json["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().ends_with("training.png"))
+    );
+    assert!(story(&s, &a).contains("Training the gates"));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn train_steps_zero_skips_the_training_section_and_bad_values_are_refused() {
+    let out = scratch("train0");
+    let mut a = training_defaults(&out);
+    a.train_steps = 0;
+    let s = run_demo(&a).unwrap();
+    assert!(s.training.is_none());
+    assert!(!out.join("training.png").exists() && !out.join("training.svg").exists());
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert!(json.get("training").is_none(), "no training key without training");
+    assert!(!story(&s, &a).contains("Training the gates"));
+
+    // Malformed values are usage errors (2); sizes no batch can have fail the command (1).
+    let o = out.display().to_string();
+    let base = [
+        "moe-router",
+        "demo",
+        "--out",
+        &o,
+        "--sequences",
+        "2",
+        "--seq-len",
+        "20",
+        "--layers",
+        "1",
+    ];
+    let with = |extra: &[&str]| {
+        let mut v: Vec<&str> = base.to_vec();
+        v.extend(extra);
+        run(v)
+    };
+    for bad in [
+        &["--train-steps", "-1"][..],
+        &["--train-steps", "many"],
+        &["--train-steps", "10001"],
+        &["--learning-rate", "0"],
+        &["--learning-rate", "-0.1"],
+        &["--learning-rate", "inf"],
+        &["--learning-rate", "NaN"],
+    ] {
+        assert_eq!(with(bad), 2, "{bad:?}");
+    }
+    assert_eq!(with(&["--train-len", "0"]), 1);
+    assert_eq!(with(&["--train-layers", "0"]), 1);
+    assert_eq!(with(&["--train-sequences", "100000", "--train-len", "100000"]), 1);
+    // With --train-steps 0 the training sizes are not used.
+    assert_eq!(with(&["--train-steps", "0", "--train-len", "0"]), 0);
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -252,6 +414,33 @@ fn plots_are_written_as_png_and_svg_and_bad_names_are_errors() {
     assert!(is_svg(&svg));
     assert!(plot_mismatch_per_layer(&out.join("m.jpg"), "t", &layers, &series).is_err());
     assert!(plot_mismatch_per_layer(&png, "t", &[1, 2], &series).is_err());
+
+    let panel = |scale, a: Vec<f64>, b: Vec<f64>| StepPanel {
+        title: "metric".into(),
+        scale,
+        series: vec![
+            StepSeries {
+                label: "a".into(),
+                values: a,
+            },
+            StepSeries {
+                label: "b".into(),
+                values: b,
+            },
+        ],
+    };
+    let panels = [
+        panel(StepScale::Log, vec![1e-4, 1e-2, 0.0], vec![1e-5, 2e-5, 3e-5]),
+        panel(StepScale::Percent, vec![0.0, 0.2, 0.5], vec![0.0; 3]),
+        panel(StepScale::Linear, vec![0.1, 0.4, 0.3], vec![0.1, 0.1, 0.1]),
+    ];
+    plot_training_curves(&out.join("t.png"), "t", &panels).unwrap();
+    plot_training_curves(&out.join("t.svg"), "t", &panels).unwrap();
+    assert!(is_png(&out.join("t.png")));
+    assert!(is_svg(&out.join("t.svg")));
+    assert!(plot_training_curves(&out.join("t.png"), "t", &[]).is_err());
+    assert!(plot_training_curves(&out.join("t.png"), "t", &[panel(StepScale::Log, vec![], vec![1.0])]).is_err());
+    assert!(plot_training_curves(&out.join("t.gif"), "t", &panels).is_err());
 
     let loads = vec![vec![5u64, 0, 10, 1], vec![4, 4, 4, 4], vec![0, 0, 16, 0]];
     let heat = out.join("load.png");

@@ -19,6 +19,15 @@
 //! routers whose top-k set differs, the fraction of tokens with any differing layer, the mean
 //! differing layers per token (the R3 paper's metrics), how far the final hidden states move
 //! (relative L2) and the k3 KL estimate between rollout and training next-token probabilities.
+//!
+//! 4. **Training the gates** (`--train-steps N`, 20 by default, 0 skips it; module `train`). A
+//!    smaller MoE policy generates one rollout (engine numerics, routes recorded), then trains
+//!    its router (gate) weights for N steps of an importance-weighted policy gradient over the
+//!    rollout's response tokens, once routing itself and once replaying the rollout's routes,
+//!    backward through [`moe_router::Router::weights_vjp`]. Per step: the k3 KL between rollout
+//!    and trainer, the fraction of tokens whose ratio `π_train / π_rollout` is outside
+//!    `[0.5, 2]`, the gate gradient's norm, the loss, and the routers that differ from the
+//!    rollout; `summary.json` gets them under `training`, `OUT/training.{png,svg}` plots them.
 
 mod phases;
 mod report;
@@ -51,7 +60,13 @@ OUT/rollout.mrt. A trainer then re-runs the same sequences with f32 numerics in 
 layout (packed micro-batches, zigzag context-parallel split): without replay its routers pick
 other experts for a share of the (token, layer) pairs, and the hidden states drift; replaying the
 recorded ids (R3) makes every router agree with the rollout, exactly. The demo prints the R3
-paper's metrics per layer for both runs and writes OUT/summary.json and OUT/mismatch.{png,svg}.";
+paper's metrics per layer for both runs and writes OUT/summary.json and OUT/mismatch.{png,svg}.
+
+Then a smaller MoE policy trains its router (gate) weights on one rollout for --train-steps steps
+of importance-weighted policy gradient, backward through the router's weights_vjp: once routing
+itself, once replaying the rollout's routes. Per step it reports what RL trainers log: the k3 KL
+between rollout and trainer, the share of tokens whose ratio pi_train / pi_rollout is outside
+[0.5, 2], the gate gradient's norm; it prints the table and plots OUT/training.{png,svg}.";
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -60,10 +75,12 @@ Examples:
   moe-router demo --preset qwen3-moe          # Qwen3-MoE's rule (softmax, top-8 of 128)
   moe-router demo --rollout-precision f32     # f32 on both sides: no router differs, the gap is bf16
   moe-router demo --json > summary.json
+  moe-router demo --train-steps 100           # train the gates longer (0 skips the training section)
+  moe-router demo --learning-rate 3e-4        # a slower drift: watch the no-replay ratios anyway
 
 Writes OUT/rollout.mrt (the rollout trace), OUT/train-no-replay.mrt (the trainer's own routes),
-OUT/summary.json, OUT/mismatch.png and OUT/mismatch.svg. Compare the two traces yourself with
-`moe-router diff OUT/rollout.mrt OUT/train-no-replay.mrt`.";
+OUT/summary.json, OUT/mismatch.png, OUT/mismatch.svg, OUT/training.png and OUT/training.svg.
+Compare the two traces yourself with `moe-router diff OUT/rollout.mrt OUT/train-no-replay.mrt`.";
 
 /// Arguments of `demo`.
 #[derive(Debug, Clone, clap::Args)]
