@@ -327,6 +327,10 @@ fn softmax_into<M: Math>(z: &[M::F], out: &mut Vec<M::F>, row: usize) -> Result<
 /// Every intermediate the forward computes is recomputed with the forward's own operations (so
 /// the weights are those the forward returned, bit for bit); every new result is flushed by the
 /// subnormal rule; sums run in slot order (over K) or expert order (over E).
+///
+/// A selection bias takes no part: it moves the selection only (the `ids` given here), while the
+/// weights are the unbiased scores — with softmax before top-K (ERNIE-4.5, LongCat-Flash) the
+/// gradient flows through the full-row probabilities at the ids, exactly as without a bias.
 #[allow(clippy::too_many_arguments)]
 pub fn vjp_row<M: Math>(
     cfg: &RouterConfig,
