@@ -72,7 +72,7 @@ pub struct TrainingStep {
     pub step: u32,
     /// k3 estimate of KL(π_rollout ‖ π_θ) over the response tokens: mean of `ρ − 1 − log ρ`.
     pub k3_kl: f64,
-    /// Fraction of response tokens with `ρ` outside `[0.5, 2]` ([`RATIO_BAND`]).
+    /// Fraction of response tokens with `ρ` outside `[0.5, 2]` (the bounds are in [`TrainingReport::extreme_ratio_band`]).
     pub extreme_fraction: f64,
     /// Largest `|log ρ|` over the response tokens.
     pub max_abs_log_ratio: f64,
