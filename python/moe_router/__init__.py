@@ -204,6 +204,15 @@ class Router:
                 return self._r.route(logits, None if bias is None else _np_bias(bias), False)
             a, bf = _np_logits(logits)
             return self._r.route(a, None if bias is None else _np_bias(bias), bf)
+        # torch tensors: read and made in Rust (None when that path does not take the tensor).
+        if bias is None:
+            out = self._r.route_tensor(logits, None, check)
+            if out is not None:
+                return out
+        elif _is_torch(logits) and not logits.is_cuda:
+            out = self._r.route_tensor(logits, _np_bias(bias), check)
+            if out is not None:
+                return out
         if _is_torch(logits):
             return self._route_torch(logits, bias, check)
         a, bf = _np_logits(_host_array(logits, "logits"))
@@ -211,10 +220,6 @@ class Router:
 
     def _route_torch(self, logits: Any, bias: Any, check: bool):
         torch = _torch()
-        if not logits.is_cuda and not logits.requires_grad and logits.dtype != torch.bfloat16:
-            # The fast path of CPU tensors (is_cuda and requires_grad are cheap attributes).
-            ids, w = self._r.route(logits.numpy(), None if bias is None else _np_bias(bias), False)
-            return torch.from_numpy(ids), torch.from_numpy(w)
         dev = logits.device
         if dev.type == "cuda":
             if self.backend == "cuda":

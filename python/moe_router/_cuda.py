@@ -54,8 +54,9 @@ class CudaState:
     first error), the launcher without a bias and the launcher of the latest per-call bias (a
     bias that changes every step, e.g. after expert-bias updates, replaces it)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, native: Any = None) -> None:
         self.config = config
+        self.native = native  # the router's _native.Router: plain launchers are registered there
         self.status: Dict[int, "torch.Tensor"] = {}
         self.plain: Dict[int, _Device] = {}
         self.biased: Dict[int, Tuple[bytes, _Device]] = {}
@@ -82,6 +83,9 @@ class CudaState:
             d = self.plain.get(index)
             if d is None:
                 d = self.plain[index] = _Device(self.config, index, None, self._status(index))
+                if self.native is not None:
+                    # Later calls without a bias launch from Rust (Router.route_tensor).
+                    self.native.set_cuda_device(index, d.launch, d.status, d.status.data_ptr())
             return d
         key = bias.tobytes()
         hit = self.biased.get(index)
@@ -106,7 +110,7 @@ def _state(router: Any) -> CudaState:
         with _STATE_LOCK:
             st = router._cuda
             if st is None:
-                st = router._cuda = CudaState(router.config)
+                st = router._cuda = CudaState(router.config, router._r)
     return st
 
 

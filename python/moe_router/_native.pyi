@@ -31,6 +31,11 @@ def compiled_backends() -> List[str]:
     """The backends compiled into this build (``"cpu"`` always; ``"cuda"``, ``"wgpu"`` by
     cargo feature)."""
 
+def torch_path(set: Optional[str] = None) -> str:
+    """The path ``Router.route`` takes for torch tensors (``"exchange"``: the DLPack C exchange
+    API, ``"attributes"``, ``"python"``); ``set`` (``"auto"``, ``"attributes"``, ``"python"``)
+    forces one, for tests and benchmarks."""
+
 def preset(name: str) -> RouterConfig:
     """The rule of a published model by name (``"deepseek-v3"``, ``"qwen3-moe"``, ...)."""
 
@@ -109,6 +114,14 @@ class Router:
         bf16: bool = False,
         seq_lens: Optional[List[int]] = None,
     ) -> np.ndarray: ...
+    def route_tensor(
+        self, logits: Any, bias: Optional[npt.NDArray[np.float32]] = None, check: bool = False
+    ) -> Optional[Tuple[Any, Any]]:
+        """Routes a ``torch.Tensor`` (CPU, or CUDA on a device registered with
+        :meth:`set_cuda_device`) from Rust: ``(ids, weights)`` tensors, or ``None`` when the
+        Python path must take it."""
+    def set_cuda_device(self, index: int, launch: CudaLaunch, status: Any, status_ptr: int) -> None:
+        """Registers the plain launcher and status word of CUDA device ``index`` (CUDA builds)."""
     def bench_route_ns(self, logits: np.ndarray, iters: int, repeats: int = 5, bf16: bool = False) -> float: ...
 
 class CudaLaunch:
@@ -158,7 +171,9 @@ class CudaLaunch:
         status: int,
         stream: int,
         iters: int,
-    ) -> float: ...
+        sync_each: bool = False,
+    ) -> Tuple[float, float]:
+        """``(host_ns, wall_ns)`` per launch of ``iters`` launches from Rust (benchmarks)."""
     def read_status(self, status: int, stream: int, ids: Optional[int] = None) -> None: ...
 
 class Trace:

@@ -28,7 +28,7 @@ fn dtype_named(s: &str) -> Result<LogitsDtype, Error> {
 /// Kernel launches of one routing rule on one CUDA device, on caller-owned memory and streams.
 #[pyclass(name = "CudaLaunch", module = "moe_router._native", frozen)]
 pub struct PyCudaLaunch {
-    launch: ExternalLaunch,
+    pub(crate) launch: ExternalLaunch,
 }
 
 #[pymethods]
@@ -138,9 +138,12 @@ impl PyCudaLaunch {
         })
     }
 
-    /// Benchmark helper (python/benches): enqueues `op` `iters` times from Rust on `stream`, waits
-    /// for the stream, and returns the nanoseconds per launch (wall, launch and kernel).
+    /// Benchmark helper (python/benches): enqueues `op` `iters` times from Rust on `stream` and
+    /// returns ``(host_ns, wall_ns)`` per launch: the time until the loop of launches returned
+    /// (what the caller pays to enqueue) and until the stream had run them all (one wait at
+    /// the end). With `sync_each` every launch is waited for (the synchronous latency).
     #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (op, logits, dtype, rows, cols, ld, ids, weights, status, stream, iters, sync_each = false))]
     fn bench_ns(
         &self,
         py: Python<'_>,
@@ -155,7 +158,9 @@ impl PyCudaLaunch {
         status: u64,
         stream: u64,
         iters: usize,
-    ) -> PyResult<f64> {
+        sync_each: bool,
+    ) -> PyResult<(f64, f64)> {
+        use moe_router::cuda::cudarc::driver::{result, sys};
         let op = match op {
             "route" => ExternalOp::Route,
             "replay" => ExternalOp::Replay,
@@ -168,15 +173,24 @@ impl PyCudaLaunch {
             cols,
             ld,
         };
+        let n = iters.max(1);
         detached(py, || {
             let t0 = std::time::Instant::now();
-            for _ in 0..iters.max(1) {
+            for _ in 0..n {
                 // SAFETY: as in `enqueue`: live tensors of this device held by the caller.
                 unsafe { self.launch.enqueue(op, raw, ids, weights, status, stream)? };
+                if sync_each {
+                    // SAFETY: `stream` is a valid stream of this device's primary context, bound
+                    // to this thread by the launch above.
+                    unsafe { result::stream::synchronize(stream as sys::CUstream) }
+                        .map_err(|e| Error::Route(format!("CUDA stream synchronize: {e}")))?;
+                }
             }
+            let host = t0.elapsed();
             // SAFETY: `status` is the caller's live status word; waits for the stream.
             unsafe { self.launch.read_status(status, None, stream)? };
-            Ok(t0.elapsed().as_nanos() as f64 / iters.max(1) as f64)
+            let wall = t0.elapsed();
+            Ok((host.as_nanos() as f64 / n as f64, wall.as_nanos() as f64 / n as f64))
         })
     }
 

@@ -18,6 +18,7 @@ mod config;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod router;
+mod tensor;
 mod trace;
 
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -136,6 +137,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TraceError", py.get_type::<TraceError>())?;
     m.add("MAX_EXPERTS", moe_router::MAX_EXPERTS)?;
     m.add_function(wrap_pyfunction!(compiled_backends, m)?)?;
+    m.add_function(wrap_pyfunction!(tensor::torch_path, m)?)?;
     config::register(m)?;
     router::register(m)?;
     trace::register(m)?;

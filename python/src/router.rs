@@ -2,6 +2,7 @@
 //! released.
 
 use crate::config::{PyRouterConfig, parse_numerics};
+use crate::tensor::{Dt, Place, Tensor2, Torch};
 use crate::{Error, detached, guarded};
 use half::{bf16, f16};
 use moe_router::capacity::apply_capacity;
@@ -10,9 +11,10 @@ use moe_router::{
     AnyRouter, AuxLossKind, BackendKind, CallSite, HostMatrix, HostWeights, LogitsRef, LossGrads, RouteError, Router,
     RouterConfig, validate_ids,
 };
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView2, ShapeBuilder};
 use numpy::{PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 use std::sync::{Arc, Mutex};
 
 /// Host logits borrowed from a NumPy array (f32, f64, f16, or bf16 given as its u16 bits).
@@ -157,6 +159,49 @@ fn weights_f32(w: HostWeights) -> Array2<f32> {
     }
 }
 
+/// A strided view of host memory described by `t` (a CPU tensor read by [`Torch::read`]).
+///
+/// # Safety
+///
+/// `t` must describe live, aligned host memory of its dtype that stays valid (and unwritten)
+/// for `'a` (the caller holds the tensor for the call).
+#[allow(unsafe_code)]
+unsafe fn host_view<'a>(t: &Tensor2) -> LogitsRef<'a> {
+    /// # Safety
+    ///
+    /// As `host_view`, for elements of type `T`.
+    unsafe fn view<'a, T>(t: &Tensor2) -> ArrayView2<'a, T> {
+        let ptr = if t.rows == 0 || t.cols == 0 {
+            std::ptr::NonNull::<T>::dangling().as_ptr().cast_const()
+        } else {
+            t.ptr as *const T
+        };
+        // SAFETY: the caller's contract: `ptr` with these non-negative strides addresses live,
+        // aligned elements of the tensor (or nothing, when empty).
+        unsafe { ArrayView2::from_shape_ptr((t.rows, t.cols).strides((t.s0, t.s1)), ptr) }
+    }
+    // SAFETY: forwarded from the caller, the element type matching `t.dtype`.
+    unsafe {
+        match t.dtype {
+            Dt::F32 => LogitsRef::F32(view::<f32>(t)),
+            Dt::F16 => LogitsRef::F16(view::<f16>(t)),
+            Dt::Bf16 => LogitsRef::Bf16(view::<bf16>(t)),
+            Dt::F64 => LogitsRef::F64(view::<f64>(t)),
+        }
+    }
+}
+
+/// The plain (no per-call bias) CUDA launcher of one device and its status word, registered by
+/// `moe_router/_cuda.py` so that `route_tensor` launches on CUDA tensors of that device.
+#[cfg(feature = "cuda")]
+struct CudaEntry {
+    index: i32,
+    launch: Py<crate::cuda::PyCudaLaunch>,
+    /// The int64 status tensor, held so that `status_ptr` stays valid.
+    _status: Py<PyAny>,
+    status_ptr: u64,
+}
+
 /// Routing statistics of `ids` on `logits`, as the CLI's `route` writes them to `stats.json`.
 pub(crate) fn routing_stats(
     router: &AnyRouter,
@@ -209,6 +254,9 @@ pub struct PyRouter {
     pub(crate) router: Arc<AnyRouter>,
     /// The router of the last per-call bias, reused while the bias is the same.
     biased: Mutex<Option<(Vec<f32>, Arc<AnyRouter>)>>,
+    /// CUDA launchers per device for `route_tensor` (registered from Python).
+    #[cfg(feature = "cuda")]
+    cuda: Mutex<Vec<Arc<CudaEntry>>>,
 }
 
 impl PyRouter {
@@ -234,6 +282,75 @@ impl PyRouter {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl PyRouter {
+    /// `route_tensor` on a CUDA tensor `t` of device `index`: outputs from torch's caching
+    /// allocator (`new_empty`, on the current stream), the launch on torch's current stream.
+    /// `None` when the Python path must take it (float64 logits, a layout that needs a copy, a
+    /// device without a registered launcher).
+    #[allow(unsafe_code)]
+    fn route_cuda<'py>(
+        &self,
+        torch: &Torch,
+        logits: &Bound<'py, PyAny>,
+        t: Tensor2,
+        index: i32,
+        check: bool,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        use moe_router::cuda::LogitsDtype;
+        use moe_router::cuda::external::{ExternalOp, RawLogits};
+        let py = logits.py();
+        let dtype = match t.dtype {
+            Dt::F32 => LogitsDtype::F32,
+            Dt::Bf16 => LogitsDtype::Bf16,
+            Dt::F16 => LogitsDtype::F16,
+            Dt::F64 => return Ok(None),
+        };
+        // The Python path's rule: unit column stride and rows at least E apart, else it routes
+        // a contiguous copy.
+        if (t.s1 != 1 && t.cols > 1) || (t.rows > 1 && t.s0 < t.cols) {
+            return Ok(None);
+        }
+        let entry = {
+            let v = self
+                .cuda
+                .lock()
+                .map_err(|_| Error::Route("CUDA launcher table poisoned by an earlier panic".into()))?;
+            match v.iter().find(|e| e.index == index) {
+                Some(e) => e.clone(),
+                None => return Ok(None),
+            }
+        };
+        let k = self.router.config().top_k();
+        let ids = torch.new_empty(logits, t.rows, k, true)?;
+        let w = torch.new_empty(logits, t.rows, k, false)?;
+        let (ids_ptr, w_ptr) = (torch.address(&ids)?, torch.address(&w)?);
+        let stream = torch.stream(py, index)?;
+        let raw = RawLogits {
+            ptr: t.ptr,
+            dtype,
+            rows: t.rows,
+            cols: t.cols,
+            ld: if t.rows > 1 { t.s0 } else { t.cols },
+        };
+        let launch = &entry.launch.get().launch;
+        let status = entry.status_ptr;
+        detached(py, || {
+            // SAFETY: the logits, ids and weights are live torch tensors of device `index` held
+            // by this call (the outputs just allocated by torch on the current stream, which is
+            // `stream`), the status word is held by `entry`; `launch` is the launcher of that
+            // device (registered for `index`).
+            unsafe { launch.enqueue(ExternalOp::Route, raw, ids_ptr, w_ptr, status, stream)? };
+            if check {
+                // SAFETY: as above; waits for `stream`.
+                unsafe { launch.read_status(status, None, stream)? };
+            }
+            Ok(())
+        })?;
+        Ok(Some(PyTuple::new(py, [ids, w])?))
+    }
+}
+
 #[pymethods]
 impl PyRouter {
     /// A router for `config` on `backend` (``"cpu"``, ``"cuda"``, ``"wgpu"`` or ``"auto"``) with
@@ -251,6 +368,8 @@ impl PyRouter {
         Ok(PyRouter {
             router: Arc::new(router),
             biased: Mutex::new(None),
+            #[cfg(feature = "cuda")]
+            cuda: Mutex::new(Vec::new()),
         })
     }
 
@@ -292,6 +411,74 @@ impl PyRouter {
             })
         })?;
         Ok((PyArray2::from_owned_array(py, ids), PyArray2::from_owned_array(py, w)))
+    }
+
+    /// Routes a ``torch.Tensor`` ``[T, E]`` without Python-level torch calls: returns ``(ids
+    /// int32, weights float32)`` tensors on the logits' device, or ``None`` when this path does
+    /// not take the tensor (then the Python path routes it, with its errors). CPU tensors of
+    /// float32, float16, bfloat16 or float64 (any strides) are routed on the host with the GIL
+    /// released, with `bias` (float32, E) as in `route`; CUDA tensors (float32, bfloat16,
+    /// float16; unit column stride) are routed on the device registered with
+    /// `set_cuda_device`, on torch's current stream, when `bias` is None. `check` waits for a
+    /// CUDA launch and raises its errors.
+    #[pyo3(signature = (logits, bias = None, check = false))]
+    #[allow(unsafe_code)]
+    fn route_tensor<'py>(
+        &self,
+        py: Python<'py>,
+        logits: &Bound<'py, PyAny>,
+        bias: Option<PyReadonlyArray1<'py, f32>>,
+        check: bool,
+    ) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let Some(torch) = Torch::of(py, logits) else {
+            return Ok(None);
+        };
+        let Some(t) = torch.read(logits) else {
+            return Ok(None);
+        };
+        match t.place {
+            Place::Cpu => {
+                let bias_v = bias.as_ref().map(|b| b.as_array().to_vec());
+                // SAFETY: `t` was just read from `logits`, a live CPU tensor held (borrowed from
+                // the caller) for this whole call; its address is aligned (checked by `read`).
+                let lv = unsafe { host_view(&t) };
+                let (ids, w) = detached(py, || {
+                    let r = self.with_bias(bias_v.as_deref())?;
+                    let (ids, w) = r.route_host(&lv)?;
+                    Ok((ids_i32(&ids), weights_f32(w)))
+                })?;
+                let ids = torch.host_tensor(py, ids)?;
+                let w = torch.host_tensor(py, w)?;
+                Ok(Some(PyTuple::new(py, [ids, w])?))
+            }
+            #[cfg(feature = "cuda")]
+            Place::Cuda(index) if bias.is_none() => self.route_cuda(torch, logits, t, index, check),
+            Place::Cuda(_) => Ok(None),
+        }
+    }
+
+    /// Registers the plain CUDA launcher of device `index` and its int64 status word (a torch
+    /// tensor, held here; `status_ptr` its address) for `route_tensor` (CUDA builds only).
+    #[cfg(feature = "cuda")]
+    fn set_cuda_device(
+        &self,
+        index: i32,
+        launch: Py<crate::cuda::PyCudaLaunch>,
+        status: Py<PyAny>,
+        status_ptr: u64,
+    ) -> PyResult<()> {
+        let mut v = self
+            .cuda
+            .lock()
+            .map_err(|_| Error::Route("CUDA launcher table poisoned by an earlier panic".into()))?;
+        v.retain(|e| e.index != index);
+        v.push(Arc::new(CudaEntry {
+            index,
+            launch,
+            _status: status,
+            status_ptr,
+        }));
+        Ok(())
     }
 
     /// The weights of given ids (slot order kept) on NumPy logits: replay.

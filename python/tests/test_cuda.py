@@ -240,3 +240,53 @@ def test_backward_on_the_gpu_latches_bad_ids():
     gpu.backward(x, ids, torch.ones(4, 8, device=DEV))
     with pytest.raises(m.RouteError, match="row 3"):
         gpu.check()
+
+
+@pytest.mark.parametrize("path", ["auto", "attributes", "python"])
+def test_each_torch_path_on_cuda(path):
+    """Router.route on CUDA tensors launched from Rust (DLPack exchange API or the tensor's
+    attributes; the first call per device registers the launcher through the Python path) and
+    through the Python path: same bits as the CPU backend, on torch's current stream."""
+    m._native.torch_path(path)
+    try:
+        rng = np.random.default_rng(11)
+        gpu, cpu = routers("qwen3-moe")
+        for t in (1, 3, 2500):
+            for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+                x = torch.from_numpy(rng.standard_normal((t, 128), dtype=np.float32)).to(dtype)
+                cids, cw = cpu.route(x)
+                for _ in range(2):
+                    ids, w = gpu.route(x.to(DEV))
+                    assert ids.device == DEV and ids.dtype == torch.int32 and w.dtype == torch.float32
+                    assert torch.equal(ids.cpu(), cids) and w.cpu().numpy().tobytes() == cw.numpy().tobytes()
+        wide = torch.from_numpy(rng.standard_normal((40, 160), dtype=np.float32)).to(DEV)
+        for x in (wide[:, 16:144], wide[:, :128].t().contiguous().t(), wide[:1, :128].expand(5, 128)):
+            ids, w = gpu.route(x)
+            cids, cw = cpu.route(x.cpu())
+            assert torch.equal(ids.cpu(), cids) and torch.equal(w.cpu(), cw)
+        e = gpu.route(torch.empty((0, 128), device=DEV))
+        assert e[0].shape == (0, 8) and e[0].device == DEV
+        # Work queued before the call on a side stream: the launch is ordered after it.
+        new = torch.from_numpy(rng.standard_normal((2048, 128), dtype=np.float32)).to(DEV)
+        x = torch.zeros_like(new)
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(50_000_000)
+            x.copy_(new)
+            ids, w = gpu.route(x)
+            ids2, w2 = ids.clone(), w.clone()
+        side.synchronize()
+        cids, cw = cpu.route(new.cpu())
+        assert torch.equal(ids2.cpu(), cids) and torch.equal(w2.cpu(), cw)
+        bad = torch.zeros((3, 128), device=DEV)
+        bad[2, 7] = float("nan")
+        gpu.route(bad)
+        with pytest.raises(m.RouteError, match="row 2"):
+            gpu.check()
+        with pytest.raises(m.RouteError, match="row 2"):
+            gpu.route(bad, check=True)
+        with pytest.raises(m.RouteError):
+            gpu.route(torch.zeros((3, 64), device=DEV))
+    finally:
+        m._native.torch_path("auto")

@@ -143,3 +143,108 @@ def test_torch_backward_method_returns_tensor(rng):
     ids, w = r.route(x)
     dz = r.backward(x, ids, torch.ones_like(w))
     assert isinstance(dz, torch.Tensor) and dz.shape == (3, 8) and dz.dtype == torch.float32
+
+
+# -- the native torch path (Router.route reads and makes tensors in Rust) ---------------------
+
+PATHS = ["auto", "attributes", "python"]
+
+
+@pytest.fixture(params=PATHS)
+def torch_path(request):
+    """Each way Router.route can take a torch tensor; restored to "auto" afterwards."""
+    m._native.torch_path(request.param)
+    yield m._native.torch_path()
+    m._native.torch_path("auto")
+
+
+def test_torch_path_names():
+    assert m._native.torch_path() in ("exchange", "attributes")
+    with pytest.raises(ValueError, match="unknown torch path"):
+        m._native.torch_path("fast")
+    assert m._native.torch_path("python") == "python"
+    assert m._native.torch_path("attributes") == "attributes"
+    m._native.torch_path("auto")
+
+
+def layouts(rng, t, e):
+    """CPU tensors [t, e] of several layouts and dtypes, with the NumPy array each equals."""
+    base = rng.standard_normal((t, e), dtype=np.float32)
+    wide = torch.from_numpy(rng.standard_normal((t, e + 24), dtype=np.float32))
+    tall = torch.from_numpy(rng.standard_normal((2 * t, e), dtype=np.float32))
+    x = torch.from_numpy(base)
+    out = {
+        "contiguous": x,
+        "float16": x.half(),
+        "bfloat16": x.bfloat16(),
+        "float64": x.double(),
+        "transposed": torch.from_numpy(np.ascontiguousarray(base.T)).t(),
+        "column_slice": wide[:, 8 : 8 + e],
+        "every_other_row": tall[::2],
+        "broadcast_row": x[:1].expand(t, e),
+        "requires_grad": x.clone().requires_grad_(),
+        "parameter": torch.nn.Parameter(x.clone()),
+    }
+    ref = {}
+    for k, v in out.items():
+        d = v.detach()
+        ref[k] = d.float().numpy() if d.dtype == torch.bfloat16 else d.numpy()
+    return out, ref
+
+
+@pytest.mark.parametrize("t", [1, 5, 300])
+def test_native_torch_path_matches_numpy(torch_path, t, rng):
+    r = m.Router(m.preset("qwen3-moe"), backend="cpu")
+    xs, ref = layouts(rng, t, 128)
+    for name, x in xs.items():
+        ids, w = r.route(x)
+        assert isinstance(ids, torch.Tensor) and ids.dtype == torch.int32 and w.dtype == torch.float32, name
+        assert ids.shape == (t, 8) and w.shape == (t, 8) and ids.is_contiguous() and w.is_contiguous(), name
+        if name == "bfloat16":
+            want_ids, want_w = r.route(x.float().numpy())  # bf16 widens exactly to f32
+        else:
+            want_ids, want_w = r.route(ref[name])
+        assert (ids.numpy() == want_ids).all(), name
+        assert w.numpy().tobytes() == want_w.tobytes(), name
+
+
+def test_native_torch_path_outputs_are_fresh_and_owned(torch_path, rng):
+    r = m.Router(m.preset("mixtral"), backend="cpu")
+    x = torch.from_numpy(spread_logits(rng, 4, 8))
+    ids, w = r.route(x)
+    ids2, w2 = r.route(x)
+    assert ids.data_ptr() != ids2.data_ptr() and w.data_ptr() != w2.data_ptr()
+    want = ids.clone(), w.clone()
+    ids2.fill_(-1)
+    w2.zero_()
+    del r, x, ids2, w2
+    import gc
+
+    gc.collect()
+    junk = [torch.full((4, 2), 7.0) for _ in range(64)]  # reuse freed memory if any was
+    assert torch.equal(ids, want[0]) and torch.equal(w, want[1]) and len(junk) == 64
+    e = m.Router(m.preset("mixtral"), backend="cpu").route(torch.empty((0, 8)))
+    assert e[0].shape == (0, 2) and e[1].shape == (0, 2) and e[0].dtype == torch.int32
+
+
+def test_native_torch_path_bias_and_errors(torch_path, rng):
+    cfg = m.preset("deepseek-v3")
+    r = m.Router(cfg, backend="cpu")
+    x = torch.from_numpy(rng.standard_normal((6, cfg.num_experts), dtype=np.float32))
+    bias = rng.standard_normal(cfg.num_experts).astype(np.float32) * 0.1
+    ids, w = r.route(x, bias=bias)
+    nids, nw = r.route(x.numpy(), bias=bias)
+    assert (ids.numpy() == nids).all() and w.numpy().tobytes() == nw.tobytes()
+    tids, tw = r.route(x, bias=torch.from_numpy(bias))
+    assert torch.equal(tids, ids) and torch.equal(tw, w)
+    q = m.Router(m.preset("qwen3-moe"), backend="cpu")
+    for bad in (torch.zeros((3, 64)), torch.zeros(128), torch.zeros((3, 128), dtype=torch.int64)):
+        with pytest.raises(m.RouteError) as got:
+            q.route(bad)
+        with pytest.raises(m.RouteError) as want:
+            q.route(bad.numpy())
+        assert str(got.value) == str(want.value)
+    nan = torch.zeros((3, 128))
+    nan[1, 5] = float("nan")
+    with pytest.raises(m.RouteError, match="row 1"):
+        q.route(nan)
