@@ -514,3 +514,259 @@ __device__ __forceinline__ void bw_grad(const BwdParams& p) {
 
 extern "C" __global__ void __launch_bounds__(256, 5) bwd_grad_sparse(BwdParams p) { bw_grad<false>(p); }
 extern "C" __global__ void __launch_bounds__(256) bwd_grad_dense(BwdParams p) { bw_grad<true>(p); }
+
+// ---------------------------------------------------------------------------------------------
+// bwd_grad_rows: the sparse gradient (no dense term) with the work laid out for bandwidth.
+// A warp owns a tile of 32 consecutive rows:
+// 1. the tile's logits are read as one flat run of 16-byte pieces (every lane busy whatever E),
+//    each lane noting per row whether it saw a NaN / +inf and whether it saw a logit above -inf
+//    (bit r of two masks, OR-reduced over the warp once per tile), while the tile's rows of dz
+//    are zeroed with 16-byte stores;
+// 2. lane r then does row r's slot work alone: its ids and upstream gradient, the checks in the
+//    reference's order (ids, NaN / +inf, all -inf), its K logits gathered (just read, so from
+//    the cache), the same operations as bwd_grad_row in the same order, and its K stores.
+// Needs the vector path (16-byte rows, E*bytes % 16 == 0), E % 4 == 0 and K <= RK (two
+// instantiations, RK = 8 and 16: the slot arrays live in registers, sized by RK).
+
+// Bits of a stored logit: NaN or +inf (an error), and "above -inf".
+__device__ __forceinline__ void bw_raw_class(u32 raw, bool& bad, bool& live) {
+#if LOGIT_KIND == 2
+    bad = (raw & 0x7fffu) >= 0x7c00u && raw != 0xfc00u;
+    live = raw != 0xfc00u;
+#else
+#if LOGIT_KIND == 1
+    const u32 u = raw << 16;
+#else
+    const u32 u = raw;
+#endif
+    bad = (u & 0x7fffffffu) >= 0x7f800000u && u != 0xff800000u;
+    live = u != 0xff800000u;
+#endif
+}
+
+__device__ __forceinline__ u32 bw_warp_or(u32 v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v |= __shfl_xor_sync(BW_FULL, v, o);
+    return v;
+}
+
+// The first bad logit of a row (its code for err_nonfinite), by one thread.
+__device__ __forceinline__ int bw_first_bad(const BwdParams& p, long long row) {
+    const logit_t* lr = (const logit_t*)p.logits + row * p.ld;
+    for (int e = 0; e < p.E; e++) {
+        const float x = load_logit(lr, e);
+        if (bad_logit(x)) return bad_code(e, x);
+    }
+    return BW_NO_BAD;
+}
+
+// Lane `lane`'s slot ids and upstream gradient of row `row` (zeros past K; ids_bad: an id out of
+// range or repeated).
+template <int BW_RK>
+__device__ __forceinline__ void bw_rows_slots(const BwdParams& p, long long row, int* id, float* g, bool& ids_bad) {
+    const int K = p.K;
+    const u32* idr = (const u32*)p.ids + row * K;
+    const float* gr = (const float*)p.grad + row * K;
+    ids_bad = false;
+#pragma unroll
+    for (int j = 0; j < BW_RK; j++) {
+        if (j < K) {
+            const u32 x = idr[j];
+            id[j] = (int)x;
+            g[j] = gr[j];
+            ids_bad = ids_bad || x >= (u32)p.E;
+        } else {
+            id[j] = 0;
+            g[j] = 0.0f;
+        }
+    }
+}
+
+// BW_RK: slot arrays; NB: 16-byte pieces in flight per lane; PF: the row's ids and upstream
+// gradient loaded before the flat pass (in flight with it) rather than after.
+template <int BW_RK, int NB, bool PF>
+__device__ __forceinline__ void bw_rows_tile(const BwdParams& p, long long r0, int lane) {
+    const int E = p.E, K = p.K;
+    const int rows = p.T - r0 < 32 ? (int)(p.T - r0) : 32;
+    int id[BW_RK];
+    float g[BW_RK];
+    bool ids_bad = false;
+    if (PF && lane < rows) bw_rows_slots<BW_RK>(p, r0 + lane, id, g, ids_bad);
+    // 1. Flat pass over the tile.
+    const int n = E / BW_PE;  // pieces per row
+    const int total = rows * n;
+    const float inv_n = 1.0f / (float)n;
+    u32 badm = 0u, livem = 0u;
+    const char* lbase = (const char*)p.logits;
+    for (int q0 = lane; q0 < total; q0 += 32 * NB) {
+        uint4 v[NB];
+        int rr[NB];
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            const int q = q0 + 32 * b;
+            // q / n, exact: (q + 0.5) / n is at least 0.5 / n away from an integer and the
+            // float error is below 2^-21 * 32.
+            const int r = __float2int_rz(((float)q + 0.5f) * inv_n);
+            rr[b] = r;
+            if (q < total) {
+                const int i = q - r * n;
+                v[b] = __ldg((const uint4*)(lbase + ((r0 + r) * p.ld) * LOGIT_BYTES) + i);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            if (q0 + 32 * b < total) {
+                bool anyb = false, anyl = false;
+#pragma unroll
+                for (int j = 0; j < BW_PE; j++) {
+                    bool bad, live;
+                    bw_raw_class(bw_piece_raw(v[b], j), bad, live);
+                    anyb = anyb || bad;
+                    anyl = anyl || live;
+                }
+                if (anyb) badm |= 1u << rr[b];
+                if (anyl) livem |= 1u << rr[b];
+            }
+        }
+    }
+    {
+        float4* out = (float4*)((float*)p.dz + r0 * E);
+        const int nz = rows * (E >> 2);
+        const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int i = lane; i < nz; i += 32) out[i] = zero;
+    }
+    badm = bw_warp_or(badm);
+    livem = bw_warp_or(livem);
+    __syncwarp();  // the zeros before the slot stores (memory order within the warp)
+
+    // 2. Row r0 + lane.
+    if (lane >= rows) return;
+    const long long row = r0 + lane;
+    if (!PF) bw_rows_slots<BW_RK>(p, row, id, g, ids_bad);
+#pragma unroll
+    for (int j = 1; j < BW_RK; j++)
+#pragma unroll
+        for (int jj = 0; jj < j; jj++)
+            if (j < K) ids_bad = ids_bad || id[jj] == id[j];
+    if (ids_bad) {
+        bw_report(p, err_ids(row));
+        return;
+    }
+    if ((badm >> lane) & 1u) {
+        bw_report(p, err_nonfinite(row, bw_first_bad(p, row)));
+        return;
+    }
+    if (!((livem >> lane) & 1u)) {
+        bw_report(p, err_all_masked(row));
+        return;
+    }
+    const logit_t* lr = (const logit_t*)p.logits + row * p.ld;
+    float u[BW_RK], sg[BW_RK], x[BW_RK];
+    const float scale = M_FTZ(p.scale);
+#pragma unroll
+    for (int j = 0; j < BW_RK; j++) {
+        if (j < K) {
+            x[j] = load_logit(lr, id[j]);
+            sg[j] = M_FTZ(M_FTZ(g[j]) * scale);
+#if SCORE == SIGMOID
+            u[j] = M_SIGMOID(x[j]);
+#elif SCORE == SM_AFTER
+            u[j] = 0.0f;
+#else
+            u[j] = M_SQRT_SOFTPLUS(x[j]);
+#endif
+        } else {
+            x[j] = 0.0f;
+            sg[j] = 0.0f;
+            u[j] = 0.0f;
+        }
+    }
+#if SCORE == SM_AFTER
+    {
+        float ms = F32_NEG_INF;
+#pragma unroll
+        for (int j = 0; j < BW_RK; j++)
+            if (j < K && x[j] > ms) ms = x[j];
+        if (ms == F32_NEG_INF) {
+            bw_report(p, err_all_masked(row));
+            return;
+        }
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < BW_RK; j++)
+            if (j < K) {
+                u[j] = M_EXP(x[j] - ms);
+                s = s + u[j];
+            }
+#pragma unroll
+        for (int j = 0; j < BW_RK; j++)
+            if (j < K) u[j] = M_DIV(u[j], s);
+    }
+#endif
+    if (p.norm != 0) {
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < BW_RK; j++)
+            if (j < K) s = s + u[j];
+        float dd;
+        bool varies = true;
+        if (p.norm == 1) {
+            dd = s + M_FTZ(p.norm_param);
+        } else {
+            const float mn = M_FTZ(p.norm_param);
+            if (s > mn) {
+                dd = s;
+            } else {
+                dd = mn;
+                varies = false;
+            }
+        }
+        float dot = 0.0f;
+        if (varies) {
+#pragma unroll
+            for (int j = 0; j < BW_RK; j++)
+                if (j < K) dot = M_FTZ(dot + M_FTZ(sg[j] * M_DIV(u[j], dd)));
+        }
+#pragma unroll
+        for (int j = 0; j < BW_RK; j++)
+            if (j < K) sg[j] = M_DIV(M_FTZ(sg[j] - dot), dd);
+    }
+    float* out = (float*)p.dz + row * E;
+#if SCORE == SM_AFTER
+    float rsum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < BW_RK; j++)
+        if (j < K) rsum = M_FTZ(rsum + M_FTZ(sg[j] * u[j]));
+#endif
+#pragma unroll
+    for (int j = 0; j < BW_RK; j++) {
+        if (j < K && x[j] != F32_NEG_INF) {
+#if SCORE == SM_AFTER
+            const float v = M_FTZ(u[j] * M_FTZ(sg[j] - rsum));
+#elif SCORE == SIGMOID
+            const float v = M_FTZ(sg[j] * M_FTZ(u[j] * M_FTZ(1.0f - u[j])));
+#else
+            const float v = u[j] == 0.0f ? 0.0f : M_FTZ(sg[j] * M_DIV(M_SIGMOID(x[j]), u[j] + u[j]));
+#endif
+            out[id[j]] = v;
+        }
+    }
+}
+
+template <int RK, int NB, bool PF>
+__device__ __forceinline__ void bw_rows(const BwdParams& p) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long tiles = (p.T + 31) / 32;
+    for (long long t = (long long)blockIdx.x * (blockDim.x >> 5) + warp; t < tiles;
+         t += (long long)gridDim.x * (blockDim.x >> 5))
+        bw_rows_tile<RK, NB, PF>(p, t * 32, lane);
+}
+
+// The instantiations (BwdRowsVariant in src/kernels.rs; the first two are the defaults for K <= 8
+// and K <= 16, the others are measured against them by bench-cuda --backward).
+extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows8(BwdParams p) { bw_rows<8, 4, true>(p); }
+extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows16(BwdParams p) { bw_rows<16, 4, true>(p); }
+extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows8_np(BwdParams p) { bw_rows<8, 4, false>(p); }
+extern "C" __global__ void __launch_bounds__(256, 4) bwd_grad_rows8_o4(BwdParams p) { bw_rows<8, 4, true>(p); }
+extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows8_nb8(BwdParams p) { bw_rows<8, 8, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 4) bwd_grad_rows8_o4nb2(BwdParams p) { bw_rows<8, 2, true>(p); }

@@ -10,12 +10,53 @@
 
 use crate::buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, GradBuffers};
 use crate::device::{BACKEND, BackwardKernels, dev_err};
-use crate::kernels::{BackwardVariant, BwdKernel, BwdParams, ScoreKind, bwd_launch, bwd_layout, decode_status};
+use crate::kernels::{
+    BWD_WARPS, BackwardVariant, BwdKernel, BwdParams, ScoreKind, bwd_launch, bwd_layout, bwd_rows_fit, bwd_rows_grid,
+    decode_status,
+};
 use crate::router::CudaRouter;
 use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 use moe_router_core::backward::{BackwardPlan, LossGrads, row_sequences};
 use moe_router_core::{Numerics, RouteError, Router, ScoreFunction, SoftmaxPosition};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Instantiations of the rows kernel of the sparse gradient for K <= 8 (`bwd_grad_rows8*` in
+/// kernels/backward.cu: a warp per 32 rows). `bench-cuda --backward` measures them against each
+/// other; every one computes the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BackwardRowsVariant {
+    /// 4 pieces of 16 bytes in flight per lane, the row's ids and gradient loaded with the tile.
+    Default = 0,
+    /// As the default, the ids and gradient loaded after the tile's pass.
+    NoPrefetch = 1,
+    /// As the default, at most 64 registers (4 blocks of 256 threads per SM).
+    Occupancy4 = 2,
+    /// 8 pieces in flight per lane.
+    Pieces8 = 3,
+    /// 2 pieces in flight per lane, at most 64 registers.
+    Occupancy4Pieces2 = 4,
+}
+
+static ROWS_VARIANT: AtomicU8 = AtomicU8::new(0);
+
+/// Selects the K <= 8 rows kernel for every later backward launch in this process (for
+/// benchmarks; [`BackwardRowsVariant::Default`] unless set).
+pub fn set_backward_rows_variant(v: BackwardRowsVariant) {
+    ROWS_VARIANT.store(v as u8, Ordering::Relaxed);
+}
+
+/// The K <= 8 rows kernel in use.
+pub fn backward_rows_variant() -> BackwardRowsVariant {
+    match ROWS_VARIANT.load(Ordering::Relaxed) {
+        1 => BackwardRowsVariant::NoPrefetch,
+        2 => BackwardRowsVariant::Occupancy4,
+        3 => BackwardRowsVariant::Pieces8,
+        4 => BackwardRowsVariant::Occupancy4Pieces2,
+        _ => BackwardRowsVariant::Default,
+    }
+}
 
 impl CudaRouter {
     /// Checks the shapes and the loss inputs in the reference's order: logits, ids, gradient,
@@ -113,6 +154,8 @@ impl CudaRouter {
         let softmax = before || (aux && cfg.score() == ScoreFunction::Softmax) || p.zf != 0.0;
         if softmax || aux {
             self.launch_backward(&kern.grad_dense, p, BwdKernel::Dense, softmax, aux, rows)
+        } else if bwd_rows_fit(&p, p.dz.is_multiple_of(16)) {
+            self.launch_backward(kern.grad_rows(p.k), p, BwdKernel::Rows, false, false, rows)
         } else {
             self.launch_backward(&kern.grad_sparse, p, BwdKernel::Sparse, false, false, rows)
         }
@@ -273,10 +316,18 @@ impl CudaRouter {
                 ),
             ));
         };
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(warps).min(1 << 30) as u32, 1, 1),
-            block_dim: ((warps * 32) as u32, 1, 1),
-            shared_mem_bytes: smem as u32,
+        let cfg = if kernel == BwdKernel::Rows {
+            LaunchConfig {
+                grid_dim: (bwd_rows_grid(rows), 1, 1),
+                block_dim: ((BWD_WARPS * 32) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        } else {
+            LaunchConfig {
+                grid_dim: (rows.div_ceil(warps).min(1 << 30) as u32, 1, 1),
+                block_dim: ((warps * 32) as u32, 1, 1),
+                shared_mem_bytes: smem as u32,
+            }
         };
         let mut b = dev.stream.launch_builder(f);
         b.arg(&p);

@@ -123,7 +123,25 @@ pub(crate) struct BackwardKernels {
     pub aux_counts: CudaFunction,
     pub grad_sparse: CudaFunction,
     pub grad_dense: CudaFunction,
+    pub grad_rows8: CudaFunction,
+    pub grad_rows16: CudaFunction,
+    /// The other K <= 8 instantiations, in [`crate::backward::BackwardRowsVariant`] order after
+    /// the default.
+    pub rows8_alt: [CudaFunction; 4],
     _module: Arc<CudaModule>,
+}
+
+impl BackwardKernels {
+    /// The `bwd_grad_rows` instantiation for top-`k` (slot arrays of 8 or 16).
+    pub fn grad_rows(&self, k: i32) -> &CudaFunction {
+        if k > 8 {
+            return &self.grad_rows16;
+        }
+        match crate::backward::backward_rows_variant() {
+            crate::backward::BackwardRowsVariant::Default => &self.grad_rows8,
+            v => &self.rows8_alt[v as usize - 1],
+        }
+    }
 }
 
 /// One device: its context, routing stream and loaded modules.
@@ -312,6 +330,17 @@ impl Device {
         let aux_counts = module.load_function("bwd_aux_counts").map_err(dev_err)?;
         let grad_sparse = module.load_function("bwd_grad_sparse").map_err(dev_err)?;
         let grad_dense = module.load_function("bwd_grad_dense").map_err(dev_err)?;
+        let grad_rows8 = module.load_function("bwd_grad_rows8").map_err(dev_err)?;
+        let grad_rows16 = module.load_function("bwd_grad_rows16").map_err(dev_err)?;
+        let rows8_alt = [
+            "bwd_grad_rows8_np",
+            "bwd_grad_rows8_o4",
+            "bwd_grad_rows8_nb8",
+            "bwd_grad_rows8_o4nb2",
+        ]
+        .map(|n| module.load_function(n).map_err(dev_err));
+        let [a, b, c, d] = rows8_alt;
+        let rows8_alt = [a?, b?, c?, d?];
         set_smem(&aux_counts, self.smem_optin)?;
         set_smem(&grad_sparse, self.smem_optin)?;
         set_smem(&grad_dense, self.smem_optin)?;
@@ -319,6 +348,9 @@ impl Device {
             aux_counts,
             grad_sparse,
             grad_dense,
+            grad_rows8,
+            grad_rows16,
+            rows8_alt,
             _module: module,
         });
         let mut map = self.backward.lock().map_err(|_| unavailable("module cache poisoned"))?;

@@ -11,8 +11,8 @@
 
 use crate::device::{BACKEND, Device, dev_err};
 use crate::kernels::{
-    BackwardVariant, BwdKernel, BwdParams, LogitsDtype, Params, Part, RouterVariant, ScoreKind, TILE_KMAX, TILE_WARPS,
-    bwd_launch, bwd_layout, decode_status, row_launch, tile_slot, tile_smem,
+    BWD_WARPS, BackwardVariant, BwdKernel, BwdParams, LogitsDtype, Params, Part, RouterVariant, ScoreKind, TILE_KMAX,
+    TILE_WARPS, bwd_launch, bwd_layout, bwd_rows_fit, bwd_rows_grid, decode_status, row_launch, tile_slot, tile_smem,
 };
 use crate::router::CudaRouter;
 use cudarc::driver::{CudaSlice, DevicePtr, result, sys};
@@ -302,6 +302,8 @@ impl ExternalLaunch {
         let softmax = before || p.zf != 0.0;
         let (f, kernel) = if softmax {
             (&kern.grad_dense, BwdKernel::Dense)
+        } else if bwd_rows_fit(&p, p.dz.is_multiple_of(16)) {
+            (kern.grad_rows(p.k), BwdKernel::Rows)
         } else {
             (&kern.grad_sparse, BwdKernel::Sparse)
         };
@@ -315,6 +317,15 @@ impl ExternalLaunch {
                 ),
             ));
         };
+        let grid = if kernel == BwdKernel::Rows {
+            ((bwd_rows_grid(t), 1, 1), ((BWD_WARPS * 32) as u32, 1, 1), 0u32)
+        } else {
+            (
+                (t.div_ceil(warps).min(1 << 30) as u32, 1, 1),
+                ((warps * 32) as u32, 1, 1),
+                smem as u32,
+            )
+        };
         let mut args = [&mut p as *mut BwdParams as *mut c_void];
         // SAFETY: the kernel takes one `BwdParams` by value (layout checked in kernels.rs); the
         // caller guarantees logits, ids, grad, dz and status are live device memory of the sizes
@@ -323,9 +334,9 @@ impl ExternalLaunch {
         unsafe {
             result::launch_kernel(
                 f.cu_function(),
-                (t.div_ceil(warps).min(1 << 30) as u32, 1, 1),
-                ((warps * 32) as u32, 1, 1),
-                smem as u32,
+                grid.0,
+                grid.1,
+                grid.2,
                 stream as sys::CUstream,
                 &mut args,
             )

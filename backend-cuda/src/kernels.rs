@@ -287,6 +287,27 @@ pub enum BwdKernel {
     Sparse,
     /// `bwd_grad_dense`.
     Dense,
+    /// `bwd_grad_rows`: the sparse gradient with a warp per 32 rows (flat coalesced pass over the
+    /// tile, then a row's slot work per lane); see [`bwd_rows_fit`].
+    Rows,
+}
+
+/// Largest K of `bwd_grad_rows` (`BW_RK` in backward.cu).
+pub const BWD_ROWS_MAX_K: usize = 16;
+
+/// Rows per block of `bwd_grad_rows` (32 per warp, [`BWD_WARPS`] warps).
+pub const BWD_ROWS_PER_BLOCK: usize = 32 * BWD_WARPS;
+
+/// Whether a sparse gradient launch (`p` with `e`, `k`, `vec` set) may take `bwd_grad_rows`: the
+/// vector path, `E % 4 == 0` (16-byte stores of the zeros), `K <= `[`BWD_ROWS_MAX_K`], `E <= 65536`
+/// (its exact row division) and a 16-byte aligned `dz`.
+pub fn bwd_rows_fit(p: &BwdParams, dz_aligned: bool) -> bool {
+    p.vec != 0 && p.e % 4 == 0 && p.k >= 1 && p.k as usize <= BWD_ROWS_MAX_K && p.e <= 65_536 && dz_aligned
+}
+
+/// Blocks of a `bwd_grad_rows` launch over `rows` rows.
+pub fn bwd_rows_grid(rows: usize) -> u32 {
+    rows.div_ceil(BWD_ROWS_PER_BLOCK).min(1 << 30) as u32
 }
 
 /// Warps per block of the backward kernels (at most; fewer when a warp's shared memory is large).
@@ -313,6 +334,15 @@ pub fn bwd_layout(p: &mut BwdParams, kernel: BwdKernel, softmax: bool, aux: bool
             (0, 0, 0, 0)
         }
         BwdKernel::Sparse => (0, 0, 0, take(true)),
+        BwdKernel::Rows => {
+            p.off_pr = 0;
+            p.off_sc = 0;
+            p.off_tm = 0;
+            p.off_d = 0;
+            p.off_slot = 0;
+            p.warp_floats = 0;
+            return 0;
+        }
         BwdKernel::Dense => {
             let pr = take(softmax);
             let sc = take(aux);

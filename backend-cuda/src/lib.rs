@@ -33,6 +33,7 @@ mod record;
 mod router;
 mod stats;
 
+pub use backward::{BackwardRowsVariant, backward_rows_variant, set_backward_rows_variant};
 pub use buffers::{
     DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, GradBuffers, LogitsBuffer, LogitsView, RouteBuffers,
 };

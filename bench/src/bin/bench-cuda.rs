@@ -439,9 +439,37 @@ fn bench_backward(
                         let routed = r.route(&view(0)?, &CallSite::default())?;
                         let mut out = r.alloc_grad_buffers(t)?;
                         let iters = (2_000_000 / (per + 20_000)).clamp(5, 200);
-                        let us = time_calls(stream, iters, |i| {
-                            r.enqueue_backward(&view(i)?, &routed.ids, &routed.weights, &losses, &mut out)
-                        })?;
+                        use moe_router::cuda::BackwardRowsVariant as V;
+                        // The rows kernel's instantiations against each other (K <= 8, no
+                        // z-loss); the row is the fastest, its variant named.
+                        let variants: &[V] = if !zloss && k <= 8 {
+                            &[
+                                V::Default,
+                                V::NoPrefetch,
+                                V::Occupancy4,
+                                V::Pieces8,
+                                V::Occupancy4Pieces2,
+                            ]
+                        } else {
+                            &[V::Default]
+                        };
+                        let mut best = (f64::INFINITY, V::Default);
+                        let mut all = Vec::new();
+                        for &v in variants {
+                            moe_router::cuda::set_backward_rows_variant(v);
+                            let us = time_calls(stream, iters, |i| {
+                                r.enqueue_backward(&view(i)?, &routed.ids, &routed.weights, &losses, &mut out)
+                            })?;
+                            all.push(format!("{v:?} {us:.1}"));
+                            if us < best.0 {
+                                best = (us, v);
+                            }
+                        }
+                        moe_router::cuda::set_backward_rows_variant(V::Default);
+                        if variants.len() > 1 {
+                            eprintln!("rows variants, µs: {}", all.join(", "));
+                        }
+                        let us = best.0;
                         r.take_backward_status(&mut out, Some(&routed.ids))?;
                         let bytes = (per * dtype.size() + per * 4 + t * k * 8) as f64;
                         let gbs = bytes / us / 1e3;
@@ -455,7 +483,13 @@ fn bench_backward(
                             } else {
                                 "native"
                             },
-                            if zloss { "dense" } else { "sparse" },
+                            if zloss {
+                                "dense"
+                            } else if k <= moe_router::cuda::kernels::BWD_ROWS_MAX_K {
+                                if best.1 == V::Default { "rows" } else { "rows (variant)" }
+                            } else {
+                                "sparse"
+                            },
                             100.0 * gbs / copy_gbs
                         );
                     }
