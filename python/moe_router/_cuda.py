@@ -145,8 +145,9 @@ def route(router: Any, logits: "torch.Tensor", bias: Any, check: bool):
     index = x.get_device()
     d = _state(router).get(index, _bias(bias))
     k = router._k
-    ids = torch.empty((t, k), dtype=torch.int32, device=x.device)
-    w = torch.empty((t, k), dtype=torch.float32, device=x.device)
+    # new_empty: the logits' device without parsing a device argument (microseconds cheaper).
+    ids = x.new_empty((t, k), dtype=torch.int32)
+    w = x.new_empty((t, k), dtype=torch.float32)
     s = _stream(index)
     d.launch.enqueue("route", x.data_ptr(), dt, t, e, ld, ids.data_ptr(), w.data_ptr(), d.status.data_ptr(), s)
     if check:
