@@ -48,6 +48,12 @@ struct Params {
     int norm;  // 0 none, 1 sum + eps, 2 sum clamped below
     float norm_param;
     float scale;
+    int warp_w;       // warp kernels: lanes per token (a power of two, K <= W <= 32)
+    int warp_ncap;    // warp kernels: candidates a token group's shared memory holds
+    int warp_gbytes;  // warp kernels: bytes of shared memory per token group
+    int warp_flags;   // warp kernels: WF_VEC | WF_PRUNE
+    int lpg;          // warp kernels: lanes (chunks) per expert group
+    float delta;      // warp kernels: bound on |cheap key - exact key| (portable sigmoid)
     int pad_;
 };
 
@@ -799,3 +805,624 @@ __device__ void tile_replay_fb_impl(const Params& p) {
 #define TILE_KERNELS_(KM) TILE_KERNELS(KM)
 TILE_KERNELS_(TILE_KMAX_N)
 #endif  // TILE_KMAX_N
+
+// ---------------------------------------------------------------------------------------------
+// Warp kernels: a group of W lanes per token (W a power of two, K <= W <= 32; 32 / W tokens per
+// warp, one launch per call, no block barriers). Lane l of a group owns chunks l, l + W, l + 2W,
+// ... of WARP_VEC consecutive experts (one 16-byte load per chunk, at most WARP_NE experts per
+// lane), so a warp's loads of a row are coalesced and the keys stay in registers.
+//
+// Selection without a sort: tau = the K-th largest of the group's lane maxima (a bitonic sort of
+// W values by shuffles) is a lower bound of the K-th largest key, so the keys >= tau are at least
+// K candidates and hold the top K (about K + 2 of them on random logits). The candidates are
+// compacted into the group's shared memory and ranked exactly by their packed keys (key
+// descending, ties to the lower id), one candidate per lane. Group limits: a group's top-n keys
+// are merged by shuffles over the group's lanes, the group scores ranked in shared memory.
+//
+// Portable sigmoid (WARP_PRUNE): the keys are first computed cheaply (hardware exp and division),
+// within delta (Params.delta, set by the host from the bias) of the exact keys. Then the kept
+// groups are exact when the gap between the last kept and the first dropped cheap group score
+// exceeds the score's error bound, and the exact top K is among the experts whose cheap key is
+// >= tau - 2 delta (tau: the K-th largest cheap key or less): only those get the exact (software)
+// key. When a group gap is too small the warp computes every exact key.
+//
+// Rare cases take an exact slow path: more candidates than the group's shared memory holds
+// (heavy ties, masked rows) select by K rounds of a group arg-max over the packed keys.
+//
+// Collectives (shuffles, votes, __syncwarp) are executed by all 32 lanes with the full mask:
+// every branch around them is warp-uniform; per-group decisions only select values.
+#ifdef WARP_NE
+
+#define WARP_VEC ((16 / LOGIT_BYTES) < WARP_NE ? (16 / LOGIT_BYTES) : WARP_NE)  // experts per chunk
+#define WARP_CPL (WARP_NE / WARP_VEC)                                           // chunks per lane
+#define WARP_WORDS ((WARP_VEC * LOGIT_BYTES) / 4)                              // u32 words per chunk
+#define WARP_GN_MAX 4                                                            // top-n of a group score
+#define WARP_FULL 0xffffffffu
+#define WF_VEC 1    // Params.warp_flags: rows are read with vector loads
+#define WF_PRUNE 2  // Params.warp_flags: select on cheap keys first (portable sigmoid)
+#define WARP_PRUNE (PORTABLE && SCORE == SIGMOID)
+
+#define WOP_ROUTE 0
+#define WOP_REPLAY 1
+#define WOP_REPLAY_FB 2
+
+struct WarpRaw {
+    u32 w[WARP_CPL][WARP_WORDS];
+};
+
+// Programmatic dependent launch (sm_90+): let the next kernel of the stream start its launch now,
+// and wait for the previous one (its memory) before touching global memory. No-ops without the
+// launch attribute.
+__device__ __forceinline__ void warp_pdl() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Element v of chunk row i, widened exactly (no subnormal flush).
+__device__ __forceinline__ float warp_x(const WarpRaw& r, int i, int v) {
+#if LOGIT_KIND == 0
+    return __uint_as_float(r.w[i][v]);
+#else
+    u32 w = r.w[i][v >> 1];
+#if LOGIT_KIND == 1
+    return __uint_as_float((v & 1) ? (w & 0xffff0000u) : (w << 16));
+#else
+    return f16_bits_to_f32((v & 1) ? (w >> 16) : (w & 0xffffu));
+#endif
+#endif
+}
+
+// Loads this lane's chunks of `row` (zeros past E or T).
+__device__ __forceinline__ void warp_load(const Params& p, long long row, int gl, int W, WarpRaw& r) {
+    const bool act = row < p.T;
+    const logit_t* lr = (const logit_t*)p.logits + (act ? row : 0) * p.ld;
+    const bool vec = (p.warp_flags & WF_VEC) != 0;
+#pragma unroll
+    for (int i = 0; i < WARP_CPL; i++) {
+        const int e0 = (gl + W * i) * WARP_VEC;
+        if (act && vec && e0 + WARP_VEC <= p.E) {
+#if WARP_WORDS == 4
+            uint4 q = __ldg((const uint4*)(lr + e0));
+            r.w[i][0] = q.x;
+            r.w[i][1] = q.y;
+            r.w[i][2] = q.z;
+            r.w[i][3] = q.w;
+#else
+            uint2 q = __ldg((const uint2*)(lr + e0));
+            r.w[i][0] = q.x;
+            r.w[i][1] = q.y;
+#endif
+        } else {
+#pragma unroll
+            for (int j = 0; j < WARP_WORDS; j++) r.w[i][j] = 0u;
+#pragma unroll
+            for (int v = 0; v < WARP_VEC; v++) {
+                const int e = e0 + v;
+                if (act && e < p.E) {
+#if LOGIT_KIND == 0
+                    r.w[i][v] = __float_as_uint(lr[e]);
+#else
+                    r.w[i][v >> 1] |= ((u32)lr[e]) << (16 * (v & 1));
+#endif
+                }
+            }
+        }
+    }
+}
+
+// The score function at a flushed logit (sigmoid and sqrt-softplus; 0 for softmax).
+__device__ __forceinline__ float warp_score(float z) {
+#if SCORE == SIGMOID
+    return M_SIGMOID(z);
+#elif SCORE == SQRT_SOFTPLUS
+    return M_SQRT_SOFTPLUS(z);
+#else
+    (void)z;
+    return 0.0f;
+#endif
+}
+
+// Exact selection key of the widened logit x: key_of on the flushed logit, with the flushed bias
+// b of the expert (hb: the config has a bias).
+__device__ __forceinline__ float warp_key_exact(float x, float b, bool hb, float m, float S) {
+    const float z = M_FTZ(x);
+    float k;
+#if SCORE == SM_BEFORE
+    k = M_DIV(M_EXP(z - m), S);
+#elif SCORE == SM_AFTER
+    k = z;
+#else
+    k = warp_score(z);
+#endif
+    if (hb) k = M_FTZ(k + b);
+    (void)m;
+    (void)S;
+    return k;
+}
+
+// Cheap key (portable sigmoid): hardware exp and division, within Params.delta of the exact key.
+__device__ __forceinline__ float warp_key_cheap(float x, float b, bool hb) {
+    float c = __fdividef(1.0f, 1.0f + __expf(-x));
+    if (hb) c = c + b;
+    return c;
+}
+
+// The flushed selection bias of this lane's experts (0 without a bias).
+__device__ __forceinline__ void warp_bias(const Params& p, int gl, int W, float (&b)[WARP_NE]) {
+#pragma unroll
+    for (int i = 0; i < WARP_CPL; i++)
+#pragma unroll
+        for (int v = 0; v < WARP_VEC; v++) {
+            const int e = (gl + W * i) * WARP_VEC + v;
+            b[i * WARP_VEC + v] = (p.bias != 0ull && e < p.E) ? M_FTZ(((const float*)p.bias)[e]) : 0.0f;
+        }
+}
+
+// Inserts v into the descending list t[0..n) (values only).
+__device__ __forceinline__ void warp_topn(float (&t)[WARP_GN_MAX], float v, int n) {
+#pragma unroll
+    for (int j = 0; j < WARP_GN_MAX; j++) {
+        if (j < n) {
+            float hi = fmaxf(t[j], v);
+            v = fminf(t[j], v);
+            t[j] = hi;
+        }
+    }
+}
+
+// Group limit on the keys k (chunk rows all valid: E = G * per, per a multiple of WARP_VEC):
+// group scores, the kept groups, and the dropped groups' keys set to -inf. Returns whether the
+// gap between the last kept and the first dropped group score exceeds `margin` (always true for
+// margin < 0).
+__device__ __forceinline__ bool warp_groups(const Params& p, float (&k)[WARP_NE], int gl, int W, float* gsc, int* gkeep,
+                                            float* gap, float margin) {
+    const int nch = p.E / WARP_VEC;
+    const int lpg = p.lpg, gn = p.gn, G = p.G;
+    float t[WARP_CPL][WARP_GN_MAX];
+#pragma unroll
+    for (int i = 0; i < WARP_CPL; i++) {
+#pragma unroll
+        for (int j = 0; j < WARP_GN_MAX; j++) t[i][j] = F32_NEG_INF;
+        if (gl + W * i < nch) {
+#pragma unroll
+            for (int v = 0; v < WARP_VEC; v++) warp_topn(t[i], k[i * WARP_VEC + v], gn);
+        }
+    }
+    for (int d = 1; d < lpg; d <<= 1) {
+#pragma unroll
+        for (int i = 0; i < WARP_CPL; i++) {
+            float o[WARP_GN_MAX];
+#pragma unroll
+            for (int j = 0; j < WARP_GN_MAX; j++) o[j] = __shfl_xor_sync(WARP_FULL, t[i][j], d);
+#pragma unroll
+            for (int j = 0; j < WARP_GN_MAX; j++)
+                if (j < gn) warp_topn(t[i], o[j], gn);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < WARP_CPL; i++) {
+        const int c = gl + W * i;
+        if (c < nch && (c % lpg) == 0) {
+            float acc = t[i][0];
+#pragma unroll
+            for (int j = 1; j < WARP_GN_MAX; j++)
+                if (j < gn) acc = M_FTZ(acc + t[i][j]);
+            gsc[c / lpg] = acc;
+        }
+    }
+    __syncwarp();
+    for (int g = gl; g < G; g += W) {
+        const float me = gsc[g];
+        int r = 0;
+        for (int h = 0; h < G; h++) {
+            const float o = gsc[h];
+            r += (o > me || (o == me && h < g)) ? 1 : 0;
+        }
+        gkeep[g] = r < p.gsel ? 1 : 0;
+        if (r == p.gsel - 1) gap[0] = me;
+        if (r == p.gsel) gap[1] = me;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < WARP_CPL; i++) {
+        const int c = gl + W * i;
+        if (c < nch && !gkeep[c / lpg]) {
+#pragma unroll
+            for (int v = 0; v < WARP_VEC; v++) k[i * WARP_VEC + v] = F32_NEG_INF;
+        }
+    }
+    const bool ok = margin < 0.0f || (gap[0] - gap[1]) > margin;
+    __syncwarp();
+    return ok;
+}
+
+// One token per group of W lanes (row >= T: an idle group that still takes part in the
+// collectives). `myid`: replay id of this lane's slot (lanes gl < K).
+template <int OP>
+__device__ __forceinline__ void warp_token(const Params& p, char* gsm, long long row, const WarpRaw& raw, u32 myid,
+                                           const float (&bsel)[WARP_NE], int gl, int gbase, u32 gmask, int W) {
+    const int E = p.E, K = p.K;
+    const bool hb = p.bias != 0ull;
+    const bool act = row < p.T;
+    const int nch = (E + WARP_VEC - 1) / WARP_VEC;
+    uint4* ent = (uint4*)gsm;
+    uint4* slotd = ent + p.warp_ncap;
+    float* gsc = (float*)(slotd + K);
+    int* gkeep = (int*)(gsc + p.G);
+    float* gap = (float*)(gkeep + p.G);
+
+    // 1. NaN and +inf are errors (the lowest such expert is named).
+    bool lbad = false;
+#pragma unroll
+    for (int i = 0; i < WARP_CPL; i++)
+#pragma unroll
+        for (int v = 0; v < WARP_VEC; v++) lbad = lbad || !(warp_x(raw, i, v) < F32_POS_INF);
+    const bool gbad = (__ballot_sync(WARP_FULL, lbad) & gmask) != 0u;
+    int badcode = 0x7fffffff;
+    if (__any_sync(WARP_FULL, lbad)) {
+#pragma unroll
+        for (int i = WARP_CPL - 1; i >= 0; i--)
+#pragma unroll
+            for (int v = WARP_VEC - 1; v >= 0; v--) {
+                const int e = (gl + W * i) * WARP_VEC + v;
+                const float x = warp_x(raw, i, v);
+                if (e < E && bad_logit(x)) badcode = bad_code(e, x);
+            }
+        for (int d = 1; d < W; d <<= 1) {
+            const int o = __shfl_xor_sync(WARP_FULL, badcode, d);
+            badcode = o < badcode ? o : badcode;
+        }
+    }
+
+    // 2. Replay: the slot ids, fallback rows (slot 0 holds ROUTER_SELECTS), invalid ids.
+    bool fbrow = false, idbad = false;
+    if (OP != WOP_ROUTE) {
+        const u32 id0 = __shfl_sync(WARP_FULL, myid, gbase);
+        fbrow = OP == WOP_REPLAY_FB && id0 == ROUTER_SELECTS;
+        bool lb = gl < K && myid >= (u32)E;
+#pragma unroll 8
+        for (int r = 0; r < K; r++) {
+            const u32 o = __shfl_sync(WARP_FULL, myid, gbase + r);
+            lb = lb || (r < gl && gl < K && o == myid);
+        }
+        idbad = (__ballot_sync(WARP_FULL, lb) & gmask) != 0u && !fbrow;
+    }
+    const bool sel = OP == WOP_ROUTE || (OP == WOP_REPLAY_FB && __any_sync(WARP_FULL, act && fbrow));
+
+    // 3. Softmax before top-K: the row maximum and sum (portable: summed in expert order).
+    float m = 0.0f, S = 0.0f;
+#if SCORE == SM_BEFORE
+    {
+        float lm = F32_NEG_INF;
+#pragma unroll
+        for (int i = 0; i < WARP_CPL; i++)
+#pragma unroll
+            for (int v = 0; v < WARP_VEC; v++)
+                if ((gl + W * i) * WARP_VEC + v < E) lm = fmaxf(lm, M_FTZ(warp_x(raw, i, v)));
+        for (int d = 1; d < W; d <<= 1) lm = fmaxf(lm, __shfl_xor_sync(WARP_FULL, lm, d));
+        m = lm;
+        float ex[WARP_NE];
+#pragma unroll
+        for (int i = 0; i < WARP_CPL; i++)
+#pragma unroll
+            for (int v = 0; v < WARP_VEC; v++)
+                ex[i * WARP_VEC + v] =
+                    (gl + W * i) * WARP_VEC + v < E ? M_EXP(M_FTZ(warp_x(raw, i, v)) - m) : 0.0f;
+#if PORTABLE
+        float acc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < WARP_CPL; i++) {
+            for (int l = 0; l < W; l++) {
+                if (gl == l) {
+#pragma unroll
+                    for (int v = 0; v < WARP_VEC; v++)
+                        if ((l + W * i) * WARP_VEC + v < E) acc = acc + ex[i * WARP_VEC + v];
+                }
+                acc = __shfl_sync(WARP_FULL, acc, gbase + l);
+            }
+        }
+        S = acc;
+#else
+        float acc = 0.0f;
+#pragma unroll
+        for (int j = 0; j < WARP_NE; j++) acc = acc + ex[j];
+        for (int d = 1; d < W; d <<= 1) acc = acc + __shfl_xor_sync(WARP_FULL, acc, d);
+        S = acc;
+#endif
+    }
+#endif
+
+    // 4. Selection: every slot lane (gl < K) ends with its expert se, score ss and flushed
+    //    logit sz.
+    u32 se = 0u;
+    float ss = 0.0f, sz = 0.0f;
+    if (sel) {
+        float k[WARP_NE];
+        bool exact = !(WARP_PRUNE && (p.warp_flags & WF_PRUNE) != 0);
+        // Keys (NaN past E; zeros for a row in error), group limit. Returns whether the kept
+        // groups are certain.
+        auto prepare = [&](bool ex_keys) -> bool {
+#pragma unroll
+            for (int i = 0; i < WARP_CPL; i++)
+#pragma unroll
+                for (int v = 0; v < WARP_VEC; v++) {
+                    const int e = (gl + W * i) * WARP_VEC + v;
+                    const int j = i * WARP_VEC + v;
+                    const float x = warp_x(raw, i, v);
+                    float key;
+#if WARP_PRUNE
+                    key = ex_keys ? warp_key_exact(x, bsel[j], hb, m, S) : warp_key_cheap(x, bsel[j], hb);
+#else
+                    key = warp_key_exact(x, bsel[j], hb, m, S);
+#endif
+                    k[i * WARP_VEC + v] = e < E ? (gbad ? 0.0f : key) : F32_NAN;
+                }
+            if (p.G > 0) {
+                const float margin = ex_keys ? -1.0f : p.delta * (float)(4 * p.gn + 4);
+                return warp_groups(p, k, gl, W, gsc, gkeep, gap, margin) || !act || gbad;
+            }
+            return true;
+        };
+        const bool gok = prepare(exact);
+        if (!exact && __any_sync(WARP_FULL, !gok)) {
+            exact = true;
+            prepare(true);
+        }
+        // tau: the K-th largest lane maximum of the group (bitonic sort, descending).
+        float lm = F32_NEG_INF;
+#pragma unroll
+        for (int j = 0; j < WARP_NE; j++) lm = fmaxf(lm, k[j]);
+        for (int kk = 2; kk <= W; kk <<= 1) {
+            for (int j = kk >> 1; j > 0; j >>= 1) {
+                const float o = __shfl_xor_sync(WARP_FULL, lm, j);
+                const bool up = (gl & kk) == 0, lower = (gl & j) == 0;
+                lm = (up == lower) ? fmaxf(lm, o) : fminf(lm, o);
+            }
+        }
+        const float tau = __shfl_sync(WARP_FULL, lm, gbase + K - 1);
+        float thr = exact ? tau : tau - 2.0f * p.delta;
+        int nl = 0;
+#pragma unroll
+        for (int j = 0; j < WARP_NE; j++) nl += k[j] >= thr ? 1 : 0;
+        int inc = nl;
+        for (int d = 1; d < W; d <<= 1) {
+            const int o = __shfl_up_sync(WARP_FULL, inc, d, W);
+            if (gl >= d) inc += o;
+        }
+        int n = __shfl_sync(WARP_FULL, inc, gbase + W - 1);
+        if (__any_sync(WARP_FULL, n > p.warp_ncap)) {
+            // Slow path: exact keys, K rounds of a group arg-max over the packed keys.
+            if (!exact) {
+                exact = true;
+                prepare(true);
+            }
+            u32 taken = 0u;
+            for (int r = 0; r < K; r++) {
+                u64 best = 0ull;
+#pragma unroll
+                for (int i = 0; i < WARP_CPL; i++)
+#pragma unroll
+                    for (int v = 0; v < WARP_VEC; v++) {
+                        const int j = i * WARP_VEC + v;
+                        const u64 pk = pack_key(k[j], (gl + W * i) * WARP_VEC + v);
+                        if (k[j] == k[j] && !((taken >> j) & 1u) && pk > best) best = pk;
+                    }
+                u64 g = best;
+                for (int d = 1; d < W; d <<= 1) {
+                    const u64 o = __shfl_xor_sync(WARP_FULL, g, d);
+                    g = o > g ? o : g;
+                }
+#pragma unroll
+                for (int i = 0; i < WARP_CPL; i++)
+#pragma unroll
+                    for (int v = 0; v < WARP_VEC; v++) {
+                        const int j = i * WARP_VEC + v;
+                        if (k[j] == k[j] && pack_key(k[j], (gl + W * i) * WARP_VEC + v) == g) taken |= 1u << j;
+                    }
+                if (gl == r) se = (u32)unpack_id(g);
+            }
+            if (gl < K && act) {
+                sz = load_logit((const logit_t*)p.logits + row * p.ld, se < (u32)E ? se : 0);
+                ss = warp_score(sz);
+            }
+        } else {
+            // Candidates -> shared memory: {key, expert | dropped, widened logit, flushed bias}.
+            int wi = inc - nl;
+#pragma unroll
+            for (int i = 0; i < WARP_CPL; i++)
+#pragma unroll
+                for (int v = 0; v < WARP_VEC; v++) {
+                    const int j = i * WARP_VEC + v;
+                    if (k[j] >= thr) {
+                        const u32 e = (u32)((gl + W * i) * WARP_VEC + v);
+                        const u32 dropped = (k[j] == F32_NEG_INF && p.G > 0) ? 0x80000000u : 0u;
+                        ent[wi] = make_uint4(__float_as_uint(k[j]), e | dropped, __float_as_uint(warp_x(raw, i, v)),
+                                             __float_as_uint(bsel[j]));
+                        wi++;
+                    }
+                }
+            __syncwarp();
+            // Exact packed key and score of each candidate.
+            for (int c = gl; c < n; c += W) {
+                const uint4 q = ent[c];
+                const int e = (int)(q.y & 0x7fffffffu);
+                const float z = M_FTZ(__uint_as_float(q.z));
+                const float s = warp_score(z);
+                float key = __uint_as_float(q.x);
+#if WARP_PRUNE
+                if (!exact) {
+                    key = s;
+                    if (hb) key = M_FTZ(key + __uint_as_float(q.w));
+                    if (q.y & 0x80000000u) key = F32_NEG_INF;
+                }
+#endif
+                const u64 pk = pack_key(key, e);
+                ent[c] = make_uint4((u32)pk, (u32)(pk >> 32), __float_as_uint(s), __float_as_uint(z));
+            }
+            __syncwarp();
+            // Rank (exact: the number of candidates that beat it); the top K fill the slots.
+            for (int c = gl; c < n; c += W) {
+                const uint4 q = ent[c];
+                const u64 pk = ((u64)q.y << 32) | q.x;
+                int r = 0;
+#pragma unroll 4
+                for (int j = 0; j < n; j++) {
+                    const uint2 o = *(const uint2*)&ent[j];
+                    r += (((u64)o.y << 32) | o.x) > pk ? 1 : 0;
+                }
+                if (r < K) slotd[r] = make_uint4((u32)unpack_id(pk), q.z, q.w, 0u);
+            }
+            __syncwarp();
+            if (gl < K) {
+                const uint4 q = slotd[gl];
+                se = q.x;
+                ss = __uint_as_float(q.y);
+                sz = __uint_as_float(q.z);
+            }
+            __syncwarp();
+        }
+    }
+    // Replayed rows: the given ids.
+    const bool given = OP != WOP_ROUTE && !fbrow;
+    if (given && gl < K && act) {
+        se = idbad ? 0u : myid;
+        sz = load_logit((const logit_t*)p.logits + row * p.ld, se);
+        ss = warp_score(sz);
+    }
+
+    // 5. Weights of the K slots (slot order), as weights_of.
+    const bool slot = gl < K;
+    float w;
+    bool masked = false;
+#if SCORE == SM_BEFORE
+    w = M_DIV(M_EXP(sz - m), S);
+    masked = m == F32_NEG_INF;
+#elif SCORE == SM_AFTER
+    {
+        float mx = F32_NEG_INF;
+#pragma unroll 8
+        for (int r = 0; r < K; r++) {
+            const float o = __shfl_sync(WARP_FULL, sz, gbase + r);
+            mx = o > mx ? o : mx;
+        }
+        masked = mx == F32_NEG_INF;
+        w = M_EXP(sz - mx);
+        float s = 0.0f;
+#pragma unroll 8
+        for (int r = 0; r < K; r++) s = s + __shfl_sync(WARP_FULL, w, gbase + r);
+        w = M_DIV(w, s);
+    }
+#else
+    w = ss;
+    {
+        // One rule for every score function: the K chosen logits all -inf and the whole row
+        // -inf is AllMasked.
+        const bool kinf = (__ballot_sync(WARP_FULL, slot && sz != F32_NEG_INF) & gmask) == 0u;
+        if (__any_sync(WARP_FULL, kinf && act)) {
+            bool fin = false;
+#pragma unroll
+            for (int i = 0; i < WARP_CPL; i++)
+#pragma unroll
+                for (int v = 0; v < WARP_VEC; v++)
+                    fin = fin || ((gl + W * i) * WARP_VEC + v < E && warp_x(raw, i, v) != F32_NEG_INF);
+            const u32 finite = __ballot_sync(WARP_FULL, fin) & gmask;
+            masked = kinf && finite == 0u;
+        }
+    }
+#endif
+    if (p.norm != 0) {
+        float s = 0.0f;
+#pragma unroll 8
+        for (int r = 0; r < K; r++) s = s + __shfl_sync(WARP_FULL, w, gbase + r);
+        float d;
+        if (p.norm == 1) {
+            d = s + M_FTZ(p.norm_param);
+        } else {
+            const float mn = M_FTZ(p.norm_param);
+            d = s > mn ? s : mn;
+        }
+        w = M_DIV(w, d);
+    }
+    w = M_FTZ(w * M_FTZ(p.scale));
+
+    // 6. Errors (the reference's order) or outputs.
+    if (!act) return;
+    u64 err = 0ull;
+    if (given && idbad) {
+        err = ~err_ids(row);
+    } else if (gbad) {
+        err = ~err_nonfinite(row, badcode);
+    } else if (masked) {
+        err = ~err_all_masked(row);
+    }
+    if (err != 0ull) {
+        if (gl == 0) report(p, ~err);
+        return;
+    }
+    if (slot) {
+        if (!given) {
+            ((u32*)p.ids)[row * K + gl] = se;
+            if (OP == WOP_ROUTE && p.tap != 0ull) ((u32*)p.tap)[row * p.tap_ld + gl] = se;
+        }
+        ((float*)p.weights)[row * K + gl] = w;
+    }
+}
+
+template <int OP>
+__device__ __forceinline__ void warp_kernel(const Params& p) {
+    DYN_SMEM(smem_raw);
+    warp_pdl();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int W = p.warp_w;
+    const int gl = lane & (W - 1), gbase = lane & ~(W - 1), gi = lane / W;
+    const u32 gmask = W == 32 ? WARP_FULL : (((1u << W) - 1u) << gbase);
+    const int gpw = 32 / W;
+    const long long wid = (long long)blockIdx.x * (blockDim.x >> 5) + warp;
+    const long long step = (long long)gridDim.x * (blockDim.x >> 5) * gpw;
+    char* gsm = smem_raw + (long long)(warp * gpw + gi) * p.warp_gbytes;
+    long long row = wid * gpw + gi;
+    float bsel[WARP_NE];
+    if (OP == WOP_REPLAY) {
+#pragma unroll
+        for (int j = 0; j < WARP_NE; j++) bsel[j] = 0.0f;
+    } else {
+        warp_bias(p, gl, W, bsel);
+    }
+    WarpRaw cur;
+    u32 cid = 0u;
+    warp_load(p, row, gl, W, cur);
+    if (OP != WOP_ROUTE && row < p.T && gl < p.K) cid = ((const u32*)p.ids)[row * p.K + gl];
+    for (long long r0 = wid * gpw; r0 < p.T; r0 += step) {
+        const long long nrow = row + step;
+        if (OP == WOP_REPLAY) {
+            // Replay reads WARP_NE experts per lane at once: no prefetch of the next row.
+            warp_token<OP>(p, gsm, row, cur, cid, bsel, gl, gbase, gmask, W);
+            warp_load(p, nrow, gl, W, cur);
+            cid = (nrow < p.T && gl < p.K) ? ((const u32*)p.ids)[nrow * p.K + gl] : 0u;
+        } else {
+            WarpRaw nxt;
+            warp_load(p, nrow, gl, W, nxt);
+            const u32 nid = (OP != WOP_ROUTE && nrow < p.T && gl < p.K) ? ((const u32*)p.ids)[nrow * p.K + gl] : 0u;
+            warp_token<OP>(p, gsm, row, cur, cid, bsel, gl, gbase, gmask, W);
+            cur = nxt;
+            cid = nid;
+        }
+        row = nrow;
+    }
+}
+
+#define WARP_KERNELS(N)                                                                           \
+    extern "C" __global__ void __launch_bounds__(128) warp_route_n##N(Params p) {                 \
+        warp_kernel<WOP_ROUTE>(p);                                                                \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) warp_replay_n##N(Params p) {                \
+        warp_kernel<WOP_REPLAY>(p);                                                               \
+    }                                                                                             \
+    extern "C" __global__ void __launch_bounds__(128) warp_replay_fb_n##N(Params p) {             \
+        warp_kernel<WOP_REPLAY_FB>(p);                                                            \
+    }
+#define WARP_KERNELS_(N) WARP_KERNELS(N)
+WARP_KERNELS_(WARP_NE)
+#endif  // WARP_NE

@@ -154,6 +154,8 @@ pub(crate) struct Device {
     pub sm: &'static str,
     pub sms: usize,
     pub smem_optin: usize,
+    /// Programmatic dependent launch (compute capability 9.0+).
+    pub pdl: bool,
     routers: Mutex<HashMap<RouterVariant, Arc<RouterKernels>>>,
     stats: Mutex<HashMap<LogitsDtype, Arc<StatsKernels>>>,
     backward: Mutex<HashMap<BackwardVariant, Arc<BackwardKernels>>>,
@@ -238,6 +240,7 @@ impl Device {
             sm,
             sms,
             smem_optin,
+            pdl: major >= 9,
             routers: Mutex::new(HashMap::new()),
             stats: Mutex::new(HashMap::new()),
             backward: Mutex::new(HashMap::new()),
@@ -248,8 +251,23 @@ impl Device {
 
     fn load(&self, src: &str, opts: cudarc::nvrtc::CompileOptions) -> Result<Arc<CudaModule>, RouteError> {
         let name = opts.name.clone().unwrap_or_default();
-        let cubin = kernels::compile_cubin(src, &name, &kernels::option_strings(&opts, self.sm))
-            .map_err(|log| RouteError::device(BACKEND, format!("kernel compilation failed: {log}")))?;
+        let options = kernels::option_strings(&opts, self.sm);
+        // An optional directory of compiled modules (`MOE_ROUTER_CUDA_CUBIN_CACHE`, filled by
+        // `nvrtc-check --cache=DIR` or by earlier runs), keyed by the hash of source and options.
+        let cached = std::env::var_os("MOE_ROUTER_CUDA_CUBIN_CACHE")
+            .map(|d| std::path::PathBuf::from(d).join(kernels::cubin_cache_name(src, &options)));
+        let cubin = match cached.as_ref().and_then(|f| std::fs::read(f).ok()) {
+            Some(c) => c,
+            None => {
+                let c = kernels::compile_cubin(src, &name, &options)
+                    .map_err(|log| RouteError::device(BACKEND, format!("kernel compilation failed: {log}")))?;
+                if let Some(f) = &cached {
+                    // Best effort: a cache that cannot be written only costs a compile next time.
+                    let _ = std::fs::write(f, &c);
+                }
+                c
+            }
+        };
         self.ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
             .map_err(dev_err)
@@ -278,6 +296,11 @@ impl Device {
                 format!("tile_route_k{n}"),
                 format!("tile_replay_k{n}"),
                 format!("tile_replay_fb_k{n}"),
+            ),
+            Part::Warp(n) => (
+                format!("warp_route_n{n}"),
+                format!("warp_replay_n{n}"),
+                format!("warp_replay_fb_n{n}"),
             ),
         };
         let route = module.load_function(&rn).map_err(dev_err)?;
@@ -335,7 +358,7 @@ impl Device {
         let rows8_alt = [
             "bwd_grad_rows8_np",
             "bwd_grad_rows8_o4",
-            "bwd_grad_rows8_nb8",
+            "bwd_grad_rows8_nb4",
             "bwd_grad_rows8_o4nb2",
         ]
         .map(|n| module.load_function(n).map_err(dev_err));

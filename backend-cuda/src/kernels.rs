@@ -72,6 +72,9 @@ pub enum Part {
     Row,
     /// `tile_route_k{N}` and `tile_replay_k{N}` for one K capacity N.
     Tile(usize),
+    /// `warp_route_n{N}`, `warp_replay_n{N}` and `warp_replay_fb_n{N}`: a group of lanes per
+    /// token, at most N experts per lane (one of [`WARP_NE`]).
+    Warp(usize),
 }
 
 /// One compiled module of routing kernels.
@@ -97,6 +100,19 @@ pub const TILE_SMEM_PER_WARP: usize = 3 * 32 * 128;
 pub const TILE_GS_MAX: usize = 8;
 /// Largest K the row kernels take (`ROW_KCAP`).
 pub const ROW_KCAP: usize = 64;
+/// Experts-per-lane capacities of the warp kernels (`warp_route_n{N}`).
+pub const WARP_NE: [usize; 4] = [4, 8, 16, 32];
+/// Threads per block of the warp kernels (`__launch_bounds__(128)`).
+pub const WARP_BLOCK: usize = 128;
+/// Largest top-n of a group score the warp kernels take (`WARP_GN_MAX`).
+pub const WARP_GN_MAX: usize = 4;
+/// Candidates a token group of the warp kernels ranks in shared memory (more: the exact slow
+/// path).
+pub const WARP_NCAP: usize = 32;
+/// `Params::warp_flags`: rows are read with 16-byte (or 8-byte) vector loads.
+pub const WF_VEC: i32 = 1;
+/// `Params::warp_flags`: portable sigmoid selects on cheap keys first (`Params::delta`).
+pub const WF_PRUNE: i32 = 2;
 
 impl RouterVariant {
     /// Full NVRTC source of this variant.
@@ -109,6 +125,7 @@ impl RouterVariant {
             match self.part {
                 Part::Row => "#define ROW_KERNELS 1".to_string(),
                 Part::Tile(n) => format!("#define TILE_KMAX_N {n}"),
+                Part::Warp(n) => format!("#define WARP_NE {n}"),
             },
             MATH_CU,
             ROUTER_CU
@@ -152,6 +169,14 @@ impl RouterVariant {
                             portable,
                             score,
                             part: Part::Tile(n),
+                        });
+                    }
+                    for n in WARP_NE {
+                        v.push(RouterVariant {
+                            dtype,
+                            portable,
+                            score,
+                            part: Part::Warp(n),
                         });
                     }
                 }
@@ -404,6 +429,25 @@ pub fn option_strings(opts: &CompileOptions, arch: &str) -> Vec<String> {
     v
 }
 
+/// File name of a compiled module in a CUBIN cache directory (`MOE_ROUTER_CUDA_CUBIN_CACHE`):
+/// the 64-bit FNV-1a hash of the source and the NVRTC options, so that any change of either
+/// misses the cache.
+pub fn cubin_cache_name(src: &str, options: &[String]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(src.as_bytes());
+    for o in options {
+        eat(&[0]);
+        eat(o.as_bytes());
+    }
+    format!("{h:016x}.cubin")
+}
+
 /// Compiles `src` with NVRTC straight to a CUBIN for a real architecture (`sm_90`), so that
 /// loading needs no PTX JIT in the driver (which runs one module at a time). Failures return
 /// the compiler log.
@@ -493,6 +537,18 @@ pub struct Params {
     pub norm_param: f32,
     /// Scaling factor.
     pub scale: f32,
+    /// Warp kernels: lanes per token (a power of two, `K <= W <= 32`).
+    pub warp_w: i32,
+    /// Warp kernels: candidates a token group's shared memory holds.
+    pub warp_ncap: i32,
+    /// Warp kernels: bytes of shared memory per token group.
+    pub warp_gbytes: i32,
+    /// Warp kernels: [`WF_VEC`] | [`WF_PRUNE`].
+    pub warp_flags: i32,
+    /// Warp kernels: lanes (chunks) per expert group.
+    pub lpg: i32,
+    /// Warp kernels: bound on |cheap key − exact key| (portable sigmoid pruning).
+    pub delta: f32,
     /// Padding.
     pub pad: i32,
 }
@@ -527,8 +583,94 @@ pub fn config_params(cfg: &moe_router_core::RouterConfig) -> Params {
         norm,
         norm_param,
         scale: cfg.scaling_factor(),
+        delta: prune_delta(cfg.expert_bias()),
         ..Params::default()
     }
+}
+
+/// The pruning bound of the warp kernels for portable sigmoid: the cheap key
+/// `1/(1 + __expf(−x)) + b` (hardware exp and division) differs from the exact key
+/// `ftz(sigmoid(ftz x) + ftz b)` by at most `2⁻¹⁷·(1 + max|b|)` (exp within `(2 + 1.2|x|)` ulp,
+/// which moves the sigmoid by a quarter of that, 2⁻¹⁸ for |x| ≤ 88; division within 2 ulp; the
+/// portable sigmoid within 4 ulp of 1; two roundings of the bias sum); this is 4× that.
+pub fn prune_delta(bias: Option<&[f32]>) -> f32 {
+    let bmax = bias.map_or(0.0f32, |b| b.iter().fold(0.0f32, |a, &x| a.max(x.abs())));
+    ((1.0 + f64::from(bmax)) * 2f64.powi(-15)) as f32
+}
+
+/// How the warp kernels lay out one launch: `w` lanes per token, at most `ne` experts per lane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarpLayout {
+    /// Experts-per-lane capacity (one of [`WARP_NE`]): the module `Part::Warp(ne)`.
+    pub ne: usize,
+    /// Lanes per token.
+    pub w: usize,
+}
+
+/// Experts of one 16-byte chunk (8-byte for `ne = 4` and 2-byte logits): `WARP_VEC`.
+pub fn warp_vec(ne: usize, dtype: LogitsDtype) -> usize {
+    (16 / dtype.size()).min(ne)
+}
+
+/// The warp kernels' layout for a config (`p` from [`config_params`]), or `None` when they do
+/// not take it: K > 32, E > 32·32, a group limit whose groups are not whole power-of-two lane
+/// sets (`per` a multiple of the chunk, `per / chunk` a power of two) or scores more than
+/// [`WARP_GN_MAX`] keys. `replay`: the layout of a plain replay (more experts per lane, fewer
+/// lanes: W = K); otherwise of route and of replay with fallback rows, `wide` asking for W = 32
+/// where K and E allow (lowest latency at small T) rather than about 8 experts per lane.
+pub fn warp_layout(p: &Params, dtype: LogitsDtype, replay: bool, wide: bool) -> Option<WarpLayout> {
+    let (e, k) = (p.e.max(1) as usize, p.k.max(1) as usize);
+    let target = if replay {
+        32
+    } else if wide {
+        4
+    } else {
+        8
+    };
+    let w = k
+        .next_power_of_two()
+        .max(e.div_ceil(target).next_power_of_two())
+        .min(32);
+    warp_layout_with(p, dtype, replay, w)
+}
+
+/// The warp kernels' layout with `w` lanes per token (the fewest experts per lane that cover E),
+/// or `None` when `w` is not a power of two in `K..=32` or the config does not fit (see
+/// [`warp_layout`]).
+pub fn warp_layout_with(p: &Params, dtype: LogitsDtype, replay: bool, w: usize) -> Option<WarpLayout> {
+    let (e, k) = (p.e.max(1) as usize, p.k.max(1) as usize);
+    if !w.is_power_of_two() || w < k || w > 32 {
+        return None;
+    }
+    let ne = *WARP_NE.iter().find(|&&n| n * w >= e)?;
+    if !replay && p.g > 0 {
+        let vec = warp_vec(ne, dtype);
+        let per = p.per.max(1) as usize;
+        if !per.is_multiple_of(vec) || !(per / vec).is_power_of_two() || per / vec > w || p.gn as usize > WARP_GN_MAX {
+            return None;
+        }
+    }
+    Some(WarpLayout { ne, w })
+}
+
+/// Sets the warp fields of `p` (E, K, G, gn, per set) for `layout`; `vec`: rows 16-byte aligned
+/// (pointer and stride) with `E` a multiple of the chunk; `prune`: portable sigmoid pruning.
+/// Returns the dynamic shared memory of a block of [`WARP_BLOCK`] threads.
+pub fn warp_params(p: &mut Params, layout: WarpLayout, dtype: LogitsDtype, vec: bool, prune: bool) -> usize {
+    let vecn = warp_vec(layout.ne, dtype);
+    let ncap = WARP_NCAP.min(p.e.max(1) as usize);
+    let g = p.g.max(0) as usize;
+    let bytes = (16 * ncap + 16 * p.k.max(1) as usize + 8 * g + 16).next_multiple_of(16);
+    p.warp_w = layout.w as i32;
+    p.warp_ncap = ncap as i32;
+    p.warp_gbytes = bytes as i32;
+    p.warp_flags = if vec { WF_VEC } else { 0 } | if prune { WF_PRUNE } else { 0 };
+    p.lpg = if p.g > 0 {
+        (p.per.max(1) as usize / vecn) as i32
+    } else {
+        1
+    };
+    (WARP_BLOCK / 32) * (32 / layout.w) * bytes
 }
 
 /// The tile kernel's K capacity for `p` (an index into [`TILE_KMAX`]), or `None` when only the
@@ -594,7 +736,8 @@ pub fn decode_status(
 }
 
 // SAFETY: `Params` is `repr(C)`, plain old data, and laid out exactly as the C struct it mirrors
-// (six u64, three i64, seven i32, two f32, one i32: 112 bytes, 8-byte aligned).
+// (six u64, three i64, seven i32, two f32, five i32, one f32, one i32: 136 bytes, 8-byte
+// aligned).
 unsafe impl DeviceRepr for Params {}
 
 /// The statistics kernels' parameter block (`struct StatParams` in `kernels/stats.cu`).
@@ -625,7 +768,7 @@ mod tests {
 
     #[test]
     fn params_layout_matches_the_c_struct() {
-        assert_eq!(std::mem::size_of::<Params>(), 112);
+        assert_eq!(std::mem::size_of::<Params>(), 136);
         assert_eq!(std::mem::size_of::<StatParams>(), 80);
         assert_eq!(std::mem::size_of::<BwdParams>(), 136);
     }

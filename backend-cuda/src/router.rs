@@ -3,8 +3,8 @@
 use crate::buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, LogitsBuffer, OwnedLogits, RouteBuffers};
 use crate::device::{BACKEND, Device, dev_err};
 use crate::kernels::{
-    LogitsDtype, Params, Part, ROW_KCAP, RouterVariant, ScoreKind, TILE_KMAX, TILE_WARPS, decode_status, row_launch,
-    tile_slot, tile_smem,
+    LogitsDtype, Params, Part, ROW_KCAP, RouterVariant, ScoreKind, TILE_KMAX, TILE_WARPS, WARP_BLOCK, WarpLayout,
+    decode_status, row_launch, tile_slot, tile_smem, warp_layout, warp_layout_with, warp_params,
 };
 use crate::record::Recorder;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
@@ -14,6 +14,8 @@ use moe_router_core::{
     RouterConfig,
 };
 use ndarray::{Array2, Array3, ArrayView2};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Largest number of experts the CUDA backend routes (the row kernels keep a row in shared
@@ -26,6 +28,9 @@ pub const MAX_TOP_K: usize = ROW_KCAP;
 const TILE_MIN_ROWS: usize = 2048;
 /// With at most this many experts the tile kernels win at every T (measured on an H100).
 const TILE_MAX_SMALL_E: usize = 32;
+/// Up to this many rows the warp kernels spread a token over as many lanes as K and E allow
+/// (latency); above it over about E/8 lanes (several tokens per warp: throughput).
+const WARP_WIDE_MAX_ROWS: usize = 8192;
 
 /// What one launch does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,14 +56,19 @@ impl crate::device::RouterKernels {
 /// Which kernel shape routes a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelChoice {
-    /// Row kernels below 2048 rows, tile kernels above and for E <= 32 (when the config and
-    /// alignment allow).
+    /// The warp kernels whenever they take the config (K ≤ 32, E ≤ 1024, group limits on whole
+    /// lane sets), except portable softmax-before-top-K from 2048 rows (its sum in expert order
+    /// is serial across lanes); otherwise the row kernels below 2048 rows, the tile kernels
+    /// above and for E ≤ 32 (when the config and alignment allow).
     #[default]
     Auto,
     /// Always one block per token.
     Row,
     /// Thread-per-token tile kernels whenever the config and alignment allow.
     Tile,
+    /// A group of lanes per token (warp kernels) whenever they take the config; otherwise as
+    /// [`KernelChoice::Auto`] without them.
+    Warp,
 }
 
 /// The CUDA router. Create it with [`CudaRouter::new`]; it routes [`DeviceLogits`] on its own
@@ -70,12 +80,18 @@ pub struct CudaRouter {
     bias: Option<CudaSlice<f32>>,
     base: Params,
     choice: Mutex<KernelChoice>,
+    warp_lanes: Mutex<Option<usize>>,
+    pdl: AtomicBool,
+    warp_grid: Mutex<HashMap<(RouterVariant, u8, usize), usize>>,
     recorder: Mutex<Option<Recorder>>,
 }
 
+/// The kernel shape of one launch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Plan {
     Row,
     Tile(usize),
+    Warp(WarpLayout),
 }
 
 impl CudaRouter {
@@ -95,12 +111,16 @@ impl CudaRouter {
             None => None,
         };
         let base = crate::kernels::config_params(&cfg);
+        let pdl = dev.pdl && std::env::var("MOE_ROUTER_CUDA_PDL").map_or(true, |v| v != "0");
         Ok(CudaRouter {
             cfg,
             dev,
             bias,
             base,
             choice: Mutex::new(KernelChoice::Auto),
+            warp_lanes: Mutex::new(None),
+            pdl: AtomicBool::new(pdl),
+            warp_grid: Mutex::new(HashMap::new()),
             recorder: Mutex::new(None),
         })
     }
@@ -147,6 +167,36 @@ impl CudaRouter {
     pub fn set_kernel_choice(&self, choice: KernelChoice) {
         if let Ok(mut c) = self.choice.lock() {
             *c = choice;
+        }
+    }
+
+    /// Forces the warp kernels' lanes per token (a power of two in `K..=32`; `None`: chosen per
+    /// call), for benchmarks and tests. A count the config does not allow falls back to the
+    /// automatic one.
+    pub fn set_warp_lanes(&self, lanes: Option<usize>) {
+        if let Ok(mut w) = self.warp_lanes.lock() {
+            *w = lanes;
+        }
+    }
+
+    /// Launches the warp kernels with programmatic dependent launch (compute capability 9.0 and
+    /// newer; on by default there, `MOE_ROUTER_CUDA_PDL=0` turns it off): a warp kernel may
+    /// start while the previous kernel of the stream finishes, and waits for it (its memory)
+    /// before touching global memory, which hides most of the launch latency of back-to-back
+    /// kernels (CUDA graphs included). Ignored on older devices.
+    pub fn set_programmatic_launch(&self, on: bool) {
+        self.pdl.store(on && self.dev.pdl, Ordering::Relaxed);
+    }
+
+    /// The kernel shape and warp layout a call on `rows` rows of `dtype` logits would use (for
+    /// benchmark tables): `"row"`, `"tile"` or `"warp W×N"` (W lanes per token, at most N
+    /// experts per lane).
+    pub fn plan_name(&self, rows: usize, dtype: LogitsDtype, replay: bool) -> String {
+        let op = if replay { Op::Replay } else { Op::Route };
+        match self.choose(rows, self.cfg.num_experts(), dtype, true, op) {
+            Plan::Row => "row".into(),
+            Plan::Tile(_) => "tile".into(),
+            Plan::Warp(l) => format!("warp {}×{}", l.w, l.ne),
         }
     }
 
@@ -210,21 +260,72 @@ impl CudaRouter {
     }
 
     fn plan(&self, logits: &DeviceLogits<'_>, ptr: u64, op: Op) -> Plan {
-        let choice = self.choice.lock().map(|c| *c).unwrap_or_default();
         let lb = logits.dtype().size() as u64;
         let aligned = ptr.is_multiple_of(16)
             && (logits.cols as u64 * lb).is_multiple_of(16)
             && (logits.ld as u64 * lb).is_multiple_of(16);
+        self.choose(logits.rows, logits.cols, logits.dtype(), aligned, op)
+    }
+
+    /// The plan for `rows` rows of `cols` experts (`aligned`: 16-byte aligned rows, `cols` a
+    /// multiple of 16 bytes).
+    fn choose(&self, rows: usize, cols: usize, dtype: LogitsDtype, aligned: bool, op: Op) -> Plan {
+        let choice = self.choice.lock().map(|c| *c).unwrap_or_default();
+        if matches!(choice, KernelChoice::Auto | KernelChoice::Warp) {
+            let replay = op == Op::Replay;
+            let forced = self.warp_lanes.lock().ok().and_then(|w| *w);
+            let layout = forced
+                .and_then(|w| warp_layout_with(&self.base, dtype, replay, w))
+                .or_else(|| warp_layout(&self.base, dtype, replay, rows <= WARP_WIDE_MAX_ROWS));
+            let serial_sum = self.cfg.numerics() == moe_router_core::Numerics::Portable
+                && ScoreKind::of(self.cfg.score(), self.cfg.softmax_position()) == ScoreKind::SoftmaxBefore
+                && rows >= TILE_MIN_ROWS;
+            if let Some(l) = layout
+                && (choice == KernelChoice::Warp || !serial_sum)
+            {
+                return Plan::Warp(l);
+            }
+        }
         let big = match choice {
             KernelChoice::Row => false,
             KernelChoice::Tile => true,
-            KernelChoice::Auto => logits.rows >= TILE_MIN_ROWS || logits.cols <= TILE_MAX_SMALL_E,
+            KernelChoice::Auto | KernelChoice::Warp => rows >= TILE_MIN_ROWS || cols <= TILE_MAX_SMALL_E,
         };
         // A replay with fallback rows selects too: it needs what routing needs.
         match tile_slot(&self.base, op == Op::Replay) {
             Some(ki) if big && aligned => Plan::Tile(ki),
             _ => Plan::Row,
         }
+    }
+
+    /// Blocks of a warp launch: enough for every token group, at most what the device holds at
+    /// once (the warps loop over further tokens).
+    fn warp_blocks(
+        &self,
+        v: RouterVariant,
+        op: Op,
+        f: &cudarc::driver::CudaFunction,
+        smem: usize,
+        rows: usize,
+        w: usize,
+    ) -> usize {
+        let need = rows.div_ceil(32 / w).div_ceil(WARP_BLOCK / 32).max(1);
+        let key = (v, op as u8, smem);
+        let cached = self.warp_grid.lock().ok().and_then(|m| m.get(&key).copied());
+        let per_sm = match cached {
+            Some(n) => n,
+            None => {
+                let n = f
+                    .occupancy_max_active_blocks_per_multiprocessor(WARP_BLOCK as u32, smem, None)
+                    .map(|n| n.max(1) as usize)
+                    .unwrap_or(4);
+                if let Ok(mut m) = self.warp_grid.lock() {
+                    m.insert(key, n);
+                }
+                n
+            }
+        };
+        need.min(per_sm * self.dev.sms.max(1)).min(1 << 30)
     }
 
     fn params(&self, logits: &DeviceLogits<'_>, lptr: u64) -> Params {
@@ -243,16 +344,34 @@ impl CudaRouter {
     }
 
     /// Enqueues the route or replay kernel for `p` on the router's stream.
-    fn launch(&self, p: Params, rows: usize, plan: &Plan, op: Op, dtype: LogitsDtype) -> Result<(), RouteError> {
+    fn launch(
+        &self,
+        mut p: Params,
+        rows: usize,
+        plan: &Plan,
+        op: Op,
+        dtype: LogitsDtype,
+        aligned: bool,
+    ) -> Result<(), RouteError> {
         if rows == 0 {
             return Ok(());
         }
         let part = match *plan {
             Plan::Row => Part::Row,
             Plan::Tile(ki) => Part::Tile(TILE_KMAX[ki]),
+            Plan::Warp(l) => Part::Warp(l.ne),
         };
-        let kern = self.dev.router_kernels(self.variant(dtype, part))?;
+        let variant = self.variant(dtype, part);
+        let kern = self.dev.router_kernels(variant)?;
         let s = &self.dev.stream;
+        if let Plan::Warp(l) = *plan {
+            let prune = variant.portable && variant.score == ScoreKind::Sigmoid;
+            let smem = warp_params(&mut p, l, dtype, aligned, prune);
+            let f = kern.function(op);
+            self.check_smem(smem)?;
+            let blocks = self.warp_blocks(variant, op, f, smem, rows, l.w);
+            return self.launch_ex(f, blocks, smem, &mut p);
+        }
         let (f, cfg) = match *plan {
             Plan::Tile(ki) => {
                 let smem = tile_smem(&p, ki, op == Op::Replay);
@@ -267,7 +386,7 @@ impl CudaRouter {
                     },
                 )
             }
-            Plan::Row => {
+            Plan::Row | Plan::Warp(_) => {
                 let (block, smem) = row_launch(&p);
                 let grid = rows.min(1 << 30);
                 let f = kern.function(op);
@@ -281,15 +400,7 @@ impl CudaRouter {
                 )
             }
         };
-        if cfg.shared_mem_bytes as usize > self.dev.smem_optin {
-            return Err(RouteError::unsupported(
-                BACKEND,
-                format!(
-                    "this config needs {} bytes of shared memory per block, the device allows {}",
-                    cfg.shared_mem_bytes, self.dev.smem_optin
-                ),
-            ));
-        }
+        self.check_smem(cfg.shared_mem_bytes as usize)?;
         let mut b = s.launch_builder(f);
         b.arg(&p);
         // SAFETY: the kernel takes one `Params` by value (layout checked in kernels.rs); every
@@ -298,6 +409,60 @@ impl CudaRouter {
         // kept alive by the caller until the stream has passed this launch.
         unsafe { b.launch(cfg) }.map_err(dev_err)?;
         Ok(())
+    }
+
+    fn check_smem(&self, bytes: usize) -> Result<(), RouteError> {
+        if bytes > self.dev.smem_optin {
+            return Err(RouteError::unsupported(
+                BACKEND,
+                format!(
+                    "this config needs {bytes} bytes of shared memory per block, the device allows {}",
+                    self.dev.smem_optin
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Launches a warp kernel (blocks of [`WARP_BLOCK`] threads) on the router's stream, with
+    /// the programmatic-dependent-launch attribute when it is on.
+    fn launch_ex(
+        &self,
+        f: &cudarc::driver::CudaFunction,
+        blocks: usize,
+        smem: usize,
+        p: &mut Params,
+    ) -> Result<(), RouteError> {
+        use cudarc::driver::sys;
+        self.dev.ctx.bind_to_thread().map_err(dev_err)?;
+        let pdl = self.pdl.load(Ordering::Relaxed);
+        // SAFETY: an all-zero launch attribute is valid plain data (id 0 is "ignore"); its id
+        // and value are set before use.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: blocks as u32,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: WARP_BLOCK as u32,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: smem as u32,
+            hStream: self.dev.stream.cu_stream(),
+            attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
+            numAttrs: u32::from(pdl),
+        };
+        let mut args = [p as *mut Params as *mut std::ffi::c_void];
+        // SAFETY: the kernel takes one `Params` by value (layout checked in kernels.rs) and
+        // `args` points at it for the duration of the call; every pointer in it refers to a live
+        // device buffer of at least the sizes the kernel indexes (logits [T, ld], ids/weights
+        // [T, K], tap rows of stride tap_ld, one status word), kept alive by the caller until
+        // the stream has passed this launch; `cfg` and `attr` outlive the call; the stream
+        // belongs to the context bound above.
+        unsafe { sys::cuLaunchKernelEx(&cfg, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(dev_err)
     }
 
     fn read_status(&self, status: &CudaSlice<u64>, replay_ids: Option<&DeviceIds>) -> Result<(), RouteError> {
@@ -383,7 +548,7 @@ impl CudaRouter {
             p.tap_ld = (out.layers * out.k) as i64;
         }
         let plan = self.plan(logits, lptr, Op::Route);
-        self.launch(p, t, &plan, Op::Route, logits.dtype())?;
+        self.launch(p, t, &plan, Op::Route, logits.dtype(), aligned(logits, lptr))?;
         out.rows = t;
         Ok(())
     }
@@ -415,7 +580,7 @@ impl CudaRouter {
         p.weights = out.weights.device_ptr(s).0;
         p.status = out.status.device_ptr(s).0;
         let plan = self.plan(logits, lptr, Op::Replay);
-        self.launch(p, t, &plan, Op::Replay, logits.dtype())?;
+        self.launch(p, t, &plan, Op::Replay, logits.dtype(), aligned(logits, lptr))?;
         out.rows = t;
         Ok(())
     }
@@ -466,7 +631,7 @@ impl CudaRouter {
             p.weights = weights.device_ptr(s).0;
             p.status = status.device_ptr(s).0;
             let plan = self.plan(logits, lptr, op);
-            self.launch(p, t, &plan, op, logits.dtype())?;
+            self.launch(p, t, &plan, op, logits.dtype(), aligned(logits, lptr))?;
         }
         self.read_status(&status, Some(ids))?;
         Ok(DeviceWeights {
@@ -479,6 +644,11 @@ impl CudaRouter {
     pub(crate) fn device(&self) -> &Arc<Device> {
         &self.dev
     }
+}
+
+/// Whether rows of `logits` at `ptr` can be read with 16-byte loads (pointer and row stride).
+fn aligned(logits: &DeviceLogits<'_>, ptr: u64) -> bool {
+    ptr.is_multiple_of(16) && (logits.ld as u64 * logits.dtype().size() as u64).is_multiple_of(16)
 }
 
 impl Router for CudaRouter {
@@ -563,7 +733,7 @@ impl Router for CudaRouter {
             p.weights = weights.device_ptr(s).0;
             p.status = status.device_ptr(s).0;
             let plan = self.plan(logits, lptr, Op::Route);
-            self.launch(p, t, &plan, Op::Route, logits.dtype())?;
+            self.launch(p, t, &plan, Op::Route, logits.dtype(), aligned(logits, lptr))?;
         }
         self.read_status(&status, None)?;
         Ok(Routed {

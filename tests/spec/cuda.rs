@@ -11,8 +11,9 @@ use moe_router::cuda::kernels::RouterVariant;
 use moe_router::cuda::{CudaRouter, KernelChoice};
 use moe_router::stats;
 use moe_router::{
-    AuxLossKind, CallSite, Capacity, DropPolicy, ForcedIds, IdsSink, LogitsRef, Normalization, PassThrough, Plan,
-    ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape, Router, RouterConfig, ScoreFunction,
+    AuxLossKind, CallSite, Capacity, DropPolicy, ForcedIds, HostWeights, IdsSink, LogitsRef, Normalization,
+    PassThrough, Plan, ReferenceRouter, ReplayError, ReplayPolicy, Replayed, RouteError, RouteShape, Router,
+    RouterConfig, ScoreFunction,
 };
 use ndarray::Array2;
 use std::collections::HashMap;
@@ -47,16 +48,22 @@ fn env_usize(k: &str) -> Option<usize> {
 
 pub struct Cuda {
     choice: KernelChoice,
+    /// Lanes per token forced on the warp kernels (None: chosen per call).
+    lanes: Option<usize>,
 }
 
 impl Backend for Cuda {
     type Router = CudaRouter;
     fn name(&self) -> String {
-        format!("cuda ({:?} kernels)", self.choice)
+        match self.lanes {
+            Some(w) => format!("cuda ({:?} kernels, {w} lanes per token)", self.choice),
+            None => format!("cuda ({:?} kernels)", self.choice),
+        }
     }
     fn router(&self, cfg: &RouterConfig) -> Result<CudaRouter, RouteError> {
         let r = CudaRouter::new(cfg.clone())?;
         r.set_kernel_choice(self.choice);
+        r.set_warp_lanes(self.lanes);
         Ok(r)
     }
 }
@@ -67,10 +74,40 @@ fn cuda_passes_the_conformance_suite_with_every_kernel_shape() {
         return;
     }
     let cases = env_usize("MOE_ROUTER_CUDA_CASES").unwrap_or(200) as u32;
-    for (choice, size) in [
-        (KernelChoice::Auto, Size { cases, ..Size::GPU }),
+    for (choice, lanes, size) in [
+        (KernelChoice::Auto, None, Size { cases, ..Size::GPU }),
+        (
+            KernelChoice::Warp,
+            None,
+            Size {
+                cases: cases / 2,
+                max_tokens: 300,
+                large: true,
+            },
+        ),
+        // The warp kernels with every lane count the configs allow (a count a config does not
+        // allow falls back to the automatic one).
+        (
+            KernelChoice::Warp,
+            Some(32),
+            Size {
+                cases: cases / 4,
+                max_tokens: 100,
+                large: false,
+            },
+        ),
+        (
+            KernelChoice::Warp,
+            Some(8),
+            Size {
+                cases: cases / 4,
+                max_tokens: 100,
+                large: false,
+            },
+        ),
         (
             KernelChoice::Tile,
+            None,
             Size {
                 cases: cases / 2,
                 max_tokens: 200,
@@ -79,6 +116,7 @@ fn cuda_passes_the_conformance_suite_with_every_kernel_shape() {
         ),
         (
             KernelChoice::Row,
+            None,
             Size {
                 cases: cases / 2,
                 max_tokens: 200,
@@ -86,8 +124,114 @@ fn cuda_passes_the_conformance_suite_with_every_kernel_shape() {
             },
         ),
     ] {
-        let report = conformance::run_suite(&Cuda { choice }, size);
+        let report = conformance::run_suite(&Cuda { choice, lanes }, size);
         assert_eq!(report.skipped, None, "the device was probed as available");
+    }
+}
+
+/// The warp kernels at decode sizes inside a captured CUDA graph (programmatic dependent launch
+/// between back-to-back kernels): route, replay and route + record of several layers, every
+/// result the reference's bits; and the same with the launch attribute off.
+#[test]
+fn cuda_warp_kernels_in_a_graph_equal_the_reference() {
+    if !available() {
+        return;
+    }
+    let qwen3 = RouterConfig::builder(128, 8)
+        .score(ScoreFunction::Softmax)
+        .softmax_position(moe_router::SoftmaxPosition::AfterTopK)
+        .normalization(Normalization::Sum { eps: 1e-20 })
+        .build()
+        .expect("valid");
+    for cfg in [dsv3(256), qwen3] {
+        for t in [1usize, 8, 37, 64] {
+            for pdl in [true, false] {
+                let (e, k, layers) = (cfg.num_experts(), cfg.top_k(), 4usize);
+                let reference = ReferenceRouter::new(cfg.clone());
+                let r = CudaRouter::new(cfg.clone()).expect("router");
+                r.set_kernel_choice(KernelChoice::Warp);
+                r.set_programmatic_launch(pdl);
+                let inputs: Vec<Array2<f32>> = (0..layers).map(|l| logits(t, e, 50 + l + t)).collect();
+                let bufs: Vec<_> = inputs
+                    .iter()
+                    .map(|x| r.upload_logits(&LogitsRef::F32(x.view())).expect("upload"))
+                    .collect();
+                // Replay ids: the reference's ids of the next layer's logits.
+                let replay_ids: Vec<Array2<u32>> = (0..layers)
+                    .map(|l| {
+                        let x = &inputs[(l + 1) % layers];
+                        reference.route_host(&LogitsRef::F32(x.view())).expect("reference").0
+                    })
+                    .collect();
+                let dev_ids: Vec<_> = replay_ids
+                    .iter()
+                    .map(|a| r.ids_from_host(a.view()).expect("ids"))
+                    .collect();
+                let mut outs: Vec<_> = (0..layers)
+                    .map(|_| r.alloc_buffers(t, layers).expect("buffers"))
+                    .collect();
+                let mut wouts: Vec<_> = (0..layers).map(|_| r.alloc_buffers(t, 0).expect("buffers")).collect();
+                let s = r.stream().clone();
+                s.begin_capture(
+                    moe_router::cuda::cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+                .expect("capture");
+                for l in 0..layers {
+                    r.enqueue_route(&bufs[l].view(), l, &mut outs[l])
+                        .expect("route in capture");
+                    let ids = dev_ids[l].buffer().slice(0..t * k);
+                    r.enqueue_replay(&bufs[l].view(), &ids, &mut wouts[l])
+                        .expect("replay in capture");
+                }
+                let graph = s
+                    .end_capture(moe_router::cuda::cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                    .expect("end capture")
+                    .expect("graph");
+                for _ in 0..3 {
+                    graph.launch().expect("graph launch");
+                }
+                for l in 0..layers {
+                    r.take_status(&mut outs[l]).expect("no error");
+                    r.take_status(&mut wouts[l]).expect("no error");
+                    let want = reference
+                        .route_host(&LogitsRef::F32(inputs[l].view()))
+                        .expect("reference");
+                    let rec = r.recorded_ids(&outs[l]).expect("record");
+                    let got = rec.slice(ndarray::s![.., l, ..]).to_owned();
+                    assert_eq!(want.0, got, "T {t} layer {l} pdl {pdl}: recorded ids");
+                    let mut ids = s.clone_dtoh(outs[l].ids()).expect("ids to host");
+                    ids.truncate(t * k);
+                    let mut w = s.clone_dtoh(outs[l].weights()).expect("weights to host");
+                    w.truncate(t * k);
+                    assert_eq!(
+                        want.0.iter().copied().collect::<Vec<_>>(),
+                        ids,
+                        "T {t} layer {l} pdl {pdl}: ids"
+                    );
+                    let HostWeights::F32(ww) = want.1 else {
+                        panic!("f32 weights")
+                    };
+                    assert_eq!(
+                        ww.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        w.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        "T {t} layer {l} pdl {pdl}: weights"
+                    );
+                    let HostWeights::F32(rw) = reference
+                        .weights_host(&LogitsRef::F32(inputs[l].view()), replay_ids[l].view())
+                        .expect("reference replay")
+                    else {
+                        panic!("f32 weights")
+                    };
+                    let mut gw = s.clone_dtoh(wouts[l].weights()).expect("weights to host");
+                    gw.truncate(t * k);
+                    assert_eq!(
+                        rw.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        gw.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                        "T {t} layer {l} pdl {pdl}: replay weights"
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -1,13 +1,18 @@
-//! Benchmark of the CUDA router on the GPU machine: GB/s and the ratio to a device-to-device copy
-//! measured in the same run, for T ∈ {1, 64, 4096, 65536, 262144}, the rules DeepSeek-V3, Qwen3,
-//! Kimi-K2, Qwen3-Next and Mixtral, f32 and bf16 logits, portable and native numerics; route,
-//! replay and route + record (static record buffer written by the route kernel).
+//! Benchmark of the CUDA router on the GPU machine: µs per call, GB/s and the ratio to a
+//! device-to-device copy measured in the same run.
 //!
-//! Method: CUDA events around back-to-back launches, warm-up first, median of 5 repeats, inputs
-//! rotated over a pool larger than L2. Bytes counted: logits read once + ids and weights written
-//! (route) or ids read + weights written (replay). Also: µs per call at T ≤ 64 under graph
-//! replay, and the host-side cost of asynchronous recording (side stream + pinned memory)
-//! through `Router::record_ids`.
+//! Routing table (issue 14): route and replay for T ∈ {1, 8, 64, 4096, 16384, 65536, 262144},
+//! the rules DeepSeek-V3, Qwen3, Kimi-K2 and Qwen3-Next, f32 and bf16 logits, portable and
+//! native numerics; the automatic kernel choice against the previous one (row kernels below
+//! T = 2048, tile kernels above), the warp kernels without programmatic dependent launch at
+//! small T, and SGLang's published H200 numbers where they exist. Method: for T ≤ 4096, µs per
+//! call under CUDA-graph replay (20 calls per graph, each on its own input window); above,
+//! CUDA events around back-to-back launches of the launch-only API, warm-up first, median of 5
+//! repeats, inputs rotated over a pool larger than L2. Bytes counted: logits read once + ids
+//! and weights written (route) or ids read + weights written (replay).
+//!
+//! Recording table: route vs route + static record buffer, and the host-side cost of
+//! asynchronous recording (side stream + pinned memory) through `Router::record_ids`.
 //!
 //! Backward (`Router::weights_vjp`, launch-only `CudaRouter::enqueue_backward` into
 //! preallocated `GradBuffers`): DeepSeek-V3 and Qwen3, f32 and bf16 logits, portable and
@@ -15,16 +20,17 @@
 //! z-loss (the dense kernel: softmax over E). Bytes counted: logits read + gradient written
 //! (T·E·4) + ids and upstream gradient read (T·K·8).
 //!
-//! Usage: `bench-cuda [--quick] [--backward]` prints Markdown tables (`--backward`: the
-//! backward table only). `BENCH_RULES=DeepSeek-V3,Qwen3` and `BENCH_TS=65536,262144` restrict
-//! the rules and batch sizes of the routing table; `BENCH_BACKWARD_TS` the batch sizes of the
-//! backward table (default 262144).
+//! Usage: `bench-cuda [--quick] [--routing] [--backward]` prints Markdown tables
+//! (`--routing`: the routing table only; `--backward`: the backward table only).
+//! `BENCH_RULES=DeepSeek-V3,Qwen3` (default: the four rules above; Mixtral may be added) and
+//! `BENCH_TS=65536,262144` restrict the rules and batch sizes of the routing table;
+//! `BENCH_BACKWARD_TS` the batch sizes of the backward table (default 262144).
 
 #![allow(unsafe_code)]
 
 use moe_router::cuda::cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
 use moe_router::cuda::cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use moe_router::cuda::kernels::{LogitsDtype, Part, RouterVariant, ScoreKind, TILE_KMAX};
+use moe_router::cuda::kernels::{LogitsDtype, Part, RouterVariant, ScoreKind, TILE_KMAX, WARP_NE};
 use moe_router::cuda::{CudaRouter, DeviceLogits, KernelChoice, LogitsView, RouteError};
 use moe_router::{CallSite, GroupScore, LossGrads, Normalization, Numerics, Router, RouterConfig, ScoreFunction};
 use std::sync::Arc;
@@ -167,9 +173,80 @@ fn time_calls(
     Ok(median(samples))
 }
 
+/// SGLang's Triton router on an H200 (issue 14; µs per call, CUDA graph): (rule, dtype, T, µs).
+const SGLANG: [(&str, &str, usize, f64); 24] = [
+    ("DeepSeek-V3", "f32", 1, 3.09),
+    ("DeepSeek-V3", "f32", 64, 3.20),
+    ("DeepSeek-V3", "f32", 4096, 10.3),
+    ("DeepSeek-V3", "f32", 16_384, 33.9),
+    ("DeepSeek-V3", "f32", 65_536, 126.0),
+    ("DeepSeek-V3", "f32", 262_144, 493.0),
+    ("DeepSeek-V3", "bf16", 1, 3.35),
+    ("DeepSeek-V3", "bf16", 64, 3.47),
+    ("DeepSeek-V3", "bf16", 4096, 12.1),
+    ("DeepSeek-V3", "bf16", 16_384, 41.3),
+    ("DeepSeek-V3", "bf16", 65_536, 155.0),
+    ("DeepSeek-V3", "bf16", 262_144, 608.0),
+    ("Qwen3", "f32", 1, 2.81),
+    ("Qwen3", "f32", 64, 2.97),
+    ("Qwen3", "f32", 4096, 5.9),
+    ("Qwen3", "f32", 16_384, 16.0),
+    ("Qwen3", "f32", 65_536, 54.7),
+    ("Qwen3", "f32", 262_144, 207.0),
+    ("Qwen3", "bf16", 1, 2.43),
+    ("Qwen3", "bf16", 64, 2.52),
+    ("Qwen3", "bf16", 4096, 5.4),
+    ("Qwen3", "bf16", 16_384, 13.3),
+    ("Qwen3", "bf16", 65_536, 45.2),
+    ("Qwen3", "bf16", 262_144, 171.0),
+];
+
+/// Calls per CUDA graph at small T (each on its own window of the pool).
+const GRAPH_CALLS: usize = 20;
+
+/// µs per call of `enqueue(i)`: under CUDA-graph replay ([`GRAPH_CALLS`] calls per graph, on
+/// windows `0..GRAPH_CALLS`) when `graph`, else back-to-back launches on rotated windows.
+fn time_op(
+    stream: &Arc<CudaStream>,
+    graph: bool,
+    iters: usize,
+    mut enqueue: impl FnMut(usize) -> Result<(), RouteError>,
+) -> Result<f64, RouteError> {
+    let dev =
+        |e: moe_router::cuda::cudarc::driver::DriverError| RouteError::device_with_source("cuda", format!("{e:?}"), e);
+    if !graph {
+        return time_calls(stream, iters, enqueue);
+    }
+    // Warm (compile, first-launch costs) outside the capture.
+    enqueue(0)?;
+    stream.synchronize().map_err(dev)?;
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(dev)?;
+    let mut res = Ok(());
+    for i in 0..GRAPH_CALLS {
+        if let Err(e) = enqueue(i) {
+            res = Err(e);
+            break;
+        }
+    }
+    let g = stream.end_capture(CUgraphInstantiate_flags(0)).map_err(dev)?;
+    res?;
+    let Some(g) = g else {
+        return Err(RouteError::device("cuda", "the capture produced no graph".to_string()));
+    };
+    g.upload().map_err(dev)?;
+    Ok(time_calls(stream, 10, |_| g.launch().map_err(dev))? / GRAPH_CALLS as f64)
+}
+
+fn numerics_name(n: Numerics) -> &'static str {
+    if n == Numerics::Portable { "portable" } else { "native" }
+}
+
 fn main() -> Result<(), RouteError> {
     let quick = std::env::args().any(|a| a == "--quick");
     let backward_only = std::env::args().any(|a| a == "--backward");
+    let routing_only = std::env::args().any(|a| a == "--routing");
     moe_router::cuda::probe()?;
     let t0 = Instant::now();
     let probe_router = CudaRouter::new(RouterConfig::builder(8, 2).build().expect("valid"))?;
@@ -182,18 +259,15 @@ fn main() -> Result<(), RouteError> {
     for dtype in [LogitsDtype::F32, LogitsDtype::Bf16] {
         for portable in [true, false] {
             for score in [ScoreKind::Sigmoid, ScoreKind::SoftmaxAfter] {
-                variants.push(RouterVariant {
-                    dtype,
-                    portable,
-                    score,
-                    part: Part::Row,
-                });
-                for n in TILE_KMAX {
+                let parts = std::iter::once(Part::Row)
+                    .chain(TILE_KMAX.iter().map(|&n| Part::Tile(n)))
+                    .chain(WARP_NE.iter().map(|&n| Part::Warp(n)));
+                for part in parts {
                     variants.push(RouterVariant {
                         dtype,
                         portable,
                         score,
-                        part: Part::Tile(n),
+                        part,
                     });
                 }
             }
@@ -215,24 +289,51 @@ fn main() -> Result<(), RouteError> {
     })?;
     let copy_gbs = (2 * copy_n * 4) as f64 / copy_us / 1e3;
     println!("\nDevice-to-device copy of 256 MiB: {copy_us:.1} µs, {copy_gbs:.0} GB/s (read + write)\n");
-    println!(
-        "| rule | dtype | numerics | T | route µs | route GB/s | % copy | replay µs | replay GB/s | % copy | route+record µs | record overhead |"
-    );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    if !backward_only {
+        bench_routing(&stream, &pool, copy_gbs, quick)?;
+        if !routing_only {
+            bench_record(&stream, &pool, quick)?;
+        }
+    }
+    if !routing_only {
+        bench_backward(&stream, &pool, copy_us, copy_gbs, quick)?;
+    }
+    eprintln!("bench finished in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The routing table: route and replay per rule, dtype, numerics and T, the automatic kernel
+/// choice (the warp kernels where they take the config) against the previous one (row kernels
+/// below T = 2048, tile kernels above), CUDA graphs for T ≤ 4096.
+fn bench_routing(stream: &Arc<CudaStream>, pool: &Pool, copy_gbs: f64, quick: bool) -> Result<(), RouteError> {
     let ts: Vec<usize> = if let Ok(v) = std::env::var("BENCH_TS") {
         v.split(',').filter_map(|x| x.trim().parse().ok()).collect()
     } else if quick {
-        vec![64, 65_536]
+        vec![1, 4096, 262_144]
     } else {
-        vec![1, 64, 4096, 65_536, 262_144]
+        vec![1, 8, 64, 4096, 16_384, 65_536, 262_144]
     };
-    let only: Option<Vec<String>> = std::env::var("BENCH_RULES")
-        .ok()
-        .map(|v| v.split(',').map(|x| x.trim().to_string()).collect());
-    let mut small = Vec::new();
+    let only: Vec<String> = std::env::var("BENCH_RULES")
+        .map(|v| v.split(',').map(|x| x.trim().to_string()).collect())
+        .unwrap_or_else(|_| {
+            ["DeepSeek-V3", "Qwen3", "Kimi-K2", "Qwen3-Next"]
+                .map(String::from)
+                .to_vec()
+        });
+    println!(
+        "Routing: µs per call (CUDA graph of {GRAPH_CALLS} calls for T ≤ 4096, back-to-back launches on rotated inputs above), \
+         GB/s = (logits + T·K·8 bytes) / time, % of the same-run copy ({copy_gbs:.0} GB/s); `before`: the previous kernel \
+         choice (row kernels below T = 2048, tile kernels above); `no PDL`: the warp kernel without programmatic \
+         dependent launch; `other lanes`: the warp kernel with another lane count per token; SGLang: its Triton \
+         router on an H200 (issue 14).\n"
+    );
+    println!(
+        "| rule | dtype | numerics | op | T | kernel | µs | GB/s | % copy | before µs | speed-up | no PDL µs | other lanes µs | SGLang µs | vs SGLang |"
+    );
+    println!("|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|");
     for numerics in [Numerics::Portable, Numerics::Native] {
         for rule in rules(numerics) {
-            if backward_only || only.as_ref().is_some_and(|o| !o.iter().any(|n| n == rule.name)) {
+            if !only.iter().any(|n| n == rule.name) {
                 continue;
             }
             let r = CudaRouter::new(rule.cfg.clone())?;
@@ -243,7 +344,7 @@ fn main() -> Result<(), RouteError> {
                     // Rotate over windows of the pool: at least 2, and > 120 MB touched in all.
                     let windows = (pool.n / per)
                         .clamp(1, 64)
-                        .min((120usize << 20).div_ceil(per * dtype.size()).max(2));
+                        .min((120usize << 20).div_ceil(per * dtype.size()).max(GRAPH_CALLS));
                     let view = |i: usize| -> Result<DeviceLogits<'_>, RouteError> {
                         let o = (i % windows) * per;
                         let v = match dtype {
@@ -252,93 +353,123 @@ fn main() -> Result<(), RouteError> {
                         };
                         DeviceLogits::new(v, t, e)
                     };
+                    let graph = t <= 4096;
                     let iters = (2_000_000 / (per + 20_000)).clamp(5, 200);
                     let mut out = r.alloc_buffers(t, 0)?;
-                    let route_us = time_calls(&stream, iters, |i| r.enqueue_route(&view(i)?, 0, &mut out))?;
+                    // The route's ids (valid, in slot order) are the replay's input.
+                    r.enqueue_route(&view(0)?, 0, &mut out)?;
                     r.take_status(&mut out)?;
-                    // The other kernel shape, for the small and middle sizes.
-                    if t <= 4096 {
-                        r.set_kernel_choice(if t < 2048 {
-                            KernelChoice::Tile
+                    let ids = r.alloc_buffers(t, 0)?;
+                    let mut ids = ids;
+                    r.enqueue_route(&view(0)?, 0, &mut ids)?;
+                    r.take_status(&mut ids)?;
+                    let ids_view = ids.ids().slice(0..t * k);
+                    let before = if t < 2048 {
+                        KernelChoice::Row
+                    } else {
+                        KernelChoice::Tile
+                    };
+                    for replay in [false, true] {
+                        let mut run = |choice: KernelChoice, pdl: bool| -> Result<f64, RouteError> {
+                            r.set_kernel_choice(choice);
+                            r.set_programmatic_launch(pdl);
+                            let us = time_op(stream, graph, iters, |i| {
+                                if replay {
+                                    r.enqueue_replay(&view(i)?, &ids_view, &mut out)
+                                } else {
+                                    r.enqueue_route(&view(i)?, 0, &mut out)
+                                }
+                            })?;
+                            r.take_status(&mut out)?;
+                            r.set_kernel_choice(KernelChoice::Auto);
+                            r.set_programmatic_launch(true);
+                            Ok(us)
+                        };
+                        let us = run(KernelChoice::Auto, true)?;
+                        let old = run(before, true)?;
+                        let plan = r.plan_name(t, dtype, replay);
+                        let nopdl = if graph && plan.starts_with("warp") {
+                            format!("{:.2}", run(KernelChoice::Auto, false)?)
                         } else {
-                            KernelChoice::Row
-                        });
-                        let alt = time_calls(&stream, iters, |i| r.enqueue_route(&view(i)?, 0, &mut out))?;
-                        r.take_status(&mut out)?;
-                        r.set_kernel_choice(KernelChoice::Auto);
-                        eprintln!(
-                            "alt kernel: {} {} {} T={t}: auto {route_us:.2} µs, {} kernels {alt:.2} µs",
+                            "".into()
+                        };
+                        // The warp kernel with the other lane count (32 ↔ 16, or K → 32).
+                        let lanes: Option<usize> = plan
+                            .strip_prefix("warp ")
+                            .and_then(|x| x.split('×').next())
+                            .and_then(|x| x.parse().ok());
+                        let alt = match lanes {
+                            Some(w) => {
+                                let other = if w == 32 { 16 } else { 32 };
+                                r.set_warp_lanes(Some(other));
+                                let alt_plan = r.plan_name(t, dtype, replay);
+                                let res = if alt_plan != plan {
+                                    format!("{:.2} ({alt_plan})", run(KernelChoice::Auto, true)?)
+                                } else {
+                                    String::new()
+                                };
+                                r.set_warp_lanes(None);
+                                res
+                            }
+                            None => String::new(),
+                        };
+                        let gbs = ((per * dtype.size()) as f64 + (t * k * 8) as f64) / us / 1e3;
+                        let sg = SGLANG
+                            .iter()
+                            .find(|s| !replay && s.0 == rule.name && s.1 == dtype.name() && s.2 == t)
+                            .map(|s| s.3);
+                        println!(
+                            "| {} | {} | {} | {} | {t} | {plan} | {us:.2} | {gbs:.0} | {:.1}% | {old:.2} | {:.2}× | {nopdl} | {alt} | {} | {} |",
                             rule.name,
                             dtype.name(),
-                            if numerics == Numerics::Portable {
-                                "portable"
-                            } else {
-                                "native"
-                            },
-                            if t < 2048 { "tile" } else { "row" }
+                            numerics_name(numerics),
+                            if replay { "replay" } else { "route" },
+                            100.0 * gbs / copy_gbs,
+                            old / us,
+                            sg.map(|v| format!("{v:.2}")).unwrap_or_default(),
+                            sg.map(|v| format!("{:.2}×", v / us)).unwrap_or_default(),
                         );
-                    }
-                    let ids = out.ids().slice(0..t * k);
-                    let mut out2 = r.alloc_buffers(t, 0)?;
-                    let replay_us = time_calls(&stream, iters, |i| r.enqueue_replay(&view(i)?, &ids, &mut out2))?;
-                    r.take_status(&mut out2)?;
-                    let mut out3 = r.alloc_buffers(t, 1)?;
-                    let rec_us = time_calls(&stream, iters, |i| r.enqueue_route(&view(i)?, 0, &mut out3))?;
-                    r.take_status(&mut out3)?;
-                    let in_bytes = (per * dtype.size()) as f64;
-                    let route_gbs = (in_bytes + (t * k * 8) as f64) / route_us / 1e3;
-                    let replay_gbs = (in_bytes + (t * k * 8) as f64) / replay_us / 1e3;
-                    println!(
-                        "| {} | {} | {} | {} | {:.2} | {:.0} | {:.0}% | {:.2} | {:.0} | {:.0}% | {:.2} | {:+.1}% |",
-                        rule.name,
-                        dtype.name(),
-                        if numerics == Numerics::Portable {
-                            "portable"
-                        } else {
-                            "native"
-                        },
-                        t,
-                        route_us,
-                        route_gbs,
-                        100.0 * route_gbs / copy_gbs,
-                        replay_us,
-                        replay_gbs,
-                        100.0 * replay_gbs / copy_gbs,
-                        rec_us,
-                        100.0 * (rec_us / route_us - 1.0)
-                    );
-                    if t <= 64 && dtype == LogitsDtype::Bf16 {
-                        // Graph replay of 20 back-to-back calls.
-                        stream
-                            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                            .map_err(dev)?;
-                        let lv = view(0)?;
-                        for _ in 0..20 {
-                            r.enqueue_route(&lv, 0, &mut out)?;
-                        }
-                        let g = stream.end_capture(CUgraphInstantiate_flags(0)).map_err(dev)?;
-                        if let Some(g) = g {
-                            g.upload().map_err(dev)?;
-                            let us = time_calls(&stream, 10, |_| g.launch().map_err(dev))? / 20.0;
-                            small.push(format!(
-                                "| {} | bf16 | {} | {t} | {us:.2} |",
-                                rule.name,
-                                if numerics == Numerics::Portable {
-                                    "portable"
-                                } else {
-                                    "native"
-                                }
-                            ));
-                        }
-                        r.take_status(&mut out)?;
                     }
                 }
             }
-            // Asynchronous recording through the Router trait (host wall time, includes the
-            // per-call error check that both variants pay).
+        }
+    }
+    Ok(())
+}
+
+/// Route + record (the static record buffer written by the route kernel) and the host-side cost
+/// of asynchronous recording through `Router::record_ids`.
+fn bench_record(stream: &Arc<CudaStream>, pool: &Pool, quick: bool) -> Result<(), RouteError> {
+    println!(
+        "\nRecording: route vs route + static record buffer (µs, rotated inputs), and asynchronous `record_ids` (host wall time per `route()`):\n"
+    );
+    println!("| rule | dtype | numerics / mode | T | result |");
+    println!("|---|---|---|---:|---|");
+    let t = 65_536usize;
+    for numerics in [Numerics::Portable, Numerics::Native] {
+        for rule in rules(numerics) {
+            let r = CudaRouter::new(rule.cfg.clone())?;
+            let e = rule.cfg.num_experts();
+            let per = t * e;
+            let windows = (pool.n / per).clamp(2, 64);
+            let view = |i: usize| -> Result<DeviceLogits<'_>, RouteError> {
+                let o = (i % windows) * per;
+                DeviceLogits::new(LogitsView::Bf16(pool.bf16.slice(o..o + per)), t, e)
+            };
+            let mut out = r.alloc_buffers(t, 0)?;
+            let plain = time_calls(stream, 20, |i| r.enqueue_route(&view(i)?, 0, &mut out))?;
+            r.take_status(&mut out)?;
+            let mut out = r.alloc_buffers(t, 1)?;
+            let rec = time_calls(stream, 20, |i| r.enqueue_route(&view(i)?, 0, &mut out))?;
+            r.take_status(&mut out)?;
+            println!(
+                "| {} | bf16 | {} / static record | {t} | {plain:.2} → {rec:.2} µs ({:+.1}%) |",
+                rule.name,
+                numerics_name(numerics),
+                100.0 * (rec / plain - 1.0)
+            );
             if numerics == Numerics::Portable && !quick {
-                let t = 65_536usize;
-                let lv = DeviceLogits::new(LogitsView::Bf16(pool.bf16.slice(0..t * e)), t, e)?;
+                let lv = view(0)?;
                 let n = 30;
                 let mut plain = Vec::new();
                 let mut rec = Vec::new();
@@ -357,29 +488,14 @@ fn main() -> Result<(), RouteError> {
                     r.flush_records()?;
                 }
                 let (p, q) = (median(plain), median(rec));
-                eprintln!(
-                    "async record ({}, bf16, T={t}): route() {p:.1} µs/call, route()+record_ids() {q:.1} µs/call ({:+.1}%)",
+                println!(
+                    "| {} | bf16 | async record | {t} | {p:.1} → {q:.1} µs ({:+.1}%) |",
                     rule.name,
                     100.0 * (q / p - 1.0)
                 );
-                small.push(format!(
-                    "| {} | bf16 | async record T={t} | {p:.1} → {q:.1} µs ({:+.1}%) |",
-                    rule.name,
-                    100.0 * (q / p - 1.0)
-                ));
             }
         }
     }
-    if !backward_only {
-        println!("\nGraph replay (20 routes per graph) and asynchronous recording:\n");
-        println!("| rule | dtype | numerics / mode | T | µs per call |");
-        println!("|---|---|---|---:|---:|");
-        for s in small {
-            println!("{s}");
-        }
-    }
-    bench_backward(&stream, &pool, copy_us, copy_gbs, quick)?;
-    eprintln!("bench finished in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -447,7 +563,7 @@ fn bench_backward(
                                 V::Default,
                                 V::NoPrefetch,
                                 V::Occupancy4,
-                                V::Pieces8,
+                                V::Pieces4,
                                 V::Occupancy4Pieces2,
                             ]
                         } else {
