@@ -55,9 +55,9 @@ fn report_row(slot: u32, row: u32) {
     }
 }
 
-// Loads and widens this lane's values of the row (-inf and SENT where it holds none). Returns
+// Loads and widens this lane's values of the row (-inf where it holds none). Returns
 // whether any value of the row is NaN or +inf (row-uniform).
-fn load_row(base: u32, xs: ptr<function, array<f32, NT>>, ids: ptr<function, array<u32, NT>>) -> bool {
+fn load_row(base: u32, xs: ptr<function, array<f32, NT>>) -> bool {
     var bad = false;
     for (var t = 0u; t < NT; t += STEP) {
         let e0 = expert_at(t);
@@ -66,13 +66,11 @@ fn load_row(base: u32, xs: ptr<function, array<f32, NT>>, ids: ptr<function, arr
             for (var s = 0u; s < STEP; s++) {
                 let x = widen(c[s]);
                 (*xs)[t + s] = x;
-                (*ids)[t + s] = e0 + s;
                 bad = bad || is_bad(x);
             }
         } else {
             for (var s = 0u; s < STEP; s++) {
                 (*xs)[t + s] = NINF;
-                (*ids)[t + s] = SENT;
             }
         }
     }
@@ -85,14 +83,13 @@ fn load_row(base: u32, xs: ptr<function, array<f32, NT>>, ids: ptr<function, arr
 // does not matter (x - m is the same for either zero).
 fn softmax_stats(
     xs: ptr<function, array<f32, NT>>,
-    ids: ptr<function, array<u32, NT>>,
     ex: ptr<function, array<f32, NT>>,
     m: ptr<function, f32>,
     s: ptr<function, f32>,
 ) -> bool {
     var mo = 0u;
     for (var t = 0u; t < NT; t++) {
-        if ((*ids)[t] != SENT) {
+        if (expert_at(t) != SENT) {
             mo = max(mo, okey((*xs)[t]));
         }
     }
@@ -101,7 +98,7 @@ fn softmax_stats(
         return false;
     }
     for (var t = 0u; t < NT; t++) {
-        (*ex)[t] = select(0.0, m_exp((*xs)[t] - mx), (*ids)[t] != SENT);
+        (*ex)[t] = select(0.0, m_exp((*xs)[t] - mx), expert_at(t) != SENT);
     }
     var sum = 0.0;
     for (var p = 0u; p < NP; p++) {
@@ -191,42 +188,64 @@ fn group_keep(gs: ptr<function, array<f32, NP>>, keep: ptr<function, array<bool,
     }
 }
 
-// The K best entries over the row's lanes (ordered key descending, ties -> lower id; ok[t] = 0:
-// no entry): K rounds, each taking the best lane head. Slot r's id goes to sel[r / L] of lane
-// r % L. Needs at least K entries.
-fn merge_topk(
-    ok: ptr<function, array<u32, NT>>,
-    ids: ptr<function, array<u32, NT>>,
-    sel: ptr<function, array<u32, KP>>,
-) {
-    // Head: the lane's best entry; on equal keys the first value, which has the lowest id.
-    var hb = 0u;
-    var hid = SENT;
+// A lane's next entries: the best three (ordered key descending, ties -> lower id) of its entries
+// that come after the cursor (ck, ci) in that order (empty slots: key 0, id SENT).
+struct Heads {
+    k1: u32,
+    i1: u32,
+    k2: u32,
+    i2: u32,
+    k3: u32,
+    i3: u32,
+}
+
+fn next_heads(ok: ptr<function, array<u32, NT>>, ck: u32, ci: u32) -> Heads {
+    var h = Heads(0u, SENT, 0u, SENT, 0u, SENT);
     for (var t = 0u; t < NT; t++) {
-        if ((*ok)[t] > hb) {
-            hb = (*ok)[t];
-            hid = (*ids)[t];
-        }
+        let e = expert_at(t);
+        let k0 = (*ok)[t];
+        // Scanned in id order: a later entry passes only a strictly smaller key.
+        let k = select(0u, k0, k0 < ck || (k0 == ck && e > ci));
+        let c1 = k > h.k1;
+        let c2 = k > h.k2;
+        let c3 = k > h.k3;
+        h.k3 = select(h.k3, select(k, h.k2, c2), c3);
+        h.i3 = select(h.i3, select(e, h.i2, c2), c3);
+        h.k2 = select(h.k2, select(k, h.k1, c1), c2);
+        h.i2 = select(h.i2, select(e, h.i1, c1), c2);
+        h.k1 = select(h.k1, k, c1);
+        h.i1 = select(h.i1, e, c1);
     }
+    return h;
+}
+
+// The K best entries over the row's lanes (ordered key descending, ties -> lower id; ok[t] = 0:
+// no entry), in K rounds: the best lane head wins (integer max of the keys, then min of the ids
+// at that key) and its lane pops it. A lane keeps its next three entries in registers and scans
+// its values again only when it has popped all three and holds more. Slot r's id goes to
+// sel[r / L] of lane r % L. Needs at least K entries.
+fn merge_topk(ok: ptr<function, array<u32, NT>>, sel: ptr<function, array<u32, KP>>) {
+    var rest = 0u;
+    for (var t = 0u; t < NT; t++) {
+        rest += select(0u, 1u, (*ok)[t] != 0u);
+    }
+    var h = next_heads(ok, SENT, 0u);
+    rest -= min(rest, 3u);
     for (var r = 0u; r < K; r++) {
-        let m = l_max_u32(hb);
-        let w = l_min_u32(select(SENT, hid, hb == m));
+        let m = l_max_u32(h.k1);
+        let w = l_min_u32(select(SENT, h.i1, h.k1 == m));
         for (var j = 0u; j < KP; j++) {
             if (r == j * L + LANE) {
                 (*sel)[j] = w;
             }
         }
-        if (hid == w) {
-            hb = 0u;
-            hid = SENT;
-            for (var t = 0u; t < NT; t++) {
-                if ((*ids)[t] == w) {
-                    (*ok)[t] = 0u;
-                }
-                if ((*ok)[t] > hb) {
-                    hb = (*ok)[t];
-                    hid = (*ids)[t];
-                }
+        if (h.i1 == w) {
+            let ck = h.k1;
+            let ci = h.i1;
+            h = Heads(h.k2, h.i2, h.k3, h.i3, 0u, SENT);
+            if (h.k1 == 0u && rest > 0u) {
+                h = next_heads(ok, ck, ci);
+                rest -= min(rest, 3u);
             }
         }
     }
@@ -253,7 +272,6 @@ fn kth_lane_max(mx: u32) -> f32 {
 // busiest lane has values.
 fn exact_keys(
     xs: ptr<function, array<f32, NT>>,
-    ids: ptr<function, array<u32, NT>>,
     pend: ptr<function, array<bool, NT>>,
     kx: ptr<function, array<f32, NT>>,
 ) {
@@ -272,7 +290,7 @@ fn exact_keys(
             if ((*pend)[t] && ts == NT) {
                 ts = t;
                 x = (*xs)[t];
-                e = (*ids)[t];
+                e = expert_at(t);
             }
         }
         var k = 0.0;
@@ -293,7 +311,6 @@ fn exact_keys(
 // claims, with their own ids).
 fn entries_exact(
     xs: ptr<function, array<f32, NT>>,
-    ids: ptr<function, array<u32, NT>>,
     ex: ptr<function, array<f32, NT>>,
     s: f32,
     ok: ptr<function, array<u32, NT>>,
@@ -301,10 +318,10 @@ fn entries_exact(
     var keys: array<f32, NT>;
     var used: array<bool, NT>;
     for (var t = 0u; t < NT; t++) {
-        used[t] = (*ids)[t] != SENT;
+        used[t] = expert_at(t) != SENT;
         keys[t] = NINF;
         if (used[t]) {
-            keys[t] = full_key((*xs)[t], (*ex)[t], (*ids)[t], s);
+            keys[t] = full_key((*xs)[t], (*ex)[t], expert_at(t), s);
         }
     }
     var keep: array<bool, NP>;
@@ -328,7 +345,6 @@ fn entries_exact(
 // is the unpruned one. Keys are finite, so dropped groups' experts are never selected.
 fn entries_pruned(
     xs: ptr<function, array<f32, NT>>,
-    ids: ptr<function, array<u32, NT>>,
     ok: ptr<function, array<u32, NT>>,
 ) {
     var lb: array<f32, NT>;
@@ -337,7 +353,7 @@ fn entries_pruned(
     var kx: array<f32, NT>;
     var have: array<bool, NT>;
     for (var t = 0u; t < NT; t++) {
-        let e = (*ids)[t];
+        let e = expert_at(t);
         used[t] = e != SENT;
         have[t] = false;
         kx[t] = NINF;
@@ -356,17 +372,35 @@ fn entries_pruned(
     var tau = NINF;
     if (G > 1u) {
         // Group scores from the exact keys of the experts that can reach their group's top-GN.
+        // The experts that can reach the row's top-K whatever groups are kept (upper bound at
+        // least the K-th largest lane maximum of the lower bounds) get theirs in the same rounds.
         var tg: array<f32, NP>;
         group_tops(&lb, &used, &tg, false);
+        var mx = 0u;
+        for (var t = 0u; t < NT; t++) {
+            if (used[t]) {
+                mx = max(mx, okey(lb[t]));
+            }
+        }
+        let tall = kth_lane_max(mx);
         var pend: array<bool, NT>;
         for (var t = 0u; t < NT; t++) {
-            pend[t] = used[t] && ub[t] >= tg[t / NV];
+            pend[t] = used[t] && (ub[t] >= tg[t / NV] || ub[t] >= tall);
             have[t] = pend[t];
         }
-        exact_keys(xs, ids, &pend, &kx);
+        exact_keys(xs, &pend, &kx);
+        // (Extra exact keys of a group's experts do not change its top-GN.)
         var gs: array<f32, NP>;
         group_tops(&kx, &have, &gs, true);
         group_keep(&gs, &keep);
+        // Threshold of the top-K over the kept groups: K distinct kept experts reach it.
+        var mk = 0u;
+        for (var t = 0u; t < NT; t++) {
+            if (used[t] && keep[t / NV]) {
+                mk = max(mk, okey(lb[t]));
+            }
+        }
+        tau = kth_lane_max(mk);
         if (GSEL * GN >= K) {
             // Each kept group holds GN keys >= its threshold: GSEL * GN >= K keys reach the least.
             var mo = SENT;
@@ -375,15 +409,7 @@ fn entries_pruned(
                     mo = min(mo, okey(tg[p]));
                 }
             }
-            tau = from_okey(l_min_u32(mo));
-        } else {
-            var mx = 0u;
-            for (var t = 0u; t < NT; t++) {
-                if (used[t] && keep[t / NV]) {
-                    mx = max(mx, okey(lb[t]));
-                }
-            }
-            tau = kth_lane_max(mx);
+            tau = max(tau, from_okey(l_min_u32(mo)));
         }
     } else {
         var mx = 0u;
@@ -400,7 +426,7 @@ fn entries_pruned(
         cand[t] = used[t] && keep[t / NV] && ub[t] >= tau;
         pend[t] = cand[t] && !have[t];
     }
-    exact_keys(xs, ids, &pend, &kx);
+    exact_keys(xs, &pend, &kx);
     for (var t = 0u; t < NT; t++) {
         (*ok)[t] = select(0u, okey(kx[t]), cand[t]);
     }
@@ -427,7 +453,6 @@ fn weigh(
     row: u32,
     base: u32,
     xs: ptr<function, array<f32, NT>>,
-    ids: ptr<function, array<u32, NT>>,
     sel: ptr<function, array<u32, KP>>,
     m: f32,
     s: f32,
@@ -480,7 +505,7 @@ fn weigh(
             if (l_all(masked)) {
                 var all = true;
                 for (var t = 0u; t < NT; t++) {
-                    if ((*ids)[t] != SENT && (*xs)[t] != NINF) {
+                    if (expert_at(t) != SENT && (*xs)[t] != NINF) {
                         all = false;
                     }
                 }
@@ -517,8 +542,7 @@ fn weigh(
 fn route_row(row: u32) {
     let base = row * E;
     var xs: array<f32, NT>;
-    var ids: array<u32, NT>;
-    if (load_row(base, &xs, &ids)) {
+    if (load_row(base, &xs)) {
         report_row(0u, row);
         return;
     }
@@ -526,20 +550,20 @@ fn route_row(row: u32) {
     var s = 0.0;
     var ex: array<f32, NT>;
     if (SCORE == SCORE_SOFTMAX_BEFORE) {
-        if (!softmax_stats(&xs, &ids, &ex, &m, &s)) {
+        if (!softmax_stats(&xs, &ex, &m, &s)) {
             report_row(1u, row);
             return;
         }
     }
     var ok: array<u32, NT>;
     if (PRUNE) {
-        entries_pruned(&xs, &ids, &ok);
+        entries_pruned(&xs, &ok);
     } else {
-        entries_exact(&xs, &ids, &ex, s, &ok);
+        entries_exact(&xs, &ex, s, &ok);
     }
     var sel: array<u32, KP>;
-    merge_topk(&ok, &ids, &sel);
-    if (!weigh(row, base, &xs, &ids, &sel, m, s)) {
+    merge_topk(&ok, &sel);
+    if (!weigh(row, base, &xs, &sel, m, s)) {
         return;
     }
     for (var j = 0u; j < KP; j++) {
@@ -588,8 +612,7 @@ fn replay_row(row: u32) {
     }
     let base = row * E;
     var xs: array<f32, NT>;
-    var ids: array<u32, NT>;
-    if (load_row(base, &xs, &ids)) {
+    if (load_row(base, &xs)) {
         report_row(0u, row);
         return;
     }
@@ -597,12 +620,12 @@ fn replay_row(row: u32) {
     var s = 0.0;
     if (SCORE == SCORE_SOFTMAX_BEFORE) {
         var ex: array<f32, NT>;
-        if (!softmax_stats(&xs, &ids, &ex, &m, &s)) {
+        if (!softmax_stats(&xs, &ex, &m, &s)) {
             report_row(1u, row);
             return;
         }
     }
-    weigh(row, base, &xs, &ids, &sel, m, s);
+    weigh(row, base, &xs, &sel, m, s);
 }
 
 @compute @workgroup_size(RW)

@@ -121,6 +121,8 @@ pub struct WgpuContext {
     features: wgpu::Features,
     /// The adapter's subgroup size range (min, max).
     subgroup_sizes: (u32, u32),
+    /// Whether the adapter is a software rasteriser (device type CPU).
+    software: bool,
     /// Lanes of the subgroup row kernels once probed (`None`: they cannot run here).
     subgroup_lanes: OnceLock<Option<u32>>,
     /// Compiled pipelines shared by every router on this context: keyed by the pipelines' type
@@ -269,6 +271,7 @@ impl WgpuContext {
             desc: describe(&info),
             features,
             subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+            software: info.device_type == wgpu::DeviceType::Cpu,
             subgroup_lanes: OnceLock::new(),
             pipelines: Mutex::new(HashMap::new()),
             layout,
@@ -294,6 +297,11 @@ impl WgpuContext {
     /// The device limits in force.
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
+    }
+
+    /// Whether the adapter is a software rasteriser (llvmpipe, lavapipe: device type CPU).
+    pub fn is_software(&self) -> bool {
+        self.software
     }
 
     /// Lanes per row of the subgroup row kernels on this device (its subgroup size), or `None`

@@ -147,7 +147,8 @@ impl WgpuRouter {
         let k = self.cfg.top_k() as u64;
         let stride = self.params_stride();
         let pipeline = plan.pipeline(kind);
-        let max_dim = self.ctx.limits.max_compute_workgroups_per_dimension;
+        let lim = self.ctx.limits.max_compute_workgroups_per_dimension;
+        let max_dim = self.max_grid.map_or(lim, |m| m.min(lim));
         let groups: Vec<wgpu::BindGroup> = chunks
             .iter()
             .enumerate()

@@ -72,7 +72,9 @@ pub enum KernelPath {
     /// Subgroup row kernels where the adapter allows them
     /// ([`WgpuContext::subgroup_lanes`]) and the rule has at least two experts per lane; otherwise
     /// the workgroup row kernels for batches of up to [`SMALL_BATCH_ROWS`] rows (same expert
-    /// condition) and the one-invocation-per-token kernels for everything else.
+    /// condition) and the one-invocation-per-token kernels for everything else. Software
+    /// adapters ([`WgpuContext::is_software`]) always take the per-token kernels: they pay per
+    /// instruction, and emulate the lanes' operations.
     #[default]
     Auto,
     /// One invocation per token: no subgroup operations, no workgroup memory (the kernels every
@@ -121,6 +123,7 @@ pub struct WgpuRouter {
     kernels: Mutex<HashMap<LogitsDtype, Arc<KernelSet>>>,
     row_kernels: Mutex<HashMap<(LogitsDtype, Lanes), Arc<RowKernels>>>,
     max_rows: Option<usize>,
+    max_grid: Option<u32>,
     prune: bool,
     path: KernelPath,
 }
@@ -185,6 +188,7 @@ impl WgpuRouter {
             kernels: Mutex::new(HashMap::new()),
             row_kernels: Mutex::new(HashMap::new()),
             max_rows: None,
+            max_grid: None,
             prune: std::env::var_os("MOE_ROUTER_WGPU_NO_PRUNE").is_none(),
             path: KernelPath::from_env().unwrap_or_default(),
         })
@@ -195,6 +199,15 @@ impl WgpuRouter {
     /// only lowers the split point (for tests of the splitting, or to bound one dispatch's time).
     pub fn with_max_rows_per_dispatch(mut self, rows: usize) -> Self {
         self.max_rows = Some((rows / 256 * 256).max(256));
+        self
+    }
+
+    /// Caps the workgroups per grid dimension of the row kernels' dispatches at `n` (at least 1;
+    /// the device limit always applies). The row kernels lay their workgroups out on a 2-D grid
+    /// once a dispatch needs more than that; this only lowers the point where it does (for tests
+    /// of the 2-D grid).
+    pub fn with_max_workgroups_per_dimension(mut self, n: u32) -> Self {
+        self.max_grid = Some(n.max(1));
         self
     }
 
@@ -246,6 +259,7 @@ impl WgpuRouter {
         let wide = |l: u32| self.cfg.num_experts() >= 2 * l as usize;
         Ok(match self.path {
             KernelPath::PerToken => None,
+            KernelPath::Auto if self.ctx.is_software() => None,
             KernelPath::WorkgroupRows => rows_spec(Lanes::Workgroup(WORKGROUP_LANES)),
             KernelPath::SubgroupRows => match self.ctx.subgroup_lanes() {
                 Some(l) => rows_spec(Lanes::Subgroup(l)),

@@ -1,15 +1,19 @@
-//! Benchmark of the wgpu backend (issue 5; same shapes and rules as the CUDA benchmark of issue 4).
+//! Benchmark of the wgpu backend (issues 5 and 14; same shapes and rules as the CUDA benchmark).
 //!
-//! For T ∈ {1, 64, 4096, 65536, 262144} and the rules DeepSeek-V3, Qwen3, Kimi-K2, Qwen3-Next
-//! and Mixtral (presets), f32 and bf16 logits, portable and native numerics, it times route,
-//! replay and route+record (ids copied to a host-mappable buffer). Each measurement records
+//! For T ∈ {1, 8, 64, 4096, 16384, 65536, 262144} and the rules DeepSeek-V3, Qwen3, Kimi-K2,
+//! Qwen3-Next and Mixtral (presets), f32 and bf16 logits, portable and native numerics, it times
+//! route, replay and route+record (ids copied to a host-mappable buffer), on the kernel paths
+//! given by `--kernels` (`auto`, `token`, `subgroup`, `workgroup`; default `auto`; the column
+//! `kernel` names the path that ran). Each measurement records
 //! N back-to-back routings (inputs rotated through a buffer larger than L2) in one command
 //! buffer, submits it and waits; the median over repeats of wall time / N is reported, with
 //! GB/s = (logits read + ids and weights written) / time and the ratio to a device-to-device copy
 //! measured in the same run. Results go to stdout (table) and, with `--json FILE`, to JSON lines.
 //!
 //! Usage: `bench-wgpu [--bench] [--quick] [--json FILE] [--rules a,b] [--tokens 1,64] [--dtypes f32,bf16]
-//! [--modes portable,native,portable-noprune] [--ops route,replay,record,backward]`.
+//! [--modes portable,native,portable-noprune] [--ops route,replay,record,backward]
+//! [--kernels auto,token,subgroup,workgroup]`. At the end it prints the route and replay rows as
+//! a Markdown table in the shape of `bench-cuda`'s (µs, GB/s and % of the same run's copy).
 //!
 //! `backward` times the backward pass (DESIGN §2b, issue 10) of the weights alone
 //! (`WgpuRouter::enqueue_backward`: the gradient kernel, one dispatch, on the routed ids and a
@@ -25,7 +29,7 @@
 
 use moe_router::import::presets::preset_expects_expert_bias;
 use moe_router::wgpu::wgpu;
-use moe_router::wgpu::{AdapterOptions, DeviceLogits, LogitsDtype, WgpuContext, WgpuRouter};
+use moe_router::wgpu::{AdapterOptions, DeviceLogits, KernelPath, LogitsDtype, WgpuContext, WgpuRouter};
 use moe_router::{AuxLossKind, CallSite, HostMatrix, LossGrads, Numerics, Router, RouterConfig, preset};
 use std::io::Write;
 use std::time::Instant;
@@ -38,6 +42,7 @@ struct Args {
     dtypes: Vec<String>,
     modes: Vec<String>,
     ops: Vec<String>,
+    kernels: Vec<String>,
 }
 
 fn list(s: &str) -> Vec<String> {
@@ -52,10 +57,11 @@ fn parse_args() -> Args {
         quick: false,
         json: None,
         rules: list("deepseek-v3,qwen3-moe,kimi-k2,qwen3-next,mixtral"),
-        tokens: vec![1, 64, 4096, 65536, 262_144],
+        tokens: vec![1, 8, 64, 4096, 16384, 65536, 262_144],
         dtypes: list("f32,bf16"),
         modes: list("portable,native"),
         ops: list("route,replay,record,backward"),
+        kernels: list("auto"),
     };
     let mut it = std::env::args().skip(1);
     while let Some(x) = it.next() {
@@ -69,6 +75,7 @@ fn parse_args() -> Args {
             "--dtypes" => a.dtypes = list(&val()),
             "--modes" => a.modes = list(&val()),
             "--ops" => a.ops = list(&val()),
+            "--kernels" => a.kernels = list(&val()),
             other => eprintln!("bench-wgpu: ignoring unknown argument {other:?}"),
         }
     }
@@ -273,10 +280,30 @@ fn copy_bandwidth(ctx: &WgpuContext, quick: bool) -> Result<(f64, f64), String> 
     Ok((cmd, 2.0 * bytes as f64 / t / 1e9))
 }
 
+fn kernel_path(name: &str) -> Option<KernelPath> {
+    match name {
+        "auto" => Some(KernelPath::Auto),
+        "token" => Some(KernelPath::PerToken),
+        "subgroup" => Some(KernelPath::SubgroupRows),
+        "workgroup" => Some(KernelPath::WorkgroupRows),
+        _ => None,
+    }
+}
+
+fn path_name(p: KernelPath) -> &'static str {
+    match p {
+        KernelPath::Auto => "auto",
+        KernelPath::PerToken => "token",
+        KernelPath::SubgroupRows => "subgroup",
+        KernelPath::WorkgroupRows => "workgroup",
+    }
+}
+
 struct Row {
     rule: String,
     dtype: &'static str,
     mode: String,
+    kernel: &'static str,
     op: String,
     tokens: usize,
     us: f64,
@@ -322,9 +349,14 @@ fn main() {
             a.name, a.backend, a.driver
         );
     }
+    if let Some(l) = ctx.subgroup_lanes() {
+        println!("bench-wgpu: subgroup row kernels available ({l} lanes per row)");
+    } else {
+        println!("bench-wgpu: no usable subgroups (row kernels through workgroup memory only)");
+    }
     println!(
-        "{:<12} {:<5} {:<9} {:<12} {:>7} {:>11} {:>9} {:>7} {:>11} {:>10}",
-        "rule", "dtype", "numerics", "op", "T", "us/call", "GB/s", "% copy", "cuda us", "wgpu/cuda"
+        "{:<12} {:<5} {:<9} {:<9} {:<12} {:>7} {:>11} {:>9} {:>7} {:>11} {:>10}",
+        "rule", "dtype", "numerics", "kernel", "op", "T", "us/call", "GB/s", "% copy", "cuda us", "wgpu/cuda"
     );
     let mut rows: Vec<Row> = Vec::new();
     let l2_bytes = 128usize << 20;
@@ -357,12 +389,16 @@ fn main() {
             #[cfg(feature = "cuda")]
             let cuda_host = cuda::HostLogits::new(&bytes, total_rows, e, dtype);
             drop(bytes);
-            for mode in &args.modes {
+            for (mode, kname) in args.modes.iter().flat_map(|m| args.kernels.iter().map(move |k| (m, k))) {
                 let Ok(cfg) = config(rule, mode == "native") else {
                     continue;
                 };
+                let Some(path) = kernel_path(kname) else {
+                    println!("bench-wgpu: unknown kernel path {kname} (auto, token, subgroup, workgroup)");
+                    continue;
+                };
                 let router = match WgpuRouter::with_context(cfg, ctx.clone()) {
-                    Ok(r) => r.with_pruning(mode != "portable-noprune"),
+                    Ok(r) => r.with_pruning(mode != "portable-noprune").with_kernel_path(path),
                     Err(err) => {
                         println!("bench-wgpu: {rule}: {err}");
                         continue;
@@ -488,10 +524,16 @@ fn main() {
                             .map(|s| s * 1e6);
                         #[cfg(not(feature = "cuda"))]
                         let cuda_us: Option<f64> = None;
+                        let kernel = if op.starts_with("backward") {
+                            "-"
+                        } else {
+                            router.kernels_for_batch(t, dtype).map_or("?", path_name)
+                        };
                         let r = Row {
                             rule: rule.clone(),
                             dtype: dtype.name(),
                             mode: mode.clone(),
+                            kernel,
                             op: op.clone(),
                             tokens: t,
                             us: secs * 1e6,
@@ -502,10 +544,11 @@ fn main() {
                             None => ("-".to_string(), "-".to_string()),
                         };
                         println!(
-                            "{:<12} {:<5} {:<9} {:<12} {:>7} {:>11.2} {:>9.1} {:>6.1}% {:>11} {:>10}",
+                            "{:<12} {:<5} {:<9} {:<9} {:<12} {:>7} {:>11.2} {:>9.1} {:>6.1}% {:>11} {:>10}",
                             r.rule,
                             r.dtype,
                             r.mode,
+                            r.kernel,
                             r.op,
                             r.tokens,
                             r.us,
@@ -517,10 +560,11 @@ fn main() {
                         if let Some(f) = json.as_mut() {
                             let _ = writeln!(
                                 f,
-                                "{{\"rule\":{:?},\"dtype\":{:?},\"numerics\":{:?},\"op\":{:?},\"tokens\":{},\"us\":{:.3},\"gbs\":{:.2},\"cuda_us\":{}}}",
+                                "{{\"rule\":{:?},\"dtype\":{:?},\"numerics\":{:?},\"kernel\":{:?},\"op\":{:?},\"tokens\":{},\"us\":{:.3},\"gbs\":{:.2},\"cuda_us\":{}}}",
                                 r.rule,
                                 r.dtype,
                                 r.mode,
+                                r.kernel,
                                 r.op,
                                 r.tokens,
                                 r.us,
@@ -536,6 +580,7 @@ fn main() {
             ctx.device().poll(wgpu::PollType::wait_indefinitely()).ok();
         }
     }
+    markdown(&rows, copy);
     // Portable vs native at the largest T.
     for r in rows.iter().filter(|r| r.mode == "portable" && r.op == "route") {
         if let Some(n) = rows.iter().find(|x| {
@@ -550,6 +595,47 @@ fn main() {
                 r.us / n.us
             );
         }
+    }
+}
+
+/// The route and replay rows in the shape of `bench-cuda`'s table (one line per rule, dtype,
+/// numerics, kernel path and T).
+fn markdown(rows: &[Row], copy: f64) {
+    let find = |r: &Row, op: &str| {
+        rows.iter().find(|x| {
+            x.op == op
+                && x.rule == r.rule
+                && x.dtype == r.dtype
+                && x.mode == r.mode
+                && x.tokens == r.tokens
+                && x.kernel == r.kernel
+        })
+    };
+    let cell = |x: Option<&Row>| match x {
+        Some(x) => format!("{:.2} | {:.0} | {:.0}%", x.us, x.gbs, 100.0 * x.gbs / copy),
+        None => "- | - | -".to_string(),
+    };
+    println!();
+    println!("copy (same run): {copy:.0} GB/s");
+    println!(
+        "| rule | dtype | numerics | kernel | T | route µs | route GB/s | % copy | replay µs | replay GB/s | % copy |"
+    );
+    println!("|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in rows
+        .iter()
+        .filter(|r| r.op == "route" || (r.op == "replay" && find(r, "route").is_none()))
+    {
+        let route = if r.op == "route" { Some(r) } else { None };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.rule,
+            r.dtype,
+            r.mode,
+            r.kernel,
+            r.tokens,
+            cell(route),
+            cell(find(r, "replay"))
+        );
     }
 }
 
