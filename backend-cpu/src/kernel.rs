@@ -1,5 +1,6 @@
 //! The CPU router and its per-row kernels.
 
+use crate::fast;
 use moe_router_core::backend::with_router_rows_marked;
 use moe_router_core::math::{Math, NativeF32, NativeF64, Portable};
 use moe_router_core::reference::{select_row, weights_row};
@@ -222,8 +223,8 @@ impl Router for CpuRouter {
     }
 }
 
-/// Per-thread scratch.
-struct Scratch<F> {
+/// Per-thread scratch of the generic kernel.
+pub(crate) struct Scratch<F> {
     z: Vec<F>,
     keys: Vec<F>,
     biased: Vec<F>,
@@ -245,10 +246,78 @@ impl<F: Float> Scratch<F> {
     }
 }
 
+/// The numerics modes of the CPU kernels: the f32 modes take the fast kernels of
+/// [`crate::fast`] where the rule has one, f64 the generic kernel.
+pub(crate) trait CpuMath: Math {
+    /// The fast-kernel plan of `cfg` in this mode (`None`: the generic kernel).
+    fn plan(cfg: &RouterConfig) -> Option<fast::Plan>;
+    /// Routes or weighs the rows `base..` of one chunk (`ids`/`w` are `[rows, K]` row-major).
+    #[allow(clippy::too_many_arguments)]
+    fn rows(
+        plan: Option<&fast::Plan>,
+        cfg: &RouterConfig,
+        logits: &LogitsRef<'_>,
+        base: usize,
+        ids: &mut [u32],
+        w: &mut [Self::F],
+        s: &mut Scratch<Self::F>,
+        fs: &mut fast::FastScratch,
+        route: bool,
+    ) -> Result<(), RouteError>;
+}
+
+impl CpuMath for NativeF64 {
+    fn plan(_cfg: &RouterConfig) -> Option<fast::Plan> {
+        None
+    }
+    fn rows(
+        _plan: Option<&fast::Plan>,
+        cfg: &RouterConfig,
+        logits: &LogitsRef<'_>,
+        base: usize,
+        ids: &mut [u32],
+        w: &mut [f64],
+        s: &mut Scratch<f64>,
+        _fs: &mut fast::FastScratch,
+        route: bool,
+    ) -> Result<(), RouteError> {
+        chunk::<Self>(cfg, logits, base, ids, w, s, route)
+    }
+}
+
+macro_rules! fast_f32 {
+    ($m:ty) => {
+        impl CpuMath for $m {
+            fn plan(cfg: &RouterConfig) -> Option<fast::Plan> {
+                let p = fast::Plan::new(cfg, <$m as fast::FastF32>::PORTABLE);
+                (p.rule != fast::Rule::Generic).then_some(p)
+            }
+            fn rows(
+                plan: Option<&fast::Plan>,
+                cfg: &RouterConfig,
+                logits: &LogitsRef<'_>,
+                base: usize,
+                ids: &mut [u32],
+                w: &mut [f32],
+                s: &mut Scratch<f32>,
+                fs: &mut fast::FastScratch,
+                route: bool,
+            ) -> Result<(), RouteError> {
+                match plan {
+                    Some(p) => fast::chunk::<Self>(p, cfg, logits, base, ids, w, fs, s, route),
+                    None => chunk::<Self>(cfg, logits, base, ids, w, s, route),
+                }
+            }
+        }
+    };
+}
+fast_f32!(Portable);
+fast_f32!(NativeF32);
+
 /// Routes (ids = None) or weighs given ids over all rows in parallel chunks; given rows marked
 /// [`ROUTER_SELECTS`] are routed.
 #[allow(clippy::type_complexity)]
-fn run<M: Math>(
+fn run<M: CpuMath>(
     cfg: &RouterConfig,
     logits: &LogitsRef<'_>,
     given: Option<ArrayView2<'_, u32>>,
@@ -262,13 +331,19 @@ fn run<M: Math>(
     let mut w = Array2::<M::F>::from_elem((t, k), M::F::zero());
     let groups = cfg.group_limit().map_or(1, |g| g.num_groups);
     let route = given.is_none();
+    let plan = M::plan(cfg);
+    let ep = if plan.is_some() {
+        e.div_ceil(fast::W) * fast::W
+    } else {
+        0
+    };
     ids.axis_chunks_iter_mut(Axis(0), CHUNK)
         .into_par_iter()
         .zip(w.axis_chunks_iter_mut(Axis(0), CHUNK).into_par_iter())
         .enumerate()
         .try_for_each_init(
-            || Scratch::<M::F>::new(e, groups),
-            |s, (ci, (mut ids_c, mut w_c))| -> Result<(), RouteError> {
+            || (Scratch::<M::F>::new(e, groups), fast::FastScratch::new(ep)),
+            |(s, fs), (ci, (mut ids_c, mut w_c))| -> Result<(), RouteError> {
                 let ids_s = ids_c.as_slice_mut().ok_or_else(|| RouteError::BufferTooSmall {
                     buffer: "ids chunk",
                     detail: "not contiguous".into(),
@@ -277,10 +352,31 @@ fn run<M: Math>(
                     buffer: "weights chunk",
                     detail: "not contiguous".into(),
                 })?;
-                chunk::<M>(cfg, logits, ci * CHUNK, ids_s, w_s, s, route)
+                M::rows(plan.as_ref(), cfg, logits, ci * CHUNK, ids_s, w_s, s, fs, route)
             },
         )?;
     Ok((ids, w))
+}
+
+/// One row by the generic kernel: widen, then route (`route`, with the sigmoid pruning when
+/// `prune`) or weigh the given ids.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn route_one<M: Math>(
+    cfg: &RouterConfig,
+    logits: &LogitsRef<'_>,
+    row: usize,
+    ids: &mut [u32],
+    w: &mut [M::F],
+    s: &mut Scratch<M::F>,
+    route: bool,
+    prune: bool,
+) -> Result<(), RouteError> {
+    widen::<M>(logits, row, &mut s.z)?;
+    if route {
+        route_row::<M>(cfg, s, row, ids, w, prune)
+    } else {
+        weigh_row::<M>(cfg, &s.z, row, ids, w, None)
+    }
 }
 
 /// Routes or weighs the rows `base..` of one chunk (`ids`/`w` are `[rows, K]` row-major),
@@ -301,7 +397,7 @@ fn chunk<M: Math>(
         widen::<M>(logits, row, &mut s.z)?;
         // Replay rows marked ROUTER_SELECTS (fallback rows) are selected like routed rows.
         if route || ids_s[0] == ROUTER_SELECTS {
-            route_row::<M>(cfg, s, row, ids_s, w_s)?;
+            route_row::<M>(cfg, s, row, ids_s, w_s, true)?;
         } else {
             weigh_row::<M>(cfg, &s.z, row, ids_s, w_s, None)?;
         }
@@ -476,6 +572,7 @@ fn route_row<M: Math>(
     row: usize,
     ids: &mut [u32],
     w: &mut [M::F],
+    prune: bool,
 ) -> Result<(), RouteError> {
     let k = cfg.top_k();
     let Scratch {
@@ -491,7 +588,8 @@ fn route_row<M: Math>(
         return slow_row::<M>(cfg, z, row, ids, w);
     }
     let per = cfg.experts_per_group();
-    if M::SIGMOID_PRUNABLE
+    if prune
+        && M::SIGMOID_PRUNABLE
         && cfg.score() == ScoreFunction::Sigmoid
         && sigmoid_pruned::<M>(cfg, z, kbuf, masked, gscore, gkeep, row, ids, w)?
     {

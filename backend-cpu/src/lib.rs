@@ -22,6 +22,10 @@
 //! ```
 
 mod backward;
+mod fast;
 mod kernel;
+mod simd;
+#[cfg(test)]
+mod tests;
 
 pub use kernel::CpuRouter;

@@ -87,6 +87,41 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// [`exp`] for `x ≤ 0` (−∞ included, NaN excluded), the same bits with fewer operations: the
+/// softmax's `exp(z − max)`.
+///
+/// On `[EXP_LO, −1.5e-8]`, the only part of the domain where [`exp`] returns its polynomial,
+/// every clamp of [`exp`] is inactive (`n ∈ [−126, 0]`), so they are left out; `2ⁿ` is then
+/// normal, and scaling by it in one multiply rounds the same exact product `p·2ⁿ` once, as the
+/// two exact-then-rounding steps of [`exp`] do. Elsewhere both return 0 (below `EXP_LO`) or 1.
+/// The integer steps wrap, so the unselected lanes of −∞ compute garbage without overflow.
+/// Checked bit for bit against [`exp`] on every f32 ≤ 0 (see the tests).
+#[inline(always)]
+pub fn exp_nonpos(x: f32) -> f32 {
+    let t = x * LOG2E;
+    let y = t + 0.5;
+    let rn = (y + ROUND_MAGIC) - ROUND_MAGIC;
+    let n = if rn > y { rn - 1.0 } else { rn };
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0_f32;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let ni = (n + ROUND_MAGIC).to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
+    let v = ftz(p * f32::from_bits(ni.wrapping_add(127) << 23));
+    if x < EXP_LO {
+        0.0
+    } else if x > -1.5e-8 {
+        1.0
+    } else {
+        v
+    }
+}
+
 /// Splits a finite, positive, normal f32 into (m, e) with m ∈ [1, 2) and x = m·2^e.
 #[inline(always)]
 fn frexp1(x: f32) -> (f32, i32) {
@@ -498,5 +533,55 @@ pub fn sigmoid_slice(x: &[f32], out: &mut [f32]) {
 pub fn sqrt_softplus_slice(x: &[f32], out: &mut [f32]) {
     for (o, &v) in out.iter_mut().zip(x) {
         *o = sqrt_softplus(v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bit patterns of f32 values ≤ 0: −0, every `step`-th negative pattern up to −∞, and the
+    /// neighbourhoods of the branch points (0, −1.5e-8, EXP_LO) and of every power of two.
+    fn nonpositive_samples(step: u32) -> Vec<u32> {
+        let mut v: Vec<u32> = (0x8000_0000u32..=0xff80_0000).step_by(step as usize).collect();
+        v.push(0);
+        v.push(0xff80_0000);
+        for c in [
+            -0.0f32,
+            -1.5e-8,
+            EXP_LO,
+            -1.0,
+            -0.5,
+            -87.0,
+            -88.0,
+            -126.0 * std::f32::consts::LN_2,
+        ] {
+            let b = c.to_bits();
+            v.extend((b.saturating_sub(4096)..b.saturating_add(4096)).filter(|&x| f32::from_bits(x) <= 0.0));
+        }
+        for e in 0..255u32 {
+            let b = 0x8000_0000 | (e << 23);
+            v.extend(b.saturating_sub(8)..b + 8);
+        }
+        v.retain(|&b| f32::from_bits(b) <= 0.0);
+        v
+    }
+
+    #[test]
+    fn exp_nonpos_has_the_bits_of_exp() {
+        for b in nonpositive_samples(997) {
+            let x = f32::from_bits(b);
+            assert_eq!(exp_nonpos(x).to_bits(), exp(x).to_bits(), "x = {x:e} ({b:#010x})");
+        }
+    }
+
+    /// Every f32 ≤ 0 (2³¹ values): run with `cargo test --release -p moe-router-core -- --ignored`.
+    #[test]
+    #[ignore = "exhaustive, about a minute in release"]
+    fn exp_nonpos_has_the_bits_of_exp_everywhere() {
+        for b in (0x8000_0000u32..=0xff80_0000).chain([0]) {
+            let x = f32::from_bits(b);
+            assert_eq!(exp_nonpos(x).to_bits(), exp(x).to_bits(), "x = {x:e} ({b:#010x})");
+        }
     }
 }
