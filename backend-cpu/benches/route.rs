@@ -1,12 +1,16 @@
 //! CPU routing throughput: T = 65536 tokens, E ∈ {128, 256}, K = 8, for the Qwen3 rule (softmax,
 //! renormalised) and the DeepSeek-V3 rule (sigmoid + bias, 8 groups / top 4, scaling 2.5),
-//! portable and native numerics. Throughput is reported in tokens per second.
+//! portable and native numerics. Throughput is reported in tokens per second. At E = 256 also the
+//! replay (weights of given ids) and the backward (`weights_vjp`: the gradient on the logits from
+//! an upstream gradient on the weights; `backward_into`: into a reused buffer, without a fresh
+//! `[T, E]` array per call), so that the backward can be compared with the forward per row.
 
 #![allow(missing_docs)]
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use moe_router_core::{
-    GroupScore, LogitsRef, Normalization, Numerics, Router, RouterConfig, ScoreFunction, SoftmaxPosition,
+    CallSite, GroupScore, HostMatrix, LogitsRef, LossGrads, Normalization, Numerics, Router, RouterConfig,
+    ScoreFunction, SoftmaxPosition,
 };
 use moe_router_cpu::CpuRouter;
 use ndarray::Array2;
@@ -60,6 +64,38 @@ fn bench(c: &mut Criterion) {
                 g.bench_function(BenchmarkId::new(format!("{rule}/{nm}"), format!("E{e}")), |b| {
                     b.iter(|| r.route_host(&LogitsRef::F32(l.view())).expect("routes"))
                 });
+                if e != 256 {
+                    continue;
+                }
+                let lr = LogitsRef::F32(l.view());
+                let ids = r.route_host(&lr).expect("routes").0;
+                g.bench_function(BenchmarkId::new(format!("{rule}/{nm}/replay"), format!("E{e}")), |b| {
+                    b.iter(|| r.weights_host(&lr, ids.view()).expect("replays"))
+                });
+                let grad = HostMatrix::F32(Array2::from_shape_fn((T, 8), |(i, j)| {
+                    ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5
+                }));
+                // Into a reused buffer (a training loop's gradient): no fresh [T, E] array.
+                let g32 = grad.to_f32();
+                let mut out = Array2::<f32>::zeros((T, e));
+                g.bench_function(
+                    BenchmarkId::new(format!("{rule}/{nm}/backward_into"), format!("E{e}")),
+                    |b| {
+                        b.iter(|| {
+                            r.weights_vjp_into(&lr, ids.view(), g32.view(), &LossGrads::default(), out.view_mut())
+                                .expect("backward")
+                        })
+                    },
+                );
+                g.bench_function(
+                    BenchmarkId::new(format!("{rule}/{nm}/backward"), format!("E{e}")),
+                    |b| {
+                        b.iter(|| {
+                            r.weights_vjp_host_at(&lr, ids.view(), &grad, &LossGrads::default(), &CallSite::default())
+                                .expect("backward")
+                        })
+                    },
+                );
             }
         }
     }

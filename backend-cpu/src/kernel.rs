@@ -8,7 +8,7 @@ use moe_router_core::{
     CallSite, ComputeDtype, GroupScore, HostGrad, HostMatrix, HostWeights, LogitsRef, LossGrads, Normalization,
     Numerics, ROUTER_SELECTS, RouteError, Routed, Router, RouterConfig, ScoreFunction, SoftmaxPosition, validate_ids,
 };
-use ndarray::{Array2, ArrayView2, Axis};
+use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
@@ -32,6 +32,59 @@ impl CpuRouter {
     /// Replaces the selection bias (e.g. after an expert-bias update).
     pub fn set_expert_bias(&mut self, bias: Vec<f32>) -> Result<(), moe_router_core::ConfigError> {
         self.cfg.set_expert_bias(bias)
+    }
+
+    /// The backward ([`Router::weights_vjp`]) into a caller's f32 buffer `out` `[T, E]`, for
+    /// configs that compute in f32: the same values as `weights_vjp`, without allocating (and
+    /// faulting in) a fresh `[T, E]` array per call — a training loop can reuse one gradient
+    /// buffer. `ids` and `grad` are `[T, K]` in slot order (ids validated as in `weights_vjp`).
+    /// Shapes are checked first, each error naming both shapes; on any error the contents of
+    /// `out` are unspecified (rows before the failing one may be written).
+    pub fn weights_vjp_into(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        grad: ArrayView2<'_, f32>,
+        losses: &LossGrads<'_>,
+        mut out: ArrayViewMut2<'_, f32>,
+    ) -> Result<(), RouteError> {
+        self.check(logits)?;
+        let (t, e) = logits.dim();
+        let k = self.cfg.top_k();
+        validate_ids(ids, t, e, k, &[])?;
+        if grad.dim() != (t, k) {
+            return Err(RouteError::GradShape {
+                expected_rows: t,
+                expected_k: k,
+                rows: grad.nrows(),
+                cols: grad.ncols(),
+            });
+        }
+        if out.dim() != (t, e) {
+            return Err(RouteError::BackwardInput {
+                what: "out",
+                detail: format!(
+                    "shape [{}, {}], expected the logits' [{t}, {e}]",
+                    out.nrows(),
+                    out.ncols()
+                ),
+            });
+        }
+        losses.check(t, e)?;
+        let cfg = &self.cfg;
+        match (cfg.compute_dtype(), cfg.numerics()) {
+            (ComputeDtype::F64, _) => Err(RouteError::unsupported(
+                "cpu",
+                "weights_vjp_into writes f32 and this config computes in f64: use weights_vjp",
+            )),
+            (ComputeDtype::F32, Numerics::Portable) => {
+                let g = grad.mapv(moe_router_core::math::ftz);
+                crate::backward::vjp_into::<Portable>(cfg, logits, ids, g.view(), losses, out.view_mut(), false)
+            }
+            (ComputeDtype::F32, Numerics::Native) => {
+                crate::backward::vjp_into::<NativeF32>(cfg, logits, ids, grad, losses, out.view_mut(), false)
+            }
+        }
     }
 
     /// Routes host logits, returning host ids and weights.

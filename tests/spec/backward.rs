@@ -324,6 +324,148 @@ fn cpu_backward_is_bit_identical_to_the_reference_in_portable_mode_and_f64() {
     }
 }
 
+/// The CPU backward's sparse rows (no softmax over all experts, no aux or z-loss term: only the
+/// K selected logits are read) and `weights_vjp_into` (a reused, dirty f32 buffer) give the
+/// reference's bits for sigmoid, sqrt-softplus and softmax-after rules, in f32/bf16/f16 logits,
+/// portable and native, including rows whose selected logits are all −∞ (zero weights while the
+/// row has a finite logit; softmax after top-K: the reference's error) and replayed ids that are not the top K; and the
+/// reference's errors for NaN, +∞ and all −∞ rows.
+#[test]
+fn cpu_sparse_backward_and_backward_into_a_buffer_equal_the_reference() {
+    let dsv3 = moe_router::preset("deepseek-v3").expect("preset");
+    let bias: Vec<f32> = (0..dsv3.num_experts())
+        .map(|x| ((x * 37 % 11) as f32 - 5.0) * 0.01)
+        .collect();
+    let rules = [
+        dsv3.to_builder().expert_bias(bias).build().expect("valid"),
+        RouterConfig::builder(64, 6)
+            .score(ScoreFunction::SqrtSoftplus)
+            .normalization(Normalization::Sum { eps: 1e-20 })
+            .scaling_factor(1.5)
+            .build()
+            .expect("valid"),
+        RouterConfig::builder(48, 4)
+            .softmax_position(SoftmaxPosition::AfterTopK)
+            .build()
+            .expect("valid"),
+        RouterConfig::builder(32, 4)
+            .softmax_position(SoftmaxPosition::BeforeTopK)
+            .normalization(Normalization::Sum { eps: 1e-20 })
+            .build()
+            .expect("valid"),
+    ];
+    for base in rules {
+        for numerics in [Numerics::Portable, Numerics::Native] {
+            let cfg = base.to_builder().numerics(numerics).build().expect("valid");
+            let (t, e, k) = (300usize, cfg.num_experts(), cfg.top_k());
+            let mut l = Array2::from_shape_fn((t, e), |(i, j)| {
+                (((i * 7919 + j * 104_729) % 2000) as f32 - 1000.0) * 0.004
+            });
+            // Row 5: every logit −∞ but the last expert's, which the replayed ids leave out.
+            l.row_mut(5).fill(f32::NEG_INFINITY);
+            l[[5, e - 1]] = 0.5;
+            let reference = ReferenceRouter::new(cfg.clone());
+            let mut ids = reference.route_host(&LogitsRef::F32(l.view())).expect("routes").0;
+            // Replayed ids: row 5 takes the first K experts (all −∞); rows ≥ 200 the K lowest ids.
+            for r in std::iter::once(5).chain(200..t) {
+                for j in 0..k {
+                    ids[[r, j]] = j as u32;
+                }
+            }
+            let g = upstream_grad(t, k, 5);
+            let cpu = CpuRouter::new(cfg.clone());
+            let lb = l.mapv(half::bf16::from_f32);
+            let lh = l.mapv(half::f16::from_f32);
+            for lr in [
+                LogitsRef::F32(l.view()),
+                LogitsRef::Bf16(lb.view()),
+                LogitsRef::F16(lh.view()),
+            ] {
+                let what = format!("{:?} {numerics:?} {}", cfg.score(), lr.dtype_name());
+                let want = reference.weights_vjp_host_at(
+                    &lr,
+                    ids.view(),
+                    &HostMatrix::F32(g.clone()),
+                    &LossGrads::default(),
+                    &CallSite::default(),
+                );
+                let got = cpu.weights_vjp_host_at(
+                    &lr,
+                    ids.view(),
+                    &HostMatrix::F32(g.clone()),
+                    &LossGrads::default(),
+                    &CallSite::default(),
+                );
+                let mut out = Array2::from_elem((t, e), f32::NAN);
+                let into = cpu.weights_vjp_into(&lr, ids.view(), g.view(), &LossGrads::default(), out.view_mut());
+                match want {
+                    Ok(HostMatrix::F32(want)) => {
+                        assert_eq!(got.ok(), Some(HostMatrix::F32(want.clone())), "{what}: weights_vjp");
+                        into.unwrap_or_else(|err| panic!("{what}: weights_vjp_into failed: {err}"));
+                        assert_eq!(
+                            out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                            "{what}: weights_vjp_into"
+                        );
+                    }
+                    // Softmax after top-K with every selected logit −∞ (row 5) is an error.
+                    Err(want) => {
+                        assert_eq!(got.map_err(|e| e.to_string()).err(), Some(want.to_string()), "{what}");
+                        assert_eq!(into.map_err(|e| e.to_string()).err(), Some(want.to_string()), "{what}");
+                    }
+                    Ok(other) => panic!("{what}: reference gave {other:?}"),
+                }
+            }
+            // Rejected rows: the reference's error, from both entry points.
+            for (row, value) in [(17usize, f32::NAN), (42, f32::INFINITY)] {
+                let mut bad = l.clone();
+                bad[[row, 3]] = value;
+                let lr = LogitsRef::F32(bad.view());
+                let gm = HostMatrix::F32(g.clone());
+                let want = reference
+                    .weights_vjp_host_at(&lr, ids.view(), &gm, &LossGrads::default(), &CallSite::default())
+                    .expect_err("reference rejects the row");
+                let got = cpu
+                    .weights_vjp_host_at(&lr, ids.view(), &gm, &LossGrads::default(), &CallSite::default())
+                    .expect_err("cpu rejects the row");
+                assert_eq!(got.to_string(), want.to_string());
+                let mut out = Array2::zeros((t, e));
+                let into = cpu
+                    .weights_vjp_into(&lr, ids.view(), g.view(), &LossGrads::default(), out.view_mut())
+                    .expect_err("cpu rejects the row");
+                assert_eq!(into.to_string(), want.to_string());
+            }
+            let mut masked = l.clone();
+            masked.row_mut(9).fill(f32::NEG_INFINITY);
+            let lr = LogitsRef::F32(masked.view());
+            let gm = HostMatrix::F32(g.clone());
+            let want = reference
+                .weights_vjp_host_at(&lr, ids.view(), &gm, &LossGrads::default(), &CallSite::default())
+                .expect_err("all -inf row");
+            let got = cpu
+                .weights_vjp_host_at(&lr, ids.view(), &gm, &LossGrads::default(), &CallSite::default())
+                .expect_err("all -inf row");
+            assert_eq!(got.to_string(), want.to_string());
+            // A buffer of the wrong shape: a typed error naming both shapes.
+            let mut small = Array2::zeros((t, e - 1));
+            let err = cpu
+                .weights_vjp_into(
+                    &LogitsRef::F32(l.view()),
+                    ids.view(),
+                    g.view(),
+                    &LossGrads::default(),
+                    small.view_mut(),
+                )
+                .expect_err("wrong out shape");
+            let msg = err.to_string();
+            assert!(
+                msg.contains(&format!("[{t}, {}]", e - 1)) && msg.contains(&format!("[{t}, {e}]")),
+                "{msg}"
+            );
+        }
+    }
+}
+
 #[test]
 fn capacity_dropped_slots_pass_no_gradient_once_their_upstream_gradient_is_zeroed() {
     let cfg = RouterConfig::builder(8, 2)
