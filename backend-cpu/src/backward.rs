@@ -112,6 +112,7 @@ fn row_rejected(row: impl Iterator<Item = f32>) -> bool {
 
 /// Sparse rows (see the module docs); `zeroed`: `out` is zero on entry (else each row is
 /// cleared first).
+#[allow(clippy::too_many_arguments)]
 #[multiversion::multiversion(targets("x86_64+avx2+avx+sse4.1+sse4.2+popcnt+bmi1+bmi2+lzcnt", "x86_64+sse4.1"))]
 fn sparse_chunk<M: Math>(
     cfg: &RouterConfig,
