@@ -17,10 +17,10 @@ use moe_router_cuda::kernels::{
     BWD_WARPS, BwdKernel, BwdParams, bwd_launch, bwd_layout, bwd_rows_fit, bwd_rows_grid, config_params, decode_status,
 };
 use ndarray::Array2;
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+
+mod common;
+use common::Emu;
 
 /// The H100/H200 opt-in shared memory per block.
 const SMEM_OPTIN: usize = 232_448;
@@ -115,70 +115,6 @@ fn random_logits(r: &mut Rng, t: usize, e: usize) -> Array2<f32> {
 
 fn upstream(r: &mut Rng, t: usize, k: usize) -> Array2<f32> {
     Array2::from_shape_fn((t, k), |_| if r.below(11) == 0 { 0.0 } else { r.unit() * 2.0 - 1.0 })
-}
-
-struct Emu {
-    dir: PathBuf,
-    procs: HashMap<String, Child>,
-}
-
-impl Emu {
-    fn new() -> Option<Emu> {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("moe-router-cuda-bwd-emu-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok()?;
-        Some(Emu {
-            dir,
-            procs: HashMap::new(),
-        })
-    }
-
-    /// None when no C++ compiler is available.
-    fn proc(&mut self, defines: &[String]) -> Option<&mut Child> {
-        let key = defines.join(" ");
-        if !self.procs.contains_key(&key) {
-            let exe = self.dir.join(format!("emu{}", self.procs.len()));
-            let here = concat!(env!("CARGO_MANIFEST_DIR"), "/tests");
-            let cc = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-            let st = Command::new(&cc)
-                .args([
-                    "-O1",
-                    "-ffp-contract=off",
-                    "-fno-fast-math",
-                    "-std=c++20",
-                    "-pthread",
-                    "-w",
-                ])
-                .args(defines)
-                .arg("-o")
-                .arg(&exe)
-                .arg(format!("{here}/backward_emu_main.cpp"))
-                .status();
-            match st {
-                Ok(s) if s.success() => {}
-                Ok(s) => panic!("compiling the backward emulation ({key}) failed: {s}"),
-                Err(_) => return None,
-            }
-            let child = Command::new(&exe)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("start emulation");
-            self.procs.insert(key.clone(), child);
-        }
-        self.procs.get_mut(&key)
-    }
-}
-
-impl Drop for Emu {
-    fn drop(&mut self) {
-        for (_, mut c) in self.procs.drain() {
-            drop(c.stdin.take());
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// What one emulated launch needs besides the parameter block.
@@ -437,7 +373,7 @@ fn compare(
 
 #[test]
 fn emulated_backward_kernels_equal_the_reference() {
-    let Some(mut emu) = Emu::new() else {
+    let Some(mut emu) = Emu::new("bwd-emu", "backward_emu_main.cpp", "backward emulation") else {
         eprintln!("skipped: no temporary directory");
         return;
     };
@@ -499,7 +435,7 @@ fn emulated_backward_kernels_equal_the_reference() {
 
 #[test]
 fn emulated_backward_reports_the_reference_errors() {
-    let Some(mut emu) = Emu::new() else {
+    let Some(mut emu) = Emu::new("bwd-emu", "backward_emu_main.cpp", "backward emulation") else {
         eprintln!("skipped: no temporary directory");
         return;
     };

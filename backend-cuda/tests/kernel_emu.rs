@@ -12,10 +12,10 @@ use moe_router_core::{
 };
 use moe_router_cuda::kernels::{Params, TILE_KMAX, config_params, decode_status, row_launch, tile_slot, tile_smem};
 use ndarray::Array2;
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+
+mod common;
+use common::Emu;
 
 type Shape3 = (usize, usize, Option<(usize, usize)>);
 type EmuResult = Option<Result<(Array2<u32>, Array2<f32>), RouteError>>;
@@ -91,71 +91,6 @@ fn random_logits(r: &mut Rng, t: usize, e: usize) -> Array2<f32> {
         8 => [40.0, 90.0, -90.0, 1e-40, -0.0][r.below(5) as usize],
         _ => 3.0 + r.below(64) as f32 * 1e-3,
     })
-}
-
-struct Emu {
-    dir: PathBuf,
-    procs: HashMap<String, Child>,
-}
-
-impl Emu {
-    fn new() -> Option<Emu> {
-        // One directory per emulator (tests of this binary run in parallel).
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("moe-router-cuda-emu-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok()?;
-        Some(Emu {
-            dir,
-            procs: HashMap::new(),
-        })
-    }
-
-    /// Returns None when no C++ compiler is available.
-    fn proc(&mut self, defines: &[String]) -> Option<&mut Child> {
-        let key = defines.join(" ");
-        if !self.procs.contains_key(&key) {
-            let exe = self.dir.join(format!("emu{}", self.procs.len()));
-            let here = concat!(env!("CARGO_MANIFEST_DIR"), "/tests");
-            let cc = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-            let st = Command::new(&cc)
-                .args([
-                    "-O1",
-                    "-ffp-contract=off",
-                    "-fno-fast-math",
-                    "-std=c++20",
-                    "-pthread",
-                    "-w",
-                ])
-                .args(defines)
-                .arg("-o")
-                .arg(&exe)
-                .arg(format!("{here}/kernel_emu_main.cpp"))
-                .status();
-            match st {
-                Ok(s) if s.success() => {}
-                Ok(s) => panic!("compiling the kernel emulation ({key}) failed: {s}"),
-                Err(_) => return None,
-            }
-            let child = Command::new(&exe)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("start emulation");
-            self.procs.insert(key.clone(), child);
-        }
-        self.procs.get_mut(&key)
-    }
-}
-
-impl Drop for Emu {
-    fn drop(&mut self) {
-        for (_, mut c) in self.procs.drain() {
-            drop(c.stdin.take());
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -307,7 +242,7 @@ fn check(emu: &mut Emu, cfg: &RouterConfig, logits: LogitsRef<'_>, what: &str) -
 
 #[test]
 fn emulated_kernels_equal_the_reference() {
-    let Some(mut emu) = Emu::new() else {
+    let Some(mut emu) = Emu::new("emu", "kernel_emu_main.cpp", "kernel emulation") else {
         eprintln!("skipped: no temporary directory");
         return;
     };
@@ -369,7 +304,7 @@ fn emulated_kernels_equal_the_reference() {
 /// groups' own −∞ experts (here 8 instead of 0). Shrunk cases, kept as fixed regressions.
 #[test]
 fn emulated_kernels_fill_slots_without_a_finite_key_with_the_lowest_ids_overall() {
-    let Some(mut emu) = Emu::new() else {
+    let Some(mut emu) = Emu::new("emu", "kernel_emu_main.cpp", "kernel emulation") else {
         eprintln!("skipped: no temporary directory");
         return;
     };

@@ -18,10 +18,11 @@ use moe_router_cuda::kernels::{
     LogitsDtype, Params, WarpLayout, config_params, decode_status, warp_layout, warp_layout_with, warp_params,
 };
 use ndarray::Array2;
-use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
+
+mod common;
+use common::Emu;
 
 type EmuResult = Result<(Array2<u32>, Array2<f32>), RouteError>;
 
@@ -110,70 +111,6 @@ fn random_logits(r: &mut Rng, t: usize, e: usize, hard: bool) -> Array2<f32> {
             _ => 3.0 + r.below(64) as f32 * 1e-3,
         }
     })
-}
-
-struct Emu {
-    dir: PathBuf,
-    procs: HashMap<String, Child>,
-}
-
-impl Emu {
-    fn new() -> Option<Emu> {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("moe-router-cuda-warp-emu-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok()?;
-        Some(Emu {
-            dir,
-            procs: HashMap::new(),
-        })
-    }
-
-    /// Returns None when no C++ compiler is available.
-    fn proc(&mut self, defines: &[String]) -> Option<&mut Child> {
-        let key = defines.join(" ");
-        if !self.procs.contains_key(&key) {
-            let exe = self.dir.join(format!("emu{}", self.procs.len()));
-            let here = concat!(env!("CARGO_MANIFEST_DIR"), "/tests");
-            let cc = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-            let st = Command::new(&cc)
-                .args([
-                    "-O1",
-                    "-ffp-contract=off",
-                    "-fno-fast-math",
-                    "-std=c++20",
-                    "-pthread",
-                    "-w",
-                ])
-                .args(defines)
-                .arg("-o")
-                .arg(&exe)
-                .arg(format!("{here}/warp_emu_main.cpp"))
-                .status();
-            match st {
-                Ok(s) if s.success() => {}
-                Ok(s) => panic!("compiling the warp kernel emulation ({key}) failed: {s}"),
-                Err(_) => return None,
-            }
-            let child = Command::new(&exe)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("start emulation");
-            self.procs.insert(key.clone(), child);
-        }
-        self.procs.get_mut(&key)
-    }
-}
-
-impl Drop for Emu {
-    fn drop(&mut self) {
-        for (_, mut c) in self.procs.drain() {
-            drop(c.stdin.take());
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -436,7 +373,7 @@ fn emulated_warp_kernels_equal_the_reference() {
         eprintln!("skipped: no C++20 compiler for the kernel emulation");
         return;
     }
-    let Some(mut emu) = Emu::new() else {
+    let Some(mut emu) = Emu::new("warp-emu", "warp_emu_main.cpp", "warp kernel emulation") else {
         eprintln!("skipped: no temporary directory");
         return;
     };
@@ -485,7 +422,7 @@ fn emulated_warp_kernels_report_errors_like_the_reference() {
         eprintln!("skipped: no C++20 compiler for the kernel emulation");
         return;
     }
-    let Some(mut emu) = Emu::new() else {
+    let Some(mut emu) = Emu::new("warp-emu", "warp_emu_main.cpp", "warp kernel emulation") else {
         eprintln!("skipped: no temporary directory");
         return;
     };
