@@ -36,7 +36,7 @@
 
 use crate::kernel::{Scratch, route_one};
 use crate::simd::{Isa, Lanes};
-use moe_router_core::math::{Math, NativeF32, Portable, exp_nonpos};
+use moe_router_core::math::{Math, NativeF32, Portable, exp_nonpos, exp_one_scale};
 use moe_router_core::{
     GroupScore, LogitsRef, Normalization, ROUTER_SELECTS, RouteError, RouterConfig, ScoreFunction, SoftmaxPosition,
 };
@@ -848,26 +848,8 @@ fn softmax_before_block<M: FastF32, I: Isa>(
 /// gives 1 as there); the input is clamped to that range first.
 #[inline(always)]
 fn exp_clamped(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = f32::from_bits(0x3f31_7200);
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    const MAGIC: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let t = x * LOG2E;
-    let y = t + 0.5;
-    let rn = (y + MAGIC) - MAGIC;
-    let n = if rn > y { rn - 1.0 } else { rn };
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let mut p = 1.0 / 5040.0_f32;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    let ni = (n + MAGIC).to_bits().wrapping_sub(MAGIC.to_bits());
-    let v = p * f32::from_bits(ni.wrapping_add(127) << 23);
+    let v = exp_one_scale(x);
     if x.abs() < 1.5e-8 { 1.0 } else { v }
 }
 

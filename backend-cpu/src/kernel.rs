@@ -48,18 +48,8 @@ impl CpuRouter {
         losses: &LossGrads<'_>,
         mut out: ArrayViewMut2<'_, f32>,
     ) -> Result<(), RouteError> {
-        self.check(logits)?;
+        self.check_backward(logits, ids, grad.dim())?;
         let (t, e) = logits.dim();
-        let k = self.cfg.top_k();
-        validate_ids(ids, t, e, k, &[])?;
-        if grad.dim() != (t, k) {
-            return Err(RouteError::GradShape {
-                expected_rows: t,
-                expected_k: k,
-                rows: grad.nrows(),
-                cols: grad.ncols(),
-            });
-        }
         if out.dim() != (t, e) {
             return Err(RouteError::BackwardInput {
                 what: "out",
@@ -148,6 +138,29 @@ impl CpuRouter {
         })
     }
 
+    /// The checks of a backward call: the logits' shape, the ids (range, duplicates) and the
+    /// upstream gradient's shape `[T, K]`.
+    fn check_backward(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        grad_dim: (usize, usize),
+    ) -> Result<(), RouteError> {
+        self.check(logits)?;
+        let (t, e) = logits.dim();
+        let k = self.cfg.top_k();
+        validate_ids(ids, t, e, k, &[])?;
+        if grad_dim != (t, k) {
+            return Err(RouteError::GradShape {
+                expected_rows: t,
+                expected_k: k,
+                rows: grad_dim.0,
+                cols: grad_dim.1,
+            });
+        }
+        Ok(())
+    }
+
     fn check(&self, logits: &LogitsRef<'_>) -> Result<(), RouteError> {
         self.cfg.check_ready()?;
         let (t, e) = logits.dim();
@@ -182,18 +195,7 @@ impl Router for CpuRouter {
         losses: &LossGrads<'_>,
         _site: &CallSite<'_>,
     ) -> Result<HostGrad, RouteError> {
-        self.check(logits)?;
-        let (t, e) = logits.dim();
-        let k = self.cfg.top_k();
-        validate_ids(ids.view(), t, e, k, &[])?;
-        if grad.dim() != (t, k) {
-            return Err(RouteError::GradShape {
-                expected_rows: t,
-                expected_k: k,
-                rows: grad.dim().0,
-                cols: grad.dim().1,
-            });
-        }
+        self.check_backward(logits, ids.view(), grad.dim())?;
         let cfg = &self.cfg;
         match (cfg.compute_dtype(), cfg.numerics(), grad) {
             (ComputeDtype::F64, _, HostMatrix::F64(g)) => {

@@ -98,6 +98,23 @@ pub fn exp(x: f32) -> f32 {
 /// Checked bit for bit against [`exp`] on every f32 ≤ 0 (see the tests).
 #[inline(always)]
 pub fn exp_nonpos(x: f32) -> f32 {
+    let v = ftz(exp_one_scale(x));
+    if x < EXP_LO {
+        0.0
+    } else if x > -1.5e-8 {
+        1.0
+    } else {
+        v
+    }
+}
+
+/// [`exp`]'s range reduction and polynomial, scaled by `2ⁿ` in one multiply, with no special
+/// case and no flush: [`exp`]'s bits wherever `n = round(x·log2 e)` lies in `[−126, 127]` and the
+/// result is normal (e.g. `x ∈ [−87, 88]`, `|x| ≥ 1.5e-8`). Outside, the integer steps wrap
+/// (no overflow, a meaningless value), so callers select around it. The kernel of
+/// [`exp_nonpos`] and of the CPU backend's clamped exponential.
+#[inline(always)]
+pub fn exp_one_scale(x: f32) -> f32 {
     let t = x * LOG2E;
     let y = t + 0.5;
     let rn = (y + ROUND_MAGIC) - ROUND_MAGIC;
@@ -112,14 +129,7 @@ pub fn exp_nonpos(x: f32) -> f32 {
     p = p * r + 1.0;
     p = p * r + 1.0;
     let ni = (n + ROUND_MAGIC).to_bits().wrapping_sub(ROUND_MAGIC.to_bits());
-    let v = ftz(p * f32::from_bits(ni.wrapping_add(127) << 23));
-    if x < EXP_LO {
-        0.0
-    } else if x > -1.5e-8 {
-        1.0
-    } else {
-        v
-    }
+    p * f32::from_bits(ni.wrapping_add(127) << 23)
 }
 
 /// Splits a finite, positive, normal f32 into (m, e) with m ∈ [1, 2) and x = m·2^e.
@@ -572,6 +582,20 @@ mod tests {
         for b in nonpositive_samples(997) {
             let x = f32::from_bits(b);
             assert_eq!(exp_nonpos(x).to_bits(), exp(x).to_bits(), "x = {x:e} ({b:#010x})");
+        }
+    }
+
+    #[test]
+    fn exp_one_scale_has_the_bits_of_exp_from_minus_87_to_88() {
+        let (lo, hi) = ((-87.0f32).to_bits(), 88.0f32.to_bits());
+        let neg = (0x8000_0000u32..=lo).step_by(101);
+        let pos = (0u32..=hi).step_by(101);
+        for b in neg.chain(pos).chain([lo, hi]) {
+            let x = f32::from_bits(b);
+            if x.abs() < 1.5e-8 {
+                continue;
+            }
+            assert_eq!(exp_one_scale(x).to_bits(), exp(x).to_bits(), "x = {x:e} ({b:#010x})");
         }
     }
 
