@@ -11,20 +11,18 @@
 
 use crate::device::{BACKEND, Device, dev_err};
 use crate::kernels::{
-    BWD_WARPS, BackwardVariant, BwdKernel, BwdParams, LogitsDtype, Params, Part, RouterVariant, ScoreKind, TILE_KMAX,
-    TILE_WARPS, bwd_launch, bwd_layout, bwd_rows_fit, bwd_rows_grid, decode_status, row_launch, tile_slot, tile_smem,
+    BWD_WARPS, BackwardVariant, BwdKernel, BwdParams, LogitsDtype, Params, ScoreKind, bwd_launch, bwd_layout,
+    bwd_rows_fit, bwd_rows_grid, decode_status,
 };
 use crate::router::CudaRouter;
-use cudarc::driver::{CudaSlice, DevicePtr, result, sys};
+use cudarc::driver::{result, sys};
 use moe_router_core::backward::{BackwardPlan, LossGrads};
 use moe_router_core::{Numerics, RouteError, Router, RouterConfig, ScoreFunction, SoftmaxPosition};
 use std::ffi::c_void;
 use std::sync::Arc;
 
-/// Batches with at least this many rows use the tile kernels (as [`CudaRouter`] does).
-const TILE_MIN_ROWS: usize = 2048;
-/// With at most this many experts the tile kernels win at every T.
-const TILE_MAX_SMALL_E: usize = 32;
+/// Row counts whose kernels `warm_up` compiles: a decode batch (warp kernels) and a large one.
+const WARM_ROWS: [usize; 2] = [1, 1 << 16];
 
 /// Caller-owned device logits `[rows, cols]`, rows `ld` elements apart.
 #[derive(Debug, Clone, Copy)]
@@ -57,7 +55,9 @@ pub struct ExternalLaunch {
     dev: Arc<Device>,
     cfg: RouterConfig,
     base: Params,
-    bias: Option<CudaSlice<f32>>,
+    /// A router of the same config and device: its plans (warp, tile or row kernels) and
+    /// launches, aimed at the caller's memory and stream.
+    router: CudaRouter,
 }
 
 impl ExternalLaunch {
@@ -67,16 +67,16 @@ impl ExternalLaunch {
     pub fn new(router: &CudaRouter) -> Result<Self, RouteError> {
         let cfg = router.config().clone();
         let dev = router.device().clone();
-        let bias = match cfg.expert_bias() {
-            Some(b) => {
-                let s = dev.stream.clone_htod(b).map_err(dev_err)?;
-                dev.stream.synchronize().map_err(dev_err)?;
-                Some(s)
-            }
-            None => None,
-        };
+        let own = CudaRouter::on_device(cfg.clone(), dev.ctx.ordinal())?;
+        // The bias upload is ordered on the router's stream; launches on other streams read it.
+        own.stream().synchronize().map_err(dev_err)?;
         let base = crate::kernels::config_params(&cfg);
-        Ok(ExternalLaunch { dev, cfg, base, bias })
+        Ok(ExternalLaunch {
+            dev,
+            cfg,
+            base,
+            router: own,
+        })
     }
 
     /// The routing rule.
@@ -92,21 +92,10 @@ impl ExternalLaunch {
     /// Compiles (or fetches) the kernels of `dtype` now, so that the first launch does not pay
     /// NVRTC's compile time.
     pub fn warm_up(&self, dtype: LogitsDtype) -> Result<(), RouteError> {
-        self.dev.router_kernels(self.variant(dtype, Part::Row))?;
-        if let Some(ki) = tile_slot(&self.base, false) {
-            self.dev
-                .router_kernels(self.variant(dtype, Part::Tile(TILE_KMAX[ki])))?;
+        for rows in WARM_ROWS {
+            self.router.warm_up_for(rows, dtype)?;
         }
         Ok(())
-    }
-
-    fn variant(&self, dtype: LogitsDtype, part: Part) -> RouterVariant {
-        RouterVariant {
-            part,
-            dtype,
-            portable: self.cfg.numerics() == Numerics::Portable,
-            score: ScoreKind::of(self.cfg.score(), self.cfg.softmax_position()),
-        }
     }
 
     /// Enqueues `op` on `stream`: logits from `logits`, ids at `ids` (`[rows, K]` u32 / int32,
@@ -152,75 +141,19 @@ impl ExternalLaunch {
         if logits.rows == 0 {
             return Ok(());
         }
-        let replay = op == ExternalOp::Replay;
-        let lb = logits.dtype.size() as u64;
-        let aligned = logits.ptr.is_multiple_of(16)
-            && (logits.cols as u64 * lb).is_multiple_of(16)
-            && (logits.ld as u64 * lb).is_multiple_of(16);
-        let big = logits.rows >= TILE_MIN_ROWS || logits.cols <= TILE_MAX_SMALL_E;
-        let tile = match tile_slot(&self.base, replay) {
-            Some(ki) if big && aligned => Some(ki),
-            _ => None,
-        };
-        let part = match tile {
-            Some(ki) => Part::Tile(TILE_KMAX[ki]),
-            None => Part::Row,
-        };
-        self.dev.ctx.bind_to_thread().map_err(dev_err)?;
-        let kern = self.dev.router_kernels(self.variant(logits.dtype, part))?;
-        let f = if replay { &kern.replay } else { &kern.route };
-        let bias = self
-            .bias
-            .as_ref()
-            .map(|b| b.device_ptr(&self.dev.stream).0)
-            .unwrap_or(0);
-        let mut p = Params {
-            logits: logits.ptr,
-            bias,
-            ids,
-            weights,
-            status,
-            t: logits.rows as i64,
-            ld: logits.ld as i64,
-            ..self.base
-        };
-        let (grid, block, smem) = match tile {
-            Some(ki) => (
-                logits.rows.div_ceil(TILE_WARPS * 32),
-                TILE_WARPS * 32,
-                tile_smem(&p, ki, replay),
-            ),
-            None => {
-                let (block, smem) = row_launch(&p);
-                (logits.rows.min(1 << 30), block, smem)
-            }
-        };
-        if smem > self.dev.smem_optin {
-            return Err(RouteError::unsupported(
-                BACKEND,
-                format!(
-                    "this config needs {smem} bytes of shared memory per block, the device allows {}",
-                    self.dev.smem_optin
-                ),
-            ));
-        }
-        let mut args = [&mut p as *mut Params as *mut c_void];
-        // SAFETY: the kernel takes one `Params` by value (layout checked in kernels.rs); the
-        // caller guarantees every address in it (logits, ids, weights, status) is live device
-        // memory of the sizes the kernel indexes until `stream` passes the launch; the bias is
-        // owned by `self`, uploaded and synchronised in `new`. `stream` is the caller's valid
-        // stream of this (primary) context, bound to the thread above.
+        // SAFETY: forwarded from the caller (this function's contract is `enqueue_on`'s).
         unsafe {
-            result::launch_kernel(
-                f.cu_function(),
-                (grid as u32, 1, 1),
-                (block as u32, 1, 1),
-                smem as u32,
+            self.router.enqueue_on(
+                logits.ptr,
+                logits.dtype,
+                logits.rows,
+                logits.cols,
+                logits.ld,
+                (ids, weights, status),
+                op == ExternalOp::Replay,
                 stream as sys::CUstream,
-                &mut args,
             )
         }
-        .map_err(dev_err)
     }
 
     /// Enqueues the backward (DESIGN §2b) on `stream`: the gradient `dz` (`[rows, E]` f32,

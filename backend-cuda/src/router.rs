@@ -7,7 +7,7 @@ use crate::kernels::{
     decode_status, row_launch, tile_slot, tile_smem, warp_layout, warp_layout_with, warp_params,
 };
 use crate::record::Recorder;
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig};
 use moe_router_core::backend::with_router_rows_marked;
 use moe_router_core::{
     CallSite, ComputeDtype, HostGrad, HostMatrix, HostWeights, IdsSink, LogitsRef, RouteError, Routed, Router,
@@ -344,6 +344,7 @@ impl CudaRouter {
     }
 
     /// Enqueues the route or replay kernel for `p` on the router's stream.
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
         mut p: Params,
@@ -352,6 +353,7 @@ impl CudaRouter {
         op: Op,
         dtype: LogitsDtype,
         aligned: bool,
+        stream: cudarc::driver::sys::CUstream,
     ) -> Result<(), RouteError> {
         if rows == 0 {
             return Ok(());
@@ -363,14 +365,13 @@ impl CudaRouter {
         };
         let variant = self.variant(dtype, part);
         let kern = self.dev.router_kernels(variant)?;
-        let s = &self.dev.stream;
         if let Plan::Warp(l) = *plan {
             let prune = variant.portable && variant.score == ScoreKind::Sigmoid;
             let smem = warp_params(&mut p, l, dtype, aligned, prune);
             let f = kern.function(op);
             self.check_smem(smem)?;
             let blocks = self.warp_blocks(variant, op, f, smem, rows, l.w);
-            return self.launch_ex(f, blocks, smem, &mut p);
+            return self.launch_ex(f, blocks, smem, &mut p, stream);
         }
         let (f, cfg) = match *plan {
             Plan::Tile(ki) => {
@@ -401,13 +402,82 @@ impl CudaRouter {
             }
         };
         self.check_smem(cfg.shared_mem_bytes as usize)?;
-        let mut b = s.launch_builder(f);
-        b.arg(&p);
-        // SAFETY: the kernel takes one `Params` by value (layout checked in kernels.rs); every
-        // pointer in it refers to a live device buffer of at least the sizes the kernel indexes
-        // (logits [T, ld], ids/weights [T, K], tap rows of stride tap_ld, one status word),
-        // kept alive by the caller until the stream has passed this launch.
-        unsafe { b.launch(cfg) }.map_err(dev_err)?;
+        self.dev.ctx.bind_to_thread().map_err(dev_err)?;
+        let mut args = [&mut p as *mut Params as *mut std::ffi::c_void];
+        // SAFETY: the kernel takes one `Params` by value (layout checked in kernels.rs) and
+        // `args` points at it for the duration of the call; every pointer in it refers to a live
+        // device buffer of at least the sizes the kernel indexes (logits [T, ld], ids/weights
+        // [T, K], tap rows of stride tap_ld, one status word), kept alive by the caller until
+        // `stream` has passed this launch; `stream` belongs to the context bound above.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                cfg.grid_dim,
+                cfg.block_dim,
+                cfg.shared_mem_bytes,
+                stream,
+                &mut args,
+            )
+        }
+        .map_err(dev_err)
+    }
+
+    /// Enqueues a route (or, with `replay`, a replay of the ids at `ids`) on caller-owned memory
+    /// and a caller-owned `stream`, with the plan a call of this router would use (warp, tile or
+    /// row kernels): what [`crate::external::ExternalLaunch`] launches.
+    ///
+    /// # Safety
+    ///
+    /// As [`crate::external::ExternalLaunch::enqueue`]: every address is live device memory of
+    /// this device of the extent the kernel indexes until `stream` has passed the launch, and
+    /// `stream` is a valid stream of the device's primary context.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn enqueue_on(
+        &self,
+        logits: u64,
+        dtype: LogitsDtype,
+        rows: usize,
+        cols: usize,
+        ld: usize,
+        out: (u64, u64, u64),
+        replay: bool,
+        stream: cudarc::driver::sys::CUstream,
+    ) -> Result<(), RouteError> {
+        let lb = dtype.size() as u64;
+        let aligned = logits.is_multiple_of(16)
+            && (cols as u64 * lb).is_multiple_of(16)
+            && (ld as u64 * lb).is_multiple_of(16);
+        let op = if replay { Op::Replay } else { Op::Route };
+        let plan = self.choose(rows, cols, dtype, aligned, op);
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| b.device_ptr(&self.dev.stream).0)
+            .unwrap_or(0);
+        let (ids, weights, status) = out;
+        let p = Params {
+            logits,
+            bias,
+            ids,
+            weights,
+            status,
+            t: rows as i64,
+            ld: ld as i64,
+            ..self.base
+        };
+        self.launch(p, rows, &plan, op, dtype, aligned, stream)
+    }
+
+    /// Compiles (or fetches) the kernels a call on `rows` rows of `dtype` logits would use.
+    pub(crate) fn warm_up_for(&self, rows: usize, dtype: LogitsDtype) -> Result<(), RouteError> {
+        for op in [Op::Route, Op::Replay] {
+            let part = match self.choose(rows, self.cfg.num_experts(), dtype, true, op) {
+                Plan::Row => Part::Row,
+                Plan::Tile(ki) => Part::Tile(TILE_KMAX[ki]),
+                Plan::Warp(l) => Part::Warp(l.ne),
+            };
+            self.dev.router_kernels(self.variant(dtype, part))?;
+        }
         Ok(())
     }
 
@@ -432,6 +502,7 @@ impl CudaRouter {
         blocks: usize,
         smem: usize,
         p: &mut Params,
+        stream: cudarc::driver::sys::CUstream,
     ) -> Result<(), RouteError> {
         use cudarc::driver::sys;
         self.dev.ctx.bind_to_thread().map_err(dev_err)?;
@@ -449,7 +520,7 @@ impl CudaRouter {
             blockDimY: 1,
             blockDimZ: 1,
             sharedMemBytes: smem as u32,
-            hStream: self.dev.stream.cu_stream(),
+            hStream: stream,
             attrs: if pdl { &mut attr } else { std::ptr::null_mut() },
             numAttrs: u32::from(pdl),
         };
@@ -548,7 +619,7 @@ impl CudaRouter {
             p.tap_ld = (out.layers * out.k) as i64;
         }
         let plan = self.plan(logits, lptr, Op::Route);
-        self.launch(p, t, &plan, Op::Route, logits.dtype(), aligned(logits, lptr))?;
+        self.launch(p, t, &plan, Op::Route, logits.dtype(), aligned(logits, lptr), self.dev.stream.cu_stream())?;
         out.rows = t;
         Ok(())
     }
@@ -580,7 +651,7 @@ impl CudaRouter {
         p.weights = out.weights.device_ptr(s).0;
         p.status = out.status.device_ptr(s).0;
         let plan = self.plan(logits, lptr, Op::Replay);
-        self.launch(p, t, &plan, Op::Replay, logits.dtype(), aligned(logits, lptr))?;
+        self.launch(p, t, &plan, Op::Replay, logits.dtype(), aligned(logits, lptr), self.dev.stream.cu_stream())?;
         out.rows = t;
         Ok(())
     }
@@ -631,7 +702,7 @@ impl CudaRouter {
             p.weights = weights.device_ptr(s).0;
             p.status = status.device_ptr(s).0;
             let plan = self.plan(logits, lptr, op);
-            self.launch(p, t, &plan, op, logits.dtype(), aligned(logits, lptr))?;
+            self.launch(p, t, &plan, op, logits.dtype(), aligned(logits, lptr), self.dev.stream.cu_stream())?;
         }
         self.read_status(&status, Some(ids))?;
         Ok(DeviceWeights {
@@ -733,7 +804,7 @@ impl Router for CudaRouter {
             p.weights = weights.device_ptr(s).0;
             p.status = status.device_ptr(s).0;
             let plan = self.plan(logits, lptr, Op::Route);
-            self.launch(p, t, &plan, Op::Route, logits.dtype(), aligned(logits, lptr))?;
+            self.launch(p, t, &plan, Op::Route, logits.dtype(), aligned(logits, lptr), self.dev.stream.cu_stream())?;
         }
         self.read_status(&status, None)?;
         Ok(Routed {

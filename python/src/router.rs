@@ -322,9 +322,8 @@ impl PyRouter {
             }
         };
         let k = self.router.config().top_k();
-        let ids = torch.new_empty(logits, t.rows, k, true)?;
-        let w = torch.new_empty(logits, t.rows, k, false)?;
-        let (ids_ptr, w_ptr) = (torch.address(&ids)?, torch.address(&w)?);
+        let (ids, ids_ptr) = torch.cuda_empty(logits, index, t.rows, k, true)?;
+        let (w, w_ptr) = torch.cuda_empty(logits, index, t.rows, k, false)?;
         let stream = torch.stream(py, index)?;
         let raw = RawLogits {
             ptr: t.ptr,

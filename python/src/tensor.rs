@@ -93,7 +93,7 @@ type CurrentStream = unsafe extern "C" fn(c_int, i32, *mut *mut c_void) -> c_int
 
 /// `DLPackExchangeAPI` (DLPack 1.2+).
 #[repr(C)]
-#[allow(dead_code)] // the allocator and the owning export are part of the C layout, unused here
+#[allow(dead_code)] // the owning export is part of the C layout, unused here
 struct DlExchangeApi {
     header: DlExchangeHeader,
     managed_tensor_allocator: Option<ManagedAllocator>,
@@ -109,12 +109,14 @@ const KDL_FLOAT: u8 = 2;
 const KDL_INT: u8 = 0;
 const KDL_BFLOAT: u8 = 4;
 
-/// The three functions of the exchange API the fast path uses (checked present).
+/// The functions of the exchange API the fast path uses (the first three checked present; the
+/// allocator is used when torch offers it).
 #[derive(Clone, Copy)]
 struct Exchange {
     to_py: ManagedToPy,
     view: DlTensorFromPy,
     stream: CurrentStream,
+    alloc: Option<ManagedAllocator>,
 }
 
 /// Element type of logits taken by the fast path.
@@ -353,6 +355,27 @@ impl Torch {
         like.call_method(intern!(py, "new_empty"), ((rows, cols),), Some(kw.bind(py)))
     }
 
+    /// A fresh `[rows, cols]` tensor of int32 (`int = true`) or float32 on CUDA device `index`
+    /// and its address: through the exchange API's allocator when torch offers it (torch's
+    /// `at::empty`: the caching allocator, on the device's current stream, with no Python call),
+    /// else `like.new_empty` (`like`: a tensor of that device).
+    pub(crate) fn cuda_empty<'py>(
+        &self,
+        like: &Bound<'py, PyAny>,
+        index: i32,
+        rows: usize,
+        cols: usize,
+        int: bool,
+    ) -> PyResult<(Bound<'py, PyAny>, u64)> {
+        let py = like.py();
+        if let Some(alloc) = self.exchange().and_then(|x| x.alloc.map(|a| (x, a))) {
+            return exchange_empty(py, alloc, KDL_CUDA, index, rows, cols, int);
+        }
+        let t = self.new_empty(like, rows, cols, int)?;
+        let ptr = self.address(&t)?;
+        Ok((t, ptr))
+    }
+
     /// A CPU tensor owning `a` (no copy with the exchange API; through NumPy otherwise).
     pub(crate) fn host_tensor<'py, T: HostElem>(
         &self,
@@ -385,7 +408,73 @@ fn exchange_of(cap: &Bound<'_, PyAny>) -> Option<Exchange> {
         to_py: api.managed_tensor_to_py_object_no_sync?,
         view: api.dltensor_from_py_object_no_sync?,
         stream: api.current_work_stream?,
+        alloc: api.managed_tensor_allocator,
     })
+}
+
+/// Where the exchange allocator's `SetError` puts torch's message (`ctx`: a `*mut String`).
+unsafe extern "C" fn set_error(ctx: *mut c_void, kind: *const std::ffi::c_char, message: *const std::ffi::c_char) {
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: torch passes NUL-terminated strings valid for the call.
+            unsafe { std::ffi::CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    if !ctx.is_null() {
+        // SAFETY: `ctx` is the `String` `exchange_empty` passes, alive for the allocator call.
+        unsafe { *(ctx as *mut String) = format!("{}: {}", text(kind), text(message)) };
+    }
+}
+
+/// A fresh `[rows, cols]` int32 / float32 tensor on (`device_type`, `index`) from torch's
+/// allocator through the exchange API, and its address.
+fn exchange_empty(
+    py: Python<'_>,
+    (x, alloc): (Exchange, ManagedAllocator),
+    device_type: c_int,
+    index: i32,
+    rows: usize,
+    cols: usize,
+    int: bool,
+) -> PyResult<(Bound<'_, PyAny>, u64)> {
+    let mut shape = [rows as i64, cols as i64];
+    let mut proto = empty_dltensor();
+    proto.device = DlDevice {
+        device_type,
+        device_id: index,
+    };
+    proto.ndim = 2;
+    proto.dtype = DlDataType {
+        code: if int { KDL_INT } else { KDL_FLOAT },
+        bits: 32,
+        lanes: 1,
+    };
+    proto.shape = shape.as_mut_ptr();
+    let mut managed: *mut DlManagedTensorVersioned = std::ptr::null_mut();
+    let mut err = String::new();
+    // SAFETY: torch's allocator reads the prototype's dtype, ndim, shape and device (all valid
+    // for the call) and writes an owning managed tensor to `managed`, or calls `set_error` with
+    // `err` (a live String) and fails; the GIL is held.
+    let rc = unsafe { alloc(&mut proto, &mut managed, (&mut err as *mut String).cast(), Some(set_error)) };
+    if rc != 0 || managed.is_null() {
+        if let Some(e) = PyErr::take(py) {
+            return Err(e);
+        }
+        return Err(crate::Error::Route(format!("torch could not allocate a [{rows}, {cols}] output: {err}")).into());
+    }
+    // SAFETY: `managed` is the valid managed tensor torch just made (ours until handed back).
+    let ptr = unsafe { (*managed).dl_tensor.data as u64 + (*managed).dl_tensor.byte_offset };
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: hands the managed tensor back to torch as a torch.Tensor (torch takes ownership,
+    // as in `owned_to_torch`); `out` is a valid out-pointer; the GIL is held.
+    let rc = unsafe { (x.to_py)(managed, &mut out) };
+    if rc != 0 || out.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: a new reference to the tensor torch made.
+    Ok((unsafe { Bound::from_owned_ptr(py, out.cast()) }, ptr))
 }
 
 fn empty_dltensor() -> DlTensor {
