@@ -444,9 +444,8 @@ impl CudaRouter {
         stream: cudarc::driver::sys::CUstream,
     ) -> Result<(), RouteError> {
         let lb = dtype.size() as u64;
-        let aligned = logits.is_multiple_of(16)
-            && (cols as u64 * lb).is_multiple_of(16)
-            && (ld as u64 * lb).is_multiple_of(16);
+        let aligned =
+            logits.is_multiple_of(16) && (cols as u64 * lb).is_multiple_of(16) && (ld as u64 * lb).is_multiple_of(16);
         let op = if replay { Op::Replay } else { Op::Route };
         let plan = self.choose(rows, cols, dtype, aligned, op);
         let bias = self
@@ -619,7 +618,15 @@ impl CudaRouter {
             p.tap_ld = (out.layers * out.k) as i64;
         }
         let plan = self.plan(logits, lptr, Op::Route);
-        self.launch(p, t, &plan, Op::Route, logits.dtype(), aligned(logits, lptr), self.dev.stream.cu_stream())?;
+        self.launch(
+            p,
+            t,
+            &plan,
+            Op::Route,
+            logits.dtype(),
+            aligned(logits, lptr),
+            self.dev.stream.cu_stream(),
+        )?;
         out.rows = t;
         Ok(())
     }
@@ -651,7 +658,15 @@ impl CudaRouter {
         p.weights = out.weights.device_ptr(s).0;
         p.status = out.status.device_ptr(s).0;
         let plan = self.plan(logits, lptr, Op::Replay);
-        self.launch(p, t, &plan, Op::Replay, logits.dtype(), aligned(logits, lptr), self.dev.stream.cu_stream())?;
+        self.launch(
+            p,
+            t,
+            &plan,
+            Op::Replay,
+            logits.dtype(),
+            aligned(logits, lptr),
+            self.dev.stream.cu_stream(),
+        )?;
         out.rows = t;
         Ok(())
     }
@@ -702,7 +717,15 @@ impl CudaRouter {
             p.weights = weights.device_ptr(s).0;
             p.status = status.device_ptr(s).0;
             let plan = self.plan(logits, lptr, op);
-            self.launch(p, t, &plan, op, logits.dtype(), aligned(logits, lptr), self.dev.stream.cu_stream())?;
+            self.launch(
+                p,
+                t,
+                &plan,
+                op,
+                logits.dtype(),
+                aligned(logits, lptr),
+                self.dev.stream.cu_stream(),
+            )?;
         }
         self.read_status(&status, Some(ids))?;
         Ok(DeviceWeights {
@@ -804,7 +827,15 @@ impl Router for CudaRouter {
             p.weights = weights.device_ptr(s).0;
             p.status = status.device_ptr(s).0;
             let plan = self.plan(logits, lptr, Op::Route);
-            self.launch(p, t, &plan, Op::Route, logits.dtype(), aligned(logits, lptr), self.dev.stream.cu_stream())?;
+            self.launch(
+                p,
+                t,
+                &plan,
+                Op::Route,
+                logits.dtype(),
+                aligned(logits, lptr),
+                self.dev.stream.cu_stream(),
+            )?;
         }
         self.read_status(&status, None)?;
         Ok(Routed {

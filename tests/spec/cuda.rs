@@ -422,6 +422,57 @@ fn cuda_record_and_replay_through_replayed() {
 }
 
 #[test]
+fn cuda_async_record_delivers_every_call_in_order_through_a_bounded_pool_and_reports_a_panicking_sink() {
+    if !available() {
+        return;
+    }
+    let cfg = RouterConfig::builder(64, 8).build().expect("valid");
+    let r = CudaRouter::new(cfg.clone()).expect("router");
+    let reference = ReferenceRouter::new(cfg);
+    // More records in flight than the pool holds (slow sinks: the caller waits for a buffer),
+    // large ones (copied out on several threads) between small ones (buffers regrown).
+    let sizes = [9000usize, 3, 17, 9000, 1, 9000, 250, 9000, 9000, 5];
+    type Delivered = Vec<(usize, Array2<u32>)>;
+    let got: Arc<Mutex<Delivered>> = Arc::default();
+    let mut want = Vec::new();
+    for (i, &t) in sizes.iter().enumerate() {
+        let x = logits(t, 64, i);
+        let buf = r.upload_logits(&LogitsRef::F32(x.view())).expect("upload");
+        let o = r.route(&buf.view(), &CallSite::layer(0)).expect("route");
+        let g = got.clone();
+        r.record_ids(
+            &o.ids,
+            Box::new(move |ids| {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                g.lock().expect("lock").push((i, ids));
+            }),
+        )
+        .expect("record");
+        want.push((i, reference.route_host(&LogitsRef::F32(x.view())).expect("reference").0));
+    }
+    r.flush_records().expect("flush");
+    assert_eq!(
+        *got.lock().expect("lock"),
+        want,
+        "every record delivered, in call order"
+    );
+
+    let x = logits(4, 64, 99);
+    let buf = r.upload_logits(&LogitsRef::F32(x.view())).expect("upload");
+    let o = r.route(&buf.view(), &CallSite::layer(0)).expect("route");
+    r.record_ids(&o.ids, Box::new(|_| panic!("sink refuses")))
+        .expect("record");
+    match r.flush_records() {
+        Err(RouteError::Recorder { reason }) => assert!(reason.contains("sink refuses"), "{reason}"),
+        other => panic!("a panicking sink must fail the flush with its message, got {other:?}"),
+    }
+    match r.record_ids(&o.ids, Box::new(|_| {})) {
+        Err(RouteError::Recorder { reason }) => assert!(reason.contains("sink refuses"), "{reason}"),
+        other => panic!("records after a failed one are refused with the cause, got {other:?}"),
+    }
+}
+
+#[test]
 fn cuda_static_buffers_and_graph_capture() {
     if !available() {
         return;
