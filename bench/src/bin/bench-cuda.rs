@@ -20,8 +20,9 @@
 //! z-loss (the dense kernel: softmax over E). Bytes counted: logits read + gradient written
 //! (T·E·4) + ids and upstream gradient read (T·K·8).
 //!
-//! Usage: `bench-cuda [--quick] [--routing] [--backward]` prints Markdown tables
-//! (`--routing`: the routing table only; `--backward`: the backward table only).
+//! Usage: `bench-cuda [--quick] [--routing] [--record] [--backward]` prints Markdown tables
+//! (`--routing`: the routing table only; `--record`: the recording table only; `--backward`: the
+//! backward table only).
 //! `BENCH_RULES=DeepSeek-V3,Qwen3` (default: the four rules above; Mixtral may be added) and
 //! `BENCH_TS=65536,262144` restrict the rules and batch sizes of the routing table;
 //! `BENCH_BACKWARD_TS` the batch sizes of the backward table (default 262144).
@@ -247,6 +248,7 @@ fn main() -> Result<(), RouteError> {
     let quick = std::env::args().any(|a| a == "--quick");
     let backward_only = std::env::args().any(|a| a == "--backward");
     let routing_only = std::env::args().any(|a| a == "--routing");
+    let record_only = std::env::args().any(|a| a == "--record");
     moe_router::cuda::probe()?;
     let t0 = Instant::now();
     let probe_router = CudaRouter::new(RouterConfig::builder(8, 2).build().expect("valid"))?;
@@ -289,6 +291,9 @@ fn main() -> Result<(), RouteError> {
     })?;
     let copy_gbs = (2 * copy_n * 4) as f64 / copy_us / 1e3;
     println!("\nDevice-to-device copy of 256 MiB: {copy_us:.1} µs, {copy_gbs:.0} GB/s (read + write)\n");
+    if record_only {
+        return bench_record(&stream, &pool, quick);
+    }
     if !backward_only {
         bench_routing(&stream, &pool, copy_gbs, quick)?;
         if !routing_only {
