@@ -1,6 +1,7 @@
 //! CPU routing throughput: T = 65536 tokens, E ∈ {128, 256}, K = 8, for the Qwen3 rule (softmax,
-//! renormalised) and the DeepSeek-V3 rule (sigmoid + bias, 8 groups / top 4, scaling 2.5),
-//! portable and native numerics. Throughput is reported in tokens per second. At E = 256 also the
+//! renormalised), the DeepSeek-V3 rule (sigmoid + bias, 8 groups / top 4, scaling 2.5) and the
+//! OLMoE rule (softmax before top-K, not renormalised: dense backward rows), portable and native
+//! numerics. Throughput is reported in tokens per second. At E = 256 also the
 //! replay (weights of given ids) and the backward (`weights_vjp`: the gradient on the logits from
 //! an upstream gradient on the weights; `backward_into`: into a reused buffer, without a fresh
 //! `[T, E]` array per call), so that the backward can be compared with the forward per row.
@@ -27,10 +28,22 @@ fn logits(e: usize) -> Array2<f32> {
     })
 }
 
+/// Qwen3: softmax, renormalised over the K selected — which the config canonicalises to softmax
+/// after top-K (the same weights), so its backward rows are sparse.
 fn qwen3(e: usize, n: Numerics) -> RouterConfig {
     RouterConfig::builder(e, 8)
         .softmax_position(SoftmaxPosition::BeforeTopK)
         .normalization(Normalization::Sum { eps: 1e-20 })
+        .numerics(n)
+        .build()
+        .expect("valid")
+}
+
+/// Softmax before top-K without renormalisation (OLMoE, Qwen2-MoE without `norm_topk_prob`):
+/// the backward's rows are dense (the full-row softmax).
+fn olmoe(e: usize, n: Numerics) -> RouterConfig {
+    RouterConfig::builder(e, 8)
+        .softmax_position(SoftmaxPosition::BeforeTopK)
         .numerics(n)
         .build()
         .expect("valid")
@@ -58,6 +71,7 @@ fn bench(c: &mut Criterion) {
         for (rule, make) in [
             ("qwen3", qwen3 as fn(usize, Numerics) -> RouterConfig),
             ("deepseek_v3", deepseek_v3),
+            ("olmoe", olmoe),
         ] {
             for (nm, n) in [("portable", Numerics::Portable), ("native", Numerics::Native)] {
                 let r = CpuRouter::new(make(e, n));

@@ -319,6 +319,47 @@ fn softmax_into<M: Math>(z: &[M::F], out: &mut Vec<M::F>, row: usize) -> Result<
     Ok((m, s))
 }
 
+/// The scale and the normalisation of [`vjp_row`] on the slot level: from the unnormalised
+/// weights `u` and the upstream gradient `g` (K values each, slot order), the gradient on `u`
+/// into `gu`: `gu = (gs − Σ gs∘wn) / S` with `gs = g · scale` (without normalisation, `gs`).
+/// [`vjp_row`] runs it; a backend that computes `u` its own way (the same bits) runs it too.
+pub fn weights_slot_grad<M: Math>(cfg: &RouterConfig, u: &[M::F], g: &[M::F], gu: &mut Vec<M::F>) {
+    let ftz = M::ftz;
+    let zero = M::F::zero();
+    let scale = M::from_f32(cfg.scaling_factor());
+    gu.clear();
+    gu.extend(g.iter().map(|&x| ftz(x * scale)));
+    let denom = match cfg.normalization() {
+        Normalization::None => None,
+        Normalization::Sum { eps } => {
+            let mut s = zero;
+            for &x in u.iter() {
+                s = s + x;
+            }
+            Some((s + M::from_f32(eps), true))
+        }
+        Normalization::SumClampMin { min } => {
+            let mut s = zero;
+            for &x in u.iter() {
+                s = s + x;
+            }
+            let mn = M::from_f32(min);
+            if s > mn { Some((s, true)) } else { Some((mn, false)) }
+        }
+    };
+    if let Some((d, varies)) = denom {
+        let mut dot = zero;
+        if varies {
+            for (&gs, &uj) in gu.iter().zip(u.iter()) {
+                dot = ftz(dot + ftz(gs * M::div(uj, d)));
+            }
+        }
+        for x in gu.iter_mut() {
+            *x = M::div(ftz(*x - dot), d);
+        }
+    }
+}
+
 /// One row of the backward (DESIGN §2b) on a widened row `z` (E values), the row's ids (slot
 /// order, valid and distinct) and the upstream gradient `g` (K values). `aux_q` holds the row's
 /// aux coefficients ([`AuxTable`], E values) when the aux term is present; `z_factor` is
@@ -386,38 +427,7 @@ pub fn vjp_row<M: Math>(
     }
 
     // Scale, then normalisation: gu = (gs − Σ gs∘wn) / S.
-    let scale = M::from_f32(cfg.scaling_factor());
-    gu.clear();
-    gu.extend(g.iter().map(|&x| ftz(x * scale)));
-    let denom = match cfg.normalization() {
-        Normalization::None => None,
-        Normalization::Sum { eps } => {
-            let mut s = zero;
-            for &x in u.iter() {
-                s = s + x;
-            }
-            Some((s + M::from_f32(eps), true))
-        }
-        Normalization::SumClampMin { min } => {
-            let mut s = zero;
-            for &x in u.iter() {
-                s = s + x;
-            }
-            let mn = M::from_f32(min);
-            if s > mn { Some((s, true)) } else { Some((mn, false)) }
-        }
-    };
-    if let Some((d, varies)) = denom {
-        let mut dot = zero;
-        if varies {
-            for (&gs, &uj) in gu.iter().zip(u.iter()) {
-                dot = ftz(dot + ftz(gs * M::div(uj, d)));
-            }
-        }
-        for x in gu.iter_mut() {
-            *x = M::div(ftz(*x - dot), d);
-        }
-    }
+    weights_slot_grad::<M>(cfg, u, g, gu);
 
     // Score function.
     match (score, before) {

@@ -596,3 +596,135 @@ fn backward_inputs_are_checked_before_any_work() {
     );
     let _ = Numerics::Portable;
 }
+
+/// The CPU backward's dense rows (softmax before top-K without an aux or z-loss term: the
+/// vectorised kernel) give the reference's bits, through `weights_vjp` and `weights_vjp_into`
+/// (a dirty contiguous buffer and a strided one), for softmax before top-K without
+/// renormalisation and with it (kept literal by a selection bias), f32/bf16/f16 logits, portable
+/// and native, E not a multiple of the lane width, T not a multiple of the chunk or the block,
+/// rows with −∞ logits (at and off the ids, underflowing exponentials); and the reference's
+/// errors for NaN, +∞ and all −∞ rows.
+#[test]
+fn cpu_dense_softmax_before_backward_equals_the_reference() {
+    let rules = |e: usize| {
+        let bias: Vec<f32> = (0..e).map(|x| ((x * 37 % 11) as f32 - 5.0) * 0.01).collect();
+        [
+            RouterConfig::builder(e, 8)
+                .softmax_position(SoftmaxPosition::BeforeTopK)
+                .build()
+                .expect("valid"),
+            RouterConfig::builder(e, 6)
+                .softmax_position(SoftmaxPosition::BeforeTopK)
+                .expert_bias(bias)
+                .normalization(Normalization::Sum { eps: 1e-20 })
+                .scaling_factor(2.5)
+                .build()
+                .expect("valid"),
+        ]
+    };
+    for e in [40usize, 256] {
+        for base in rules(e) {
+            assert_eq!(base.softmax_position(), SoftmaxPosition::BeforeTopK);
+            for numerics in [Numerics::Portable, Numerics::Native] {
+                let cfg = base.to_builder().numerics(numerics).build().expect("valid");
+                let (t, k) = (300usize, cfg.top_k());
+                let mut l = Array2::from_shape_fn((t, e), |(i, j)| {
+                    (((i * 7919 + j * 104_729) % 2000) as f32 - 1000.0) * 0.004
+                });
+                // −∞ logits: scattered; row 5 all −∞ but one; row 6 with a spread that
+                // underflows most exponentials.
+                for i in 0..t {
+                    l[[i, (i * 13) % e]] = f32::NEG_INFINITY;
+                }
+                l.row_mut(5).fill(f32::NEG_INFINITY);
+                l[[5, e - 1]] = 0.5;
+                for j in 0..e {
+                    l[[6, j]] = j as f32 * -3.0;
+                }
+                let reference = ReferenceRouter::new(cfg.clone());
+                let mut ids = reference.route_host(&LogitsRef::F32(l.view())).expect("routes").0;
+                // Replayed ids: row 5 the first K experts (all −∞), rows ≥ 250 the K lowest ids.
+                for r in std::iter::once(5).chain(250..t) {
+                    for j in 0..k {
+                        ids[[r, j]] = j as u32;
+                    }
+                }
+                let g = upstream_grad(t, k, 7);
+                let cpu = CpuRouter::new(cfg.clone());
+                let lb = l.mapv(half::bf16::from_f32);
+                let lh = l.mapv(half::f16::from_f32);
+                let lossless = LossGrads::default();
+                for lr in [
+                    LogitsRef::F32(l.view()),
+                    LogitsRef::Bf16(lb.view()),
+                    LogitsRef::F16(lh.view()),
+                ] {
+                    let what = format!("E{e} {numerics:?} {} {:?}", lr.dtype_name(), cfg.normalization());
+                    let gm = HostMatrix::F32(g.clone());
+                    let Ok(HostMatrix::F32(want)) =
+                        reference.weights_vjp_host_at(&lr, ids.view(), &gm, &lossless, &CallSite::default())
+                    else {
+                        panic!("{what}: the reference computes the gradient");
+                    };
+                    let bits = |a: ArrayView2<'_, f32>| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    let got = cpu
+                        .weights_vjp_host_at(&lr, ids.view(), &gm, &lossless, &CallSite::default())
+                        .expect("cpu");
+                    let HostMatrix::F32(got) = got else {
+                        panic!("{what}: f32 gradient expected");
+                    };
+                    assert_eq!(bits(got.view()), bits(want.view()), "{what}: weights_vjp");
+                    let mut out = Array2::from_elem((t, e), f32::NAN);
+                    cpu.weights_vjp_into(&lr, ids.view(), g.view(), &lossless, out.view_mut())
+                        .expect("into");
+                    assert_eq!(bits(out.view()), bits(want.view()), "{what}: weights_vjp_into");
+                    // A strided buffer: every other column of a wider array.
+                    let mut wide = Array2::from_elem((t, 2 * e), f32::NAN);
+                    let strided = wide.slice_mut(ndarray::s![.., ..;2]);
+                    cpu.weights_vjp_into(&lr, ids.view(), g.view(), &lossless, strided)
+                        .expect("into strided");
+                    assert_eq!(
+                        bits(wide.slice(ndarray::s![.., ..;2])),
+                        bits(want.view()),
+                        "{what}: strided"
+                    );
+                }
+                // Rejected rows: the reference's error, from both entry points.
+                for (row, value) in [(17usize, f32::NAN), (42, f32::INFINITY), (299, f32::NAN)] {
+                    let mut bad = l.clone();
+                    bad[[row, 3]] = value;
+                    let lr = LogitsRef::F32(bad.view());
+                    let gm = HostMatrix::F32(g.clone());
+                    let want = reference
+                        .weights_vjp_host_at(&lr, ids.view(), &gm, &lossless, &CallSite::default())
+                        .expect_err("reference rejects the row");
+                    let got = cpu
+                        .weights_vjp_host_at(&lr, ids.view(), &gm, &lossless, &CallSite::default())
+                        .expect_err("cpu rejects the row");
+                    assert_eq!(got.to_string(), want.to_string());
+                    let mut out = Array2::zeros((t, e));
+                    let into = cpu
+                        .weights_vjp_into(&lr, ids.view(), g.view(), &lossless, out.view_mut())
+                        .expect_err("cpu rejects the row");
+                    assert_eq!(into.to_string(), want.to_string());
+                }
+                let mut masked = l.clone();
+                masked.row_mut(9).fill(f32::NEG_INFINITY);
+                let lr = LogitsRef::F32(masked.view());
+                let gm = HostMatrix::F32(g.clone());
+                let want = reference
+                    .weights_vjp_host_at(&lr, ids.view(), &gm, &lossless, &CallSite::default())
+                    .expect_err("all -inf row");
+                let got = cpu
+                    .weights_vjp_host_at(&lr, ids.view(), &gm, &lossless, &CallSite::default())
+                    .expect_err("all -inf row");
+                assert_eq!(got.to_string(), want.to_string());
+                let mut out = Array2::zeros((t, e));
+                let into = cpu
+                    .weights_vjp_into(&lr, ids.view(), g.view(), &lossless, out.view_mut())
+                    .expect_err("all -inf row");
+                assert_eq!(into.to_string(), want.to_string());
+            }
+        }
+    }
+}

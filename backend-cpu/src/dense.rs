@@ -1,0 +1,276 @@
+//! Dense rows of the CPU backward, vectorised: softmax before top-K without an aux or z-loss
+//! term (OLMoE, Qwen2-MoE without renormalisation, and the literal softmax-before rules), f32
+//! numerics (portable and native), logits f32, bf16 or f16. The gradient of such a row is
+//! `p_e · (−t)` off the ids and `p_i · (gu_j − t)` at the ids, over the full-row softmax `p`.
+//!
+//! Per block of [`R`] rows, the same operations as the reference ([`vjp_row`]'s softmax and
+//! weights' term), so the same bits:
+//!
+//! 1. **Per row, in lanes over the experts**: widen (the mode's rule), check (NaN, +∞, all −∞:
+//!    such a row goes to the reference's row loop, which reports its error), the maximum `m`,
+//!    and `exp(z − m)` with [`exp_nonpos`] (the bits of [`moe_router_core::math::exp`], the exp
+//!    of both f32 modes, for every `x ≤ 0`). A −∞ logit stores `−0` (its exponential is `+0`):
+//!    the sum is unchanged (`s + (−0) = s`, and the sum starts at `+0`), and the mark tells the
+//!    output pass to write the reference's `+0`.
+//! 2. **Denominators**: each row's sum in expert order, as the reference (both modes), eight
+//!    rows side by side (independent add chains).
+//! 3. **Per row, slot level (K values)**: `u_j = div(exp_j, s)`, the scale and normalisation of
+//!    the core ([`weights_slot_grad`]), `t = Σ gu_j·u_j`.
+//! 4. **Per row, in lanes**: `dz_e = ftz(div(exp_e, s) · (0 − t))` (the mode's division: the
+//!    portable one or IEEE), then the K ids `ftz(u_j · ftz(gu_j − t))`, and `+0` at −∞ logits.
+
+use crate::fast::{FastF32, W};
+use moe_router_core::backward::{BackwardPlan, vjp_rows, weights_slot_grad};
+use moe_router_core::math::exp_nonpos;
+use moe_router_core::{LogitsRef, RouteError, RouterConfig, ScoreFunction, SoftmaxPosition};
+use ndarray::{ArrayView2, ArrayViewMut2};
+
+/// Rows per block (the exponentials of a block: `R · E` f32, 16 KiB at E = 256).
+const R: usize = 16;
+/// Rows summed side by side.
+const S: usize = 8;
+/// The bits of `−0.0`: the mark of a −∞ logit in the exponentials.
+const NEG_ZERO: u32 = 0x8000_0000;
+
+/// Whether the dense kernel computes the rows of `cfg` under `plan`: softmax before top-K, no
+/// aux or z-loss term, logits of at most f32 precision.
+pub(crate) fn applies(cfg: &RouterConfig, plan: &BackwardPlan, logits: &LogitsRef<'_>) -> bool {
+    cfg.score() == ScoreFunction::Softmax
+        && cfg.softmax_position() == SoftmaxPosition::BeforeTopK
+        && plan.aux.is_none()
+        && plan.z_factor == 0.0
+        && !matches!(logits, LogitsRef::F64(_))
+}
+
+/// Per-thread buffers of [`rows`].
+pub(crate) struct DenseScratch {
+    /// The exponentials of a block's rows, `R × ep` (each row padded to a multiple of [`W`]).
+    ex: Vec<f32>,
+    /// One widened row (non-f32 or strided logits).
+    tmp: Vec<f32>,
+    /// One output row (a strided destination).
+    row: Vec<f32>,
+    u: Vec<f32>,
+    g: Vec<f32>,
+    gu: Vec<f32>,
+}
+
+impl DenseScratch {
+    /// Buffers for rows of `e` experts.
+    pub(crate) fn new(e: usize) -> Self {
+        let ep = e.div_ceil(W) * W;
+        DenseScratch {
+            ex: vec![0.0; R * ep],
+            tmp: Vec::with_capacity(e),
+            row: vec![0.0; e],
+            u: Vec::new(),
+            g: Vec::new(),
+            gu: Vec::new(),
+        }
+    }
+}
+
+/// Rows `start..start + dst.nrows()` of the backward into `dst` (`[rows, E]`); `ids` and `grad`
+/// hold the same rows. For the configs of [`applies`].
+#[allow(clippy::too_many_arguments)]
+#[cfg_attr(
+    moe_avx512,
+    multiversion::multiversion(targets(
+        "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+avx+fma+f16c+sse4.1+sse4.2+popcnt+bmi1+bmi2+lzcnt",
+        "x86_64+avx2+avx+sse4.1+sse4.2+popcnt+bmi1+bmi2+lzcnt",
+        "x86_64+sse4.1"
+    ))
+)]
+#[cfg_attr(
+    not(moe_avx512),
+    multiversion::multiversion(targets("x86_64+avx2+avx+sse4.1+sse4.2+popcnt+bmi1+bmi2+lzcnt", "x86_64+sse4.1"))
+)]
+pub(crate) fn rows<M: FastF32>(
+    cfg: &RouterConfig,
+    logits: &LogitsRef<'_>,
+    ids: ArrayView2<'_, u32>,
+    grad: ArrayView2<'_, f32>,
+    plan: &BackwardPlan,
+    start: usize,
+    mut dst: ArrayViewMut2<'_, f32>,
+    sc: &mut DenseScratch,
+) -> Result<(), RouteError> {
+    let n = dst.nrows();
+    let mut r0 = 0;
+    while r0 < n {
+        let m = R.min(n - r0);
+        block::<M>(cfg, logits, ids, grad, plan, start, r0, m, &mut dst, sc)?;
+        r0 += m;
+    }
+    Ok(())
+}
+
+/// Rows `r0..r0 + m` (of `dst`, `ids` and `grad`; row `start + r` of the logits).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn block<M: FastF32>(
+    cfg: &RouterConfig,
+    logits: &LogitsRef<'_>,
+    ids: ArrayView2<'_, u32>,
+    grad: ArrayView2<'_, f32>,
+    plan: &BackwardPlan,
+    start: usize,
+    r0: usize,
+    m: usize,
+    dst: &mut ArrayViewMut2<'_, f32>,
+    sc: &mut DenseScratch,
+) -> Result<(), RouteError> {
+    let e = dst.ncols();
+    let ep = e.div_ceil(W) * W;
+    // Rows the reference's loop wrote (never: it rejects every row sent to it).
+    let mut done = [false; R];
+    for (r, d) in done.iter_mut().enumerate().take(m) {
+        let t = start + r0 + r;
+        let ex = &mut sc.ex[r * ep..(r + 1) * ep];
+        if !exps::<M>(logits, t, &mut sc.tmp, ex) {
+            // NaN, +∞ or every logit −∞: the reference reports the row's error.
+            let rr = ndarray::s![r0 + r..r0 + r + 1, ..];
+            vjp_rows::<M>(cfg, logits, ids.slice(rr), grad.slice(rr), plan, t, dst.slice_mut(rr))?;
+            *d = true;
+        }
+    }
+    // Denominators: expert order, S rows side by side.
+    let mut sums = [0f32; R];
+    for g0 in (0..m).step_by(S) {
+        let mut acc = [0f32; S];
+        let rows: [&[f32]; S] = std::array::from_fn(|q| {
+            let at = (g0 + q).min(m - 1) * ep;
+            &sc.ex[at..at + e]
+        });
+        #[allow(clippy::needless_range_loop)]
+        for i in 0..e {
+            for q in 0..S {
+                acc[q] += rows[q][i];
+            }
+        }
+        let n = S.min(m - g0);
+        sums[g0..g0 + n].copy_from_slice(&acc[..n]);
+    }
+    for r in 0..m {
+        if done[r] {
+            continue;
+        }
+        let s = sums[r];
+        let ex = &sc.ex[r * ep..(r + 1) * ep];
+        let id_row = ids.row(r0 + r);
+        // Slot level: the weights u (the full-row probabilities at the ids), gu and t.
+        sc.u.clear();
+        sc.u.extend(id_row.iter().map(|&i| M::div(unmark(ex[i as usize]), s)));
+        sc.g.clear();
+        sc.g.extend(grad.row(r0 + r).iter().copied());
+        weights_slot_grad::<M>(cfg, &sc.u, &sc.g, &mut sc.gu);
+        let mut t = 0f32;
+        for (&gj, &uj) in sc.gu.iter().zip(&sc.u) {
+            t = M::ftz(t + M::ftz(gj * uj));
+        }
+        let nt = 0.0 - t;
+        let mut o = dst.row_mut(r0 + r);
+        let out: &mut [f32] = match o.as_slice_mut() {
+            Some(s) => s,
+            None => &mut sc.row,
+        };
+        // Every expert: p·(−t); +0 at −∞ logits.
+        let (oc, otail) = out.as_chunks_mut::<W>();
+        let (xc, xtail) = ex[..e].as_chunks::<W>();
+        for (oc, xc) in oc.iter_mut().zip(xc) {
+            for l in 0..W {
+                oc[l] = off_id::<M>(xc[l], s, nt);
+            }
+        }
+        for (o, &x) in otail.iter_mut().zip(xtail) {
+            *o = off_id::<M>(x, s, nt);
+        }
+        // The ids: p·(gu − t).
+        for ((&i, &gj), &uj) in id_row.iter().zip(&sc.gu).zip(&sc.u) {
+            let x = ex[i as usize];
+            out[i as usize] = if x.to_bits() == NEG_ZERO {
+                0.0
+            } else {
+                M::ftz(uj * M::ftz(gj - t))
+            };
+        }
+        if o.as_slice_mut().is_none() {
+            o.assign(&ndarray::ArrayView1::from(&sc.row[..]));
+        }
+    }
+    Ok(())
+}
+
+/// An exponential with the −∞ mark cleared (`−0` → the reference's `+0`).
+#[inline(always)]
+fn unmark(x: f32) -> f32 {
+    if x.to_bits() == NEG_ZERO { 0.0 } else { x }
+}
+
+/// The gradient of an expert off the ids: `ftz(div(x, s) · nt)`, `+0` for a −∞ logit.
+#[inline(always)]
+fn off_id<M: FastF32>(x: f32, s: f32, nt: f32) -> f32 {
+    let v = M::ftz(M::div(x, s) * nt);
+    if x.to_bits() == NEG_ZERO { 0.0 } else { v }
+}
+
+/// Row `t`'s exponentials `exp(z − max)` into `ex` (`ep` values; −∞ logits and the padding
+/// store `−0`), widened with `M`'s rule. False when the reference rejects the row (a NaN or +∞
+/// logit, or every logit −∞); `ex` is then unspecified.
+#[inline(always)]
+fn exps<M: FastF32>(logits: &LogitsRef<'_>, t: usize, tmp: &mut Vec<f32>, ex: &mut [f32]) -> bool {
+    let src: &[f32] = match logits {
+        LogitsRef::F32(a) => match a.row(t).to_slice() {
+            Some(s) => s,
+            None => {
+                tmp.clear();
+                tmp.extend(a.row(t).iter().copied());
+                tmp
+            }
+        },
+        other => {
+            other.widen_row(t, tmp, |x| x, |x| x as f32);
+            tmp
+        }
+    };
+    let mut mx = [f32::NEG_INFINITY; W];
+    let mut bad = [false; W];
+    {
+        let (sc, stail) = src.as_chunks::<W>();
+        let (ec, etail) = ex.as_chunks_mut::<W>();
+        debug_assert!(etail.is_empty());
+        let mut lane = |c: &[f32; W], o: &mut [f32; W]| {
+            for l in 0..W {
+                let x = M::from_f32(c[l]);
+                // NaN or +∞ in one compare (vectorises).
+                #[allow(clippy::neg_cmp_op_on_partial_ord)]
+                let not_below_inf = !(x < f32::INFINITY);
+                bad[l] |= not_below_inf;
+                mx[l] = if x > mx[l] { x } else { mx[l] };
+                o[l] = x;
+            }
+        };
+        for (c, o) in sc.iter().zip(ec.iter_mut()) {
+            lane(c, o);
+        }
+        if !stail.is_empty() {
+            let mut c = [f32::NEG_INFINITY; W];
+            c[..stail.len()].copy_from_slice(stail);
+            lane(&c, &mut ec[sc.len()]);
+        }
+    }
+    let mut m = f32::NEG_INFINITY;
+    for &x in &mx {
+        m = if x > m { x } else { m };
+    }
+    if bad.iter().any(|&b| b) || m == f32::NEG_INFINITY {
+        return false;
+    }
+    for c in ex.as_chunks_mut::<W>().0 {
+        for x in c.iter_mut() {
+            let v = exp_nonpos(*x - m);
+            *x = if *x == f32::NEG_INFINITY { -0.0 } else { v };
+        }
+    }
+    true
+}
