@@ -138,6 +138,36 @@ impl CpuRouter {
         })
     }
 
+    /// The backward on checked inputs (shapes, ids, readiness: [`CpuRouter::check_backward`]).
+    fn vjp_checked(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        grad: &HostWeights,
+        losses: &LossGrads<'_>,
+    ) -> Result<HostGrad, RouteError> {
+        let cfg = &self.cfg;
+        match (cfg.compute_dtype(), cfg.numerics(), grad) {
+            (ComputeDtype::F64, _, HostMatrix::F64(g)) => {
+                crate::backward::vjp::<NativeF64>(cfg, logits, ids, g.view(), losses).map(HostMatrix::F64)
+            }
+            (ComputeDtype::F64, _, HostMatrix::F32(g)) => {
+                crate::backward::vjp::<NativeF64>(cfg, logits, ids, g.mapv(f64::from).view(), losses)
+                    .map(HostMatrix::F64)
+            }
+            (ComputeDtype::F32, Numerics::Portable, g) => {
+                let g = g.to_f32().mapv(moe_router_core::math::ftz);
+                crate::backward::vjp::<Portable>(cfg, logits, ids, g.view(), losses).map(HostMatrix::F32)
+            }
+            (ComputeDtype::F32, Numerics::Native, HostMatrix::F32(g)) => {
+                crate::backward::vjp::<NativeF32>(cfg, logits, ids, g.view(), losses).map(HostMatrix::F32)
+            }
+            (ComputeDtype::F32, Numerics::Native, g) => {
+                crate::backward::vjp::<NativeF32>(cfg, logits, ids, g.to_f32().view(), losses).map(HostMatrix::F32)
+            }
+        }
+    }
+
     /// The checks of a backward call: the logits' shape, the ids (range, duplicates) and the
     /// upstream gradient's shape `[T, K]`.
     fn check_backward(
@@ -196,27 +226,24 @@ impl Router for CpuRouter {
         _site: &CallSite<'_>,
     ) -> Result<HostGrad, RouteError> {
         self.check_backward(logits, ids.view(), grad.dim())?;
-        let cfg = &self.cfg;
-        match (cfg.compute_dtype(), cfg.numerics(), grad) {
-            (ComputeDtype::F64, _, HostMatrix::F64(g)) => {
-                crate::backward::vjp::<NativeF64>(cfg, logits, ids.view(), g.view(), losses).map(HostMatrix::F64)
-            }
-            (ComputeDtype::F64, _, HostMatrix::F32(g)) => {
-                crate::backward::vjp::<NativeF64>(cfg, logits, ids.view(), g.mapv(f64::from).view(), losses)
-                    .map(HostMatrix::F64)
-            }
-            (ComputeDtype::F32, Numerics::Portable, g) => {
-                let g = g.to_f32().mapv(moe_router_core::math::ftz);
-                crate::backward::vjp::<Portable>(cfg, logits, ids.view(), g.view(), losses).map(HostMatrix::F32)
-            }
-            (ComputeDtype::F32, Numerics::Native, HostMatrix::F32(g)) => {
-                crate::backward::vjp::<NativeF32>(cfg, logits, ids.view(), g.view(), losses).map(HostMatrix::F32)
-            }
-            (ComputeDtype::F32, Numerics::Native, g) => {
-                crate::backward::vjp::<NativeF32>(cfg, logits, ids.view(), g.to_f32().view(), losses)
-                    .map(HostMatrix::F32)
-            }
-        }
+        self.vjp_checked(logits, ids.view(), grad, losses)
+    }
+    /// As the trait's default (same checks, same result), without its copies: the ids are read
+    /// in place and the `[T, E]` gradient is returned as computed (the host is this backend's
+    /// device, so there is nothing to download).
+    fn weights_vjp_host_at(
+        &self,
+        logits: &LogitsRef<'_>,
+        ids: ArrayView2<'_, u32>,
+        grad: &HostMatrix,
+        losses: &LossGrads<'_>,
+        _site: &CallSite<'_>,
+    ) -> Result<HostGrad, RouteError> {
+        self.check_backward(logits, ids, grad.dim())?;
+        let (t, e) = logits.dim();
+        losses.check(t, e)?;
+        let g = self.weights_from_host(grad)?;
+        self.vjp_checked(logits, ids, &g, losses)
     }
     fn weights_from_host(&self, weights: &HostMatrix) -> Result<HostWeights, RouteError> {
         Ok(moe_router_core::reference::host_in_compute_precision(
