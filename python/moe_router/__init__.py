@@ -145,6 +145,14 @@ class Router:
     data (NaN or +inf logits, invalid replay ids) are latched on the device and raised by
     :meth:`check` (or at once with ``check=True``). The GIL is released while routing; a router
     may be used from several threads at once.
+
+    The ids and weights of a CUDA ``route`` share one allocation from torch's caching allocator
+    (made on the current stream, handed over through DLPack, freed when both tensors are gone).
+    ``Tensor.record_stream`` does not track storage imported through DLPack: to use the outputs
+    on another stream, make that stream wait for the current one (``s.wait_stream(...)``) and
+    keep the tensors alive until it has passed them, or ``clone()`` them there;
+    ``moe_router._native.torch_path("attributes")`` switches to outputs made by
+    ``Tensor.new_empty`` (a few microseconds more per call), which ``record_stream`` tracks.
     """
 
     def __init__(self, config: RouterConfig, backend: str = "auto", numerics: str = "portable") -> None:

@@ -36,6 +36,10 @@ def torch_path(set: Optional[str] = None) -> str:
     API, ``"attributes"``, ``"python"``); ``set`` (``"auto"``, ``"attributes"``, ``"python"``)
     forces one, for tests and benchmarks."""
 
+def _torch_step_ns(tensor: Any, step: str, iters: int) -> float:
+    """Benchmark helper: nanoseconds per call of one step of the torch fast path on ``tensor``
+    (``"read"``, ``"empty"``: a fresh ``[rows, 8]`` float32 output on its device, ``"stream"``)."""
+
 def preset(name: str) -> RouterConfig:
     """The rule of a published model by name (``"deepseek-v3"``, ``"qwen3-moe"``, ...)."""
 

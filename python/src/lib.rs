@@ -138,6 +138,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_EXPERTS", moe_router::MAX_EXPERTS)?;
     m.add_function(wrap_pyfunction!(compiled_backends, m)?)?;
     m.add_function(wrap_pyfunction!(tensor::torch_path, m)?)?;
+    m.add_function(wrap_pyfunction!(tensor::_torch_step_ns, m)?)?;
     config::register(m)?;
     router::register(m)?;
     trace::register(m)?;

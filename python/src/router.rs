@@ -322,8 +322,7 @@ impl PyRouter {
             }
         };
         let k = self.router.config().top_k();
-        let (ids, ids_ptr) = torch.cuda_empty(logits, index, t.rows, k, true)?;
-        let (w, w_ptr) = torch.cuda_empty(logits, index, t.rows, k, false)?;
+        let ((ids, ids_ptr), (w, w_ptr)) = torch.cuda_route_outputs(logits, index, t.rows, k)?;
         let stream = torch.stream(py, index)?;
         let raw = RawLogits {
             ptr: t.ptr,

@@ -22,6 +22,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyType};
 use pyo3::{ffi, intern};
 use std::ffi::{c_int, c_void};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// `DLPackVersion`.
@@ -376,6 +377,38 @@ impl Torch {
         Ok((t, ptr))
     }
 
+    /// The outputs of a route on CUDA device `index`: ids (int32) and weights (float32), each
+    /// `[rows, k]`, with their addresses. With the exchange API's allocator both live in one
+    /// allocation from torch (one `at::empty`, the caching allocator on the current stream),
+    /// handed out as two tensors that keep it alive together; else two `cuda_empty` calls.
+    pub(crate) fn cuda_route_outputs<'py>(
+        &self,
+        like: &Bound<'py, PyAny>,
+        index: i32,
+        rows: usize,
+        k: usize,
+    ) -> PyResult<RouteOutputs<'py>> {
+        let py = like.py();
+        let Some(api) = self.exchange().and_then(|x| x.alloc.map(|a| (x, a))) else {
+            return Ok((
+                self.cuda_empty(like, index, rows, k, true)?,
+                self.cuda_empty(like, index, rows, k, false)?,
+            ));
+        };
+        // Weights start on a 256-byte boundary after the ids (what a separate allocation gets).
+        let n = rows * k;
+        let w_off = (n * 4).div_ceil(256) * 256;
+        let words = (w_off + n * 4) / 4;
+        let (x, alloc) = api;
+        let torch_managed = exchange_alloc(py, alloc, KDL_CUDA, index, &[words.max(1) as i64], true)?;
+        // SAFETY: a valid managed tensor torch just made, ours until its deleter runs.
+        let base = unsafe { (*torch_managed).dl_tensor.data as u64 + (*torch_managed).dl_tensor.byte_offset };
+        let shared = Arc::new(TorchBlock(torch_managed));
+        let ids = view_to_torch(py, x, &shared, base, rows, k, (KDL_INT, 32), index)?;
+        let w = view_to_torch(py, x, &shared, base + w_off as u64, rows, k, (KDL_FLOAT, 32), index)?;
+        Ok(((ids, base), (w, base + w_off as u64)))
+    }
+
     /// A CPU tensor owning `a` (no copy with the exchange API; through NumPy otherwise).
     pub(crate) fn host_tensor<'py, T: HostElem>(
         &self,
@@ -428,6 +461,45 @@ unsafe extern "C" fn set_error(ctx: *mut c_void, kind: *const std::ffi::c_char, 
     }
 }
 
+/// A fresh managed tensor of `shape` (int32 when `int`, else float32) on (`device_type`,
+/// `index`) from torch's allocator through the exchange API (owned by the caller: hand it to
+/// torch or call its deleter).
+fn exchange_alloc(
+    py: Python<'_>,
+    alloc: ManagedAllocator,
+    device_type: c_int,
+    index: i32,
+    shape: &[i64],
+    int: bool,
+) -> PyResult<*mut DlManagedTensorVersioned> {
+    let mut dims = shape.to_vec();
+    let mut proto = empty_dltensor();
+    proto.device = DlDevice {
+        device_type,
+        device_id: index,
+    };
+    proto.ndim = dims.len() as i32;
+    proto.dtype = DlDataType {
+        code: if int { KDL_INT } else { KDL_FLOAT },
+        bits: 32,
+        lanes: 1,
+    };
+    proto.shape = dims.as_mut_ptr();
+    let mut managed: *mut DlManagedTensorVersioned = std::ptr::null_mut();
+    let mut err = String::new();
+    // SAFETY: torch's allocator reads the prototype's dtype, ndim, shape and device (all valid
+    // for the call) and writes an owning managed tensor to `managed`, or calls `set_error` with
+    // `err` (a live String) and fails; the GIL is held.
+    let rc = unsafe { alloc(&mut proto, &mut managed, (&mut err as *mut String).cast(), Some(set_error)) };
+    if rc != 0 || managed.is_null() {
+        if let Some(e) = PyErr::take(py) {
+            return Err(e);
+        }
+        return Err(crate::Error::Route(format!("torch could not allocate a {shape:?} output: {err}")).into());
+    }
+    Ok(managed)
+}
+
 /// A fresh `[rows, cols]` int32 / float32 tensor on (`device_type`, `index`) from torch's
 /// allocator through the exchange API, and its address.
 fn exchange_empty(
@@ -439,38 +511,7 @@ fn exchange_empty(
     cols: usize,
     int: bool,
 ) -> PyResult<(Bound<'_, PyAny>, u64)> {
-    let mut shape = [rows as i64, cols as i64];
-    let mut proto = empty_dltensor();
-    proto.device = DlDevice {
-        device_type,
-        device_id: index,
-    };
-    proto.ndim = 2;
-    proto.dtype = DlDataType {
-        code: if int { KDL_INT } else { KDL_FLOAT },
-        bits: 32,
-        lanes: 1,
-    };
-    proto.shape = shape.as_mut_ptr();
-    let mut managed: *mut DlManagedTensorVersioned = std::ptr::null_mut();
-    let mut err = String::new();
-    // SAFETY: torch's allocator reads the prototype's dtype, ndim, shape and device (all valid
-    // for the call) and writes an owning managed tensor to `managed`, or calls `set_error` with
-    // `err` (a live String) and fails; the GIL is held.
-    let rc = unsafe {
-        alloc(
-            &mut proto,
-            &mut managed,
-            (&mut err as *mut String).cast(),
-            Some(set_error),
-        )
-    };
-    if rc != 0 || managed.is_null() {
-        if let Some(e) = PyErr::take(py) {
-            return Err(e);
-        }
-        return Err(crate::Error::Route(format!("torch could not allocate a [{rows}, {cols}] output: {err}")).into());
-    }
+    let managed = exchange_alloc(py, alloc, device_type, index, &[rows as i64, cols as i64], int)?;
     // SAFETY: `managed` is the valid managed tensor torch just made (ours until handed back).
     let ptr = unsafe { (*managed).dl_tensor.data as u64 + (*managed).dl_tensor.byte_offset };
     let mut out: *mut c_void = std::ptr::null_mut();
@@ -482,6 +523,104 @@ fn exchange_empty(
     }
     // SAFETY: a new reference to the tensor torch made.
     Ok((unsafe { Bound::from_owned_ptr(py, out.cast()) }, ptr))
+}
+
+/// Ids and weights tensors with their addresses (`Torch::cuda_route_outputs`).
+pub(crate) type RouteOutputs<'py> = ((Bound<'py, PyAny>, u64), (Bound<'py, PyAny>, u64));
+
+/// A managed tensor made by torch, released (its deleter called) when the last view of it dies.
+struct TorchBlock(*mut DlManagedTensorVersioned);
+
+// SAFETY: the pointer is only used to call torch's deleter once, from whichever thread drops the
+// last view; torch's DLPack deleters may run on any thread (the DLPack contract).
+unsafe impl Send for TorchBlock {}
+// SAFETY: no access through a shared reference (only `Drop` uses the pointer).
+unsafe impl Sync for TorchBlock {}
+
+impl Drop for TorchBlock {
+    fn drop(&mut self) {
+        // SAFETY: the managed tensor torch made, not yet released; its deleter frees it.
+        unsafe {
+            if let Some(d) = (*self.0).deleter {
+                d(self.0);
+            }
+        }
+    }
+}
+
+/// A `[rows, cols]` view into a `TorchBlock`, as a DLPack managed tensor (first field).
+#[repr(C)]
+struct BlockView {
+    managed: DlManagedTensorVersioned,
+    shape: [i64; 2],
+    strides: [i64; 2],
+    _block: Arc<TorchBlock>,
+}
+
+unsafe extern "C" fn drop_view(p: *mut DlManagedTensorVersioned) {
+    if !p.is_null() {
+        // SAFETY: `p` is the `managed` field (first, repr(C)) of a `BlockView` leaked from a Box
+        // in `view_to_torch`; torch calls the deleter once, from any thread.
+        drop(unsafe { Box::from_raw((*p).manager_ctx as *mut BlockView) });
+    }
+}
+
+/// A torch tensor viewing `[rows, cols]` elements of `dtype` at `addr` inside `block` on CUDA
+/// device `index` (the view keeps the block alive).
+#[allow(clippy::too_many_arguments)]
+fn view_to_torch<'py>(
+    py: Python<'py>,
+    x: Exchange,
+    block: &Arc<TorchBlock>,
+    addr: u64,
+    rows: usize,
+    cols: usize,
+    dtype: (u8, u8),
+    index: i32,
+) -> PyResult<Bound<'py, PyAny>> {
+    let raw = Box::into_raw(Box::new(BlockView {
+        managed: DlManagedTensorVersioned {
+            version: DlVersion { major: 1, minor: 2 },
+            manager_ctx: std::ptr::null_mut(),
+            deleter: Some(drop_view),
+            flags: 0,
+            dl_tensor: DlTensor {
+                data: addr as *mut c_void,
+                device: DlDevice {
+                    device_type: KDL_CUDA,
+                    device_id: index,
+                },
+                ndim: 2,
+                dtype: DlDataType {
+                    code: dtype.0,
+                    bits: dtype.1,
+                    lanes: 1,
+                },
+                shape: std::ptr::null_mut(),
+                strides: std::ptr::null_mut(),
+                byte_offset: 0,
+            },
+        },
+        shape: [rows as i64, cols as i64],
+        strides: [cols as i64, 1],
+        _block: block.clone(),
+    }));
+    // SAFETY: `raw` is a valid, uniquely owned Box; the pointers set here point into it (its
+    // heap address is stable until the deleter frees it).
+    unsafe {
+        (*raw).managed.manager_ctx = raw.cast();
+        (*raw).managed.dl_tensor.shape = (*raw).shape.as_mut_ptr();
+        (*raw).managed.dl_tensor.strides = (*raw).strides.as_mut_ptr();
+    }
+    let mut out: *mut c_void = std::ptr::null_mut();
+    // SAFETY: torch takes ownership of the managed view (its deleter frees the box, and with the
+    // last view the block); `out` is a valid out-pointer; the GIL is held.
+    let rc = unsafe { (x.to_py)(raw.cast(), &mut out) };
+    if rc != 0 || out.is_null() {
+        return Err(PyErr::fetch(py));
+    }
+    // SAFETY: a new reference to the tensor torch made.
+    Ok(unsafe { Bound::from_owned_ptr(py, out.cast()) })
 }
 
 fn empty_dltensor() -> DlTensor {
@@ -690,4 +829,32 @@ pub(crate) fn torch_path(py: Python<'_>, set: Option<&str>) -> PyResult<&'static
         0 if exchange => "exchange",
         _ => "attributes",
     })
+}
+
+/// Benchmark helper (python/benches): nanoseconds per call of one step of the torch fast path on
+/// `tensor` (a 2-D `torch.Tensor`), `iters` calls timed in Rust with the GIL held: ``"read"``
+/// (its address, dtype, shape and strides), ``"empty"`` (a fresh `[rows, 8]` float32 output on
+/// its device, made and dropped) or ``"stream"`` (the current stream of its CUDA device).
+#[pyfunction]
+pub(crate) fn _torch_step_ns(tensor: &Bound<'_, PyAny>, step: &str, iters: usize) -> PyResult<f64> {
+    let py = tensor.py();
+    let unsupported = || crate::Error::Value("not a 2-D float torch.Tensor on the CPU or a CUDA device".into());
+    let torch = Torch::of(py, tensor).ok_or_else(unsupported)?;
+    let t = torch.read(tensor).ok_or_else(unsupported)?;
+    let index = match t.place {
+        Place::Cuda(i) => i,
+        Place::Cpu => -1,
+    };
+    let n = iters.max(1);
+    let t0 = std::time::Instant::now();
+    for _ in 0..n {
+        match step {
+            "read" => drop(std::hint::black_box(torch.read(tensor))),
+            "empty" if index >= 0 => drop(torch.cuda_empty(tensor, index, t.rows, 8, false)?),
+            "empty" => drop(torch.host_tensor(py, ndarray::Array2::<f32>::zeros((t.rows, 8)))?),
+            "stream" if index >= 0 => drop(std::hint::black_box(torch.stream(py, index)?)),
+            other => return Err(crate::Error::Value(format!("unknown step {other:?} for this tensor")).into()),
+        }
+    }
+    Ok(t0.elapsed().as_nanos() as f64 / n as f64)
 }

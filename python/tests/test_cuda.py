@@ -290,3 +290,30 @@ def test_each_torch_path_on_cuda(path):
             gpu.route(torch.zeros((3, 64), device=DEV))
     finally:
         m._native.torch_path("auto")
+
+
+def test_route_outputs_share_one_allocation_and_free_it_with_the_last_one():
+    """ids and weights come from one torch allocation: each keeps it alive alone, and it goes
+    back to torch's caching allocator when both are gone (no leak over many calls)."""
+    rng = np.random.default_rng(11)
+    gpu, cpu = routers("qwen3-moe")
+    x = torch.from_numpy(rng.standard_normal((333, 128), dtype=np.float32)).to(DEV)
+    cids, cw = cpu.route(x.cpu())
+    ids, w = gpu.route(x)
+    del ids
+    junk = [torch.full((333, 16), -7, dtype=torch.int32, device=DEV) for _ in range(8)]
+    assert torch.equal(w.cpu(), cw), "weights intact after the ids tensor died"
+    ids, w = gpu.route(x)
+    del w
+    junk += [torch.full((333, 16), -7.0, device=DEV) for _ in range(8)]
+    assert torch.equal(ids.cpu(), cids), "ids intact after the weights tensor died"
+    assert ids.data_ptr() % 16 == 0
+    del ids, junk
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(DEV)
+    for _ in range(200):
+        ids, w = gpu.route(x)
+        assert w.data_ptr() % 256 == 0 and w.data_ptr() > ids.data_ptr()
+    del ids, w
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated(DEV) == base, "every output allocation returned to torch"
