@@ -490,7 +490,14 @@ fn exchange_alloc(
     // SAFETY: torch's allocator reads the prototype's dtype, ndim, shape and device (all valid
     // for the call) and writes an owning managed tensor to `managed`, or calls `set_error` with
     // `err` (a live String) and fails; the GIL is held.
-    let rc = unsafe { alloc(&mut proto, &mut managed, (&mut err as *mut String).cast(), Some(set_error)) };
+    let rc = unsafe {
+        alloc(
+            &mut proto,
+            &mut managed,
+            (&mut err as *mut String).cast(),
+            Some(set_error),
+        )
+    };
     if rc != 0 || managed.is_null() {
         if let Some(e) = PyErr::take(py) {
             return Err(e);

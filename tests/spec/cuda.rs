@@ -430,7 +430,7 @@ fn cuda_async_record_delivers_every_call_in_order_through_a_bounded_pool_and_rep
     let r = CudaRouter::new(cfg.clone()).expect("router");
     let reference = ReferenceRouter::new(cfg);
     // More records in flight than the pool holds (slow sinks: the caller waits for a buffer),
-    // large ones (copied out on several threads) between small ones (buffers regrown).
+    // large ones between small ones (buffers regrown).
     let sizes = [9000usize, 3, 17, 9000, 1, 9000, 250, 9000, 9000, 5];
     type Delivered = Vec<(usize, Array2<u32>)>;
     let got: Arc<Mutex<Delivered>> = Arc::default();
