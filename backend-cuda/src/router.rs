@@ -422,6 +422,20 @@ impl CudaRouter {
         .map_err(dev_err)
     }
 
+    /// [`CudaRouter::launch`] on the router's own stream, for `logits` at `lptr`.
+    fn launch_own(
+        &self,
+        p: Params,
+        rows: usize,
+        plan: &Plan,
+        op: Op,
+        logits: &DeviceLogits<'_>,
+        lptr: u64,
+    ) -> Result<(), RouteError> {
+        let stream = self.dev.stream.cu_stream();
+        self.launch(p, rows, plan, op, logits.dtype(), aligned(logits, lptr), stream)
+    }
+
     /// Enqueues a route (or, with `replay`, a replay of the ids at `ids`) on caller-owned memory
     /// and a caller-owned `stream`, with the plan a call of this router would use (warp, tile or
     /// row kernels): what [`crate::external::ExternalLaunch`] launches.
@@ -618,15 +632,7 @@ impl CudaRouter {
             p.tap_ld = (out.layers * out.k) as i64;
         }
         let plan = self.plan(logits, lptr, Op::Route);
-        self.launch(
-            p,
-            t,
-            &plan,
-            Op::Route,
-            logits.dtype(),
-            aligned(logits, lptr),
-            self.dev.stream.cu_stream(),
-        )?;
+        self.launch_own(p, t, &plan, Op::Route, logits, lptr)?;
         out.rows = t;
         Ok(())
     }
@@ -658,15 +664,7 @@ impl CudaRouter {
         p.weights = out.weights.device_ptr(s).0;
         p.status = out.status.device_ptr(s).0;
         let plan = self.plan(logits, lptr, Op::Replay);
-        self.launch(
-            p,
-            t,
-            &plan,
-            Op::Replay,
-            logits.dtype(),
-            aligned(logits, lptr),
-            self.dev.stream.cu_stream(),
-        )?;
+        self.launch_own(p, t, &plan, Op::Replay, logits, lptr)?;
         out.rows = t;
         Ok(())
     }
@@ -717,15 +715,7 @@ impl CudaRouter {
             p.weights = weights.device_ptr(s).0;
             p.status = status.device_ptr(s).0;
             let plan = self.plan(logits, lptr, op);
-            self.launch(
-                p,
-                t,
-                &plan,
-                op,
-                logits.dtype(),
-                aligned(logits, lptr),
-                self.dev.stream.cu_stream(),
-            )?;
+            self.launch_own(p, t, &plan, op, logits, lptr)?;
         }
         self.read_status(&status, Some(ids))?;
         Ok(DeviceWeights {
@@ -827,15 +817,7 @@ impl Router for CudaRouter {
             p.weights = weights.device_ptr(s).0;
             p.status = status.device_ptr(s).0;
             let plan = self.plan(logits, lptr, Op::Route);
-            self.launch(
-                p,
-                t,
-                &plan,
-                Op::Route,
-                logits.dtype(),
-                aligned(logits, lptr),
-                self.dev.stream.cu_stream(),
-            )?;
+            self.launch_own(p, t, &plan, Op::Route, logits, lptr)?;
         }
         self.read_status(&status, None)?;
         Ok(Routed {

@@ -555,23 +555,6 @@ impl Drop for TorchBlock {
     }
 }
 
-/// A `[rows, cols]` view into a `TorchBlock`, as a DLPack managed tensor (first field).
-#[repr(C)]
-struct BlockView {
-    managed: DlManagedTensorVersioned,
-    shape: [i64; 2],
-    strides: [i64; 2],
-    _block: Arc<TorchBlock>,
-}
-
-unsafe extern "C" fn drop_view(p: *mut DlManagedTensorVersioned) {
-    if !p.is_null() {
-        // SAFETY: `p` is the `managed` field (first, repr(C)) of a `BlockView` leaked from a Box
-        // in `view_to_torch`; torch calls the deleter once, from any thread.
-        drop(unsafe { Box::from_raw((*p).manager_ctx as *mut BlockView) });
-    }
-}
-
 /// A torch tensor viewing `[rows, cols]` elements of `dtype` at `addr` inside `block` on CUDA
 /// device `index` (the view keeps the block alive).
 #[allow(clippy::too_many_arguments)]
@@ -585,18 +568,53 @@ fn view_to_torch<'py>(
     dtype: (u8, u8),
     index: i32,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let raw = Box::into_raw(Box::new(BlockView {
+    let device = DlDevice {
+        device_type: KDL_CUDA,
+        device_id: index,
+    };
+    managed_to_torch(py, x, addr as *mut c_void, device, dtype, rows, cols, block.clone())
+}
+
+/// A DLPack managed tensor `[rows, cols]` (row-major) that owns `keep` (what keeps its memory
+/// alive), its first field the managed tensor.
+#[repr(C)]
+struct Managed<K> {
+    managed: DlManagedTensorVersioned,
+    shape: [i64; 2],
+    strides: [i64; 2],
+    _keep: K,
+}
+
+unsafe extern "C" fn drop_managed<K>(p: *mut DlManagedTensorVersioned) {
+    if !p.is_null() {
+        // SAFETY: `p` is the `managed` field (first, repr(C)) of a `Managed<K>` leaked from a Box
+        // in `managed_to_torch`; torch calls the deleter once, from any thread.
+        drop(unsafe { Box::from_raw((*p).manager_ctx as *mut Managed<K>) });
+    }
+}
+
+/// Hands `[rows, cols]` elements of `dtype` at `data` on `device` to torch as a tensor that owns
+/// `keep` (dropped, from any thread, when the tensor dies).
+#[allow(clippy::too_many_arguments)]
+fn managed_to_torch<'py, K: Send + 'static>(
+    py: Python<'py>,
+    x: Exchange,
+    data: *mut c_void,
+    device: DlDevice,
+    dtype: (u8, u8),
+    rows: usize,
+    cols: usize,
+    keep: K,
+) -> PyResult<Bound<'py, PyAny>> {
+    let raw = Box::into_raw(Box::new(Managed {
         managed: DlManagedTensorVersioned {
             version: DlVersion { major: 1, minor: 2 },
             manager_ctx: std::ptr::null_mut(),
-            deleter: Some(drop_view),
+            deleter: Some(drop_managed::<K>),
             flags: 0,
             dl_tensor: DlTensor {
-                data: addr as *mut c_void,
-                device: DlDevice {
-                    device_type: KDL_CUDA,
-                    device_id: index,
-                },
+                data,
+                device,
                 ndim: 2,
                 dtype: DlDataType {
                     code: dtype.0,
@@ -610,7 +628,7 @@ fn view_to_torch<'py>(
         },
         shape: [rows as i64, cols as i64],
         strides: [cols as i64, 1],
-        _block: block.clone(),
+        _keep: keep,
     }));
     // SAFETY: `raw` is a valid, uniquely owned Box; the pointers set here point into it (its
     // heap address is stable until the deleter frees it).
@@ -620,8 +638,8 @@ fn view_to_torch<'py>(
         (*raw).managed.dl_tensor.strides = (*raw).strides.as_mut_ptr();
     }
     let mut out: *mut c_void = std::ptr::null_mut();
-    // SAFETY: torch takes ownership of the managed view (its deleter frees the box, and with the
-    // last view the block); `out` is a valid out-pointer; the GIL is held.
+    // SAFETY: torch takes ownership of the managed tensor (its deleter frees the box, and with
+    // it `keep`, when the tensor dies); `out` is a valid out-pointer; the GIL is held.
     let rc = unsafe { (x.to_py)(raw.cast(), &mut out) };
     if rc != 0 || out.is_null() {
         return Err(PyErr::fetch(py));
@@ -705,24 +723,6 @@ impl HostElem for f32 {
     const DL: (u8, u8) = (KDL_FLOAT, 32);
 }
 
-/// A host buffer owned by a `DLManagedTensorVersioned` (its first field, so the managed
-/// tensor's address is the box's), freed by its deleter.
-#[repr(C)]
-struct Owned<T> {
-    managed: DlManagedTensorVersioned,
-    shape: [i64; 2],
-    strides: [i64; 2],
-    data: Vec<T>,
-}
-
-unsafe extern "C" fn drop_owned<T>(p: *mut DlManagedTensorVersioned) {
-    if !p.is_null() {
-        // SAFETY: `p` is the `managed` field (first, repr(C)) of an `Owned<T>` leaked from a Box
-        // in `owned_to_torch`; torch calls the deleter once, from any thread.
-        drop(unsafe { Box::from_raw((*p).manager_ctx as *mut Owned<T>) });
-    }
-}
-
 /// The elements of `a` in row-major order (no copy for an owned standard-layout array).
 fn row_major<T: Copy>(a: ndarray::Array2<T>) -> Vec<T> {
     if a.is_standard_layout() {
@@ -749,50 +749,12 @@ fn owned_to_torch<'py, T: HostElem>(
     } else {
         data.as_mut_ptr()
     };
-    let owned = Box::new(Owned {
-        managed: DlManagedTensorVersioned {
-            version: DlVersion { major: 1, minor: 2 },
-            manager_ctx: std::ptr::null_mut(),
-            deleter: Some(drop_owned::<T>),
-            flags: 0,
-            dl_tensor: DlTensor {
-                data: ptr.cast(),
-                device: DlDevice {
-                    device_type: KDL_CPU,
-                    device_id: 0,
-                },
-                ndim: 2,
-                dtype: DlDataType {
-                    code: T::DL.0,
-                    bits: T::DL.1,
-                    lanes: 1,
-                },
-                shape: std::ptr::null_mut(),
-                strides: std::ptr::null_mut(),
-                byte_offset: 0,
-            },
-        },
-        shape: [rows as i64, cols as i64],
-        strides: [cols as i64, 1],
-        data,
-    });
-    let raw = Box::into_raw(owned);
-    // SAFETY: `raw` is a valid, uniquely owned Box; the pointers set here point into it (its
-    // heap address is stable until the deleter frees it).
-    unsafe {
-        (*raw).managed.manager_ctx = raw.cast();
-        (*raw).managed.dl_tensor.shape = (*raw).shape.as_mut_ptr();
-        (*raw).managed.dl_tensor.strides = (*raw).strides.as_mut_ptr();
-    }
-    let mut out: *mut c_void = std::ptr::null_mut();
-    // SAFETY: torch takes ownership of the managed tensor (its deleter frees the box when the
-    // tensor dies); `out` is a valid out-pointer; the GIL is held.
-    let rc = unsafe { (x.to_py)(raw.cast(), &mut out) };
-    if rc != 0 || out.is_null() {
-        return Err(PyErr::fetch(py));
-    }
-    // SAFETY: a new reference to the tensor torch made.
-    Ok(unsafe { Bound::from_owned_ptr(py, out.cast()) })
+    let device = DlDevice {
+        device_type: KDL_CPU,
+        device_id: 0,
+    };
+    // The Vec's heap buffer does not move when the Vec moves into the managed tensor.
+    managed_to_torch(py, x, ptr.cast(), device, T::DL, rows, cols, data)
 }
 
 /// Which path `Router.route` takes for torch tensors, or (with `set`) forces one: ``"auto"``
