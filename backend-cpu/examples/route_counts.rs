@@ -2,11 +2,12 @@
 //! `valgrind --tool=callgrind` (which do not drift with machine load).
 //!
 //! ```text
-//! route_counts <qwen3|deepseek_v3> <portable|native> <route|replay|backward|backward_losses> <T> <E> <reps>
+//! route_counts <qwen3|deepseek_v3|olmoe> <portable|native> <route|replay|backward|backward_into|backward_losses> <T> <E> <reps>
 //! ```
 //!
-//! Inputs (logits, and for replay/backward the routed ids and an upstream gradient) are built
-//! first; then the operation runs `reps` times. The cost of one call is the difference between
+//! Inputs (logits, and for replay/backward the routed ids and an upstream gradient; for
+//! `backward_into` also the reused `[T, E]` buffer, written once) are built first; then the
+//! operation runs `reps` times. The cost of one call is the difference between
 //! the counts of `reps = 1` and `reps = 0`.
 
 #![allow(missing_docs)]
@@ -43,6 +44,8 @@ fn config(rule: &str, e: usize, n: Numerics, losses: bool) -> Option<RouterConfi
                 .normalization(Normalization::Sum { eps: 1e-20 })
                 .scaling_factor(2.5)
         }
+        // Softmax before top-K, not renormalised: dense backward rows.
+        "olmoe" => RouterConfig::builder(e, 8).softmax_position(SoftmaxPosition::BeforeTopK),
         _ => return None,
     };
     let b = if losses {
@@ -57,7 +60,7 @@ fn main() -> ExitCode {
     let a: Vec<String> = std::env::args().collect();
     if a.len() != 7 {
         eprintln!(
-            "usage: route_counts <qwen3|deepseek_v3> <portable|native> <route|replay|backward|backward_losses> <T> <E> <reps>"
+            "usage: route_counts <qwen3|deepseek_v3|olmoe> <portable|native> <route|replay|backward|backward_into|backward_losses> <T> <E> <reps>"
         );
         return ExitCode::FAILURE;
     }
@@ -88,6 +91,9 @@ fn main() -> ExitCode {
         ((i * 7 + j * 3) % 11) as f32 * 0.1 - 0.5
     }));
     let losses = LossGrads::default().aux_loss(1.0).z_loss(1.0);
+    let g32 = grad.to_f32();
+    let mut out = Array2::<f32>::zeros(if op == "backward_into" { (t, e) } else { (0, 0) });
+    out.fill(1.0);
     let mut check = 0u64;
     for _ in 0..reps {
         match op {
@@ -100,6 +106,11 @@ fn main() -> ExitCode {
                     .expect("backward")
                     .dim()
                     .0 as u64;
+            }
+            "backward_into" => {
+                r.weights_vjp_into(&lr, ids.view(), g32.view(), &LossGrads::default(), out.view_mut())
+                    .expect("backward");
+                check += out[[t - 1, e - 1]].to_bits() as u64 & 1;
             }
             _ => {
                 eprintln!("unknown op {op}");

@@ -1,41 +1,52 @@
 //! The CPU backward: the core's row definition ([`moe_router_core::backward::vjp_row`]) over
-//! chunks of rows in parallel, compiled for AVX2 and SSE4.1 with run-time selection. Portable
-//! mode runs the reference's code, so the gradient is the same bits.
+//! chunks of rows in parallel, compiled for AVX-512, AVX2 and SSE4.1 with run-time selection.
+//! Portable mode computes the reference's operations, so the gradient is the same bits.
 //!
-//! Two things keep it at the speed of the forward:
+//! Three kernels, by the config:
 //!
-//! - **Sparse rows.** Without a full-row term (softmax before top-K, an aux loss, the z-loss) a
-//!   row's gradient is zero except at its K ids. Such rows are checked in one pass over the
-//!   logits (NaN, +∞, all −∞: the reference's errors, through the reference path), then
-//!   [`vjp_row`] runs on the K selected logits only (plus one finite placeholder, so that its
-//!   all-masked check sees what the full row has) and the K results are scattered into a row
-//!   that is already zero. The values are those of the full-row call: in these cases it reads
-//!   the selected logits only, and its sums run over the K slots.
-//! - **The output's memory.** The `[T, E]` gradient is allocated zeroed and untouched (the
-//!   operating system maps zero pages on first write): sparse rows store K values each, not E.
-//!   The page faults of a fresh `[T, E]` array remain (64 MiB at T = 65536, E = 256); asking for
-//!   transparent huge pages (`MADV_HUGEPAGE`) made them slower on the machine measured.
+//! - **Sparse rows** ([`sparse`]): without a full-row term (softmax before top-K, an aux loss,
+//!   the z-loss) a row's gradient is zero except at its K ids. Only the K selected logits are
+//!   read (the row is checked in one vectorised pass), sixteen rows side by side.
+//! - **Dense rows** ([`dense`]): softmax before top-K without an aux or z-loss term.
+//! - **Full rows**: everything else, through the reference's row loop
+//!   ([`moe_router_core::backward::vjp_rows`]).
+//!
+//! The sparse and dense kernels check each row's ids as
+//! [`validate_ids`](moe_router_core::validate_ids) does while they read them (the caller
+//! reports the first bad row on an error, see [`vjp_into`]); the full-row kernel runs
+//! `validate_ids` first. The upstream gradient is flushed by the mode's rule where a kernel
+//! reads it (no flushed copy of `[T, K]`).
+//!
+//! **The output's memory.** A fresh `[T, E]` gradient is allocated zeroed and untouched (the
+//! operating system maps zero pages on first write): sparse rows store K values each, not E.
+//! The page faults of a fresh `[T, E]` array remain (64 MiB at T = 65536, E = 256); asking for
+//! transparent huge pages (`MADV_HUGEPAGE`) made them slower on the machine measured. Into a
+//! reused buffer, rows are built in a small scratch and copied out with streaming stores
+//! ([`stream`]).
 
 use dense::DenseScratch;
-use moe_router_core::backward::{BackwardPlan, LossGrads, VjpScratch, vjp_row, vjp_rows};
+use moe_router_core::backward::{BackwardPlan, LossGrads, vjp_rows};
 use moe_router_core::math::Math;
 use moe_router_core::math::{NativeF32, NativeF64, Portable};
-use moe_router_core::{LogitsRef, RouteError, RouterConfig, ScoreFunction, SoftmaxPosition};
-use ndarray::{Array2, ArrayView2, ArrayViewMut2, Axis};
+use moe_router_core::{LogitsRef, RouteError, RouterConfig, ScoreFunction, SoftmaxPosition, validate_ids};
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
+use sparse::SparseScratch;
 use stream::Plain;
 
 #[path = "dense.rs"]
 mod dense;
+#[path = "sparse.rs"]
+mod sparse;
 #[path = "stream.rs"]
 mod stream;
 
 /// Rows per parallel task.
 const CHUNK: usize = 256;
 
-/// The gradient on the logits `[T, E]` of the weights of `ids` (checked by the caller) under the
-/// upstream gradient `grad` `[T, K]`.
+/// The gradient on the logits `[T, E]` of the weights of `ids` (shape checked by the caller)
+/// under the upstream gradient `grad` `[T, K]` (as given: flushed where read).
 pub(crate) fn vjp<M: BackwardMath>(
     cfg: &RouterConfig,
     logits: &LogitsRef<'_>,
@@ -49,7 +60,26 @@ pub(crate) fn vjp<M: BackwardMath>(
     Ok(out)
 }
 
+/// The kernel of a backward call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Sparse,
+    Dense,
+    Rows,
+}
+
+/// Per-task buffers of the kernels.
+enum Scratch<F> {
+    Sparse(SparseScratch<F>),
+    Dense(DenseScratch),
+    Rows,
+}
+
 /// [`vjp`] into `out` (`[T, E]`, checked by the caller); `zeroed`: `out` holds zeros already.
+///
+/// The ids' shape is checked by the caller, their values here (by the kernel as it reads them,
+/// or first): on an error, the caller runs [`validate_ids`] to report the first bad id before
+/// any other error, as the reference does.
 pub(crate) fn vjp_into<M: BackwardMath>(
     cfg: &RouterConfig,
     logits: &LogitsRef<'_>,
@@ -60,28 +90,118 @@ pub(crate) fn vjp_into<M: BackwardMath>(
     zeroed: bool,
 ) -> Result<(), RouteError> {
     let plan = BackwardPlan::new(cfg, logits, losses)?;
-    let sparse = is_sparse(cfg, &plan) && !matches!(logits, LogitsRef::F64(_));
-    let dense = M::DENSE && dense::applies(cfg, &plan, logits);
+    let (t, e) = logits.dim();
+    let k = cfg.top_k();
+    let kernel = if is_sparse(cfg, &plan) && !matches!(logits, LogitsRef::F64(_)) {
+        Kernel::Sparse
+    } else if M::DENSE && dense::applies(cfg, &plan, logits) {
+        Kernel::Dense
+    } else {
+        validate_ids(ids, t, e, k, &[])?;
+        Kernel::Rows
+    };
     out.axis_chunks_iter_mut(Axis(0), CHUNK)
         .into_par_iter()
         .enumerate()
-        .try_for_each(|(ci, out_c)| {
-            let a = ci * CHUNK;
-            let b = a + out_c.nrows();
-            let ids_c = ids.slice(ndarray::s![a..b, ..]);
-            let g_c = grad.slice(ndarray::s![a..b, ..]);
-            if sparse {
-                sparse_chunk::<M>(cfg, logits, ids_c, g_c, &plan, a, out_c, zeroed)
-            } else if dense {
-                dense_chunk::<M>(cfg, logits, ids_c, g_c, &plan, a, out_c, zeroed)
-            } else {
-                chunk::<M>(cfg, logits, ids_c, g_c, &plan, a, out_c, zeroed)
+        .try_for_each_init(
+            || match kernel {
+                Kernel::Sparse => Scratch::Sparse(SparseScratch::new(e, k)),
+                Kernel::Dense => Scratch::Dense(DenseScratch::new(e)),
+                Kernel::Rows => Scratch::Rows,
+            },
+            |sc, (ci, out_c)| {
+                let a = ci * CHUNK;
+                let b = a + out_c.nrows();
+                let ids_c = ids.slice(ndarray::s![a..b, ..]);
+                let g_c = grad.slice(ndarray::s![a..b, ..]);
+                match sc {
+                    Scratch::Sparse(sc) => sparse::rows::<M>(cfg, logits, ids_c, g_c, &plan, a, out_c, zeroed, sc),
+                    Scratch::Dense(sc) => dense_chunk::<M>(cfg, logits, ids_c, g_c, &plan, a, out_c, zeroed, sc),
+                    Scratch::Rows => chunk::<M>(cfg, logits, ids_c, g_c, &plan, a, out_c, zeroed),
+                }
+            },
+        )
+}
+
+/// Row `r` of `ids` and `grad` (row `start + r` of the logits) by the reference's row loop into
+/// `out` (E values): the rows a kernel leaves to the reference (which rejects them, reporting
+/// the reference's error).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn reference_row<M: Math>(
+    cfg: &RouterConfig,
+    logits: &LogitsRef<'_>,
+    ids: ArrayView2<'_, u32>,
+    grad: ArrayView2<'_, M::F>,
+    plan: &BackwardPlan,
+    start: usize,
+    r: usize,
+    out: ArrayViewMut1<'_, M::F>,
+) -> Result<(), RouteError> {
+    let rr = ndarray::s![r..r + 1, ..];
+    let g = grad.slice(rr).mapv(M::ftz);
+    vjp_rows::<M>(
+        cfg,
+        logits,
+        ids.slice(rr),
+        g.view(),
+        plan,
+        start + r,
+        out.insert_axis(Axis(0)),
+    )
+}
+
+/// A row's ids checked as [`validate_ids`] checks them (each id below E, no id twice), with the
+/// same error for the row: a mark per expert (the slot that holds it, plus one), cleared after
+/// the row.
+pub(crate) struct IdCheck {
+    mark: Vec<u32>,
+}
+
+impl IdCheck {
+    /// Marks for `e` experts.
+    pub(crate) fn new(e: usize) -> Self {
+        IdCheck { mark: vec![0; e] }
+    }
+
+    /// Row `t`'s ids (slot order): [`validate_ids`]'s error for the row, if any.
+    #[inline(always)]
+    pub(crate) fn row(&mut self, t: usize, ids: ArrayView1<'_, u32>) -> Result<(), RouteError> {
+        let e = self.mark.len();
+        let mut res = Ok(());
+        for (j, &id) in ids.iter().enumerate() {
+            let Some(m) = self.mark.get_mut(id as usize) else {
+                res = Err(RouteError::IdOutOfRange {
+                    row: t,
+                    slot: j,
+                    id: i64::from(id),
+                    num_experts: e,
+                });
+                break;
+            };
+            if *m != 0 {
+                res = Err(RouteError::DuplicateId {
+                    row: t,
+                    id,
+                    first_slot: *m as usize - 1,
+                    second_slot: j,
+                });
+                break;
             }
-        })
+            *m = j as u32 + 1;
+        }
+        for &id in ids {
+            if let Some(m) = self.mark.get_mut(id as usize) {
+                *m = 0;
+            }
+        }
+        res
+    }
 }
 
 /// The numerics modes of the CPU backward.
 pub(crate) trait BackwardMath: Math<F: Plain> {
+    /// [`Math::exp`] for `x ≤ 0` (−∞ included, NaN excluded): the same bits.
+    fn exp_nonpos(x: Self::F) -> Self::F;
     /// Whether [`BackwardMath::dense_rows`] computes the [`dense`] kernel's rows (f32 modes).
     const DENSE: bool;
     /// [`dense::rows`] in this mode (not called where [`BackwardMath::DENSE`] is false).
@@ -101,6 +221,10 @@ pub(crate) trait BackwardMath: Math<F: Plain> {
 macro_rules! dense_f32 {
     ($m:ty) => {
         impl BackwardMath for $m {
+            #[inline(always)]
+            fn exp_nonpos(x: f32) -> f32 {
+                moe_router_core::math::exp_nonpos(x)
+            }
             const DENSE: bool = true;
             fn dense_rows(
                 cfg: &RouterConfig,
@@ -121,6 +245,10 @@ dense_f32!(Portable);
 dense_f32!(NativeF32);
 
 impl BackwardMath for NativeF64 {
+    #[inline(always)]
+    fn exp_nonpos(x: f64) -> f64 {
+        x.exp()
+    }
     const DENSE: bool = false;
     fn dense_rows(
         _: &RouterConfig,
@@ -151,8 +279,8 @@ fn dense_chunk<M: BackwardMath>(
     start: usize,
     mut out: ArrayViewMut2<'_, M::F>,
     zeroed: bool,
+    sc: &mut DenseScratch,
 ) -> Result<(), RouteError> {
-    let mut sc = DenseScratch::new(out.ncols());
     let blk = if zeroed {
         None
     } else {
@@ -171,13 +299,13 @@ fn dense_chunk<M: BackwardMath>(
                     plan,
                     start + r0,
                     dst.view_mut(),
-                    &mut sc,
+                    sc,
                 )
             });
             stream::fence();
             res
         }
-        None => M::dense_rows(cfg, logits, ids, grad, plan, start, out, &mut sc),
+        None => M::dense_rows(cfg, logits, ids, grad, plan, start, out, sc),
     }
 }
 
@@ -194,8 +322,9 @@ fn zeroed_output<F: Float>(rows: usize, cols: usize) -> Array2<F> {
     Array2::<F>::zeros((rows, cols))
 }
 
-/// Full rows through the reference's row loop ([`vjp_rows`]); `zeroed`: `out` is fresh (written
-/// in place), else a block of rows at a time is built in [`Block`] and streamed out.
+/// Full rows through the reference's row loop ([`vjp_rows`], on the chunk's upstream gradient
+/// flushed by the mode's rule); `zeroed`: `out` is fresh (written in place), else a block of
+/// rows at a time is built in [`Block`] and streamed out.
 #[allow(clippy::too_many_arguments)]
 fn chunk<M: BackwardMath>(
     cfg: &RouterConfig,
@@ -207,6 +336,7 @@ fn chunk<M: BackwardMath>(
     mut out: ArrayViewMut2<'_, M::F>,
     zeroed: bool,
 ) -> Result<(), RouteError> {
+    let grad = grad.mapv(M::ftz);
     let blk = if zeroed {
         None
     } else {
@@ -230,114 +360,7 @@ fn chunk<M: BackwardMath>(
             stream::fence();
             res
         }
-        None => vjp_rows::<M>(cfg, logits, ids, grad, plan, start, out),
-    }
-}
-
-/// Whether a row has a NaN or +∞ logit, or only −∞ ones (the rows the reference rejects).
-#[inline(always)]
-fn row_rejected(row: impl Iterator<Item = f32>) -> bool {
-    let mut bad = false;
-    let mut all_masked = true;
-    for x in row {
-        // NaN or +inf in one compare (vectorises).
-        #[allow(clippy::neg_cmp_op_on_partial_ord)]
-        let not_below_inf = !(x < f32::INFINITY);
-        bad |= not_below_inf;
-        all_masked &= x == f32::NEG_INFINITY;
-    }
-    bad || all_masked
-}
-
-/// Sparse rows (see the module docs); `zeroed`: `out` is zero on entry (K stores per row into
-/// the untouched zero pages); else the rows are built in [`Block`] and streamed out (or, for a
-/// strided `out`, cleared and written in place).
-#[allow(clippy::too_many_arguments)]
-#[multiversion::multiversion(targets("x86_64+avx2+avx+sse4.1+sse4.2+popcnt+bmi1+bmi2+lzcnt", "x86_64+sse4.1"))]
-fn sparse_chunk<M: BackwardMath>(
-    cfg: &RouterConfig,
-    logits: &LogitsRef<'_>,
-    ids: ArrayView2<'_, u32>,
-    grad: ArrayView2<'_, M::F>,
-    plan: &BackwardPlan,
-    start: usize,
-    mut out: ArrayViewMut2<'_, M::F>,
-    zeroed: bool,
-) -> Result<(), RouteError> {
-    let k = ids.ncols();
-    let e = out.ncols();
-    let mut scratch = VjpScratch::new();
-    let mut zc: Vec<M::F> = Vec::with_capacity(k + 1);
-    let mut g: Vec<M::F> = Vec::with_capacity(k);
-    let mut dzc = vec![M::F::zero(); k + 1];
-    // The compact row's ids: slot j reads compact logit j.
-    let idc: Vec<u32> = (0..k as u32).collect();
-    let mut blk = if zeroed {
-        None
-    } else {
-        Block::<M::F>::new(&out, 16 * 1024)
-    };
-    let mut row_values = |r: usize, dst: &mut ArrayViewMut2<'_, M::F>, dr: usize| -> Result<(), RouteError> {
-        let t = start + r;
-        let id_row = ids.row(r);
-        let rejected = match logits {
-            LogitsRef::F32(l) => {
-                let row = l.row(t);
-                zc.clear();
-                zc.extend(id_row.iter().map(|&i| M::from_f32(row[i as usize])));
-                match row.as_slice() {
-                    Some(s) => row_rejected(s.iter().copied()),
-                    None => row_rejected(row.iter().copied()),
-                }
-            }
-            LogitsRef::Bf16(l) => {
-                let row = l.row(t);
-                zc.clear();
-                zc.extend(id_row.iter().map(|&i| M::from_f32(row[i as usize].to_f32())));
-                row_rejected(row.iter().map(|x| x.to_f32()))
-            }
-            LogitsRef::F16(l) => {
-                let row = l.row(t);
-                zc.clear();
-                zc.extend(id_row.iter().map(|&i| M::from_f32(row[i as usize].to_f32())));
-                row_rejected(row.iter().map(|x| x.to_f32()))
-            }
-            // Not taken (`vjp` sends f64 logits down the full-row path).
-            LogitsRef::F64(_) => true,
-        };
-        if rejected {
-            // The reference path reports the row's error exactly as the reference does.
-            let (rr, dd) = (ndarray::s![r..r + 1, ..], ndarray::s![dr..dr + 1, ..]);
-            return vjp_rows::<M>(cfg, logits, ids.slice(rr), grad.slice(rr), plan, t, dst.slice_mut(dd));
-        }
-        // A finite placeholder that no slot reads: the row has a finite logit.
-        zc.push(M::F::zero());
-        g.clear();
-        g.extend(grad.row(r).iter().copied());
-        vjp_row::<M>(cfg, &zc, &idc, &g, None, M::F::zero(), t, &mut scratch, &mut dzc)?;
-        let mut o = dst.row_mut(dr);
-        if !zeroed {
-            o.fill(M::F::zero());
-        }
-        for (&i, &d) in id_row.iter().zip(dzc.iter()) {
-            o[i as usize] = d;
-        }
-        Ok(())
-    };
-    match blk.as_mut() {
-        Some(b) => {
-            let res = b.run(e, &mut out, |r0, dst| {
-                (0..dst.nrows()).try_for_each(|dr| row_values(r0 + dr, dst, dr))
-            });
-            stream::fence();
-            res
-        }
-        None => {
-            for r in 0..out.nrows() {
-                row_values(r, &mut out, r)?;
-            }
-            Ok(())
-        }
+        None => vjp_rows::<M>(cfg, logits, ids, grad.view(), plan, start, out),
     }
 }
 

@@ -19,8 +19,9 @@
 //! 4. **Per row, in lanes**: `dz_e = ftz(div(exp_e, s) · (0 − t))` (the mode's division: the
 //!    portable one or IEEE), then the K ids `ftz(u_j · ftz(gu_j − t))`, and `+0` at −∞ logits.
 
+use super::{IdCheck, reference_row};
 use crate::fast::{FastF32, W};
-use moe_router_core::backward::{BackwardPlan, vjp_rows, weights_slot_grad};
+use moe_router_core::backward::{BackwardPlan, weights_slot_grad};
 use moe_router_core::math::exp_nonpos;
 use moe_router_core::{LogitsRef, RouteError, RouterConfig, ScoreFunction, SoftmaxPosition};
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -53,6 +54,7 @@ pub(crate) struct DenseScratch {
     u: Vec<f32>,
     g: Vec<f32>,
     gu: Vec<f32>,
+    ids: IdCheck,
 }
 
 impl DenseScratch {
@@ -66,12 +68,14 @@ impl DenseScratch {
             u: Vec::new(),
             g: Vec::new(),
             gu: Vec::new(),
+            ids: IdCheck::new(e),
         }
     }
 }
 
 /// Rows `start..start + dst.nrows()` of the backward into `dst` (`[rows, E]`); `ids` and `grad`
-/// hold the same rows. For the configs of [`applies`].
+/// hold the same rows (each row's ids checked here, `grad` as given: flushed here). For the
+/// configs of [`applies`].
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(
     moe_avx512,
@@ -126,11 +130,11 @@ fn block<M: FastF32>(
     let mut done = [false; R];
     for (r, d) in done.iter_mut().enumerate().take(m) {
         let t = start + r0 + r;
+        sc.ids.row(t, ids.row(r0 + r))?;
         let ex = &mut sc.ex[r * ep..(r + 1) * ep];
         if !exps::<M>(logits, t, &mut sc.tmp, ex) {
             // NaN, +∞ or every logit −∞: the reference reports the row's error.
-            let rr = ndarray::s![r0 + r..r0 + r + 1, ..];
-            vjp_rows::<M>(cfg, logits, ids.slice(rr), grad.slice(rr), plan, t, dst.slice_mut(rr))?;
+            reference_row::<M>(cfg, logits, ids, grad, plan, start, r0 + r, dst.row_mut(r0 + r))?;
             *d = true;
         }
     }
@@ -162,7 +166,7 @@ fn block<M: FastF32>(
         sc.u.clear();
         sc.u.extend(id_row.iter().map(|&i| M::div(unmark(ex[i as usize]), s)));
         sc.g.clear();
-        sc.g.extend(grad.row(r0 + r).iter().copied());
+        sc.g.extend(grad.row(r0 + r).iter().map(|&x| M::ftz(x)));
         weights_slot_grad::<M>(cfg, &sc.u, &sc.g, &mut sc.gu);
         let mut t = 0f32;
         for (&gj, &uj) in sc.gu.iter().zip(&sc.u) {

@@ -48,33 +48,33 @@ impl CpuRouter {
         losses: &LossGrads<'_>,
         mut out: ArrayViewMut2<'_, f32>,
     ) -> Result<(), RouteError> {
-        self.check_backward(logits, ids, grad.dim())?;
-        let (t, e) = logits.dim();
-        if out.dim() != (t, e) {
-            return Err(RouteError::BackwardInput {
-                what: "out",
-                detail: format!(
-                    "shape [{}, {}], expected the logits' [{t}, {e}]",
-                    out.nrows(),
-                    out.ncols()
-                ),
-            });
-        }
-        losses.check(t, e)?;
-        let cfg = &self.cfg;
-        match (cfg.compute_dtype(), cfg.numerics()) {
-            (ComputeDtype::F64, _) => Err(RouteError::unsupported(
-                "cpu",
-                "weights_vjp_into writes f32 and this config computes in f64: use weights_vjp",
-            )),
-            (ComputeDtype::F32, Numerics::Portable) => {
-                let g = grad.mapv(moe_router_core::math::ftz);
-                crate::backward::vjp_into::<Portable>(cfg, logits, ids, g.view(), losses, out.view_mut(), false)
+        self.backward(logits, ids, grad.dim(), || {
+            let (t, e) = logits.dim();
+            if out.dim() != (t, e) {
+                return Err(RouteError::BackwardInput {
+                    what: "out",
+                    detail: format!(
+                        "shape [{}, {}], expected the logits' [{t}, {e}]",
+                        out.nrows(),
+                        out.ncols()
+                    ),
+                });
             }
-            (ComputeDtype::F32, Numerics::Native) => {
-                crate::backward::vjp_into::<NativeF32>(cfg, logits, ids, grad, losses, out.view_mut(), false)
+            losses.check(t, e)?;
+            let cfg = &self.cfg;
+            match (cfg.compute_dtype(), cfg.numerics()) {
+                (ComputeDtype::F64, _) => Err(RouteError::unsupported(
+                    "cpu",
+                    "weights_vjp_into writes f32 and this config computes in f64: use weights_vjp",
+                )),
+                (ComputeDtype::F32, Numerics::Portable) => {
+                    crate::backward::vjp_into::<Portable>(cfg, logits, ids, grad, losses, out.view_mut(), false)
+                }
+                (ComputeDtype::F32, Numerics::Native) => {
+                    crate::backward::vjp_into::<NativeF32>(cfg, logits, ids, grad, losses, out.view_mut(), false)
+                }
             }
-        }
+        })
     }
 
     /// Routes host logits, returning host ids and weights.
@@ -138,57 +138,69 @@ impl CpuRouter {
         })
     }
 
-    /// The backward on checked inputs (shapes, ids, readiness: [`CpuRouter::check_backward`]).
+    /// The backward on checked shapes ([`CpuRouter::backward`]); `grad` as given (the kernels
+    /// flush it where they read it).
     fn vjp_checked(
         &self,
         logits: &LogitsRef<'_>,
         ids: ArrayView2<'_, u32>,
-        grad: &HostWeights,
+        grad: &HostMatrix,
         losses: &LossGrads<'_>,
     ) -> Result<HostGrad, RouteError> {
+        use crate::backward::vjp;
         let cfg = &self.cfg;
         match (cfg.compute_dtype(), cfg.numerics(), grad) {
             (ComputeDtype::F64, _, HostMatrix::F64(g)) => {
-                crate::backward::vjp::<NativeF64>(cfg, logits, ids, g.view(), losses).map(HostMatrix::F64)
+                vjp::<NativeF64>(cfg, logits, ids, g.view(), losses).map(HostMatrix::F64)
             }
             (ComputeDtype::F64, _, HostMatrix::F32(g)) => {
-                crate::backward::vjp::<NativeF64>(cfg, logits, ids, g.mapv(f64::from).view(), losses)
-                    .map(HostMatrix::F64)
+                vjp::<NativeF64>(cfg, logits, ids, g.mapv(f64::from).view(), losses).map(HostMatrix::F64)
             }
-            (ComputeDtype::F32, Numerics::Portable, g) => {
-                let g = g.to_f32().mapv(moe_router_core::math::ftz);
-                crate::backward::vjp::<Portable>(cfg, logits, ids, g.view(), losses).map(HostMatrix::F32)
+            (ComputeDtype::F32, Numerics::Portable, HostMatrix::F32(g)) => {
+                vjp::<Portable>(cfg, logits, ids, g.view(), losses).map(HostMatrix::F32)
             }
             (ComputeDtype::F32, Numerics::Native, HostMatrix::F32(g)) => {
-                crate::backward::vjp::<NativeF32>(cfg, logits, ids, g.view(), losses).map(HostMatrix::F32)
+                vjp::<NativeF32>(cfg, logits, ids, g.view(), losses).map(HostMatrix::F32)
+            }
+            (ComputeDtype::F32, Numerics::Portable, g) => {
+                vjp::<Portable>(cfg, logits, ids, g.to_f32().view(), losses).map(HostMatrix::F32)
             }
             (ComputeDtype::F32, Numerics::Native, g) => {
-                crate::backward::vjp::<NativeF32>(cfg, logits, ids, g.to_f32().view(), losses).map(HostMatrix::F32)
+                vjp::<NativeF32>(cfg, logits, ids, g.to_f32().view(), losses).map(HostMatrix::F32)
             }
         }
     }
 
-    /// The checks of a backward call: the logits' shape, the ids (range, duplicates) and the
-    /// upstream gradient's shape `[T, K]`.
-    fn check_backward(
+    /// A backward call: the checks of the reference's order — the config and the logits'
+    /// shape, the ids' shape, then `body` (the upstream gradient's shape, the call's own checks,
+    /// the kernels, which check the ids' values as they read them or first). On any error of
+    /// `body`, a bad id ([`validate_ids`]: the first bad row) is reported instead, as the
+    /// reference checks every id before anything else.
+    fn backward<T>(
         &self,
         logits: &LogitsRef<'_>,
         ids: ArrayView2<'_, u32>,
         grad_dim: (usize, usize),
-    ) -> Result<(), RouteError> {
+        body: impl FnOnce() -> Result<T, RouteError>,
+    ) -> Result<T, RouteError> {
         self.check(logits)?;
         let (t, e) = logits.dim();
         let k = self.cfg.top_k();
-        validate_ids(ids, t, e, k, &[])?;
-        if grad_dim != (t, k) {
-            return Err(RouteError::GradShape {
+        if ids.dim() != (t, k) {
+            // validate_ids's shape error.
+            validate_ids(ids, t, e, k, &[])?;
+        }
+        let res = if grad_dim != (t, k) {
+            Err(RouteError::GradShape {
                 expected_rows: t,
                 expected_k: k,
                 rows: grad_dim.0,
                 cols: grad_dim.1,
-            });
-        }
-        Ok(())
+            })
+        } else {
+            body()
+        };
+        res.map_err(|err| validate_ids(ids, t, e, k, &[]).err().unwrap_or(err))
     }
 
     fn check(&self, logits: &LogitsRef<'_>) -> Result<(), RouteError> {
@@ -225,12 +237,13 @@ impl Router for CpuRouter {
         losses: &LossGrads<'_>,
         _site: &CallSite<'_>,
     ) -> Result<HostGrad, RouteError> {
-        self.check_backward(logits, ids.view(), grad.dim())?;
-        self.vjp_checked(logits, ids.view(), grad, losses)
+        self.backward(logits, ids.view(), grad.dim(), || {
+            self.vjp_checked(logits, ids.view(), grad, losses)
+        })
     }
-    /// As the trait's default (same checks, same result), without its copies: the ids are read
-    /// in place and the `[T, E]` gradient is returned as computed (the host is this backend's
-    /// device, so there is nothing to download).
+    /// As the trait's default (same checks, same result), without its copies: the ids and the
+    /// upstream gradient are read in place and the `[T, E]` gradient is returned as computed
+    /// (the host is this backend's device, so there is nothing to download).
     fn weights_vjp_host_at(
         &self,
         logits: &LogitsRef<'_>,
@@ -239,11 +252,11 @@ impl Router for CpuRouter {
         losses: &LossGrads<'_>,
         _site: &CallSite<'_>,
     ) -> Result<HostGrad, RouteError> {
-        self.check_backward(logits, ids, grad.dim())?;
-        let (t, e) = logits.dim();
-        losses.check(t, e)?;
-        let g = self.weights_from_host(grad)?;
-        self.vjp_checked(logits, ids, &g, losses)
+        self.backward(logits, ids, grad.dim(), || {
+            let (t, e) = logits.dim();
+            losses.check(t, e)?;
+            self.vjp_checked(logits, ids, grad, losses)
+        })
     }
     fn weights_from_host(&self, weights: &HostMatrix) -> Result<HostWeights, RouteError> {
         Ok(moe_router_core::reference::host_in_compute_precision(

@@ -1,12 +1,14 @@
 //! The fast kernels against the reference router at the shapes of the published rules (E up to
 //! 384, groups of 32, K = 8), which the workspace's conformance suite (small E) does not reach:
-//! ids and weight bits in portable mode, for routing, replay and replay with fallback rows.
+//! ids and weight bits in portable mode, for routing, replay and replay with fallback rows; the
+//! backward's kernels (sparse, dense and full rows) bit for bit in both modes, and its errors
+//! for bad ids in the reference's order.
 
 use crate::CpuRouter;
 use half::bf16;
 use moe_router_core::{
-    CallSite, GroupScore, HostWeights, LogitsRef, Normalization, Numerics, ROUTER_SELECTS, ReferenceRouter, Router,
-    RouterConfig, ScoreFunction, SoftmaxPosition,
+    AuxLossKind, CallSite, GroupScore, HostMatrix, HostWeights, LogitsRef, LossGrads, Normalization, Numerics,
+    ROUTER_SELECTS, ReferenceRouter, RouteError, Router, RouterConfig, ScoreFunction, SoftmaxPosition,
 };
 use ndarray::Array2;
 
@@ -286,4 +288,180 @@ fn the_reciprocal_of_the_first_pass_keys_is_within_its_bound() {
 fn the_reciprocal_of_the_first_pass_keys_is_within_its_bound_everywhere() {
     let e = recip_error(1);
     assert!(e < 2f64.powi(-21), "relative error {e:e}");
+}
+
+/// The configs of [`configs`] plus the sparse rules they leave out (sqrt-softplus; a sigmoid
+/// whose clamped normalisation binds on some rows and not on others), in both modes.
+fn backward_configs() -> Vec<(String, RouterConfig)> {
+    let mut v = configs();
+    v.push((
+        "sqrt-softplus E64 K6".into(),
+        RouterConfig::builder(64, 6)
+            .score(ScoreFunction::SqrtSoftplus)
+            .normalization(Normalization::Sum { eps: 1e-20 })
+            .scaling_factor(1.5)
+            .build()
+            .expect("valid"),
+    ));
+    v.push((
+        "sigmoid clamp binding E256 K8".into(),
+        RouterConfig::builder(256, 8)
+            .score(ScoreFunction::Sigmoid)
+            .normalization(Normalization::SumClampMin { min: 3.9 })
+            .build()
+            .expect("valid"),
+    ));
+    let mut both = Vec::new();
+    for (what, cfg) in v {
+        for n in [Numerics::Portable, Numerics::Native] {
+            both.push((
+                format!("{what} {n:?}"),
+                cfg.to_builder().numerics(n).build().expect("valid"),
+            ));
+        }
+    }
+    both
+}
+
+/// An upstream gradient with zeros, subnormals and both signs.
+fn upstream(t: usize, k: usize) -> Array2<f32> {
+    Array2::from_shape_fn((t, k), |(i, j)| match (i * 7 + j * 3) % 13 {
+        0 => 0.0,
+        1 => 1e-40,
+        2 => -3.5e-39,
+        x => (x as f32 - 6.5) * 0.3,
+    })
+}
+
+/// The backward through `weights_vjp_host_at` and `weights_vjp_into` (a dirty contiguous buffer
+/// and a strided one) gives the reference's bits, or the reference's error.
+fn backward_same_as_reference(cfg: &RouterConfig, l: LogitsRef<'_>, ids: &Array2<u32>, g: &Array2<f32>, what: &str) {
+    let cpu = CpuRouter::new(cfg.clone());
+    let rf = ReferenceRouter::new(cfg.clone());
+    let gm = HostMatrix::F32(g.clone());
+    let none = LossGrads::default();
+    let site = CallSite::default();
+    let want = rf.weights_vjp_host_at(&l, ids.view(), &gm, &none, &site);
+    let got = cpu.weights_vjp_host_at(&l, ids.view(), &gm, &none, &site);
+    let (t, e) = l.dim();
+    let mut out = Array2::from_elem((t, e), f32::NAN);
+    let into = cpu.weights_vjp_into(&l, ids.view(), g.view(), &none, out.view_mut());
+    let mut wide = Array2::from_elem((t, 2 * e), f32::NAN);
+    let strided = cpu.weights_vjp_into(&l, ids.view(), g.view(), &none, wide.slice_mut(ndarray::s![.., ..;2]));
+    let want = match want {
+        Ok(HostMatrix::F32(w)) => w,
+        Ok(other) => panic!("{what}: an f32 gradient expected, got {other:?}"),
+        Err(err) => {
+            assert_eq!(got.err(), Some(err.clone()), "{what}: weights_vjp_host_at error");
+            assert_eq!(into.err(), Some(err.clone()), "{what}: weights_vjp_into error");
+            assert_eq!(strided.err(), Some(err), "{what}: strided error");
+            return;
+        }
+    };
+    let bits = |a: ndarray::ArrayView2<'_, f32>| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let first_diff = |a: ndarray::ArrayView2<'_, f32>| {
+        let (x, y) = (bits(a), bits(want.view()));
+        (0..x.len()).find(|&i| x[i] != y[i]).map(|i| (i / e, i % e))
+    };
+    match got {
+        Ok(HostMatrix::F32(got)) => assert_eq!(first_diff(got.view()), None, "{what}: weights_vjp_host_at"),
+        other => panic!("{what}: weights_vjp_host_at gave {other:?}"),
+    }
+    into.unwrap_or_else(|err| panic!("{what}: weights_vjp_into: {err}"));
+    assert_eq!(first_diff(out.view()), None, "{what}: weights_vjp_into");
+    strided.unwrap_or_else(|err| panic!("{what}: strided: {err}"));
+    assert_eq!(first_diff(wide.slice(ndarray::s![.., ..;2])), None, "{what}: strided");
+}
+
+/// Every backward kernel gives the reference's bits in both modes: routed ids, and replayed
+/// ids that are not the top K (the K lowest ids on every seventh row, reaching −∞, saturated
+/// and subnormal logits), f32 and bf16 logits, T not a multiple of the kernels' blocks.
+#[test]
+fn backward_kernels_equal_the_reference_bit_for_bit() {
+    for (i, (what, cfg)) in backward_configs().into_iter().enumerate() {
+        let (e, k) = (cfg.num_experts(), cfg.top_k());
+        let l = logits(301, e, 2000 + i as u64);
+        let mut ids = ReferenceRouter::new(cfg.clone())
+            .route_host(&LogitsRef::F32(l.view()))
+            .expect("routes")
+            .0;
+        for r in (3..ids.nrows()).step_by(7) {
+            for j in 0..k {
+                ids[[r, j]] = (k - 1 - j) as u32;
+            }
+        }
+        let g = upstream(301, k);
+        backward_same_as_reference(&cfg, LogitsRef::F32(l.view()), &ids, &g, &format!("{what}, f32"));
+        let lb = l.mapv(bf16::from_f32);
+        backward_same_as_reference(&cfg, LogitsRef::Bf16(lb.view()), &ids, &g, &format!("{what}, bf16"));
+    }
+}
+
+/// Bad ids give the reference's error — the first bad row's, before a NaN logit, a wrong
+/// gradient shape or a wrong buffer shape — from the sparse, dense and full-row kernels.
+#[test]
+fn backward_reports_bad_ids_as_the_reference_does() {
+    let (t, e, k) = (301usize, 64usize, 4usize);
+    let sparse = RouterConfig::builder(e, k)
+        .softmax_position(SoftmaxPosition::AfterTopK)
+        .build()
+        .expect("valid");
+    let dense = RouterConfig::builder(e, k)
+        .softmax_position(SoftmaxPosition::BeforeTopK)
+        .build()
+        .expect("valid");
+    let rows = dense
+        .to_builder()
+        .aux_loss(AuxLossKind::MicroBatch, 1e-2)
+        .build()
+        .expect("valid");
+    let l = Array2::from_shape_fn((t, e), |(i, j)| ((i * 31 + j * 17) % 97) as f32 * 0.05 - 2.0);
+    let mut nan = l.clone();
+    nan[[3, 5]] = f32::NAN;
+    let g = upstream(t, k);
+    let ok_ids = Array2::from_shape_fn((t, k), |(i, j)| ((i + j * 5) % e) as u32);
+    let out_of_range = |ids: &mut Array2<u32>, r: usize| ids[[r, 2]] = e as u32 + 3;
+    let duplicate = |ids: &mut Array2<u32>, r: usize| ids[[r, 3]] = ids[[r, 1]];
+    let mut cases: Vec<(&str, Array2<u32>)> = Vec::new();
+    let mut a = ok_ids.clone();
+    out_of_range(&mut a, 290);
+    cases.push(("out of range", a));
+    let mut a = ok_ids.clone();
+    duplicate(&mut a, 33);
+    cases.push(("duplicate", a));
+    let mut a = ok_ids.clone();
+    duplicate(&mut a, 280);
+    out_of_range(&mut a, 270);
+    out_of_range(&mut a, 20);
+    duplicate(&mut a, 20);
+    cases.push(("several", a));
+    for cfg in [sparse, dense, rows] {
+        let cpu = CpuRouter::new(cfg.clone());
+        let rf = ReferenceRouter::new(cfg.clone());
+        let losses = LossGrads::default().aux_loss(1.0);
+        let site = CallSite::default();
+        for (what, ids) in &cases {
+            for (lname, lv) in [("finite", &l), ("NaN row", &nan)] {
+                let lr = LogitsRef::F32(lv.view());
+                let what = format!("{what}, {lname}, {:?}", cfg.softmax_position());
+                for grad in [g.clone(), Array2::zeros((t, k + 1))] {
+                    let gm = HostMatrix::F32(grad.clone());
+                    let want = rf
+                        .weights_vjp_host_at(&lr, ids.view(), &gm, &losses, &site)
+                        .expect_err("reference rejects the ids");
+                    assert!(
+                        matches!(want, RouteError::IdOutOfRange { .. } | RouteError::DuplicateId { .. }),
+                        "{what}: {want}"
+                    );
+                    let got = cpu.weights_vjp_host_at(&lr, ids.view(), &gm, &losses, &site);
+                    assert_eq!(got.err(), Some(want.clone()), "{what}: weights_vjp_host_at");
+                    for out_e in [e, e + 1] {
+                        let mut out = Array2::zeros((t, out_e));
+                        let got = cpu.weights_vjp_into(&lr, ids.view(), grad.view(), &losses, out.view_mut());
+                        assert_eq!(got.err(), Some(want.clone()), "{what}: weights_vjp_into, E {out_e}");
+                    }
+                }
+            }
+        }
+    }
 }
