@@ -277,6 +277,24 @@ impl ExternalLaunch {
         .map_err(dev_err)
     }
 
+    /// Whether `stream` is being captured into a CUDA graph now (any capture mode). Memory a
+    /// captured launch writes belongs to the graph: a caller that recycles output buffers
+    /// between calls must not do so while capturing.
+    ///
+    /// # Safety
+    ///
+    /// `stream` must be a valid `CUstream` of this device's primary context (0: the legacy
+    /// default stream).
+    pub unsafe fn is_capturing(&self, stream: u64) -> Result<bool, RouteError> {
+        self.dev.ctx.bind_to_thread().map_err(dev_err)?;
+        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        // SAFETY: a valid stream of the bound context (caller); `status` is a valid out-pointer.
+        unsafe { sys::cuStreamIsCapturing(stream as sys::CUstream, &mut status) }
+            .result()
+            .map_err(dev_err)?;
+        Ok(status != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    }
+
     /// Waits for `stream`, reads the status word at `status`, clears it (on `stream`) and
     /// returns the first error latched there since the last call, decoded as the reference
     /// router names it. `ids` (the replay ids `[rows, K]`, when the launch was a replay) lets a

@@ -17,6 +17,9 @@ loop in Rust) and for Python alike:
 * ``latency``: each call followed by a wait for the stream (Rust: ``cuStreamSynchronize``;
   Python: ``torch.cuda.Stream.synchronize``, whose own Python cost is included), per call.
 
+At T = 1 the exchange path is timed with the output cache (the default: a finished route's
+block is reused by the next) and without it (every call allocates from torch).
+
 Targets: CPU T = 1 overhead <= 3 us; CUDA T = 1 <= 6 us wall; T = 65536 within 1.1x of Rust.
 
     python python/benches/bench_route.py            # CPU (and CUDA when torch sees a GPU)
@@ -160,9 +163,11 @@ def main():
                 stream.synchronize()
             return (time.perf_counter_ns() - t0) / n
 
-        for path in ("auto", "attributes") if t == 1 else ("auto",):
+        variants = (("auto", True), ("auto", False), ("attributes", True)) if t == 1 else (("auto", True),)
+        for path, cache in variants:
             m._native.torch_path(path)
-            name = m._native.torch_path()
+            m.release_output_cache(enabled=cache)
+            name = m._native.torch_path() + ("" if cache else ", no output cache")
             (rl, rw), (pl, pw) = paired(rust_batch, py_batch, reps)
             if t == 1:
                 row(f"cuda T=1 launch ({name})", rl, pl, "info")
@@ -172,6 +177,7 @@ def main():
             else:
                 row(f"cuda T={t} wall ({name})", rw, pw, "ratio", 1.1)
         m._native.torch_path("auto")
+        m.release_output_cache(enabled=True)
     g.check()
 
 

@@ -31,6 +31,12 @@ def compiled_backends() -> List[str]:
     """The backends compiled into this build (``"cpu"`` always; ``"cuda"``, ``"wgpu"`` by
     cargo feature)."""
 
+def release_output_cache(enabled: Optional[bool] = None) -> int:
+    """Hands the CUDA route outputs kept for reuse (decode-sized blocks of finished ``route``
+    calls, kept per device and stream) back to torch's allocator and returns their size in
+    bytes; call it before ``torch.cuda.empty_cache()``. ``enabled`` turns the cache on or off
+    (on by default)."""
+
 def torch_path(set: Optional[str] = None) -> str:
     """The path ``Router.route`` takes for torch tensors (``"exchange"``: the DLPack C exchange
     API, ``"attributes"``, ``"python"``); ``set`` (``"auto"``, ``"attributes"``, ``"python"``)
@@ -38,7 +44,8 @@ def torch_path(set: Optional[str] = None) -> str:
 
 def _torch_step_ns(tensor: Any, step: str, iters: int) -> float:
     """Benchmark helper: nanoseconds per call of one step of the torch fast path on ``tensor``
-    (``"read"``, ``"empty"``: a fresh ``[rows, 8]`` float32 output on its device, ``"stream"``)."""
+    (``"read"``, ``"empty"``: a fresh ``[rows, 8]`` float32 output on its device, ``"stream"``,
+    ``"outputs"``: a route's two output tensors through the output cache)."""
 
 def preset(name: str) -> RouterConfig:
     """The rule of a published model by name (``"deepseek-v3"``, ``"qwen3-moe"``, ...)."""

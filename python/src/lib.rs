@@ -139,6 +139,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compiled_backends, m)?)?;
     m.add_function(wrap_pyfunction!(tensor::torch_path, m)?)?;
     m.add_function(wrap_pyfunction!(tensor::_torch_step_ns, m)?)?;
+    m.add_function(wrap_pyfunction!(tensor::release_output_cache, m)?)?;
     config::register(m)?;
     router::register(m)?;
     trace::register(m)?;

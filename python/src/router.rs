@@ -322,8 +322,12 @@ impl PyRouter {
             }
         };
         let k = self.router.config().top_k();
-        let ((ids, ids_ptr), (w, w_ptr)) = torch.cuda_route_outputs(logits, index, t.rows, k)?;
         let stream = torch.stream(py, index)?;
+        let launch = &entry.launch.get().launch;
+        // SAFETY: `stream` is torch's current stream of device `index`, the launcher's device.
+        let capturing = crate::guarded(|| Ok(unsafe { launch.is_capturing(stream)? }))?;
+        let reuse = (!capturing).then_some(stream);
+        let ((ids, ids_ptr), (w, w_ptr)) = torch.cuda_route_outputs(logits, index, t.rows, k, reuse)?;
         let raw = RawLogits {
             ptr: t.ptr,
             dtype,
@@ -331,7 +335,6 @@ impl PyRouter {
             cols: t.cols,
             ld: if t.rows > 1 { t.s0 } else { t.cols },
         };
-        let launch = &entry.launch.get().launch;
         let status = entry.status_ptr;
         detached(py, || {
             // SAFETY: the logits, ids and weights are live torch tensors of device `index` held

@@ -310,10 +310,83 @@ def test_route_outputs_share_one_allocation_and_free_it_with_the_last_one():
     assert ids.data_ptr() % 16 == 0
     del ids, junk
     torch.cuda.synchronize()
+    m.release_output_cache()
     base = torch.cuda.memory_allocated(DEV)
     for _ in range(200):
         ids, w = gpu.route(x)
         assert w.data_ptr() % 256 == 0 and w.data_ptr() > ids.data_ptr()
     del ids, w
     torch.cuda.synchronize()
+    assert m.release_output_cache() > 0, "the last blocks were kept for reuse"
     assert torch.cuda.memory_allocated(DEV) == base, "every output allocation returned to torch"
+
+
+def test_a_finished_route_block_is_reused_on_its_stream_and_never_while_alive():
+    """A decode loop reuses the block of a route whose tensors are gone (same size, device and
+    stream), never one still held, never on another stream; results stay right."""
+    rng = np.random.default_rng(12)
+    gpu, cpu = routers("qwen3-moe")
+    xs = [torch.from_numpy(spread_logits(rng, 4, 128)).to(DEV) for _ in range(3)]
+    gpu.route(xs[0])  # the first CUDA call of a router registers its launcher (Python path)
+    m.release_output_cache()
+    want = [cpu.route(x.cpu()) for x in xs]
+    ids, w = gpu.route(xs[0])
+    first = ids.data_ptr()
+    held = gpu.route(xs[1])
+    assert held[0].data_ptr() != first, "a live block is never handed out again"
+    del ids, w
+    ids, w = gpu.route(xs[2])
+    assert ids.data_ptr() == first, "the finished block came back for the same size and stream"
+    for (i, ww), (ci, cw) in zip([held, (ids, w)], want[1:]):
+        assert torch.equal(i.cpu(), ci) and torch.equal(ww.cpu(), cw)
+    del ids, w
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        ids, w = gpu.route(xs[0])
+        assert ids.data_ptr() != first, "a block freed on one stream is not reused on another"
+        got = (ids.clone(), w.clone())
+    side.synchronize()
+    assert torch.equal(got[0].cpu(), want[0][0]) and torch.equal(got[1].cpu(), want[0][1])
+    # Off: every route allocates from torch.
+    m.release_output_cache(enabled=False)
+    try:
+        ids, w = gpu.route(xs[0])
+        p = ids.data_ptr()
+        del ids, w
+        assert m.release_output_cache() == 0, "nothing kept while the cache is off"
+    finally:
+        m.release_output_cache(enabled=True)
+    assert p % 256 == 0
+
+
+def test_routes_captured_in_a_cuda_graph_neither_take_nor_give_cached_blocks():
+    """The graph owns what a captured route writes: no cached block is used inside the capture
+    and the captured outputs never go back to the cache."""
+    rng = np.random.default_rng(13)
+    gpu, cpu = routers("qwen3-moe")
+    x = torch.from_numpy(spread_logits(rng, 8, 128)).to(DEV)
+    gpu.route(x)  # the first CUDA call of a router registers its launcher (Python path)
+    m.release_output_cache()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ids, w = gpu.route(x)  # warm up on s, then its block is cached for s
+        cached = ids.data_ptr()
+        del ids, w
+    s.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(g, stream=s):
+            ids, w = gpu.route(x)
+    assert ids.data_ptr() != cached, "capture took a block from the cache"
+    new = torch.from_numpy(spread_logits(rng, 8, 128)).to(DEV)
+    x.copy_(new)
+    g.replay()
+    torch.cuda.synchronize()
+    cids, cw = cpu.route(new.cpu())
+    assert torch.equal(ids.cpu(), cids) and torch.equal(w.cpu(), cw)
+    kept = m.release_output_cache()
+    del ids, w
+    assert m.release_output_cache() == 0, "the captured outputs were not cached"
+    assert kept > 0, "the block from before the capture was still cached"
