@@ -582,91 +582,18 @@ __device__ __forceinline__ void bw_rows_slots(const BwdParams& p, long long row,
     }
 }
 
-// BW_RK: slot arrays; NB: 16-byte pieces in flight per lane; PF: the row's ids and upstream
-// gradient loaded before the flat pass (in flight with it) rather than after.
-template <int BW_RK, int NB, bool PF>
-__device__ __forceinline__ void bw_rows_tile(const BwdParams& p, long long r0, int lane) {
-    const int E = p.E, K = p.K;
-    const int rows = p.T - r0 < 32 ? (int)(p.T - r0) : 32;
-    int id[BW_RK];
-    float g[BW_RK];
-    bool ids_bad = false;
-    if (PF && lane < rows) bw_rows_slots<BW_RK>(p, r0 + lane, id, g, ids_bad);
-    // 1. Flat pass over the tile.
-    const int n = E / BW_PE;  // pieces per row
-    const int total = rows * n;
-    const float inv_n = 1.0f / (float)n;
-    u32 badm = 0u, livem = 0u;
-    const char* lbase = (const char*)p.logits;
-    for (int q0 = lane; q0 < total; q0 += 32 * NB) {
-        uint4 v[NB];
-        int rr[NB];
-#pragma unroll
-        for (int b = 0; b < NB; b++) {
-            const int q = q0 + 32 * b;
-            // q / n, exact: (q + 0.5) / n is at least 0.5 / n away from an integer and the
-            // float error is below 2^-21 * 32.
-            const int r = __float2int_rz(((float)q + 0.5f) * inv_n);
-            rr[b] = r;
-            if (q < total) {
-                const int i = q - r * n;
-                v[b] = __ldg((const uint4*)(lbase + ((r0 + r) * p.ld) * LOGIT_BYTES) + i);
-            }
-        }
-#pragma unroll
-        for (int b = 0; b < NB; b++) {
-            if (q0 + 32 * b < total) {
-                bool anyb = false, anyl = false;
-#pragma unroll
-                for (int j = 0; j < BW_PE; j++) {
-                    bool bad, live;
-                    bw_raw_class(bw_piece_raw(v[b], j), bad, live);
-                    anyb = anyb || bad;
-                    anyl = anyl || live;
-                }
-                if (anyb) badm |= 1u << rr[b];
-                if (anyl) livem |= 1u << rr[b];
-            }
-        }
-    }
-    {
-        float4* out = (float4*)((float*)p.dz + r0 * E);
-        const int nz = rows * (E >> 2);
-        const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int i = lane; i < nz; i += 32) out[i] = zero;
-    }
-    badm = bw_warp_or(badm);
-    livem = bw_warp_or(livem);
-    __syncwarp();  // the zeros before the slot stores (memory order within the warp)
-
-    // 2. Row r0 + lane.
-    if (lane >= rows) return;
-    const long long row = r0 + lane;
-    if (!PF) bw_rows_slots<BW_RK>(p, row, id, g, ids_bad);
-#pragma unroll
-    for (int j = 1; j < BW_RK; j++)
-#pragma unroll
-        for (int jj = 0; jj < j; jj++)
-            if (j < K) ids_bad = ids_bad || id[jj] == id[j];
-    if (ids_bad) {
-        bw_report(p, err_ids(row));
-        return;
-    }
-    if ((badm >> lane) & 1u) {
-        bw_report(p, err_nonfinite(row, bw_first_bad(p, row)));
-        return;
-    }
-    if (!((livem >> lane) & 1u)) {
-        bw_report(p, err_all_masked(row));
-        return;
-    }
-    const logit_t* lr = (const logit_t*)p.logits + row * p.ld;
-    float u[BW_RK], sg[BW_RK], x[BW_RK];
+// Row `row`'s gradient at its K slots, v[j] (meaningful where x[j] != -inf), from its upstream
+// gradient g and its logits x at the slot ids: the operations of bwd_grad_row in the same order.
+// Returns false after reporting the row's error (softmax after top-K, every slot -inf).
+template <int BW_RK>
+__device__ __forceinline__ bool bw_rows_values(const BwdParams& p, long long row, const float* g, const float* x,
+                                               float* v) {
+    const int K = p.K;
+    float u[BW_RK], sg[BW_RK];
     const float scale = M_FTZ(p.scale);
 #pragma unroll
     for (int j = 0; j < BW_RK; j++) {
         if (j < K) {
-            x[j] = load_logit(lr, id[j]);
             sg[j] = M_FTZ(M_FTZ(g[j]) * scale);
 #if SCORE == SIGMOID
             u[j] = M_SIGMOID(x[j]);
@@ -676,7 +603,6 @@ __device__ __forceinline__ void bw_rows_tile(const BwdParams& p, long long r0, i
             u[j] = M_SQRT_SOFTPLUS(x[j]);
 #endif
         } else {
-            x[j] = 0.0f;
             sg[j] = 0.0f;
             u[j] = 0.0f;
         }
@@ -689,7 +615,7 @@ __device__ __forceinline__ void bw_rows_tile(const BwdParams& p, long long r0, i
             if (j < K && x[j] > ms) ms = x[j];
         if (ms == F32_NEG_INF) {
             bw_report(p, err_all_masked(row));
-            return;
+            return false;
         }
         float s = 0.0f;
 #pragma unroll
@@ -731,7 +657,6 @@ __device__ __forceinline__ void bw_rows_tile(const BwdParams& p, long long r0, i
         for (int j = 0; j < BW_RK; j++)
             if (j < K) sg[j] = M_DIV(M_FTZ(sg[j] - dot), dd);
     }
-    float* out = (float*)p.dz + row * E;
 #if SCORE == SM_AFTER
     float rsum = 0.0f;
 #pragma unroll
@@ -742,15 +667,121 @@ __device__ __forceinline__ void bw_rows_tile(const BwdParams& p, long long r0, i
     for (int j = 0; j < BW_RK; j++) {
         if (j < K && x[j] != F32_NEG_INF) {
 #if SCORE == SM_AFTER
-            const float v = M_FTZ(u[j] * M_FTZ(sg[j] - rsum));
+            const float val = M_FTZ(u[j] * M_FTZ(sg[j] - rsum));
 #elif SCORE == SIGMOID
-            const float v = M_FTZ(sg[j] * M_FTZ(u[j] * M_FTZ(1.0f - u[j])));
+            const float val = M_FTZ(sg[j] * M_FTZ(u[j] * M_FTZ(1.0f - u[j])));
 #else
-            const float v = u[j] == 0.0f ? 0.0f : M_FTZ(sg[j] * M_DIV(M_SIGMOID(x[j]), u[j] + u[j]));
+            const float val = u[j] == 0.0f ? 0.0f : M_FTZ(sg[j] * M_DIV(M_SIGMOID(x[j]), u[j] + u[j]));
 #endif
-            out[id[j]] = v;
+            v[j] = val;
+        } else {
+            v[j] = 0.0f;
         }
     }
+    return true;
+}
+
+
+// The flat pass of a rows tile (rows r0 .. r0 + rows): its logits read as one run of 16-byte
+// pieces, NB in flight per lane, noting per row whether a NaN / +inf was seen (bit r of badm)
+// and whether a logit above -inf was (bit r of livem); this lane's bits only (OR them over the
+// warp).
+template <int NB>
+__device__ __forceinline__ void bw_rows_scan(const BwdParams& p, long long r0, int rows, int lane, u32& badm,
+                                             u32& livem) {
+    const int E = p.E;
+    const int n = E / BW_PE;  // pieces per row
+    const int total = rows * n;
+    const float inv_n = 1.0f / (float)n;
+    badm = 0u;
+    livem = 0u;
+    const char* lbase = (const char*)p.logits;
+    for (int q0 = lane; q0 < total; q0 += 32 * NB) {
+        uint4 v[NB];
+        int rr[NB];
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            const int q = q0 + 32 * b;
+            // q / n, exact: (q + 0.5) / n is at least 0.5 / n away from an integer and the
+            // float error is below 2^-21 * 32.
+            const int r = __float2int_rz(((float)q + 0.5f) * inv_n);
+            rr[b] = r;
+            if (q < total) {
+                const int i = q - r * n;
+                v[b] = __ldg((const uint4*)(lbase + ((r0 + r) * p.ld) * LOGIT_BYTES) + i);
+            }
+        }
+#pragma unroll
+        for (int b = 0; b < NB; b++) {
+            if (q0 + 32 * b < total) {
+                bool anyb = false, anyl = false;
+#pragma unroll
+                for (int j = 0; j < BW_PE; j++) {
+                    bool bad, live;
+                    bw_raw_class(bw_piece_raw(v[b], j), bad, live);
+                    anyb = anyb || bad;
+                    anyl = anyl || live;
+                }
+                if (anyb) badm |= 1u << rr[b];
+                if (anyl) livem |= 1u << rr[b];
+            }
+        }
+    }
+}
+
+// BW_RK: slot arrays; NB: 16-byte pieces in flight per lane; PF: the row's ids and upstream
+// gradient loaded before the flat pass (in flight with it) rather than after.
+template <int BW_RK, int NB, bool PF>
+__device__ __forceinline__ void bw_rows_tile(const BwdParams& p, long long r0, int lane) {
+    const int E = p.E, K = p.K;
+    const int rows = p.T - r0 < 32 ? (int)(p.T - r0) : 32;
+    int id[BW_RK];
+    float g[BW_RK];
+    bool ids_bad = false;
+    if (PF && lane < rows) bw_rows_slots<BW_RK>(p, r0 + lane, id, g, ids_bad);
+    // 1. Flat pass over the tile.
+    u32 badm, livem;
+    bw_rows_scan<NB>(p, r0, rows, lane, badm, livem);
+    {
+        float4* out = (float4*)((float*)p.dz + r0 * E);
+        const int nz = rows * (E >> 2);
+        const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int i = lane; i < nz; i += 32) out[i] = zero;
+    }
+    badm = bw_warp_or(badm);
+    livem = bw_warp_or(livem);
+    __syncwarp();  // the zeros before the slot stores (memory order within the warp)
+
+    // 2. Row r0 + lane.
+    if (lane >= rows) return;
+    const long long row = r0 + lane;
+    if (!PF) bw_rows_slots<BW_RK>(p, row, id, g, ids_bad);
+#pragma unroll
+    for (int j = 1; j < BW_RK; j++)
+#pragma unroll
+        for (int jj = 0; jj < j; jj++)
+            if (j < K) ids_bad = ids_bad || id[jj] == id[j];
+    if (ids_bad) {
+        bw_report(p, err_ids(row));
+        return;
+    }
+    if ((badm >> lane) & 1u) {
+        bw_report(p, err_nonfinite(row, bw_first_bad(p, row)));
+        return;
+    }
+    if (!((livem >> lane) & 1u)) {
+        bw_report(p, err_all_masked(row));
+        return;
+    }
+    const logit_t* lr = (const logit_t*)p.logits + row * p.ld;
+    float x[BW_RK], v[BW_RK];
+#pragma unroll
+    for (int j = 0; j < BW_RK; j++) x[j] = j < K ? load_logit(lr, id[j]) : 0.0f;
+    if (!bw_rows_values<BW_RK>(p, row, g, x, v)) return;
+    float* out = (float*)p.dz + row * E;
+#pragma unroll
+    for (int j = 0; j < BW_RK; j++)
+        if (j < K && x[j] != F32_NEG_INF) out[id[j]] = v[j];
 }
 
 template <int RK, int NB, bool PF>

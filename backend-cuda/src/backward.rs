@@ -40,6 +40,17 @@ pub enum BackwardRowsVariant {
     Occupancy4Pieces2 = 4,
 }
 
+impl BackwardRowsVariant {
+    /// Every variant, the default first.
+    pub const ALL: [BackwardRowsVariant; 5] = [
+        BackwardRowsVariant::Default,
+        BackwardRowsVariant::NoPrefetch,
+        BackwardRowsVariant::Occupancy4,
+        BackwardRowsVariant::Pieces4,
+        BackwardRowsVariant::Occupancy4Pieces2,
+    ];
+}
+
 static ROWS_VARIANT: AtomicU8 = AtomicU8::new(0);
 
 /// Selects the K <= 8 rows kernel for every later backward launch in this process (for

@@ -168,6 +168,9 @@ pub struct DeviceIds {
     pub(crate) buf: Arc<CudaSlice<u32>>,
     pub(crate) rows: usize,
     pub(crate) k: usize,
+    /// Every write to `buf` had finished when these ids were handed out (a call that waited for
+    /// its stream made them): recording them needs no event on the routing stream.
+    pub(crate) complete: bool,
 }
 
 impl DeviceIds {

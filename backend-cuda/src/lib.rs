@@ -39,6 +39,7 @@ pub use buffers::{
 };
 pub use device::{precompile, probe, probe_nvrtc};
 pub use kernels::LogitsDtype;
+pub use record::RecordStats;
 pub use router::{CudaRouter, KernelChoice, MAX_EXPERTS, MAX_TOP_K};
 pub use stats::AuxBatchStats;
 

@@ -1,30 +1,37 @@
-//! Recording without stalling: ids are copied into pinned host memory on a side stream that
-//! waits on an event of the routing stream; a worker thread waits for the copy, hands a host
-//! array to the sink and returns the pinned buffer to the pool. The routing stream never waits.
+//! Recording without stalling: the routing thread only takes a pinned buffer from the pool
+//! (and, for ids that may still be being written, records an event on the routing stream). A
+//! starting thread enqueues each record's copy into its pinned buffer on a side stream as soon as
+//! the record arrives, so copies run back to back on the copy engine; a delivering thread waits
+//! for each copy in order, hands the sink a view of the pinned buffer (no host copy) and returns
+//! the buffer to the pool when the sink is done. The routing stream never waits, and the routing
+//! thread makes at most one driver call per record.
 //!
 //! The hot path allocates nothing: the pool holds at most [`MAX_SLOTS`] pinned buffers, each with
 //! its two events (created once), and a buffer is (re)allocated only while the pool is still
 //! filling or when a call needs more rows than any free buffer holds. When every buffer is in
-//! flight (the sinks are slower than the routing loop), `record` waits for the oldest one to come
-//! back instead of allocating without bound.
+//! flight (the copies or the sinks are slower than the routing loop), `record` waits for the
+//! oldest one to come back instead of allocating without bound.
 
 use crate::buffers::DeviceIds;
 use crate::device::{Device, dev_err};
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice};
 use moe_router_core::{IdsSink, RouteError};
-use ndarray::Array2;
+use ndarray::ArrayView2;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Pinned buffers in the pool at most (records in flight at once).
 const MAX_SLOTS: usize = 4;
 /// Smallest pinned buffer, in ids.
 const MIN_SLOT_IDS: usize = 1024;
 
-/// One pinned buffer and its events: `ready` (recorded on the routing stream, waited for by the
-/// side stream) and `done` (recorded on the side stream after the copy, waited for by the worker).
+/// One pinned buffer and its events: `ready` (recorded on the routing stream when the ids may
+/// still be being written, waited for by the side stream) and `done` (recorded on the side
+/// stream after the copy, waited for by the delivery thread).
 struct Slot {
     pinned: PinnedHostSlice<u32>,
     ready: CudaEvent,
@@ -53,39 +60,86 @@ impl Pool {
     }
 }
 
+/// What asynchronous recording ([`Router::record_ids`](moe_router_core::Router::record_ids)) has
+/// cost on one router so far ([`CudaRouter::record_stats`](crate::CudaRouter::record_stats)):
+/// where a recording loop's time goes when recording slows it down.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecordStats {
+    /// Records delivered to their sinks.
+    pub delivered: u64,
+    /// Ids delivered (rows × K over all records).
+    pub ids: u64,
+    /// Time the routing thread waited in `record_ids` for a free pinned buffer (every buffer in
+    /// flight: the copies or the sinks are slower than the routing loop).
+    pub backpressure: Duration,
+    /// Delivery thread: time spent waiting for device-to-host copies to finish.
+    pub copy_wait: Duration,
+    /// Delivery thread: time spent in the sinks (which read the ids in place, from pinned
+    /// memory).
+    pub sinks: Duration,
+}
+
+/// [`RecordStats`] as counters both threads add to (nanoseconds).
+#[derive(Default)]
+struct Counters {
+    delivered: AtomicU64,
+    ids: AtomicU64,
+    backpressure: AtomicU64,
+    copy_wait: AtomicU64,
+    sinks: AtomicU64,
+}
+
+impl Counters {
+    fn add(c: &AtomicU64, since: Instant) -> Instant {
+        let now = Instant::now();
+        c.fetch_add((now - since).as_nanos() as u64, Ordering::Relaxed);
+        now
+    }
+
+    fn snapshot(&self) -> RecordStats {
+        let d = |c: &AtomicU64| Duration::from_nanos(c.load(Ordering::Relaxed));
+        RecordStats {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            ids: self.ids.load(Ordering::Relaxed),
+            backpressure: d(&self.backpressure),
+            copy_wait: d(&self.copy_wait),
+            sinks: d(&self.sinks),
+        }
+    }
+}
+
+/// A record on its way: the buffer it is copied into, the device ids (kept alive until the copy
+/// has completed) and where they go.
+struct Record {
+    slot: Slot,
+    ids: Arc<CudaSlice<u32>>,
+    rows: usize,
+    k: usize,
+    /// The side stream must wait for `slot.ready` (the ids may still be being written).
+    after_ready: bool,
+    sink: IdsSink,
+}
+
 enum Job {
-    Copy {
-        slot: Slot,
-        // Keeps the device buffer alive until its copy has completed.
-        _keep: Arc<CudaSlice<u32>>,
-        rows: usize,
-        k: usize,
-        sink: IdsSink,
-    },
+    Copy(Record),
     Flush(SyncSender<()>),
 }
 
 /// The side stream, the pinned-buffer pool and the delivery thread of one router.
 pub(crate) struct Recorder {
-    dev: Arc<Device>,
-    side: Arc<CudaStream>,
     pool: Arc<Pool>,
     tx: Option<Sender<Job>>,
-    worker: Option<JoinHandle<()>>,
+    /// The starting thread, then the delivering thread.
+    workers: Vec<JoinHandle<()>>,
     failed: Arc<Mutex<Option<String>>>,
+    counters: Arc<Counters>,
+    dev: Arc<Device>,
 }
 
 impl std::fmt::Debug for Recorder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recorder").finish_non_exhaustive()
     }
-}
-
-/// The first `n` ids of `src` as an owned vector. One thread: measured on the lent H200 host,
-/// a 2 MiB copy takes ~16 µs into memory the allocator reuses, while spreading it over threads
-/// (or zeroing fresh memory first) costs more in wake-ups and page faults than it saves.
-fn copy_out(src: &[u32], n: usize) -> Vec<u32> {
-    src[..n].to_vec()
 }
 
 fn fail(failed: &Mutex<Option<String>>, why: String) {
@@ -96,45 +150,111 @@ fn fail(failed: &Mutex<Option<String>>, why: String) {
     }
 }
 
-fn worker(rx: Receiver<Job>, pool: Arc<Pool>, failed: Arc<Mutex<Option<String>>>) {
-    for job in rx {
-        match job {
-            Job::Flush(ack) => {
-                let _ = ack.send(());
+/// What the two record threads share: the side stream, the pool slots go back to, and what
+/// they report.
+struct Delivery {
+    dev: Arc<Device>,
+    side: Arc<CudaStream>,
+    pool: Arc<Pool>,
+    failed: Arc<Mutex<Option<String>>>,
+    counters: Arc<Counters>,
+}
+
+impl Delivery {
+    /// Enqueues the copy of `r`'s ids into its pinned buffer on the side stream, then `done`.
+    fn start(&self, r: &mut Record) -> Result<(), RouteError> {
+        let n = r.rows * r.k;
+        if r.after_ready {
+            self.side.wait(&r.slot.ready).map_err(dev_err)?;
+        }
+        if n > 0 {
+            let host = r.slot.pinned.as_mut_slice().map_err(dev_err)?;
+            let (src, _guard) = r.ids.device_ptr(&self.side);
+            // SAFETY: `host[..n]` is pinned memory of the slot, read only after `done`
+            // completes; `src` holds at least n u32, kept alive by the record until then. The
+            // ids are complete or the side stream waits for the routing stream (`ready`).
+            unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host[..n], src, self.side.cu_stream()) }
+                .map_err(dev_err)?;
+        }
+        r.slot.done.record(&self.side).map_err(dev_err)
+    }
+
+    /// Waits for `r`'s copy, hands the ids in the pinned buffer to the sink (a view: nothing is
+    /// copied here) and returns the buffer to the pool once the sink is done with it.
+    fn deliver(&self, r: Record) {
+        let c = &self.counters;
+        let t0 = Instant::now();
+        let waited = r.slot.done.synchronize();
+        let t1 = Counters::add(&c.copy_wait, t0);
+        drop(r.ids);
+        let n = r.rows * r.k;
+        let pinned = waited.and_then(|()| r.slot.pinned.as_slice());
+        match pinned.map(|s| ArrayView2::from_shape((r.rows, r.k), &s[..n])) {
+            Ok(Ok(view)) => {
+                // A panicking sink fails later records with its message instead of stopping
+                // this thread (and every record after it) silently.
+                let sink = r.sink;
+                let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(view)));
+                if let Err(p) = res {
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a non-string panic".into());
+                    fail(&self.failed, format!("an ids sink panicked: {msg}"));
+                }
             }
-            Job::Copy {
-                slot,
-                _keep,
-                rows,
-                k,
-                sink,
-            } => {
-                // Wait for the copy (recorded on the side stream), then read the pinned buffer.
-                let ids = slot
-                    .done
-                    .synchronize()
-                    .and_then(|()| slot.pinned.as_slice())
-                    .map(|s| copy_out(s, rows * k));
-                drop(_keep);
-                pool.give_back(slot);
-                match ids {
-                    Ok(v) => match Array2::from_shape_vec((rows, k), v) {
-                        Ok(a) => {
-                            // A panicking sink fails later records with its message instead of
-                            // stopping this thread (and every record after it) silently.
-                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(a)));
-                            if let Err(p) = r {
-                                let msg = p
-                                    .downcast_ref::<&str>()
-                                    .map(|s| s.to_string())
-                                    .or_else(|| p.downcast_ref::<String>().cloned())
-                                    .unwrap_or_else(|| "a non-string panic".into());
-                                fail(&failed, format!("an ids sink panicked: {msg}"));
-                            }
-                        }
-                        Err(e) => fail(&failed, format!("recorded ids of shape [{rows}, {k}]: {e}")),
-                    },
-                    Err(e) => fail(&failed, format!("{e:?}")),
+            Ok(Err(e)) => fail(
+                &self.failed,
+                format!("recorded ids of shape [{}, {}]: {e}", r.rows, r.k),
+            ),
+            Err(e) => fail(&self.failed, format!("{e:?}")),
+        }
+        Counters::add(&c.sinks, t1);
+        self.pool.give_back(r.slot);
+        c.delivered.fetch_add(1, Ordering::Relaxed);
+        c.ids.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// The starting thread: binds the device, then enqueues each record's copy as soon as it
+    /// arrives (copies run back to back on the side stream, overlapping the delivery of earlier
+    /// records) and passes every job on to the delivering thread, in order.
+    fn start_all(&self, rx: Receiver<Job>, out: Sender<Job>) {
+        if let Err(e) = self.dev.ctx.bind_to_thread() {
+            fail(&self.failed, format!("the record thread cannot use the device: {e:?}"));
+        }
+        for job in rx {
+            let job = match job {
+                Job::Copy(mut r) => match self.start(&mut r) {
+                    Ok(()) => Job::Copy(r),
+                    Err(e) => {
+                        // Nothing that reads the slot is left in flight after a failure once
+                        // the side stream has drained: reuse it.
+                        let _ = self.side.synchronize();
+                        self.pool.give_back(r.slot);
+                        fail(&self.failed, format!("{e}"));
+                        continue;
+                    }
+                },
+                flush => flush,
+            };
+            if out.send(job).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The delivering thread: waits for each copy in order and hands it to its sink; a flush
+    /// is acknowledged once everything sent before it was delivered.
+    fn deliver_all(&self, rx: Receiver<Job>) {
+        if let Err(e) = self.dev.ctx.bind_to_thread() {
+            fail(&self.failed, format!("the record thread cannot use the device: {e:?}"));
+        }
+        for job in rx {
+            match job {
+                Job::Copy(r) => self.deliver(r),
+                Job::Flush(ack) => {
+                    let _ = ack.send(());
                 }
             }
         }
@@ -146,22 +266,43 @@ impl Recorder {
         let side = dev.ctx.new_stream().map_err(dev_err)?;
         let pool = Arc::new(Pool::default());
         let failed = Arc::new(Mutex::new(None));
+        let counters = Arc::new(Counters::default());
         let (tx, rx) = channel();
-        let (p2, f2) = (pool.clone(), failed.clone());
-        let worker = std::thread::Builder::new()
-            .name("moe-router-cuda-record".into())
-            .spawn(move || worker(rx, p2, f2))
-            .map_err(|e| RouteError::Recorder {
-                reason: format!("cannot start the record thread: {e}"),
-            })?;
-        Ok(Recorder {
-            dev,
+        let (to_deliver, delivered) = channel();
+        let delivery = Arc::new(Delivery {
+            dev: dev.clone(),
             side,
+            pool: pool.clone(),
+            failed: failed.clone(),
+            counters: counters.clone(),
+        });
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| RouteError::Recorder {
+                    reason: format!("cannot start the record thread: {e}"),
+                })
+        };
+        let d = delivery.clone();
+        let deliverer = spawn("moe-router-cuda-deliver", Box::new(move || d.deliver_all(delivered)))?;
+        let starter = spawn(
+            "moe-router-cuda-record",
+            Box::new(move || delivery.start_all(rx, to_deliver)),
+        )?;
+        Ok(Recorder {
             pool,
             tx: Some(tx),
-            worker: Some(worker),
+            workers: vec![starter, deliverer],
             failed,
+            counters,
+            dev,
         })
+    }
+
+    /// What recording has cost so far.
+    pub fn stats(&self) -> RecordStats {
+        self.counters.snapshot()
     }
 
     fn stopped() -> RouteError {
@@ -178,10 +319,15 @@ impl Recorder {
     }
 
     fn new_slot(&self, n: usize) -> Result<Slot, RouteError> {
+        // The delivery thread sleeps on `done` instead of spinning a host core for the copy.
         Ok(Slot {
             pinned: self.pinned(n)?,
             ready: self.dev.ctx.new_event(None).map_err(dev_err)?,
-            done: self.dev.ctx.new_event(None).map_err(dev_err)?,
+            done: self
+                .dev
+                .ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+                .map_err(dev_err)?,
         })
     }
 
@@ -219,19 +365,23 @@ impl Recorder {
                 };
                 return Ok(s);
             }
-            if self.worker.as_ref().is_none_or(|w| w.is_finished()) {
+            if self.workers.iter().any(|w| w.is_finished()) {
                 return Err(Self::stopped());
             }
+            let t0 = Instant::now();
             st = self
                 .pool
                 .returned
                 .wait_timeout(st, Duration::from_millis(100))
                 .map_err(|_| poisoned())?
                 .0;
+            Counters::add(&self.counters.backpressure, t0);
         }
     }
 
-    /// Starts copying `ids` to the host and delivers them to `sink` when the copy is done.
+    /// Sends `ids` to the delivery thread, which copies them to the host and hands them to
+    /// `sink`. One driver call here at most: an event on the routing stream when the ids may
+    /// still be being written.
     pub fn record(&self, ids: &DeviceIds, sink: IdsSink) -> Result<(), RouteError> {
         if let Ok(f) = self.failed.lock()
             && let Some(e) = f.as_ref()
@@ -241,37 +391,20 @@ impl Recorder {
             });
         }
         let (rows, k) = ids.dim();
-        let n = rows * k;
-        let mut slot = self.take(n)?;
-        let enqueue = |slot: &mut Slot| -> Result<(), RouteError> {
-            slot.ready.record(&self.dev.stream).map_err(dev_err)?;
-            self.side.wait(&slot.ready).map_err(dev_err)?;
-            if n > 0 {
-                let host = slot.pinned.as_mut_slice().map_err(dev_err)?;
-                let (src, _guard) = ids.buf.device_ptr(&self.side);
-                // SAFETY: `host[..n]` is pinned memory of the slot, which moves into the job
-                // below and is read only after `done` completes; `src` holds at least n u32 and
-                // its buffer is kept alive by the job until then. The side stream waits for the
-                // routing kernel (event `ready`).
-                unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut host[..n], src, self.side.cu_stream()) }
-                    .map_err(dev_err)?;
-            }
-            slot.done.record(&self.side).map_err(dev_err)
-        };
-        if let Err(e) = enqueue(&mut slot) {
-            // Nothing that reads the slot was enqueued after a failure: wait for the side
-            // stream, then reuse it.
-            let _ = self.side.synchronize();
+        let slot = self.take(rows * k)?;
+        let after_ready = !ids.complete;
+        if after_ready && let Err(e) = slot.ready.record(&self.dev.stream) {
             self.pool.give_back(slot);
-            return Err(e);
+            return Err(dev_err(e));
         }
-        let job = Job::Copy {
+        let job = Job::Copy(Record {
             slot,
-            _keep: ids.buf.clone(),
+            ids: ids.buf.clone(),
             rows,
             k,
+            after_ready,
             sink,
-        };
+        });
         self.tx
             .as_ref()
             .and_then(|t| t.send(job).ok())
@@ -297,8 +430,9 @@ impl Recorder {
 
 impl Drop for Recorder {
     fn drop(&mut self) {
+        // Closing the channel ends the starting thread, which closes the delivering one's.
         self.tx = None;
-        if let Some(w) = self.worker.take() {
+        for w in self.workers.drain(..) {
             let _ = w.join();
         }
     }

@@ -6,7 +6,7 @@ use crate::kernels::{
     LogitsDtype, Params, Part, ROW_KCAP, RouterVariant, ScoreKind, TILE_KMAX, TILE_WARPS, WARP_BLOCK, WarpLayout,
     decode_status, row_launch, tile_slot, tile_smem, warp_layout, warp_layout_with, warp_params,
 };
-use crate::record::Recorder;
+use crate::record::{RecordStats, Recorder};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig};
 use moe_router_core::backend::with_router_rows_marked;
 use moe_router_core::{
@@ -669,6 +669,17 @@ impl CudaRouter {
         Ok(())
     }
 
+    /// What asynchronous recording ([`Router::record_ids`]) has cost on this router so far:
+    /// records delivered, the time the routing thread waited for a free pinned buffer
+    /// (backpressure) and the delivery thread's time per stage. All zero before the first
+    /// record.
+    pub fn record_stats(&self) -> RecordStats {
+        match self.recorder.lock() {
+            Ok(g) => g.as_ref().map(Recorder::stats).unwrap_or_default(),
+            Err(p) => p.get_ref().as_ref().map(Recorder::stats).unwrap_or_default(),
+        }
+    }
+
     /// Waits for the router's stream, returns the first error latched in `out` since the last
     /// call (in the reference router's order) and clears it.
     pub fn take_status(&self, out: &mut RouteBuffers) -> Result<(), RouteError> {
@@ -825,6 +836,8 @@ impl Router for CudaRouter {
                 buf: Arc::new(ids),
                 rows: t,
                 k,
+                // `read_status` waited for the stream, so the kernel's writes are done.
+                complete: true,
             },
             weights: DeviceWeights {
                 buf: weights,
@@ -852,13 +865,15 @@ impl Router for CudaRouter {
     ) -> Result<Routed<DeviceIds, DeviceWeights>, RouteError> {
         // Fallback rows carry ROUTER_SELECTS (the caller's convention, enforced here): the
         // kernel selects them and writes their ids in place, in the same launch.
-        let dev = with_router_rows_marked(ids, router_rows, |ids| self.ids_from_host(ids))?;
+        let mut dev = with_router_rows_marked(ids, router_rows, |ids| self.ids_from_host(ids))?;
         let op = if router_rows.is_empty() {
             Op::Replay
         } else {
             Op::ReplayFallback
         };
         let weights = self.weigh(logits, &dev, op)?;
+        // `weigh` waited for the stream: the upload and the fallback rows' writes are done.
+        dev.complete = true;
         Ok(Routed { ids: dev, weights })
     }
 
@@ -887,6 +902,8 @@ impl Router for CudaRouter {
             buf: Arc::new(buf),
             rows,
             k,
+            // The upload may still be in flight on the stream.
+            complete: false,
         })
     }
 

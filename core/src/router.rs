@@ -105,8 +105,12 @@ impl HostMatrix {
 /// ([`Router::replay_with_fallback`]); never a valid expert id (E ≤ [`crate::MAX_EXPERTS`]).
 pub const ROUTER_SELECTS: u32 = u32::MAX;
 
-/// A callback that receives a copy of the ids a router produced (used by recording policies).
-pub type IdsSink = Box<dyn FnOnce(Array2<u32>) + Send>;
+/// A callback that receives the ids a router produced, `[T, K]` on the host (used by recording
+/// policies). The view borrows the backend's delivery buffer for the duration of the call (on
+/// CUDA: the pinned buffer the ids were copied into, returned to its pool when the sink
+/// returns), so recording copies nothing the sink does not copy itself; a sink that keeps the
+/// ids beyond the call takes `ids.to_owned()`.
+pub type IdsSink = Box<dyn for<'a> FnOnce(ArrayView2<'a, u32>) + Send>;
 
 /// A top-k router on one backend.
 ///
@@ -200,7 +204,7 @@ pub trait Router {
     /// override it to copy on a side stream without stalling routing.
     fn record_ids(&self, ids: &Self::Ids, sink: IdsSink) -> Result<(), RouteError> {
         let host = self.ids_to_host(ids)?;
-        sink(host);
+        sink(host.view());
         Ok(())
     }
 

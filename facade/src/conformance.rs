@@ -578,7 +578,7 @@ impl ReplayPolicy for TinyRecorder {
         let rec = self.recorded.clone();
         Ok(Some(Box::new(move |ids| {
             if let Ok(mut v) = rec.lock() {
-                v.push(ids);
+                v.push(ids.to_owned());
             }
         })))
     }

@@ -727,7 +727,7 @@ fn record_engine_style(
             num_experts: header.num_experts(),
             top_k: k,
         };
-        rec.recorder(&site, shape).unwrap().unwrap()(ids);
+        rec.recorder(&site, shape).unwrap().unwrap()(ids.view());
     };
     let lens: Vec<(SeqId, usize)> = (0..seqs).map(|s| (SeqId(s), prompt + (s as usize * 37) % 64)).collect();
     let prefill = BatchLayout::packed(&lens).unwrap();

@@ -27,7 +27,7 @@ use moe_router_core::layout::{BatchLayout, LayerId, Segment, SeqId};
 use moe_router_core::replay::{ForcedIds, Plan, ReplayPolicy, RouteShape};
 use moe_router_core::replay_slots::{ReplayThreshold, SlotCounts};
 use moe_router_core::router::{CallSite, IdsSink, Pass};
-use ndarray::{Array2, s};
+use ndarray::{Array2, ArrayView2, s};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -469,7 +469,7 @@ struct RecordInner {
 }
 
 impl RecordInner {
-    fn record(&self, layer: LayerId, layout: &BatchLayout, ids: &Array2<u32>) -> Result<(), ReplayError> {
+    fn record(&self, layer: LayerId, layout: &BatchLayout, ids: ArrayView2<'_, u32>) -> Result<(), ReplayError> {
         let mut row = 0usize;
         let mut rows = 0u64;
         let mut app = AppendStats::default();
@@ -617,8 +617,8 @@ impl ReplayPolicy for Record {
         let inner = self.inner.clone();
         let layer = site.layer;
         let layout = layout.clone();
-        Ok(Some(Box::new(move |ids: Array2<u32>| {
-            if let Err(e) = inner.record(layer, &layout, &ids) {
+        Ok(Some(Box::new(move |ids: ArrayView2<'_, u32>| {
+            if let Err(e) = inner.record(layer, &layout, ids) {
                 let mut g = lock(&inner.error);
                 if g.is_none() {
                     *g = Some(e);

@@ -566,7 +566,7 @@ impl Router for WgpuRouter {
         Ok(HostWeights::F32(a))
     }
     fn record_ids(&self, ids: &DeviceIds, sink: IdsSink) -> Result<(), RouteError> {
-        sink(self.ids_host(ids)?);
+        sink(self.ids_host(ids)?.view());
         Ok(())
     }
     fn with_host_logits<T, F>(&self, logits: &LogitsRef<'_>, f: F) -> Result<T, RouteError>

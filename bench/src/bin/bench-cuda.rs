@@ -493,10 +493,15 @@ fn bench_record(stream: &Arc<CudaStream>, pool: &Pool, quick: bool) -> Result<()
                     r.flush_records()?;
                 }
                 let (p, q) = (median(plain), median(rec));
+                let st = r.record_stats();
+                let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / st.delivered.max(1) as f64;
                 println!(
-                    "| {} | bf16 | async record | {t} | {p:.1} → {q:.1} µs ({:+.1}%) |",
+                    "| {} | bf16 | async record | {t} | {p:.1} → {q:.1} µs ({:+.1}%); per record: backpressure {:.1}, copy wait {:.1}, sink {:.1} µs |",
                     rule.name,
-                    100.0 * (q / p - 1.0)
+                    100.0 * (q / p - 1.0),
+                    per(st.backpressure),
+                    per(st.copy_wait),
+                    per(st.sinks),
                 );
             }
         }
@@ -563,17 +568,7 @@ fn bench_backward(
                         use moe_router::cuda::BackwardRowsVariant as V;
                         // The rows kernel's instantiations against each other (K <= 8, no
                         // z-loss); the row is the fastest, its variant named.
-                        let variants: &[V] = if !zloss && k <= 8 {
-                            &[
-                                V::Default,
-                                V::NoPrefetch,
-                                V::Occupancy4,
-                                V::Pieces4,
-                                V::Occupancy4Pieces2,
-                            ]
-                        } else {
-                            &[V::Default]
-                        };
+                        let variants: &[V] = if !zloss && k <= 8 { &V::ALL } else { &[V::Default] };
                         let mut best = (f64::INFINITY, V::Default);
                         let mut all = Vec::new();
                         for &v in variants {
