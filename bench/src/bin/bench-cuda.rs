@@ -30,7 +30,7 @@
 #![allow(unsafe_code)]
 
 use moe_router::cuda::cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
-use moe_router::cuda::cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use moe_router::cuda::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 use moe_router::cuda::kernels::{LogitsDtype, Part, RouterVariant, ScoreKind, TILE_KMAX, WARP_NE};
 use moe_router::cuda::{CudaRouter, DeviceLogits, KernelChoice, LogitsView, RouteError};
 use moe_router::{CallSite, GroupScore, LossGrads, Normalization, Numerics, Router, RouterConfig, ScoreFunction};
@@ -492,6 +492,48 @@ fn bench_record(stream: &Arc<CudaStream>, pool: &Pool, quick: bool) -> Result<()
                     rec.push(a.elapsed().as_secs_f64() * 1e6 / n as f64);
                     r.flush_records()?;
                 }
+                // The same loop with a bare device-to-host copy of each call's ids on a side
+                // stream (no record threads, never waited for in the loop): what copies in
+                // flight alone cost the routing loop.
+                let dev = |e: moe_router::cuda::cudarc::driver::DriverError| {
+                    RouteError::device_with_source("cuda", format!("{e:?}"), e)
+                };
+                let side = r.stream().context().new_stream().map_err(dev)?;
+                let k = rule.cfg.top_k();
+                // SAFETY: a copy destination, never read.
+                let mut pinned = unsafe { r.stream().context().alloc_pinned::<u32>(t * k) }.map_err(dev)?;
+                let mut bare = Vec::new();
+                for _ in 0..3 {
+                    let mut keep = std::collections::VecDeque::new();
+                    let a = Instant::now();
+                    for _ in 0..n {
+                        let o = r.route(&lv, &CallSite::layer(0))?;
+                        let host = pinned.as_mut_slice().map_err(dev)?;
+                        let (src, g) = o.ids.buffer().device_ptr(&side);
+                        // SAFETY: `host` holds t * k u32 (the copy's size), pinned and never read;
+                        // the source ids stay alive (`keep`) until after the final wait.
+                        unsafe {
+                            moe_router::cuda::cudarc::driver::result::memcpy_dtoh_async(
+                                &mut host[..t * k],
+                                src,
+                                side.cu_stream(),
+                            )
+                        }
+                        .map_err(dev)?;
+                        drop(g);
+                        keep.push_back(o);
+                        if keep.len() > 4 {
+                            keep.pop_front();
+                        }
+                    }
+                    bare.push(a.elapsed().as_secs_f64() * 1e6 / n as f64);
+                    side.synchronize().map_err(dev)?;
+                }
+                println!(
+                    "| {} | bf16 | route + bare side-stream copy of the ids | {t} | {:.1} µs |",
+                    rule.name,
+                    median(bare)
+                );
                 let (p, q) = (median(plain), median(rec));
                 let st = r.record_stats();
                 let per = |d: std::time::Duration| d.as_secs_f64() * 1e6 / st.delivered.max(1) as f64;
