@@ -30,13 +30,15 @@ use moe_router_core::math::Math;
 use moe_router_core::math::{NativeF32, NativeF64, Portable};
 use moe_router_core::{LogitsRef, RouteError, RouterConfig, ScoreFunction, SoftmaxPosition, validate_ids};
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis};
-use num_traits::{Float, Zero};
+use num_traits::Zero;
 use rayon::prelude::*;
 use sparse::SparseScratch;
 use stream::Plain;
 
 #[path = "dense.rs"]
 mod dense;
+#[path = "pages.rs"]
+mod pages;
 #[path = "sparse.rs"]
 mod sparse;
 #[path = "stream.rs"]
@@ -55,7 +57,7 @@ pub(crate) fn vjp<M: BackwardMath>(
     losses: &LossGrads<'_>,
 ) -> Result<Array2<M::F>, RouteError> {
     let (t, e) = logits.dim();
-    let mut out = zeroed_output::<M::F>(t, e);
+    let mut out = pages::zeroed::<M::F>(t, e);
     vjp_into::<M>(cfg, logits, ids, grad, losses, out.view_mut(), true)?;
     Ok(out)
 }
@@ -114,6 +116,9 @@ pub(crate) fn vjp_into<M: BackwardMath>(
                 let b = a + out_c.nrows();
                 let ids_c = ids.slice(ndarray::s![a..b, ..]);
                 let g_c = grad.slice(ndarray::s![a..b, ..]);
+                if zeroed {
+                    pages::populate(&out_c);
+                }
                 match sc {
                     Scratch::Sparse(sc) => sparse::rows::<M>(cfg, logits, ids_c, g_c, &plan, a, out_c, zeroed, sc),
                     Scratch::Dense(sc) => dense_chunk::<M>(cfg, logits, ids_c, g_c, &plan, a, out_c, zeroed, sc),
@@ -314,12 +319,6 @@ fn dense_chunk<M: BackwardMath>(
 fn is_sparse(cfg: &RouterConfig, plan: &BackwardPlan) -> bool {
     let before = cfg.score() == ScoreFunction::Softmax && cfg.softmax_position() == SoftmaxPosition::BeforeTopK;
     !before && plan.aux.is_none() && plan.z_factor == 0.0
-}
-
-/// A zeroed `[rows, cols]` array whose pages are not touched yet (a zeroed allocation: the
-/// operating system maps zero pages on first write, so untouched entries cost no store).
-fn zeroed_output<F: Float>(rows: usize, cols: usize) -> Array2<F> {
-    Array2::<F>::zeros((rows, cols))
 }
 
 /// Full rows through the reference's row loop ([`vjp_rows`], on the chunk's upstream gradient
