@@ -341,7 +341,7 @@ fn bench_case(c: &mut Criterion<Clock>, case: &Case, clock: Clock) {
                 let sink = moe_router::ReplayPolicy::recorder(rec, s, shape)
                     .expect("recorder")
                     .expect("sink");
-                sink(ids.clone());
+                sink(ids.view());
             },
         )
     };
