@@ -19,8 +19,8 @@
 //! 4. **Per row, in lanes**: `dz_e = ftz(div(exp_e, s) · (0 − t))` (the mode's division: the
 //!    portable one or IEEE), then the K ids `ftz(u_j · ftz(gu_j − t))`, and `+0` at −∞ logits.
 
-use super::{IdCheck, reference_row};
-use crate::fast::{FastF32, W};
+use super::{IdCheck, prefetch_row, reference_row};
+use crate::fast::{FastF32, W, row_f32};
 use moe_router_core::backward::{BackwardPlan, weights_slot_grad};
 use moe_router_core::math::exp_nonpos;
 use moe_router_core::{LogitsRef, RouteError, RouterConfig, ScoreFunction, SoftmaxPosition};
@@ -131,6 +131,7 @@ fn block<M: FastF32>(
     for (r, d) in done.iter_mut().enumerate().take(m) {
         let t = start + r0 + r;
         sc.ids.row(t, ids.row(r0 + r))?;
+        prefetch_row(logits, t);
         let ex = &mut sc.ex[r * ep..(r + 1) * ep];
         if !exps::<M>(logits, t, &mut sc.tmp, ex) {
             // NaN, +∞ or every logit −∞: the reference reports the row's error.
@@ -179,14 +180,7 @@ fn block<M: FastF32>(
             None => &mut sc.row,
         };
         // Every expert: p·(−t); +0 at −∞ logits.
-        let (oc, otail) = out.as_chunks_mut::<W>();
-        let (xc, xtail) = ex[..e].as_chunks::<W>();
-        for (oc, xc) in oc.iter_mut().zip(xc) {
-            for l in 0..W {
-                oc[l] = off_id::<M>(xc[l], s, nt);
-            }
-        }
-        for (o, &x) in otail.iter_mut().zip(xtail) {
+        for (o, &x) in out.iter_mut().zip(&ex[..e]) {
             *o = off_id::<M>(x, s, nt);
         }
         // The ids: p·(gu − t).
@@ -223,20 +217,7 @@ fn off_id<M: FastF32>(x: f32, s: f32, nt: f32) -> f32 {
 /// logit, or every logit −∞); `ex` is then unspecified.
 #[inline(always)]
 fn exps<M: FastF32>(logits: &LogitsRef<'_>, t: usize, tmp: &mut Vec<f32>, ex: &mut [f32]) -> bool {
-    let src: &[f32] = match logits {
-        LogitsRef::F32(a) => match a.row(t).to_slice() {
-            Some(s) => s,
-            None => {
-                tmp.clear();
-                tmp.extend(a.row(t).iter().copied());
-                tmp
-            }
-        },
-        other => {
-            other.widen_row(t, tmp, |x| x, |x| x as f32);
-            tmp
-        }
-    };
+    let src = row_f32(logits, t, tmp);
     let mut mx = [f32::NEG_INFINITY; W];
     let mut bad = [false; W];
     {

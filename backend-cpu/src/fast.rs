@@ -264,6 +264,26 @@ fn hmax(mut v: [f32; W]) -> f32 {
     v[0]
 }
 
+/// Row `t` of the logits as f32 values (not yet widened by a mode's rule): the row itself where
+/// it is f32 and contiguous, else copied (and converted) into `tmp`.
+#[inline(always)]
+pub(crate) fn row_f32<'a>(logits: &'a LogitsRef<'_>, t: usize, tmp: &'a mut Vec<f32>) -> &'a [f32] {
+    match logits {
+        LogitsRef::F32(a) => match a.row(t).to_slice() {
+            Some(s) => s,
+            None => {
+                tmp.clear();
+                tmp.extend(a.row(t).iter().copied());
+                tmp
+            }
+        },
+        other => {
+            other.widen_row(t, tmp, |x| x, |x| x as f32);
+            tmp
+        }
+    }
+}
+
 /// Widens row `row` into `z` (`ep` values, padded with −∞) with `M`'s rule for f32 inputs, and
 /// returns the lane maxima (the row's column maxima as rows of [`W`]); NaN or +∞ is an error
 /// naming the first such expert (as the reference's widening).
@@ -274,20 +294,7 @@ fn load_row<M: FastF32>(
     tmp: &mut Vec<f32>,
     z: &mut [f32],
 ) -> Result<[f32; W], RouteError> {
-    let src: &[f32] = match logits {
-        LogitsRef::F32(a) => match a.row(row).to_slice() {
-            Some(s) => s,
-            None => {
-                tmp.clear();
-                tmp.extend(a.row(row).iter().copied());
-                tmp
-            }
-        },
-        other => {
-            other.widen_row(row, tmp, |x| x, |x| x as f32);
-            tmp
-        }
-    };
+    let src = row_f32(logits, row, tmp);
     let (chunks, tail) = src.as_chunks::<W>();
     let (zc, _) = z.as_chunks_mut::<W>();
     let mut mx = [f32::NEG_INFINITY; W];

@@ -19,7 +19,8 @@
 //!    ([`stream`]); into a fresh zeroed array, K stores per row.
 
 use super::stream::{self, Plain};
-use super::{BackwardMath, IdCheck, reference_row};
+use super::{BackwardMath, IdCheck, prefetch_row, reference_row};
+use crate::fast::row_f32;
 use moe_router_core::backward::BackwardPlan;
 use moe_router_core::{LogitsRef, Normalization, RouteError, RouterConfig, ScoreFunction};
 use ndarray::{ArrayView2, ArrayViewMut2};
@@ -161,20 +162,8 @@ fn gather<M: BackwardMath>(
     sc: &mut SparseScratch<M::F>,
 ) -> Result<bool, RouteError> {
     sc.ids.row(t, ids)?;
-    let src: &[f32] = match logits {
-        LogitsRef::F32(a) => match a.row(t).to_slice() {
-            Some(s) => s,
-            None => {
-                sc.tmp.clear();
-                sc.tmp.extend(a.row(t).iter().copied());
-                &sc.tmp
-            }
-        },
-        other => {
-            other.widen_row(t, &mut sc.tmp, |x| x, |x| x as f32);
-            &sc.tmp
-        }
-    };
+    prefetch_row(logits, t);
+    let src = row_f32(logits, t, &mut sc.tmp);
     for (j, (&i, &g)) in ids.iter().zip(grad.iter()).enumerate() {
         sc.z[j][r] = M::from_f32(src[i as usize]);
         sc.g[j][r] = M::ftz(g);

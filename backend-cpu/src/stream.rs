@@ -38,23 +38,81 @@ pub(crate) fn stream_copy<T: Plain>(src: &[T], dst: &mut [T]) {
         // bytes each; every access below lies in `[0, bytes)` of both: the head `[0, head)`,
         // the lines `[head, head + 64·lines)` (64-byte aligned in `dst`, as the streaming store
         // needs) and the tail `[head + 64·lines, bytes)`. `T: Plain` makes a byte copy a valid
-        // copy of the values. SSE2 is part of the x86-64 baseline.
+        // copy of the values. Each line copy runs on an instruction set detected at run time
+        // (SSE2 is part of the x86-64 baseline).
         unsafe {
-            use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
             std::ptr::copy_nonoverlapping(s, d, head);
-            for i in 0..lines {
-                let o = head + i * LINE;
-                for q in 0..LINE / 16 {
-                    let v = _mm_loadu_si128(s.add(o + 16 * q).cast::<__m128i>());
-                    _mm_stream_si128(d.add(o + 16 * q).cast::<__m128i>(), v);
-                }
+            let (s_l, d_l) = (s.add(head), d.add(head));
+            #[cfg(moe_avx512)]
+            if std::is_x86_feature_detected!("avx512f") {
+                lines_avx512(s_l, d_l, lines);
+            } else {
+                lines_sse2(s_l, d_l, lines);
             }
+            #[cfg(not(moe_avx512))]
+            lines_sse2(s_l, d_l, lines);
             let done = head + lines * LINE;
             std::ptr::copy_nonoverlapping(s.add(done), d.add(done), bytes - done);
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     dst.copy_from_slice(src);
+}
+
+/// Copies `lines` 64-byte lines from `s` to `d` (64-byte aligned) with 16-byte streaming stores.
+///
+/// # Safety
+///
+/// `s` and `d` are valid for `64·lines` bytes, do not overlap, and `d` is 64-byte aligned.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn lines_sse2(s: *const u8, d: *mut u8, lines: usize) {
+    use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+    for o in (0..lines * LINE).step_by(16) {
+        // SAFETY: `o + 16 ≤ 64·lines`, inside both regions (the caller's contract); `d + o`
+        // is 16-byte aligned as `d` is 64-byte aligned.
+        unsafe { _mm_stream_si128(d.add(o).cast::<__m128i>(), _mm_loadu_si128(s.add(o).cast::<__m128i>())) };
+    }
+}
+
+/// [`lines_sse2`] with one 64-byte streaming store per line.
+///
+/// # Safety
+///
+/// As [`lines_sse2`], on a CPU with AVX-512 F.
+#[cfg(all(target_arch = "x86_64", moe_avx512))]
+#[allow(clippy::incompatible_msrv)]
+#[target_feature(enable = "avx512f")]
+unsafe fn lines_avx512(s: *const u8, d: *mut u8, lines: usize) {
+    use std::arch::x86_64::{__m512i, _mm512_loadu_si512, _mm512_stream_si512};
+    for o in (0..lines * LINE).step_by(LINE) {
+        // SAFETY: `o + 64 ≤ 64·lines`, inside both regions, and `d + o` is 64-byte aligned
+        // (the caller's contract).
+        unsafe {
+            _mm512_stream_si512(
+                d.add(o).cast::<__m512i>(),
+                _mm512_loadu_si512(s.add(o).cast::<__m512i>()),
+            )
+        };
+    }
+}
+
+/// Asks for the memory of `s` in the cache ahead of its use (`prefetcht0` per 64-byte line, a
+/// hint: it never faults, whatever the address).
+#[inline(always)]
+pub(crate) fn prefetch<T>(s: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let p = s.as_ptr().cast::<i8>();
+        for o in (0..std::mem::size_of_val(s)).step_by(LINE) {
+            // SAFETY: `prefetcht0` reads nothing and cannot fault; the address lies inside `s`
+            // (`wrapping_add` keeps the pointer arithmetic defined regardless). SSE is part of
+            // the x86-64 baseline.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.wrapping_add(o));
+            }
+        }
+    }
 }
 
 /// Orders the streaming stores of [`stream_copy`] before every later store (`sfence`): a
