@@ -445,7 +445,7 @@ fn record_engine_style(
             num_experts: header.num_experts(),
             top_k: k,
         };
-        rec.recorder(&site, shape).expect("recorder").expect("sink")(ids);
+        rec.recorder(&site, shape).expect("recorder").expect("sink")(ids.view());
     };
     let lens: Vec<(SeqId, usize)> = (0..seqs).map(|s| (SeqId(s), prompt + (s as usize * 37) % 64)).collect();
     let prefill = BatchLayout::packed(&lens).expect("layout");
