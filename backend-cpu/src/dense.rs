@@ -12,8 +12,9 @@
 //!    of both f32 modes, for every `x ≤ 0`). A −∞ logit stores `−0` (its exponential is `+0`):
 //!    the sum is unchanged (`s + (−0) = s`, and the sum starts at `+0`), and the mark tells the
 //!    output pass to write the reference's `+0`.
-//! 2. **Denominators**: each row's sum in expert order, as the reference (both modes), eight
-//!    rows side by side (independent add chains).
+//! 2. **Denominators**: each row's sum in expert order, as the reference (both modes), the
+//!    rows side by side ([`row_sums`]: with AVX-512 the block's sixteen rows in the lanes
+//!    of one vector, transposed sixteen experts at a time; else eight scalar add chains).
 //! 3. **Per row, slot level (K values)**: `u_j = div(exp_j, s)`, the scale and normalisation of
 //!    the core ([`weights_slot_grad`]), `t = Σ gu_j·u_j`.
 //! 4. **Per row, in lanes**: `dz_e = ftz(div(exp_e, s) · (0 − t))` (the mode's division: the
@@ -21,6 +22,7 @@
 
 use super::{IdCheck, prefetch_row, reference_row};
 use crate::fast::{FastF32, W, row_f32};
+use crate::simd::row_sums;
 use moe_router_core::backward::{BackwardPlan, weights_slot_grad};
 use moe_router_core::math::exp_nonpos;
 use moe_router_core::{LogitsRef, RouteError, RouterConfig, ScoreFunction, SoftmaxPosition};
@@ -28,8 +30,6 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 
 /// Rows per block (the exponentials of a block: `R · E` f32, 16 KiB at E = 256).
 const R: usize = 16;
-/// Rows summed side by side.
-const S: usize = 8;
 /// The bits of `−0.0`: the mark of a −∞ logit in the exponentials.
 const NEG_ZERO: u32 = 0x8000_0000;
 
@@ -99,11 +99,16 @@ pub(crate) fn rows<M: FastF32>(
     mut dst: ArrayViewMut2<'_, f32>,
     sc: &mut DenseScratch,
 ) -> Result<(), RouteError> {
+    // Whether this clone may use AVX-512 (decided at compile time per clone).
+    #[cfg(moe_avx512)]
+    let avx512 = multiversion::target::selected_target!().supports_feature_str("avx512f");
+    #[cfg(not(moe_avx512))]
+    let avx512 = false;
     let n = dst.nrows();
     let mut r0 = 0;
     while r0 < n {
         let m = R.min(n - r0);
-        block::<M>(cfg, logits, ids, grad, plan, start, r0, m, &mut dst, sc)?;
+        block::<M>(avx512, cfg, logits, ids, grad, plan, start, r0, m, &mut dst, sc)?;
         r0 += m;
     }
     Ok(())
@@ -113,6 +118,7 @@ pub(crate) fn rows<M: FastF32>(
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block<M: FastF32>(
+    avx512: bool,
     cfg: &RouterConfig,
     logits: &LogitsRef<'_>,
     ids: ArrayView2<'_, u32>,
@@ -139,23 +145,8 @@ fn block<M: FastF32>(
             *d = true;
         }
     }
-    // Denominators: expert order, S rows side by side.
-    let mut sums = [0f32; R];
-    for g0 in (0..m).step_by(S) {
-        let mut acc = [0f32; S];
-        let rows: [&[f32]; S] = std::array::from_fn(|q| {
-            let at = (g0 + q).min(m - 1) * ep;
-            &sc.ex[at..at + e]
-        });
-        #[allow(clippy::needless_range_loop)]
-        for i in 0..e {
-            for q in 0..S {
-                acc[q] += rows[q][i];
-            }
-        }
-        let n = S.min(m - g0);
-        sums[g0..g0 + n].copy_from_slice(&acc[..n]);
-    }
+    // Denominators: expert order, the rows side by side.
+    let sums = row_sums(avx512, &sc.ex, ep, e, m);
     for r in 0..m {
         if done[r] {
             continue;

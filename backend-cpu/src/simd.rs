@@ -36,6 +36,38 @@ pub(crate) trait Isa: Copy {
         }
         (a, b)
     }
+    /// The sums of the first `n ≤ 16` rows of `ex` (row `r`: `ex[r·ep..r·ep + e]`, `e ≤ ep`,
+    /// `ex` holding 16 rows), each from `+0` in index order (the reference's sums), into lanes
+    /// `0..n`: independent add chains side by side.
+    #[inline(always)]
+    fn row_sums(self, ex: &[f32], ep: usize, e: usize, n: usize) -> [f32; W] {
+        const S: usize = 8;
+        let mut sums = [0f32; W];
+        for g0 in (0..n).step_by(S) {
+            let mut acc = [0f32; S];
+            let rows: [&[f32]; S] = std::array::from_fn(|q| &ex[(g0 + q) * ep..(g0 + q) * ep + e]);
+            #[allow(clippy::needless_range_loop)]
+            for i in 0..e {
+                for q in 0..S {
+                    acc[q] += rows[q][i];
+                }
+            }
+            sums[g0..g0 + S].copy_from_slice(&acc);
+        }
+        sums
+    }
+}
+
+/// [`Isa::row_sums`] of AVX-512 where `avx512` (the caller's clone is compiled for it) and the
+/// CPU has it, else of [`Lanes`].
+#[inline(always)]
+pub(crate) fn row_sums(avx512: bool, ex: &[f32], ep: usize, e: usize, n: usize) -> [f32; W] {
+    #[cfg(all(target_arch = "x86_64", moe_avx512))]
+    if avx512 && let Some(isa) = Avx512::detect() {
+        return isa.row_sums(ex, ep, e, n);
+    }
+    let _ = avx512;
+    Lanes.row_sums(ex, ep, e, n)
 }
 
 /// Top two of one group's lane-wise top-two vectors, by halving.
@@ -314,6 +346,31 @@ mod x86 {
             }
         }
         #[inline(always)]
+        fn row_sums(self, ex: &[f32], ep: usize, e: usize, n: usize) -> [f32; W] {
+            assert!(ex.len() >= 15 * ep + e && e <= ep, "row_sums: 16 rows of e values");
+            let _ = n;
+            let mut sums = [0f32; W];
+            // SAFETY: an `Avx512` exists only where AVX-512 F was detected (`detect`); the loads
+            // read columns `c0..c0 + 16` of the 16 rows, masked to the columns below `e`, all
+            // inside `ex` (the assertion); the store writes the 16 lanes of `sums`.
+            unsafe {
+                let mut acc = _mm512_setzero_ps();
+                for c0 in (0..e).step_by(W) {
+                    let m: __mmask16 = if e - c0 >= W { 0xffff } else { (1u16 << (e - c0)) - 1 };
+                    let mut r = [_mm512_setzero_ps(); W];
+                    for (q, rq) in r.iter_mut().enumerate() {
+                        *rq = _mm512_maskz_loadu_ps(m, ex.as_ptr().add(q * ep + c0));
+                    }
+                    let cols = transpose16(&r);
+                    for col in cols.iter().take(e - c0) {
+                        acc = _mm512_add_ps(acc, *col);
+                    }
+                }
+                _mm512_storeu_ps(sums.as_mut_ptr(), acc);
+            }
+            sums
+        }
+        #[inline(always)]
         fn reduce_top2(self, t1: &[[f32; W]; 8], t2: &[[f32; W]; 8]) -> ([f32; 8], [f32; 8]) {
             // SAFETY: as in `mask_ge`; the loads read the 16 lanes of each group's vectors and
             // the stores write the 16 lanes of the two local arrays.
@@ -385,6 +442,97 @@ mod x86 {
                     (a[g + 4], b[g + 4]) = (o1[4 * g + 2], o2[4 * g + 2]);
                 }
                 (a, b)
+            }
+        }
+    }
+
+    /// The 16 × 16 transpose: lane `r` of column vector `i` is lane `i` of row vector `r`.
+    ///
+    /// # Safety
+    ///
+    /// On a CPU with AVX-512 F.
+    #[cfg(moe_avx512)]
+    #[allow(clippy::incompatible_msrv)]
+    #[inline(always)]
+    unsafe fn transpose16(r: &[__m512; 16]) -> [__m512; 16] {
+        // SAFETY: register shuffles only (the caller's contract: AVX-512 F). No closures: an
+        // intrinsic is inlined only into code compiled with its instruction set.
+        unsafe {
+            let zero = _mm512_setzero_ps();
+            // Pairs of rows interleaved by lane.
+            let mut t = [zero; 16];
+            for p in (0..16).step_by(2) {
+                t[p] = _mm512_unpacklo_ps(r[p], r[p + 1]);
+                t[p + 1] = _mm512_unpackhi_ps(r[p], r[p + 1]);
+            }
+            // Then by lane pair.
+            let mut u = [zero; 16];
+            for g in (0..16).step_by(4) {
+                for j in 0..2 {
+                    let a = _mm512_castps_pd(t[g + j]);
+                    let b = _mm512_castps_pd(t[g + j + 2]);
+                    u[g + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+                    u[g + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+                }
+            }
+            // 128-bit blocks: rows 0-3 with 4-7 and 8-11 with 12-15, then the two halves.
+            let mut v = [zero; 16];
+            for h in [0, 8] {
+                for j in 0..4 {
+                    v[h + j] = _mm512_shuffle_f32x4::<0x88>(u[h + j], u[h + j + 4]);
+                    v[h + j + 4] = _mm512_shuffle_f32x4::<0xdd>(u[h + j], u[h + j + 4]);
+                }
+            }
+            let mut c = [zero; 16];
+            for i in 0..8 {
+                c[i] = _mm512_shuffle_f32x4::<0x88>(v[i], v[i + 8]);
+                c[i + 8] = _mm512_shuffle_f32x4::<0xdd>(v[i], v[i + 8]);
+            }
+            c
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values whose sum depends on the order of the adds (magnitudes 2⁻²⁰ to 2²⁰, both signs).
+    fn order_sensitive(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let m = ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
+                m * 2f32.powi(((s >> 20) % 41) as i32 - 20)
+            })
+            .collect()
+    }
+
+    /// Every instruction set's row sums are the index-order sums, bit for bit: E a multiple of
+    /// 16 and not, the padding left out, fewer than 16 rows.
+    #[test]
+    fn row_sums_are_the_index_order_sums() {
+        for (e, ep, n) in [
+            (256usize, 256usize, 16usize),
+            (40, 48, 16),
+            (7, 16, 3),
+            (300, 304, 11),
+            (16, 16, 1),
+        ] {
+            let mut ex = order_sensitive(16 * ep, e as u64);
+            for r in 0..16 {
+                // The padding must not be added.
+                ex[r * ep + e..(r + 1) * ep].fill(1e30);
+            }
+            let want: Vec<u32> = (0..n)
+                .map(|r| ex[r * ep..r * ep + e].iter().fold(0f32, |s, &x| s + x).to_bits())
+                .collect();
+            let bits = |s: [f32; W]| s[..n].iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(Lanes.row_sums(&ex, ep, e, n)), want, "lanes, E {e}");
+            #[cfg(all(target_arch = "x86_64", moe_avx512))]
+            if let Some(isa) = Avx512::detect() {
+                assert_eq!(bits(isa.row_sums(&ex, ep, e, n)), want, "AVX-512, E {e}");
             }
         }
     }
