@@ -17,12 +17,14 @@
 //! `validate_ids` first. The upstream gradient is flushed by the mode's rule where a kernel
 //! reads it (no flushed copy of `[T, K]`).
 //!
-//! **The output's memory.** A fresh `[T, E]` gradient is allocated zeroed and untouched (the
-//! operating system maps zero pages on first write): sparse rows store K values each, not E.
-//! The page faults of a fresh `[T, E]` array remain (64 MiB at T = 65536, E = 256); asking for
-//! transparent huge pages (`MADV_HUGEPAGE`) made them slower on the machine measured. Into a
-//! reused buffer, rows are built in a small scratch and copied out with streaming stores
-//! ([`stream`]).
+//! **The output's memory.** A fresh `[T, E]` gradient is allocated zeroed and untouched, and
+//! each parallel task maps its own part in one system call before writing it ([`pages`]):
+//! sparse rows then store K values each, not E. The kernel's page work remains (zeroing and
+//! mapping 64 MiB at T = 65536, E = 256). Transparent huge pages (`MADV_HUGEPAGE`) were
+//! measured and left out: fast while the kernel has free 2 MiB blocks at hand, several times
+//! slower in a loop of calls on the virtual machine measured (its free 2 MiB blocks are
+//! reported to the host and faulted back in). Into a reused buffer, rows are built in a small
+//! scratch and copied out with streaming stores ([`stream`]).
 
 use dense::DenseScratch;
 use moe_router_core::backward::{BackwardPlan, LossGrads, vjp_rows};
