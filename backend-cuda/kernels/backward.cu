@@ -729,6 +729,71 @@ __device__ __forceinline__ void bw_rows_scan(const BwdParams& p, long long r0, i
     }
 }
 
+// The tile's zeros: rows r0 .. r0 + rows of dz, 16 bytes per store.
+__device__ __forceinline__ void bw_rows_zero(const BwdParams& p, long long r0, int rows, int lane) {
+    float4* out = (float4*)((float*)p.dz + r0 * p.E);
+    const int nz = rows * (p.E >> 2);
+    const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int i = lane; i < nz; i += 32) out[i] = zero;
+}
+
+// Lane `lane`'s ids: out of range or repeated (the check after the loads of bw_rows_slots).
+template <int BW_RK>
+__device__ __forceinline__ bool bw_rows_repeated(const BwdParams& p, const int* id, bool ids_bad) {
+#pragma unroll
+    for (int j = 1; j < BW_RK; j++)
+#pragma unroll
+        for (int jj = 0; jj < j; jj++)
+            if (j < p.K) ids_bad = ids_bad || id[jj] == id[j];
+    return ids_bad;
+}
+
+// The early order of a rows tile: the row's ids, upstream gradient and logits at the slot ids
+// are loaded first and stay in flight with the flat pass (an id out of range is clamped for its
+// load and reported below, never used), the slot values are computed before the zeros, and the
+// K slot stores follow the zeros at once, while the zeroed sectors are still in L2. Same values,
+// same checks and reports as the late order below.
+template <int BW_RK, int NB>
+__device__ __forceinline__ void bw_rows_tile_early(const BwdParams& p, long long r0, int lane) {
+    const int E = p.E, K = p.K;
+    const int rows = p.T - r0 < 32 ? (int)(p.T - r0) : 32;
+    const bool mine = lane < rows;
+    const long long row = r0 + lane;
+    int id[BW_RK];
+    float g[BW_RK], x[BW_RK], v[BW_RK];
+    bool ids_bad = false;
+    if (mine) {
+        bw_rows_slots<BW_RK>(p, row, id, g, ids_bad);
+        const logit_t* lr = (const logit_t*)p.logits + row * p.ld;
+#pragma unroll
+        for (int j = 0; j < BW_RK; j++)
+            x[j] = j < K ? load_logit(lr, (u32)id[j] < (u32)E ? id[j] : E - 1) : 0.0f;
+    }
+    u32 badm, livem;
+    bw_rows_scan<NB>(p, r0, rows, lane, badm, livem);
+    badm = bw_warp_or(badm);
+    livem = bw_warp_or(livem);
+    bool write = false;
+    if (mine) {
+        if (bw_rows_repeated<BW_RK>(p, id, ids_bad)) {
+            bw_report(p, err_ids(row));
+        } else if ((badm >> lane) & 1u) {
+            bw_report(p, err_nonfinite(row, bw_first_bad(p, row)));
+        } else if (!((livem >> lane) & 1u)) {
+            bw_report(p, err_all_masked(row));
+        } else {
+            write = bw_rows_values<BW_RK>(p, row, g, x, v);
+        }
+    }
+    bw_rows_zero(p, r0, rows, lane);
+    __syncwarp();  // the zeros before the slot stores (memory order within the warp)
+    if (!write) return;
+    float* out = (float*)p.dz + row * E;
+#pragma unroll
+    for (int j = 0; j < BW_RK; j++)
+        if (j < K && x[j] != F32_NEG_INF) out[id[j]] = v[j];
+}
+
 // BW_RK: slot arrays; NB: 16-byte pieces in flight per lane; PF: the row's ids and upstream
 // gradient loaded before the flat pass (in flight with it) rather than after.
 template <int BW_RK, int NB, bool PF>
@@ -742,12 +807,7 @@ __device__ __forceinline__ void bw_rows_tile(const BwdParams& p, long long r0, i
     // 1. Flat pass over the tile.
     u32 badm, livem;
     bw_rows_scan<NB>(p, r0, rows, lane, badm, livem);
-    {
-        float4* out = (float4*)((float*)p.dz + r0 * E);
-        const int nz = rows * (E >> 2);
-        const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        for (int i = lane; i < nz; i += 32) out[i] = zero;
-    }
+    bw_rows_zero(p, r0, rows, lane);
     badm = bw_warp_or(badm);
     livem = bw_warp_or(livem);
     __syncwarp();  // the zeros before the slot stores (memory order within the warp)
@@ -756,12 +816,7 @@ __device__ __forceinline__ void bw_rows_tile(const BwdParams& p, long long r0, i
     if (lane >= rows) return;
     const long long row = r0 + lane;
     if (!PF) bw_rows_slots<BW_RK>(p, row, id, g, ids_bad);
-#pragma unroll
-    for (int j = 1; j < BW_RK; j++)
-#pragma unroll
-        for (int jj = 0; jj < j; jj++)
-            if (j < K) ids_bad = ids_bad || id[jj] == id[j];
-    if (ids_bad) {
+    if (bw_rows_repeated<BW_RK>(p, id, ids_bad)) {
         bw_report(p, err_ids(row));
         return;
     }
@@ -784,21 +839,25 @@ __device__ __forceinline__ void bw_rows_tile(const BwdParams& p, long long r0, i
         if (j < K && x[j] != F32_NEG_INF) out[id[j]] = v[j];
 }
 
-template <int RK, int NB, bool PF>
+// EARLY: bw_rows_tile_early's order (PF implied), else bw_rows_tile's.
+template <int RK, int NB, bool PF, bool EARLY>
 __device__ __forceinline__ void bw_rows(const BwdParams& p) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long tiles = (p.T + 31) / 32;
     for (long long t = (long long)blockIdx.x * (blockDim.x >> 5) + warp; t < tiles;
-         t += (long long)gridDim.x * (blockDim.x >> 5))
-        bw_rows_tile<RK, NB, PF>(p, t * 32, lane);
+         t += (long long)gridDim.x * (blockDim.x >> 5)) {
+        if (EARLY)
+            bw_rows_tile_early<RK, NB>(p, t * 32, lane);
+        else
+            bw_rows_tile<RK, NB, PF>(p, t * 32, lane);
+    }
 }
 
 // The instantiations (BackwardRowsVariant in src/backward.rs; the first two are the defaults for
-// K <= 8 and K <= 16, the others are measured against them by bench-cuda --backward: on the H200
-// 8 pieces in flight per lane won on every rule, dtype and mode).
-extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows8(BwdParams p) { bw_rows<8, 8, true>(p); }
-extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows16(BwdParams p) { bw_rows<16, 4, true>(p); }
-extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows8_np(BwdParams p) { bw_rows<8, 4, false>(p); }
-extern "C" __global__ void __launch_bounds__(256, 4) bwd_grad_rows8_o4(BwdParams p) { bw_rows<8, 4, true>(p); }
-extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows8_nb4(BwdParams p) { bw_rows<8, 4, true>(p); }
-extern "C" __global__ void __launch_bounds__(256, 4) bwd_grad_rows8_o4nb2(BwdParams p) { bw_rows<8, 2, true>(p); }
+// K <= 8 and K <= 16, the others are measured against them by bench-cuda --backward).
+extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows8(BwdParams p) { bw_rows<8, 8, true, false>(p); }
+extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows16(BwdParams p) { bw_rows<16, 4, true, false>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) bwd_grad_rows8_early(BwdParams p) { bw_rows<8, 8, true, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 3) bwd_grad_rows8_early_o3(BwdParams p) { bw_rows<8, 8, true, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 3) bwd_grad_rows8_early_o3nb4(BwdParams p) { bw_rows<8, 4, true, true>(p); }
+extern "C" __global__ void __launch_bounds__(256, 4) bwd_grad_rows8_o4(BwdParams p) { bw_rows<8, 4, true, false>(p); }

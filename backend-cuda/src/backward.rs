@@ -30,24 +30,25 @@ pub enum BackwardRowsVariant {
     /// 8 pieces of 16 bytes in flight per lane, the row's ids and gradient loaded with the tile
     /// (the fastest on the H200).
     Default = 0,
-    /// 4 pieces in flight per lane, the ids and gradient loaded after the tile's pass.
-    NoPrefetch = 1,
+    /// The early order: the logits at the slot ids loaded with the tile's pass, the slot values
+    /// computed before the zeros and stored right after them (at most 128 registers).
+    Early = 1,
+    /// The early order with at most 80 registers (3 blocks of 256 threads per SM).
+    EarlyOccupancy3 = 2,
+    /// The early order with 4 pieces in flight per lane and at most 80 registers.
+    EarlyOccupancy3Pieces4 = 3,
     /// 4 pieces in flight per lane, at most 64 registers (4 blocks of 256 threads per SM).
-    Occupancy4 = 2,
-    /// 4 pieces in flight per lane.
-    Pieces4 = 3,
-    /// 2 pieces in flight per lane, at most 64 registers.
-    Occupancy4Pieces2 = 4,
+    Occupancy4 = 4,
 }
 
 impl BackwardRowsVariant {
     /// Every variant, the default first.
     pub const ALL: [BackwardRowsVariant; 5] = [
         BackwardRowsVariant::Default,
-        BackwardRowsVariant::NoPrefetch,
+        BackwardRowsVariant::Early,
+        BackwardRowsVariant::EarlyOccupancy3,
+        BackwardRowsVariant::EarlyOccupancy3Pieces4,
         BackwardRowsVariant::Occupancy4,
-        BackwardRowsVariant::Pieces4,
-        BackwardRowsVariant::Occupancy4Pieces2,
     ];
 }
 
@@ -62,10 +63,10 @@ pub fn set_backward_rows_variant(v: BackwardRowsVariant) {
 /// The K <= 8 rows kernel in use.
 pub fn backward_rows_variant() -> BackwardRowsVariant {
     match ROWS_VARIANT.load(Ordering::Relaxed) {
-        1 => BackwardRowsVariant::NoPrefetch,
-        2 => BackwardRowsVariant::Occupancy4,
-        3 => BackwardRowsVariant::Pieces4,
-        4 => BackwardRowsVariant::Occupancy4Pieces2,
+        1 => BackwardRowsVariant::Early,
+        2 => BackwardRowsVariant::EarlyOccupancy3,
+        3 => BackwardRowsVariant::EarlyOccupancy3Pieces4,
+        4 => BackwardRowsVariant::Occupancy4,
         _ => BackwardRowsVariant::Default,
     }
 }

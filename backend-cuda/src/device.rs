@@ -356,10 +356,10 @@ impl Device {
         let grad_rows8 = module.load_function("bwd_grad_rows8").map_err(dev_err)?;
         let grad_rows16 = module.load_function("bwd_grad_rows16").map_err(dev_err)?;
         let rows8_alt = [
-            "bwd_grad_rows8_np",
+            "bwd_grad_rows8_early",
+            "bwd_grad_rows8_early_o3",
+            "bwd_grad_rows8_early_o3nb4",
             "bwd_grad_rows8_o4",
-            "bwd_grad_rows8_nb4",
-            "bwd_grad_rows8_o4nb2",
         ]
         .map(|n| module.load_function(n).map_err(dev_err));
         let [a, b, c, d] = rows8_alt;

@@ -20,9 +20,13 @@
 //! z-loss (the dense kernel: softmax over E). Bytes counted: logits read + gradient written
 //! (T·E·4) + ids and upstream gradient read (T·K·8).
 //!
-//! Usage: `bench-cuda [--quick] [--routing] [--record] [--backward]` prints Markdown tables
-//! (`--routing`: the routing table only; `--record`: the recording table only; `--backward`: the
-//! backward table only).
+//! Usage: `bench-cuda [--quick] [--routing] [--record] [--backward] [--profile]` prints Markdown
+//! tables (`--routing`: the routing table only; `--record`: the recording table only;
+//! `--backward`: the backward table only). `--profile` times nothing: it launches each kernel of
+//! the issue-14 targets once between `cuProfilerStart` and `cuProfilerStop` (warm-up outside),
+//! numbering the launches, for a hardware-counter profile under Nsight Compute:
+//! `ncu --profile-from-start off --section SpeedOfLight ... bench-cuda --profile` (the profiled
+//! kernels come in the printed order).
 //! `BENCH_RULES=DeepSeek-V3,Qwen3` (default: the four rules above; Mixtral may be added) and
 //! `BENCH_TS=65536,262144` restrict the rules and batch sizes of the routing table;
 //! `BENCH_BACKWARD_TS` the batch sizes of the backward table (default 262144).
@@ -249,6 +253,7 @@ fn main() -> Result<(), RouteError> {
     let backward_only = std::env::args().any(|a| a == "--backward");
     let routing_only = std::env::args().any(|a| a == "--routing");
     let record_only = std::env::args().any(|a| a == "--record");
+    let profile_only = std::env::args().any(|a| a == "--profile");
     moe_router::cuda::probe()?;
     let t0 = Instant::now();
     let probe_router = CudaRouter::new(RouterConfig::builder(8, 2).build().expect("valid"))?;
@@ -294,6 +299,9 @@ fn main() -> Result<(), RouteError> {
     if record_only {
         return bench_record(&stream, &pool, quick);
     }
+    if profile_only {
+        return profile(&stream, &pool);
+    }
     if !backward_only {
         bench_routing(&stream, &pool, copy_gbs, quick)?;
         if !routing_only {
@@ -304,6 +312,127 @@ fn main() -> Result<(), RouteError> {
         bench_backward(&stream, &pool, copy_us, copy_gbs, quick)?;
     }
     eprintln!("bench finished in {:.1} s", t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// One launch per kernel of the issue-14 targets between `cuProfilerStart` and `cuProfilerStop`
+/// (the rest of the process is outside the profiled range), printed as a numbered list: route
+/// at T ∈ {1, 16384, 262144} (four rules, f32 and bf16, portable and native), replay at
+/// T = 262144 (bf16, both numerics) and the backward at T = 262144 (DeepSeek-V3 and Qwen3, f32
+/// and bf16, both numerics, every rows-kernel variant; then with the z-loss, the dense kernel).
+fn profile(stream: &Arc<CudaStream>, pool: &Pool) -> Result<(), RouteError> {
+    use moe_router::cuda::cudarc::driver::Profiler;
+    let dev =
+        |e: moe_router::cuda::cudarc::driver::DriverError| RouteError::device_with_source("cuda", format!("{e:?}"), e);
+    let mut n = 0usize;
+    // Warm `f` once, then run it once inside the profiled range.
+    let mut once = |label: String, f: &mut dyn FnMut() -> Result<(), RouteError>| -> Result<(), RouteError> {
+        f()?;
+        stream.synchronize().map_err(dev)?;
+        {
+            let _p = Profiler::new().map_err(dev)?;
+            f()?;
+            stream.synchronize().map_err(dev)?;
+        }
+        n += 1;
+        println!("profile {n} | {label}");
+        Ok(())
+    };
+    let view = |dtype: LogitsDtype, t: usize, e: usize| -> Result<DeviceLogits<'_>, RouteError> {
+        let per = t * e;
+        let v = match dtype {
+            LogitsDtype::F32 => LogitsView::F32(pool.f32.slice(0..per)),
+            _ => LogitsView::Bf16(pool.bf16.slice(0..per)),
+        };
+        DeviceLogits::new(v, t, e)
+    };
+    let main = ["DeepSeek-V3", "Qwen3", "Kimi-K2", "Qwen3-Next"];
+    for numerics in [Numerics::Portable, Numerics::Native] {
+        let nn = numerics_name(numerics);
+        for rule in rules(numerics) {
+            if !main.contains(&rule.name) {
+                continue;
+            }
+            let r = CudaRouter::new(rule.cfg.clone())?;
+            let (e, k) = (rule.cfg.num_experts(), rule.cfg.top_k());
+            for dtype in [LogitsDtype::F32, LogitsDtype::Bf16] {
+                let dn = dtype.name();
+                for t in [1usize, 16_384, 262_144] {
+                    let lv = view(dtype, t, e)?;
+                    let mut out = r.alloc_buffers(t, 0)?;
+                    let plan = r.plan_name(t, dtype, false);
+                    once(
+                        format!("{} | {dn} | {nn} | route | {t} | {plan}", rule.name),
+                        &mut || r.enqueue_route(&lv, 0, &mut out),
+                    )?;
+                    r.take_status(&mut out)?;
+                }
+                if dtype == LogitsDtype::Bf16 {
+                    let t = 262_144;
+                    let lv = view(dtype, t, e)?;
+                    let mut ids = r.alloc_buffers(t, 0)?;
+                    r.enqueue_route(&lv, 0, &mut ids)?;
+                    r.take_status(&mut ids)?;
+                    let ids_view = ids.ids().slice(0..t * k);
+                    let mut out = r.alloc_buffers(t, 0)?;
+                    let plan = r.plan_name(t, dtype, true);
+                    once(
+                        format!("{} | {dn} | {nn} | replay | {t} | {plan}", rule.name),
+                        &mut || r.enqueue_replay(&lv, &ids_view, &mut out),
+                    )?;
+                    r.take_status(&mut out)?;
+                }
+            }
+        }
+    }
+    for zloss in [false, true] {
+        for numerics in [Numerics::Portable, Numerics::Native] {
+            if zloss && numerics == Numerics::Native {
+                continue;
+            }
+            for rule in rules(numerics) {
+                if rule.name != "DeepSeek-V3" && rule.name != "Qwen3" {
+                    continue;
+                }
+                let (cfg, losses) = if zloss {
+                    let cfg = rule.cfg.to_builder().z_loss_coeff(1e-3).build().expect("valid");
+                    (cfg, LossGrads::default().z_loss(1.0))
+                } else {
+                    (rule.cfg.clone(), LossGrads::default())
+                };
+                let r = CudaRouter::new(cfg.clone())?;
+                let e = cfg.num_experts();
+                let t = 262_144;
+                for dtype in [LogitsDtype::F32, LogitsDtype::Bf16] {
+                    let lv = view(dtype, t, e)?;
+                    let routed = r.route(&lv, &CallSite::default())?;
+                    let mut out = r.alloc_grad_buffers(t)?;
+                    use moe_router::cuda::BackwardRowsVariant as V;
+                    let variants: &[V] = if zloss { &[V::Default] } else { &V::ALL };
+                    for &v in variants {
+                        moe_router::cuda::set_backward_rows_variant(v);
+                        once(
+                            format!(
+                                "{}{} | {} | {} | backward | {t} | {}",
+                                rule.name,
+                                if zloss { " + z-loss" } else { "" },
+                                dtype.name(),
+                                numerics_name(numerics),
+                                if zloss {
+                                    "dense".to_string()
+                                } else {
+                                    format!("rows {v:?}")
+                                }
+                            ),
+                            &mut || r.enqueue_backward(&lv, &routed.ids, &routed.weights, &losses, &mut out),
+                        )?;
+                        r.take_backward_status(&mut out, Some(&routed.ids))?;
+                    }
+                    moe_router::cuda::set_backward_rows_variant(V::Default);
+                }
+            }
+        }
+    }
     Ok(())
 }
 
