@@ -9,8 +9,10 @@
 //! 1. **Per row** — load: widen, flush (portable), check for NaN / +∞ and take the column maxima
 //!    in one pass. Keys: the logits themselves (softmax after), `exp(z − max)` (softmax before;
 //!    the denominators of four rows are summed side by side, each in expert order), or
-//!    `1/(1 + exp(−z)) + b` with a hardware division (sigmoid: exact in native mode, within `δ`
-//!    of the portable key in portable mode). Groups (sigmoid): group scores from lane-wise top-2
+//!    `1/(1 + exp(−z)) + b` with a reciprocal within 2⁻²¹ relative error (sigmoid; each
+//!    instruction set's own: `vrcp14ps` and one Newton step, `rcpps` and two, or a bit-level
+//!    seed and three): native mode's keys (so native selection may differ between instruction
+//!    sets on near ties), within `δ` of the exact key in portable mode. Groups (sigmoid): group scores from lane-wise top-2
 //!    lists; in portable mode the kept set is accepted only when the g-th and (g+1)-th group
 //!    scores are further apart than the scores' error bound. Threshold: view the row as rows of
 //!    W; the K-th largest of the W column maxima, τ, is at most the K-th largest key (K distinct
@@ -288,37 +290,28 @@ pub(crate) fn row_f32<'a>(logits: &'a LogitsRef<'_>, t: usize, tmp: &'a mut Vec<
 /// returns the lane maxima (the row's column maxima as rows of [`W`]); NaN or +∞ is an error
 /// naming the first such expert (as the reference's widening).
 #[inline(always)]
-fn load_row<M: FastF32>(
+fn load_row<M: FastF32, I: Isa>(
+    isa: I,
     logits: &LogitsRef<'_>,
     row: usize,
     tmp: &mut Vec<f32>,
     z: &mut [f32],
 ) -> Result<[f32; W], RouteError> {
+    crate::backward::prefetch_row(logits, row);
     let src = row_f32(logits, row, tmp);
     let (chunks, tail) = src.as_chunks::<W>();
     let (zc, _) = z.as_chunks_mut::<W>();
-    let mut mx = [f32::NEG_INFINITY; W];
-    let mut bad = [0u32; W];
-    let mut lane = |c: &[f32; W], o: &mut [f32; W]| {
-        for l in 0..W {
-            let x = M::from_f32(c[l]);
-            // NaN or +inf in one compare (vectorises); `partial_cmp` would not.
-            #[allow(clippy::neg_cmp_op_on_partial_ord)]
-            let not_below_inf = !(x < f32::INFINITY);
-            bad[l] |= u32::from(not_below_inf);
-            mx[l] = max(mx[l], x);
-            o[l] = x;
-        }
-    };
-    for (c, o) in chunks.iter().zip(zc.iter_mut()) {
-        lane(c, o);
-    }
+    let (mut mx, mut bad) = isa.load(chunks, zc, M::PORTABLE);
     if !tail.is_empty() {
         let mut c = [f32::NEG_INFINITY; W];
         c[..tail.len()].copy_from_slice(tail);
-        lane(&c, &mut zc[chunks.len()]);
+        let (m, b) = isa.load(&[c], &mut zc[chunks.len()..], M::PORTABLE);
+        for l in 0..W {
+            mx[l] = max(mx[l], m[l]);
+        }
+        bad |= b;
     }
-    if bad.iter().any(|&b| b != 0) {
+    if bad {
         let (expert, x) = src
             .iter()
             .map(|&x| M::from_f32(x))
@@ -377,31 +370,10 @@ fn threshold(cm: &[f32; W], k: usize) -> f32 {
 /// Appends the experts whose key is ≥ `thr` to the candidate list at `at` (id and key), in
 /// ascending id order; returns their number, or `None` when there are more than [`CAP`]. The
 /// padding past E must be below `thr` (−∞, or exponentials of 0 under a positive threshold).
-///
-/// The masks of four lane vectors are joined into one 64-bit word before its bits are visited,
-/// so the loop exits (mispredicted branches) come once per 64 experts.
 #[inline(always)]
 fn collect<I: Isa>(isa: I, keys: &[f32], thr: f32, id: &mut [u32], key: &mut [f32]) -> Option<usize> {
-    let mut n = 0usize;
-    let (ch, _) = keys.as_chunks::<W>();
-    for (q, quad) in ch.chunks(4).enumerate() {
-        let mut m = 0u64;
-        for (j, v) in quad.iter().enumerate() {
-            m |= u64::from(isa.mask_ge(v, thr)) << (j * W);
-        }
-        if n + m.count_ones() as usize > CAP {
-            return None;
-        }
-        let base = q * 4 * W;
-        while m != 0 {
-            let e = base + m.trailing_zeros() as usize;
-            m &= m - 1;
-            id[n] = e as u32;
-            key[n] = keys[e];
-            n += 1;
-        }
-    }
-    Some(n)
+    let cap = CAP.min(id.len()).min(key.len());
+    isa.collect(keys.as_chunks::<W>().0, thr, &mut id[..cap], &mut key[..cap])
 }
 
 /// The K best of `n` candidates by key (descending, ties → lower id = lower index) into `slot`
@@ -412,6 +384,11 @@ fn collect<I: Isa>(isa: I, keys: &[f32], thr: f32, id: &mut [u32], key: &mut [f3
 /// on). `key` holds the candidates and −∞ up to the next multiple of [`W`].
 #[inline(always)]
 fn rank<I: Isa>(isa: I, key: &[f32], n: usize, k: usize, slot: &mut [u8; W]) {
+    if let Ok(one) = <&[f32; W]>::try_from(key)
+        && isa.rank16(one, slot)
+    {
+        return;
+    }
     let nch = n.div_ceil(W);
     let mut cnt = [[0u32; W]; CAP / W];
     isa.counts_above(&key.as_chunks::<W>().0[..nch], n, &mut cnt[..nch]);
@@ -686,7 +663,7 @@ fn softmax_after_block<M: FastF32, I: Isa>(
     for (r, (ids_r, w_r)) in ids.chunks_exact_mut(k).zip(w.chunks_exact_mut(k)).enumerate() {
         let row = row0 + r;
         let z = &mut fs.z[..plan.ep];
-        let cm = load_row::<M>(logits, row, &mut fs.tmp, z)?;
+        let cm = load_row::<M, I>(isa, logits, row, &mut fs.tmp, z)?;
         if hmax(cm) == f32::NEG_INFINITY {
             return Err(RouteError::AllMasked { row });
         }
@@ -751,7 +728,7 @@ fn softmax_before_block<M: FastF32, I: Isa>(
     let nrows = ids.len() / k;
     for r in 0..nrows {
         let z = &mut fs.z[..ep];
-        let m = hmax(load_row::<M>(logits, row0 + r, &mut fs.tmp, z)?);
+        let m = hmax(load_row::<M, I>(isa, logits, row0 + r, &mut fs.tmp, z)?);
         if m == f32::NEG_INFINITY {
             return Err(RouteError::AllMasked { row: row0 + r });
         }
@@ -860,26 +837,29 @@ fn exp_clamped(x: f32) -> f32 {
     if x.abs() < 1.5e-8 { 1.0 } else { v }
 }
 
+/// One lane vector into the lane-wise top two `t1 ≥ t2` (a function, as [`load_lanes`]).
+#[inline(always)]
+fn top2_step(c: &[f32; W], t1: &mut [f32; W], t2: &mut [f32; W]) {
+    for l in 0..W {
+        let x = c[l];
+        t2[l] = max(t2[l], min(t1[l], x));
+        t1[l] = max(t1[l], x);
+    }
+}
+
 /// Lane-wise top two (as a multiset) of `s` viewed as rows of [`W`] (padded with −∞).
 #[inline(always)]
 fn lane_top2(s: &[f32]) -> ([f32; W], [f32; W]) {
     let mut t1 = [f32::NEG_INFINITY; W];
     let mut t2 = [f32::NEG_INFINITY; W];
     let (ch, tail) = s.as_chunks::<W>();
-    let mut step = |c: &[f32; W]| {
-        for l in 0..W {
-            let x = c[l];
-            t2[l] = max(t2[l], min(t1[l], x));
-            t1[l] = max(t1[l], x);
-        }
-    };
     for c in ch {
-        step(c);
+        top2_step(c, &mut t1, &mut t2);
     }
     if !tail.is_empty() {
         let mut c = [f32::NEG_INFINITY; W];
         c[..tail.len()].copy_from_slice(tail);
-        step(&c);
+        top2_step(&c, &mut t1, &mut t2);
     }
     (t1, t2)
 }
@@ -920,7 +900,7 @@ fn sigmoid_block<M: FastF32, I: Isa>(
     for (r, (ids_r, w_r)) in ids.chunks_exact_mut(k).zip(w.chunks_exact_mut(k)).enumerate() {
         let row = row0 + r;
         let z = &mut fs.z[..ep];
-        let m = hmax(load_row::<M>(logits, row, &mut fs.tmp, z)?);
+        let m = hmax(load_row::<M, I>(isa, logits, row, &mut fs.tmp, z)?);
         if m == f32::NEG_INFINITY {
             return Err(RouteError::AllMasked { row });
         }
@@ -944,8 +924,9 @@ fn sigmoid_block<M: FastF32, I: Isa>(
             .zip(keys.as_chunks_mut::<W>().0.iter_mut())
         {
             for l in 0..W {
-                kc[l] = recip_approx(1.0 + exp_clamped(-zc[l])) + bc[l];
+                kc[l] = 1.0 + exp_clamped(-zc[l]);
             }
+            isa.recip_add(kc, bc);
         }
         for x in &mut keys[e..] {
             *x = f32::NEG_INFINITY;

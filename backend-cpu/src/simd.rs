@@ -8,6 +8,74 @@ use crate::fast::W;
 
 /// An instruction set for the mask operations.
 pub(crate) trait Isa: Copy {
+    /// Copies the lane vectors `src` into `dst` (`dst.len() ≥ src.len()`), each value flushed
+    /// to a zero of its sign where `flush` and it is subnormal
+    /// ([`moe_router_core::math::ftz`]); returns the lane maxima of the copied values (as
+    /// `if x > m { x } else { m }`) and whether any of them is NaN or +∞.
+    #[inline(always)]
+    fn load(self, src: &[[f32; W]], dst: &mut [[f32; W]], flush: bool) -> ([f32; W], bool) {
+        let mut mx = [f32::NEG_INFINITY; W];
+        let mut bad = [0u32; W];
+        for (c, o) in src.iter().zip(dst.iter_mut()) {
+            for l in 0..W {
+                let x = if flush { moe_router_core::math::ftz(c[l]) } else { c[l] };
+                // NaN or +inf in one compare (vectorises); `partial_cmp` would not.
+                #[allow(clippy::neg_cmp_op_on_partial_ord)]
+                let not_below_inf = !(x < f32::INFINITY);
+                bad[l] |= u32::from(not_below_inf);
+                mx[l] = if x > mx[l] { x } else { mx[l] };
+                o[l] = x;
+            }
+        }
+        (mx, bad.iter().any(|&b| b != 0))
+    }
+    /// Appends the entries of `keys` (lane vectors, entry `i` of the flattened list is expert
+    /// `i`) that are ≥ `thr` to `id` (the index) and `key` (the value), in ascending index
+    /// order; returns their number, or `None` when there are more than `id.len()` (which must
+    /// equal `key.len()`).
+    ///
+    /// The masks of four lane vectors are joined into one 64-bit word before its bits are
+    /// visited, so the loop exits (mispredicted branches) come once per 64 entries.
+    #[inline(always)]
+    fn collect(self, keys: &[[f32; W]], thr: f32, id: &mut [u32], key: &mut [f32]) -> Option<usize> {
+        let cap = id.len().min(key.len());
+        let mut n = 0usize;
+        for (q, quad) in keys.chunks(4).enumerate() {
+            let mut m = 0u64;
+            for (j, v) in quad.iter().enumerate() {
+                m |= u64::from(self.mask_ge(v, thr)) << (j * W);
+            }
+            if n + m.count_ones() as usize > cap {
+                return None;
+            }
+            let base = q * 4 * W;
+            while m != 0 {
+                let b = m.trailing_zeros() as usize;
+                m &= m - 1;
+                id[n] = (base + b) as u32;
+                key[n] = quad[b / W][b % W];
+                n += 1;
+            }
+        }
+        Some(n)
+    }
+    /// `d[l] ← r(d[l]) + b[l]` for divisors `d[l] ≥ 1`, where `r(d)` is within 2⁻²¹ relative
+    /// error of `1/d` for `d ≤ 2¹⁰⁰` and positive and at most `2⁻¹⁰⁰(1 + 2⁻²⁰)` above (the
+    /// contract of [`crate::fast::recip_approx`], which this default uses).
+    #[inline(always)]
+    fn recip_add(self, d: &mut [f32; W], b: &[f32; W]) {
+        for l in 0..W {
+            d[l] = crate::fast::recip_approx(d[l]) + b[l];
+        }
+    }
+    /// The order of at most 16 candidates `key` (one lane vector: `n` keys, then −∞) by key
+    /// descending, ties → lower index: `slot[j]` is the index of the candidate of rank j. `false`
+    /// where this instruction set leaves it to the caller's general rank.
+    #[inline(always)]
+    fn rank16(self, key: &[f32; W], slot: &mut [u8; W]) -> bool {
+        let _ = (key, slot);
+        false
+    }
     /// Bit `l` set where `c[l] >= t` (ordered: false for NaN).
     fn mask_ge(self, c: &[f32; W], t: f32) -> u32;
     /// `acc[l] += 1` where `t > c[l]`.
@@ -132,6 +200,52 @@ mod x86 {
 
     impl Isa for Avx2 {
         #[inline(always)]
+        fn load(self, src: &[[f32; W]], dst: &mut [[f32; W]], flush: bool) -> ([f32; W], bool) {
+            let mut mx = [f32::NEG_INFINITY; W];
+            // SAFETY: an `Avx2` exists only where AVX2 was detected (`detect`); each load reads
+            // 8 of the 16 floats of a vector of `src`, each store writes 8 of the 16 floats of
+            // the matching vector of `dst` (`zip` stops at the shorter), the last two stores
+            // the 16 floats of `mx`.
+            unsafe {
+                let expm = _mm256_set1_epi32(0x7f80_0000);
+                let sign = _mm256_set1_ps(-0.0);
+                let inf = _mm256_set1_ps(f32::INFINITY);
+                let mut m0 = _mm256_set1_ps(f32::NEG_INFINITY);
+                let mut m1 = m0;
+                let mut bad = _mm256_setzero_ps();
+                /// Exponent bits all zero: keep the sign bit only (where `flush`).
+                #[inline(always)]
+                unsafe fn step(x: __m256, flush: bool, expm: __m256i, sign: __m256) -> __m256 {
+                    // SAFETY: called only inside this `Avx2` method (AVX2 detected). A function,
+                    // not a closure: an intrinsic is inlined only into code compiled with its
+                    // instruction set.
+                    unsafe {
+                        if flush {
+                            let xi = _mm256_castps_si256(x);
+                            let z = _mm256_cmpeq_epi32(_mm256_and_si256(xi, expm), _mm256_setzero_si256());
+                            _mm256_blendv_ps(x, _mm256_and_ps(x, sign), _mm256_castsi256_ps(z))
+                        } else {
+                            x
+                        }
+                    }
+                }
+                for (c, o) in src.iter().zip(dst.iter_mut()) {
+                    let a = step(_mm256_loadu_ps(c.as_ptr()), flush, expm, sign);
+                    let b = step(_mm256_loadu_ps(c.as_ptr().add(8)), flush, expm, sign);
+                    bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_NLT_UQ>(a, inf));
+                    bad = _mm256_or_ps(bad, _mm256_cmp_ps::<_CMP_NLT_UQ>(b, inf));
+                    // maxps(x, m) = if x > m { x } else { m }.
+                    m0 = _mm256_max_ps(a, m0);
+                    m1 = _mm256_max_ps(b, m1);
+                    _mm256_storeu_ps(o.as_mut_ptr(), a);
+                    _mm256_storeu_ps(o.as_mut_ptr().add(8), b);
+                }
+                _mm256_storeu_ps(mx.as_mut_ptr(), m0);
+                _mm256_storeu_ps(mx.as_mut_ptr().add(8), m1);
+                (mx, _mm256_movemask_ps(bad) != 0)
+            }
+        }
+        #[inline(always)]
         fn mask_ge(self, c: &[f32; W], t: f32) -> u32 {
             // SAFETY: an `Avx2` exists only where AVX2 was detected (`detect`); the two unaligned
             // loads read the 16 floats of `c`.
@@ -143,6 +257,70 @@ mod x86 {
                 let mb = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GE_OQ>(b, tv)) as u32;
                 ma | (mb << 8)
             }
+        }
+        #[inline(always)]
+        fn recip_add(self, d: &mut [f32; W], b: &[f32; W]) {
+            // SAFETY: as in `mask_ge`; the loads read the 16 floats of `d` and `b`, the stores
+            // write the 16 floats of `d`.
+            unsafe {
+                let lim = _mm256_set1_ps(1.2676506e30);
+                let two = _mm256_set1_ps(2.0);
+                for h in [0, 8] {
+                    // The seed within 1.5·2⁻¹² (`rcpps`), then two Newton steps without FMA:
+                    // within 2⁻²² (rounding included) of 1/x on the clamped x ≤ 2¹⁰⁰.
+                    let x = _mm256_min_ps(_mm256_loadu_ps(d.as_ptr().add(h)), lim);
+                    let mut r = _mm256_rcp_ps(x);
+                    r = _mm256_mul_ps(r, _mm256_sub_ps(two, _mm256_mul_ps(x, r)));
+                    r = _mm256_mul_ps(r, _mm256_sub_ps(two, _mm256_mul_ps(x, r)));
+                    _mm256_storeu_ps(
+                        d.as_mut_ptr().add(h),
+                        _mm256_add_ps(r, _mm256_loadu_ps(b.as_ptr().add(h))),
+                    );
+                }
+            }
+        }
+        #[inline(always)]
+        fn rank16(self, key: &[f32; W], slot: &mut [u8; W]) -> bool {
+            let mut r = [0u32; W];
+            // SAFETY: as in `mask_ge`; the loads read the 16 floats of `key`, the stores write
+            // the 16 lanes of `r`.
+            unsafe {
+                let k0 = _mm256_loadu_ps(key.as_ptr());
+                let k1 = _mm256_loadu_ps(key.as_ptr().add(8));
+                let i0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                let i1 = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+                let mut a0 = _mm256_setzero_si256();
+                let mut a1 = _mm256_setzero_si256();
+                // Lane l's rank: the keys above it, and the equal keys of lower index (the
+                // compares are all ones, −1, where true).
+                for (j, &kj) in key.iter().enumerate() {
+                    let b = _mm256_set1_ps(kj);
+                    let jv = _mm256_set1_epi32(j as i32);
+                    let c0 = _mm256_or_ps(
+                        _mm256_cmp_ps::<_CMP_GT_OQ>(b, k0),
+                        _mm256_and_ps(
+                            _mm256_cmp_ps::<_CMP_EQ_OQ>(b, k0),
+                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(i0, jv)),
+                        ),
+                    );
+                    let c1 = _mm256_or_ps(
+                        _mm256_cmp_ps::<_CMP_GT_OQ>(b, k1),
+                        _mm256_and_ps(
+                            _mm256_cmp_ps::<_CMP_EQ_OQ>(b, k1),
+                            _mm256_castsi256_ps(_mm256_cmpgt_epi32(i1, jv)),
+                        ),
+                    );
+                    a0 = _mm256_sub_epi32(a0, _mm256_castps_si256(c0));
+                    a1 = _mm256_sub_epi32(a1, _mm256_castps_si256(c1));
+                }
+                _mm256_storeu_si256(r.as_mut_ptr().cast(), a0);
+                _mm256_storeu_si256(r.as_mut_ptr().add(8).cast(), a1);
+            }
+            // The ranks of 16 keys without NaN are a permutation of 0..16.
+            for (l, &rl) in r.iter().enumerate() {
+                slot[rl as usize & (W - 1)] = l as u8;
+            }
+            true
         }
         #[inline(always)]
         fn count_gt(self, acc: &mut [u32; W], c: &[f32; W], t: f32) {
@@ -281,6 +459,102 @@ mod x86 {
     #[cfg(moe_avx512)]
     #[allow(clippy::incompatible_msrv)]
     impl Isa for Avx512 {
+        #[inline(always)]
+        fn load(self, src: &[[f32; W]], dst: &mut [[f32; W]], flush: bool) -> ([f32; W], bool) {
+            let mut mx = [f32::NEG_INFINITY; W];
+            // SAFETY: an `Avx512` exists only where AVX-512 F was detected (`detect`); each load
+            // reads the 16 floats of a vector of `src`, each store writes the 16 floats of the
+            // matching vector of `dst` (`zip` stops at the shorter), the last one those of `mx`.
+            unsafe {
+                let expm = _mm512_set1_epi32(0x7f80_0000);
+                let sign = _mm512_set1_epi32(i32::MIN);
+                let inf = _mm512_set1_ps(f32::INFINITY);
+                let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+                let mut bad: __mmask16 = 0;
+                for (c, o) in src.iter().zip(dst.iter_mut()) {
+                    let mut x = _mm512_loadu_ps(c.as_ptr());
+                    if flush {
+                        // Exponent bits all zero: keep the sign bit only.
+                        let xi = _mm512_castps_si512(x);
+                        let sub = _mm512_testn_epi32_mask(xi, expm);
+                        x = _mm512_castsi512_ps(_mm512_mask_and_epi32(xi, sub, xi, sign));
+                    }
+                    bad |= _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, inf);
+                    // maxps(x, m) = if x > m { x } else { m }.
+                    m = _mm512_max_ps(x, m);
+                    _mm512_storeu_ps(o.as_mut_ptr(), x);
+                }
+                _mm512_storeu_ps(mx.as_mut_ptr(), m);
+                (mx, bad != 0)
+            }
+        }
+        #[inline(always)]
+        fn collect(self, keys: &[[f32; W]], thr: f32, id: &mut [u32], key: &mut [f32]) -> Option<usize> {
+            let cap = id.len().min(key.len());
+            let mut n = 0usize;
+            // SAFETY: as in `mask_ge`; each load reads the 16 floats of a vector of `keys`; the
+            // masked stores write lanes `0..cnt` only (masked-off lanes are not accessed), at
+            // `n..n + cnt`, inside `id` and `key` (`n + cnt ≤ cap` is checked first).
+            unsafe {
+                let t = _mm512_set1_ps(thr);
+                let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                for (q, c) in keys.iter().enumerate() {
+                    let v = _mm512_loadu_ps(c.as_ptr());
+                    let m = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(v, t);
+                    let cnt = m.count_ones() as usize;
+                    if n + cnt > cap {
+                        return None;
+                    }
+                    let kc = _mm512_maskz_compress_ps(m, v);
+                    let ic = _mm512_maskz_compress_epi32(m, _mm512_add_epi32(iota, _mm512_set1_epi32((q * W) as i32)));
+                    let st = ((1u32 << cnt) - 1) as __mmask16;
+                    _mm512_mask_storeu_ps(key.as_mut_ptr().add(n), st, kc);
+                    _mm512_mask_storeu_epi32(id.as_mut_ptr().add(n).cast(), st, ic);
+                    n += cnt;
+                }
+            }
+            Some(n)
+        }
+        #[inline(always)]
+        fn recip_add(self, d: &mut [f32; W], b: &[f32; W]) {
+            // SAFETY: as in `mask_ge`; the loads read the 16 floats of `d` and `b`, the store
+            // writes the 16 floats of `d`. Every CPU with AVX-512 F has FMA (the AVX-512 F
+            // intrinsics below include the fused multiply-adds).
+            unsafe {
+                // The seed within 2⁻¹⁴ (`vrcp14ps`), then one Newton step with fused
+                // multiply-adds: within 2⁻²³ of 1/x on the clamped x ≤ 2¹⁰⁰.
+                let x = _mm512_min_ps(_mm512_loadu_ps(d.as_ptr()), _mm512_set1_ps(1.2676506e30));
+                let r = _mm512_rcp14_ps(x);
+                let e = _mm512_fnmadd_ps(x, r, _mm512_set1_ps(1.0));
+                let r = _mm512_fmadd_ps(r, e, r);
+                _mm512_storeu_ps(d.as_mut_ptr(), _mm512_add_ps(r, _mm512_loadu_ps(b.as_ptr())));
+            }
+        }
+        #[inline(always)]
+        fn rank16(self, key: &[f32; W], slot: &mut [u8; W]) -> bool {
+            let mut r = [0u32; W];
+            // SAFETY: as in `mask_ge`; the load reads the 16 floats of `key`, the store writes
+            // the 16 lanes of `r`.
+            unsafe {
+                let kv = _mm512_loadu_ps(key.as_ptr());
+                let one = _mm512_set1_epi32(1);
+                let mut acc = _mm512_setzero_si512();
+                // Lane l's rank: the keys above it, and the equal keys of lower index.
+                for (j, &kj) in key.iter().enumerate() {
+                    let b = _mm512_set1_ps(kj);
+                    let above: __mmask16 = !((2u32 << j) - 1) as __mmask16;
+                    let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(b, kv);
+                    let eq = _mm512_mask_cmp_ps_mask::<_CMP_EQ_OQ>(above, b, kv);
+                    acc = _mm512_mask_add_epi32(acc, gt | eq, acc, one);
+                }
+                _mm512_storeu_si512(r.as_mut_ptr().cast(), acc);
+            }
+            // The ranks of 16 keys without NaN are a permutation of 0..16.
+            for (l, &rl) in r.iter().enumerate() {
+                slot[rl as usize & (W - 1)] = l as u8;
+            }
+            true
+        }
         #[inline(always)]
         fn mask_ge(self, c: &[f32; W], t: f32) -> u32 {
             // SAFETY: an `Avx512` exists only where AVX-512 F was detected (`detect`); the
@@ -507,6 +781,53 @@ mod tests {
                 m * 2f32.powi(((s >> 20) % 41) as i32 - 20)
             })
             .collect()
+    }
+
+    /// The reciprocal of `recip_add` on the f32 values of `[1, 2¹⁰⁰]` with bit patterns
+    /// `start, start + step, …` (and a few above, clamped): the largest relative error, per
+    /// instruction set.
+    fn recip_add_error(isa: impl Isa, step: u32) -> f64 {
+        let mut worst = 0f64;
+        let mut ds = Vec::new();
+        let mut b = 0x3f80_0000u32;
+        while b <= 0x7180_0000 {
+            ds.push(f32::from_bits(b));
+            b += step;
+        }
+        ds.extend([1.0f32, 2.0, 1.5e30, 1e38, f32::MAX]);
+        for c in ds.chunks(W) {
+            let mut d = [1f32; W];
+            d[..c.len()].copy_from_slice(c);
+            let want = d;
+            isa.recip_add(&mut d, &[0.0; W]);
+            for (&r, &x) in d.iter().zip(&want) {
+                if x <= 1.2676506e30 {
+                    worst = worst.max((f64::from(r) * f64::from(x) - 1.0).abs());
+                } else {
+                    assert!(r > 0.0 && r <= 2f32.powi(-100) * (1.0 + 2f32.powi(-20)), "{x:e}: {r:e}");
+                }
+            }
+        }
+        worst
+    }
+
+    /// Every instruction set's first-pass reciprocal keeps the bound the sigmoid keys' error
+    /// bound assumes (2⁻²¹ relative).
+    #[test]
+    fn every_reciprocal_is_within_the_first_pass_bound() {
+        let bound = 2f64.powi(-21);
+        let e = recip_add_error(Lanes, 1009);
+        assert!(e < bound, "lanes: {e:e}");
+        #[cfg(target_arch = "x86_64")]
+        if let Some(isa) = Avx2::detect() {
+            let e = recip_add_error(isa, 1009);
+            assert!(e < bound, "AVX2: {e:e}");
+        }
+        #[cfg(all(target_arch = "x86_64", moe_avx512))]
+        if let Some(isa) = Avx512::detect() {
+            let e = recip_add_error(isa, 1009);
+            assert!(e < bound, "AVX-512: {e:e}");
+        }
     }
 
     /// Every instruction set's row sums are the index-order sums, bit for bit: E a multiple of
