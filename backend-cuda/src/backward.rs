@@ -27,28 +27,25 @@ use std::sync::atomic::{AtomicU8, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum BackwardRowsVariant {
-    /// 8 pieces of 16 bytes in flight per lane, the row's ids and gradient loaded with the tile
-    /// (the fastest on the H200).
+    /// The early order: the row's ids, upstream gradient and logits at the slot ids loaded with
+    /// the tile's flat pass (8 pieces of 16 bytes in flight per lane), the slot values computed
+    /// before the zeros and stored right after them, so that no zeroed sector has left L2 when
+    /// its slot is written (at most 128 registers).
     Default = 0,
-    /// The early order: the logits at the slot ids loaded with the tile's pass, the slot values
-    /// computed before the zeros and stored right after them (at most 128 registers).
-    Early = 1,
-    /// The early order with at most 80 registers (3 blocks of 256 threads per SM).
-    EarlyOccupancy3 = 2,
-    /// The early order with 4 pieces in flight per lane and at most 80 registers.
-    EarlyOccupancy3Pieces4 = 3,
-    /// 4 pieces in flight per lane, at most 64 registers (4 blocks of 256 threads per SM).
-    Occupancy4 = 4,
+    /// The late order (the default until 2026-12-03): the slot values computed and stored after
+    /// the zeros and the checks; on the H200 its scattered slot stores re-read a third more
+    /// DRAM than the gradient's size (zeroed sectors already evicted).
+    Late = 1,
+    /// The early order, the pass's next batch prefetched into L2 while each batch is in flight.
+    EarlyL2 = 2,
 }
 
 impl BackwardRowsVariant {
     /// Every variant, the default first.
-    pub const ALL: [BackwardRowsVariant; 5] = [
+    pub const ALL: [BackwardRowsVariant; 3] = [
         BackwardRowsVariant::Default,
-        BackwardRowsVariant::Early,
-        BackwardRowsVariant::EarlyOccupancy3,
-        BackwardRowsVariant::EarlyOccupancy3Pieces4,
-        BackwardRowsVariant::Occupancy4,
+        BackwardRowsVariant::Late,
+        BackwardRowsVariant::EarlyL2,
     ];
 }
 
@@ -63,10 +60,8 @@ pub fn set_backward_rows_variant(v: BackwardRowsVariant) {
 /// The K <= 8 rows kernel in use.
 pub fn backward_rows_variant() -> BackwardRowsVariant {
     match ROWS_VARIANT.load(Ordering::Relaxed) {
-        1 => BackwardRowsVariant::Early,
-        2 => BackwardRowsVariant::EarlyOccupancy3,
-        3 => BackwardRowsVariant::EarlyOccupancy3Pieces4,
-        4 => BackwardRowsVariant::Occupancy4,
+        1 => BackwardRowsVariant::Late,
+        2 => BackwardRowsVariant::EarlyL2,
         _ => BackwardRowsVariant::Default,
     }
 }

@@ -20,6 +20,9 @@
 //! z-loss (the dense kernel: softmax over E). Bytes counted: logits read + gradient written
 //! (T·E·4) + ids and upstream gradient read (T·K·8).
 //!
+//! Last, a summary table: every measured case that has an issue-14 target (op, rule, dtype,
+//! numerics, T, µs, GB/s, % of copy, the target, met or missed).
+//!
 //! Usage: `bench-cuda [--quick] [--routing] [--record] [--backward] [--profile]` prints Markdown
 //! tables (`--routing`: the routing table only; `--record`: the recording table only;
 //! `--backward`: the backward table only). `--profile` times nothing: it launches each kernel of
@@ -244,6 +247,111 @@ fn time_op(
     Ok(time_calls(stream, 10, |_| g.launch().map_err(dev))? / GRAPH_CALLS as f64)
 }
 
+/// One line of the closing summary: a measured case that has an issue-14 target.
+struct Line {
+    op: &'static str,
+    rule: String,
+    dtype: &'static str,
+    numerics: &'static str,
+    t: usize,
+    us: f64,
+    /// GB/s and % of the same-run copy (none for the record overhead).
+    gbs: Option<(f64, f64)>,
+    target: String,
+    met: bool,
+}
+
+/// The lines of the closing summary, in the order measured.
+#[derive(Default)]
+struct Summary(Vec<Line>);
+
+impl Summary {
+    /// The route/replay targets of a case (size targets and the SGLang comparison), if any.
+    #[allow(clippy::too_many_arguments)]
+    fn routing(
+        &mut self,
+        rule: &str,
+        dtype: &'static str,
+        numerics: Numerics,
+        replay: bool,
+        t: usize,
+        us: f64,
+        gbs: f64,
+        pct: f64,
+        sglang: Option<f64>,
+    ) {
+        let portable = numerics == Numerics::Portable;
+        let main2 = rule == "DeepSeek-V3" || rule == "Qwen3";
+        let mut targets: Vec<(String, bool)> = Vec::new();
+        if replay {
+            if t == 262_144 {
+                targets.push(("≥ 70% of copy".into(), pct >= 70.0));
+            }
+        } else {
+            if main2 && dtype == "bf16" && t <= 64 {
+                let lim = if portable { 2.5 } else { 2.0 };
+                targets.push((format!("≤ {lim} µs"), us <= lim));
+            }
+            if main2 && t == 16_384 {
+                targets.push(("≥ 25% of copy".into(), pct >= 25.0));
+            }
+            if t >= 65_536 {
+                let lim = if portable { 40.0 } else { 50.0 };
+                targets.push((format!("≥ {lim:.0}% of copy"), pct >= lim));
+            }
+            if let Some(sg) = sglang {
+                targets.push((format!("faster than SGLang's {sg:.2} µs"), us < sg));
+            }
+        }
+        if targets.is_empty() {
+            return;
+        }
+        self.0.push(Line {
+            op: if replay { "replay" } else { "route" },
+            rule: rule.to_string(),
+            dtype,
+            numerics: numerics_name(numerics),
+            t,
+            us,
+            gbs: Some((gbs, pct)),
+            target: targets.iter().map(|x| x.0.as_str()).collect::<Vec<_>>().join("; "),
+            met: targets.iter().all(|x| x.1),
+        });
+    }
+
+    /// Prints the summary table.
+    fn print(&self, copy_gbs: f64) {
+        if self.0.is_empty() {
+            return;
+        }
+        println!(
+            "\nSummary: every case of this run with an issue-14 target (same-run copy {copy_gbs:.0} GB/s; record: host wall \
+             time per host-synchronous `route()` with asynchronous `record_ids`, against the same loop without):\n"
+        );
+        println!("| op | rule | dtype | numerics | T | µs | GB/s | % copy | target | status |");
+        println!("|---|---|---|---|---:|---:|---:|---:|---|---|");
+        for l in &self.0 {
+            let (g, p) = match l.gbs {
+                Some((g, p)) => (format!("{g:.0}"), format!("{p:.1}%")),
+                None => (String::new(), String::new()),
+            };
+            println!(
+                "| {} | {} | {} | {} | {} | {:.2} | {g} | {p} | {} | {} |",
+                l.op,
+                l.rule,
+                l.dtype,
+                l.numerics,
+                l.t,
+                l.us,
+                l.target,
+                if l.met { "met" } else { "missed" }
+            );
+        }
+        let met = self.0.iter().filter(|l| l.met).count();
+        println!("\n{met} of {} cases meet their targets.", self.0.len());
+    }
+}
+
 fn numerics_name(n: Numerics) -> &'static str {
     if n == Numerics::Portable { "portable" } else { "native" }
 }
@@ -296,21 +404,24 @@ fn main() -> Result<(), RouteError> {
     })?;
     let copy_gbs = (2 * copy_n * 4) as f64 / copy_us / 1e3;
     println!("\nDevice-to-device copy of 256 MiB: {copy_us:.1} µs, {copy_gbs:.0} GB/s (read + write)\n");
-    if record_only {
-        return bench_record(&stream, &pool, quick);
-    }
     if profile_only {
         return profile(&stream, &pool);
     }
-    if !backward_only {
-        bench_routing(&stream, &pool, copy_gbs, quick)?;
+    let mut sum = Summary::default();
+    if record_only {
+        bench_record(&stream, &pool, quick, &mut sum)?;
+    } else {
+        if !backward_only {
+            bench_routing(&stream, &pool, copy_gbs, quick, &mut sum)?;
+            if !routing_only {
+                bench_record(&stream, &pool, quick, &mut sum)?;
+            }
+        }
         if !routing_only {
-            bench_record(&stream, &pool, quick)?;
+            bench_backward(&stream, &pool, copy_us, copy_gbs, quick, &mut sum)?;
         }
     }
-    if !routing_only {
-        bench_backward(&stream, &pool, copy_us, copy_gbs, quick)?;
-    }
+    sum.print(copy_gbs);
     eprintln!("bench finished in {:.1} s", t0.elapsed().as_secs_f64());
     Ok(())
 }
@@ -439,7 +550,13 @@ fn profile(stream: &Arc<CudaStream>, pool: &Pool) -> Result<(), RouteError> {
 /// The routing table: route and replay per rule, dtype, numerics and T, the automatic kernel
 /// choice (the warp kernels where they take the config) against the previous one (row kernels
 /// below T = 2048, tile kernels above), CUDA graphs for T ≤ 4096.
-fn bench_routing(stream: &Arc<CudaStream>, pool: &Pool, copy_gbs: f64, quick: bool) -> Result<(), RouteError> {
+fn bench_routing(
+    stream: &Arc<CudaStream>,
+    pool: &Pool,
+    copy_gbs: f64,
+    quick: bool,
+    sum: &mut Summary,
+) -> Result<(), RouteError> {
     let ts: Vec<usize> = if let Ok(v) = std::env::var("BENCH_TS") {
         v.split(',').filter_map(|x| x.trim().parse().ok()).collect()
     } else if quick {
@@ -563,6 +680,17 @@ fn bench_routing(stream: &Arc<CudaStream>, pool: &Pool, copy_gbs: f64, quick: bo
                             sg.map(|v| format!("{v:.2}")).unwrap_or_default(),
                             sg.map(|v| format!("{:.2}×", v / us)).unwrap_or_default(),
                         );
+                        sum.routing(
+                            rule.name,
+                            dtype.name(),
+                            numerics,
+                            replay,
+                            t,
+                            us,
+                            gbs,
+                            100.0 * gbs / copy_gbs,
+                            sg,
+                        );
                     }
                 }
             }
@@ -573,7 +701,7 @@ fn bench_routing(stream: &Arc<CudaStream>, pool: &Pool, copy_gbs: f64, quick: bo
 
 /// Route + record (the static record buffer written by the route kernel) and the host-side cost
 /// of asynchronous recording through `Router::record_ids`.
-fn bench_record(stream: &Arc<CudaStream>, pool: &Pool, quick: bool) -> Result<(), RouteError> {
+fn bench_record(stream: &Arc<CudaStream>, pool: &Pool, quick: bool, sum: &mut Summary) -> Result<(), RouteError> {
     println!(
         "\nRecording: route vs route + static record buffer (µs, rotated inputs), and asynchronous `record_ids` (host wall time per `route()`):\n"
     );
@@ -674,6 +802,17 @@ fn bench_record(stream: &Arc<CudaStream>, pool: &Pool, quick: bool) -> Result<()
                     per(st.copy_wait),
                     per(st.sinks),
                 );
+                sum.0.push(Line {
+                    op: "record",
+                    rule: rule.name.to_string(),
+                    dtype: "bf16",
+                    numerics: numerics_name(numerics),
+                    t,
+                    us: q,
+                    gbs: None,
+                    target: format!("≤ 2% over {p:.1} µs: {:+.1}%", 100.0 * (q / p - 1.0)),
+                    met: q <= 1.02 * p,
+                });
             }
         }
     }
@@ -688,6 +827,7 @@ fn bench_backward(
     copy_us: f64,
     copy_gbs: f64,
     quick: bool,
+    sum: &mut Summary,
 ) -> Result<(), RouteError> {
     let ts: Vec<usize> = if let Ok(v) = std::env::var("BENCH_BACKWARD_TS") {
         v.split(',').filter_map(|x| x.trim().parse().ok()).collect()
@@ -738,25 +878,24 @@ fn bench_backward(
                         let iters = (2_000_000 / (per + 20_000)).clamp(5, 200);
                         use moe_router::cuda::BackwardRowsVariant as V;
                         // The rows kernel's instantiations against each other (K <= 8, no
-                        // z-loss); the row is the fastest, its variant named.
+                        // z-loss), on stderr; the row is the default kernel's.
                         let variants: &[V] = if !zloss && k <= 8 { &V::ALL } else { &[V::Default] };
-                        let mut best = (f64::INFINITY, V::Default);
+                        let mut us = f64::NAN;
                         let mut all = Vec::new();
                         for &v in variants {
                             moe_router::cuda::set_backward_rows_variant(v);
-                            let us = time_calls(stream, iters, |i| {
+                            let t_us = time_calls(stream, iters, |i| {
                                 r.enqueue_backward(&view(i)?, &routed.ids, &routed.weights, &losses, &mut out)
                             })?;
-                            all.push(format!("{v:?} {us:.1}"));
-                            if us < best.0 {
-                                best = (us, v);
+                            all.push(format!("{v:?} {t_us:.1}"));
+                            if v == V::Default {
+                                us = t_us;
                             }
                         }
                         moe_router::cuda::set_backward_rows_variant(V::Default);
                         if variants.len() > 1 {
                             eprintln!("rows variants, µs: {}", all.join(", "));
                         }
-                        let us = best.0;
                         r.take_backward_status(&mut out, Some(&routed.ids))?;
                         let bytes = (per * dtype.size() + per * 4 + t * k * 8) as f64;
                         let gbs = bytes / us / 1e3;
@@ -773,12 +912,26 @@ fn bench_backward(
                             if zloss {
                                 "dense"
                             } else if k <= moe_router::cuda::kernels::BWD_ROWS_MAX_K {
-                                if best.1 == V::Default { "rows" } else { "rows (variant)" }
+                                "rows"
                             } else {
                                 "sparse"
                             },
                             100.0 * gbs / copy_gbs
                         );
+                        if !zloss {
+                            let pct = 100.0 * gbs / copy_gbs;
+                            sum.0.push(Line {
+                                op: "backward",
+                                rule: rule.name.to_string(),
+                                dtype: dtype.name(),
+                                numerics: numerics_name(numerics),
+                                t,
+                                us,
+                                gbs: Some((gbs, pct)),
+                                target: "≥ 60% of copy".into(),
+                                met: pct >= 60.0,
+                            });
+                        }
                     }
                 }
             }
