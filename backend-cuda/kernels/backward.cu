@@ -584,8 +584,9 @@ __device__ __forceinline__ void bw_rows_slots(const BwdParams& p, long long row,
 
 // Row `row`'s gradient at its K slots, v[j] (meaningful where x[j] != -inf), from its upstream
 // gradient g and its logits x at the slot ids: the operations of bwd_grad_row in the same order.
-// Returns false after reporting the row's error (softmax after top-K, every slot -inf).
-template <int BW_RK>
+// Returns false after reporting the row's error (softmax after top-K, every slot -inf; REPORT
+// false: the caller reports it).
+template <int BW_RK, bool REPORT = true>
 __device__ __forceinline__ bool bw_rows_values(const BwdParams& p, long long row, const float* g, const float* x,
                                                float* v) {
     const int K = p.K;
@@ -614,7 +615,7 @@ __device__ __forceinline__ bool bw_rows_values(const BwdParams& p, long long row
         for (int j = 0; j < BW_RK; j++)
             if (j < K && x[j] > ms) ms = x[j];
         if (ms == F32_NEG_INF) {
-            bw_report(p, err_all_masked(row));
+            if (REPORT) bw_report(p, err_all_masked(row));
             return false;
         }
         float s = 0.0f;
@@ -686,26 +687,15 @@ __device__ __forceinline__ bool bw_rows_values(const BwdParams& p, long long row
 // pieces, NB in flight per lane, noting per row whether a NaN / +inf was seen (bit r of badm)
 // and whether a logit above -inf was (bit r of livem); this lane's bits only (OR them over the
 // warp).
-// A hint: the 128-byte line at `a` fetched into L2 (nothing on the host emulation).
-__device__ __forceinline__ void bw_prefetch_l2(const void* a) {
-#if defined(__CUDA_ARCH__) || defined(__CUDACC_RTC__)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
-#else
-    (void)a;
-#endif
-}
-
-// `after_first()` runs once, right after the first batch's loads are issued (or at the end for a
-// lane with no piece), so that loads it issues wait in the same round trip as that batch.
+// `after_batch(i)` runs right after batch i's loads are issued (work placed there overlaps the
+// batch's round trip), and `after_batch(-1)` once after the pass.
 struct BwNothing {
-    __device__ __forceinline__ void operator()() const {}
+    __device__ __forceinline__ void operator()(int) const {}
 };
 
-// PD > 0: the pieces PD batches ahead are prefetched into L2 as each batch is issued (no
-// registers held for them), so the next batch's loads find them there.
-template <int NB, int PD = 0, typename F = BwNothing>
+template <int NB, typename F = BwNothing>
 __device__ __forceinline__ void bw_rows_scan(const BwdParams& p, long long r0, int rows, int lane, u32& badm,
-                                             u32& livem, F after_first = F()) {
+                                             u32& livem, F after_batch = F()) {
     const int E = p.E;
     const int n = E / BW_PE;  // pieces per row
     const int total = rows * n;
@@ -728,25 +718,7 @@ __device__ __forceinline__ void bw_rows_scan(const BwdParams& p, long long r0, i
                 v[b] = __ldg((const uint4*)(lbase + ((r0 + r) * p.ld) * LOGIT_BYTES) + i);
             }
         }
-        if (q0 == lane) after_first();
-        if (PD > 0) {
-            // The first batch prefetches batches 1 .. PD, every later one batch + PD.
-            const int from = q0 == lane ? 1 : PD;
-#pragma unroll
-            for (int d = 1; d <= PD; d++) {
-                if (d < from) continue;
-#pragma unroll
-                for (int b = 0; b < NB; b++) {
-                    const int q = q0 + 32 * (NB * d + b);
-                    if (q < total) {
-                        const int r = __float2int_rz(((float)q + 0.5f) * inv_n);
-                        const int i = q - r * n;
-                        const uint4* a = (const uint4*)(lbase + ((r0 + r) * p.ld) * LOGIT_BYTES) + i;
-                        bw_prefetch_l2(a);
-                    }
-                }
-            }
-        }
+        after_batch((q0 - lane) / (32 * NB));
 #pragma unroll
         for (int b = 0; b < NB; b++) {
             if (q0 + 32 * b < total) {
@@ -763,7 +735,7 @@ __device__ __forceinline__ void bw_rows_scan(const BwdParams& p, long long r0, i
             }
         }
     }
-    if (lane >= total) after_first();
+    after_batch(-1);
 }
 
 // The tile's zeros: rows r0 .. r0 + rows of dz, 16 bytes per store.
@@ -790,7 +762,7 @@ __device__ __forceinline__ bool bw_rows_repeated(const BwdParams& p, const int* 
 // load and reported below, never used), the slot values are computed before the zeros, and the
 // K slot stores follow the zeros at once, while the zeroed sectors are still in L2. Same values,
 // same checks and reports as the late order below.
-template <int BW_RK, int NB, int PD>
+template <int BW_RK, int NB, bool SPEC>
 __device__ __forceinline__ void bw_rows_tile_early(const BwdParams& p, long long r0, int lane) {
     const int E = p.E, K = p.K;
     const int rows = p.T - r0 < 32 ? (int)(p.T - r0) : 32;
@@ -798,16 +770,27 @@ __device__ __forceinline__ void bw_rows_tile_early(const BwdParams& p, long long
     const long long row = r0 + lane;
     int id[BW_RK];
     float g[BW_RK], x[BW_RK], v[BW_RK];
-    bool ids_bad = false;
+    bool ids_bad = false, valued = false, ok = false;
+    u32 live = 0u;  // bit j: slot j above -inf (stored)
     if (mine) bw_rows_slots<BW_RK>(p, row, id, g, ids_bad);
     u32 badm, livem;
-    // The gather waits for the ids while the pass's first batch is in flight.
-    bw_rows_scan<NB, PD>(p, r0, rows, lane, badm, livem, [&]() {
+    // During the pass: the gather waits for the ids while the first batch is in flight, and (SPEC)
+    // the slot values, computed before the row's checks and used only if they pass, while the
+    // second batch is, or after the pass when there is none; else after the checks.
+    bw_rows_scan<NB>(p, r0, rows, lane, badm, livem, [&](int it) {
         if (!mine) return;
-        const logit_t* lr = (const logit_t*)p.logits + row * p.ld;
+        if (it == 0) {
+            const logit_t* lr = (const logit_t*)p.logits + row * p.ld;
 #pragma unroll
-        for (int j = 0; j < BW_RK; j++)
-            x[j] = j < K ? load_logit(lr, (u32)id[j] < (u32)E ? id[j] : E - 1) : 0.0f;
+            for (int j = 0; j < BW_RK; j++)
+                x[j] = j < K ? load_logit(lr, (u32)id[j] < (u32)E ? id[j] : E - 1) : 0.0f;
+        } else if (SPEC && !valued) {
+            valued = true;
+            ok = bw_rows_values<BW_RK, false>(p, row, g, x, v);
+#pragma unroll
+            for (int j = 0; j < BW_RK; j++)
+                if (j < K && x[j] != F32_NEG_INF) live |= 1u << j;
+        }
     });
     badm = bw_warp_or(badm);
     livem = bw_warp_or(livem);
@@ -817,10 +800,17 @@ __device__ __forceinline__ void bw_rows_tile_early(const BwdParams& p, long long
             bw_report(p, err_ids(row));
         } else if ((badm >> lane) & 1u) {
             bw_report(p, err_nonfinite(row, bw_first_bad(p, row)));
-        } else if (!((livem >> lane) & 1u)) {
-            bw_report(p, err_all_masked(row));
         } else {
-            write = bw_rows_values<BW_RK>(p, row, g, x, v);
+            if (!SPEC) {
+                ok = bw_rows_values<BW_RK, false>(p, row, g, x, v);
+#pragma unroll
+                for (int j = 0; j < BW_RK; j++)
+                    if (j < K && x[j] != F32_NEG_INF) live |= 1u << j;
+            }
+            if (!((livem >> lane) & 1u) || !ok)
+                bw_report(p, err_all_masked(row));
+            else
+                write = true;
         }
     }
     bw_rows_zero(p, r0, rows, lane);
@@ -829,7 +819,7 @@ __device__ __forceinline__ void bw_rows_tile_early(const BwdParams& p, long long
     float* out = (float*)p.dz + row * E;
 #pragma unroll
     for (int j = 0; j < BW_RK; j++)
-        if (j < K && x[j] != F32_NEG_INF) out[id[j]] = v[j];
+        if ((live >> j) & 1u) out[id[j]] = v[j];
 }
 
 // BW_RK: slot arrays; NB: 16-byte pieces in flight per lane; PF: the row's ids and upstream
@@ -877,16 +867,16 @@ __device__ __forceinline__ void bw_rows_tile(const BwdParams& p, long long r0, i
         if (j < K && x[j] != F32_NEG_INF) out[id[j]] = v[j];
 }
 
-// EARLY: bw_rows_tile_early's order (PF implied) with L2 prefetch distance PD, else
+// EARLY: bw_rows_tile_early's order (PF implied; SPEC: the values during the pass), else
 // bw_rows_tile's.
-template <int RK, int NB, bool PF, bool EARLY, int PD = 0>
+template <int RK, int NB, bool PF, bool EARLY, bool SPEC = true>
 __device__ __forceinline__ void bw_rows(const BwdParams& p) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long tiles = (p.T + 31) / 32;
     for (long long t = (long long)blockIdx.x * (blockDim.x >> 5) + warp; t < tiles;
          t += (long long)gridDim.x * (blockDim.x >> 5)) {
         if (EARLY)
-            bw_rows_tile_early<RK, NB, PD>(p, t * 32, lane);
+            bw_rows_tile_early<RK, NB, SPEC>(p, t * 32, lane);
         else
             bw_rows_tile<RK, NB, PF>(p, t * 32, lane);
     }
@@ -894,9 +884,10 @@ __device__ __forceinline__ void bw_rows(const BwdParams& p) {
 
 // The instantiations (BackwardRowsVariant in src/backward.rs; the first two are the defaults for
 // K <= 8 and K <= 16, the others are measured against the first by bench-cuda --backward: on the
-// H200 the early order is 10-25% faster than the late one, and the L2 prefetch changes nothing
-// beyond noise). At most 128 registers for the early order: 2 blocks of 256 threads per SM.
+// H200 the early order is 10-25% faster than the late one; an L2 prefetch of the next batch
+// changed nothing beyond noise and was removed). At most 128 registers for the early order: 2
+// blocks of 256 threads per SM.
 extern "C" __global__ void __launch_bounds__(256, 2) bwd_grad_rows8(BwdParams p) { bw_rows<8, 8, true, true>(p); }
 extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows16(BwdParams p) { bw_rows<16, 4, true, false>(p); }
 extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows8_late(BwdParams p) { bw_rows<8, 8, true, false>(p); }
-extern "C" __global__ void __launch_bounds__(256, 2) bwd_grad_rows8_l2(BwdParams p) { bw_rows<8, 8, true, true, 1>(p); }
+extern "C" __global__ void __launch_bounds__(256, 2) bwd_grad_rows8_checked(BwdParams p) { bw_rows<8, 8, true, true, false>(p); }

@@ -29,15 +29,17 @@ use std::sync::atomic::{AtomicU8, Ordering};
 pub enum BackwardRowsVariant {
     /// The early order: the row's ids, upstream gradient and logits at the slot ids loaded with
     /// the tile's flat pass (8 pieces of 16 bytes in flight per lane), the slot values computed
-    /// before the zeros and stored right after them, so that no zeroed sector has left L2 when
-    /// its slot is written (at most 128 registers).
+    /// while the pass's second batch is in flight (used only if the row's checks pass) and stored
+    /// right after the zeros, so that no zeroed sector has left L2 when its slot is written (at
+    /// most 128 registers).
     Default = 0,
     /// The late order (the default until 2026-12-03): the slot values computed and stored after
     /// the zeros and the checks; on the H200 its scattered slot stores re-read a third more
     /// DRAM than the gradient's size (zeroed sectors already evicted).
     Late = 1,
-    /// The early order, the pass's next batch prefetched into L2 while each batch is in flight.
-    EarlyL2 = 2,
+    /// The early order with the slot values computed after the row's checks rather than
+    /// during the flat pass.
+    EarlyChecked = 2,
 }
 
 impl BackwardRowsVariant {
@@ -45,7 +47,7 @@ impl BackwardRowsVariant {
     pub const ALL: [BackwardRowsVariant; 3] = [
         BackwardRowsVariant::Default,
         BackwardRowsVariant::Late,
-        BackwardRowsVariant::EarlyL2,
+        BackwardRowsVariant::EarlyChecked,
     ];
 }
 
@@ -61,7 +63,7 @@ pub fn set_backward_rows_variant(v: BackwardRowsVariant) {
 pub fn backward_rows_variant() -> BackwardRowsVariant {
     match ROWS_VARIANT.load(Ordering::Relaxed) {
         1 => BackwardRowsVariant::Late,
-        2 => BackwardRowsVariant::EarlyL2,
+        2 => BackwardRowsVariant::EarlyChecked,
         _ => BackwardRowsVariant::Default,
     }
 }

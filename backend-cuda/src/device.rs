@@ -355,7 +355,8 @@ impl Device {
         let grad_dense = module.load_function("bwd_grad_dense").map_err(dev_err)?;
         let grad_rows8 = module.load_function("bwd_grad_rows8").map_err(dev_err)?;
         let grad_rows16 = module.load_function("bwd_grad_rows16").map_err(dev_err)?;
-        let rows8_alt = ["bwd_grad_rows8_late", "bwd_grad_rows8_l2"].map(|n| module.load_function(n).map_err(dev_err));
+        let rows8_alt =
+            ["bwd_grad_rows8_late", "bwd_grad_rows8_checked"].map(|n| module.load_function(n).map_err(dev_err));
         let [a, b] = rows8_alt;
         let rows8_alt = [a?, b?];
         set_smem(&aux_counts, self.smem_optin)?;
