@@ -22,32 +22,39 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// Instantiations of the rows kernel of the sparse gradient for K <= 8 (`bwd_grad_rows8*` in
-/// kernels/backward.cu: a warp per 32 rows). `bench-cuda --backward` measures them against each
-/// other; every one computes the same bits.
+/// kernels/backward.cu: a warp per tile of 32 rows). `bench-cuda --backward` measures them against
+/// each other; every one computes the same bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum BackwardRowsVariant {
-    /// The early order: the row's ids, upstream gradient and logits at the slot ids loaded with
-    /// the tile's flat pass (8 pieces of 16 bytes in flight per lane), the slot values computed
-    /// while the pass's second batch is in flight (used only if the row's checks pass) and stored
-    /// right after the zeros, so that no zeroed sector has left L2 when its slot is written (at
-    /// most 128 registers).
+    /// The piped order: [`BackwardRowsVariant::Staged`] on a resident grid (2 blocks per SM, a
+    /// warp walks several tiles), each tile's zeros and slot stores issued while the warp's next
+    /// tile's first loads are in flight.
     Default = 0,
-    /// The late order (the default until 2026-12-03): the slot values computed and stored after
-    /// the zeros and the checks; on the H200 its scattered slot stores re-read a third more
-    /// DRAM than the gradient's size (zeroed sectors already evicted).
-    Late = 1,
-    /// The early order with the slot values computed after the row's checks rather than
-    /// during the flat pass.
-    EarlyChecked = 2,
+    /// The early order with the row's ids and upstream gradient read 16 bytes at a time, 16-bit
+    /// logits classified two per 32-bit word, and the slot stores staged in shared memory (2 KiB
+    /// per warp) so that one store instruction writes the slots of 4 rows rather than one slot
+    /// of 32 rows; one tile per warp.
+    Staged = 1,
+    /// The early order (the default until the 2026-12-03 night's last change): the row's ids,
+    /// upstream gradient and logits at the slot ids loaded with the tile's flat pass (8 pieces of
+    /// 16 bytes in flight per lane), the slot values computed while the pass's second batch is in
+    /// flight (used only if the row's checks pass) and stored right after the zeros, so that no
+    /// zeroed sector has left L2 when its slot is written; one tile per warp.
+    Early = 2,
+    /// The late order: the slot values computed and stored after the zeros and the checks; on
+    /// the H200 its scattered slot stores re-read a third more DRAM than the gradient's size
+    /// (zeroed sectors already evicted).
+    Late = 3,
 }
 
 impl BackwardRowsVariant {
     /// Every variant, the default first.
-    pub const ALL: [BackwardRowsVariant; 3] = [
+    pub const ALL: [BackwardRowsVariant; 4] = [
         BackwardRowsVariant::Default,
+        BackwardRowsVariant::Staged,
+        BackwardRowsVariant::Early,
         BackwardRowsVariant::Late,
-        BackwardRowsVariant::EarlyChecked,
     ];
 }
 
@@ -62,8 +69,9 @@ pub fn set_backward_rows_variant(v: BackwardRowsVariant) {
 /// The K <= 8 rows kernel in use.
 pub fn backward_rows_variant() -> BackwardRowsVariant {
     match ROWS_VARIANT.load(Ordering::Relaxed) {
-        1 => BackwardRowsVariant::Late,
-        2 => BackwardRowsVariant::EarlyChecked,
+        1 => BackwardRowsVariant::Staged,
+        2 => BackwardRowsVariant::Early,
+        3 => BackwardRowsVariant::Late,
         _ => BackwardRowsVariant::Default,
     }
 }
@@ -327,8 +335,14 @@ impl CudaRouter {
             ));
         };
         let cfg = if kernel == BwdKernel::Rows {
+            // The piped (default) instantiation needs several tiles per warp: a resident grid
+            // (2 blocks per SM); the others take one tile per warp.
+            let mut grid = bwd_rows_grid(rows);
+            if p.k <= 8 && backward_rows_variant() == BackwardRowsVariant::Default {
+                grid = grid.min((2 * dev.sms.max(1)).min(1 << 30) as u32);
+            }
             LaunchConfig {
-                grid_dim: (bwd_rows_grid(rows), 1, 1),
+                grid_dim: (grid, 1, 1),
                 block_dim: ((BWD_WARPS * 32) as u32, 1, 1),
                 shared_mem_bytes: 0,
             }

@@ -129,6 +129,17 @@ struct Launch<'a> {
     nseq: usize,
 }
 
+/// The `bwd_grad_rows8` instantiation of a K <= 8 rows launch (`BackwardRowsVariant` order:
+/// 0 default (piped), 1 staged, 2 early, 3 late), taken in turn so that the random cases cover
+/// every one.
+fn rows8_variant(kernel: BwdKernel, k: usize) -> i64 {
+    static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    if kernel != BwdKernel::Rows || k > 8 {
+        return 0;
+    }
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 4
+}
+
 /// Runs one kernel; returns the status word and the output words (counts or dz bits).
 fn launch(emu: &mut Emu, defines: &[String], mut p: BwdParams, l: &Launch<'_>) -> Option<(u64, Vec<u32>)> {
     let (t, e, k) = (p.t as usize, p.e as usize, p.k as usize);
@@ -142,7 +153,11 @@ fn launch(emu: &mut Emu, defines: &[String], mut p: BwdParams, l: &Launch<'_>) -
         BwdKernel::Rows if k <= 8 => 3,
         BwdKernel::Rows => 4,
     };
-    let (grid, block, smem) = if l.kernel == BwdKernel::Rows {
+    let variant = rows8_variant(l.kernel, k);
+    let (grid, block, smem) = if l.kernel == BwdKernel::Rows && k <= 8 && variant == 0 {
+        // The piped instantiation with one warp: every tile after the first drains the one before.
+        (1, 32, 0)
+    } else if l.kernel == BwdKernel::Rows {
         (i64::from(bwd_rows_grid(t)), (BWD_WARPS * 32) as i64, 0)
     } else {
         (t.div_ceil(warps) as i64, (warps * 32) as i64, smem as i64)
@@ -166,7 +181,7 @@ fn launch(emu: &mut Emu, defines: &[String], mut p: BwdParams, l: &Launch<'_>) -
         p.off_tm.into(),
         p.off_d.into(),
         p.off_slot.into(),
-        0,
+        variant,
         0,
     ];
     let mut msg = Vec::new();

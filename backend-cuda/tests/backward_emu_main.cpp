@@ -1,7 +1,8 @@
 // Runs one compiled variant of kernels/backward.cu on the host (kernel_emu.h). Requests on stdin,
 // one after another: i64 header[20] = {kernel (0 bwd_aux_counts, 1 bwd_grad_sparse,
 // 2 bwd_grad_dense, 3 bwd_grad_rows8, 4 bwd_grad_rows16), grid, block, smem, T, E, K, norm, has_aux, has_seq, nseq, vec, warp_floats,
-// off_pr, off_sc, off_tm, off_d, off_slot, 0, 0}, f32 {norm_param, scale, zf, 0}, logits (T*E
+// off_pr, off_sc, off_tm, off_d, off_slot, rows8 variant (kernel 3: 0 default,
+// 1 staged, 2 early, 3 late), 0}, f32 {norm_param, scale, zf, 0}, logits (T*E
 // elements), u32 ids[T*K], f32 grad[T*K], [f32 aux[nseq*E]], [u32 row_seq[T]]. Reply: u64
 // status, then u32 counts[nseq*E] (kernel 0) or f32 dz[T*E].
 #include "kernel_emu.h"
@@ -63,8 +64,11 @@ int main() {
         void (*k)(BwdParams) = h[0] == 0   ? bwd_aux_counts
                                : h[0] == 1 ? bwd_grad_sparse
                                : h[0] == 2 ? bwd_grad_dense
-                               : h[0] == 3 ? bwd_grad_rows8
-                                           : bwd_grad_rows16;
+                               : h[0] == 4 ? bwd_grad_rows16
+                               : h[18] == 1 ? bwd_grad_rows8_staged
+                               : h[18] == 2 ? bwd_grad_rows8_early
+                               : h[18] == 3 ? bwd_grad_rows8_late
+                                            : bwd_grad_rows8;
         if (T > 0) emu_launch(k, p, (unsigned)h[1], (unsigned)h[2], (size_t)h[3]);
         std::fwrite(&status, 8, 1, stdout);
         if (h[0] == 0) {

@@ -243,6 +243,22 @@ fn cuda_backward_rows_kernel_variants_equal_the_reference() {
         }
     }
     set_backward_rows_variant(BackwardRowsVariant::Default);
+    // The default kernel runs on a resident grid (2 blocks per SM): with 140 001 rows every warp
+    // of an H100 / H200 walks several tiles and drains each one behind the next one's loads.
+    let t = 140_001;
+    for (ci, cfg) in rules[..2].iter().enumerate() {
+        let (e, k) = (cfg.num_experts(), cfg.top_k());
+        let x = logits(t, e, 11 + ci);
+        let xb = x.mapv(bf16::from_f32);
+        let grad = conformance::upstream_grad(t, k, 5 + ci as u64);
+        let reference = ReferenceRouter::new(cfg.clone());
+        for (lr, dtype) in [(LogitsRef::F32(x.view()), "f32"), (LogitsRef::Bf16(xb.view()), "bf16")] {
+            let ids = reference.route_host(&lr).expect("routable").0;
+            let what = format!("Default rule {ci} T={t} {dtype} (several tiles per warp)");
+            let losses = LossGrads::default();
+            conformance::assert_backward_same_as_reference(&cuda, cfg, lr, ids.view(), &grad, &losses, &what);
+        }
+    }
 }
 
 /// The warp kernels at decode sizes inside a captured CUDA graph (programmatic dependent launch
