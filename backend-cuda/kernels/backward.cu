@@ -655,9 +655,10 @@ __device__ __forceinline__ bool bw_rows_values(const BwdParams& p, long long row
                 u[j] = M_EXP(x[j] - ms);
                 s = s + u[j];
             }
+        const mdiv_t sd = M_DIV_PRE(s);
 #pragma unroll
         for (int j = 0; j < BW_RK; j++)
-            if (j < K) u[j] = M_DIV(u[j], s);
+            if (j < K) u[j] = M_DIV_BY(u[j], sd);
     }
 #endif
     if (p.norm != 0) {
@@ -679,14 +680,15 @@ __device__ __forceinline__ bool bw_rows_values(const BwdParams& p, long long row
             }
         }
         float dot = 0.0f;
+        const mdiv_t ddd = M_DIV_PRE(dd);
         if (varies) {
 #pragma unroll
             for (int j = 0; j < BW_RK; j++)
-                if (j < K) dot = M_FTZ(dot + M_FTZ(sg[j] * M_DIV(u[j], dd)));
+                if (j < K) dot = M_FTZ(dot + M_FTZ(sg[j] * M_DIV_BY(u[j], ddd)));
         }
 #pragma unroll
         for (int j = 0; j < BW_RK; j++)
-            if (j < K) sg[j] = M_DIV(M_FTZ(sg[j] - dot), dd);
+            if (j < K) sg[j] = M_DIV_BY(M_FTZ(sg[j] - dot), ddd);
     }
 #if SCORE == SM_AFTER
     float rsum = 0.0f;

@@ -106,26 +106,44 @@ __device__ __forceinline__ float recip_mantissa(float m) {
     return r + r * (1.0f - m * r);
 }
 
-// Portable a / b.
-__device__ __forceinline__ float p_div(float a, float b) {
-    a = p_ftz(a);
+// Portable a / b, split in two: the divisor's part (PDiv, from p_div_pre) and the quotient
+// (p_div_by), so that several divisions by one divisor compute the divisor's part once. p_div is
+// the composition: every caller gets the same bits.
+struct PDiv {
+    float ab;  // |b| (flushed)
+    u32 sign;  // sign bit of b
+    float mb;  // mantissa of b in [1, 2) (1 for 0, inf, NaN)
+    int eb;    // its exponent
+    float r;   // 1 / mb
+};
+
+__device__ __forceinline__ PDiv p_div_pre(float b) {
     b = p_ftz(b);
-    u32 sign = (__float_as_uint(a) ^ __float_as_uint(b)) & 0x80000000u;
+    PDiv d;
+    d.sign = __float_as_uint(b) & 0x80000000u;
+    d.ab = abs_f(b);
+    const float sb = (is_finite_f(d.ab) && d.ab != 0.0f) ? d.ab : 1.0f;
+    d.mb = frexp1_m(sb);
+    d.eb = frexp1_e(sb);
+    d.r = recip_mantissa(d.mb);
+    return d;
+}
+
+__device__ __forceinline__ float p_div_by(float a, const PDiv& d) {
+    a = p_ftz(a);
+    u32 sign = (__float_as_uint(a) & 0x80000000u) ^ d.sign;
     float aa = abs_f(a);
-    float ab = abs_f(b);
+    const float ab = d.ab;
     float sa = (is_finite_f(aa) && aa != 0.0f) ? aa : 1.0f;
-    float sb = (is_finite_f(ab) && ab != 0.0f) ? ab : 1.0f;
     float ma = frexp1_m(sa);
     int ea = frexp1_e(sa);
-    float mb = frexp1_m(sb);
-    int eb = frexp1_e(sb);
-    float r = recip_mantissa(mb);
+    const float r = d.r;
     float q0 = ma * r;
     float p, perr;
-    two_prod(q0, mb, p, perr);
+    two_prod(q0, d.mb, p, perr);
     float res = (ma - p) - perr;
     float q = q0 + res * r;
-    int k = ea - eb;
+    int k = ea - d.eb;
     if (q < 1.0f) {
         q = q * 2.0f;
         k -= 1;
@@ -141,7 +159,7 @@ __device__ __forceinline__ float p_div(float a, float b) {
         general = (q * pow2i(clamp_i(k1, -126, 127))) * pow2i(clamp_i(k2, -126, 127));
     }
     float mag;
-    if (is_nan_f(a) || is_nan_f(b) || (aa == 0.0f && ab == 0.0f) || (is_inf_f(aa) && is_inf_f(ab))) {
+    if (is_nan_f(a) || is_nan_f(ab) || (aa == 0.0f && ab == 0.0f) || (is_inf_f(aa) && is_inf_f(ab))) {
         mag = F32_NAN;
     } else if (is_inf_f(aa) || ab == 0.0f) {
         mag = F32_POS_INF;
@@ -153,6 +171,8 @@ __device__ __forceinline__ float p_div(float a, float b) {
     if (is_nan_f(mag)) return mag;
     return __uint_as_float(__float_as_uint(mag) | sign);
 }
+
+__device__ __forceinline__ float p_div(float a, float b) { return p_div_by(a, p_div_pre(b)); }
 
 // Portable natural logarithm.
 __device__ __forceinline__ float p_ln(float x) {
@@ -235,12 +255,19 @@ __device__ __forceinline__ float p_sqrt_softplus(float x) {
 #define M_FTZ(x) p_ftz(x)
 #define M_EXP(x) p_exp(x)
 #define M_DIV(a, b) p_div((a), (b))
+// Several divisions by one divisor: M_DIV_BY(a, M_DIV_PRE(b)) == M_DIV(a, b).
+typedef PDiv mdiv_t;
+#define M_DIV_PRE(b) p_div_pre(b)
+#define M_DIV_BY(a, d) p_div_by((a), (d))
 #define M_SIGMOID(x) p_sigmoid(x)
 #define M_SQRT_SOFTPLUS(x) p_sqrt_softplus(x)
 #else
 #define M_FTZ(x) (x)
 #define M_EXP(x) __expf(x)
 #define M_DIV(a, b) __fdividef((a), (b))
+typedef float mdiv_t;
+#define M_DIV_PRE(b) (b)
+#define M_DIV_BY(a, d) __fdividef((a), (d))
 #define M_SIGMOID(x) (1.0f / (1.0f + __expf(-(x))))
 #define M_SQRT_SOFTPLUS(x) sqrtf(fmaxf((x), 0.0f) + log1pf(__expf(-fabsf(x))))
 #endif
