@@ -8,13 +8,27 @@
 // (invocations per workgroup), ES (row stride of the workgroup tile) and C_AUX_EPS (the f32 of
 // 1e-20 that the sigmoid / sqrt-softplus aux loss adds to its sum).
 //
-// Layout (`backward`): one workgroup of BWG invocations per tile of RPW consecutive rows. The
-// tile is contiguous in memory, so the loads of the logits and the stores of dz walk it with
-// consecutive invocations on consecutive elements (coalesced, vector loads of STEP logits). The
-// element-wise work (exp, division, scores) is spread the same way over all invocations; every
-// fixed-order sum over a row is done by one invocation per row (invocation r for row r) reading
-// the row from the workgroup tile `A`, so it adds in exactly the reference's order. Per-slot work
-// (K values) is done by the same invocation.
+// Two gradient kernels, chosen on the host per call; both take the row's K values from
+// `slot_values` (one definition of that math), so their bits are equal:
+//
+// `backward_sparse`, where no term needs the softmax over all E (the score is softmax after
+// top-K, sigmoid or sqrt-softplus; no aux loss; no z-loss), so that dz is 0 except at the K slot
+// ids of each row: one workgroup of SWG invocations per tile of P.tile (<= SWG) consecutive rows.
+// Invocation r loads row r's ids and upstream gradient first; then a flat pass over the tile
+// (consecutive invocations on consecutive chunks, SNB vector loads in flight each) notes per row
+// whether it holds a NaN/+inf and whether it has a chunk of only -inf (workgroup bit masks, set
+// by rare atomics), no workgroup copy of the logits; invocation r gathers its K logits at the ids, the tile's zeros are
+// stored (coalesced), and invocation r computes its K values; after the barrier (zeros and masks
+// visible) invocation r checks its row in the reference's order (ids, NaN/+inf, all -inf) and
+// stores its K values over the zeros.
+//
+// `backward`, every other call: one workgroup of BWG invocations per tile of RPW consecutive
+// rows. The tile is contiguous in memory, so the loads of the logits and the stores of dz walk it
+// with consecutive invocations on consecutive elements (coalesced, vector loads of STEP logits).
+// The element-wise work (exp, division, scores) is spread the same way over all invocations;
+// every fixed-order sum over a row is done by one invocation per row (invocation r for row r)
+// reading the row from the workgroup tile `A`, so it adds in exactly the reference's order.
+// Per-slot work (K values) is done by the same invocation.
 //
 // No contraction: every product is written `gm(a, b)` (shaders/math.wgsl): its bits pass through
 // an XOR with an opaque zero, so no driver can fuse it with the add or subtract it feeds (NVIDIA's
@@ -29,7 +43,8 @@ struct Params {
     row_base: u32,
     // F_AUX | F_SEQ
     flags: u32,
-    _p1: u32,
+    // Rows per workgroup of `backward_sparse` (1..=SWG; unused by the other kernels).
+    tile: u32,
     zm: u32,
     pinf: f32,
     ninf: f32,
@@ -96,6 +111,125 @@ fn aux_score(x: f32) -> f32 {
         return m_sigmoid(x);
     }
     return m_sqrt_softplus(x);
+}
+
+// The row's K ids are valid: each below E, none repeated (the reference's check, in its order of
+// no consequence: any failure is the same error).
+fn ids_valid(sel: array<u32, K>) -> bool {
+    var ok = true;
+    for (var j = 0u; j < K; j++) {
+        ok = ok && sel[j] < E;
+        for (var jj = 0u; jj < j; jj++) {
+            ok = ok && sel[jj] != sel[j];
+        }
+    }
+    return ok;
+}
+
+// The weights' term of one row at its K slots (`slot_values`).
+struct SlotValues {
+    // The value dz takes at slot j's expert from the weights' term alone, before the aux and
+    // z-loss terms and before the rule that a -inf logit gets 0.
+    val: array<f32, K>,
+    // Softmax scores: 0 - t, softmax-before's coefficient of every expert's probability (0
+    // otherwise).
+    nt: f32,
+    // false: softmax after top-K with every selected logit -inf (the caller reports the row as
+    // all -inf); the values are then meaningless.
+    ok: bool,
+}
+
+// The weights' term of one row (forward's u, scale, normalisation, score function), the same
+// operations in the same order as the reference's `vjp_row`: `zs` the widened logits at the slot
+// ids, `gs` the flushed upstream gradient (slot order), `pu` the softmax probabilities at the
+// slot ids (read only for softmax before top-K). Shared by `backward` and `backward_sparse`, so
+// that the math lives once.
+fn slot_values(zs: array<f32, K>, gs: array<f32, K>, pu: array<f32, K>) -> SlotValues {
+    var o: SlotValues;
+    o.ok = true;
+    o.nt = 0.0;
+    var u: array<f32, K>;
+    if (SCORE == SCORE_SOFTMAX_BEFORE) {
+        u = pu;
+    } else if (SCORE == SCORE_SOFTMAX_AFTER) {
+        var m2 = NINF;
+        for (var j = 0u; j < K; j++) {
+            if (zs[j] > m2) {
+                m2 = zs[j];
+            }
+        }
+        if (is_ninf(m2)) {
+            o.ok = false;
+        }
+        var s2 = 0.0;
+        for (var j = 0u; j < K; j++) {
+            u[j] = m_exp(zs[j] - m2);
+            s2 = s2 + u[j];
+        }
+        for (var j = 0u; j < K; j++) {
+            u[j] = m_div(u[j], s2);
+        }
+    } else {
+        for (var j = 0u; j < K; j++) {
+            u[j] = aux_score(zs[j]);
+        }
+    }
+    // Scale, then normalisation: gu = (gs - Σ gs∘wn) / S.
+    var gu: array<f32, K>;
+    for (var j = 0u; j < K; j++) {
+        gu[j] = m_ftz(gm(gs[j], P.scale));
+    }
+    if (NORM != NORM_NONE) {
+        var sum = 0.0;
+        for (var j = 0u; j < K; j++) {
+            sum = sum + u[j];
+        }
+        var d: f32;
+        var varies = true;
+        if (NORM == NORM_SUM) {
+            d = sum + P.eps;
+        } else if (sum > P.clamp_min) {
+            d = sum;
+        } else {
+            d = P.clamp_min;
+            varies = false;
+        }
+        var dot = 0.0;
+        if (varies) {
+            for (var j = 0u; j < K; j++) {
+                dot = m_ftz(dot + m_ftz(gm(gu[j], m_div(u[j], d))));
+            }
+        }
+        for (var j = 0u; j < K; j++) {
+            gu[j] = m_div(m_ftz(gu[j] - dot), d);
+        }
+    }
+    // Score function: the value dz takes at each selected expert (and softmax-before's
+    // coefficient of every expert).
+    if (SCORE == SCORE_SOFTMAX_BEFORE || SCORE == SCORE_SOFTMAX_AFTER) {
+        var t = 0.0;
+        for (var j = 0u; j < K; j++) {
+            t = m_ftz(t + m_ftz(gm(gu[j], u[j])));
+        }
+        // 0 - t (not -t: 0 - (+0) is +0); the zero is opaque so it cannot be folded.
+        o.nt = opq(0.0) - t;
+        for (var j = 0u; j < K; j++) {
+            o.val[j] = m_ftz(gm(u[j], m_ftz(gu[j] - t)));
+        }
+    } else if (SCORE == SCORE_SIGMOID) {
+        for (var j = 0u; j < K; j++) {
+            o.val[j] = m_ftz(gm(gu[j], m_ftz(gm(u[j], m_ftz(1.0 - u[j])))));
+        }
+    } else {
+        for (var j = 0u; j < K; j++) {
+            if (is_zero(u[j])) {
+                o.val[j] = 0.0;
+            } else {
+                o.val[j] = m_ftz(gm(gu[j], m_div(m_sigmoid(zs[j]), u[j] + u[j])));
+            }
+        }
+    }
+    return o;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -222,17 +356,10 @@ fn backward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wi
         live = row < P.rows;
         if (live) {
             for (var j = 0u; j < K; j++) {
-                let id = ids_in[row * K + j];
-                sel[j] = id;
-                var ok = id < E;
-                for (var jj = 0u; jj < j; jj++) {
-                    ok = ok && sel[jj] != id;
-                }
-                if (!ok) {
-                    live = false;
-                }
+                sel[j] = ids_in[row * K + j];
             }
-            if (!live) {
+            if (!ids_valid(sel)) {
+                live = false;
                 report(2u, row);
             }
         }
@@ -304,96 +431,23 @@ fn backward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wi
     }
     workgroupBarrier();
 
-    // S3: the weights' term of the row (forward's u, scale, normalisation, score function), the
-    // softmax aux loss's r and the z-loss factor.
+    // S3: the weights' term of the row (`slot_values`), the softmax aux loss's r and the z-loss
+    // factor.
     if (live) {
-        var u: array<f32, K>;
+        var pu: array<f32, K>;
         if (SCORE == SCORE_SOFTMAX_BEFORE) {
             for (var j = 0u; j < K; j++) {
-                u[j] = A[r * ES + sel[j]];
-            }
-        } else if (SCORE == SCORE_SOFTMAX_AFTER) {
-            var m2 = NINF;
-            for (var j = 0u; j < K; j++) {
-                if (zs[j] > m2) {
-                    m2 = zs[j];
-                }
-            }
-            if (is_ninf(m2)) {
-                report(1u, row);
-                live = false;
-            }
-            var s2 = 0.0;
-            for (var j = 0u; j < K; j++) {
-                u[j] = m_exp(zs[j] - m2);
-                s2 = s2 + u[j];
-            }
-            for (var j = 0u; j < K; j++) {
-                u[j] = m_div(u[j], s2);
-            }
-        } else {
-            for (var j = 0u; j < K; j++) {
-                u[j] = aux_score(zs[j]);
+                pu[j] = A[r * ES + sel[j]];
             }
         }
-        // Scale, then normalisation: gu = (gs - Σ gs∘wn) / S.
-        var gu: array<f32, K>;
+        let sv = slot_values(zs, gs, pu);
+        if (!sv.ok) {
+            report(1u, row);
+            live = false;
+        }
+        w_nt[r] = sv.nt;
         for (var j = 0u; j < K; j++) {
-            gu[j] = m_ftz(gm(gs[j], P.scale));
-        }
-        if (NORM != NORM_NONE) {
-            var sum = 0.0;
-            for (var j = 0u; j < K; j++) {
-                sum = sum + u[j];
-            }
-            var d: f32;
-            var varies = true;
-            if (NORM == NORM_SUM) {
-                d = sum + P.eps;
-            } else if (sum > P.clamp_min) {
-                d = sum;
-            } else {
-                d = P.clamp_min;
-                varies = false;
-            }
-            var dot = 0.0;
-            if (varies) {
-                for (var j = 0u; j < K; j++) {
-                    dot = m_ftz(dot + m_ftz(gm(gu[j], m_div(u[j], d))));
-                }
-            }
-            for (var j = 0u; j < K; j++) {
-                gu[j] = m_div(m_ftz(gu[j] - dot), d);
-            }
-        }
-        // Score function: the value dz takes at each selected expert (and softmax-before's
-        // coefficient of every expert).
-        var val: array<f32, K>;
-        if (SCORE == SCORE_SOFTMAX_BEFORE || SCORE == SCORE_SOFTMAX_AFTER) {
-            var t = 0.0;
-            for (var j = 0u; j < K; j++) {
-                t = m_ftz(t + m_ftz(gm(gu[j], u[j])));
-            }
-            // 0 - t (not -t: 0 - (+0) is +0); the zero is opaque so it cannot be folded.
-            w_nt[r] = opq(0.0) - t;
-            for (var j = 0u; j < K; j++) {
-                val[j] = m_ftz(gm(u[j], m_ftz(gu[j] - t)));
-            }
-        } else if (SCORE == SCORE_SIGMOID) {
-            for (var j = 0u; j < K; j++) {
-                val[j] = m_ftz(gm(gu[j], m_ftz(gm(u[j], m_ftz(1.0 - u[j])))));
-            }
-        } else {
-            for (var j = 0u; j < K; j++) {
-                if (is_zero(u[j])) {
-                    val[j] = 0.0;
-                } else {
-                    val[j] = m_ftz(gm(gu[j], m_div(m_sigmoid(zs[j]), u[j] + u[j])));
-                }
-            }
-        }
-        for (var j = 0u; j < K; j++) {
-            w_sval[r * K + j] = val[j];
+            w_sval[r * K + j] = sv.val[j];
         }
         // Softmax aux loss: r = Σ_e p_e q_e (expert order).
         if (has_aux && softmax_score) {
@@ -530,6 +584,166 @@ fn backward(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wi
                 d = 0.0;
             }
             dz_out[ob + i] = d;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sparse gradient pass (`backward_sparse`): no term needs the softmax over all E (the score is
+// softmax after top-K, sigmoid or sqrt-softplus; no aux loss; no z-loss), so dz is 0 except at
+// the K slot ids of each row. One workgroup of SWG invocations per tile of P.tile (<= SWG)
+// consecutive rows; invocation r owns row r's slot work. The values are `slot_values`, as in
+// `backward`, so every bit equals what `backward` gives for the same call.
+
+// Invocations per workgroup of `backward_sparse` (and the most rows of one tile: the row masks
+// below hold 64 rows).
+const SWG: u32 = 64u;
+// Chunks (of STEP logits) per row, and chunks in flight per invocation in the flat pass (the
+// pass is written out for 8).
+const NCH: u32 = E / STEP;
+const SNB: u32 = 8u;
+
+// Per tile, bit r of word r / 32: row r holds a NaN or +inf (s_bad); row r has a chunk of only
+// -inf logits (s_dead: only such a row can be all -inf; its invocation then reads the row again
+// to decide). Both are rare, so their atomics are too.
+var<workgroup> s_bad: array<atomic<u32>, 2>;
+var<workgroup> s_dead: array<atomic<u32>, 2>;
+
+// Chunk c of the tile (of nch): a NaN/+inf marks its row in s_bad, a chunk of only -inf marks
+// its row in s_dead; past the tile, nothing.
+fn classify_chunk(v: array<f32, STEP>, c: u32, nch: u32) {
+    if (c >= nch) {
+        return;
+    }
+    var anyb = false;
+    var anyl = false;
+    for (var i = 0u; i < STEP; i++) {
+        anyb = anyb || is_bad(v[i]);
+        anyl = anyl || !is_ninf(v[i]);
+    }
+    let rr = c / NCH;
+    let bit = 1u << (rr & 31u);
+    if (anyb) {
+        atomicOr(&s_bad[rr >> 5u], bit);
+    }
+    if (!anyl) {
+        atomicOr(&s_dead[rr >> 5u], bit);
+    }
+}
+
+@compute @workgroup_size(SWG)
+fn backward_sparse(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    init_consts();
+    let tile = clamp(P.tile, 1u, SWG);
+    let row0 = wid.x * tile;
+    let rows = min(tile, P.rows - row0);
+    let r = lid;
+    let row = row0 + r;
+    let mine = r < rows;
+
+    // The row's ids and upstream gradient, loaded first so that they are in flight with the
+    // flat pass.
+    var sel: array<u32, K>;
+    var gs: array<f32, K>;
+    if (mine) {
+        for (var j = 0u; j < K; j++) {
+            sel[j] = ids_in[row * K + j];
+            gs[j] = m_ftz(g_in[row * K + j]);
+        }
+    }
+    if (lid < 2u) {
+        atomicStore(&s_bad[lid], 0u);
+        atomicStore(&s_dead[lid], 0u);
+    }
+    workgroupBarrier();
+
+    // Flat pass: the tile's logits as one run of chunks (consecutive invocations on consecutive
+    // chunks, SNB loads in flight each), each chunk classified: a NaN/+inf marks its row in
+    // s_bad, a chunk of only -inf marks its row in s_dead.
+    let nch = rows * NCH;
+    let tb = row0 * E;
+    // Past the tile's end a load reads its last chunk (in bounds, ignored) so that every load is
+    // unconditional; written out SNB = 8 times (no array indexed in a loop to keep in registers).
+    let last = nch - 1u;
+    for (var c0 = lid; c0 < nch; c0 += SWG * SNB) {
+        let v0 = load_chunk(tb + min(c0, last) * STEP);
+        let v1 = load_chunk(tb + min(c0 + SWG, last) * STEP);
+        let v2 = load_chunk(tb + min(c0 + 2u * SWG, last) * STEP);
+        let v3 = load_chunk(tb + min(c0 + 3u * SWG, last) * STEP);
+        let v4 = load_chunk(tb + min(c0 + 4u * SWG, last) * STEP);
+        let v5 = load_chunk(tb + min(c0 + 5u * SWG, last) * STEP);
+        let v6 = load_chunk(tb + min(c0 + 6u * SWG, last) * STEP);
+        let v7 = load_chunk(tb + min(c0 + 7u * SWG, last) * STEP);
+        classify_chunk(v0, c0, nch);
+        classify_chunk(v1, c0 + SWG, nch);
+        classify_chunk(v2, c0 + 2u * SWG, nch);
+        classify_chunk(v3, c0 + 3u * SWG, nch);
+        classify_chunk(v4, c0 + 4u * SWG, nch);
+        classify_chunk(v5, c0 + 5u * SWG, nch);
+        classify_chunk(v6, c0 + 6u * SWG, nch);
+        classify_chunk(v7, c0 + 7u * SWG, nch);
+    }
+
+    // The row's logits at its slot ids (just read by the flat pass, so from the cache; an id out
+    // of range is clamped for the load and reported below, never used).
+    var zs: array<f32, K>;
+    if (mine) {
+        for (var j = 0u; j < K; j++) {
+            zs[j] = widen(load_elem(row * E + min(sel[j], E - 1u)));
+        }
+    }
+
+    // The tile's zeros (coalesced stores).
+    let ne = rows * E;
+    for (var i = lid; i < ne; i += SWG) {
+        dz_out[tb + i] = 0.0;
+    }
+
+    // The slot values, computed before the row's checks (they are used only if the checks pass)
+    // so that the work overlaps the other invocations' flat pass.
+    var sv: SlotValues;
+    if (mine) {
+        sv = slot_values(zs, gs, zs);
+    }
+
+    // The zeros and the masks before the checks and the slot stores of every invocation.
+    storageBarrier();
+    workgroupBarrier();
+    if (!mine) {
+        return;
+    }
+    // The reference's order: ids, then NaN/+inf, then all -inf (the row, then softmax after
+    // top-K's selected logits).
+    if (!ids_valid(sel)) {
+        report(2u, row);
+        return;
+    }
+    let bit = 1u << (r & 31u);
+    if ((atomicLoad(&s_bad[r >> 5u]) & bit) != 0u) {
+        report(0u, row);
+        return;
+    }
+    let ob = row * E;
+    var live = true;
+    if ((atomicLoad(&s_dead[r >> 5u]) & bit) != 0u) {
+        // A chunk of only -inf: is any logit of the row other than -inf? (Without such a chunk,
+        // every chunk holds one.)
+        live = false;
+        for (var c = 0u; c < NCH; c++) {
+            let v = load_chunk(ob + c * STEP);
+            for (var i = 0u; i < STEP; i++) {
+                live = live || !is_ninf(v[i]);
+            }
+        }
+    }
+    if (!live || !sv.ok) {
+        report(1u, row);
+        return;
+    }
+    // -inf logits get 0: their slots keep the zero.
+    for (var j = 0u; j < K; j++) {
+        if (!is_ninf(zs[j])) {
+            dz_out[ob + sel[j]] = sv.val[j];
         }
     }
 }

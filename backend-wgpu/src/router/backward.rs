@@ -7,9 +7,14 @@
 //!    ([`moe_router_core::backward::aux_topk_row`] semantics); the small `S × E` counts are read
 //!    back, [`BackwardPlan::from_counts`] builds the coefficient table on the host (the code every
 //!    backend shares, so the table has the same bits everywhere), and the table is uploaded.
-//! 2. The gradient kernel (`backward`): one dispatch (split only where the device's
-//!    storage-binding limit requires), one workgroup per tile of consecutive rows, coalesced loads
-//!    and stores, the fixed-order sums done in the reference's order through workgroup memory.
+//! 2. The gradient kernel: one dispatch (split only where the device's storage-binding limit
+//!    requires), one workgroup per tile of consecutive rows, coalesced loads and stores. Where no
+//!    term needs the softmax over all experts (softmax after top-K, sigmoid or sqrt-softplus,
+//!    without the aux term and the z-loss: [`sparse_rule`]) dz is zero except at the K slot ids,
+//!    and the sparse kernel (`backward_sparse`) runs: a flat pass over the tile (checks and
+//!    zeros), then one invocation per row computes its K values. Otherwise the dense kernel
+//!    (`backward`) does the fixed-order sums in the reference's order through workgroup memory.
+//!    Both compute the slot values with the same shader function, so their bits are equal.
 //! 3. The error flags are read and turned into the reference's errors (invalid ids first, then
 //!    the first bad row: NaN/+∞ before an all-−∞ row; with the aux term, NaN/+∞ anywhere first,
 //!    as the reference's counting pass finds it before any row's gradient).
@@ -19,12 +24,17 @@ use crate::buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, STORAGE
 use crate::context::{WgpuContext, device_err};
 use crate::kernels::{BACKWARD_WGSL, KernelSpec, MATH_WGSL, compile, hexf};
 use moe_router_core::backward::{BackwardPlan, LossGrads, row_sequences};
-use moe_router_core::{LogitsDtype, Numerics, RouteError, validate_ids};
+use moe_router_core::{LogitsDtype, Numerics, RouteError, RouterConfig, ScoreFunction, SoftmaxPosition, validate_ids};
 
 /// Invocations per workgroup of the gradient kernel.
 const BWG: u32 = 256;
 /// Invocations per workgroup of the counting kernel (one row each).
 const CWG: u32 = 64;
+/// Invocations per workgroup of the sparse gradient kernel, and the most rows of its tile
+/// (`SWG` in shaders/backward.wgsl).
+const SWG: u32 = 64;
+/// The fewest rows of a sparse tile ([`sparse_tile_rows`]).
+const SPARSE_MIN_TILE: u32 = 16;
 /// Storage buffers the backward binds (logits, ids, gradient, aux table, row map, dz, flags).
 const STORAGE_BINDINGS: u32 = 7;
 
@@ -56,8 +66,53 @@ impl BackwardSpec {
 pub(crate) struct BackwardKernels {
     layout: wgpu::BindGroupLayout,
     grad: wgpu::ComputePipeline,
+    sparse: wgpu::ComputePipeline,
     count: wgpu::ComputePipeline,
     rpw: u32,
+}
+
+/// Which backward kernel a compute pass runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// `aux_count`: the aux-loss token counts (one invocation per row).
+    Count,
+    /// `backward`: the gradient with every term (one workgroup per `rpw` rows).
+    Dense,
+    /// `backward_sparse`: the gradient without dense terms (one workgroup per tile of
+    /// `tile` rows, the tile carried in the params).
+    Sparse,
+}
+
+/// How [`WgpuRouter::vjp_device_with`] picks the gradient kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KernelChoice {
+    /// The sparse kernel where [`sparse_rule`] allows it, with [`sparse_tile_rows`].
+    Auto,
+    /// The dense kernel for every call.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Dense,
+    /// As `Auto`, with this many rows per sparse tile (clamped to 1..=SWG).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Sparse(u32),
+}
+
+/// The sparse kernel computes the call: the score does not need the softmax over all experts
+/// (anything but softmax before top-K) and the call has no aux term and no z-loss (`zf` is the
+/// z-loss factor; 0 or −0 means none). Exactly the rows where `dz` is zero off the slot ids.
+fn sparse_rule(cfg: &RouterConfig, has_aux: bool, zf: f32) -> bool {
+    let before = cfg.score() == ScoreFunction::Softmax && cfg.softmax_position() == SoftmaxPosition::BeforeTopK;
+    !before && !has_aux && zf == 0.0
+}
+
+/// Rows per tile of the sparse kernel for a batch of `rows` rows: the largest of 64, 32, 16 that
+/// still gives at least 2048 workgroups (so that a large GPU is filled; a heuristic, not
+/// measured per device), 16 below that. Tiles are counted from each dispatch's first row, so
+/// any tile size works with any split.
+fn sparse_tile_rows(rows: usize) -> u32 {
+    [SWG, 32]
+        .into_iter()
+        .find(|&r| rows >= r as usize * 2048)
+        .unwrap_or(SPARSE_MIN_TILE)
 }
 
 fn entry(binding: u32, ty: wgpu::BufferBindingType) -> wgpu::BindGroupLayoutEntry {
@@ -95,13 +150,15 @@ impl BackwardKernels {
             "moe-router backward",
             spec.source(),
             &layout,
-            &["backward", "aux_count"],
+            &["backward", "aux_count", "backward_sparse"],
         )?;
+        let sparse = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
         let count = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
         let grad = p.pop().ok_or_else(|| device_err("missing pipeline"))?;
         Ok(BackwardKernels {
             layout,
             grad,
+            sparse,
             count,
             rpw: spec.rpw,
         })
@@ -155,6 +212,8 @@ pub struct BackwardBuffers {
     pub(crate) flags: wgpu::Buffer,
     pub(crate) dummy: wgpu::Buffer,
     pub(crate) dtype: LogitsDtype,
+    /// Rows per tile of the sparse kernel (in `params` too).
+    pub(crate) tile: u32,
 }
 
 impl BackwardBuffers {
@@ -203,15 +262,15 @@ impl WgpuRouter {
     }
 
     /// Rows per backward dispatch: bounded by the storage-binding limit (logits in, dz out), by
-    /// one dimension of workgroups of either kernel, and a multiple of 256 so every chunk offset
-    /// is aligned.
+    /// one dimension of workgroups of any kernel (the sparse one with its smallest automatic
+    /// tile), and a multiple of 256 so every chunk offset is aligned.
     fn backward_chunk_rows(&self, dtype: LogitsDtype, rpw: u32) -> usize {
         let lim = self.ctx.limits.max_storage_buffer_binding_size;
         let e = self.cfg.num_experts() as u64;
         let by_in = lim / (e * dtype.size() as u64).max(4);
         let by_out = lim / (e * 4);
         let wgs = u64::from(self.ctx.limits.max_compute_workgroups_per_dimension);
-        let by_wg = wgs * u64::from(rpw.min(CWG));
+        let by_wg = wgs * u64::from(rpw.min(CWG).min(SPARSE_MIN_TILE));
         let c = (by_in.min(by_out).min(by_wg) / 256 * 256).max(256) as usize;
         self.max_rows.map_or(c, |m| m.min(c))
     }
@@ -265,8 +324,8 @@ impl WgpuRouter {
     }
 
     /// Params of every chunk, one per `params_stride` slot, with the backward's fields: the term
-    /// flags in `p0` and the z-loss factor in `p2`.
-    fn backward_params(&self, chunks: &[Chunk], flags: u32, zf: f32) -> wgpu::Buffer {
+    /// flags in `p0`, the sparse kernel's rows per tile in `p1` and the z-loss factor in `p2`.
+    fn backward_params(&self, chunks: &[Chunk], flags: u32, zf: f32, tile: u32) -> wgpu::Buffer {
         let stride = self.params_stride() as usize;
         let mut data = vec![0u8; stride * chunks.len().max(1)];
         for (i, ch) in chunks.iter().enumerate() {
@@ -274,6 +333,7 @@ impl WgpuRouter {
             p.rows = ch.rows as u32;
             p.row_base = ch.r0 as u32;
             p.p0 = flags;
+            p.p1 = tile;
             p.p2 = zf;
             data[i * stride..i * stride + std::mem::size_of::<Params>()].copy_from_slice(bytemuck::bytes_of(&p));
         }
@@ -287,13 +347,15 @@ impl WgpuRouter {
         b
     }
 
-    /// Records one compute pass of `pipeline` over `chunks` (`per_wg` rows per workgroup).
+    /// Records one compute pass of the `pass_kind` kernel over `chunks` (the sparse kernel with
+    /// `tile` rows per workgroup, as in `params`).
     #[allow(clippy::too_many_arguments)]
     fn encode_backward(
         &self,
         enc: &mut wgpu::CommandEncoder,
         ks: &BackwardKernels,
-        count: bool,
+        pass_kind: Pass,
+        tile: u32,
         params: &wgpu::Buffer,
         b: &Bound<'_>,
         chunks: &[Chunk],
@@ -359,15 +421,19 @@ impl WgpuRouter {
             })
             .collect();
         let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(if count {
-                "moe-router aux counts"
-            } else {
-                "moe-router backward"
+            label: Some(match pass_kind {
+                Pass::Count => "moe-router aux counts",
+                Pass::Dense => "moe-router backward",
+                Pass::Sparse => "moe-router backward (sparse)",
             }),
             timestamp_writes: None,
         });
-        pass.set_pipeline(if count { &ks.count } else { &ks.grad });
-        let per_wg = if count { CWG } else { ks.rpw };
+        let (pipeline, per_wg) = match pass_kind {
+            Pass::Count => (&ks.count, CWG),
+            Pass::Dense => (&ks.grad, ks.rpw),
+            Pass::Sparse => (&ks.sparse, tile),
+        };
+        pass.set_pipeline(pipeline);
         for (ch, bg) in chunks.iter().zip(&groups) {
             pass.set_bind_group(0, bg, &[]);
             pass.dispatch_workgroups((ch.rows as u32).div_ceil(per_wg), 1, 1);
@@ -386,6 +452,19 @@ impl WgpuRouter {
         ids: &DeviceIds,
         grad: &DeviceWeights,
         losses: &LossGrads<'_>,
+    ) -> Result<DeviceGrad, RouteError> {
+        self.vjp_device_with(logits, ids, grad, losses, KernelChoice::Auto)
+    }
+
+    /// [`WgpuRouter::vjp_device`] with the gradient kernel chosen by `choice` (the tests compare
+    /// the kernels).
+    fn vjp_device_with(
+        &self,
+        logits: &DeviceLogits<'_>,
+        ids: &DeviceIds,
+        grad: &DeviceWeights,
+        losses: &LossGrads<'_>,
+        choice: KernelChoice,
     ) -> Result<DeviceGrad, RouteError> {
         let cfg = &self.cfg;
         cfg.check_ready()?;
@@ -423,6 +502,10 @@ impl WgpuRouter {
             .filter(|l| l.len() > 1)
             .map(|l| self.upload(&row_sequences(l), "moe-router row sequences"));
         let chunks = self.backward_chunks(t, logits.dtype, ks.rpw);
+        let tile = match choice {
+            KernelChoice::Sparse(n) => n.clamp(1, SWG),
+            _ => sparse_tile_rows(t),
+        };
         let flags_len = if has_aux { 16 + (nseq * e * 4) as u64 } else { 16 };
         let flags = self.new_storage(flags_len, "moe-router backward flags");
         let mut bound = Bound {
@@ -438,13 +521,13 @@ impl WgpuRouter {
         let seq_flag = if row_seq.is_some() { 2 } else { 0 };
         let plan = if has_aux {
             // Counting pass, then the table on the host.
-            let params = self.backward_params(&chunks, seq_flag, 0.0);
+            let params = self.backward_params(&chunks, seq_flag, 0.0, tile);
             let mut enc = self
                 .ctx
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
             enc.clear_buffer(&flags, 0, None);
-            self.encode_backward(&mut enc, &ks, true, &params, &bound, &chunks);
+            self.encode_backward(&mut enc, &ks, Pass::Count, tile, &params, &bound, &chunks);
             self.ctx.queue.submit([enc.finish()]);
             let bytes = self.ctx.read_bytes(&flags, 0, flags_len)?;
             let words: Vec<u32> = bytemuck::pod_collect_to_vec(&bytes);
@@ -480,13 +563,18 @@ impl WgpuRouter {
             plan.z_factor_f32()
         };
         let term_flags = u32::from(aux_buf.is_some()) | seq_flag;
-        let params = self.backward_params(&chunks, term_flags, zf);
+        let params = self.backward_params(&chunks, term_flags, zf, tile);
+        let pass_kind = if choice != KernelChoice::Dense && sparse_rule(cfg, aux_buf.is_some(), zf) {
+            Pass::Sparse
+        } else {
+            Pass::Dense
+        };
         let mut enc = self
             .ctx
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         enc.clear_buffer(&flags, 0, Some(16));
-        self.encode_backward(&mut enc, &ks, false, &params, &bound, &chunks);
+        self.encode_backward(&mut enc, &ks, pass_kind, tile, &params, &bound, &chunks);
         self.ctx.queue.submit([enc.finish()]);
         let err = self.read_flags(&flags)?;
         self.decode_flags(err, logits, &ids.buffer)?;
@@ -498,12 +586,14 @@ impl WgpuRouter {
     pub fn alloc_backward_buffers(&self, rows: usize, dtype: LogitsDtype) -> Result<BackwardBuffers, RouteError> {
         let ks = self.backward_kernels(dtype)?;
         let chunks = self.backward_chunks(rows, dtype, ks.rpw);
+        let tile = sparse_tile_rows(rows);
         Ok(BackwardBuffers {
             dz: self.grad_buffer(rows)?,
-            params: self.backward_params(&chunks, 0, 0.0),
+            params: self.backward_params(&chunks, 0, 0.0, tile),
             flags: self.new_storage(16, "moe-router backward flags"),
             dummy: self.new_storage(16, "moe-router dummy"),
             dtype,
+            tile,
         })
     }
 
@@ -566,7 +656,13 @@ impl WgpuRouter {
             flags: &out.flags,
             dummy: &out.dummy,
         };
-        self.encode_backward(enc, &ks, false, &out.params, &bound, &chunks);
+        // No aux term and no z-loss: the sparse kernel unless the score is softmax before top-K.
+        let pass_kind = if sparse_rule(&self.cfg, false, 0.0) {
+            Pass::Sparse
+        } else {
+            Pass::Dense
+        };
+        self.encode_backward(enc, &ks, pass_kind, out.tile, &out.params, &bound, &chunks);
         Ok(())
     }
 
@@ -588,11 +684,11 @@ impl WgpuRouter {
 
 #[cfg(test)]
 mod tests {
-    use super::rows_per_workgroup;
+    use super::{KernelChoice, rows_per_workgroup};
     use crate::{AdapterOptions, WgpuContext, WgpuRouter};
     use moe_router_core::{
-        AuxLossKind, CallSite, GroupScore, HostMatrix, LogitsRef, LossGrads, Normalization, ReferenceRouter, Router,
-        RouterConfig, ScoreFunction, SoftmaxPosition,
+        AuxLossKind, CallSite, GroupScore, HostMatrix, LogitsDtype, LogitsRef, LossGrads, Normalization,
+        ReferenceRouter, Router, RouterConfig, ScoreFunction, SoftmaxPosition,
     };
     use ndarray::Array2;
 
@@ -748,6 +844,264 @@ mod tests {
                 (w, x) => assert_eq!(w.map(|_| ()), x.map(|_| ())),
             }
         }
+    }
+
+    /// One backward on host data through the chosen gradient kernel.
+    fn vjp_with(
+        r: &WgpuRouter,
+        logits: &LogitsRef<'_>,
+        ids: ndarray::ArrayView2<'_, u32>,
+        g: &HostMatrix,
+        losses: &LossGrads<'_>,
+        choice: KernelChoice,
+    ) -> Result<Vec<u32>, moe_router_core::RouteError> {
+        let lb = r.upload_logits(logits)?;
+        let ids = r.ids_from_host(ids)?;
+        let g = r.weights_from_host(g)?;
+        let dz = r.vjp_device_with(&lb.view(), &ids, &g, losses, choice)?;
+        Ok(r.logits_grad_to_host(&dz)?
+            .to_f32()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect())
+    }
+
+    /// The sparse kernel (every tile size, split dispatches) gives the dense kernel's bits and
+    /// errors, portable and native, on every score function it serves, f32 / bf16 / f16 logits,
+    /// every load width, with hard values (−∞, ties, subnormals), −∞ at slots, replayed slot
+    /// orders and error rows (ids out of range or repeated, NaN, +∞, all −∞, softmax after
+    /// top-K with every slot −∞, several at once); portable, both equal the reference's.
+    #[test]
+    fn sparse_kernel_equals_dense_kernel_and_reference() {
+        use moe_router_core::Numerics;
+        let Ok(ctx) = WgpuContext::shared(&AdapterOptions::from_env()) else {
+            println!("skipped: no wgpu adapter");
+            return;
+        };
+        let sum = Normalization::Sum { eps: 1e-20 };
+        let before = SoftmaxPosition::BeforeTopK;
+        let after = SoftmaxPosition::AfterTopK;
+        // (score, position, normalisation, E, K, group limit (groups, selected)).
+        let rules = [
+            (ScoreFunction::Sigmoid, before, sum, 64, 8, Some((8, 4))),
+            (
+                ScoreFunction::Sigmoid,
+                before,
+                Normalization::SumClampMin { min: 0.5 },
+                40,
+                6,
+                None,
+            ),
+            (ScoreFunction::Sigmoid, before, Normalization::None, 7, 3, None),
+            (ScoreFunction::SqrtSoftplus, before, sum, 24, 5, Some((6, 2))),
+            (ScoreFunction::Softmax, after, Normalization::None, 64, 8, None),
+            (ScoreFunction::Softmax, after, sum, 10, 4, None),
+            (ScoreFunction::Softmax, after, Normalization::None, 16, 1, None),
+        ];
+        let t = 300;
+        let choices = [
+            KernelChoice::Auto,
+            KernelChoice::Sparse(1),
+            KernelChoice::Sparse(7),
+            KernelChoice::Sparse(33),
+            KernelChoice::Sparse(64),
+        ];
+        let mut bad = Vec::new();
+        let mut runs = 0;
+        for (score, pos, norm, e, k, groups) in rules {
+            for numerics in [Numerics::Portable, Numerics::Native] {
+                let mut b = RouterConfig::builder(e, k)
+                    .score(score)
+                    .softmax_position(pos)
+                    .normalization(norm)
+                    .scaling_factor(2.5)
+                    .numerics(numerics);
+                if let Some((g, sel)) = groups {
+                    b = b.group_limit(g, sel, GroupScore::SumTopN(2));
+                }
+                let cfg = b.build().unwrap();
+                let rf = ReferenceRouter::new(cfg.clone());
+                // Split into dispatches of 256 rows: a full one and a partial one.
+                let r = WgpuRouter::with_context(cfg.clone(), ctx.clone())
+                    .unwrap()
+                    .with_max_rows_per_dispatch(256);
+                let clean = det(t, e, 5 + e as u64, 8.0, true);
+                let g = HostMatrix::F32(det(t, k, 9, 1.0, false));
+                let losses = LossGrads::default();
+                let site = CallSite::default();
+                let ids = rf.route_host(&LogitsRef::F32(clean.view())).unwrap().0;
+                let mut rev = ids.clone();
+                for mut row in rev.rows_mut() {
+                    let v: Vec<u32> = row.iter().rev().copied().collect();
+                    row.assign(&ndarray::ArrayView1::from(&v[..]));
+                }
+                // (what, logits, ids).
+                let mut cases: Vec<(&str, Array2<f32>, Array2<u32>)> = vec![
+                    ("routed", clean.clone(), ids.clone()),
+                    ("replayed", clean.clone(), rev.clone()),
+                ];
+                let mut l = clean.clone();
+                for row in (0..t).step_by(9) {
+                    l[[row, ids[[row, 0]] as usize]] = f32::NEG_INFINITY;
+                }
+                // Runs of −∞ (whole loads of only −∞ in live rows), one of them a whole row but one
+                // logit.
+                for x in 0..e.min(9) {
+                    l[[60, x]] = f32::NEG_INFINITY;
+                    l[[61, e - 1 - x]] = f32::NEG_INFINITY;
+                }
+                for x in 1..e {
+                    l[[62, x]] = f32::NEG_INFINITY;
+                }
+                cases.push(("-inf at slots and in runs", l, ids.clone()));
+                let mut l = clean.clone();
+                l[[100, e - 1]] = f32::NAN;
+                l[[120, 0]] = f32::INFINITY;
+                l.row_mut(150).fill(f32::NEG_INFINITY);
+                cases.push(("NaN, +inf, all -inf", l, ids.clone()));
+                let mut l = clean.clone();
+                l.row_mut(40).fill(f32::NEG_INFINITY);
+                l[[290, 1]] = f32::INFINITY;
+                cases.push(("all -inf, +inf", l, ids.clone()));
+                let mut l = clean.clone();
+                l[[299, e / 2]] = f32::INFINITY;
+                cases.push(("+inf in the last row", l, ids.clone()));
+                let mut l = clean.clone();
+                for j in 0..k {
+                    l[[50, ids[[50, j]] as usize]] = f32::NEG_INFINITY;
+                }
+                l[[260, 0]] = f32::NAN;
+                cases.push(("every slot -inf, NaN", l, ids.clone()));
+                let mut bi = ids.clone();
+                bi[[77, k - 1]] = e as u32;
+                let mut l = clean.clone();
+                l[[10, 0]] = f32::NAN;
+                cases.push(("id out of range, NaN", l, bi));
+                if k > 1 {
+                    let mut bi = ids.clone();
+                    bi[[258, 1]] = bi[[258, 0]];
+                    cases.push(("repeated id", clean.clone(), bi));
+                }
+                for (what, l, ids) in &cases {
+                    let lb = l.mapv(half::bf16::from_f32);
+                    let lh = l.mapv(half::f16::from_f32);
+                    for logits in [
+                        LogitsRef::F32(l.view()),
+                        LogitsRef::Bf16(lb.view()),
+                        LogitsRef::F16(lh.view()),
+                    ] {
+                        let label = format!(
+                            "{score:?} {pos:?} {norm:?} E {e} K {k} {numerics:?} {} {what}",
+                            logits.dtype_name()
+                        );
+                        let dense = vjp_with(&r, &logits, ids.view(), &g, &losses, KernelChoice::Dense);
+                        if numerics == Numerics::Portable {
+                            let want = rf
+                                .weights_vjp_host_at(&logits, ids.view(), &g, &losses, &site)
+                                .map(|w| w.to_f32().iter().map(|x| x.to_bits()).collect::<Vec<u32>>());
+                            if want != dense {
+                                bad.push(format!("{label}: dense kernel differs from the reference"));
+                            }
+                        }
+                        for choice in choices {
+                            runs += 1;
+                            let got = vjp_with(&r, &logits, ids.view(), &g, &losses, choice);
+                            match (&dense, &got) {
+                                (Ok(d), Ok(s)) => {
+                                    if let Some(i) = d.iter().zip(s).position(|(a, b)| a != b) {
+                                        bad.push(format!(
+                                            "{label} {choice:?}: first differing [{}, {}]: dense {} sparse {}",
+                                            i / e,
+                                            i % e,
+                                            f32::from_bits(d[i]),
+                                            f32::from_bits(s[i])
+                                        ));
+                                    }
+                                }
+                                (d, s) if d.as_ref().err() == s.as_ref().err() => {}
+                                (d, s) => bad.push(format!(
+                                    "{label} {choice:?}: dense {:?}, sparse {:?}",
+                                    d.as_ref().err(),
+                                    s.as_ref().err()
+                                )),
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        println!("{runs} sparse runs");
+        assert!(bad.is_empty(), "{}", bad.join("\n"));
+    }
+
+    /// The launch-only path (`enqueue_backward`, as the benchmark drives it) picks the sparse
+    /// kernel for sparse rules and the dense one for softmax before top-K: the reference's bits,
+    /// and the errors it latches.
+    #[test]
+    fn enqueue_backward_matches_reference() {
+        let Ok(ctx) = WgpuContext::shared(&AdapterOptions::from_env()) else {
+            println!("skipped: no wgpu adapter");
+            return;
+        };
+        for (score, pos) in [
+            (ScoreFunction::Sigmoid, SoftmaxPosition::BeforeTopK),
+            (ScoreFunction::Softmax, SoftmaxPosition::AfterTopK),
+            (ScoreFunction::Softmax, SoftmaxPosition::BeforeTopK),
+        ] {
+            let cfg = RouterConfig::builder(32, 4)
+                .score(score)
+                .softmax_position(pos)
+                .normalization(Normalization::Sum { eps: 1e-20 })
+                .build()
+                .unwrap();
+            let rf = ReferenceRouter::new(cfg.clone());
+            let r = WgpuRouter::with_context(cfg, ctx.clone()).unwrap();
+            let t = 70;
+            let mut l = det(t, 32, 3, 8.0, true);
+            let ids = rf.route_host(&LogitsRef::F32(l.view())).unwrap().0;
+            let g = HostMatrix::F32(det(t, 4, 7, 1.0, false));
+            for pass in 0..2 {
+                if pass == 1 {
+                    l[[33, 5]] = f32::NAN;
+                }
+                let logits = LogitsRef::F32(l.view());
+                let site = CallSite::default();
+                let want = rf.weights_vjp_host_at(&logits, ids.view(), &g, &LossGrads::default(), &site);
+                let lb = r.upload_logits(&logits).unwrap();
+                let di = r.ids_from_host(ids.view()).unwrap();
+                let dg = r.weights_from_host(&g).unwrap();
+                let out = r.alloc_backward_buffers(t, LogitsDtype::F32).unwrap();
+                let mut enc = ctx
+                    .device
+                    .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
+                out.clear_errors(&mut enc);
+                r.enqueue_backward(&mut enc, &lb.view(), &di, &dg, &out).unwrap();
+                ctx.queue.submit([enc.finish()]);
+                let status = r.take_backward_status(&out, &lb.view(), &di);
+                match want {
+                    Ok(w) => {
+                        status.unwrap();
+                        let got = r.logits_grad_to_host(out.grad()).unwrap().to_f32();
+                        let n = w
+                            .to_f32()
+                            .iter()
+                            .zip(got.iter())
+                            .filter(|(a, b)| a.to_bits() != b.to_bits())
+                            .count();
+                        assert_eq!(n, 0, "{score:?} {pos:?}: {n} gradient values differ");
+                    }
+                    Err(w) => assert_eq!(status, Err(w), "{score:?} {pos:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_tiles() {
+        assert_eq!(super::sparse_tile_rows(262_144), 64);
+        assert_eq!(super::sparse_tile_rows(65_536), 32);
+        assert_eq!(super::sparse_tile_rows(4096), 16);
+        assert_eq!(super::sparse_tile_rows(1), 16);
     }
 
     #[test]
