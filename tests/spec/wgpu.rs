@@ -495,3 +495,150 @@ fn wgpu_kernel_paths_are_chosen_as_documented() {
         assert!(matches!(e, Err(RouteError::Unsupported { .. })), "{e:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The sparse backward kernel (no term needs the softmax over all experts: softmax after top-K,
+// sigmoid or sqrt-softplus, without the aux term and the z-loss) against the reference, through
+// the public API: preset rules, batches of several tiles with a partial last one, batches large
+// enough for the larger tiles, split dispatches, and error rows.
+mod sparse_backward {
+    use super::{Wgpu, backend};
+    use crate::conformance::{self, upstream_grad};
+    use moe_router::backward::LossGrads;
+    use moe_router::{LogitsRef, ReferenceRouter, Router, RouterConfig, ScoreFunction, SoftmaxPosition, preset};
+    use ndarray::Array2;
+
+    /// Deterministic logits in [−8, 8] with one in 29 −∞ (never a whole row).
+    fn logits(t: usize, e: usize, seed: usize) -> Array2<f32> {
+        Array2::from_shape_fn((t, e), |(r, x)| {
+            let h = (r * 7919 + x * 104_729 + seed * 31) % 4001;
+            if h % 29 == 3 && x != r % e {
+                f32::NEG_INFINITY
+            } else {
+                (h as f32 - 2000.0) * 0.004
+            }
+        })
+    }
+
+    /// The backward of `cfg` on `l` (every dtype, the routed ids and the reversed slot order)
+    /// equals the reference's.
+    fn check(b: &Wgpu, cfg: &RouterConfig, l: &Array2<f32>, what: &str) {
+        let (t, _) = l.dim();
+        let k = cfg.top_k();
+        let grad = upstream_grad(t, k, 17);
+        let losses = LossGrads::default();
+        let lb = l.mapv(half::bf16::from_f32);
+        let lh = l.mapv(half::f16::from_f32);
+        for (lr, dtype) in [
+            (LogitsRef::F32(l.view()), "f32"),
+            (LogitsRef::Bf16(lb.view()), "bf16"),
+            (LogitsRef::F16(lh.view()), "f16"),
+        ] {
+            let ids = match ReferenceRouter::new(cfg.clone()).route_host(&lr) {
+                Ok(r) => r.0,
+                Err(_) => Array2::from_shape_fn((t, k), |(_, j)| j as u32),
+            };
+            conformance::assert_backward_same_as_reference(
+                b,
+                cfg,
+                lr,
+                ids.view(),
+                &grad,
+                &losses,
+                &format!("{what} {dtype}"),
+            );
+            let mut rev = ids.clone();
+            for mut row in rev.rows_mut() {
+                let v: Vec<u32> = row.iter().rev().copied().collect();
+                row.assign(&ndarray::ArrayView1::from(&v[..]));
+            }
+            conformance::assert_backward_same_as_reference(
+                b,
+                cfg,
+                lr,
+                rev.view(),
+                &grad,
+                &losses,
+                &format!("{what} {dtype} replayed"),
+            );
+        }
+    }
+
+    #[test]
+    fn wgpu_sparse_backward_of_presets_equals_reference() {
+        let Some(b) = backend() else { return };
+        for name in ["deepseek-v3", "qwen3-moe", "kimi-k2", "glm-4.5"] {
+            let cfg = preset(name).expect("preset");
+            let e = cfg.num_experts();
+            // 1000 rows: tiles of 16, the last one partial.
+            check(&b, &cfg, &logits(1000, e, 1), name);
+            // Softmax after top-K (a rule with a selection bias cannot have it) and sqrt-softplus.
+            let after = cfg
+                .to_builder()
+                .score(ScoreFunction::Softmax)
+                .softmax_position(SoftmaxPosition::AfterTopK)
+                .build();
+            if let Ok(after) = after {
+                check(&b, &after, &logits(301, e, 2), &format!("{name}, softmax after top-K"));
+            }
+            let ssp = cfg
+                .to_builder()
+                .score(ScoreFunction::SqrtSoftplus)
+                .build()
+                .expect("valid");
+            check(&b, &ssp, &logits(301, e, 3), &format!("{name}, sqrt-softplus"));
+        }
+    }
+
+    #[test]
+    fn wgpu_sparse_backward_of_large_and_split_batches_equals_reference() {
+        let Some(b) = backend() else { return };
+        let cfg = RouterConfig::builder(16, 4)
+            .score(ScoreFunction::Sigmoid)
+            .normalization(moe_router::Normalization::Sum { eps: 1e-20 })
+            .scaling_factor(2.5)
+            .build()
+            .expect("valid");
+        // Tiles of 64 rows (and of 32), the last one partial; then split into dispatches.
+        for t in [131_072 + 45, 65_536 + 7] {
+            let mut l = logits(t, 16, 4);
+            check(&b, &cfg, &l, &format!("T = {t}"));
+            // Error rows late in the batch: an all −∞ row before a NaN row.
+            l.row_mut(t - 40).fill(f32::NEG_INFINITY);
+            l[[t - 3, 2]] = f32::NAN;
+            check(&b, &cfg, &l, &format!("T = {t}, errors"));
+        }
+        let split = Wgpu {
+            ctx: b.ctx.clone(),
+            max_rows: Some(256),
+        };
+        let after = cfg
+            .to_builder()
+            .score(ScoreFunction::Softmax)
+            .softmax_position(SoftmaxPosition::AfterTopK)
+            .build()
+            .expect("valid");
+        let mut l = logits(1000, 16, 5);
+        check(&split, &after, &l, "split");
+        l[[700, 3]] = f32::INFINITY;
+        l.row_mut(900).fill(f32::NEG_INFINITY);
+        check(&split, &after, &l, "split, +inf in the third dispatch");
+        // The dense kernel still serves the calls the sparse one cannot (same rule, z-loss on).
+        let z = after.to_builder().z_loss_coeff(1e-3).build().expect("valid");
+        let l = logits(300, 16, 6);
+        let ids = ReferenceRouter::new(z.clone())
+            .route_host(&LogitsRef::F32(l.view()))
+            .expect("routes")
+            .0;
+        let grad = upstream_grad(300, 4, 3);
+        conformance::assert_backward_same_as_reference(
+            &split,
+            &z,
+            LogitsRef::F32(l.view()),
+            ids.view(),
+            &grad,
+            &LossGrads::default().z_loss(1.0),
+            "z-loss (dense kernel)",
+        );
+    }
+}
