@@ -1010,4 +1010,3 @@ extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows16(BwdParams p) {
 extern "C" __global__ void __launch_bounds__(256, 2) bwd_grad_rows8_staged(BwdParams p) { bw_rows<8, 8, true, true, true, true, true>(p); }
 extern "C" __global__ void __launch_bounds__(256, 2) bwd_grad_rows8_early(BwdParams p) { bw_rows<8, 8, true, true>(p); }
 extern "C" __global__ void __launch_bounds__(256) bwd_grad_rows8_late(BwdParams p) { bw_rows<8, 8, true, false>(p); }
-extern "C" __global__ void __launch_bounds__(256, 3) bwd_grad_rows8_piped3(BwdParams p) { bw_rows<8, 4, true, true, true, true, true, true>(p); }

@@ -46,19 +46,15 @@ pub enum BackwardRowsVariant {
     /// the H200 its scattered slot stores re-read a third more DRAM than the gradient's size
     /// (zeroed sectors already evicted).
     Late = 3,
-    /// The piped order with 4 pieces in flight per lane and at most 80 registers: 3 blocks per
-    /// SM (a resident grid of 3 blocks per SM).
-    Piped3 = 4,
 }
 
 impl BackwardRowsVariant {
     /// Every variant, the default first.
-    pub const ALL: [BackwardRowsVariant; 5] = [
+    pub const ALL: [BackwardRowsVariant; 4] = [
         BackwardRowsVariant::Default,
         BackwardRowsVariant::Staged,
         BackwardRowsVariant::Early,
         BackwardRowsVariant::Late,
-        BackwardRowsVariant::Piped3,
     ];
 }
 
@@ -76,7 +72,6 @@ pub fn backward_rows_variant() -> BackwardRowsVariant {
         1 => BackwardRowsVariant::Staged,
         2 => BackwardRowsVariant::Early,
         3 => BackwardRowsVariant::Late,
-        4 => BackwardRowsVariant::Piped3,
         _ => BackwardRowsVariant::Default,
     }
 }
@@ -343,13 +338,8 @@ impl CudaRouter {
             // The piped (default) instantiation needs several tiles per warp: a resident grid
             // (2 blocks per SM); the others take one tile per warp.
             let mut grid = bwd_rows_grid(rows);
-            let per_sm = match backward_rows_variant() {
-                BackwardRowsVariant::Default => 2,
-                BackwardRowsVariant::Piped3 => 3,
-                _ => 0,
-            };
-            if p.k <= 8 && per_sm > 0 {
-                grid = grid.min((per_sm * dev.sms.max(1)).min(1 << 30) as u32);
+            if p.k <= 8 && backward_rows_variant() == BackwardRowsVariant::Default {
+                grid = grid.min((2 * dev.sms.max(1)).min(1 << 30) as u32);
             }
             LaunchConfig {
                 grid_dim: (grid, 1, 1),

@@ -127,7 +127,7 @@ pub(crate) struct BackwardKernels {
     pub grad_rows16: CudaFunction,
     /// The other K <= 8 instantiations, in [`crate::backward::BackwardRowsVariant`] order after
     /// the default.
-    pub rows8_alt: [CudaFunction; 4],
+    pub rows8_alt: [CudaFunction; 3],
     _module: Arc<CudaModule>,
 }
 
@@ -355,15 +355,10 @@ impl Device {
         let grad_dense = module.load_function("bwd_grad_dense").map_err(dev_err)?;
         let grad_rows8 = module.load_function("bwd_grad_rows8").map_err(dev_err)?;
         let grad_rows16 = module.load_function("bwd_grad_rows16").map_err(dev_err)?;
-        let rows8_alt = [
-            "bwd_grad_rows8_staged",
-            "bwd_grad_rows8_early",
-            "bwd_grad_rows8_late",
-            "bwd_grad_rows8_piped3",
-        ]
-        .map(|n| module.load_function(n).map_err(dev_err));
-        let [a, b, c, d] = rows8_alt;
-        let rows8_alt = [a?, b?, c?, d?];
+        let rows8_alt = ["bwd_grad_rows8_staged", "bwd_grad_rows8_early", "bwd_grad_rows8_late"]
+            .map(|n| module.load_function(n).map_err(dev_err));
+        let [a, b, c] = rows8_alt;
+        let rows8_alt = [a?, b?, c?];
         set_smem(&aux_counts, self.smem_optin)?;
         set_smem(&grad_sparse, self.smem_optin)?;
         set_smem(&grad_dense, self.smem_optin)?;

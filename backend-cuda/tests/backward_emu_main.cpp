@@ -2,7 +2,7 @@
 // one after another: i64 header[20] = {kernel (0 bwd_aux_counts, 1 bwd_grad_sparse,
 // 2 bwd_grad_dense, 3 bwd_grad_rows8, 4 bwd_grad_rows16), grid, block, smem, T, E, K, norm, has_aux, has_seq, nseq, vec, warp_floats,
 // off_pr, off_sc, off_tm, off_d, off_slot, rows8 variant (kernel 3: 0 default,
-// 1 staged, 2 early, 3 late, 4 piped3), 0}, f32 {norm_param, scale, zf, 0}, logits (T*E
+// 1 staged, 2 early, 3 late), 0}, f32 {norm_param, scale, zf, 0}, logits (T*E
 // elements), u32 ids[T*K], f32 grad[T*K], [f32 aux[nseq*E]], [u32 row_seq[T]]. Reply: u64
 // status, then u32 counts[nseq*E] (kernel 0) or f32 dz[T*E].
 #include "kernel_emu.h"
@@ -68,7 +68,6 @@ int main() {
                                : h[18] == 1 ? bwd_grad_rows8_staged
                                : h[18] == 2 ? bwd_grad_rows8_early
                                : h[18] == 3 ? bwd_grad_rows8_late
-                               : h[18] == 4 ? bwd_grad_rows8_piped3
                                             : bwd_grad_rows8;
         if (T > 0) emu_launch(k, p, (unsigned)h[1], (unsigned)h[2], (size_t)h[3]);
         std::fwrite(&status, 8, 1, stdout);
