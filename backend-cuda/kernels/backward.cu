@@ -648,17 +648,20 @@ __device__ __forceinline__ bool bw_rows_values(const BwdParams& p, long long row
             if (REPORT) bw_report(p, err_all_masked(row));
             return false;
         }
+        // The row's checks passed (else these values are not used): no slot logit is NaN or
+        // +inf and ms is finite, so x - ms is -inf or a number <= 0, each e_j is in [0, 1] and
+        // their sum is at least 1 (the bounded forms give M_EXP's and M_DIV_BY's bits there).
         float s = 0.0f;
 #pragma unroll
         for (int j = 0; j < BW_RK; j++)
             if (j < K) {
-                u[j] = M_EXP(x[j] - ms);
+                u[j] = M_EXP_BOUNDED(x[j] - ms);
                 s = s + u[j];
             }
         const mdiv_t sd = M_DIV_PRE(s);
 #pragma unroll
         for (int j = 0; j < BW_RK; j++)
-            if (j < K) u[j] = M_DIV_BY(u[j], sd);
+            if (j < K) u[j] = M_DIV_BY_POS(u[j], sd);
     }
 #endif
     if (p.norm != 0) {

@@ -55,11 +55,11 @@ __device__ __forceinline__ int clamp_i(int v, int lo, int hi) { return v < lo ? 
 #define C_LG3 __uint_as_float(0x3e91e9eeu)
 #define C_LG4 __uint_as_float(0x3e789e26u)
 
-// Portable e^x.
-__device__ __forceinline__ float p_exp(float x) {
-    x = p_ftz(x);
+// The shared part of p_exp and p_exp_bounded: n = round(x / ln 2) clamped to [-130, 130] and
+// the polynomial p ~ e^(x - n ln 2) (x flushed by the caller).
+__device__ __forceinline__ float p_exp_poly(float x, float& n) {
     float t = x * C_LOG2E;
-    float n = floorf(t + 0.5f);
+    n = floorf(t + 0.5f);
     n = n < -130.0f ? -130.0f : (n > 130.0f ? 130.0f : n);
     float r = (x - n * C_LN2_HI) - n * C_LN2_LO;
     float p = C_5040;
@@ -69,7 +69,14 @@ __device__ __forceinline__ float p_exp(float x) {
     p = p * r + C_6;
     p = p * r + 0.5f;
     p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    return p * r + 1.0f;
+}
+
+// Portable e^x.
+__device__ __forceinline__ float p_exp(float x) {
+    x = p_ftz(x);
+    float n;
+    const float p = p_exp_poly(x, n);
     int ni = is_nan_f(n) ? 0 : (int)n;
     int n1 = ni / 2;
     int n2 = ni - n1;
@@ -77,6 +84,21 @@ __device__ __forceinline__ float p_exp(float x) {
     if (is_nan_f(x)) return x;
     if (x < C_EXP_LO) return 0.0f;
     if (x > C_EXP_HI) return F32_POS_INF;
+    if (abs_f(x) < C_TINY) return 1.0f;
+    return y;
+}
+
+// p_exp(x) for x not NaN and x <= C_EXP_HI (the softmax's x - max), in fewer operations: there
+// n is a number in [-130, 128] (not NaN), so n1 and n2 lie in [-65, 64] and the clamps and the
+// NaN and overflow cases of p_exp cannot apply. Other x: an unspecified value.
+__device__ __forceinline__ float p_exp_bounded(float x) {
+    x = p_ftz(x);
+    float n;
+    const float p = p_exp_poly(x, n);
+    const int ni = (int)n;
+    const int n1 = ni / 2;
+    const float y = p_ftz((p * pow2i(n1)) * pow2i(ni - n1));
+    if (x < C_EXP_LO) return 0.0f;
     if (abs_f(x) < C_TINY) return 1.0f;
     return y;
 }
@@ -129,14 +151,9 @@ __device__ __forceinline__ PDiv p_div_pre(float b) {
     return d;
 }
 
-__device__ __forceinline__ float p_div_by(float a, const PDiv& d) {
-    a = p_ftz(a);
-    u32 sign = (__float_as_uint(a) & 0x80000000u) ^ d.sign;
-    float aa = abs_f(a);
-    const float ab = d.ab;
-    float sa = (is_finite_f(aa) && aa != 0.0f) ? aa : 1.0f;
-    float ma = frexp1_m(sa);
-    int ea = frexp1_e(sa);
+// The quotient's magnitude for a finite, nonzero |a| = ma * 2^ea (ma in [1, 2)) and a finite,
+// nonzero divisor d: 0 below the normal range, +inf above it (flushed later).
+__device__ __forceinline__ float p_div_general(float ma, int ea, const PDiv& d) {
     const float r = d.r;
     float q0 = ma * r;
     float p, perr;
@@ -150,14 +167,18 @@ __device__ __forceinline__ float p_div_by(float a, const PDiv& d) {
     }
     int k1 = k / 2;
     int k2 = k - k1;
-    float general;
-    if (k < -126) {
-        general = 0.0f;
-    } else if (k > 128) {
-        general = F32_POS_INF;
-    } else {
-        general = (q * pow2i(clamp_i(k1, -126, 127))) * pow2i(clamp_i(k2, -126, 127));
-    }
+    if (k < -126) return 0.0f;
+    if (k > 128) return F32_POS_INF;
+    return (q * pow2i(clamp_i(k1, -126, 127))) * pow2i(clamp_i(k2, -126, 127));
+}
+
+__device__ __forceinline__ float p_div_by(float a, const PDiv& d) {
+    a = p_ftz(a);
+    u32 sign = (__float_as_uint(a) & 0x80000000u) ^ d.sign;
+    float aa = abs_f(a);
+    const float ab = d.ab;
+    float sa = (is_finite_f(aa) && aa != 0.0f) ? aa : 1.0f;
+    const float general = p_div_general(frexp1_m(sa), frexp1_e(sa), d);
     float mag;
     if (is_nan_f(a) || is_nan_f(ab) || (aa == 0.0f && ab == 0.0f) || (is_inf_f(aa) && is_inf_f(ab))) {
         mag = F32_NAN;
@@ -170,6 +191,16 @@ __device__ __forceinline__ float p_div_by(float a, const PDiv& d) {
     }
     if (is_nan_f(mag)) return mag;
     return __uint_as_float(__float_as_uint(mag) | sign);
+}
+
+// p_div_by(a, d) for a finite a with its sign bit clear and d from a positive, finite, normal
+// divisor (the softmax's e_j / sum), without the sign and special cases that cannot apply there.
+// Other inputs: an unspecified value.
+__device__ __forceinline__ float p_div_by_pos(float a, const PDiv& d) {
+    a = p_ftz(a);
+    const float sa = a != 0.0f ? a : 1.0f;
+    const float general = p_div_general(frexp1_m(sa), frexp1_e(sa), d);
+    return a == 0.0f ? 0.0f : p_ftz(general);
 }
 
 __device__ __forceinline__ float p_div(float a, float b) { return p_div_by(a, p_div_pre(b)); }
@@ -259,6 +290,10 @@ __device__ __forceinline__ float p_sqrt_softplus(float x) {
 typedef PDiv mdiv_t;
 #define M_DIV_PRE(b) p_div_pre(b)
 #define M_DIV_BY(a, d) p_div_by((a), (d))
+// M_EXP for x not NaN and at most C_EXP_HI; M_DIV_BY for a >= +0 finite, d of a positive, finite,
+// normal divisor (other inputs: unspecified values).
+#define M_EXP_BOUNDED(x) p_exp_bounded(x)
+#define M_DIV_BY_POS(a, d) p_div_by_pos((a), (d))
 #define M_SIGMOID(x) p_sigmoid(x)
 #define M_SQRT_SOFTPLUS(x) p_sqrt_softplus(x)
 #else
@@ -268,6 +303,8 @@ typedef PDiv mdiv_t;
 typedef float mdiv_t;
 #define M_DIV_PRE(b) (b)
 #define M_DIV_BY(a, d) __fdividef((a), (d))
+#define M_EXP_BOUNDED(x) __expf(x)
+#define M_DIV_BY_POS(a, d) __fdividef((a), (d))
 #define M_SIGMOID(x) (1.0f / (1.0f + __expf(-(x))))
 #define M_SQRT_SOFTPLUS(x) sqrtf(fmaxf((x), 0.0f) + log1pf(__expf(-fabsf(x))))
 #endif
