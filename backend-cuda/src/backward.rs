@@ -27,35 +27,52 @@ use std::sync::atomic::{AtomicU8, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum BackwardRowsVariant {
+    /// The planned choice, by the number of experts (from the H200 measurements in
+    /// docs/benchmarks.md): [`BackwardRowsVariant::Staged`] for `E >= 256` (a row of wide zeros
+    /// per slot store already keeps enough bytes in flight; the piped order's second tile only
+    /// adds registers), [`BackwardRowsVariant::Piped`] below (short rows need the next tile's
+    /// loads to cover the slot math).
+    Default = 0,
     /// The piped order: [`BackwardRowsVariant::Staged`] on a resident grid (2 blocks per SM, a
     /// warp walks several tiles), each tile's zeros and slot stores issued while the warp's next
     /// tile's first loads are in flight.
-    Default = 0,
+    Piped = 1,
     /// The early order with the row's ids and upstream gradient read 16 bytes at a time, 16-bit
     /// logits classified two per 32-bit word, and the slot stores staged in shared memory (2 KiB
     /// per warp) so that one store instruction writes the slots of 4 rows rather than one slot
     /// of 32 rows; one tile per warp.
-    Staged = 1,
-    /// The early order (the default until the 2026-12-03 night's last change): the row's ids,
-    /// upstream gradient and logits at the slot ids loaded with the tile's flat pass (8 pieces of
-    /// 16 bytes in flight per lane), the slot values computed while the pass's second batch is in
-    /// flight (used only if the row's checks pass) and stored right after the zeros, so that no
-    /// zeroed sector has left L2 when its slot is written; one tile per warp.
-    Early = 2,
+    Staged = 2,
+    /// The early order: the row's ids, upstream gradient and logits at the slot ids loaded with
+    /// the tile's flat pass (8 pieces of 16 bytes in flight per lane), the slot values computed
+    /// while the pass's second batch is in flight (used only if the row's checks pass) and
+    /// stored right after the zeros, so that no zeroed sector has left L2 when its slot is
+    /// written; one tile per warp.
+    Early = 3,
     /// The late order: the slot values computed and stored after the zeros and the checks; on
     /// the H200 its scattered slot stores re-read a third more DRAM than the gradient's size
     /// (zeroed sectors already evicted).
-    Late = 3,
+    Late = 4,
 }
 
 impl BackwardRowsVariant {
     /// Every variant, the default first.
-    pub const ALL: [BackwardRowsVariant; 4] = [
+    pub const ALL: [BackwardRowsVariant; 5] = [
         BackwardRowsVariant::Default,
+        BackwardRowsVariant::Piped,
         BackwardRowsVariant::Staged,
         BackwardRowsVariant::Early,
         BackwardRowsVariant::Late,
     ];
+
+    /// The instantiation this variant runs for a router of `num_experts` experts (never
+    /// [`BackwardRowsVariant::Default`]).
+    pub fn resolve(self, num_experts: usize) -> BackwardRowsVariant {
+        match self {
+            BackwardRowsVariant::Default if num_experts >= 256 => BackwardRowsVariant::Staged,
+            BackwardRowsVariant::Default => BackwardRowsVariant::Piped,
+            v => v,
+        }
+    }
 }
 
 static ROWS_VARIANT: AtomicU8 = AtomicU8::new(0);
@@ -66,12 +83,14 @@ pub fn set_backward_rows_variant(v: BackwardRowsVariant) {
     ROWS_VARIANT.store(v as u8, Ordering::Relaxed);
 }
 
-/// The K <= 8 rows kernel in use.
+/// The K <= 8 rows kernel selected (see [`BackwardRowsVariant::resolve`] for what the default
+/// runs).
 pub fn backward_rows_variant() -> BackwardRowsVariant {
     match ROWS_VARIANT.load(Ordering::Relaxed) {
-        1 => BackwardRowsVariant::Staged,
-        2 => BackwardRowsVariant::Early,
-        3 => BackwardRowsVariant::Late,
+        1 => BackwardRowsVariant::Piped,
+        2 => BackwardRowsVariant::Staged,
+        3 => BackwardRowsVariant::Early,
+        4 => BackwardRowsVariant::Late,
         _ => BackwardRowsVariant::Default,
     }
 }
@@ -173,7 +192,7 @@ impl CudaRouter {
         if softmax || aux {
             self.launch_backward(&kern.grad_dense, p, BwdKernel::Dense, softmax, aux, rows)
         } else if bwd_rows_fit(&p, p.dz.is_multiple_of(16)) {
-            self.launch_backward(kern.grad_rows(p.k), p, BwdKernel::Rows, false, false, rows)
+            self.launch_backward(kern.grad_rows(p.k, p.e), p, BwdKernel::Rows, false, false, rows)
         } else {
             self.launch_backward(&kern.grad_sparse, p, BwdKernel::Sparse, false, false, rows)
         }
@@ -335,10 +354,10 @@ impl CudaRouter {
             ));
         };
         let cfg = if kernel == BwdKernel::Rows {
-            // The piped (default) instantiation needs several tiles per warp: a resident grid
-            // (2 blocks per SM); the others take one tile per warp.
+            // The piped instantiation needs several tiles per warp: a resident grid (2 blocks per
+            // SM); the others take one tile per warp.
             let mut grid = bwd_rows_grid(rows);
-            if p.k <= 8 && backward_rows_variant() == BackwardRowsVariant::Default {
+            if p.k <= 8 && backward_rows_variant().resolve(p.e as usize) == BackwardRowsVariant::Piped {
                 grid = grid.min((2 * dev.sms.max(1)).min(1 << 30) as u32);
             }
             LaunchConfig {

@@ -125,21 +125,24 @@ pub(crate) struct BackwardKernels {
     pub grad_dense: CudaFunction,
     pub grad_rows8: CudaFunction,
     pub grad_rows16: CudaFunction,
-    /// The other K <= 8 instantiations, in [`crate::backward::BackwardRowsVariant`] order after
-    /// the default.
+    /// The other K <= 8 instantiations (staged, early, late), in
+    /// [`crate::backward::BackwardRowsVariant`] order after the piped one.
     pub rows8_alt: [CudaFunction; 3],
     _module: Arc<CudaModule>,
 }
 
 impl BackwardKernels {
-    /// The `bwd_grad_rows` instantiation for top-`k` (slot arrays of 8 or 16).
-    pub fn grad_rows(&self, k: i32) -> &CudaFunction {
+    /// The `bwd_grad_rows` instantiation for top-`k` of `e` experts (slot arrays of 8 or 16).
+    pub fn grad_rows(&self, k: i32, e: i32) -> &CudaFunction {
+        use crate::backward::{BackwardRowsVariant as V, backward_rows_variant};
         if k > 8 {
             return &self.grad_rows16;
         }
-        match crate::backward::backward_rows_variant() {
-            crate::backward::BackwardRowsVariant::Default => &self.grad_rows8,
-            v => &self.rows8_alt[v as usize - 1],
+        match backward_rows_variant().resolve(usize::try_from(e).unwrap_or(0)) {
+            V::Staged => &self.rows8_alt[0],
+            V::Early => &self.rows8_alt[1],
+            V::Late => &self.rows8_alt[2],
+            V::Piped | V::Default => &self.grad_rows8,
         }
     }
 }

@@ -236,7 +236,7 @@ impl ExternalLaunch {
         let (f, kernel) = if softmax {
             (&kern.grad_dense, BwdKernel::Dense)
         } else if bwd_rows_fit(&p, p.dz.is_multiple_of(16)) {
-            (kern.grad_rows(p.k), BwdKernel::Rows)
+            (kern.grad_rows(p.k, p.e), BwdKernel::Rows)
         } else {
             (&kern.grad_sparse, BwdKernel::Sparse)
         };

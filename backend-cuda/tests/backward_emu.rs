@@ -129,9 +129,9 @@ struct Launch<'a> {
     nseq: usize,
 }
 
-/// The `bwd_grad_rows8` instantiation of a K <= 8 rows launch (`BackwardRowsVariant` order:
-/// 0 default (piped), 1 staged, 2 early, 3 late), taken in turn so that the random cases cover
-/// every one.
+/// The `bwd_grad_rows8` instantiation of a K <= 8 rows launch (0 piped, 1 staged, 2 early,
+/// 3 late: `BackwardRowsVariant` order less one, the default being one of these), taken in turn
+/// so that the random cases cover every one.
 fn rows8_variant(kernel: BwdKernel, k: usize) -> i64 {
     static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
     if kernel != BwdKernel::Rows || k > 8 {

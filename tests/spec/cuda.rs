@@ -242,9 +242,9 @@ fn cuda_backward_rows_kernel_variants_equal_the_reference() {
             }
         }
     }
-    set_backward_rows_variant(BackwardRowsVariant::Default);
-    // The default kernel runs on a resident grid (2 blocks per SM): with 140 001 rows every warp
+    // The piped kernel runs on a resident grid (2 blocks per SM): with 140 001 rows every warp
     // of an H100 / H200 walks several tiles and drains each one behind the next one's loads.
+    set_backward_rows_variant(BackwardRowsVariant::Piped);
     let t = 140_001;
     for (ci, cfg) in rules[..2].iter().enumerate() {
         let (e, k) = (cfg.num_experts(), cfg.top_k());
@@ -254,11 +254,12 @@ fn cuda_backward_rows_kernel_variants_equal_the_reference() {
         let reference = ReferenceRouter::new(cfg.clone());
         for (lr, dtype) in [(LogitsRef::F32(x.view()), "f32"), (LogitsRef::Bf16(xb.view()), "bf16")] {
             let ids = reference.route_host(&lr).expect("routable").0;
-            let what = format!("Default rule {ci} T={t} {dtype} (several tiles per warp)");
+            let what = format!("Piped rule {ci} T={t} {dtype} (several tiles per warp)");
             let losses = LossGrads::default();
             conformance::assert_backward_same_as_reference(&cuda, cfg, lr, ids.view(), &grad, &losses, &what);
         }
     }
+    set_backward_rows_variant(BackwardRowsVariant::Default);
 }
 
 /// The warp kernels at decode sizes inside a captured CUDA graph (programmatic dependent launch
