@@ -15,16 +15,19 @@
 //! 2. **Denominators**: each row's sum in expert order, as the reference (both modes), the
 //!    rows side by side ([`row_sums`]: with AVX-512 the block's sixteen rows in the lanes
 //!    of one vector, transposed sixteen experts at a time; else eight scalar add chains).
-//! 3. **Per row, slot level (K values)**: `u_j = div(exp_j, s)`, the scale and normalisation of
-//!    the core ([`weights_slot_grad`]), `t = Σ gu_j·u_j`.
-//! 4. **Per row, in lanes**: `dz_e = ftz(div(exp_e, s) · (0 − t))` (the mode's division: the
-//!    portable one or IEEE), then the K ids `ftz(u_j · ftz(gu_j − t))`, and `+0` at −∞ logits.
+//! 3. **Per row, in lanes**: the probabilities `p_e = div(exp_e, s)` in place (the mode's
+//!    division: IEEE, or the portable one by the row's prepared sum, [`div_by_pos`] /
+//!    [`div_by_pos_fma`], the bits of [`moe_router_core::math::div`]; the −∞ marks kept).
+//! 4. **Per row, slot level (K values)**: `u_j = p_{id_j}`, the scale and normalisation of the
+//!    core ([`weights_slot_grad`]), `t = Σ gu_j·u_j`.
+//! 5. **Per row, in lanes**: `dz_e = ftz(p_e · (0 − t))`, then the K ids `ftz(u_j · ftz(gu_j −
+//!    t))`, and `+0` at −∞ logits.
 
 use super::{IdCheck, prefetch_row, reference_row};
 use crate::fast::{FastF32, W, row_f32};
 use crate::simd::row_sums;
 use moe_router_core::backward::{BackwardPlan, weights_slot_grad};
-use moe_router_core::math::exp_nonpos;
+use moe_router_core::math::{PosDivisor, div_by_pos, div_by_pos_fma, exp_nonpos};
 use moe_router_core::{LogitsRef, RouteError, RouterConfig, ScoreFunction, SoftmaxPosition};
 use ndarray::{ArrayView2, ArrayViewMut2};
 
@@ -81,13 +84,13 @@ impl DenseScratch {
     moe_avx512,
     multiversion::multiversion(targets(
         "x86_64+avx512f+avx512bw+avx512cd+avx512dq+avx512vl+avx2+avx+fma+f16c+sse4.1+sse4.2+popcnt+bmi1+bmi2+lzcnt",
-        "x86_64+avx2+avx+sse4.1+sse4.2+popcnt+bmi1+bmi2+lzcnt",
+        "x86_64+avx2+avx+fma+sse4.1+sse4.2+popcnt+bmi1+bmi2+lzcnt",
         "x86_64+sse4.1"
     ))
 )]
 #[cfg_attr(
     not(moe_avx512),
-    multiversion::multiversion(targets("x86_64+avx2+avx+sse4.1+sse4.2+popcnt+bmi1+bmi2+lzcnt", "x86_64+sse4.1"))
+    multiversion::multiversion(targets("x86_64+avx2+avx+fma+sse4.1+sse4.2+popcnt+bmi1+bmi2+lzcnt", "x86_64+sse4.1"))
 )]
 pub(crate) fn rows<M: FastF32>(
     cfg: &RouterConfig,
@@ -104,11 +107,13 @@ pub(crate) fn rows<M: FastF32>(
     let avx512 = multiversion::target::selected_target!().supports_feature_str("avx512f");
     #[cfg(not(moe_avx512))]
     let avx512 = false;
+    // Whether this clone has hardware FMA (the portable division's exact product in 2 operations).
+    let fma = multiversion::target::selected_target!().supports_feature_str("fma");
     let n = dst.nrows();
     let mut r0 = 0;
     while r0 < n {
         let m = R.min(n - r0);
-        block::<M>(avx512, cfg, logits, ids, grad, plan, start, r0, m, &mut dst, sc)?;
+        block::<M>((avx512, fma), cfg, logits, ids, grad, plan, start, r0, m, &mut dst, sc)?;
         r0 += m;
     }
     Ok(())
@@ -118,7 +123,7 @@ pub(crate) fn rows<M: FastF32>(
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn block<M: FastF32>(
-    avx512: bool,
+    (avx512, fma): (bool, bool),
     cfg: &RouterConfig,
     logits: &LogitsRef<'_>,
     ids: ArrayView2<'_, u32>,
@@ -152,11 +157,13 @@ fn block<M: FastF32>(
             continue;
         }
         let s = sums[r];
-        let ex = &sc.ex[r * ep..(r + 1) * ep];
+        let ex = &mut sc.ex[r * ep..(r + 1) * ep];
+        probabilities::<M>(ex, s, fma);
+        let ex = &*ex;
         let id_row = ids.row(r0 + r);
         // Slot level: the weights u (the full-row probabilities at the ids), gu and t.
         sc.u.clear();
-        sc.u.extend(id_row.iter().map(|&i| M::div(unmark(ex[i as usize]), s)));
+        sc.u.extend(id_row.iter().map(|&i| unmark(ex[i as usize])));
         sc.g.clear();
         sc.g.extend(grad.row(r0 + r).iter().map(|&x| M::ftz(x)));
         weights_slot_grad::<M>(cfg, &sc.u, &sc.g, &mut sc.gu);
@@ -172,7 +179,7 @@ fn block<M: FastF32>(
         };
         // Every expert: p·(−t); +0 at −∞ logits.
         for (o, &x) in out.iter_mut().zip(&ex[..e]) {
-            *o = off_id::<M>(x, s, nt);
+            *o = off_id::<M>(x, nt);
         }
         // The ids: p·(gu − t).
         for ((&i, &gj), &uj) in id_row.iter().zip(&sc.gu).zip(&sc.u) {
@@ -196,11 +203,38 @@ fn unmark(x: f32) -> f32 {
     if x.to_bits() == NEG_ZERO { 0.0 } else { x }
 }
 
-/// The gradient of an expert off the ids: `ftz(div(x, s) · nt)`, `+0` for a −∞ logit.
+/// The gradient of an expert off the ids: `ftz(p · nt)`, `+0` for a −∞ logit.
 #[inline(always)]
-fn off_id<M: FastF32>(x: f32, s: f32, nt: f32) -> f32 {
-    let v = M::ftz(M::div(x, s) * nt);
-    if x.to_bits() == NEG_ZERO { 0.0 } else { v }
+fn off_id<M: FastF32>(p: f32, nt: f32) -> f32 {
+    let v = M::ftz(p * nt);
+    if p.to_bits() == NEG_ZERO { 0.0 } else { v }
+}
+
+/// A row's exponentials → its probabilities `M::div(exp, s)`, in place; the −∞ marks (and the
+/// padding's) stay. Portable mode divides by the prepared sum ([`div_by_pos`]: the exponentials
+/// are in `[0, 1]` and `s ≥ 1`, its domain; the same bits as the general division).
+#[inline(always)]
+fn probabilities<M: FastF32>(ex: &mut [f32], s: f32, fma: bool) {
+    match (M::PORTABLE, PosDivisor::new(s)) {
+        (true, Some(d)) if fma => {
+            for x in ex.iter_mut() {
+                let v = div_by_pos_fma(*x, d);
+                *x = if x.to_bits() == NEG_ZERO { *x } else { v };
+            }
+        }
+        (true, Some(d)) => {
+            for x in ex.iter_mut() {
+                let v = div_by_pos(*x, d);
+                *x = if x.to_bits() == NEG_ZERO { *x } else { v };
+            }
+        }
+        _ => {
+            for x in ex.iter_mut() {
+                let v = M::div(*x, s);
+                *x = if x.to_bits() == NEG_ZERO { *x } else { v };
+            }
+        }
+    }
 }
 
 /// Row `t`'s exponentials `exp(z − max)` into `ex` (`ep` values; −∞ logits and the padding

@@ -169,6 +169,71 @@ fn recip_mantissa(m: f32) -> f32 {
     r + r * (1.0 - m * r)
 }
 
+/// Dekker's exact product with the error from a fused multiply-add: the same `(p, err)` as
+/// [`two_prod`] (the error is exact in both), in two operations where the target has hardware
+/// FMA (elsewhere `mul_add` is a library call: correct, slow).
+#[inline(always)]
+fn two_prod_fma(a: f32, b: f32) -> (f32, f32) {
+    let p = a * b;
+    (p, a.mul_add(b, -p))
+}
+
+/// A divisor prepared for many portable divisions: the part of [`div`] that depends on the
+/// divisor alone (its mantissa and exponent, and the mantissa's reciprocal). See
+/// [`div_by_pos`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PosDivisor {
+    mb: f32,
+    eb: i32,
+    r: f32,
+}
+
+impl PosDivisor {
+    /// `b` prepared, when it is finite and positive after the flush of subnormals (so normal);
+    /// `None` otherwise (zero, negative, subnormal, infinite or NaN: use [`div`]).
+    #[inline(always)]
+    pub fn new(b: f32) -> Option<PosDivisor> {
+        let b = ftz(b);
+        if !(b.is_finite() && b > 0.0) {
+            return None;
+        }
+        let (mb, eb) = frexp1(b);
+        Some(PosDivisor {
+            mb,
+            eb,
+            r: recip_mantissa(mb),
+        })
+    }
+}
+
+/// [`div`]'s general path: `ma·2^ea / d` for `ma ∈ [1, 2)`, before the flush.
+#[inline(always)]
+fn div_general<const FMA: bool>(ma: f32, ea: i32, d: PosDivisor) -> f32 {
+    let q0 = ma * d.r;
+    // Exact residual ma - q0·mb, then one correction step.
+    let (p, perr) = if FMA {
+        two_prod_fma(q0, d.mb)
+    } else {
+        two_prod(q0, d.mb)
+    };
+    let res = (ma - p) - perr;
+    let mut q = q0 + res * d.r;
+    let mut k = ea - d.eb;
+    if q < 1.0 {
+        q *= 2.0;
+        k -= 1;
+    }
+    let k1 = k / 2;
+    let k2 = k - k1;
+    if k < -126 {
+        0.0
+    } else if k > 128 {
+        f32::INFINITY
+    } else {
+        (q * pow2i(k1.clamp(-126, 127))) * pow2i(k2.clamp(-126, 127))
+    }
+}
+
 /// Portable `a / b` with IEEE special cases; nearly correctly rounded (≤ 1 ulp).
 #[inline(always)]
 pub fn div(a: f32, b: f32) -> f32 {
@@ -180,26 +245,12 @@ pub fn div(a: f32, b: f32) -> f32 {
     // General path on finite, non-zero operands (computed unconditionally, selected below).
     let (ma, ea) = frexp1(if aa.is_finite() && aa != 0.0 { aa } else { 1.0 });
     let (mb, eb) = frexp1(if ab.is_finite() && ab != 0.0 { ab } else { 1.0 });
-    let r = recip_mantissa(mb);
-    let q0 = ma * r;
-    // Exact residual ma - q0·mb, then one correction step.
-    let (p, perr) = two_prod(q0, mb);
-    let res = (ma - p) - perr;
-    let mut q = q0 + res * r;
-    let mut k = ea - eb;
-    if q < 1.0 {
-        q *= 2.0;
-        k -= 1;
-    }
-    let k1 = k / 2;
-    let k2 = k - k1;
-    let general = if k < -126 {
-        0.0
-    } else if k > 128 {
-        f32::INFINITY
-    } else {
-        (q * pow2i(k1.clamp(-126, 127))) * pow2i(k2.clamp(-126, 127))
+    let d = PosDivisor {
+        mb,
+        eb,
+        r: recip_mantissa(mb),
     };
+    let general = div_general::<false>(ma, ea, d);
     let mag = if a.is_nan() || b.is_nan() || (aa == 0.0 && ab == 0.0) || (aa.is_infinite() && ab.is_infinite()) {
         f32::NAN
     } else if aa.is_infinite() || ab == 0.0 {
@@ -214,6 +265,30 @@ pub fn div(a: f32, b: f32) -> f32 {
     } else {
         f32::from_bits(mag.to_bits() | sign)
     }
+}
+
+/// [`div`]`(a, b)` for a prepared divisor `b` and `a` finite with its sign bit clear (`+0`
+/// included): the same bits, without the special cases (many divisions by one sum, e.g. the
+/// probabilities of a softmax row). Any other `a` gives an unspecified value.
+#[inline(always)]
+pub fn div_by_pos(a: f32, d: PosDivisor) -> f32 {
+    div_by_pos_impl::<false>(a, d)
+}
+
+/// [`div_by_pos`] with the exact product's error from a fused multiply-add: the same bits. Use
+/// it only where the target has hardware FMA (a vectorised loop in a function compiled with the
+/// `fma` target feature); elsewhere `mul_add` is a slow library call.
+#[inline(always)]
+pub fn div_by_pos_fma(a: f32, d: PosDivisor) -> f32 {
+    div_by_pos_impl::<true>(a, d)
+}
+
+#[inline(always)]
+fn div_by_pos_impl<const FMA: bool>(a: f32, d: PosDivisor) -> f32 {
+    let a = ftz(a);
+    let (ma, ea) = frexp1(if a != 0.0 { a } else { 1.0 });
+    let general = ftz(div_general::<FMA>(ma, ea, d));
+    if a == 0.0 { 0.0 } else { general }
 }
 
 const LG1: f32 = f32::from_bits(0x3f2a_aaaa); // 0.666666627

@@ -115,6 +115,57 @@ fn division_is_within_two_ulp_of_f64() {
 }
 
 #[test]
+fn division_by_a_prepared_positive_divisor_has_the_bits_of_division() {
+    // Every 613th bit pattern of the finite non-negative f32 (subnormals and +0 included), and
+    // the edges, over divisors from the smallest normal to the largest, softmax sums among them.
+    let mut xs: Vec<f32> = (0..=0x7f7f_ffffu32 / 613).map(|i| f32::from_bits(i * 613)).collect();
+    xs.extend([
+        0.0,
+        f32::MIN_POSITIVE,
+        1.0e-45,
+        1.0,
+        f32::MAX,
+        0.999_999_94,
+        1.000_000_1,
+    ]);
+    let ys = [
+        1.0f32,
+        1.5,
+        3.0,
+        7.25,
+        64.0,
+        65536.0,
+        1.17549435e-38,
+        3.4e38,
+        0.7,
+        1.000_000_1,
+        255.99998,
+    ];
+    for &y in &ys {
+        let d = math::PosDivisor::new(y).expect("a positive normal divisor");
+        for &x in &xs {
+            let want = math::div(x, y).to_bits();
+            let got = math::div_by_pos(x, d).to_bits();
+            let fused = math::div_by_pos_fma(x, d).to_bits();
+            assert_eq!(
+                (got, fused),
+                (want, want),
+                "{x:e} / {y:e} ({:#010x} / {:#010x})",
+                x.to_bits(),
+                y.to_bits()
+            );
+        }
+    }
+    for bad in [0.0f32, -0.0, -1.0, 1.0e-40, f32::INFINITY, f32::NAN] {
+        assert_eq!(
+            math::PosDivisor::new(bad),
+            None,
+            "{bad:e} is not a positive normal divisor"
+        );
+    }
+}
+
+#[test]
 fn ln_and_sqrt_are_within_two_ulp_for_nonnegative_inputs() {
     check("ln", math::ln, f64::ln, |x| x >= 0.0 || x.is_nan());
     check("sqrt", math::sqrt, f64::sqrt, |x| x >= 0.0);
