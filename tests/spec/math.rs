@@ -135,7 +135,7 @@ fn division_by_a_prepared_positive_divisor_has_the_bits_of_division() {
         7.25,
         64.0,
         65536.0,
-        1.17549435e-38,
+        f32::MIN_POSITIVE,
         3.4e38,
         0.7,
         1.000_000_1,
