@@ -25,7 +25,7 @@ pub fn ftz(x: f32) -> f32 {
     }
 }
 
-/// 2^n as an f32 for −126 ≤ n ≤ 127, built from bits.
+/// 2^n as an f32 for −126 ≤ n ≤ 127 (n = 128 gives +∞), built from bits.
 #[inline(always)]
 fn pow2i(n: i32) -> f32 {
     f32::from_bits(((n + 127) as u32) << 23)
@@ -206,9 +206,10 @@ impl PosDivisor {
     }
 }
 
-/// [`div`]'s general path: `ma·2^ea / d` for `ma ∈ [1, 2)`, before the flush.
+/// [`div`]'s quotient of `ma·2^ea / d` for `ma ∈ [1, 2)`: `(q, k)` with the result `q·2^k`,
+/// `q ∈ [1, 2]`.
 #[inline(always)]
-fn div_general<const FMA: bool>(ma: f32, ea: i32, d: PosDivisor) -> f32 {
+fn div_quotient<const FMA: bool>(ma: f32, ea: i32, d: PosDivisor) -> (f32, i32) {
     let q0 = ma * d.r;
     // Exact residual ma - q0·mb, then one correction step.
     let (p, perr) = if FMA {
@@ -223,15 +224,7 @@ fn div_general<const FMA: bool>(ma: f32, ea: i32, d: PosDivisor) -> f32 {
         q *= 2.0;
         k -= 1;
     }
-    let k1 = k / 2;
-    let k2 = k - k1;
-    if k < -126 {
-        0.0
-    } else if k > 128 {
-        f32::INFINITY
-    } else {
-        (q * pow2i(k1.clamp(-126, 127))) * pow2i(k2.clamp(-126, 127))
-    }
+    (q, k)
 }
 
 /// Portable `a / b` with IEEE special cases; nearly correctly rounded (≤ 1 ulp).
@@ -250,7 +243,16 @@ pub fn div(a: f32, b: f32) -> f32 {
         eb,
         r: recip_mantissa(mb),
     };
-    let general = div_general::<false>(ma, ea, d);
+    let (q, k) = div_quotient::<false>(ma, ea, d);
+    let k1 = k / 2;
+    let k2 = k - k1;
+    let general = if k < -126 {
+        0.0
+    } else if k > 128 {
+        f32::INFINITY
+    } else {
+        (q * pow2i(k1.clamp(-126, 127))) * pow2i(k2.clamp(-126, 127))
+    };
     let mag = if a.is_nan() || b.is_nan() || (aa == 0.0 && ab == 0.0) || (aa.is_infinite() && ab.is_infinite()) {
         f32::NAN
     } else if aa.is_infinite() || ab == 0.0 {
@@ -283,12 +285,24 @@ pub fn div_by_pos_fma(a: f32, d: PosDivisor) -> f32 {
     div_by_pos_impl::<true>(a, d)
 }
 
+/// [`div`]'s general path for `a` as in [`div_by_pos`]. `a` below the smallest normal is 0
+/// after the flush: 0. For `k ∈ [−126, 127]` the result `q·2^k` is normal (`q ≥ 1`), so one
+/// exact scaling gives the bits of [`div`]'s two, and no flush is needed; `k = 128` overflows
+/// in both (`pow2i(128)` is `+∞`).
 #[inline(always)]
 fn div_by_pos_impl<const FMA: bool>(a: f32, d: PosDivisor) -> f32 {
-    let a = ftz(a);
-    let (ma, ea) = frexp1(if a != 0.0 { a } else { 1.0 });
-    let general = ftz(div_general::<FMA>(ma, ea, d));
-    if a == 0.0 { 0.0 } else { general }
+    let (ma, ea) = frexp1(a);
+    let (q, k) = div_quotient::<FMA>(ma, ea, d);
+    let v = if k < -126 {
+        0.0
+    } else if k > 128 {
+        f32::INFINITY
+    } else {
+        q * pow2i(k)
+    };
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    let tiny = !(a >= f32::MIN_POSITIVE);
+    if tiny { 0.0 } else { v }
 }
 
 const LG1: f32 = f32::from_bits(0x3f2a_aaaa); // 0.666666627
