@@ -66,6 +66,15 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_route_T65536");
     g.throughput(Throughput::Elements(T as u64));
     g.sample_size(10);
+    // The floor of any call that returns a fresh [T, E] f32 array: allocate it and write every
+    // element once (the pages are mapped and zeroed by the kernel on first touch).
+    g.bench_function(BenchmarkId::new("fresh_array_floor", "E256"), |b| {
+        b.iter(|| {
+            let mut a = Array2::<f32>::zeros((T, 256));
+            a.fill(1.0);
+            a
+        })
+    });
     for e in [128usize, 256] {
         let l = logits(e);
         for (rule, make) in [
