@@ -4,7 +4,8 @@ use crate::buffers::{DeviceGrad, DeviceIds, DeviceLogits, DeviceWeights, LogitsB
 use crate::device::{BACKEND, Device, dev_err};
 use crate::kernels::{
     LogitsDtype, Params, Part, ROW_KCAP, RouterVariant, ScoreKind, TILE_KMAX, TILE_WARPS, WARP_BLOCK, WarpLayout,
-    decode_status, row_launch, tile_slot, tile_smem, warp_layout, warp_layout_with, warp_params,
+    decode_status, row_launch, tile_slot, tile_smem, warp_layout, warp_layout_native_narrow, warp_layout_with,
+    warp_params,
 };
 use crate::record::{RecordStats, Recorder};
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig};
@@ -29,8 +30,10 @@ const TILE_MIN_ROWS: usize = 2048;
 /// With at most this many experts the tile kernels win at every T (measured on an H100).
 const TILE_MAX_SMALL_E: usize = 32;
 /// Up to this many rows the warp kernels spread a token over as many lanes as K and E allow
-/// (latency); above it over about E/8 lanes (several tokens per warp: throughput).
-const WARP_WIDE_MAX_ROWS: usize = 8192;
+/// (latency); above it over about E/8 lanes (several tokens per warp: throughput). H200,
+/// 2026-12-03: Qwen3 (E = 128) at T = 4096 took 5–9% less time with 16 lanes than with 32, and
+/// level at T = 64.
+const WARP_WIDE_MAX_ROWS: usize = 2048;
 
 /// What one launch does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -276,7 +279,11 @@ impl CudaRouter {
             let forced = self.warp_lanes.lock().ok().and_then(|w| *w);
             let layout = forced
                 .and_then(|w| warp_layout_with(&self.base, dtype, replay, w))
-                .or_else(|| warp_layout(&self.base, dtype, replay, rows <= WARP_WIDE_MAX_ROWS));
+                .or_else(|| {
+                    let native = self.cfg.numerics() != moe_router_core::Numerics::Portable;
+                    warp_layout(&self.base, dtype, replay, rows <= WARP_WIDE_MAX_ROWS)
+                        .map(|l| warp_layout_native_narrow(&self.base, dtype, replay, native, rows).unwrap_or(l))
+                });
             let serial_sum = self.cfg.numerics() == moe_router_core::Numerics::Portable
                 && ScoreKind::of(self.cfg.score(), self.cfg.softmax_position()) == ScoreKind::SoftmaxBefore
                 && rows >= TILE_MIN_ROWS;
