@@ -216,24 +216,18 @@ fn off_id<M: FastF32>(p: f32, nt: f32) -> f32 {
 #[inline(always)]
 fn probabilities<M: FastF32>(ex: &mut [f32], s: f32, fma: bool) {
     match (M::PORTABLE, PosDivisor::new(s)) {
-        (true, Some(d)) if fma => {
-            for x in ex.iter_mut() {
-                let v = div_by_pos_fma(*x, d);
-                *x = if x.to_bits() == NEG_ZERO { *x } else { v };
-            }
-        }
-        (true, Some(d)) => {
-            for x in ex.iter_mut() {
-                let v = div_by_pos(*x, d);
-                *x = if x.to_bits() == NEG_ZERO { *x } else { v };
-            }
-        }
-        _ => {
-            for x in ex.iter_mut() {
-                let v = M::div(*x, s);
-                *x = if x.to_bits() == NEG_ZERO { *x } else { v };
-            }
-        }
+        (true, Some(d)) if fma => divide_unmarked(ex, |x| div_by_pos_fma(x, d)),
+        (true, Some(d)) => divide_unmarked(ex, |x| div_by_pos(x, d)),
+        _ => divide_unmarked(ex, |x| M::div(x, s)),
+    }
+}
+
+/// `x ← div(x)` for every value of `ex` but the −∞ marks (one loop per division, vectorised).
+#[inline(always)]
+fn divide_unmarked(ex: &mut [f32], div: impl Fn(f32) -> f32) {
+    for x in ex.iter_mut() {
+        let v = div(*x);
+        *x = if x.to_bits() == NEG_ZERO { *x } else { v };
     }
 }
 
